@@ -1,0 +1,41 @@
+"""seqattn: a sequence-level view of a paged KV cache, packed for flashinfer.
+
+Allocate, extend, fork, truncate and release *sequences*; seqattn handles pages,
+reference counts and prefix sharing, and packs the CSR page tables flashinfer's
+paged kernels take.
+"""
+
+from .allocator import PageAllocator
+from .descriptor import CacheDescriptor, SequenceData
+from .errors import (
+    DuplicateSequenceError,
+    InvalidLengthError,
+    NoPageError,
+    PageStateError,
+    SeqAttnError,
+    SequenceExistsError,
+    TensorSpecError,
+    UnknownSequenceError,
+)
+from .head_ids import HeadIDGenerator
+from .packed_data import FlashInferPackedData
+from .storage import PagedKVCacheManager
+
+__all__ = [
+    "CacheDescriptor",
+    "DuplicateSequenceError",
+    "FlashInferPackedData",
+    "HeadIDGenerator",
+    "InvalidLengthError",
+    "NoPageError",
+    "PageAllocator",
+    "PageStateError",
+    "PagedKVCacheManager",
+    "SeqAttnError",
+    "SequenceData",
+    "SequenceExistsError",
+    "TensorSpecError",
+    "UnknownSequenceError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,137 @@
+"""Free pages and per-page reference counts (numpy only, no torch).
+
+A page is free exactly when its reference count is 0. Every holder of a page
+(a sequence, a prefix cache, an explicit :meth:`PageAllocator.ref`) counts once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Union
+
+import numpy as np
+
+from ._arrays import as_int_array
+from .errors import NoPageError, PageStateError
+
+PageIds = Union[Iterable[int], np.ndarray]
+"""Page ids: a list of ints, a numpy integer array, or a 1-D integer torch tensor."""
+
+
+class PageAllocator:
+    """Hands out pages of a fixed pool and counts their references.
+
+    Args:
+        num_pages: size of the pool; page ids are ``0 .. num_pages - 1``.
+
+    Example:
+        >>> alloc = PageAllocator(4)
+        >>> pages = alloc.allocate(2)
+        >>> pages.tolist(), alloc.available_pages_count
+        ([0, 1], 2)
+        >>> alloc.ref([0]); alloc.unref([0, 0, 1]); alloc.available_pages_count
+        4
+    """
+
+    def __init__(self, num_pages: int) -> None:
+        if int(num_pages) <= 0:
+            raise PageStateError(f"num_pages must be positive, got {num_pages}")
+        self.num_pages = int(num_pages)
+        # on cpu: refcount per page; free pages as a stack whose top is at the end
+        self._refcount = np.zeros(self.num_pages, dtype=np.int32)
+        self._free = np.arange(self.num_pages - 1, -1, -1, dtype=np.int32)
+        self._num_free = self.num_pages
+
+    @property
+    def available_pages_count(self) -> int:
+        """Number of free pages."""
+        return self._num_free
+
+    @property
+    def refcount(self) -> np.ndarray:
+        """Read-only view of the reference counts, shape ``[num_pages]``, int32."""
+        view = self._refcount.view()
+        view.flags.writeable = False
+        return view
+
+    def allocate(self, num_pages: int) -> np.ndarray:
+        """Take ``num_pages`` free pages, each with reference count 1.
+
+        Returns:
+            page ids, shape ``[num_pages]``, int32 (lowest ids first on a fresh pool).
+
+        Raises:
+            NoPageError: fewer pages are free; nothing is allocated.
+        """
+        n = int(num_pages)
+        if n < 0:
+            raise PageStateError(f"cannot allocate a negative number of pages ({n})")
+        if n > self._num_free:
+            raise NoPageError(
+                f"need {n} pages but only {self._num_free} of {self.num_pages} are free"
+            )
+        top = self._num_free
+        pages = self._free[top - n : top][::-1].copy()
+        self._num_free = top - n
+        self._refcount[pages] = 1
+        return pages
+
+    def ref(self, pages: PageIds) -> None:
+        """Add one reference to each listed page (a page listed twice gets two).
+
+        Raises:
+            PageStateError: a page id is out of range or the page is free.
+        """
+        ids = self._checked_ids(pages)
+        if ids.size == 0:
+            return
+        free = ids[self._refcount[ids] == 0]
+        if free.size:
+            raise PageStateError(f"cannot ref free pages {free[:8].tolist()}: allocate them first")
+        np.add.at(self._refcount, ids, 1)
+
+    def unref(self, pages: PageIds) -> None:
+        """Drop one reference per listing; pages that reach 0 become free.
+
+        Raises:
+            PageStateError: a page id is out of range, or a page would go below 0.
+        """
+        ids = self._checked_ids(pages)
+        if ids.size == 0:
+            return
+        unique, counts = np.unique(ids, return_counts=True)
+        left = self._refcount[unique] - counts
+        if (left < 0).any():
+            bad = unique[left < 0][:8].tolist()
+            raise PageStateError(
+                f"unref would take pages {bad} below zero references (double release?)"
+            )
+        self._refcount[unique] = left
+        freed = unique[left == 0][::-1]
+        self._free[self._num_free : self._num_free + freed.size] = freed
+        self._num_free += freed.size
+
+    release_pages = unref
+    """Alias of :meth:`unref`, the seed's name: pages are freed when their count reaches 0."""
+
+    def check_integrity(self) -> None:
+        """Prove the pool is consistent; raise AssertionError naming what is not.
+
+        Checks: free + held == num_pages, no page is free twice, a page is free
+        exactly when its reference count is 0, and no count is negative.
+        """
+        free = self._free[: self._num_free]
+        held = int(np.count_nonzero(self._refcount))
+        assert (self._refcount >= 0).all(), "negative reference count"
+        assert np.unique(free).size == free.size, "a page is on the free list twice"
+        assert (self._refcount[free] == 0).all(), "a free page has references"
+        assert free.size + held == self.num_pages, (
+            f"free {free.size} + held {held} != num_pages {self.num_pages}"
+        )
+
+    def _checked_ids(self, pages: PageIds) -> np.ndarray:
+        ids = as_int_array(pages, "page ids", PageStateError)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_pages):
+            bad = ids[(ids < 0) | (ids >= self.num_pages)][:8].tolist()
+            raise PageStateError(f"page ids {bad} are outside 0..{self.num_pages - 1}")
+        return ids

@@ -1,0 +1,195 @@
+"""Sequence-level view of a paged KV cache: the seed's ``CacheDescriptor``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Optional
+
+import numpy as np
+from attrs import define
+
+from .packed_data import Device, FlashInferPackedData, as_device
+from .packing import BatchPacker
+from .page_table import SeqIds, SequencePageTable, pages_for
+from .storage import PagedKVCacheManager
+
+
+@define(slots=True)
+class SequenceData:
+    """A snapshot of one sequence: its pages in token order and the fill of the last.
+
+    ``last_page_len`` is in ``[1, page_size]`` for a non-empty sequence and 0 for an
+    empty one (which holds no page).
+    """
+
+    kv_page_indices: list[int]
+    last_page_len: int
+
+
+class CacheDescriptor:
+    """Sequences over a :class:`PagedKVCacheManager`: allocate, grow, fork, truncate, release.
+
+    Every mutating call is all or nothing: if it raises (``NoPageError``, an unknown
+    id, a bad length), no page, reference count or length has changed, so a caller
+    can catch ``NoPageError``, preempt or evict, and retry.
+
+    Args:
+        cache_manager: owns the page pool and the K/V storage.
+        check_invariants: run :meth:`check_integrity` after every mutating call
+            (slow; for tests and debugging).
+
+    Example:
+        >>> import torch
+        >>> from seqattn import CacheDescriptor, PagedKVCacheManager
+        >>> cache = PagedKVCacheManager(32, 4, 1, 8, torch.float32, "cpu")
+        >>> desc = CacheDescriptor(cache)
+        >>> desc.allocate([1, 2], [6, 3])       # two new sequences
+        >>> desc.allocate_decoding([1, 2])      # one more token each
+        >>> desc.seq_lens([1, 2]).tolist()
+        [7, 4]
+        >>> packed = desc.pack_for_flashinfer([1, 2])
+        >>> packed.kv_page_indptr.tolist(), packed.kv_last_page_len.tolist()
+        ([0, 2, 3], [3, 4])
+        >>> desc.fork(1, 3)                     # shares page 0, copies the partial page
+        >>> desc.truncate(1, 4); desc.release([1, 2, 3])
+        >>> cache.available_pages_count
+        32
+    """
+
+    def __init__(self, cache_manager: PagedKVCacheManager, *, check_invariants: bool = False):
+        self.cache_manager = cache_manager
+        self.table = SequencePageTable(cache_manager.allocator, cache_manager.page_size)
+        self.check_invariants = check_invariants
+        self._packer = BatchPacker(self.table)
+
+    # --------------------------------------------------------------------- seed API
+    def allocate(self, seq_ids: SeqIds, seq_new_lens: SeqIds) -> None:
+        """Add ``seq_new_lens[i]`` tokens to sequence ``seq_ids[i]``, starting unknown ids.
+
+        Raises:
+            NoPageError: the pool lacks pages (nothing changed).
+            InvalidLengthError: a negative length, or one length per id not given.
+            DuplicateSequenceError: an id listed twice.
+        """
+        self.table.extend(seq_ids, seq_new_lens)
+        self._after_change()
+
+    def allocate_decoding(self, seq_ids: SeqIds) -> None:
+        """Add one token to each of the (live) sequences, for a decode step."""
+        self.table.grow_by_one(self.table.slots(seq_ids))
+        self._after_change()
+
+    def release(self, seq_ids: SeqIds) -> None:
+        """End the sequences and drop their references to their pages."""
+        self.table.release(seq_ids)
+        self._after_change()
+
+    def pack_for_flashinfer(
+        self,
+        seq_ids: SeqIds,
+        append_lens: Optional[SeqIds] = None,
+        *,
+        device: Optional[Device] = None,
+    ) -> FlashInferPackedData:
+        """The batch's page table in flashinfer's CSR form.
+
+        Args:
+            seq_ids: live sequences, in batch order.
+            append_lens: tokens each sequence receives in this step (already allocated);
+                when given, the result carries ``append_indptr``, ``append_batch_indices``
+                and ``append_positions`` for :meth:`PagedKVCacheManager.append_kv`.
+            device: None or CPU: every tensor on the CPU (the seed's behaviour). A CUDA
+                device: page indices and append metadata on it, built from a device copy
+                of the page table (only new page ids cross the bus, nothing syncs);
+                indptr and lengths in pinned host memory, where ``plan()`` reads them.
+        """
+        target = None if device is None else as_device(device)
+        return self._packer.pack(self.table.slots(seq_ids), append_lens, target)
+
+    # ---------------------------------------------------------------- beyond the seed
+    def fork(self, src_id: int, dst_id: int) -> None:
+        """Start ``dst_id`` as a copy of ``src_id`` that shares its full pages.
+
+        A partially filled last page is copied to a fresh page (in every layer), so
+        neither sequence ever writes into a page the other reads.
+        """
+        _, copy = self.table.fork(self.table.slot(src_id), dst_id)
+        if copy is not None:
+            self.cache_manager.copy_pages([copy[0]], [copy[1]])
+        self._after_change()
+
+    def truncate(self, seq_id: int, new_len: int) -> None:
+        """Keep the first ``new_len`` tokens of ``seq_id`` (speculative-decoding rollback).
+
+        Pages past ``new_len`` lose this sequence's reference. If the new last page is
+        partial and shared (after a fork), it is first copied to a fresh page.
+        """
+        copy = self.table.truncate(self.table.slot(seq_id), int(new_len))
+        if copy is not None:
+            self.cache_manager.copy_pages([copy[0]], [copy[1]])
+        self._after_change()
+
+    def pages_needed(self, seq_ids: SeqIds, seq_new_lens: SeqIds) -> int:
+        """Free pages that ``allocate(seq_ids, seq_new_lens)`` would take (changes nothing)."""
+        table = self.table
+        ps = table.page_size
+        old = np.array([table.lengths(table.slot(i)) if i in table else 0 for i in seq_ids])
+        new = old + np.asarray(seq_new_lens, dtype=np.int64)
+        return int((pages_for(new, ps) - pages_for(old, ps)).sum())
+
+    def seq_len(self, seq_id: int) -> int:
+        """Tokens held by one sequence."""
+        return int(self.table.lengths(self.table.slot(seq_id)))
+
+    def seq_lens(self, seq_ids: SeqIds) -> np.ndarray:
+        """Tokens held by each sequence, ``[len(seq_ids)]`` int32."""
+        return self.table.lengths(self.table.slots(seq_ids))
+
+    def page_indices(self, seq_id: int) -> list[int]:
+        """Pages of one sequence, in token order."""
+        return self.table.page_ids(self.table.slot(seq_id)).tolist()
+
+    def get(self, seq_id: int) -> SequenceData:
+        """A :class:`SequenceData` snapshot of one sequence."""
+        length = self.seq_len(seq_id)
+        pages = self.page_indices(seq_id)
+        last = length - (len(pages) - 1) * self.table.page_size if pages else 0
+        return SequenceData(kv_page_indices=pages, last_page_len=last)
+
+    @property
+    def seq_id_to_data(self) -> Mapping[int, SequenceData]:
+        """Read-only mapping of live sequence ids to :class:`SequenceData` snapshots."""
+        return _SequenceView(self)
+
+    @property
+    def seq_ids(self) -> list[int]:
+        """Live sequence ids, oldest first."""
+        return self.table.seq_ids
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self.table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every page, count and length is consistent."""
+        self.table.check_integrity()
+
+    def _after_change(self) -> None:
+        if self.check_invariants:
+            self.check_integrity()
+
+
+class _SequenceView(Mapping[int, SequenceData]):
+    def __init__(self, descriptor: CacheDescriptor) -> None:
+        self._descriptor = descriptor
+
+    def __getitem__(self, seq_id: int) -> SequenceData:
+        return self._descriptor.get(seq_id)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._descriptor.seq_ids)
+
+    def __len__(self) -> int:
+        return len(self._descriptor)

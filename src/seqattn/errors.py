@@ -1,0 +1,43 @@
+"""The exceptions seqattn raises.
+
+Every error derives from :class:`SeqAttnError` and from the builtin that matches its
+kind, so ``except KeyError`` and ``except SeqAttnError`` both work. A call that
+raises has changed nothing: pages, reference counts and lengths are as they were.
+"""
+
+from __future__ import annotations
+
+
+class SeqAttnError(Exception):
+    """Base class of every error seqattn raises."""
+
+
+class NoPageError(SeqAttnError, RuntimeError):
+    """Not enough free pages for an allocation (nothing was allocated)."""
+
+
+class UnknownSequenceError(SeqAttnError, KeyError):
+    """A sequence id that the descriptor does not hold."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class SequenceExistsError(SeqAttnError, ValueError):
+    """A sequence id that should be new is already live."""
+
+
+class DuplicateSequenceError(SeqAttnError, ValueError):
+    """The same sequence id twice in one call."""
+
+
+class PageStateError(SeqAttnError, ValueError):
+    """A page id out of range, a ref of a free page, or an unref below zero."""
+
+
+class InvalidLengthError(SeqAttnError, ValueError):
+    """A negative length, a length beyond a sequence's end, or mismatched list sizes."""
+
+
+class TensorSpecError(SeqAttnError, ValueError):
+    """A tensor with the wrong shape, dtype or device."""

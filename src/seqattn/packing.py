@@ -1,0 +1,212 @@
+"""Build a batch's CSR page table (and append positions) from a :class:`SequencePageTable`.
+
+Host side, a decode batch that repeats changes little between steps: only sequences
+that crossed a page boundary gained a page. The packer keeps the last batch's page
+indices and splices new pages in, never re-deriving what did not change. Each result
+is a fresh array, so a batch packed earlier is never altered under its holder.
+
+Device side (CUDA), the page ids live in a device mirror of the table's arena: only
+newly written page ids cross the bus (from pinned memory, non-blocking), and the
+batch's indices are gathered on the device, so packing never waits on the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from attrs import define
+
+from ._arrays import as_int_array
+from .errors import InvalidLengthError
+from .packed_data import FlashInferPackedData, append_batch_indices_positions
+from .page_table import SequencePageTable, pages_for
+
+
+@define(slots=True)
+class _Snapshot:
+    """The last packed batch: enough to splice the next one from it."""
+
+    slots: np.ndarray
+    layout_version: int
+    counts: np.ndarray
+    indptr: np.ndarray
+    indices: np.ndarray
+
+
+class BatchPacker:
+    """Packs batches of one :class:`SequencePageTable` for flashinfer."""
+
+    def __init__(self, table: SequencePageTable) -> None:
+        self.table = table
+        self._snapshot: Optional[_Snapshot] = None
+        self._mirror: Optional[_DeviceArena] = None
+
+    def pack(
+        self,
+        slots: np.ndarray,
+        append_lens: object = None,
+        device: Optional[torch.device] = None,
+    ) -> FlashInferPackedData:
+        """The CSR page table of ``slots`` (and append metadata when ``append_lens`` is given).
+
+        With ``device`` None or a CPU device every tensor is on the CPU. With a CUDA
+        device, ``kv_page_indices`` and the append metadata are on it, and indptr and
+        lengths in pinned host memory (what ``plan()`` wants; ``to_device`` moves them).
+        """
+        table = self.table
+        ps = table.page_size
+        lens = table.lengths(slots)
+        counts = pages_for(lens, ps)
+        indptr = np.zeros(slots.size + 1, dtype=np.int32)
+        np.cumsum(counts, out=indptr[1:])
+        last = np.minimum(lens - (counts - 1) * ps, lens)  # 0 for an empty sequence
+        append = None if append_lens is None else _append_indptr(append_lens, lens)
+        on_device = device is not None and device.type != "cpu"
+        if on_device:
+            indices = self._device_arena(device).gather(table, slots, counts, indptr)
+            packed = FlashInferPackedData(indices, _pinned(indptr), _pinned(last))
+        else:
+            indices = torch.from_numpy(self._host_indices(slots, counts, indptr))
+            packed = FlashInferPackedData(indices, torch.from_numpy(indptr), torch.from_numpy(last))
+        if append is not None:
+            _add_append_metadata(packed, append, lens, device if on_device else None)
+        return packed
+
+    def _host_indices(
+        self, slots: np.ndarray, counts: np.ndarray, indptr: np.ndarray
+    ) -> np.ndarray:
+        table, snap = self.table, self._snapshot
+        if (
+            snap is not None
+            and snap.layout_version == table.layout_version
+            and (snap.slots is slots or np.array_equal(snap.slots, slots))
+        ):
+            # nothing but growth at the end since the snapshot: counts only went up
+            indices = _splice(snap, counts, table.arena, table.starts(slots))
+        else:
+            indices = table.pages_of_slots(slots)
+        self._snapshot = _Snapshot(slots, table.layout_version, counts, indptr, indices)
+        return indices
+
+    def _device_arena(self, device: torch.device) -> _DeviceArena:
+        if self._mirror is None or self._mirror.device != device:
+            self._mirror = _DeviceArena(device, self.table)
+        return self._mirror
+
+
+def _splice(
+    snap: _Snapshot, counts: np.ndarray, arena: np.ndarray, starts: np.ndarray
+) -> np.ndarray:
+    """The snapshot's indices with each row's newly gained pages inserted after the row."""
+    grown = np.flatnonzero(counts != snap.counts)
+    if grown.size == 0:
+        return snap.indices
+    old, old_counts = snap.indices, snap.counts
+    gained = counts[grown] - old_counts[grown]
+    old_ends = snap.indptr[grown + 1]
+    total_gained = int(gained.sum())
+    new = np.empty(old.size + total_gained, dtype=np.int32)
+    # old pages move right by the pages gained in earlier rows: copy them run by run
+    # (through memoryviews, whose slicing costs a fraction of numpy's)
+    to, frm = memoryview(new), memoryview(old)
+    src = shift = 0
+    for end, extra in zip(old_ends.tolist(), gained.tolist(), strict=True):
+        to[src + shift : end + shift] = frm[src:end]
+        src, shift = end, shift + extra
+    to[src + shift :] = frm[src:]
+    # then the gained pages, at the end of their rows in the new layout
+    first_new = starts[grown] + old_counts[grown]
+    if total_gained == grown.size:  # one page each: a decode step
+        new[old_ends + np.arange(grown.size)] = arena[first_new]
+    else:
+        rank = np.arange(total_gained) - np.repeat(np.cumsum(gained) - gained, gained)
+        at = np.repeat(old_ends + np.cumsum(gained) - gained, gained) + rank
+        new[at] = arena[np.repeat(first_new, gained) + rank]
+    return new
+
+
+def _append_indptr(append_lens: object, lens: np.ndarray) -> np.ndarray:
+    add = as_int_array(append_lens, "append_lens", InvalidLengthError)
+    if add.size != lens.size:
+        raise InvalidLengthError(
+            f"expected {lens.size} append lengths (one per id), got {add.size}"
+        )
+    if add.size and (add.min() < 0 or (add > lens).any()):
+        raise InvalidLengthError(
+            f"append lengths must lie in [0, sequence length]: got {add.tolist()[:8]} "
+            f"for lengths {lens.tolist()[:8]} (allocate before packing)"
+        )
+    indptr = np.zeros(add.size + 1, dtype=np.int32)
+    np.cumsum(add, out=indptr[1:])
+    return indptr
+
+
+def _add_append_metadata(
+    packed: FlashInferPackedData,
+    append_indptr: np.ndarray,
+    lens: np.ndarray,
+    device: Optional[torch.device],
+) -> None:
+    nnz = int(append_indptr[-1])
+    indptr_host = torch.from_numpy(append_indptr)
+    if device is None:
+        batch, positions = append_batch_indices_positions(indptr_host, torch.from_numpy(lens), nnz)
+        packed.append_indptr = indptr_host
+    else:
+        # one pinned upload of both small arrays, then the per-token work on the device
+        both = _pinned(np.concatenate([append_indptr, lens.astype(np.int32)]))
+        both = both.to(device, non_blocking=True)
+        k = append_indptr.size
+        batch, positions = append_batch_indices_positions(both[:k], both[k:], nnz)
+        packed.append_indptr = _pinned(append_indptr)
+    packed.append_batch_indices = batch
+    packed.append_positions = positions
+
+
+def _pinned(array: np.ndarray) -> torch.Tensor:
+    """A pinned host copy; torch's caching host allocator keeps it until its copies land."""
+    out = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
+    out.numpy()[...] = array
+    return out
+
+
+class _DeviceArena:
+    """A device copy of a page table's arena, kept current from the table's write log."""
+
+    def __init__(self, device: torch.device, table: SequencePageTable) -> None:
+        self.device = device
+        self.arena = torch.from_numpy(table.arena).to(device)
+        self.arange = torch.arange(1024, device=device)
+        table.write_log = []  # the copy above already holds every earlier write
+
+    def gather(
+        self, table: SequencePageTable, slots: np.ndarray, counts: np.ndarray, indptr: np.ndarray
+    ) -> torch.Tensor:
+        """``kv_page_indices`` of the batch, gathered on the device, int32."""
+        self._upload_writes(table)
+        total = int(indptr[-1])
+        if total > self.arange.shape[0]:
+            self.arange = torch.arange(2 * total, device=self.device)
+        # how far row b's page ids sit in the arena from their place in the batch
+        shift = table.starts(slots) - indptr[:-1]
+        upload = _pinned(np.concatenate([shift, counts])).to(self.device, non_blocking=True)
+        b = slots.size
+        per_page = torch.repeat_interleave(upload[:b], upload[b:], output_size=total)
+        return self.arena[per_page + self.arange[:total]]
+
+    def _upload_writes(self, table: SequencePageTable) -> None:
+        if table.arena.size != self.arena.shape[0]:
+            # the arena grew; its compaction logged every live position
+            self.arena = torch.zeros(table.arena.size, dtype=torch.int32, device=self.device)
+        log = table.write_log
+        if not log:
+            return
+        # values are read now from the host arena, so a position written twice is sent once
+        positions = np.unique(np.concatenate(log))
+        log.clear()
+        pages = table.arena[positions].astype(np.int64)
+        upload = _pinned(np.concatenate([positions, pages])).to(self.device, non_blocking=True)
+        n = positions.size
+        self.arena.index_copy_(0, upload[:n], upload[n:].to(torch.int32))

@@ -1,0 +1,354 @@
+"""Sequence id -> pages and length, in preallocated numpy arrays (no torch).
+
+Each live sequence owns a *slot*: its length, and a region of one flat page arena
+that holds its page ids in token order. A region has spare room, so a decode step
+writes one page id in place; a sequence that outgrows its room moves to the arena's
+end with twice the room (amortized O(1) per page), and the arena is compacted when
+it fills. Per-step work is therefore O(batch), never O(pages held).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from ._arrays import as_int_array
+from .allocator import PageAllocator
+from .errors import (
+    DuplicateSequenceError,
+    InvalidLengthError,
+    SequenceExistsError,
+    UnknownSequenceError,
+)
+
+SeqIds = Sequence[int]
+"""Sequence ids of a batch: a list (fastest), tuple, numpy array or torch tensor."""
+
+
+def pages_for(lengths: np.ndarray, page_size: int) -> np.ndarray:
+    """Pages needed to hold ``lengths`` tokens: ``ceil(lengths / page_size)``."""
+    return (lengths + (page_size - 1)) // page_size
+
+
+class SequencePageTable:
+    """The page list and length of every live sequence.
+
+    Args:
+        allocator: the pool pages come from; every page a sequence lists holds one
+            reference of that pool.
+        page_size: tokens per page.
+
+    Positions written in the arena can be logged (``write_log``) so that a device-side
+    mirror uploads exactly the new page ids instead of every page each step.
+    """
+
+    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+        self.allocator = allocator
+        self.page_size = int(page_size)
+        self._slot_of: dict[int, int] = {}
+        self._free_slots: list[int] = []
+        self._num_slots = 0
+        # on cpu, one entry per slot
+        self._length = np.zeros(16, dtype=np.int32)
+        self._start = np.zeros(16, dtype=np.int64)
+        self._room = np.zeros(16, dtype=np.int64)
+        # on cpu: page ids of every sequence, each in its own region
+        self.arena = np.zeros(1024, dtype=np.int32)
+        self._top = 0
+        self._live_room = 0
+        self.membership_version = 0  # bumped when a sequence starts or ends
+        self.layout_version = 0  # bumped when pages change other than by growth at the end
+        self.write_log: list[np.ndarray] | None = None  # arena positions written, when mirrored
+        self._cached_ids: list[int] | None = None
+        self._cached_slots = np.zeros(0, dtype=np.int64)
+        self._cached_version = -1
+
+    # ----------------------------------------------------------------- lookups
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._slot_of
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    @property
+    def seq_ids(self) -> list[int]:
+        """Ids of the live sequences, in creation order."""
+        return list(self._slot_of)
+
+    def slot(self, seq_id: int) -> int:
+        """The slot of one live sequence; raises UnknownSequenceError."""
+        try:
+            return self._slot_of[seq_id]
+        except (KeyError, TypeError):
+            raise UnknownSequenceError(
+                f"sequence id {seq_id!r} is not allocated (live: {self._some_ids()})"
+            ) from None
+
+    def slots(self, seq_ids: SeqIds) -> np.ndarray:
+        """Slots of distinct live sequences, shape ``[len(seq_ids)]``, int64.
+
+        The answer for the previous batch is reused when the ids and the set of
+        live sequences are unchanged, so a steady decode batch costs one list compare.
+        """
+        ids = seq_ids if isinstance(seq_ids, list) else _to_list(seq_ids)
+        if self._cached_version == self.membership_version and ids == self._cached_ids:
+            return self._cached_slots
+        slot_of = self._slot_of
+        try:
+            slots = np.fromiter((slot_of[i] for i in ids), dtype=np.int64, count=len(ids))
+        except (KeyError, TypeError):
+            missing = [i for i in ids if i not in slot_of][:8]
+            raise UnknownSequenceError(
+                f"sequence ids {missing} are not allocated (live: {self._some_ids()})"
+            ) from None
+        _check_distinct(ids)
+        self._cached_ids, self._cached_slots = list(ids), slots
+        self._cached_version = self.membership_version
+        return slots
+
+    def lengths(self, slots: np.ndarray) -> np.ndarray:
+        """Token counts of the given slots, int32 (a copy)."""
+        return self._length[slots]
+
+    def starts(self, slots: np.ndarray) -> np.ndarray:
+        """Where each slot's page ids begin in :attr:`arena`, int64."""
+        return self._start[slots]
+
+    def page_ids(self, slot: int) -> np.ndarray:
+        """The page ids of one slot in token order, int32 (a copy)."""
+        n = int(pages_for(self._length[slot], self.page_size))
+        start = int(self._start[slot])
+        return self.arena[start : start + n].copy()
+
+    def pages_of_slots(self, slots: np.ndarray) -> np.ndarray:
+        """Page ids of several slots, concatenated in order, int32."""
+        counts = pages_for(self._length[slots], self.page_size)
+        starts = self._start[slots]
+        offsets = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+        return self.arena[offsets + np.arange(int(counts.sum()))]
+
+    # ---------------------------------------------------------------- mutation
+    def extend(self, seq_ids: SeqIds, add_lens: object) -> np.ndarray:
+        """Grow known sequences and start unknown ones, all or nothing.
+
+        Returns the slots of ``seq_ids``. Raises NoPageError (nothing changed) when the
+        pool lacks pages, InvalidLengthError for negative or mismatched lengths.
+        """
+        ids = seq_ids if isinstance(seq_ids, list) else _to_list(seq_ids)
+        add = as_int_array(add_lens, "seq_new_lens", InvalidLengthError)
+        if add.size != len(ids):
+            raise InvalidLengthError(
+                f"got {len(ids)} sequence ids but {add.size} lengths; pass one length per id"
+            )
+        if add.size and add.min() < 0:
+            raise InvalidLengthError(f"lengths must be >= 0, got {add[add < 0][:8].tolist()}")
+        _check_distinct(ids)
+        slot_of = self._slot_of
+        slots = np.fromiter((slot_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        known = slots >= 0
+        old_len = np.where(known, self._length[np.maximum(slots, 0)], 0)
+        pages = self.allocator.allocate(self._pages_needed(old_len, old_len + add))
+        if not known.all():
+            for i in np.flatnonzero(~known).tolist():
+                slots[i] = self._new_slot(ids[i])
+        self._add_pages(slots, old_len, old_len + add, pages)
+        return slots
+
+    def grow_by_one(self, slots: np.ndarray) -> None:
+        """One more token for each of the (distinct, live) slots, all or nothing."""
+        old_len = self._length[slots]
+        full = np.flatnonzero(old_len % self.page_size == 0)  # next token starts a page
+        if full.size:
+            pages = self.allocator.allocate(full.size)
+            rows = slots[full]
+            first = old_len[full] // self.page_size
+            self._ensure_room(rows, first + 1)
+            self._write(self._start[rows] + first, pages)
+        old_len += 1
+        self._length[slots] = old_len
+
+    def truncate(self, slot: int, new_len: int) -> tuple[int, int] | None:
+        """Cut a sequence to ``new_len`` tokens and free the pages past it.
+
+        When the new last page is partial and shared, it is replaced by a fresh page
+        (copy on write). Returns ``(shared_page, fresh_page)`` whose KV the caller
+        must copy, or None.
+        """
+        length = int(self._length[slot])
+        if not 0 <= new_len <= length:
+            raise InvalidLengthError(
+                f"truncate to {new_len} tokens: expected 0 <= new_len <= {length}"
+            )
+        keep = int(pages_for(new_len, self.page_size))
+        pages = self.page_ids(slot)
+        copy = None
+        partial = new_len % self.page_size != 0
+        if partial and self.allocator.refcount[pages[keep - 1]] > 1:
+            fresh = int(self.allocator.allocate(1)[0])
+            copy = (int(pages[keep - 1]), fresh)
+            self._write(np.array([self._start[slot] + keep - 1]), np.array([fresh]))
+            self.allocator.unref(pages[keep - 1 : keep])
+        self.allocator.unref(pages[keep:])
+        self._length[slot] = new_len
+        self.layout_version += 1
+        return copy
+
+    def fork(self, src_slot: int, dst_id: int) -> tuple[int, tuple[int, int] | None]:
+        """Start ``dst_id`` with the tokens of ``src_slot``, sharing its full pages.
+
+        A partial last page is not shared: ``dst_id`` gets a fresh page, returned as
+        ``(src_page, fresh_page)`` for the caller to copy. Returns ``(dst_slot, copy)``.
+        """
+        if dst_id in self._slot_of:
+            raise SequenceExistsError(f"cannot fork into sequence id {dst_id}: it is live")
+        length = int(self._length[src_slot])
+        pages = self.page_ids(src_slot)
+        full = length // self.page_size
+        fresh = self.allocator.allocate(pages.size - full)  # 0 or 1 page
+        self.allocator.ref(pages[:full])
+        dst = self._new_slot(dst_id)
+        self._ensure_room(np.array([dst]), np.array([pages.size]))
+        self._write(self._start[dst] + np.arange(pages.size), np.concatenate([pages[:full], fresh]))
+        self._length[dst] = length
+        copy = (int(pages[-1]), int(fresh[0])) if fresh.size else None
+        return dst, copy
+
+    def release(self, seq_ids: SeqIds) -> None:
+        """End sequences and drop their page references, all or nothing."""
+        slots = self.slots(seq_ids)
+        self.allocator.unref(self.pages_of_slots(slots))
+        for seq_id, slot in zip(_to_list(seq_ids), slots.tolist(), strict=True):
+            del self._slot_of[seq_id]
+            self._free_slots.append(slot)
+            self._live_room -= int(self._room[slot])
+            self._length[slot] = 0
+            self._room[slot] = 0
+        self.membership_version += 1
+        self.layout_version += 1
+
+    # --------------------------------------------------------------- integrity
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every invariant of the table and its pool holds.
+
+        Checks the pool (:meth:`PageAllocator.check_integrity`); that each sequence
+        holds exactly ceil(length / page_size) pages inside its own arena region; that
+        each page's reference count covers the sequences listing it and no listed page
+        is free; and that no partially filled last page is listed by two sequences.
+        """
+        self.allocator.check_integrity()
+        slots = np.array(list(self._slot_of.values()), dtype=np.int64)
+        if slots.size == 0:
+            return
+        assert (self._length[slots] >= 0).all(), "negative sequence length"
+        counts = pages_for(self._length[slots], self.page_size)
+        assert (counts <= self._room[slots]).all(), "a sequence outgrew its arena room"
+        order = np.argsort(self._start[slots])
+        ends = (self._start + self._room)[slots][order]
+        assert (ends[:-1] <= self._start[slots][order][1:]).all(), "arena regions overlap"
+        assert ends[-1] <= self._top <= self.arena.size, "a region lies past the arena top"
+        listed = self.pages_of_slots(slots)
+        holders = np.bincount(listed, minlength=self.allocator.num_pages)
+        refcount = self.allocator.refcount
+        assert (refcount >= holders).all(), "a page has fewer references than holders"
+        partial = self._length[slots] % self.page_size != 0
+        last = self.arena[self._start[slots] + counts - 1][partial]
+        assert (holders[last] == 1).all(), "two sequences share a partially filled page"
+
+    # ---------------------------------------------------------------- internals
+    def _pages_needed(self, old_len: np.ndarray, new_len: np.ndarray) -> int:
+        return int((pages_for(new_len, self.page_size) - pages_for(old_len, self.page_size)).sum())
+
+    def _add_pages(
+        self, slots: np.ndarray, old_len: np.ndarray, new_len: np.ndarray, pages: np.ndarray
+    ) -> None:
+        first = pages_for(old_len, self.page_size)
+        end = pages_for(new_len, self.page_size)
+        grow = end > first
+        if grow.any():
+            rows, first, count = slots[grow], first[grow], (end - first)[grow]
+            self._ensure_room(rows, first + count)
+            row_start = np.repeat(self._start[rows] + first - (np.cumsum(count) - count), count)
+            self._write(row_start + np.arange(pages.size), pages)
+        self._length[slots] = new_len
+
+    def _new_slot(self, seq_id: int) -> int:
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            slot = self._num_slots
+            self._num_slots += 1
+            if slot == self._length.size:
+                for name in ("_length", "_start", "_room"):
+                    old = getattr(self, name)
+                    setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
+        self._slot_of[seq_id] = slot
+        self._length[slot] = 0
+        self._start[slot] = 0
+        self._room[slot] = 0
+        self.membership_version += 1
+        self.layout_version += 1
+        return slot
+
+    def _ensure_room(self, slots: np.ndarray, pages_needed: np.ndarray) -> None:
+        short = pages_needed > self._room[slots]
+        if not short.any():
+            return
+        for slot, need in zip(slots[short].tolist(), pages_needed[short].tolist(), strict=True):
+            self._move(slot, max(2 * need, 4))
+
+    def _move(self, slot: int, room: int) -> None:
+        """Give ``slot`` a fresh region of ``room`` pages at the arena top."""
+        if self._top + room > self.arena.size:
+            self._compact(extra=room)
+        held = int(pages_for(self._length[slot], self.page_size))
+        start = int(self._start[slot])
+        new_start = self._top
+        self.arena[new_start : new_start + held] = self.arena[start : start + held]
+        self._log(np.arange(new_start, new_start + held))
+        self._live_room += room - int(self._room[slot])
+        self._start[slot], self._room[slot] = new_start, room
+        self._top = new_start + room
+
+    def _compact(self, extra: int) -> None:
+        """Pack live regions to the arena front, growing it so ``extra`` more pages fit."""
+        size = self.arena.size
+        while self._live_room + extra > size // 2:
+            size *= 2
+        slots = np.array(sorted(self._slot_of.values(), key=lambda s: self._start[s]))
+        arena = np.zeros(size, dtype=np.int32)
+        top = 0
+        for slot in slots.tolist():
+            start, room = int(self._start[slot]), int(self._room[slot])
+            arena[top : top + room] = self.arena[start : start + room]
+            self._start[slot] = top
+            top += room
+        self.arena, self._top = arena, top
+        self._log(np.arange(top))
+
+    def _write(self, positions: np.ndarray, pages: np.ndarray) -> None:
+        self.arena[positions] = pages
+        self._log(positions)
+
+    def _log(self, positions: np.ndarray) -> None:
+        if self.write_log is not None and positions.size:
+            self.write_log.append(positions)
+
+    def _some_ids(self) -> str:
+        ids = list(self._slot_of)
+        return f"{ids[:8]}{' ...' if len(ids) > 8 else ''} ({len(ids)} in all)"
+
+
+def _to_list(seq_ids: Iterable[int]) -> list[int]:
+    if hasattr(seq_ids, "tolist"):
+        return seq_ids.tolist()  # type: ignore[no-any-return, attr-defined]
+    return list(seq_ids)
+
+
+def _check_distinct(ids: list[int]) -> None:
+    if len(set(ids)) != len(ids):
+        seen: set[int] = set()
+        dups = [i for i in ids if i in seen or seen.add(i)][:8]  # type: ignore[func-returns-value]
+        raise DuplicateSequenceError(
+            f"sequence ids must be distinct within a call; repeated: {dups}"
+        )

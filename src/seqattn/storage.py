@@ -1,0 +1,294 @@
+"""KV storage for every layer of a model, and appending K/V into its pages."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .allocator import PageAllocator, PageIds
+from .errors import InvalidLengthError, TensorSpecError
+from .packed_data import (
+    Device,
+    FlashInferPackedData,
+    append_batch_indices_positions,
+    as_device,
+    seq_lens_from_page_table,
+)
+
+KV_LAYOUTS = ("NHD", "HND")
+FLASHINFER_APPEND_HEAD_DIMS = (64, 128, 256, 512)
+
+
+class PagedKVCacheManager:
+    """Pages of K/V for ``num_layers`` layers, with the pool that hands them out.
+
+    Storage per layer is one tensor flashinfer takes as ``paged_kv_cache`` directly:
+    ``[num_pages, 2, page_size, num_heads, head_dim]`` for ``kv_layout="NHD"``, or
+    ``[num_pages, 2, num_heads, page_size, head_dim]`` for ``"HND"`` (index 0 of dim 1
+    is K, 1 is V). A page id names the same page in every layer.
+
+    Args:
+        num_pages: pages in the pool.
+        page_size: tokens per page.
+        num_heads: KV heads.
+        head_dim: size of each head.
+        dtype: storage dtype.
+        device: a ``torch.device``, a string, or a CUDA ordinal.
+        kv_layout: ``"NHD"`` or ``"HND"``.
+        num_layers: layers of the model that share the page table.
+
+    Example:
+        >>> import torch
+        >>> from seqattn import CacheDescriptor, PagedKVCacheManager
+        >>> cache = PagedKVCacheManager(64, 16, num_heads=2, head_dim=8,
+        ...                             dtype=torch.float32, device="cpu", num_layers=2)
+        >>> desc = CacheDescriptor(cache)
+        >>> desc.allocate([7], [20])
+        >>> packed = desc.pack_for_flashinfer([7], append_lens=[20])
+        >>> k = torch.randn(20, 2, 8); v = torch.randn(20, 2, 8)
+        >>> cache.append_kv(k, v, packed, layer=1)
+        >>> key_cache, value_cache = cache.get_memory_tensors(layer=1)
+        >>> page, slot = packed.kv_page_indices[1].item(), 3  # token 16 + 3 = 19
+        >>> torch.equal(key_cache[page, slot], k[19])
+        True
+    """
+
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: Device,
+        kv_layout: str = "NHD",
+        *,
+        num_layers: int = 1,
+    ) -> None:
+        for name, value in (
+            ("page_size", page_size),
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+            ("num_layers", num_layers),
+        ):
+            if int(value) <= 0:
+                raise InvalidLengthError(f"{name} must be positive, got {value}")
+        if kv_layout not in KV_LAYOUTS:
+            raise TensorSpecError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+        self.allocator = PageAllocator(num_pages)
+        self.num_pages = int(num_pages)
+        self.page_size = int(page_size)
+        self.num_heads = int(num_heads)
+        self.head_dim = int(head_dim)
+        self.num_layers = int(num_layers)
+        self.dtype = dtype
+        self.device = as_device(device)
+        self.kv_layout = kv_layout
+        inner = (page_size, num_heads) if kv_layout == "NHD" else (num_heads, page_size)
+        # on device: all layers' pages, [num_layers, num_pages, 2, *inner, head_dim]
+        self.kv_data = torch.zeros(
+            (self.num_layers, self.num_pages, 2, *inner, self.head_dim),
+            dtype=dtype,
+            device=self.device,
+        )
+
+    # ------------------------------------------------------------ page pool (seed API)
+    def allocate(self, num_pages: int) -> list[int]:
+        """Take ``num_pages`` free pages (reference count 1 each); raises NoPageError."""
+        return self.allocator.allocate(num_pages).tolist()
+
+    def ref(self, page_indices: PageIds) -> None:
+        """Add a reference to each listed page (for sharing a prefix)."""
+        self.allocator.ref(page_indices)
+
+    def unref(self, page_indices: PageIds) -> None:
+        """Drop a reference per listing; pages reaching zero become free."""
+        self.allocator.unref(page_indices)
+
+    def release_pages(self, page_indices: PageIds) -> None:
+        """Same as :meth:`unref` (duplicates allowed): pages are freed at zero references."""
+        self.allocator.unref(page_indices)
+
+    @property
+    def available_pages_count(self) -> int:
+        """Free pages in the pool."""
+        return self.allocator.available_pages_count
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless the page pool is consistent."""
+        self.allocator.check_integrity()
+
+    # ------------------------------------------------------------------------ storage
+    def get_kv_cache(self, layer: int = 0) -> torch.Tensor:
+        """One layer's pages as flashinfer's combined ``paged_kv_cache`` tensor (a view)."""
+        return self.kv_data[self._checked_layer(layer)]
+
+    def get_memory_tensors(self, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key_cache, value_cache)`` of one layer, views shaped
+        ``[num_pages, page_size, num_heads, head_dim]`` (NHD) or
+        ``[num_pages, num_heads, page_size, head_dim]`` (HND)."""
+        kv = self.get_kv_cache(layer)
+        return kv[:, 0], kv[:, 1]
+
+    @property
+    def key_cache(self) -> torch.Tensor:
+        """Layer 0's keys, as in the seed."""
+        return self.get_memory_tensors(0)[0]
+
+    @property
+    def value_cache(self) -> torch.Tensor:
+        """Layer 0's values, as in the seed."""
+        return self.get_memory_tensors(0)[1]
+
+    def copy_pages(self, src_pages: PageIds, dst_pages: PageIds) -> None:
+        """Copy the K/V of ``src_pages`` into ``dst_pages`` in every layer."""
+        src = torch.as_tensor(src_pages, dtype=torch.long).to(self.device)
+        dst = torch.as_tensor(dst_pages, dtype=torch.long).to(self.device)
+        self.kv_data[:, dst] = self.kv_data[:, src]
+
+    def append_kv(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        flashinfer_data: FlashInferPackedData,
+        append_indptr_cpu: Optional[torch.Tensor] = None,
+        *,
+        layer: int = 0,
+    ) -> None:
+        """Write new tokens' K/V into their pages, right after each sequence's old tokens.
+
+        Allocate first (``CacheDescriptor.allocate``), then pack the batch: the packed
+        page table gives the lengths *after* this append, and token ``j`` of sequence
+        ``b`` lands at position ``len_after[b] - append_len[b] + j``.
+
+        Args:
+            keys: ``shape: [nnz, num_heads, head_dim]``, the cache's dtype and device.
+            values: same shape, dtype and device as ``keys``.
+            flashinfer_data: the batch, packed after allocating.
+            append_indptr_cpu: ``shape: [batch_size + 1]``, int; row ``b``'s new tokens
+                are ``keys[append_indptr[b]:append_indptr[b + 1]]``. May be omitted when
+                the batch was packed with ``append_lens``.
+            layer: which layer's pages to write.
+
+        On CUDA with flashinfer importable this calls
+        ``flashinfer.page.append_paged_kv_cache``; otherwise a pure torch scatter.
+        """
+        kv = self.get_kv_cache(layer)
+        self._check_kv(keys, values)
+        nnz = keys.shape[0]
+        if nnz == 0:
+            return
+        batch, positions = self._append_positions(flashinfer_data, append_indptr_cpu, nnz)
+        device = self.device
+        indices = flashinfer_data.kv_page_indices.to(device, non_blocking=True)
+        indptr = flashinfer_data.kv_page_indptr.to(device, non_blocking=True)
+        last = flashinfer_data.kv_last_page_len.to(device, non_blocking=True)
+        fi = _flashinfer_page() if device.type == "cuda" else None
+        if fi is not None and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS:
+            fi.append_paged_kv_cache(
+                keys, values, batch, positions, kv, indices, indptr, last,
+                kv_layout=self.kv_layout,
+            )  # fmt: skip
+            return
+        batch = batch.long()
+        positions = positions.long()
+        page = indices[indptr[batch] + positions // self.page_size].long()
+        slot = positions % self.page_size
+        if self.kv_layout == "NHD":
+            kv[page, 0, slot] = keys
+            kv[page, 1, slot] = values
+        else:
+            kv[page, 0, :, slot] = keys
+            kv[page, 1, :, slot] = values
+
+    # ---------------------------------------------------------------------- internals
+    def _append_positions(
+        self,
+        packed: FlashInferPackedData,
+        append_indptr_cpu: Optional[torch.Tensor],
+        nnz: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.device
+        if append_indptr_cpu is None:
+            if packed.append_positions is None or packed.append_batch_indices is None:
+                raise InvalidLengthError(
+                    "append_kv needs append_indptr_cpu, or a batch packed with append_lens"
+                )
+            if packed.append_positions.shape[0] != nnz:
+                raise TensorSpecError(
+                    f"keys hold {nnz} tokens but the batch was packed to append "
+                    f"{packed.append_positions.shape[0]}"
+                )
+            return (
+                packed.append_batch_indices.to(device, non_blocking=True),
+                packed.append_positions.to(device, non_blocking=True),
+            )
+        indptr_cpu = torch.as_tensor(append_indptr_cpu)
+        if indptr_cpu.device.type != "cpu":
+            raise TensorSpecError("append_indptr_cpu must be a CPU tensor (the seed's contract)")
+        batch_size = packed.kv_last_page_len.shape[0]
+        if indptr_cpu.shape != (batch_size + 1,) or int(indptr_cpu[-1]) != nnz:
+            raise TensorSpecError(
+                f"append_indptr_cpu must have shape [{batch_size + 1}] and end at nnz={nnz}, "
+                f"got shape {list(indptr_cpu.shape)} ending at {int(indptr_cpu[-1])}"
+            )
+        if packed.kv_page_indptr.device.type == "cpu":
+            seq_lens = seq_lens_from_page_table(
+                packed.kv_page_indptr, packed.kv_last_page_len, self.page_size
+            )
+            append_lens = indptr_cpu[1:] - indptr_cpu[:-1]
+            if bool(((append_lens < 0) | (append_lens > seq_lens)).any()):
+                raise InvalidLengthError(
+                    f"append lengths {append_lens.tolist()[:8]} must lie in [0, length] for "
+                    f"sequence lengths {seq_lens.tolist()[:8]}: allocate before packing"
+                )
+            seq_lens = seq_lens.to(device, non_blocking=True)
+        else:
+            seq_lens = seq_lens_from_page_table(
+                packed.kv_page_indptr.to(device), packed.kv_last_page_len.to(device),
+                self.page_size,
+            )  # fmt: skip
+        return append_batch_indices_positions(
+            indptr_cpu.to(device, non_blocking=True), seq_lens, nnz
+        )
+
+    def _check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        expected = (self.num_heads, self.head_dim)
+        for name, t in (("keys", keys), ("values", values)):
+            if not isinstance(t, torch.Tensor):
+                raise TensorSpecError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 3 or tuple(t.shape[1:]) != expected:
+                raise TensorSpecError(
+                    f"{name} must have shape [nnz, {expected[0]}, {expected[1]}], "
+                    f"got {list(t.shape)}"
+                )
+            if t.dtype != self.dtype:
+                raise TensorSpecError(f"{name} must have dtype {self.dtype}, got {t.dtype}")
+            if t.device != self.device:
+                raise TensorSpecError(f"{name} must be on {self.device}, got {t.device}")
+        if keys.shape[0] != values.shape[0]:
+            raise TensorSpecError(
+                f"keys and values must hold the same number of tokens, "
+                f"got {keys.shape[0]} and {values.shape[0]}"
+            )
+
+    def _checked_layer(self, layer: int) -> int:
+        if not 0 <= layer < self.num_layers:
+            raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        return layer
+
+
+_FLASHINFER_PAGE: Any = None
+
+
+def _flashinfer_page() -> Any:
+    """``flashinfer.page`` when it imports, else None (the torch path is used)."""
+    global _FLASHINFER_PAGE
+    if _FLASHINFER_PAGE is None:
+        try:
+            import flashinfer.page as page
+        except Exception:
+            page = False
+        _FLASHINFER_PAGE = page
+    return _FLASHINFER_PAGE or None

@@ -37,15 +37,16 @@ class PageAllocator:
         if int(num_pages) <= 0:
             raise PageStateError(f"num_pages must be positive, got {num_pages}")
         self.num_pages = int(num_pages)
-        # on cpu: refcount per page; free pages as a stack whose top is at the end
+        # on cpu: refcount per page; the free pages are _free[_head:], a stack whose
+        # top is at _head (so a fresh pool hands out 0, 1, 2, ... without reversing)
         self._refcount = np.zeros(self.num_pages, dtype=np.int32)
-        self._free = np.arange(self.num_pages - 1, -1, -1, dtype=np.int32)
-        self._num_free = self.num_pages
+        self._free = np.arange(self.num_pages, dtype=np.int32)
+        self._head = 0
 
     @property
     def available_pages_count(self) -> int:
         """Number of free pages."""
-        return self._num_free
+        return self.num_pages - self._head
 
     @property
     def refcount(self) -> np.ndarray:
@@ -66,13 +67,13 @@ class PageAllocator:
         n = int(num_pages)
         if n < 0:
             raise PageStateError(f"cannot allocate a negative number of pages ({n})")
-        if n > self._num_free:
+        head = self._head
+        if n > self.num_pages - head:
             raise NoPageError(
-                f"need {n} pages but only {self._num_free} of {self.num_pages} are free"
+                f"need {n} pages but only {self.num_pages - head} of {self.num_pages} are free"
             )
-        top = self._num_free
-        pages = self._free[top - n : top][::-1].copy()
-        self._num_free = top - n
+        pages = self._free[head : head + n].copy()
+        self._head = head + n
         self._refcount[pages] = 1
         return pages
 
@@ -107,9 +108,9 @@ class PageAllocator:
                 f"unref would take pages {bad} below zero references (double release?)"
             )
         self._refcount[unique] = left
-        freed = unique[left == 0][::-1]
-        self._free[self._num_free : self._num_free + freed.size] = freed
-        self._num_free += freed.size
+        freed = unique[left == 0]
+        self._head -= freed.size
+        self._free[self._head : self._head + freed.size] = freed
 
     release_pages = unref
     """Alias of :meth:`unref`, the seed's name: pages are freed when their count reaches 0."""
@@ -120,7 +121,7 @@ class PageAllocator:
         Checks: free + held == num_pages, no page is free twice, a page is free
         exactly when its reference count is 0, and no count is negative.
         """
-        free = self._free[: self._num_free]
+        free = self._free[self._head :]
         held = int(np.count_nonzero(self._refcount))
         assert (self._refcount >= 0).all(), "negative reference count"
         assert np.unique(free).size == free.size, "a page is on the free list twice"

@@ -158,7 +158,7 @@ class SequencePageTable:
     def grow_by_one(self, slots: np.ndarray) -> None:
         """One more token for each of the (distinct, live) slots, all or nothing."""
         old_len = self._length[slots]
-        full = np.flatnonzero(old_len % self.page_size == 0)  # next token starts a page
+        full = (old_len % self.page_size == 0).nonzero()[0]  # next token starts a page
         if full.size:
             pages = self.allocator.allocate(full.size)
             rows = slots[full]
@@ -243,10 +243,11 @@ class SequencePageTable:
         assert (self._length[slots] >= 0).all(), "negative sequence length"
         counts = pages_for(self._length[slots], self.page_size)
         assert (counts <= self._room[slots]).all(), "a sequence outgrew its arena room"
-        order = np.argsort(self._start[slots])
-        ends = (self._start + self._room)[slots][order]
-        assert (ends[:-1] <= self._start[slots][order][1:]).all(), "arena regions overlap"
-        assert ends[-1] <= self._top <= self.arena.size, "a region lies past the arena top"
+        placed = slots[self._room[slots] > 0]
+        starts = np.sort(self._start[placed])
+        ends = np.sort(self._start[placed] + self._room[placed])
+        assert (ends[:-1] <= starts[1:]).all(), "arena regions overlap"
+        assert ends.size == 0 or ends[-1] <= self._top <= self.arena.size, "region past the top"
         listed = self.pages_of_slots(slots)
         holders = np.bincount(listed, minlength=self.allocator.num_pages)
         refcount = self.allocator.refcount
@@ -291,7 +292,7 @@ class SequencePageTable:
         return slot
 
     def _ensure_room(self, slots: np.ndarray, pages_needed: np.ndarray) -> None:
-        short = pages_needed > self._room[slots]
+        short = self._room[slots] < pages_needed
         if not short.any():
             return
         for slot, need in zip(slots[short].tolist(), pages_needed[short].tolist(), strict=True):

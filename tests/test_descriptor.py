@@ -66,9 +66,7 @@ def test_growth_through_allocate_and_decoding_matches_fresh_lengths(ps):
             lens += 1
         packed = desc.pack_for_flashinfer(ids)
         assert desc.seq_lens(ids).tolist() == lens.tolist()
-        assert np.diff(packed.kv_page_indptr.numpy()).tolist() == [
-            math.ceil(n / ps) for n in lens
-        ]
+        assert np.diff(packed.kv_page_indptr.numpy()).tolist() == [math.ceil(n / ps) for n in lens]
         assert packed.kv_last_page_len.tolist() == [expected_last(n, ps) for n in lens]
         for row, seq in enumerate(ids):  # the incremental pack agrees with each page list
             got = packed.kv_page_indices[

@@ -1,0 +1,58 @@
+"""seqattn's Quick Start on the CPU: sequences in, flashinfer's page tables out.
+
+Run: python examples/quickstart.py
+"""
+
+import torch
+
+from seqattn import CacheDescriptor, NoPageError, PagedKVCacheManager
+
+
+def main() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = PagedKVCacheManager(
+        num_pages=64, page_size=16, num_heads=8, head_dim=64,
+        dtype=torch.float16, device=device, num_layers=2,
+    )  # fmt: skip
+    desc = CacheDescriptor(cache)
+
+    # Prefill three prompts; write their K/V into layer 0 and layer 1.
+    ids, prompt_lens = [1, 2, 3], [100, 150, 80]
+    desc.allocate(ids, prompt_lens)
+    packed = desc.pack_for_flashinfer(ids, append_lens=prompt_lens)
+    keys = torch.randn(sum(prompt_lens), 8, 64, dtype=torch.float16, device=device)
+    for layer in range(2):
+        cache.append_kv(keys, keys, packed, layer=layer)
+    print("prefill  indptr", packed.kv_page_indptr.tolist(),
+          "last_page_len", packed.kv_last_page_len.tolist())  # fmt: skip
+
+    # Ten decode steps: one token per sequence per step.
+    for _ in range(10):
+        desc.allocate_decoding(ids)
+        packed = desc.pack_for_flashinfer(ids, append_lens=[1, 1, 1])
+        token_kv = torch.randn(3, 8, 64, dtype=torch.float16, device=device)
+        cache.append_kv(token_kv, token_kv, packed, layer=0)
+    print("decode   lengths", desc.seq_lens(ids).tolist(), "free pages", cache.available_pages_count)
+
+    # Fork sequence 1 (beam search / parallel sampling): full pages are shared.
+    desc.fork(1, 4)
+    shared = set(desc.page_indices(1)) & set(desc.page_indices(4))
+    print(f"fork     1 -> 4 shares {len(shared)} pages; free pages", cache.available_pages_count)
+
+    # Speculative decoding rollback: keep the first 105 tokens of sequence 2.
+    desc.truncate(2, 105)
+    print("truncate lengths", desc.seq_lens([1, 2, 3, 4]).tolist())
+
+    # Running out of pages raises before anything changes.
+    try:
+        desc.allocate([5], [10_000])
+    except NoPageError as err:
+        print("NoPageError:", err)
+
+    desc.release([1, 2, 3, 4])
+    print("release  free pages", cache.available_pages_count, "of", cache.num_pages)
+    desc.check_integrity()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Device-side packing and appending on CUDA: equal to the CPU path, and free of host syncs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import seqattn.storage
+from seqattn import CacheDescriptor, PagedKVCacheManager
+from tests.conftest import read_back
+from tests.gpu.conftest import flashinfer_or_skip
+
+pytestmark = pytest.mark.gpu
+
+
+def make(num_pages=4096, page_size=16, num_heads=8, head_dim=128, num_layers=2):
+    cache = PagedKVCacheManager(
+        num_pages, page_size, num_heads, head_dim, torch.float16, "cuda", num_layers=num_layers
+    )
+    return cache, CacheDescriptor(cache)
+
+
+def test_device_pack_equals_host_pack_through_growth_moves_and_releases():
+    _, desc = make(num_pages=20000, page_size=4)
+    rng = np.random.default_rng(0)
+    live: list[int] = []
+    next_id = 0
+    for step in range(300):
+        if step % 7 == 0 or not live:  # new sequences of random lengths
+            new = list(range(next_id, next_id + 3))
+            next_id += 3
+            desc.allocate(new, rng.integers(0, 40, size=3).tolist())
+            live += new
+        if step % 11 == 5:
+            victim = live.pop(int(rng.integers(len(live))))
+            desc.release([victim])
+        if step % 13 == 6 and live:
+            seq = live[int(rng.integers(len(live)))]
+            desc.truncate(seq, int(rng.integers(0, desc.seq_len(seq) + 1)))
+        if step % 17 == 8 and live:
+            desc.fork(live[0], next_id)
+            live.append(next_id)
+            next_id += 1
+        if live:
+            desc.allocate_decoding(live)
+            host = desc.pack_for_flashinfer(live)
+            device = desc.pack_for_flashinfer(live, device="cuda")
+            assert device.kv_page_indices.is_cuda and device.kv_page_indptr.is_pinned()
+            assert torch.equal(device.kv_page_indices.cpu(), host.kv_page_indices)
+            assert torch.equal(device.kv_page_indptr, host.kv_page_indptr)
+            assert torch.equal(device.kv_last_page_len, host.kv_last_page_len)
+    desc.check_integrity()
+
+
+def test_append_metadata_matches_flashinfer():
+    fi = flashinfer_or_skip()
+    _, desc = make()
+    ids, lens = [3, 1, 2], [17, 0, 33]
+    desc.allocate(ids, [5, 9, 16])
+    desc.allocate(ids, lens)
+    packed = desc.pack_for_flashinfer(ids, append_lens=lens, device="cuda").to_device("cuda")
+    seq_lens = fi.page.get_seq_lens(packed.kv_page_indptr, packed.kv_last_page_len, 16)
+    batch, positions = fi.page.get_batch_indices_positions(packed.append_indptr, seq_lens, 50)
+    assert torch.equal(batch, packed.append_batch_indices)
+    assert torch.equal(positions, packed.append_positions)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_flashinfer_append_equals_torch_append_bit_for_bit(layout, monkeypatch):
+    flashinfer_or_skip()
+    caches = []
+    for use_flashinfer in (True, False):
+        if not use_flashinfer:
+            monkeypatch.setattr(seqattn.storage, "_FLASHINFER_PAGE", False)
+        cache = PagedKVCacheManager(512, 16, 4, 128, torch.bfloat16, "cuda", layout)
+        desc = CacheDescriptor(cache)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        ids = [1, 2, 3]
+        for lens in ([40, 1, 16], [1, 1, 1], [15, 17, 2], [1, 1, 1]):
+            desc.allocate(ids, lens)
+            packed = desc.pack_for_flashinfer(ids, append_lens=lens, device="cuda")
+            kv = torch.randn(sum(lens), 2, 4, 128, device="cuda", generator=gen).bfloat16()
+            cache.append_kv(kv[:, 0], kv[:, 1], packed)
+        caches.append((cache, desc.pack_for_flashinfer(ids)))
+    (fi_cache, packed), (torch_cache, _) = caches
+    for row in range(3):
+        k_fi, v_fi = read_back(fi_cache, packed, row)
+        k_t, v_t = read_back(torch_cache, packed, row)
+        assert torch.equal(k_fi, k_t) and torch.equal(v_fi, v_t)
+
+
+def test_decode_step_makes_no_host_device_sync():
+    cache, desc = make(num_pages=8192)
+    ids = list(range(64))
+    desc.allocate(ids, [100 + 7 * i for i in ids])
+    kv = torch.randn(64, 8, 128, device="cuda", dtype=torch.float16)
+
+    def step():
+        desc.allocate_decoding(ids)
+        packed = desc.pack_for_flashinfer(ids, append_lens=[1] * 64, device="cuda")
+        for layer in range(cache.num_layers):
+            cache.append_kv(kv, kv, packed, layer=layer)
+        return packed
+
+    for _ in range(20):  # warm up: the device copy of the page table, allocator caches
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(40):  # crosses page boundaries for every sequence
+            packed = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    host = desc.pack_for_flashinfer(ids)
+    assert torch.equal(packed.kv_page_indices.cpu(), host.kv_page_indices)
+    k, _ = read_back(cache, packed.to_device("cpu"), 5)
+    assert torch.equal(k[-1].cpu(), kv[5].cpu())

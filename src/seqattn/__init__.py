@@ -6,9 +6,11 @@ paged kernels take.
 """
 
 from .allocator import PageAllocator
+from .attention import PagedAttention
 from .descriptor import CacheDescriptor, SequenceData
 from .errors import (
     DuplicateSequenceError,
+    FlashInferUnavailableError,
     InvalidLengthError,
     NoPageError,
     PageStateError,
@@ -25,11 +27,13 @@ __all__ = [
     "CacheDescriptor",
     "DuplicateSequenceError",
     "FlashInferPackedData",
+    "FlashInferUnavailableError",
     "HeadIDGenerator",
     "InvalidLengthError",
     "NoPageError",
     "PageAllocator",
     "PageStateError",
+    "PagedAttention",
     "PagedKVCacheManager",
     "SeqAttnError",
     "SequenceData",

@@ -41,3 +41,7 @@ class InvalidLengthError(SeqAttnError, ValueError):
 
 class TensorSpecError(SeqAttnError, ValueError):
     """A tensor with the wrong shape, dtype or device."""
+
+
+class FlashInferUnavailableError(SeqAttnError, ImportError):
+    """flashinfer is not installed, or fails to import."""

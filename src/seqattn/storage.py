@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from ._flashinfer import flashinfer_or_none
 from .allocator import PageAllocator, PageIds
 from .errors import InvalidLengthError, TensorSpecError
 from .packed_data import (
@@ -17,6 +18,8 @@ from .packed_data import (
 )
 
 KV_LAYOUTS = ("NHD", "HND")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+QUANTIZABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLASHINFER_APPEND_HEAD_DIMS = (64, 128, 256, 512)
 
 
@@ -37,6 +40,8 @@ class PagedKVCacheManager:
         device: a ``torch.device``, a string, or a CUDA ordinal.
         kv_layout: ``"NHD"`` or ``"HND"``.
         num_layers: layers of the model that share the page table.
+        k_scale, v_scale: for a float8 cache, the stored values are ``k / k_scale`` and
+            ``v / v_scale`` (quantized on append; attention multiplies them back).
 
     Example:
         >>> import torch
@@ -65,6 +70,8 @@ class PagedKVCacheManager:
         kv_layout: str = "NHD",
         *,
         num_layers: int = 1,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
         for name, value in (
             ("page_size", page_size),
@@ -85,6 +92,9 @@ class PagedKVCacheManager:
         self.dtype = dtype
         self.device = as_device(device)
         self.kv_layout = kv_layout
+        self.use_flashinfer = True  # append through flashinfer on CUDA when it imports
+        self.k_scale = float(k_scale)
+        self.v_scale = float(v_scale)
         inner = (page_size, num_heads) if kv_layout == "NHD" else (num_heads, page_size)
         # on device: all layers' pages, [num_layers, num_pages, 2, *inner, head_dim]
         self.kv_data = torch.zeros(
@@ -180,13 +190,15 @@ class PagedKVCacheManager:
         if nnz == 0:
             return
         batch, positions = self._append_positions(flashinfer_data, append_indptr_cpu, nnz)
+        keys = self._to_storage_dtype(keys, self.k_scale)
+        values = self._to_storage_dtype(values, self.v_scale)
         device = self.device
         indices = flashinfer_data.kv_page_indices.to(device, non_blocking=True)
         indptr = flashinfer_data.kv_page_indptr.to(device, non_blocking=True)
         last = flashinfer_data.kv_last_page_len.to(device, non_blocking=True)
-        fi = _flashinfer_page() if device.type == "cuda" else None
+        fi = flashinfer_or_none() if device.type == "cuda" and self.use_flashinfer else None
         if fi is not None and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS:
-            fi.append_paged_kv_cache(
+            fi.page.append_paged_kv_cache(
                 keys, values, batch, positions, kv, indices, indptr, last,
                 kv_layout=self.kv_layout,
             )  # fmt: skip
@@ -263,8 +275,12 @@ class PagedKVCacheManager:
                     f"{name} must have shape [nnz, {expected[0]}, {expected[1]}], "
                     f"got {list(t.shape)}"
                 )
-            if t.dtype != self.dtype:
-                raise TensorSpecError(f"{name} must have dtype {self.dtype}, got {t.dtype}")
+            quantizable = self.dtype in FP8_DTYPES and t.dtype in QUANTIZABLE_DTYPES
+            if t.dtype != self.dtype and not quantizable:
+                also = (
+                    " (or float16/bfloat16/float32, quantized)" if self.dtype in FP8_DTYPES else ""
+                )
+                raise TensorSpecError(f"{name} must have dtype {self.dtype}{also}, got {t.dtype}")
             if t.device != self.device:
                 raise TensorSpecError(f"{name} must be on {self.device}, got {t.device}")
         if keys.shape[0] != values.shape[0]:
@@ -273,22 +289,15 @@ class PagedKVCacheManager:
                 f"got {keys.shape[0]} and {values.shape[0]}"
             )
 
+    def _to_storage_dtype(self, t: torch.Tensor, scale: float) -> torch.Tensor:
+        """``t`` as stored: float8 caches hold ``t / scale``, saturated to the format's range
+        (a plain cast would turn overflow into NaN; flashinfer would not convert at all)."""
+        if t.dtype == self.dtype:
+            return t
+        limit = torch.finfo(self.dtype).max
+        return (t.float() / scale).clamp_(-limit, limit).to(self.dtype)
+
     def _checked_layer(self, layer: int) -> int:
         if not 0 <= layer < self.num_layers:
             raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer}")
         return layer
-
-
-_FLASHINFER_PAGE: Any = None
-
-
-def _flashinfer_page() -> Any:
-    """``flashinfer.page`` when it imports, else None (the torch path is used)."""
-    global _FLASHINFER_PAGE
-    if _FLASHINFER_PAGE is None:
-        try:
-            import flashinfer.page as page
-        except Exception:
-            page = False
-        _FLASHINFER_PAGE = page
-    return _FLASHINFER_PAGE or None

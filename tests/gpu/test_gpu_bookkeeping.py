@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import seqattn.storage
 from seqattn import CacheDescriptor, PagedKVCacheManager
 from tests.conftest import read_back
 from tests.gpu.conftest import flashinfer_or_skip
@@ -67,13 +66,12 @@ def test_append_metadata_matches_flashinfer():
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_flashinfer_append_equals_torch_append_bit_for_bit(layout, monkeypatch):
+def test_flashinfer_append_equals_torch_append_bit_for_bit(layout):
     flashinfer_or_skip()
     caches = []
     for use_flashinfer in (True, False):
-        if not use_flashinfer:
-            monkeypatch.setattr(seqattn.storage, "_FLASHINFER_PAGE", False)
         cache = PagedKVCacheManager(512, 16, 4, 128, torch.bfloat16, "cuda", layout)
+        cache.use_flashinfer = use_flashinfer
         desc = CacheDescriptor(cache)
         gen = torch.Generator(device="cuda").manual_seed(0)
         ids = [1, 2, 3]

@@ -1,0 +1,140 @@
+"""Attention through flashinfer's paged wrappers, planned once per step.
+
+Pitfalls this module handles for its callers:
+
+- ``plan()`` reads ``indptr`` and lengths on the host: they are handed over from
+  (pinned) host memory and the page indices from the GPU, so planning never syncs.
+- ``plan()`` writes its schedule into a pinned buffer and copies it to the GPU
+  asynchronously; planning the same wrapper again before that copy ran would corrupt
+  the schedule of the step still in flight. Each kind (decode, prefill) therefore
+  alternates between two wrappers and waits (an event, normally long done) before
+  re-planning one.
+- Decode batches use the decode kernel (CUDA cores for GQA group sizes it supports,
+  tensor cores otherwise); prefill and mixed batches use the prefill kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .._flashinfer import import_flashinfer
+from ..errors import SeqAttnError
+from ..storage import PagedKVCacheManager
+from .batch import AttentionBatch, host_tensor
+
+CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 8)
+
+
+class _WrapperPair:
+    """Two wrappers of one kind used in turn, each re-planned only after its last plan landed."""
+
+    def __init__(self, make: Any) -> None:
+        self.wrappers = [make(), make()]
+        self.events: list[Optional[torch.cuda.Event]] = [None, None]
+        self.turn = 0
+
+    def next(self) -> Any:
+        self.turn ^= 1
+        event = self.events[self.turn]
+        if event is not None:
+            event.synchronize()  # the copy from two plans ago; finished unless far behind
+        return self.wrappers[self.turn]
+
+    def planned(self) -> None:
+        event = torch.cuda.Event()
+        event.record()
+        self.events[self.turn] = event
+
+
+class FlashInferAttentionBackend:
+    """Batch decode / prefill with flashinfer over a :class:`PagedKVCacheManager`."""
+
+    name = "flashinfer"
+
+    def __init__(
+        self,
+        cache: PagedKVCacheManager,
+        num_qo_heads: int,
+        *,
+        workspace_bytes: int = 128 * 1024 * 1024,
+        decode_use_tensor_cores: Optional[bool] = None,
+    ) -> None:
+        fi = import_flashinfer()
+        if cache.device.type != "cuda":
+            raise SeqAttnError(f"the flashinfer backend needs a CUDA cache, got {cache.device}")
+        self.cache = cache
+        self.num_qo_heads = num_qo_heads
+        group = num_qo_heads // cache.num_heads
+        if decode_use_tensor_cores is None:
+            decode_use_tensor_cores = group not in CUDA_CORE_DECODE_GROUP_SIZES
+        # one float workspace serves every wrapper: their kernels run one at a time
+        workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=cache.device)
+        layout = cache.kv_layout
+        self._decode = _WrapperPair(
+            lambda: fi.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, layout, use_tensor_cores=decode_use_tensor_cores
+            )
+        )
+        self._prefill = _WrapperPair(
+            lambda: fi.BatchPrefillWithPagedKVCacheWrapper(workspace, layout)
+        )
+        self._active: Any = None
+
+    def plan(self, batch: AttentionBatch, q_dtype: torch.dtype) -> None:
+        cache = self.cache
+        packed = batch.packed
+        indices = packed.kv_page_indices.to(cache.device, non_blocking=True)
+        indptr = _host(packed.kv_page_indptr)
+        last = _host(packed.kv_last_page_len)
+        kv_lens = host_tensor(batch.kv_lens, pin=True)
+        options = dict(
+            window_left=batch.window_left,
+            logits_soft_cap=batch.logits_soft_cap or None,
+            q_data_type=q_dtype,
+            kv_data_type=cache.dtype,
+            o_data_type=q_dtype,
+            sm_scale=batch.sm_scale,
+        )
+        heads = (self.num_qo_heads, cache.num_heads, cache.head_dim, cache.page_size)
+        if batch.decode_only:
+            pair = self._decode
+            wrapper = pair.next()
+            wrapper.plan(indptr, indices, last, *heads, seq_lens=kv_lens, **options)
+        else:
+            pair = self._prefill
+            wrapper = pair.next()
+            qo_indptr = host_tensor(batch.qo_indptr, pin=True)
+            wrapper.plan(
+                qo_indptr, indptr, indices, last, *heads,
+                causal=batch.causal,
+                seq_lens=kv_lens,
+                max_token_per_sequence=int(np.diff(batch.qo_indptr).max(initial=1)),
+                max_sequence_kv=int(batch.kv_lens.max(initial=1)),
+                **options,
+            )  # fmt: skip
+        pair.planned()
+        self._active = wrapper
+
+    def run(
+        self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        cache = self.cache
+        scales = {}
+        if cache.k_scale != 1.0:
+            scales["k_scale"] = cache.k_scale
+        if cache.v_scale != 1.0:
+            scales["v_scale"] = cache.v_scale
+        result = self._active.run(
+            q, cache.get_kv_cache(layer), out=out, return_lse=return_lse, **scales
+        )
+        if return_lse:
+            return result[0], result[1]
+        return result, None
+
+
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor on the host, as plan() wants it (a copy only if it was on the GPU)."""
+    return tensor if tensor.device.type == "cpu" else tensor.cpu()

@@ -1,0 +1,162 @@
+"""One object that turns a packed batch into attention output, for every layer."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .._flashinfer import flashinfer_or_none
+from ..errors import SeqAttnError, TensorSpecError
+from ..packed_data import FlashInferPackedData
+from ..storage import PagedKVCacheManager
+from .batch import AttentionBatch
+from .flashinfer_backend import FlashInferAttentionBackend
+from .torch_backend import TorchAttentionBackend
+
+BACKENDS = ("auto", "flashinfer", "torch")
+
+
+class PagedAttention:
+    """Attention over a :class:`PagedKVCacheManager`: plan once per step, run per layer.
+
+    The same calls run on flashinfer (CUDA) and on plain torch (any device). Prefill,
+    chunked prefill over an existing prefix, decode and mixed batches all go through
+    one :meth:`plan`; the query tokens of each sequence are its newest tokens.
+
+    Args:
+        cache: the paged K/V storage (its ``num_heads`` are the KV heads).
+        num_qo_heads: query heads; a multiple of the KV heads (GQA/MQA/MHA).
+        backend: ``"flashinfer"``, ``"torch"``, or ``"auto"``: flashinfer for a CUDA cache
+            when it imports, torch otherwise.
+        workspace_bytes: flashinfer's float workspace (shared by its wrappers).
+        decode_use_tensor_cores: force flashinfer's tensor-core decode on or off;
+            default: on only for group sizes the CUDA-core kernel lacks.
+
+    Example:
+        >>> import torch
+        >>> from seqattn import CacheDescriptor, PagedKVCacheManager, PagedAttention
+        >>> cache = PagedKVCacheManager(16, 4, 2, 8, torch.float32, "cpu", num_layers=1)
+        >>> desc, attn = CacheDescriptor(cache), PagedAttention(cache, num_qo_heads=4)
+        >>> desc.allocate([0, 1], [5, 3])
+        >>> packed = desc.pack_for_flashinfer([0, 1], append_lens=[5, 3])
+        >>> k = v = torch.randn(8, 2, 8)
+        >>> cache.append_kv(k, v, packed)
+        >>> attn.plan(packed)                      # queries: the 5 + 3 appended tokens
+        >>> attn.run(torch.randn(8, 4, 8), layer=0).shape
+        torch.Size([8, 4, 8])
+    """
+
+    def __init__(
+        self,
+        cache: PagedKVCacheManager,
+        num_qo_heads: int,
+        *,
+        backend: str = "auto",
+        workspace_bytes: int = 128 * 1024 * 1024,
+        decode_use_tensor_cores: Optional[bool] = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise SeqAttnError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if num_qo_heads <= 0 or num_qo_heads % cache.num_heads:
+            raise TensorSpecError(
+                f"num_qo_heads must be a positive multiple of the {cache.num_heads} KV heads, "
+                f"got {num_qo_heads}"
+            )
+        self.cache = cache
+        self.num_qo_heads = num_qo_heads
+        if backend == "auto":
+            usable = cache.device.type == "cuda" and flashinfer_or_none() is not None
+            backend = "flashinfer" if usable else "torch"
+        self.impl: Union[FlashInferAttentionBackend, TorchAttentionBackend]
+        if backend == "flashinfer":
+            self.impl = FlashInferAttentionBackend(
+                cache, num_qo_heads,
+                workspace_bytes=workspace_bytes,
+                decode_use_tensor_cores=decode_use_tensor_cores,
+            )  # fmt: skip
+        else:
+            self.impl = TorchAttentionBackend(cache, num_qo_heads)
+        self.batch: Optional[AttentionBatch] = None
+        self._q_dtype: Optional[torch.dtype] = None
+
+    @property
+    def backend(self) -> str:
+        """``"flashinfer"`` or ``"torch"``."""
+        return self.impl.name
+
+    def plan(
+        self,
+        packed: FlashInferPackedData,
+        qo_lens: object = None,
+        *,
+        causal: bool = True,
+        sm_scale: Optional[float] = None,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        q_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Prepare attention for one step's batch; call once, then :meth:`run` per layer.
+
+        Args:
+            packed: the batch's page table, packed after allocating this step's tokens
+                (``CacheDescriptor.pack_for_flashinfer(ids, append_lens, device=...)``).
+            qo_lens: query tokens per sequence, ``[batch_size]``; default: the packed
+                ``append_lens`` (queries are the tokens this step appends).
+            causal: a query sees keys up to its own position.
+            sm_scale: default ``1 / sqrt(head_dim)``.
+            window_left: keys at most this far left of a query are visible; -1: all.
+            logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits; None: off.
+            q_dtype: dtype of ``q`` in :meth:`run`; default: the cache's dtype (for an
+                fp8 cache, float16).
+        """
+        cache = self.cache
+        self.batch = AttentionBatch.build(
+            packed, cache.page_size, cache.head_dim, qo_lens,
+            causal=causal, sm_scale=sm_scale,
+            window_left=window_left, logits_soft_cap=logits_soft_cap,
+        )  # fmt: skip
+        self._q_dtype = q_dtype or _default_q_dtype(cache.dtype)
+        self.impl.plan(self.batch, self._q_dtype)
+
+    def run(
+        self,
+        q: torch.Tensor,
+        layer: int = 0,
+        *,
+        return_lse: bool = False,
+        out: Optional[torch.Tensor] = None,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Attention output of one layer for the planned batch.
+
+        Args:
+            q: ``shape: [num_query_tokens, num_qo_heads, head_dim]``, the planned dtype,
+                on the cache's device; rows grouped by sequence in batch order.
+            layer: which layer's pages to read (append its K/V first).
+            return_lse: also return the log-sum-exp of the logits, in base 2 (as
+                flashinfer), ``shape: [num_query_tokens, num_qo_heads], dtype: float32``.
+            out: optional output buffer shaped like ``q``.
+
+        Returns:
+            ``out`` with the shape and dtype of ``q``, or ``(out, lse)``.
+        """
+        batch = self.batch
+        if batch is None:
+            raise SeqAttnError("call plan() before run()")
+        self._check_q(q, batch)
+        self.cache.get_kv_cache(layer)  # validates the layer index
+        result, lse = self.impl.run(q, layer, return_lse, out)
+        return (result, lse) if return_lse else result  # type: ignore[return-value]
+
+    def _check_q(self, q: torch.Tensor, batch: AttentionBatch) -> None:
+        expected = (batch.num_query_tokens, self.num_qo_heads, self.cache.head_dim)
+        if tuple(q.shape) != expected:
+            raise TensorSpecError(f"q must have shape {list(expected)}, got {list(q.shape)}")
+        if q.dtype != self._q_dtype:
+            raise TensorSpecError(f"q must have the planned dtype {self._q_dtype}, got {q.dtype}")
+        if q.device != self.cache.device:
+            raise TensorSpecError(f"q must be on {self.cache.device}, got {q.device}")
+
+
+def _default_q_dtype(kv_dtype: torch.dtype) -> torch.dtype:
+    return torch.float16 if kv_dtype.itemsize == 1 else kv_dtype

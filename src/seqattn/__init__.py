@@ -6,7 +6,7 @@ paged kernels take.
 """
 
 from .allocator import PageAllocator
-from .attention import PagedAttention
+from .attention import CUDAGraphDecodeAttention, PagedAttention
 from .descriptor import CacheDescriptor, SequenceData
 from .errors import (
     DuplicateSequenceError,
@@ -24,6 +24,7 @@ from .packed_data import FlashInferPackedData
 from .storage import PagedKVCacheManager
 
 __all__ = [
+    "CUDAGraphDecodeAttention",
     "CacheDescriptor",
     "DuplicateSequenceError",
     "FlashInferPackedData",

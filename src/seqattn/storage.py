@@ -185,13 +185,13 @@ class PagedKVCacheManager:
         ``flashinfer.page.append_paged_kv_cache``; otherwise a pure torch scatter.
         """
         kv = self.get_kv_cache(layer)
-        self._check_kv(keys, values)
+        self.check_kv(keys, values)
         nnz = keys.shape[0]
         if nnz == 0:
             return
         batch, positions = self._append_positions(flashinfer_data, append_indptr_cpu, nnz)
-        keys = self._to_storage_dtype(keys, self.k_scale)
-        values = self._to_storage_dtype(values, self.v_scale)
+        keys = self.to_storage_dtype(keys, self.k_scale)
+        values = self.to_storage_dtype(values, self.v_scale)
         device = self.device
         indices = flashinfer_data.kv_page_indices.to(device, non_blocking=True)
         indptr = flashinfer_data.kv_page_indptr.to(device, non_blocking=True)
@@ -265,7 +265,8 @@ class PagedKVCacheManager:
             indptr_cpu.to(device, non_blocking=True), seq_lens, nnz
         )
 
-    def _check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Raise TensorSpecError unless keys/values fit ``[nnz, num_heads, head_dim]`` here."""
         expected = (self.num_heads, self.head_dim)
         for name, t in (("keys", keys), ("values", values)):
             if not isinstance(t, torch.Tensor):
@@ -289,7 +290,7 @@ class PagedKVCacheManager:
                 f"got {keys.shape[0]} and {values.shape[0]}"
             )
 
-    def _to_storage_dtype(self, t: torch.Tensor, scale: float) -> torch.Tensor:
+    def to_storage_dtype(self, t: torch.Tensor, scale: float) -> torch.Tensor:
         """``t`` as stored: float8 caches hold ``t / scale``, saturated to the format's range
         (a plain cast would turn overflow into NaN; flashinfer would not convert at all)."""
         if t.dtype == self.dtype:

@@ -110,9 +110,8 @@ class FlashInferAttentionBackend:
             wrapper.plan(
                 qo_indptr, indptr, indices, last, *heads,
                 causal=batch.causal,
-                seq_lens=kv_lens,
+                seq_lens=kv_lens,  # not max_sequence_kv: 0.6 then skips kv_lens it needs
                 max_token_per_sequence=int(np.diff(batch.qo_indptr).max(initial=1)),
-                max_sequence_kv=int(batch.kv_lens.max(initial=1)),
                 **options,
             )  # fmt: skip
         pair.planned()
@@ -122,17 +121,22 @@ class FlashInferAttentionBackend:
         self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         cache = self.cache
-        scales = {}
-        if cache.k_scale != 1.0:
-            scales["k_scale"] = cache.k_scale
-        if cache.v_scale != 1.0:
-            scales["v_scale"] = cache.v_scale
         result = self._active.run(
-            q, cache.get_kv_cache(layer), out=out, return_lse=return_lse, **scales
+            q, cache.get_kv_cache(layer), out=out, return_lse=return_lse, **kv_scales(cache)
         )
         if return_lse:
             return result[0], result[1]
         return result, None
+
+
+def kv_scales(cache: PagedKVCacheManager) -> dict[str, float]:
+    """flashinfer's ``k_scale``/``v_scale`` arguments; omitted at 1.0 (saves a kernel)."""
+    scales = {}
+    if cache.k_scale != 1.0:
+        scales["k_scale"] = cache.k_scale
+    if cache.v_scale != 1.0:
+        scales["v_scale"] = cache.v_scale
+    return scales
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:

@@ -205,7 +205,6 @@ class Harness:
         *,
         q_dtype: Optional[torch.dtype] = None,
         q_magnitude: float = 1.0,
-        tol: Optional[tuple[float, float]] = None,
         **options,
     ) -> list[torch.Tensor]:
         """Plan (explicit qo_lens when given), run every layer, compare with the reference.
@@ -215,7 +214,7 @@ class Harness:
         plan_kwargs = {"q_dtype": q_dtype} if q_dtype is not None else {}
         self.attn.plan(packed, qo_lens, **options, **plan_kwargs)
         q_dtype = q_dtype or (torch.float16 if self.cache.dtype in FP8 else self.cache.dtype)
-        atol, rtol = tol or OUT_TOL[q_dtype]
+        atol, rtol = OUT_TOL[q_dtype]
         lse_tol = 2e-6 if q_dtype == torch.float64 else 3e-5
         outputs = []
         for layer in range(self.cache.num_layers):
@@ -422,6 +421,19 @@ def test_fp8_comparison_is_tighter_than_the_quantization_error():
     assert (out - unquantized).abs().max() > 100 * OUT_TOL[torch.float32][0]
 
 
+@pytest.mark.parametrize("fp8", FP8)
+def test_fp8_values_out_of_range_saturate(fp8):
+    """K/V beyond the format's range are stored as +-max (finite), not inf or NaN."""
+    h = Harness(page_size=4, dtype=fp8, k_scale=1e-4, v_scale=2e-5, kv_magnitude=3.0, seed=20)
+    ids = [1, 2]
+    packed = h.append(ids, [7, 5])
+    keys, values = h.history[1][0]
+    assert keys.abs().max() == torch.finfo(fp8).max * 1e-4  # the case does saturate
+    assert values.abs().max() == torch.finfo(fp8).max * 2e-5
+    (out,) = h.check(packed, ids, q_dtype=torch.float32)
+    assert torch.isfinite(out).all()
+
+
 def test_fp8_cache_accepts_already_quantized_kv():
     h = Harness(page_size=4, dtype=torch.float8_e4m3fn, k_scale=0.25, v_scale=3.0, seed=9)
     h.kv_input_dtype = torch.float8_e4m3fn  # stored as given, dequantized by the scales
@@ -461,6 +473,22 @@ def test_out_buffer_is_filled_and_returned():
     result = h.attn.run(q, 0, out=buffer)
     assert result is buffer
     torch.testing.assert_close(buffer, h.reference(ids, [6, 3], q, 0)[0], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("rows", "dtype"),
+    [(2, torch.float64), (12, torch.float64), (9, torch.float32)],  # q: 9 rows, float64
+    ids=["short", "long", "dtype"],
+)
+def test_out_buffer_of_wrong_shape_or_dtype_is_rejected(rows, dtype):
+    """``out`` must be shaped like q (run's docstring; errors.TensorSpecError), as q is."""
+    h = Harness(page_size=4, seed=21)
+    ids = [1, 2]
+    packed = h.append(ids, [6, 3])
+    h.attn.plan(packed)
+    q = h.query([6, 3], torch.float64)
+    with pytest.raises(TensorSpecError):
+        h.attn.run(q, 0, out=torch.zeros(rows, 4, 16, dtype=dtype))
 
 
 def test_shared_prefix_after_fork_and_truncate():

@@ -52,19 +52,29 @@ class FlashInferPackedData:
     append_indptr: Optional[torch.Tensor] = field(default=None, kw_only=True)
     append_batch_indices: Optional[torch.Tensor] = field(default=None, kw_only=True)
     append_positions: Optional[torch.Tensor] = field(default=None, kw_only=True)
+    _device_copy: Optional[FlashInferPackedData] = field(
+        default=None, init=False, repr=False, eq=False
+    )
 
     @property
     def batch_size(self) -> int:
         return self.kv_last_page_len.shape[0]
 
     def to_device(self, device: Device, non_blocking: bool = True) -> FlashInferPackedData:
-        """A copy with every tensor on ``device`` (tensors already there are shared)."""
+        """A copy with every tensor on ``device`` (tensors already there are shared).
+
+        The copy is remembered: asking again for the same device (as ``append_kv`` does
+        once per layer) returns it without new transfers.
+        """
         target = as_device(device)
+        cached = self._device_copy
+        if cached is not None and cached.kv_page_indptr.device == target:
+            return cached
 
         def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(target, non_blocking=non_blocking)
 
-        return FlashInferPackedData(
+        copy = FlashInferPackedData(
             move(self.kv_page_indices),  # type: ignore[arg-type]
             move(self.kv_page_indptr),  # type: ignore[arg-type]
             move(self.kv_last_page_len),  # type: ignore[arg-type]
@@ -73,6 +83,8 @@ class FlashInferPackedData:
             append_batch_indices=move(self.append_batch_indices),
             append_positions=move(self.append_positions),
         )
+        self._device_copy = copy
+        return copy
 
 
 def seq_lens_from_page_table(

@@ -62,16 +62,27 @@ class BatchPacker:
         indptr = np.zeros(slots.size + 1, dtype=np.int32)
         np.cumsum(counts, out=indptr[1:])
         last = np.minimum(lens - (counts - 1) * ps, lens)  # 0 for an empty sequence
-        append = None if append_lens is None else _append_indptr(append_lens, lens)
-        on_device = device is not None and device.type != "cpu"
-        if on_device:
-            indices = self._device_arena(device).gather(table, slots, counts, indptr)
+        append: list[torch.Tensor] = []  # [append_indptr, batch_indices, positions]
+        if append_lens is not None:
+            append_indptr = torch.from_numpy(_append_indptr(append_lens, lens))
+            append = [append_indptr, *append_batch_indices_positions(
+                append_indptr, torch.from_numpy(lens), int(append_indptr[-1])
+            )]  # fmt: skip
+        if device is not None and device.type != "cpu":
+            # the batch's page ids are gathered on the device; the new page ids and the
+            # append metadata go up in the same single pinned copy
+            indices, on_gpu = self._device_arena(device).gather(
+                table, slots, counts, indptr, [t.numpy() for t in append[1:]]
+            )
             packed = FlashInferPackedData(indices, _pinned(indptr), _pinned(last))
+            append[1:] = on_gpu
+            if append:
+                append[0] = append[0].pin_memory()
         else:
             indices = torch.from_numpy(self._host_indices(slots, counts, indptr))
             packed = FlashInferPackedData(indices, torch.from_numpy(indptr), torch.from_numpy(last))
-        if append is not None:
-            _add_append_metadata(packed, append, lens, device if on_device else None)
+        if append:
+            packed.append_indptr, packed.append_batch_indices, packed.append_positions = append
         return packed
 
     def _host_indices(
@@ -154,28 +165,6 @@ def _append_indptr(append_lens: object, lens: np.ndarray) -> np.ndarray:
     return indptr
 
 
-def _add_append_metadata(
-    packed: FlashInferPackedData,
-    append_indptr: np.ndarray,
-    lens: np.ndarray,
-    device: Optional[torch.device],
-) -> None:
-    nnz = int(append_indptr[-1])
-    indptr_host = torch.from_numpy(append_indptr)
-    if device is None:
-        batch, positions = append_batch_indices_positions(indptr_host, torch.from_numpy(lens), nnz)
-        packed.append_indptr = indptr_host
-    else:
-        # one pinned upload of both small arrays, then the per-token work on the device
-        both = _pinned(np.concatenate([append_indptr, lens.astype(np.int32)]))
-        both = both.to(device, non_blocking=True)
-        k = append_indptr.size
-        batch, positions = append_batch_indices_positions(both[:k], both[k:], nnz)
-        packed.append_indptr = _pinned(append_indptr)
-    packed.append_batch_indices = batch
-    packed.append_positions = positions
-
-
 def _pinned(array: np.ndarray) -> torch.Tensor:
     """A pinned host copy; torch's caching host allocator keeps it until its copies land."""
     out = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
@@ -193,31 +182,34 @@ class _DeviceArena:
         table.write_log = []  # the copy above already holds every earlier write
 
     def gather(
-        self, table: SequencePageTable, slots: np.ndarray, counts: np.ndarray, indptr: np.ndarray
-    ) -> torch.Tensor:
-        """``kv_page_indices`` of the batch, gathered on the device, int32."""
-        self._upload_writes(table)
-        total = int(indptr[-1])
-        if total > self.arange.shape[0]:
-            self.arange = torch.arange(2 * total, device=self.device)
-        # how far row b's page ids sit in the arena from their place in the batch
-        shift = table.starts(slots) - indptr[:-1]
-        upload = _pinned(np.concatenate([shift, counts])).to(self.device, non_blocking=True)
-        b = slots.size
-        per_page = torch.repeat_interleave(upload[:b], upload[b:], output_size=total)
-        return self.arena[per_page + self.arange[:total]]
-
-    def _upload_writes(self, table: SequencePageTable) -> None:
+        self,
+        table: SequencePageTable,
+        slots: np.ndarray,
+        counts: np.ndarray,
+        indptr: np.ndarray,
+        extras: list[np.ndarray],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The batch's ``kv_page_indices`` gathered on the device (int32), and ``extras``
+        (int arrays) uploaded as int32 device tensors in the same host-to-device copy."""
         if table.arena.size != self.arena.shape[0]:
             # the arena grew; its compaction logged every live position
             self.arena = torch.zeros(table.arena.size, dtype=torch.int32, device=self.device)
         log = table.write_log
-        if not log:
-            return
-        # values are read now from the host arena, so a position written twice is sent once
-        positions = np.unique(np.concatenate(log))
-        log.clear()
-        pages = table.arena[positions].astype(np.int64)
-        upload = _pinned(np.concatenate([positions, pages])).to(self.device, non_blocking=True)
-        n = positions.size
-        self.arena.index_copy_(0, upload[:n], upload[n:].to(torch.int32))
+        # positions written since the last upload; a position written twice is sent once,
+        # with the value the host arena holds now
+        written = np.unique(np.concatenate(log)) if log else np.zeros(0, dtype=np.int64)
+        log.clear()  # type: ignore[union-attr]
+        # how far row b's page ids sit in the arena from their place in the batch
+        shift = table.starts(slots) - indptr[:-1]
+        parts = [written, table.arena[written], shift, counts, *extras]
+        upload = _pinned(np.concatenate(parts).astype(np.int64))
+        upload = upload.to(self.device, non_blocking=True)
+        pieces = list(upload.split([p.size for p in parts]))
+        if written.size:
+            self.arena.index_copy_(0, pieces[0], pieces[1].to(torch.int32))
+        total = int(indptr[-1])
+        if total > self.arange.shape[0]:
+            self.arange = torch.arange(2 * total, device=self.device)
+        per_page = torch.repeat_interleave(pieces[2], pieces[3], output_size=total)
+        indices = self.arena[per_page + self.arange[:total]]
+        return indices, [p.to(torch.int32) for p in pieces[4:]]

@@ -102,6 +102,9 @@ class PagedKVCacheManager:
             dtype=dtype,
             device=self.device,
         )
+        self._layers = list(self.kv_data.unbind(0))  # one view per layer, made once
+        self._head_shape = torch.Size((self.num_heads, self.head_dim))
+        self._accepted_dtypes = (dtype, *QUANTIZABLE_DTYPES) if dtype in FP8_DTYPES else (dtype,)
 
     # ------------------------------------------------------------ page pool (seed API)
     def allocate(self, num_pages: int) -> list[int]:
@@ -132,7 +135,12 @@ class PagedKVCacheManager:
     # ------------------------------------------------------------------------ storage
     def get_kv_cache(self, layer: int = 0) -> torch.Tensor:
         """One layer's pages as flashinfer's combined ``paged_kv_cache`` tensor (a view)."""
-        return self.kv_data[self._checked_layer(layer)]
+        try:
+            if layer >= 0:
+                return self._layers[layer]
+        except (IndexError, TypeError):
+            pass
+        raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
 
     def get_memory_tensors(self, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(key_cache, value_cache)`` of one layer, views shaped
@@ -193,9 +201,10 @@ class PagedKVCacheManager:
         keys = self.to_storage_dtype(keys, self.k_scale)
         values = self.to_storage_dtype(values, self.v_scale)
         device = self.device
-        indices = flashinfer_data.kv_page_indices.to(device, non_blocking=True)
-        indptr = flashinfer_data.kv_page_indptr.to(device, non_blocking=True)
-        last = flashinfer_data.kv_last_page_len.to(device, non_blocking=True)
+        on_device = flashinfer_data.to_device(device)  # copied once, reused by every layer
+        indices = on_device.kv_page_indices
+        indptr = on_device.kv_page_indptr
+        last = on_device.kv_last_page_len
         fi = flashinfer_or_none() if device.type == "cuda" and self.use_flashinfer else None
         if fi is not None and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS:
             fi.page.append_paged_kv_cache(
@@ -232,10 +241,8 @@ class PagedKVCacheManager:
                     f"keys hold {nnz} tokens but the batch was packed to append "
                     f"{packed.append_positions.shape[0]}"
                 )
-            return (
-                packed.append_batch_indices.to(device, non_blocking=True),
-                packed.append_positions.to(device, non_blocking=True),
-            )
+            on_device = packed.to_device(device)
+            return on_device.append_batch_indices, on_device.append_positions  # type: ignore[return-value]
         indptr_cpu = torch.as_tensor(append_indptr_cpu)
         if indptr_cpu.device.type != "cpu":
             raise TensorSpecError("append_indptr_cpu must be a CPU tensor (the seed's contract)")
@@ -267,6 +274,22 @@ class PagedKVCacheManager:
 
     def check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Raise TensorSpecError unless keys/values fit ``[nnz, num_heads, head_dim]`` here."""
+        try:  # the common case in a few attribute reads: this runs once per layer per step
+            if (
+                keys.shape[1:] == self._head_shape
+                and values.shape == keys.shape
+                and keys.dim() == 3
+                and keys.dtype == values.dtype
+                and keys.dtype in self._accepted_dtypes
+                and keys.device == self.device
+                and values.device == self.device
+            ):
+                return
+        except AttributeError:
+            pass
+        self._explain_kv(keys, values)
+
+    def _explain_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         expected = (self.num_heads, self.head_dim)
         for name, t in (("keys", keys), ("values", values)):
             if not isinstance(t, torch.Tensor):
@@ -289,6 +312,8 @@ class PagedKVCacheManager:
                 f"keys and values must hold the same number of tokens, "
                 f"got {keys.shape[0]} and {values.shape[0]}"
             )
+        if keys.dtype != values.dtype:
+            raise TensorSpecError(f"keys and values differ in dtype: {keys.dtype}, {values.dtype}")
 
     def to_storage_dtype(self, t: torch.Tensor, scale: float) -> torch.Tensor:
         """``t`` as stored: float8 caches hold ``t / scale``, saturated to the format's range
@@ -297,8 +322,3 @@ class PagedKVCacheManager:
             return t
         limit = torch.finfo(self.dtype).max
         return (t.float() / scale).clamp_(-limit, limit).to(self.dtype)
-
-    def _checked_layer(self, layer: int) -> int:
-        if not 0 <= layer < self.num_layers:
-            raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        return layer

@@ -147,8 +147,12 @@ def test_cuda_graph_replay_equals_eager():
             graph = graph_attn.capture(layers_step)
         graph.replay()
         replayed = static_out.clone()
-        layers_step()  # the same step eagerly (re-appending the same K/V is a no-op)
-        assert torch.equal(replayed, static_out)
+        graph.replay()  # appending the same K/V again changes nothing: a replay is repeatable
+        again = static_out.clone()
+        layers_step()  # the same step eagerly
+        diff = (replayed - static_out).abs().amax(dim=(0, 2, 3)).tolist()
+        assert torch.equal(replayed, again), "two replays differ"
+        assert torch.equal(replayed[:, :6], static_out[:, :6]), f"replay - eager per row: {diff}"
         m.torch.plan(packed)
         for layer in range(layers):
             ref = m.torch.run(static_q[:6], layer)

@@ -82,6 +82,7 @@ class FlashInferAttentionBackend:
             lambda: fi.BatchPrefillWithPagedKVCacheWrapper(workspace, layout)
         )
         self._active: Any = None
+        self._scales = kv_scales(cache)
 
     def plan(self, batch: AttentionBatch, q_dtype: torch.dtype) -> None:
         cache = self.cache
@@ -89,7 +90,6 @@ class FlashInferAttentionBackend:
         indices = packed.kv_page_indices.to(cache.device, non_blocking=True)
         indptr = _host(packed.kv_page_indptr)
         last = _host(packed.kv_last_page_len)
-        kv_lens = host_tensor(batch.kv_lens, pin=True)
         options = dict(
             window_left=batch.window_left,
             logits_soft_cap=batch.logits_soft_cap or None,
@@ -102,7 +102,7 @@ class FlashInferAttentionBackend:
         if batch.decode_only:
             pair = self._decode
             wrapper = pair.next()
-            wrapper.plan(indptr, indices, last, *heads, seq_lens=kv_lens, **options)
+            wrapper.plan(indptr, indices, last, *heads, **options)
         else:
             pair = self._prefill
             wrapper = pair.next()
@@ -110,7 +110,8 @@ class FlashInferAttentionBackend:
             wrapper.plan(
                 qo_indptr, indptr, indices, last, *heads,
                 causal=batch.causal,
-                seq_lens=kv_lens,  # not max_sequence_kv: 0.6 then skips kv_lens it needs
+                # saves plan() deriving them; not max_sequence_kv: 0.6 then skips kv_lens
+                seq_lens=host_tensor(batch.kv_lens, pin=True),
                 max_token_per_sequence=int(np.diff(batch.qo_indptr).max(initial=1)),
                 **options,
             )  # fmt: skip
@@ -118,12 +119,9 @@ class FlashInferAttentionBackend:
         self._active = wrapper
 
     def run(
-        self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
+        self, q: torch.Tensor, kv_cache: torch.Tensor, return_lse: bool, out: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        cache = self.cache
-        result = self._active.run(
-            q, cache.get_kv_cache(layer), out=out, return_lse=return_lse, **kv_scales(cache)
-        )
+        result = self._active.run(q, kv_cache, out=out, return_lse=return_lse, **self._scales)
         if return_lse:
             return result[0], result[1]
         return result, None

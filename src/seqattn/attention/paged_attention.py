@@ -79,6 +79,7 @@ class PagedAttention:
             self.impl = TorchAttentionBackend(cache, num_qo_heads)
         self.batch: Optional[AttentionBatch] = None
         self._q_dtype: Optional[torch.dtype] = None
+        self._q_shape = torch.Size()
 
     @property
     def backend(self) -> str:
@@ -117,6 +118,7 @@ class PagedAttention:
             window_left=window_left, logits_soft_cap=logits_soft_cap,
         )  # fmt: skip
         self._q_dtype = q_dtype or _default_q_dtype(cache.dtype)
+        self._q_shape = torch.Size((self.batch.num_query_tokens, self.num_qo_heads, cache.head_dim))
         self.impl.plan(self.batch, self._q_dtype)
 
     def run(
@@ -135,27 +137,34 @@ class PagedAttention:
             layer: which layer's pages to read (append its K/V first).
             return_lse: also return the log-sum-exp of the logits, in base 2 (as
                 flashinfer), ``shape: [num_query_tokens, num_qo_heads], dtype: float32``.
-            out: optional output buffer shaped like ``q``.
+            out: optional output buffer with the shape, dtype and device of ``q``.
 
         Returns:
             ``out`` with the shape and dtype of ``q``, or ``(out, lse)``.
         """
-        batch = self.batch
-        if batch is None:
+        if self.batch is None:
             raise SeqAttnError("call plan() before run()")
-        self._check_q(q, batch)
-        self.cache.get_kv_cache(layer)  # validates the layer index
-        result, lse = self.impl.run(q, layer, return_lse, out)
+        device = self.cache.device
+        if q.shape != self._q_shape or q.dtype != self._q_dtype or q.device != device:
+            self._explain("q", q)
+        if out is not None and (
+            out.shape != self._q_shape or out.dtype != self._q_dtype or out.device != device
+        ):
+            self._explain("out", out)
+        result, lse = self.impl.run(q, self.cache.get_kv_cache(layer), return_lse, out)
         return (result, lse) if return_lse else result  # type: ignore[return-value]
 
-    def _check_q(self, q: torch.Tensor, batch: AttentionBatch) -> None:
-        expected = (batch.num_query_tokens, self.num_qo_heads, self.cache.head_dim)
-        if tuple(q.shape) != expected:
-            raise TensorSpecError(f"q must have shape {list(expected)}, got {list(q.shape)}")
-        if q.dtype != self._q_dtype:
-            raise TensorSpecError(f"q must have the planned dtype {self._q_dtype}, got {q.dtype}")
-        if q.device != self.cache.device:
-            raise TensorSpecError(f"q must be on {self.cache.device}, got {q.device}")
+    def _explain(self, name: str, t: torch.Tensor) -> None:
+        if t.shape != self._q_shape:
+            raise TensorSpecError(
+                f"{name} must have shape {list(self._q_shape)}, got {list(t.shape)}"
+            )
+        if t.dtype != self._q_dtype:
+            raise TensorSpecError(
+                f"{name} must have the planned dtype {self._q_dtype}, got {t.dtype}"
+            )
+        if t.device != self.cache.device:
+            raise TensorSpecError(f"{name} must be on {self.cache.device}, got {t.device}")
 
 
 def _default_q_dtype(kv_dtype: torch.dtype) -> torch.dtype:

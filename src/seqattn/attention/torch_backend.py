@@ -42,7 +42,7 @@ class TorchAttentionBackend:
         self._batch = batch
 
     def run(
-        self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
+        self, q: torch.Tensor, kv_cache: torch.Tensor, return_lse: bool, out: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch = self._batch
         assert batch is not None
@@ -50,7 +50,7 @@ class TorchAttentionBackend:
         result = torch.empty_like(q) if out is None else out
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
         for q_start, q_end, kv_len, pages in self._rows:
-            k, v = self._gather(layer, pages, kv_len, compute)
+            k, v = self._gather(kv_cache, pages, kv_len, compute)
             o, row_lse = attend(q[q_start:q_end].to(compute), k, v, kv_len, batch)
             result[q_start:q_end] = o.to(result.dtype)
             if lse is not None:
@@ -58,11 +58,11 @@ class TorchAttentionBackend:
         return result, lse
 
     def _gather(
-        self, layer: int, pages: torch.Tensor, kv_len: int, dtype: torch.dtype
+        self, kv_cache: torch.Tensor, pages: torch.Tensor, kv_len: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one sequence, ``[kv_len, num_kv_heads, head_dim]``, dequantized."""
         cache = self.cache
-        kv = cache.get_kv_cache(layer)[pages]  # [n, 2, *inner, head_dim]
+        kv = kv_cache[pages]  # [n, 2, *inner, head_dim]
         if cache.kv_layout == "HND":
             kv = kv.transpose(2, 3)
         kv = kv.transpose(0, 1).reshape(2, -1, cache.num_heads, cache.head_dim)[:, :kv_len]

@@ -220,10 +220,35 @@ def scenario(cache, batch, length, new, blocks, steps_per_block, rollback) -> di
     )  # fmt: skip
 
 
+def profile_step(cache: PagedKVCacheManager, steps: int = 50) -> None:
+    """Where seqattn's host time goes in a small decode step (the launch-bound regime)."""
+    import cProfile
+    import pstats
+
+    ours = SeqAttnSide(cache, 1)
+    ours.start([512])
+    q = torch.randn(1, HQ, D, dtype=DTYPE, device="cuda")
+    kv = torch.randn(2, 1, HKV, D, dtype=DTYPE, device="cuda")
+    out = torch.empty_like(q)
+    for _ in range(5):
+        ours.step(1, q, kv, out)
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        ours.step(1, q, kv, out)
+    profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+    ours.finish()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="small sizes, few steps")
+    parser.add_argument("--profile", action="store_true", help="cProfile seqattn's B=1 step")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
@@ -236,11 +261,14 @@ def main() -> None:
         ("decode", 128, 4096, 1, False),
         ("prefill", 16, 1024, 512, True),
     ]
-    if args.quick:
+    if args.quick or args.profile:
         cases = [("decode", 8, 512, 1, False), ("prefill", 4, 256, 128, True)]
     blocks, steps = (2, 3) if args.quick else (5, 8)
     need = max(b * -(-(n + blocks * steps * t + 2 * t + 64) // PS) for _, b, n, t, _ in cases)
     cache = PagedKVCacheManager(need + 64, PS, HKV, D, DTYPE, "cuda", num_layers=args.layers)
+    if args.profile:
+        profile_step(cache)
+        return
     rows = []
     for name, batch, length, new, rollback in cases:
         r = scenario(cache, batch, length, new, blocks, steps, rollback)

@@ -146,17 +146,17 @@ def test_cuda_graph_replay_equals_eager():
         if graph is None:
             graph = graph_attn.capture(layers_step)
         graph.replay()
-        replayed = static_out.clone()
+        replayed = static_out[:, :6].clone()  # rows 6, 7 pad the batch: their output is noise
         graph.replay()  # appending the same K/V again changes nothing: a replay is repeatable
-        again = static_out.clone()
+        again = static_out[:, :6].clone()
         layers_step()  # the same step eagerly
-        diff = (replayed - static_out).abs().amax(dim=(0, 2, 3)).tolist()
+        diff = (replayed - static_out[:, :6]).abs().amax(dim=(0, 2, 3)).tolist()
         assert torch.equal(replayed, again), "two replays differ"
-        assert torch.equal(replayed[:, :6], static_out[:, :6]), f"replay - eager per row: {diff}"
+        assert torch.equal(replayed, static_out[:, :6]), f"replay - eager per row: {diff}"
         m.torch.plan(packed)
         for layer in range(layers):
             ref = m.torch.run(static_q[:6], layer)
-            torch.testing.assert_close(replayed[layer, :6], ref, atol=2e-3, rtol=2e-2)
+            torch.testing.assert_close(replayed[layer], ref, atol=2e-3, rtol=2e-2)
     graph_attn.close()
     m.desc.release(ids)
     assert m.cache.available_pages_count == m.cache.num_pages
@@ -190,6 +190,4 @@ def test_full_decode_step_with_attention_makes_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     m.torch.plan(packed)
-    torch.testing.assert_close(
-        m.flashinfer.run(q, 1), m.torch.run(q, 1), atol=2e-3, rtol=2e-2
-    )
+    torch.testing.assert_close(m.flashinfer.run(q, 1), m.torch.run(q, 1), atol=2e-3, rtol=2e-2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from attrs import define, field
 
@@ -66,8 +67,10 @@ class FlashInferPackedData:
         The copy is remembered: asking again for the same device (as ``append_kv`` does
         once per layer) returns it without new transfers.
         """
-        target = as_device(device)
         cached = self._device_copy
+        if cached is not None and cached.kv_page_indptr.device == device:
+            return cached  # the hot path: append_kv asks once per layer
+        target = as_device(device)
         if cached is not None and cached.kv_page_indptr.device == target:
             return cached
 
@@ -88,36 +91,32 @@ class FlashInferPackedData:
 
 
 def seq_lens_from_page_table(
-    kv_page_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int
-) -> torch.Tensor:
-    """Tokens per sequence, ``[batch_size]`` int32, on the device of the inputs."""
-    num_pages = kv_page_indptr[1:] - kv_page_indptr[:-1]
-    return torch.where(num_pages > 0, (num_pages - 1) * page_size + kv_last_page_len, 0).to(
-        torch.int32
-    )
+    kv_page_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int
+) -> np.ndarray:
+    """Tokens per sequence, ``[batch_size]`` int64, from a CSR page table on the host."""
+    num_pages = np.diff(kv_page_indptr.astype(np.int64))
+    return np.where(num_pages > 0, (num_pages - 1) * page_size + kv_last_page_len, 0)
 
 
-def append_batch_indices_positions(
-    append_indptr: torch.Tensor, seq_lens: torch.Tensor, nnz: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def append_rows_positions(
+    append_indptr: np.ndarray, seq_lens: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Batch row and in-sequence position of each appended token.
 
     ``seq_lens`` are the lengths *after* the append, so token ``j`` of sequence ``b``
     lands at ``seq_lens[b] - append_len[b] + j``: right after what was there before.
 
     Args:
-        append_indptr: ``shape: [batch_size + 1]``, any integer dtype.
-        seq_lens: ``shape: [batch_size]``, on the same device.
-        nnz: ``append_indptr[-1]``, passed by the caller so nothing syncs.
+        append_indptr: ``shape: [batch_size + 1]``, integers, on the host.
+        seq_lens: ``shape: [batch_size]``.
 
     Returns:
-        ``(batch_indices, positions)``, each ``shape: [nnz], dtype: torch.int32``.
+        ``(batch_indices, positions)``, each ``shape: [nnz], dtype: int32``.
     """
-    device = append_indptr.device
-    append_indptr = append_indptr.long()
-    append_lens = append_indptr[1:] - append_indptr[:-1]
-    rows = torch.arange(append_lens.shape[0], device=device)
-    batch = torch.repeat_interleave(rows, append_lens, output_size=nnz)
-    first_new = (seq_lens.long() - append_lens - append_indptr[:-1])[batch]
-    positions = torch.arange(nnz, device=device) + first_new
-    return batch.to(torch.int32), positions.to(torch.int32)
+    counts = np.diff(append_indptr.astype(np.int64))
+    nnz = int(counts.sum())
+    if nnz == counts.size and (counts == 1).all():  # a decode step: one token each
+        return np.arange(nnz, dtype=np.int32), (seq_lens - 1).astype(np.int32)
+    rows = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
+    first = np.repeat(seq_lens - counts - append_indptr[:-1], counts)
+    return rows, (np.arange(nnz) + first).astype(np.int32)

@@ -20,7 +20,7 @@ from attrs import define
 
 from ._arrays import as_int_array
 from .errors import InvalidLengthError
-from .packed_data import FlashInferPackedData, append_batch_indices_positions
+from .packed_data import FlashInferPackedData, append_rows_positions
 from .page_table import SequencePageTable, pages_for
 
 
@@ -62,27 +62,24 @@ class BatchPacker:
         indptr = np.zeros(slots.size + 1, dtype=np.int32)
         np.cumsum(counts, out=indptr[1:])
         last = np.minimum(lens - (counts - 1) * ps, lens)  # 0 for an empty sequence
-        append: list[torch.Tensor] = []  # [append_indptr, batch_indices, positions]
+        append: list[np.ndarray] = []  # [append_indptr, batch_indices, positions]
         if append_lens is not None:
-            append_indptr = torch.from_numpy(_append_indptr(append_lens, lens))
-            append = [append_indptr, *append_batch_indices_positions(
-                append_indptr, torch.from_numpy(lens), int(append_indptr[-1])
-            )]  # fmt: skip
+            append_indptr = _append_indptr(append_lens, lens)
+            append = [append_indptr, *append_rows_positions(append_indptr, lens)]
         if device is not None and device.type != "cpu":
             # the batch's page ids are gathered on the device; the new page ids and the
             # append metadata go up in the same single pinned copy
             indices, on_gpu = self._device_arena(device).gather(
-                table, slots, counts, indptr, [t.numpy() for t in append[1:]]
+                table, slots, counts, indptr, append[1:]
             )
             packed = FlashInferPackedData(indices, _pinned(indptr), _pinned(last))
-            append[1:] = on_gpu
-            if append:
-                append[0] = append[0].pin_memory()
+            tensors = [_pinned(append[0]), *on_gpu] if append else []
         else:
             indices = torch.from_numpy(self._host_indices(slots, counts, indptr))
             packed = FlashInferPackedData(indices, torch.from_numpy(indptr), torch.from_numpy(last))
-        if append:
-            packed.append_indptr, packed.append_batch_indices, packed.append_positions = append
+            tensors = [torch.from_numpy(a) for a in append]
+        if tensors:
+            packed.append_indptr, packed.append_batch_indices, packed.append_positions = tensors
         return packed
 
     def _host_indices(
@@ -202,14 +199,13 @@ class _DeviceArena:
         # how far row b's page ids sit in the arena from their place in the batch
         shift = table.starts(slots) - indptr[:-1]
         parts = [written, table.arena[written], shift, counts, *extras]
-        upload = _pinned(np.concatenate(parts).astype(np.int64))
-        upload = upload.to(self.device, non_blocking=True)
-        pieces = list(upload.split([p.size for p in parts]))
+        upload = _pinned(np.concatenate(parts).astype(np.int32))  # all fit in int32
+        pieces = upload.to(self.device, non_blocking=True).split([p.size for p in parts])
         if written.size:
-            self.arena.index_copy_(0, pieces[0], pieces[1].to(torch.int32))
+            self.arena.index_copy_(0, pieces[0].long(), pieces[1])
         total = int(indptr[-1])
         if total > self.arange.shape[0]:
             self.arange = torch.arange(2 * total, device=self.device)
         per_page = torch.repeat_interleave(pieces[2], pieces[3], output_size=total)
         indices = self.arena[per_page + self.arange[:total]]
-        return indices, [p.to(torch.int32) for p in pieces[4:]]
+        return indices, list(pieces[4:])

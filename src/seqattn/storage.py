@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ._flashinfer import flashinfer_or_none
@@ -12,7 +13,7 @@ from .errors import InvalidLengthError, TensorSpecError
 from .packed_data import (
     Device,
     FlashInferPackedData,
-    append_batch_indices_positions,
+    append_rows_positions,
     as_device,
     seq_lens_from_page_table,
 )
@@ -92,7 +93,6 @@ class PagedKVCacheManager:
         self.dtype = dtype
         self.device = as_device(device)
         self.kv_layout = kv_layout
-        self.use_flashinfer = True  # append through flashinfer on CUDA when it imports
         self.k_scale = float(k_scale)
         self.v_scale = float(v_scale)
         inner = (page_size, num_heads) if kv_layout == "NHD" else (num_heads, page_size)
@@ -102,9 +102,24 @@ class PagedKVCacheManager:
             dtype=dtype,
             device=self.device,
         )
-        self._layers = list(self.kv_data.unbind(0))  # one view per layer, made once
+        # views made once: the combined tensor and the (K, V) pair of every layer
+        self._layers = list(self.kv_data.unbind(0))
+        self._kv_pairs = [(kv[:, 0], kv[:, 1]) for kv in self._layers]
         self._head_shape = torch.Size((self.num_heads, self.head_dim))
+        self._flashinfer_append = (
+            self.device.type == "cuda" and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS
+        )
         self._accepted_dtypes = (dtype, *QUANTIZABLE_DTYPES) if dtype in FP8_DTYPES else (dtype,)
+
+    @property
+    def use_flashinfer(self) -> bool:
+        """Whether ``append_kv`` calls flashinfer (CUDA, a head_dim it supports, importable)."""
+        return self._flashinfer_append and flashinfer_or_none() is not None
+
+    @use_flashinfer.setter
+    def use_flashinfer(self, value: bool) -> None:
+        supported = self.device.type == "cuda" and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS
+        self._flashinfer_append = bool(value) and supported
 
     # ------------------------------------------------------------ page pool (seed API)
     def allocate(self, num_pages: int) -> list[int]:
@@ -146,8 +161,8 @@ class PagedKVCacheManager:
         """``(key_cache, value_cache)`` of one layer, views shaped
         ``[num_pages, page_size, num_heads, head_dim]`` (NHD) or
         ``[num_pages, num_heads, page_size, head_dim]`` (HND)."""
-        kv = self.get_kv_cache(layer)
-        return kv[:, 0], kv[:, 1]
+        self.get_kv_cache(layer)  # validates the index
+        return self._kv_pairs[layer]
 
     @property
     def key_cache(self) -> torch.Tensor:
@@ -197,18 +212,19 @@ class PagedKVCacheManager:
         nnz = keys.shape[0]
         if nnz == 0:
             return
-        batch, positions = self._append_positions(flashinfer_data, append_indptr_cpu, nnz)
+        on_device = flashinfer_data.to_device(self.device)  # copied once, reused by each layer
+        batch, positions = self._append_positions(
+            flashinfer_data, on_device, append_indptr_cpu, nnz
+        )
         keys = self.to_storage_dtype(keys, self.k_scale)
         values = self.to_storage_dtype(values, self.v_scale)
-        device = self.device
-        on_device = flashinfer_data.to_device(device)  # copied once, reused by every layer
         indices = on_device.kv_page_indices
         indptr = on_device.kv_page_indptr
         last = on_device.kv_last_page_len
-        fi = flashinfer_or_none() if device.type == "cuda" and self.use_flashinfer else None
-        if fi is not None and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS:
+        fi = flashinfer_or_none() if self._flashinfer_append else None
+        if fi is not None:
             fi.page.append_paged_kv_cache(
-                keys, values, batch, positions, kv, indices, indptr, last,
+                keys, values, batch, positions, self._kv_pairs[layer], indices, indptr, last,
                 kv_layout=self.kv_layout,
             )  # fmt: skip
             return
@@ -227,50 +243,48 @@ class PagedKVCacheManager:
     def _append_positions(
         self,
         packed: FlashInferPackedData,
+        on_device: FlashInferPackedData,
         append_indptr_cpu: Optional[torch.Tensor],
         nnz: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.device
+        """Batch row and position of each new token, on the cache's device."""
         if append_indptr_cpu is None:
-            if packed.append_positions is None or packed.append_batch_indices is None:
+            if on_device.append_positions is None or on_device.append_batch_indices is None:
                 raise InvalidLengthError(
                     "append_kv needs append_indptr_cpu, or a batch packed with append_lens"
                 )
-            if packed.append_positions.shape[0] != nnz:
+            if on_device.append_positions.shape[0] != nnz:
                 raise TensorSpecError(
                     f"keys hold {nnz} tokens but the batch was packed to append "
-                    f"{packed.append_positions.shape[0]}"
+                    f"{on_device.append_positions.shape[0]}"
                 )
-            on_device = packed.to_device(device)
-            return on_device.append_batch_indices, on_device.append_positions  # type: ignore[return-value]
-        indptr_cpu = torch.as_tensor(append_indptr_cpu)
-        if indptr_cpu.device.type != "cpu":
+            return on_device.append_batch_indices, on_device.append_positions
+        indptr = torch.as_tensor(append_indptr_cpu)
+        if indptr.device.type != "cpu":
             raise TensorSpecError("append_indptr_cpu must be a CPU tensor (the seed's contract)")
+        indptr = indptr.numpy()
         batch_size = packed.kv_last_page_len.shape[0]
-        if indptr_cpu.shape != (batch_size + 1,) or int(indptr_cpu[-1]) != nnz:
+        if indptr.shape != (batch_size + 1,) or int(indptr[-1]) != nnz:
             raise TensorSpecError(
                 f"append_indptr_cpu must have shape [{batch_size + 1}] and end at nnz={nnz}, "
-                f"got shape {list(indptr_cpu.shape)} ending at {int(indptr_cpu[-1])}"
+                f"got shape {list(indptr.shape)} ending at {int(indptr[-1])}"
             )
-        if packed.kv_page_indptr.device.type == "cpu":
-            seq_lens = seq_lens_from_page_table(
-                packed.kv_page_indptr, packed.kv_last_page_len, self.page_size
+        # lengths from the host copy (a batch moved to the GPU by hand costs a sync here)
+        seq_lens = seq_lens_from_page_table(
+            packed.kv_page_indptr.cpu().numpy(), packed.kv_last_page_len.cpu().numpy(),
+            self.page_size,
+        )  # fmt: skip
+        append_lens = np.diff(indptr)
+        if ((append_lens < 0) | (append_lens > seq_lens)).any():
+            raise InvalidLengthError(
+                f"append lengths {append_lens.tolist()[:8]} must lie in [0, length] for "
+                f"sequence lengths {seq_lens.tolist()[:8]}: allocate before packing"
             )
-            append_lens = indptr_cpu[1:] - indptr_cpu[:-1]
-            if bool(((append_lens < 0) | (append_lens > seq_lens)).any()):
-                raise InvalidLengthError(
-                    f"append lengths {append_lens.tolist()[:8]} must lie in [0, length] for "
-                    f"sequence lengths {seq_lens.tolist()[:8]}: allocate before packing"
-                )
-            seq_lens = seq_lens.to(device, non_blocking=True)
-        else:
-            seq_lens = seq_lens_from_page_table(
-                packed.kv_page_indptr.to(device), packed.kv_last_page_len.to(device),
-                self.page_size,
-            )  # fmt: skip
-        return append_batch_indices_positions(
-            indptr_cpu.to(device, non_blocking=True), seq_lens, nnz
-        )
+        rows, positions = append_rows_positions(indptr, seq_lens)
+        both = torch.from_numpy(np.concatenate([rows, positions]))
+        if self.device.type == "cuda":
+            both = both.pin_memory().to(self.device, non_blocking=True)
+        return both[:nnz], both[nnz:]
 
     def check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Raise TensorSpecError unless keys/values fit ``[nnz, num_heads, head_dim]`` here."""

@@ -180,7 +180,7 @@ class CUDAGraphDecodeAttention:
         self._fi.page.append_paged_kv_cache(
             cache.to_storage_dtype(keys, cache.k_scale),
             cache.to_storage_dtype(values, cache.v_scale),
-            bucket.batch_indices, bucket.positions, cache.get_kv_cache(layer),
+            bucket.batch_indices, bucket.positions, cache.get_memory_tensors(layer),
             bucket.indices, bucket.indptr, bucket.last_page_len,
             kv_layout=cache.kv_layout,
         )  # fmt: skip
@@ -191,7 +191,7 @@ class CUDAGraphDecodeAttention:
         """Decode attention of one layer: ``q [bucket, num_qo_heads, head_dim]`` -> same shape."""
         bucket = self._planned(q.shape[0], "q")
         cache = self.cache
-        return bucket.wrapper.run(q, cache.get_kv_cache(layer), out=out, **kv_scales(cache))
+        return bucket.wrapper.run(q, cache.get_memory_tensors(layer), out=out, **kv_scales(cache))
 
     def capture(self, step: Callable[[], Any], *, warmup: int = 2) -> torch.cuda.CUDAGraph:
         """Capture ``step`` (append_kv/run on static tensors) for the planned bucket.

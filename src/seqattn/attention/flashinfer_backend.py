@@ -119,9 +119,11 @@ class FlashInferAttentionBackend:
         self._active = wrapper
 
     def run(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, return_lse: bool, out: Optional[torch.Tensor]
+        self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        result = self._active.run(q, kv_cache, out=out, return_lse=return_lse, **self._scales)
+        # the (K, V) views, not the combined tensor: spares flashinfer an unbind per call
+        kv = self.cache.get_memory_tensors(layer)
+        result = self._active.run(q, kv, out=out, return_lse=return_lse, **self._scales)
         if return_lse:
             return result[0], result[1]
         return result, None

@@ -151,7 +151,7 @@ class PagedAttention:
             out.shape != self._q_shape or out.dtype != self._q_dtype or out.device != device
         ):
             self._explain("out", out)
-        result, lse = self.impl.run(q, self.cache.get_kv_cache(layer), return_lse, out)
+        result, lse = self.impl.run(q, layer, return_lse, out)
         return (result, lse) if return_lse else result  # type: ignore[return-value]
 
     def _explain(self, name: str, t: torch.Tensor) -> None:

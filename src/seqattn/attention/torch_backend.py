@@ -42,8 +42,9 @@ class TorchAttentionBackend:
         self._batch = batch
 
     def run(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, return_lse: bool, out: Optional[torch.Tensor]
+        self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        kv_cache = self.cache.get_kv_cache(layer)
         batch = self._batch
         assert batch is not None
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32

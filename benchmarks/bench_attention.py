@@ -187,18 +187,22 @@ def cpu_seconds(step: Callable[[], None], reset: Callable[[], None], n: int) -> 
     return statistics.median(times)
 
 
-def kernel_seconds(run_layer: Callable[[int], None], layers: int, reps: int = 5) -> float:
-    """Median time of ``layers`` attention runs, by CUDA events."""
-    times = []
+def kernel_seconds(
+    runs: list[Callable[[int], None]], layers: int, reps: int = 7
+) -> list[list[float]]:
+    """Times of ``layers`` attention runs for each of ``runs``, by CUDA events, interleaved."""
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for layer in range(layers):
-            run_layer(layer)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+        for run_layer, out in zip(runs, times, strict=True):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for layer in range(layers):
+                run_layer(layer)
+            end.record()
+            torch.cuda.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+    return times
 
 
 def scenario(cache, batch, length, new, blocks, steps_per_block, rollback) -> dict:
@@ -240,11 +244,15 @@ def scenario(cache, batch, length, new, blocks, steps_per_block, rollback) -> di
     ours.step(new, q, kv, out)
     raw.step(new, q, kv, out)
     layers = cache.num_layers
-    ours_k = kernel_seconds(lambda layer: ours.attn.run(q, layer, out=out), layers)
     raw_wrapper = raw.decode if new == 1 else raw.prefill
-    raw_k = kernel_seconds(
-        lambda layer: raw_wrapper.run(q, cache.get_kv_cache(layer), out=out), layers
+    ours_times, raw_times = kernel_seconds(
+        [
+            lambda layer: ours.attn.run(q, layer, out=out),
+            lambda layer: raw_wrapper.run(q, cache.get_kv_cache(layer), out=out),
+        ],
+        layers,
     )
+    ours_k, raw_k = statistics.median(ours_times), statistics.median(raw_times)
     kv_tokens = int(ours.desc.seq_lens(ours.ids).sum())
     kv_bytes = kv_tokens * HKV * D * 2 * DTYPE.itemsize * layers
     ours.finish()
@@ -259,6 +267,8 @@ def scenario(cache, batch, length, new, blocks, steps_per_block, rollback) -> di
         ours=statistics.median(ours_t), raw=statistics.median(raw_t),
         ours_cpu=ours_cpu, raw_cpu=raw_cpu, graph=graph_t,
         ours_kernel=ours_k, raw_kernel=raw_k, kv_bytes=kv_bytes,
+        ours_kernel_reps=[round(t * 1e3, 3) for t in ours_times],
+        raw_kernel_reps=[round(t * 1e3, 3) for t in raw_times],
     )  # fmt: skip
 
 
@@ -291,6 +301,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="small sizes, few steps")
     parser.add_argument("--profile", action="store_true", help="cProfile seqattn's B=1 step")
+    parser.add_argument("--cases", help="comma-separated indices of the cases to run")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
@@ -305,6 +316,8 @@ def main() -> None:
     ]
     if args.quick or args.profile:
         cases = [("decode", 8, 512, 1, False), ("prefill", 4, 256, 128, True)]
+    if args.cases:
+        cases = [cases[int(i)] for i in args.cases.split(",")]
     blocks, steps = (2, 3) if args.quick else (5, 8)
     need = max(b * -(-(n + blocks * steps * t + 2 * t + 64) // PS) for _, b, n, t, _ in cases)
     cache = PagedKVCacheManager(need + 64, PS, HKV, D, DTYPE, "cuda", num_layers=args.layers)

@@ -8,6 +8,9 @@ import numpy as np
 import torch
 from attrs import define, field
 
+from ._arrays import as_int_array
+from .errors import InvalidLengthError
+
 Device = Union[torch.device, str, int]
 
 
@@ -88,6 +91,28 @@ class FlashInferPackedData:
         )
         self._device_copy = copy
         return copy
+
+
+def checked_indptr(
+    lengths: object, what: str, limits: np.ndarray, minimum: int, hint: str
+) -> np.ndarray:
+    """``[0, cumsum(lengths)]`` as int32, after checking ``minimum <= lengths[b] <= limits[b]``.
+
+    Raises InvalidLengthError naming ``what``, with ``hint`` on how to fix it.
+    """
+    values = as_int_array(lengths, what, InvalidLengthError)
+    if values.size != limits.size:
+        raise InvalidLengthError(
+            f"expected {limits.size} {what} (one per sequence), got {values.size}"
+        )
+    if values.size and (values.min() < minimum or (values > limits).any()):
+        raise InvalidLengthError(
+            f"{what} must lie in [{minimum}, sequence length]: got {values.tolist()[:8]} "
+            f"for lengths {limits.tolist()[:8]} ({hint})"
+        )
+    indptr = np.zeros(values.size + 1, dtype=np.int32)
+    np.cumsum(values, out=indptr[1:])
+    return indptr
 
 
 def seq_lens_from_page_table(

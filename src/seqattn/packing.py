@@ -18,9 +18,7 @@ import numpy as np
 import torch
 from attrs import define
 
-from ._arrays import as_int_array
-from .errors import InvalidLengthError
-from .packed_data import FlashInferPackedData, append_rows_positions
+from .packed_data import FlashInferPackedData, append_rows_positions, checked_indptr
 from .page_table import SequencePageTable, pages_for
 
 
@@ -64,7 +62,9 @@ class BatchPacker:
         last = np.minimum(lens - (counts - 1) * ps, lens)  # 0 for an empty sequence
         append: list[np.ndarray] = []  # [append_indptr, batch_indices, positions]
         if append_lens is not None:
-            append_indptr = _append_indptr(append_lens, lens)
+            append_indptr = checked_indptr(
+                append_lens, "append_lens", lens, 0, "allocate before packing"
+            )
             append = [append_indptr, *append_rows_positions(append_indptr, lens)]
         if device is not None and device.type != "cpu":
             # the batch's page ids are gathered on the device; the new page ids and the
@@ -144,22 +144,6 @@ def _splice(
         at_arena = np.repeat(arena_ends, gained) + back
         new[np.repeat(new_ends, gained) + back] = table.arena[at_arena]
     return new
-
-
-def _append_indptr(append_lens: object, lens: np.ndarray) -> np.ndarray:
-    add = as_int_array(append_lens, "append_lens", InvalidLengthError)
-    if add.size != lens.size:
-        raise InvalidLengthError(
-            f"expected {lens.size} append lengths (one per id), got {add.size}"
-        )
-    if add.size and (add.min() < 0 or (add > lens).any()):
-        raise InvalidLengthError(
-            f"append lengths must lie in [0, sequence length]: got {add.tolist()[:8]} "
-            f"for lengths {lens.tolist()[:8]} (allocate before packing)"
-        )
-    indptr = np.zeros(add.size + 1, dtype=np.int32)
-    np.cumsum(add, out=indptr[1:])
-    return indptr
 
 
 def _pinned(array: np.ndarray) -> torch.Tensor:

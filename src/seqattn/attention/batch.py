@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from attrs import define
 
-from .._arrays import as_int_array
 from ..errors import InvalidLengthError
-from ..packed_data import FlashInferPackedData
+from ..packed_data import FlashInferPackedData, checked_indptr
 
 
 @define(slots=True, frozen=True)
@@ -77,21 +76,10 @@ class AttentionBatch:
                 raise InvalidLengthError(
                     "pass qo_lens, or pack the batch with append_lens (the query tokens)"
                 )
-            qo_indptr = packed.append_indptr.cpu().numpy().astype(np.int32, copy=False)
-            qo = np.diff(qo_indptr)
-        else:
-            qo = as_int_array(qo_lens, "qo_lens", InvalidLengthError)
-            qo_indptr = np.zeros(qo.size + 1, dtype=np.int32)
-            np.cumsum(qo, out=qo_indptr[1:])
-        if qo.size != kv_lens.size:
-            raise InvalidLengthError(
-                f"expected {kv_lens.size} query lengths (one per sequence), got {qo.size}"
-            )
-        if qo.size and (qo.min() < 1 or (qo > kv_lens).any()):
-            raise InvalidLengthError(
-                f"query lengths must lie in [1, kv length]: got {qo.tolist()[:8]} for kv "
-                f"lengths {kv_lens.tolist()[:8]} (allocate the query tokens first)"
-            )
+            qo_lens = np.diff(packed.append_indptr.cpu().numpy())
+        qo_indptr = checked_indptr(
+            qo_lens, "query lengths", kv_lens, 1, "allocate the query tokens first"
+        )
         if window_left < -1:
             raise InvalidLengthError(f"window_left must be -1 (off) or >= 0, got {window_left}")
         cap = float(logits_soft_cap or 0.0)

@@ -31,12 +31,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .._flashinfer import import_flashinfer
 from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
 from ..packed_data import FlashInferPackedData
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch, host_tensor
-from .flashinfer_backend import CUDA_CORE_DECODE_GROUP_SIZES, kv_scales
+from .flashinfer_backend import flashinfer_for, kv_scales, needs_tensor_cores
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -90,16 +89,13 @@ class CUDAGraphDecodeAttention:
         workspace_bytes: int = 128 * 1024 * 1024,
         decode_use_tensor_cores: Optional[bool] = None,
     ) -> None:
-        fi = import_flashinfer()
-        if cache.device.type != "cuda":
-            raise SeqAttnError(f"CUDA graphs need a CUDA cache, got {cache.device}")
+        fi = flashinfer_for(cache)
         self.cache = cache
         self.num_qo_heads = num_qo_heads
         self._fi = fi
         self.batch_sizes = sorted({int(b) for b in batch_sizes})
-        group = num_qo_heads // cache.num_heads
         if decode_use_tensor_cores is None:
-            decode_use_tensor_cores = group not in CUDA_CORE_DECODE_GROUP_SIZES
+            decode_use_tensor_cores = needs_tensor_cores(num_qo_heads, cache.num_heads)
         pages = cache.num_pages if max_pages is None else int(max_pages)
         workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=cache.device)
         self._buckets = {

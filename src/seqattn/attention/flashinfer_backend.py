@@ -28,6 +28,19 @@ from .batch import AttentionBatch, host_tensor
 CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 8)
 
 
+def flashinfer_for(cache: PagedKVCacheManager) -> Any:
+    """flashinfer, after checking that ``cache`` lives on a CUDA device."""
+    fi = import_flashinfer()
+    if cache.device.type != "cuda":
+        raise SeqAttnError(f"flashinfer attention needs a CUDA cache, got {cache.device}")
+    return fi
+
+
+def needs_tensor_cores(num_qo_heads: int, num_kv_heads: int) -> bool:
+    """Whether decode must use the tensor-core kernel: the CUDA-core one lacks the group size."""
+    return num_qo_heads // num_kv_heads not in CUDA_CORE_DECODE_GROUP_SIZES
+
+
 class _WrapperPair:
     """Two wrappers of one kind used in turn, each re-planned only after its last plan landed."""
 
@@ -62,14 +75,11 @@ class FlashInferAttentionBackend:
         workspace_bytes: int = 128 * 1024 * 1024,
         decode_use_tensor_cores: Optional[bool] = None,
     ) -> None:
-        fi = import_flashinfer()
-        if cache.device.type != "cuda":
-            raise SeqAttnError(f"the flashinfer backend needs a CUDA cache, got {cache.device}")
+        fi = flashinfer_for(cache)
         self.cache = cache
         self.num_qo_heads = num_qo_heads
-        group = num_qo_heads // cache.num_heads
         if decode_use_tensor_cores is None:
-            decode_use_tensor_cores = group not in CUDA_CORE_DECODE_GROUP_SIZES
+            decode_use_tensor_cores = needs_tensor_cores(num_qo_heads, cache.num_heads)
         # one float workspace serves every wrapper: their kernels run one at a time
         workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=cache.device)
         layout = cache.kv_layout

@@ -32,7 +32,9 @@ def main() -> None:
         packed = desc.pack_for_flashinfer(ids, append_lens=[1, 1, 1])
         token_kv = torch.randn(3, 8, 64, dtype=torch.float16, device=device)
         cache.append_kv(token_kv, token_kv, packed, layer=0)
-    print("decode   lengths", desc.seq_lens(ids).tolist(), "free pages", cache.available_pages_count)
+    print(
+        "decode   lengths", desc.seq_lens(ids).tolist(), "free pages", cache.available_pages_count
+    )
 
     # Fork sequence 1 (beam search / parallel sampling): full pages are shared.
     desc.fork(1, 4)

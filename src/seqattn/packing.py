@@ -2,8 +2,8 @@
 
 Host side, a decode batch that repeats changes little between steps: only sequences
 that crossed a page boundary gained a page. The packer keeps the last batch's page
-indices and splices new pages in, never re-deriving what did not change. Each result
-is a fresh array, so a batch packed earlier is never altered under its holder.
+indices and splices new pages in, never re-deriving what did not change. No result is
+modified after it is returned (when nothing changed, the next result shares its array).
 
 Device side (CUDA), the page ids live in a device mirror of the table's arena: only
 newly written page ids cross the bus (from pinned memory, non-blocking), and the

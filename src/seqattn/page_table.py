@@ -22,6 +22,7 @@ from .errors import (
     UnknownSequenceError,
 )
 
+MAX_LENGTH = int(np.iinfo(np.int32).max)  # lengths are int32, as flashinfer's
 SeqIds = Sequence[int]
 """Sequence ids of a batch: a list (fastest), tuple, numpy array or torch tensor."""
 
@@ -148,6 +149,8 @@ class SequencePageTable:
         slots = np.fromiter((slot_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
         known = slots >= 0
         old_len = np.where(known, self._length[np.maximum(slots, 0)], 0)
+        if add.size and (old_len + add).max() > MAX_LENGTH:
+            raise InvalidLengthError(f"a sequence would exceed {MAX_LENGTH} tokens")
         pages = self.allocator.allocate(self._pages_needed(old_len, old_len + add))
         if not known.all():
             for i in np.flatnonzero(~known).tolist():

@@ -69,11 +69,11 @@ class BatchPacker:
         if device is not None and device.type != "cpu":
             # the batch's page ids are gathered on the device; the new page ids and the
             # append metadata go up in the same single pinned copy
-            indices, on_gpu = self._device_arena(device).gather(
-                table, slots, counts, indptr, append[1:]
+            indices, on_gpu, on_host = self._device_arena(device).gather(
+                table, slots, counts, indptr, append[1:], [indptr, last, *append[:1]]
             )
-            packed = FlashInferPackedData(indices, _pinned(indptr), _pinned(last))
-            tensors = [_pinned(append[0]), *on_gpu] if append else []
+            packed = FlashInferPackedData(indices, on_host[0], on_host[1])
+            tensors = [on_host[2], *on_gpu] if append else []
         else:
             indices = torch.from_numpy(self._host_indices(slots, counts, indptr))
             packed = FlashInferPackedData(indices, torch.from_numpy(indptr), torch.from_numpy(last))
@@ -168,10 +168,14 @@ class _DeviceArena:
         slots: np.ndarray,
         counts: np.ndarray,
         indptr: np.ndarray,
-        extras: list[np.ndarray],
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The batch's ``kv_page_indices`` gathered on the device (int32), and ``extras``
-        (int arrays) uploaded as int32 device tensors in the same host-to-device copy."""
+        to_device: list[np.ndarray],
+        to_host: list[np.ndarray],
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The batch's ``kv_page_indices`` gathered on the device (int32).
+
+        Also returns ``to_device`` as int32 device tensors and ``to_host`` as int32 pinned
+        host tensors: all of them share one pinned buffer and one host-to-device copy.
+        """
         if table.arena.size != self.arena.shape[0]:
             # the arena grew; its compaction logged every live position
             self.arena = torch.zeros(table.arena.size, dtype=torch.int32, device=self.device)
@@ -182,9 +186,10 @@ class _DeviceArena:
         log.clear()  # type: ignore[union-attr]
         # how far row b's page ids sit in the arena from their place in the batch
         shift = table.starts(slots) - indptr[:-1]
-        parts = [written, table.arena[written], shift, counts, *extras]
-        upload = _pinned(np.concatenate(parts).astype(np.int32))  # all fit in int32
-        pieces = upload.to(self.device, non_blocking=True).split([p.size for p in parts])
+        parts = [written, table.arena[written], shift, counts, *to_device]
+        sizes = [p.size for p in parts]
+        pinned = _pinned(np.concatenate([*parts, *to_host]).astype(np.int32))  # all fit
+        pieces = pinned[: sum(sizes)].to(self.device, non_blocking=True).split(sizes)
         if written.size:
             self.arena.index_copy_(0, pieces[0].long(), pieces[1])
         total = int(indptr[-1])
@@ -192,4 +197,5 @@ class _DeviceArena:
             self.arange = torch.arange(2 * total, device=self.device)
         per_page = torch.repeat_interleave(pieces[2], pieces[3], output_size=total)
         indices = self.arena[per_page + self.arange[:total]]
-        return indices, list(pieces[4:])
+        host = pinned[sum(sizes) :].split([h.size for h in to_host])
+        return indices, list(pieces[4:]), list(host)

@@ -106,6 +106,8 @@ class PagedKVCacheManager:
         self._layers = list(self.kv_data.unbind(0))
         self._kv_pairs = [(kv[:, 0], kv[:, 1]) for kv in self._layers]
         self._head_shape = torch.Size((self.num_heads, self.head_dim))
+        self._resolved_batch: Optional[FlashInferPackedData] = None
+        self._resolved: tuple[torch.Tensor, ...] = ()
         self._flashinfer_append = (
             self.device.type == "cuda" and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS
         )
@@ -212,25 +214,21 @@ class PagedKVCacheManager:
         nnz = keys.shape[0]
         if nnz == 0:
             return
-        on_device = flashinfer_data.to_device(self.device)  # copied once, reused by each layer
-        batch, positions = self._append_positions(
-            flashinfer_data, on_device, append_indptr_cpu, nnz
+        rows, positions, indices, indptr, last = self._resolve(
+            flashinfer_data, append_indptr_cpu, nnz
         )
         keys = self.to_storage_dtype(keys, self.k_scale)
         values = self.to_storage_dtype(values, self.v_scale)
-        indices = on_device.kv_page_indices
-        indptr = on_device.kv_page_indptr
-        last = on_device.kv_last_page_len
         fi = flashinfer_or_none() if self._flashinfer_append else None
         if fi is not None:
             fi.page.append_paged_kv_cache(
-                keys, values, batch, positions, self._kv_pairs[layer], indices, indptr, last,
+                keys, values, rows, positions, self._kv_pairs[layer], indices, indptr, last,
                 kv_layout=self.kv_layout,
             )  # fmt: skip
             return
-        batch = batch.long()
+        rows = rows.long()
         positions = positions.long()
-        page = indices[indptr[batch] + positions // self.page_size].long()
+        page = indices[indptr[rows] + positions // self.page_size].long()
         slot = positions % self.page_size
         if self.kv_layout == "NHD":
             kv[page, 0, slot] = keys
@@ -240,6 +238,31 @@ class PagedKVCacheManager:
             kv[page, 1, :, slot] = values
 
     # ---------------------------------------------------------------------- internals
+    def _resolve(
+        self, packed: FlashInferPackedData, append_indptr_cpu: Optional[torch.Tensor], nnz: int
+    ) -> tuple[torch.Tensor, ...]:
+        """Rows, positions, indices, indptr and last page lengths on this device.
+
+        A batch packed with its append lengths is resolved once and reused by every layer
+        (packed batches are never modified, so the one last resolved is kept by identity).
+        """
+        if append_indptr_cpu is None and packed is self._resolved_batch:
+            if self._resolved[0].shape[0] != nnz:
+                raise TensorSpecError(
+                    f"keys hold {nnz} tokens but the batch was packed to append "
+                    f"{self._resolved[0].shape[0]}"
+                )
+            return self._resolved
+        on_device = packed.to_device(self.device)
+        rows, positions = self._append_positions(packed, on_device, append_indptr_cpu, nnz)
+        resolved = (
+            rows, positions,
+            on_device.kv_page_indices, on_device.kv_page_indptr, on_device.kv_last_page_len,
+        )  # fmt: skip
+        if append_indptr_cpu is None:
+            self._resolved_batch, self._resolved = packed, resolved
+        return resolved
+
     def _append_positions(
         self,
         packed: FlashInferPackedData,

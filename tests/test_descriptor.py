@@ -44,6 +44,7 @@ def test_allocate_packs_ceil_pages_and_last_page_len(ps, batch):
     counts = np.diff(packed.kv_page_indptr.numpy())
     assert counts.tolist() == [math.ceil(n / ps) for n in lens]
     assert packed.kv_last_page_len.tolist() == [expected_last(n, ps) for n in lens]
+    assert packed.kv_seq_lens.tolist() == lens
     assert packed.kv_page_indices.dtype == torch.int32
     assert packed.kv_page_indptr.dtype == packed.kv_last_page_len.dtype == torch.int32
     assert len(set(packed.kv_page_indices.tolist())) == packed.kv_page_indices.numel()

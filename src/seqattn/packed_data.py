@@ -35,8 +35,8 @@ class FlashInferPackedData:
         kv_page_indices: ``shape: [total_pages], dtype: torch.int32``.
         kv_page_indptr: ``shape: [batch_size + 1], dtype: torch.int32``.
         kv_last_page_len: ``shape: [batch_size], dtype: torch.int32``.
-        kv_seq_lens: tokens per sequence after the step's append,
-            ``shape: [batch_size], dtype: torch.int32``, or None.
+        kv_seq_lens: tokens per sequence (after the step's append), on the host,
+            ``shape: [batch_size], dtype: torch.int32``; None if built by hand.
         append_indptr: where each sequence's new tokens start in a packed
             ``[nnz, num_heads, head_dim]`` K/V tensor, ``shape: [batch_size + 1],
             dtype: torch.int32``; None when the batch was packed without append lengths.
@@ -72,7 +72,7 @@ class FlashInferPackedData:
         """
         cached = self._device_copy
         if cached is not None and cached.kv_page_indptr.device == device:
-            return cached  # the hot path: append_kv asks once per layer
+            return cached  # the common case: the batch was moved already
         target = as_device(device)
         if cached is not None and cached.kv_page_indptr.device == target:
             return cached

@@ -70,13 +70,16 @@ class BatchPacker:
             # the batch's page ids are gathered on the device; the new page ids and the
             # append metadata go up in the same single pinned copy
             indices, on_gpu, on_host = self._device_arena(device).gather(
-                table, slots, counts, indptr, append[1:], [indptr, last, *append[:1]]
+                table, slots, counts, indptr, append[1:], [indptr, last, lens, *append[:1]]
             )
-            packed = FlashInferPackedData(indices, on_host[0], on_host[1])
-            tensors = [on_host[2], *on_gpu] if append else []
+            packed = FlashInferPackedData(indices, on_host[0], on_host[1], kv_seq_lens=on_host[2])
+            tensors = [on_host[3], *on_gpu] if append else []
         else:
             indices = torch.from_numpy(self._host_indices(slots, counts, indptr))
-            packed = FlashInferPackedData(indices, torch.from_numpy(indptr), torch.from_numpy(last))
+            packed = FlashInferPackedData(
+                indices, torch.from_numpy(indptr), torch.from_numpy(last),
+                kv_seq_lens=torch.from_numpy(lens),
+            )  # fmt: skip
             tensors = [torch.from_numpy(a) for a in append]
         if tensors:
             packed.append_indptr, packed.append_batch_indices, packed.append_positions = tensors

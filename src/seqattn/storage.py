@@ -108,9 +108,7 @@ class PagedKVCacheManager:
         self._head_shape = torch.Size((self.num_heads, self.head_dim))
         self._resolved_batch: Optional[FlashInferPackedData] = None
         self._resolved: tuple[torch.Tensor, ...] = ()
-        self._flashinfer_append = (
-            self.device.type == "cuda" and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS
-        )
+        self.use_flashinfer = True  # where supported: see the property
         self._accepted_dtypes = (dtype, *QUANTIZABLE_DTYPES) if dtype in FP8_DTYPES else (dtype,)
 
     @property

@@ -49,6 +49,7 @@ def test_device_pack_equals_host_pack_through_growth_moves_and_releases():
             assert torch.equal(device.kv_page_indices.cpu(), host.kv_page_indices)
             assert torch.equal(device.kv_page_indptr, host.kv_page_indptr)
             assert torch.equal(device.kv_last_page_len, host.kv_last_page_len)
+            assert torch.equal(device.kv_seq_lens, host.kv_seq_lens)
     desc.check_integrity()
 
 

@@ -8,6 +8,8 @@ from typing import Optional
 import numpy as np
 from attrs import define
 
+from ._arrays import as_int_array
+from .errors import InvalidLengthError
 from .packed_data import Device, FlashInferPackedData, as_device
 from .packing import BatchPacker
 from .page_table import SeqIds, SequencePageTable, pages_for
@@ -132,10 +134,12 @@ class CacheDescriptor:
     def pages_needed(self, seq_ids: SeqIds, seq_new_lens: SeqIds) -> int:
         """Free pages that ``allocate(seq_ids, seq_new_lens)`` would take (changes nothing)."""
         table = self.table
-        ps = table.page_size
+        add = as_int_array(seq_new_lens, "seq_new_lens", InvalidLengthError)
         old = np.array([table.lengths(table.slot(i)) if i in table else 0 for i in seq_ids])
-        new = old + np.asarray(seq_new_lens, dtype=np.int64)
-        return int((pages_for(new, ps) - pages_for(old, ps)).sum())
+        if add.size != old.size or (add.size and add.min() < 0):
+            raise InvalidLengthError(f"expected {old.size} lengths >= 0, got {add.tolist()[:8]}")
+        ps = table.page_size
+        return int((pages_for(old + add, ps) - pages_for(old, ps)).sum())
 
     def seq_len(self, seq_id: int) -> int:
         """Tokens held by one sequence."""

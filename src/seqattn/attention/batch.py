@@ -10,7 +10,7 @@ import torch
 from attrs import define
 
 from ..errors import InvalidLengthError
-from ..packed_data import FlashInferPackedData, checked_indptr
+from ..packed_data import FlashInferPackedData, checked_indptr, seq_lens_from_page_table
 
 
 @define(slots=True, frozen=True)
@@ -67,10 +67,9 @@ class AttentionBatch:
         logits_soft_cap: Optional[float] = None,
     ) -> AttentionBatch:
         """Validate and normalize; ``qo_lens`` defaults to the packed append lengths."""
-        kv_indptr = packed.kv_page_indptr.cpu().numpy()
-        last = packed.kv_last_page_len.cpu().numpy()
-        pages = np.diff(kv_indptr)
-        kv_lens = np.where(pages > 0, (pages - 1) * page_size + last, 0).astype(np.int32)
+        kv_lens = seq_lens_from_page_table(
+            packed.kv_page_indptr.cpu().numpy(), packed.kv_last_page_len.cpu().numpy(), page_size
+        ).astype(np.int32)
         if qo_lens is None:
             if packed.append_indptr is None:
                 raise InvalidLengthError(

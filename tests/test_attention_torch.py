@@ -641,3 +641,16 @@ def test_random_batches_match_reference(case):
         h.append([i for i, _ in started], [n for _, n in started])
     packed = h.append(ids, case["appends"])
     h.check(packed, ids, case["qo_lens"], q_magnitude=2.0, **case["options"])
+
+
+@pytest.mark.parametrize(
+    "num_qo_heads, num_kv_heads, choice, expected",
+    [(32, 8, None, False), (12, 2, None, True), (40, 8, None, True), (8, 8, None, False),
+     (32, 8, True, True), (12, 2, False, False)],
+)  # fmt: skip
+def test_tensor_core_decode_only_where_the_cuda_core_kernel_lacks_the_group_size(
+    num_qo_heads, num_kv_heads, choice, expected
+):
+    from seqattn.attention.flashinfer_backend import decode_tensor_cores
+
+    assert decode_tensor_cores(num_qo_heads, num_kv_heads, choice) is expected

@@ -35,7 +35,7 @@ from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
 from ..packed_data import FlashInferPackedData
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch, host_tensor
-from .flashinfer_backend import flashinfer_for, kv_scales, needs_tensor_cores
+from .flashinfer_backend import decode_tensor_cores, flashinfer_for, kv_scales
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -94,13 +94,11 @@ class CUDAGraphDecodeAttention:
         self.num_qo_heads = num_qo_heads
         self._fi = fi
         self.batch_sizes = sorted({int(b) for b in batch_sizes})
-        if decode_use_tensor_cores is None:
-            decode_use_tensor_cores = needs_tensor_cores(num_qo_heads, cache.num_heads)
+        tensor_cores = decode_tensor_cores(num_qo_heads, cache.num_heads, decode_use_tensor_cores)
         pages = cache.num_pages if max_pages is None else int(max_pages)
         workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=cache.device)
         self._buckets = {
-            b: _Bucket(fi, b, pages, workspace, cache, decode_use_tensor_cores)
-            for b in self.batch_sizes
+            b: _Bucket(fi, b, pages, workspace, cache, tensor_cores) for b in self.batch_sizes
         }
         self.scratch_page = int(cache.allocator.allocate(1)[0])
         self._scratch = torch.tensor([self.scratch_page], dtype=torch.int32, device=cache.device)

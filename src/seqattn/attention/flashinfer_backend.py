@@ -36,8 +36,11 @@ def flashinfer_for(cache: PagedKVCacheManager) -> Any:
     return fi
 
 
-def needs_tensor_cores(num_qo_heads: int, num_kv_heads: int) -> bool:
-    """Whether decode must use the tensor-core kernel: the CUDA-core one lacks the group size."""
+def decode_tensor_cores(num_qo_heads: int, num_kv_heads: int, choice: Optional[bool]) -> bool:
+    """``choice`` if given; else tensor cores only where the CUDA-core decode kernel lacks
+    the GQA group size."""
+    if choice is not None:
+        return choice
     return num_qo_heads // num_kv_heads not in CUDA_CORE_DECODE_GROUP_SIZES
 
 
@@ -78,14 +81,13 @@ class FlashInferAttentionBackend:
         fi = flashinfer_for(cache)
         self.cache = cache
         self.num_qo_heads = num_qo_heads
-        if decode_use_tensor_cores is None:
-            decode_use_tensor_cores = needs_tensor_cores(num_qo_heads, cache.num_heads)
+        tensor_cores = decode_tensor_cores(num_qo_heads, cache.num_heads, decode_use_tensor_cores)
         # one float workspace serves every wrapper: their kernels run one at a time
         workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=cache.device)
         layout = cache.kv_layout
         self._decode = _WrapperPair(
             lambda: fi.BatchDecodeWithPagedKVCacheWrapper(
-                workspace, layout, use_tensor_cores=decode_use_tensor_cores
+                workspace, layout, use_tensor_cores=tensor_cores
             )
         )
         self._prefill = _WrapperPair(

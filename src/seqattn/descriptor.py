@@ -135,7 +135,7 @@ class CacheDescriptor:
         """Free pages that ``allocate(seq_ids, seq_new_lens)`` would take (changes nothing)."""
         table = self.table
         add = as_int_array(seq_new_lens, "seq_new_lens", InvalidLengthError)
-        old = np.array([table.lengths(table.slot(i)) if i in table else 0 for i in seq_ids])
+        old = np.array([table.length(table.slot(i)) if i in table else 0 for i in seq_ids])
         if add.size != old.size or (add.size and add.min() < 0):
             raise InvalidLengthError(f"expected {old.size} lengths >= 0, got {add.tolist()[:8]}")
         ps = table.page_size
@@ -143,7 +143,7 @@ class CacheDescriptor:
 
     def seq_len(self, seq_id: int) -> int:
         """Tokens held by one sequence."""
-        return int(self.table.lengths(self.table.slot(seq_id)))
+        return self.table.length(self.table.slot(seq_id))
 
     def seq_lens(self, seq_ids: SeqIds) -> np.ndarray:
         """Tokens held by each sequence, ``[len(seq_ids)]`` int32."""

@@ -138,7 +138,7 @@ def append_rows_positions(
     Returns:
         ``(batch_indices, positions)``, each ``shape: [nnz], dtype: int32``.
     """
-    counts = np.diff(append_indptr.astype(np.int64))
+    counts: np.ndarray = np.diff(append_indptr.astype(np.int64))
     nnz = int(counts.sum())
     if nnz == counts.size and (counts == 1).all():  # a decode step: one token each
         return np.arange(nnz, dtype=np.int32), (seq_lens - 1).astype(np.int32)

@@ -130,7 +130,7 @@ def _splice(
     gained = None if num_gained == grown.size else counts[grown] - snap.counts[grown]
     # old pages move right by the pages gained in earlier rows: copy them run by run
     # (through memoryviews, whose slicing costs a fraction of numpy's)
-    to, frm = memoryview(new), memoryview(old)
+    to, frm = new.data, old.data
     src = shift = 0
     extras = [1] * grown.size if gained is None else gained.tolist()
     for end, extra in zip(snap.indptr[row_ends].tolist(), extras, strict=True):

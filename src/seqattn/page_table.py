@@ -10,6 +10,7 @@ it fills. Per-step work is therefore O(batch), never O(pages held).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -27,7 +28,10 @@ SeqIds = Sequence[int]
 """Sequence ids of a batch: a list (fastest), tuple, numpy array or torch tensor."""
 
 
-def pages_for(lengths: np.ndarray, page_size: int) -> np.ndarray:
+Lengths = TypeVar("Lengths", int, np.ndarray)
+
+
+def pages_for(lengths: Lengths, page_size: int) -> Lengths:
     """Pages needed to hold ``lengths`` tokens: ``ceil(lengths / page_size)``."""
     return (lengths + (page_size - 1)) // page_size
 
@@ -112,6 +116,10 @@ class SequencePageTable:
         """Token counts of the given slots, int32 (a copy)."""
         return self._length[slots]
 
+    def length(self, slot: int) -> int:
+        """Token count of one slot."""
+        return int(self._length[slot])
+
     def starts(self, slots: np.ndarray) -> np.ndarray:
         """Where each slot's page ids begin in :attr:`arena`, int64."""
         return self._start[slots]
@@ -178,12 +186,12 @@ class SequencePageTable:
         (copy on write). Returns ``(shared_page, fresh_page)`` whose KV the caller
         must copy, or None.
         """
-        length = int(self._length[slot])
+        length = self.length(slot)
         if not 0 <= new_len <= length:
             raise InvalidLengthError(
                 f"truncate to {new_len} tokens: expected 0 <= new_len <= {length}"
             )
-        keep = int(pages_for(new_len, self.page_size))
+        keep = pages_for(new_len, self.page_size)
         pages = self.page_ids(slot)
         copy = None
         partial = new_len % self.page_size != 0

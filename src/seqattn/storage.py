@@ -280,10 +280,10 @@ class PagedKVCacheManager:
                     f"{on_device.append_positions.shape[0]}"
                 )
             return on_device.append_batch_indices, on_device.append_positions
-        indptr = torch.as_tensor(append_indptr_cpu)
-        if indptr.device.type != "cpu":
+        indptr_tensor = torch.as_tensor(append_indptr_cpu)
+        if indptr_tensor.device.type != "cpu":
             raise TensorSpecError("append_indptr_cpu must be a CPU tensor (the seed's contract)")
-        indptr = indptr.numpy()
+        indptr = indptr_tensor.numpy()
         batch_size = packed.kv_last_page_len.shape[0]
         if indptr.shape != (batch_size + 1,) or int(indptr[-1]) != nnz:
             raise TensorSpecError(

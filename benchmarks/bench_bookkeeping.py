@@ -416,31 +416,49 @@ class Result:
     errors: list[str]
 
 
-def run_one(lib: types.ModuleType, plan: Plan, steps: int, rounds: int, warmup: int) -> LibRun:
-    """``rounds`` x (fresh cache, setup, ``warmup`` untimed steps, ``steps`` timed steps)."""
-    samples: list[int] = []
-    errors: set[str] = set()
-    for _ in range(rounds):
-        cache, desc = make_descriptor(lib, plan.num_pages)
-        plan.setup(desc)
-        samples += time_steps(desc, plan.step, warmup, steps)
-        errors.update(check_state(cache, desc, plan))
+def run_round(
+    lib: types.ModuleType, plan: Plan, steps: int, warmup: int
+) -> tuple[list[int], set[str], Any]:
+    """One round on a fresh cache: setup, ``warmup`` untimed steps, ``steps`` timed steps."""
+    cache, desc = make_descriptor(lib, plan.num_pages)
+    plan.setup(desc)
+    samples = time_steps(desc, plan.step, warmup, steps)
+    errors = set(check_state(cache, desc, plan))
     packed = desc.pack_for_flashinfer(plan.final_ids)
     del cache, desc
     gc.collect()
-    return LibRun(
-        statistics.median(samples) / 1e3,
-        len(samples),
-        sorted(errors),
-        packed.kv_page_indptr.tolist(),
-        packed.kv_last_page_len.tolist(),
-    )
+    return samples, errors, packed
+
+
+def run_libs(
+    libs: dict[str, types.ModuleType], plan: Plan, steps: int, rounds: int, warmup: int
+) -> dict[str, LibRun]:
+    """``rounds`` rounds per library, the libraries taking turns round by round so that
+    both meet the same machine conditions."""
+    samples: dict[str, list[int]] = {label: [] for label in libs}
+    errors: dict[str, set[str]] = {label: set() for label in libs}
+    packed: dict[str, Any] = {}
+    for _ in range(rounds):
+        for label, lib in libs.items():
+            got, errs, packed[label] = run_round(lib, plan, steps, warmup)
+            samples[label] += got
+            errors[label] |= errs
+    return {
+        label: LibRun(
+            statistics.median(samples[label]) / 1e3,
+            len(samples[label]),
+            sorted(errors[label]),
+            packed[label].kv_page_indptr.tolist(),
+            packed[label].kv_last_page_len.tolist(),
+        )
+        for label in libs
+    }
 
 
 def run_scenario(sc: Scenario, libs: dict[str, types.ModuleType], quick: bool, seed: int) -> Result:
     steps, rounds, warmup = (20, 1, 3) if quick else (sc.steps, sc.rounds, sc.warmup)
     plan = sc.build(warmup + steps, seed)
-    runs = {label: run_one(lib, plan, steps, rounds, warmup) for label, lib in libs.items()}
+    runs = run_libs(libs, plan, steps, rounds, warmup)
     errors = [f"{label}: {e}" for label, run in runs.items() for e in run.errors]
     ours, peer = runs["seqattn"], runs["0.0.2"]
     if (ours.indptr, ours.last_page_len) != (peer.indptr, peer.last_page_len):

@@ -277,3 +277,30 @@ def test_to_device_keeps_every_field(desc):
     packed = desc.pack_for_flashinfer([1], append_lens=[5]).to_device("cpu")
     assert packed.append_positions.tolist() == [0, 1, 2, 3, 4]
     assert packed.batch_size == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_packing_matches_page_lists_under_any_call_order(seed):
+    """Decode steps of the packed batch, of other batches, prefill chunks, truncation and
+    packs of other batches, in random order: every pack equals the sequences' page lists."""
+    rng = np.random.default_rng(seed)
+    desc = CacheDescriptor(make_cache(num_pages=4000, page_size=int(rng.integers(1, 6))))
+    batch, other = [0, 1, 2, 3, 4], [3, 4, 5]
+    desc.allocate([*batch, 5], rng.integers(0, 9, 6).tolist())
+    for _ in range(300):
+        action = rng.integers(6)
+        if action == 0:
+            desc.allocate_decoding(batch)
+        elif action == 1:
+            desc.allocate_decoding(other)
+        elif action == 2:
+            desc.allocate(batch, rng.integers(0, 7, len(batch)).tolist())
+        elif action == 3:
+            seq = int(rng.choice(batch))
+            desc.truncate(seq, int(rng.integers(0, desc.seq_len(seq) + 1)))
+        ids = batch if action != 4 else other
+        packed = desc.pack_for_flashinfer(ids)
+        indptr = packed.kv_page_indptr.tolist()
+        for row, seq in enumerate(ids):
+            got = packed.kv_page_indices[indptr[row] : indptr[row + 1]].tolist()
+            assert got == desc.page_indices(seq)

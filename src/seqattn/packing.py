@@ -19,7 +19,7 @@ import torch
 from attrs import define
 
 from .packed_data import FlashInferPackedData, append_rows_positions, checked_indptr
-from .page_table import SequencePageTable, pages_for
+from .page_table import SequencePageTable
 
 
 @define(slots=True)
@@ -28,6 +28,7 @@ class _Snapshot:
 
     slots: np.ndarray
     layout_version: int
+    growth_version: int
     counts: np.ndarray
     indptr: np.ndarray
     indices: np.ndarray
@@ -56,10 +57,12 @@ class BatchPacker:
         table = self.table
         ps = table.page_size
         lens = table.lengths(slots)
-        counts = pages_for(lens, ps)
+        # one divmod gives both: n + ps - 1 = ceil(n / ps) * ps + (n - 1) % ps, for n >= 1
+        counts, last = np.divmod(lens + (ps - 1), ps)
+        last += 1
+        np.minimum(last, lens, out=last)  # an empty sequence: 0
         indptr = np.zeros(slots.size + 1, dtype=np.int32)
         np.cumsum(counts, out=indptr[1:])
-        last = np.minimum(lens - (counts - 1) * ps, lens)  # 0 for an empty sequence
         append: list[np.ndarray] = []  # [append_indptr, batch_indices, positions]
         if append_lens is not None:
             append_indptr = checked_indptr(
@@ -89,16 +92,25 @@ class BatchPacker:
         self, slots: np.ndarray, counts: np.ndarray, indptr: np.ndarray
     ) -> np.ndarray:
         table, snap = self.table, self._snapshot
+        growth = table.last_growth
         if (
-            snap is not None
-            and snap.layout_version == table.layout_version
-            and (snap.slots is slots or np.array_equal(snap.slots, slots))
+            snap is None
+            or snap.layout_version != table.layout_version
+            or not (snap.slots is slots or np.array_equal(snap.slots, slots))
         ):
+            indices = table.pages_of_slots(slots)
+        elif snap.growth_version == table.growth_version:
+            indices = snap.indices  # nothing changed
+        elif growth[0] == table.growth_version == snap.growth_version + 1 and growth[1] is slots:
+            # the one change since the snapshot is a decode step of this very batch,
+            # whose new pages the table recorded
+            indices = _insert_after_rows(snap, indptr, growth[2], None, growth[3])
+        else:
             # nothing but growth at the end since the snapshot: counts only went up
             indices = _splice(snap, slots, counts, indptr, table)
-        else:
-            indices = table.pages_of_slots(slots)
-        self._snapshot = _Snapshot(slots, table.layout_version, counts, indptr, indices)
+        self._snapshot = _Snapshot(
+            slots, table.layout_version, table.growth_version, counts, indptr, indices
+        )
         return indices
 
     def _device_arena(self, device: torch.device) -> _DeviceArena:
@@ -122,30 +134,45 @@ def _splice(
     grown = (counts != snap.counts).nonzero()[0]  # not np.flatnonzero: 3 us slower
     if grown.size == 0:
         return snap.indices
+    arena_ends = table.starts(slots[grown]) + counts[grown]
+    if int(indptr[-1]) - snap.indices.size == grown.size:  # one page each: a decode step
+        return _insert_after_rows(snap, indptr, grown, None, table.arena[arena_ends - 1])
+    gained = counts[grown] - snap.counts[grown]
+    back = np.arange(int(gained.sum())) - np.repeat(np.cumsum(gained), gained)
+    pages = table.arena[np.repeat(arena_ends, gained) + back]
+    return _insert_after_rows(snap, indptr, grown, gained, pages)
+
+
+def _insert_after_rows(
+    snap: _Snapshot,
+    indptr: np.ndarray,
+    rows: np.ndarray,
+    gained: Optional[np.ndarray],
+    pages: np.ndarray,
+) -> np.ndarray:
+    """The snapshot's indices with ``pages`` inserted at the ends of ``rows`` (ascending).
+
+    ``gained[i]`` pages go to ``rows[i]`` (one each when None); ``indptr`` is the new
+    batch's, so the inserted pages end each grown row there.
+    """
     old = snap.indices
     new = np.empty(int(indptr[-1]), dtype=np.int32)
-    num_gained = new.size - old.size
-    row_ends = grown + 1
-    # None when each grown row gained one page, as in a decode step
-    gained = None if num_gained == grown.size else counts[grown] - snap.counts[grown]
+    row_ends = rows + 1
     # old pages move right by the pages gained in earlier rows: copy them run by run
     # (through memoryviews, whose slicing costs a fraction of numpy's)
     to, frm = new.data, old.data
     src = shift = 0
-    extras = [1] * grown.size if gained is None else gained.tolist()
+    extras = [1] * rows.size if gained is None else gained.tolist()
     for end, extra in zip(snap.indptr[row_ends].tolist(), extras, strict=True):
         to[src + shift : end + shift] = frm[src:end]
         src, shift = end, shift + extra
     to[src + shift :] = frm[src:]
-    # the gained pages end each grown row, in the batch as in the arena
     new_ends = indptr[row_ends]
-    arena_ends = table.starts(slots[grown]) + counts[grown]
     if gained is None:
-        new[new_ends - 1] = table.arena[arena_ends - 1]
+        new[new_ends - 1] = pages
     else:
-        back = np.arange(num_gained) - np.repeat(np.cumsum(gained), gained)
-        at_arena = np.repeat(arena_ends, gained) + back
-        new[np.repeat(new_ends, gained) + back] = table.arena[at_arena]
+        back = np.arange(pages.size) - np.repeat(np.cumsum(gained), gained)
+        new[np.repeat(new_ends, gained) + back] = pages
     return new
 
 

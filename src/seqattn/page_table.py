@@ -64,6 +64,15 @@ class SequencePageTable:
         self._live_room = 0
         self.membership_version = 0  # bumped when a sequence starts or ends
         self.layout_version = 0  # bumped when pages change other than by growth at the end
+        self.growth_version = 0  # bumped by every call that adds tokens
+        # the last decode step: (growth_version after it, its slots array, the rows that
+        # gained a page, those pages), so that a packer can splice without searching
+        self.last_growth: tuple[int, np.ndarray, np.ndarray, np.ndarray] = (
+            -1,
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int32),
+        )
         self.write_log: list[np.ndarray] | None = None  # arena positions written, when mirrored
         self._cached_ids: list[int] | None = None
         self._cached_slots = np.zeros(0, dtype=np.int64)
@@ -164,20 +173,23 @@ class SequencePageTable:
             for i in np.flatnonzero(~known).tolist():
                 slots[i] = self._new_slot(ids[i])
         self._add_pages(slots, old_len, old_len + add, pages)
+        self.growth_version += 1
         return slots
 
     def grow_by_one(self, slots: np.ndarray) -> None:
         """One more token for each of the (distinct, live) slots, all or nothing."""
         old_len = self._length[slots]
         full = (old_len % self.page_size == 0).nonzero()[0]  # next token starts a page
+        pages = self.allocator.allocate(full.size)
         if full.size:
-            pages = self.allocator.allocate(full.size)
             rows = slots[full]
             first = old_len[full] // self.page_size
             self._ensure_room(rows, first + 1)
             self._write(self._start[rows] + first, pages)
         old_len += 1
         self._length[slots] = old_len
+        self.growth_version += 1
+        self.last_growth = (self.growth_version, slots, full, pages)
 
     def truncate(self, slot: int, new_len: int) -> tuple[int, int] | None:
         """Cut a sequence to ``new_len`` tokens and free the pages past it.

@@ -156,6 +156,8 @@ def _insert_after_rows(
     batch's, so the inserted pages end each grown row there.
     """
     old = snap.indices
+    if rows.size == 0:
+        return old
     new = np.empty(int(indptr[-1]), dtype=np.int32)
     row_ends = rows + 1
     # old pages move right by the pages gained in earlier rows: copy them run by run

@@ -241,12 +241,12 @@ class SequencePageTable:
         """End sequences and drop their page references, all or nothing."""
         slots = self.slots(seq_ids)
         self.allocator.unref(self.pages_of_slots(slots))
-        for seq_id, slot in zip(_to_list(seq_ids), slots.tolist(), strict=True):
+        for seq_id in _to_list(seq_ids):
             del self._slot_of[seq_id]
-            self._free_slots.append(slot)
-            self._live_room -= int(self._room[slot])
-            self._length[slot] = 0
-            self._room[slot] = 0
+        self._free_slots += slots.tolist()
+        self._live_room -= int(self._room[slots].sum())
+        self._length[slots] = 0
+        self._room[slots] = 0
         self.membership_version += 1
         self.layout_version += 1
 
@@ -316,23 +316,25 @@ class SequencePageTable:
 
     def _ensure_room(self, slots: np.ndarray, pages_needed: np.ndarray) -> None:
         short = self._room[slots] < pages_needed
-        if not short.any():
-            return
-        for slot, need in zip(slots[short].tolist(), pages_needed[short].tolist(), strict=True):
-            self._move(slot, max(2 * need, 4))
+        if short.any():
+            self._move(slots[short], np.maximum(2 * pages_needed[short], 4))
 
-    def _move(self, slot: int, room: int) -> None:
-        """Give ``slot`` a fresh region of ``room`` pages at the arena top."""
-        if self._top + room > self.arena.size:
-            self._compact(extra=room)
-        held = int(pages_for(self._length[slot], self.page_size))
-        start = int(self._start[slot])
-        new_start = self._top
-        self.arena[new_start : new_start + held] = self.arena[start : start + held]
-        self._log(np.arange(new_start, new_start + held))
-        self._live_room += room - int(self._room[slot])
-        self._start[slot], self._room[slot] = new_start, room
-        self._top = new_start + room
+    def _move(self, slots: np.ndarray, rooms: np.ndarray) -> None:
+        """Give each of ``slots`` a fresh region of ``rooms`` pages at the arena top,
+        carrying its page ids over (one vectorized copy for all of them)."""
+        total = int(rooms.sum())
+        if self._top + total > self.arena.size:
+            self._compact(extra=total)
+        held = pages_for(self._length[slots], self.page_size)
+        starts = self._top + np.cumsum(rooms) - rooms
+        if held.any():
+            rank = np.arange(int(held.sum())) - np.repeat(np.cumsum(held) - held, held)
+            to = np.repeat(starts, held) + rank
+            self.arena[to] = self.arena[np.repeat(self._start[slots], held) + rank]
+            self._log(to)
+        self._live_room += total - int(self._room[slots].sum())
+        self._start[slots], self._room[slots] = starts, rooms
+        self._top += total
 
     def _compact(self, extra: int) -> None:
         """Pack live regions to the arena front, growing it so ``extra`` more pages fit."""

@@ -179,8 +179,10 @@ def _insert_after_rows(
 
 
 def _pinned(array: np.ndarray) -> torch.Tensor:
-    """A pinned host copy; torch's caching host allocator keeps it until its copies land."""
-    out = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
+    """A pinned host copy (torch's caching host allocator keeps it until its copies
+    land); a plain copy where there is no CUDA, so the mirror logic also runs on a CPU."""
+    pin = torch.cuda.is_available()
+    out = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=pin)
     out.numpy()[...] = array
     return out
 

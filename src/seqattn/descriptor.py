@@ -12,7 +12,7 @@ from ._arrays import as_int_array
 from .errors import InvalidLengthError
 from .packed_data import Device, FlashInferPackedData, as_device
 from .packing import BatchPacker
-from .page_table import SeqIds, SequencePageTable, pages_for
+from .page_table import SeqIds, SequencePageTable
 from .storage import PagedKVCacheManager
 
 
@@ -138,8 +138,7 @@ class CacheDescriptor:
         old = np.array([table.length(table.slot(i)) if i in table else 0 for i in seq_ids])
         if add.size != old.size or (add.size and add.min() < 0):
             raise InvalidLengthError(f"expected {old.size} lengths >= 0, got {add.tolist()[:8]}")
-        ps = table.page_size
-        return int((pages_for(old + add, ps) - pages_for(old, ps)).sum())
+        return table.pages_needed(old, old + add)
 
     def seq_len(self, seq_id: int) -> int:
         """Tokens held by one sequence."""

@@ -168,7 +168,7 @@ class SequencePageTable:
         old_len = np.where(known, self._length[np.maximum(slots, 0)], 0)
         if add.size and (old_len + add).max() > MAX_LENGTH:
             raise InvalidLengthError(f"a sequence would exceed {MAX_LENGTH} tokens")
-        pages = self.allocator.allocate(self._pages_needed(old_len, old_len + add))
+        pages = self.allocator.allocate(self.pages_needed(old_len, old_len + add))
         if not known.all():
             for i in np.flatnonzero(~known).tolist():
                 slots[i] = self._new_slot(ids[i])
@@ -280,7 +280,8 @@ class SequencePageTable:
         assert (holders[last] == 1).all(), "two sequences share a partially filled page"
 
     # ---------------------------------------------------------------- internals
-    def _pages_needed(self, old_len: np.ndarray, new_len: np.ndarray) -> int:
+    def pages_needed(self, old_len: np.ndarray, new_len: np.ndarray) -> int:
+        """Pages that growing sequences from ``old_len`` to ``new_len`` tokens takes."""
         return int((pages_for(new_len, self.page_size) - pages_for(old_len, self.page_size)).sum())
 
     def _add_pages(

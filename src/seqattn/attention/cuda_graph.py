@@ -93,6 +93,7 @@ class CUDAGraphDecodeAttention:
         self.cache = cache
         self.num_qo_heads = num_qo_heads
         self._fi = fi
+        self._scales = kv_scales(cache)
         self.batch_sizes = sorted({int(b) for b in batch_sizes})
         tensor_cores = decode_tensor_cores(num_qo_heads, cache.num_heads, decode_use_tensor_cores)
         pages = cache.num_pages if max_pages is None else int(max_pages)
@@ -184,8 +185,8 @@ class CUDAGraphDecodeAttention:
     ) -> torch.Tensor:
         """Decode attention of one layer: ``q [bucket, num_qo_heads, head_dim]`` -> same shape."""
         bucket = self._planned(q.shape[0], "q")
-        cache = self.cache
-        return bucket.wrapper.run(q, cache.get_memory_tensors(layer), out=out, **kv_scales(cache))
+        kv = self.cache.get_memory_tensors(layer)
+        return bucket.wrapper.run(q, kv, out=out, **self._scales)
 
     def capture(self, step: Callable[[], Any], *, warmup: int = 2) -> torch.cuda.CUDAGraph:
         """Capture ``step`` (append_kv/run on static tensors) for the planned bucket.

@@ -654,3 +654,28 @@ def test_tensor_core_decode_only_where_the_cuda_core_kernel_lacks_the_group_size
     from seqattn.attention.flashinfer_backend import decode_tensor_cores
 
     assert decode_tensor_cores(num_qo_heads, num_kv_heads, choice) is expected
+
+
+def test_a_hand_built_batch_without_seq_lens_plans_the_same():
+    from seqattn import FlashInferPackedData
+
+    cache = PagedKVCacheManager(32, 4, 2, 8, torch.float64, "cpu")
+    desc = CacheDescriptor(cache)
+    desc.allocate([1, 2], [7, 3])
+    packed = desc.pack_for_flashinfer([1, 2], append_lens=[7, 3])
+    cache.append_kv(
+        torch.randn(10, 2, 8, dtype=torch.float64),
+        torch.randn(10, 2, 8, dtype=torch.float64),
+        packed,
+    )
+    by_hand = FlashInferPackedData(
+        packed.kv_page_indices, packed.kv_page_indptr, packed.kv_last_page_len,
+        append_indptr=packed.append_indptr,
+    )  # fmt: skip
+    assert by_hand.kv_seq_lens is None
+    q = torch.randn(10, 4, 8, dtype=torch.float64)
+    attn = PagedAttention(cache, 4, backend="torch")
+    attn.plan(packed)
+    expected = attn.run(q)
+    attn.plan(by_hand)
+    assert torch.equal(attn.run(q), expected)

@@ -67,9 +67,14 @@ class AttentionBatch:
         logits_soft_cap: Optional[float] = None,
     ) -> AttentionBatch:
         """Validate and normalize; ``qo_lens`` defaults to the packed append lengths."""
-        kv_lens = seq_lens_from_page_table(
-            packed.kv_page_indptr.cpu().numpy(), packed.kv_last_page_len.cpu().numpy(), page_size
-        ).astype(np.int32)
+        if packed.kv_seq_lens is not None:  # a packer's batch: computed once, when packing
+            kv_lens = packed.kv_seq_lens.cpu().numpy().astype(np.int32, copy=False)
+        else:  # a batch built by hand
+            kv_lens = seq_lens_from_page_table(
+                packed.kv_page_indptr.cpu().numpy(),
+                packed.kv_last_page_len.cpu().numpy(),
+                page_size,
+            ).astype(np.int32)
         if qo_lens is None:
             if packed.append_indptr is None:
                 raise InvalidLengthError(

@@ -7,7 +7,7 @@ A page is free exactly when its reference count is 0. Every holder of a page
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Union
+from typing import Optional, Protocol, Union
 
 import numpy as np
 
@@ -16,6 +16,31 @@ from .errors import NoPageError, PageStateError
 
 PageIds = Union[Iterable[int], np.ndarray]
 """Page ids: a list of ints, a numpy integer array, or a 1-D integer torch tensor."""
+
+
+class Reclaimer(Protocol):
+    """A holder that gives pages back on demand (a prefix cache's unused pages).
+
+    The allocator tells it when a watched page's reference count falls to 1 (the
+    reclaimer is then its sole holder) or rises from 1, and asks it to reclaim pages
+    before it would raise :class:`NoPageError`.
+    """
+
+    watched: np.ndarray
+    """``shape: [num_pages], dtype: bool``: the pages whose counts it follows."""
+
+    @property
+    def reclaimable_count(self) -> int:
+        """Pages it could give back now."""
+
+    def reclaim(self, num_pages: int) -> None:
+        """Drop its references to at least ``num_pages`` pages nobody else holds."""
+
+    def on_sole_holder(self, pages: np.ndarray) -> None:
+        """Watched pages whose count just fell to 1 (int32, distinct)."""
+
+    def on_shared(self, pages: np.ndarray) -> None:
+        """Watched pages whose count just rose from 1 (int32, distinct)."""
 
 
 class PageAllocator:
@@ -42,11 +67,26 @@ class PageAllocator:
         self._refcount = np.zeros(self.num_pages, dtype=np.int32)
         self._free = np.arange(self.num_pages, dtype=np.int32)
         self._head = 0
+        self.reclaimer: Optional[Reclaimer] = None
+
+    def attach_reclaimer(self, reclaimer: Reclaimer) -> None:
+        """Let ``reclaimer`` (one per pool) follow its pages and give them back on demand."""
+        if self.reclaimer is not None:
+            raise PageStateError("this pool already has a reclaimer (a prefix cache)")
+        if reclaimer.watched.shape != (self.num_pages,):
+            raise PageStateError(f"a reclaimer must watch [{self.num_pages}] pages")
+        self.reclaimer = reclaimer
+
+    @property
+    def free_pages_count(self) -> int:
+        """Pages no one holds."""
+        return self.num_pages - self._head
 
     @property
     def available_pages_count(self) -> int:
-        """Number of free pages."""
-        return self.num_pages - self._head
+        """Pages an allocation can take: the free ones, and those only a reclaimer holds."""
+        free = self.num_pages - self._head
+        return free if self.reclaimer is None else free + self.reclaimer.reclaimable_count
 
     @property
     def refcount(self) -> np.ndarray:
@@ -61,17 +101,18 @@ class PageAllocator:
         Returns:
             page ids, shape ``[num_pages]``, int32 (lowest ids first on a fresh pool).
 
+        When too few pages are free, the reclaimer (if any) first gives back the pages
+        only it holds, least recently used first.
+
         Raises:
-            NoPageError: fewer pages are free; nothing is allocated.
+            NoPageError: fewer pages are available; nothing is allocated or reclaimed.
         """
         n = int(num_pages)
         if n < 0:
             raise PageStateError(f"cannot allocate a negative number of pages ({n})")
+        if n > self.num_pages - self._head:
+            self._reclaim(n)
         head = self._head
-        if n > self.num_pages - head:
-            raise NoPageError(
-                f"need {n} pages but only {self.num_pages - head} of {self.num_pages} are free"
-            )
         pages = self._free[head : head + n].copy()
         self._head = head + n
         self._refcount[pages] = 1
@@ -86,10 +127,15 @@ class PageAllocator:
         ids = self._checked_ids(pages)
         if ids.size == 0:
             return
-        free = ids[self._refcount[ids] == 0]
+        before = self._refcount[ids]
+        free = ids[before == 0]
         if free.size:
             raise PageStateError(f"cannot ref free pages {free[:8].tolist()}: allocate them first")
         np.add.at(self._refcount, ids, 1)
+        if self.reclaimer is not None:
+            rising = ids[(before == 1) & self.reclaimer.watched[ids]]
+            if rising.size:
+                self.reclaimer.on_shared(np.unique(rising))
 
     def unref(self, pages: PageIds) -> None:
         """Drop one reference per listing; pages that reach 0 become free.
@@ -111,6 +157,10 @@ class PageAllocator:
         freed = unique[left == 0]
         self._head -= freed.size
         self._free[self._head : self._head + freed.size] = freed
+        if self.reclaimer is not None:
+            sole = unique[(left == 1) & self.reclaimer.watched[unique]]
+            if sole.size:
+                self.reclaimer.on_sole_holder(sole)
 
     release_pages = unref
     """Alias of :meth:`unref`, the seed's name: pages are freed when their count reaches 0."""
@@ -129,6 +179,17 @@ class PageAllocator:
         assert free.size + held == self.num_pages, (
             f"free {free.size} + held {held} != num_pages {self.num_pages}"
         )
+
+    def _reclaim(self, n: int) -> None:
+        free = self.num_pages - self._head
+        reclaimable = 0 if self.reclaimer is None else self.reclaimer.reclaimable_count
+        if n > free + reclaimable:
+            cached = f" and {reclaimable} held only by the prefix cache" if reclaimable else ""
+            raise NoPageError(
+                f"need {n} pages but only {free} of {self.num_pages} are free{cached}"
+            )
+        assert self.reclaimer is not None
+        self.reclaimer.reclaim(n - free)
 
     def _checked_ids(self, pages: PageIds) -> np.ndarray:
         ids = as_int_array(pages, "page ids", PageStateError)

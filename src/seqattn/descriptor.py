@@ -9,10 +9,12 @@ import numpy as np
 from attrs import define
 
 from ._arrays import as_int_array
-from .errors import InvalidLengthError
+from .errors import InvalidLengthError, SeqAttnError
 from .packed_data import Device, FlashInferPackedData, as_device
 from .packing import BatchPacker
 from .page_table import SeqIds, SequencePageTable
+from .prefix_cache import CachedPage, HashFn, PrefixCache, PrefixCacheStats, Salt, blake2b_128
+from .prefix_tracking import PrefixTracker, token_list
 from .storage import PagedKVCacheManager
 
 
@@ -35,10 +37,17 @@ class CacheDescriptor:
     id, a bad length), no page, reference count or length has changed, so a caller
     can catch ``NoPageError``, preempt or evict, and retry.
 
+    With ``prefix_caching=True``, full pages stay cached after their sequences end and
+    serve later sequences that start with the same tokens (:meth:`start_sequence`,
+    :meth:`commit`); they are evicted, least recently used first, only when the pool
+    runs out.
+
     Args:
         cache_manager: owns the page pool and the K/V storage.
         check_invariants: run :meth:`check_integrity` after every mutating call
             (slow; for tests and debugging).
+        prefix_caching: keep a :class:`PrefixCache` over the pool (one per pool).
+        prefix_hash_fn: the prefix cache's key function (default 128-bit BLAKE2b).
 
     Example:
         >>> import torch
@@ -58,11 +67,25 @@ class CacheDescriptor:
         32
     """
 
-    def __init__(self, cache_manager: PagedKVCacheManager, *, check_invariants: bool = False):
+    def __init__(
+        self,
+        cache_manager: PagedKVCacheManager,
+        *,
+        check_invariants: bool = False,
+        prefix_caching: bool = False,
+        prefix_hash_fn: HashFn = blake2b_128,
+    ):
         self.cache_manager = cache_manager
         self.table = SequencePageTable(cache_manager.allocator, cache_manager.page_size)
         self.check_invariants = check_invariants
         self._packer = BatchPacker(self.table)
+        self.prefix_cache: Optional[PrefixCache] = None
+        self._tracker: Optional[PrefixTracker] = None
+        if prefix_caching:
+            self.prefix_cache = PrefixCache(
+                cache_manager.allocator, cache_manager.page_size, hash_fn=prefix_hash_fn
+            )
+            self._tracker = PrefixTracker(self.table, self.prefix_cache)
 
     # --------------------------------------------------------------------- seed API
     def allocate(self, seq_ids: SeqIds, seq_new_lens: SeqIds) -> None:
@@ -76,14 +99,31 @@ class CacheDescriptor:
         self.table.extend(seq_ids, seq_new_lens)
         self._after_change()
 
-    def allocate_decoding(self, seq_ids: SeqIds) -> None:
-        """Add one token to each of the (live) sequences, for a decode step."""
-        self.table.grow_by_one(self.table.slots(seq_ids))
+    def allocate_decoding(self, seq_ids: SeqIds, token_ids: Optional[SeqIds] = None) -> None:
+        """Add one token to each of the (live) sequences, for a decode step.
+
+        Args:
+            seq_ids: live sequences.
+            token_ids: with prefix caching, the id of each sequence's new token (the one
+                whose KV this step appends), so that its pages can be cached once full.
+        """
+        slots = self.table.slots(seq_ids)
+        tokens = None if token_ids is None else token_list(token_ids, slots.size)
+        self.table.grow_by_one(slots)
+        if tokens is not None and self._tracker is not None:
+            self._tracker.record_decode(slots, tokens)
         self._after_change()
 
     def release(self, seq_ids: SeqIds) -> None:
-        """End the sequences and drop their references to their pages."""
+        """End the sequences and drop their references to their pages.
+
+        With prefix caching, pages not yet committed are not cached (call :meth:`commit`
+        first for a sequence whose KV is written and should be kept).
+        """
+        slots = self.table.slots(seq_ids)
         self.table.release(seq_ids)
+        if self._tracker is not None:
+            self._tracker.release(slots)
         self._after_change()
 
     def pack_for_flashinfer(
@@ -108,6 +148,61 @@ class CacheDescriptor:
         target = None if device is None else as_device(device)
         return self._packer.pack(self.table.slots(seq_ids), append_lens, target)
 
+    # ---------------------------------------------------------------- prefix caching
+    def start_sequence(self, seq_id: int, token_ids: SeqIds, *, salt: Salt = None) -> int:
+        """Start ``seq_id`` from its prompt, sharing the longest cached prefix.
+
+        The sequence starts holding the cached tokens; the caller then allocates and
+        computes the rest (``allocate([seq_id], [len(token_ids) - cached])``, at once or
+        in chunks) and calls :meth:`commit` after appending their KV. At most
+        ``len(token_ids) - 1`` tokens come from the cache, so the last prompt token is
+        always computed and yields logits. Without prefix caching nothing is cached.
+
+        Args:
+            seq_id: a new sequence id.
+            token_ids: the prompt, ``[prompt_len]`` ints (list, numpy or torch).
+            salt: namespace (str or bytes): prefixes are shared only within one salt,
+                e.g. per tenant or adapter. None: the default namespace.
+
+        Returns:
+            The number of prompt tokens already cached (the sequence's length now).
+        """
+        if self._tracker is None:
+            token_list(token_ids)
+            self.table.adopt(seq_id, np.zeros(0, np.int32), 0)
+            return 0
+        cached = self._tracker.start(seq_id, token_ids, salt)
+        self._after_change()
+        return cached
+
+    def commit(self, seq_ids: SeqIds) -> None:
+        """Publish the full pages of these sequences in the prefix cache.
+
+        Call it once the KV of every token the sequences hold has been appended to every
+        layer (on a GPU: once the appends are enqueued; later reads follow them on the
+        stream). Pages already cached under the same prefix are swapped for the cached
+        copy, so duplicates return to the pool. A no-op without prefix caching.
+        """
+        if self._tracker is not None:
+            self._tracker.commit(self.table.slots(seq_ids))
+            self._after_change()
+
+    def pin_prefix(self, seq_id: int) -> CachedPage:
+        """Keep the committed pages of ``seq_id`` cached for good (a system prompt).
+
+        Returns a handle for :meth:`unpin_prefix`.
+        """
+        return self._need_tracker().pin(self.table.slot(seq_id))
+
+    def unpin_prefix(self, handle: CachedPage) -> None:
+        """Let a pinned prefix be evicted again."""
+        self._need_tracker().cache.unpin([handle])
+
+    @property
+    def prefix_stats(self) -> Optional[PrefixCacheStats]:
+        """The prefix cache's counters (lookups, hit tokens, hit rate, pages), or None."""
+        return None if self.prefix_cache is None else self.prefix_cache.stats
+
     # ---------------------------------------------------------------- beyond the seed
     def fork(self, src_id: int, dst_id: int) -> None:
         """Start ``dst_id`` as a copy of ``src_id`` that shares its full pages.
@@ -115,9 +210,12 @@ class CacheDescriptor:
         A partially filled last page is copied to a fresh page (in every layer), so
         neither sequence ever writes into a page the other reads.
         """
-        _, copy = self.table.fork(self.table.slot(src_id), dst_id)
+        src = self.table.slot(src_id)
+        dst, copy = self.table.fork(src, dst_id)
         if copy is not None:
             self.cache_manager.copy_pages([copy[0]], [copy[1]])
+        if self._tracker is not None:
+            self._tracker.fork(src, dst)
         self._after_change()
 
     def truncate(self, seq_id: int, new_len: int) -> None:
@@ -126,9 +224,12 @@ class CacheDescriptor:
         Pages past ``new_len`` lose this sequence's reference. If the new last page is
         partial and shared (after a fork), it is first copied to a fresh page.
         """
-        copy = self.table.truncate(self.table.slot(seq_id), int(new_len))
+        slot = self.table.slot(seq_id)
+        copy = self.table.truncate(slot, int(new_len))
         if copy is not None:
             self.cache_manager.copy_pages([copy[0]], [copy[1]])
+        if self._tracker is not None:
+            self._tracker.truncate(slot, int(new_len))
         self._after_change()
 
     def pages_needed(self, seq_ids: SeqIds, seq_new_lens: SeqIds) -> int:
@@ -178,6 +279,14 @@ class CacheDescriptor:
     def check_integrity(self) -> None:
         """Raise AssertionError unless every page, count and length is consistent."""
         self.table.check_integrity()
+        if self._tracker is not None:
+            self._tracker.cache.check_integrity()
+            self._tracker.check_integrity()
+
+    def _need_tracker(self) -> PrefixTracker:
+        if self._tracker is None:
+            raise SeqAttnError("prefix caching is off: CacheDescriptor(..., prefix_caching=True)")
+        return self._tracker
 
     def _after_change(self) -> None:
         if self.check_invariants:

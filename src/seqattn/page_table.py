@@ -90,6 +90,11 @@ class SequencePageTable:
         """Ids of the live sequences, in creation order."""
         return list(self._slot_of)
 
+    @property
+    def slot_capacity(self) -> int:
+        """Slots the per-slot arrays have room for (every slot id is below it)."""
+        return int(self._length.size)
+
     def slot(self, seq_id: int) -> int:
         """The slot of one live sequence; raises UnknownSequenceError."""
         try:
@@ -223,19 +228,38 @@ class SequencePageTable:
         A partial last page is not shared: ``dst_id`` gets a fresh page, returned as
         ``(src_page, fresh_page)`` for the caller to copy. Returns ``(dst_slot, copy)``.
         """
-        if dst_id in self._slot_of:
-            raise SequenceExistsError(f"cannot fork into sequence id {dst_id}: it is live")
+        self._check_new(dst_id)
         length = int(self._length[src_slot])
         pages = self.page_ids(src_slot)
         full = length // self.page_size
         fresh = self.allocator.allocate(pages.size - full)  # 0 or 1 page
         self.allocator.ref(pages[:full])
-        dst = self._new_slot(dst_id)
-        self._ensure_room(np.array([dst]), np.array([pages.size]))
-        self._write(self._start[dst] + np.arange(pages.size), np.concatenate([pages[:full], fresh]))
-        self._length[dst] = length
+        dst = self.adopt(dst_id, np.concatenate([pages[:full], fresh]), length)
         copy = (int(pages[-1]), int(fresh[0])) if fresh.size else None
         return dst, copy
+
+    def adopt(self, seq_id: int, pages: np.ndarray, length: int) -> int:
+        """Start ``seq_id`` holding ``pages`` (one reference each, already taken by the
+        caller) and ``length`` tokens; returns its slot."""
+        self._check_new(seq_id)
+        assert pages.size == pages_for(length, self.page_size), "pages do not match the length"
+        slot = self._new_slot(seq_id)
+        self._ensure_room(np.array([slot]), np.array([pages.size]))
+        self._write(self._start[slot] + np.arange(pages.size), pages)
+        self._length[slot] = length
+        self.growth_version += 1
+        return slot
+
+    def share_page(self, slot: int, index: int, page: int) -> None:
+        """Replace page ``index`` of ``slot`` by ``page``, which holds the same KV (a
+        prefix cache's copy): the slot takes a reference to ``page`` and drops the old."""
+        position = int(self._start[slot]) + index
+        old = self.arena[position : position + 1].copy()
+        assert index < pages_for(int(self._length[slot]), self.page_size), "index past the end"
+        self.allocator.ref([page])
+        self._write(np.array([position]), np.array([page], dtype=np.int32))
+        self.allocator.unref(old)
+        self.layout_version += 1
 
     def release(self, seq_ids: SeqIds) -> None:
         """End sequences and drop their page references, all or nothing."""
@@ -296,6 +320,10 @@ class SequencePageTable:
             row_start = np.repeat(self._start[rows] + first - (np.cumsum(count) - count), count)
             self._write(row_start + np.arange(pages.size), pages)
         self._length[slots] = new_len
+
+    def _check_new(self, seq_id: int) -> None:
+        if seq_id in self._slot_of:
+            raise SequenceExistsError(f"sequence id {seq_id} is live already")
 
     def _new_slot(self, seq_id: int) -> int:
         if self._free_slots:

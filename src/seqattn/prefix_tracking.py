@@ -1,0 +1,175 @@
+"""The token ids of sequences that use the prefix cache, and when their pages enter it.
+
+A sequence started from its token ids shares the longest cached prefix of full pages.
+Its own pages enter the cache on :meth:`PrefixTracker.commit`, which the caller calls
+once the KV of every token the sequence holds has been appended (for all layers): a
+page is never published before its KV is written, and a cached page is full, so no
+later append writes into it. A page whose prefix is cached already under another page
+is swapped for that page and returns to the pool.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ._arrays import as_int_array
+from .errors import InvalidLengthError, SeqAttnError, SequenceExistsError
+from .page_table import SequencePageTable
+from .prefix_cache import CachedPage, PrefixCache, Salt
+
+_NEVER = np.iinfo(np.int64).max
+
+
+class _Track:
+    """What the tracker knows of one sequence."""
+
+    __slots__ = ("committed", "salt", "stopped", "tip", "tokens")
+
+    def __init__(self, tokens: list[int], salt: Salt) -> None:
+        self.tokens = tokens  # token ids known so far (may run ahead of the length)
+        self.salt = salt
+        self.tip: Optional[CachedPage] = None  # the cache entry of page committed - 1
+        self.committed = 0  # leading pages that are cached (inserted or matched)
+        self.stopped = False  # tokens went unknown or a hash collided: cache no more
+
+    def copy(self) -> _Track:
+        twin = _Track(list(self.tokens), self.salt)
+        twin.tip, twin.committed, twin.stopped = self.tip, self.committed, self.stopped
+        return twin
+
+
+class PrefixTracker:
+    """Token ids per sequence, matched against and committed into a :class:`PrefixCache`."""
+
+    def __init__(self, table: SequencePageTable, cache: PrefixCache) -> None:
+        self.table = table
+        self.cache = cache
+        self._tracks: dict[int, _Track] = {}  # by slot
+        # on cpu, per slot: the length at which the next page can be committed
+        self._ready_at = np.full(16, _NEVER, dtype=np.int64)
+
+    def start(self, seq_id: int, token_ids: object, salt: Salt) -> int:
+        """Start ``seq_id`` from its tokens, sharing the cached prefix; returns its length.
+
+        At most ``len(token_ids) - 1`` tokens come from the cache, so the caller always
+        computes the last one (and gets its logits).
+        """
+        tokens = token_list(token_ids)
+        table, ps = self.table, self.table.page_size
+        if seq_id in table:
+            raise SequenceExistsError(f"cannot start sequence id {seq_id}: it is live")
+        chain = self.cache.match(np.array(tokens, dtype=np.int64), salt, (len(tokens) - 1) // ps)
+        pages = np.array([entry.page for entry in chain], dtype=np.int32)
+        table.allocator.ref(pages)
+        slot = table.adopt(seq_id, pages, pages.size * ps)
+        track = _Track(tokens, salt)
+        track.committed = len(chain)
+        track.tip = chain[-1] if chain else None
+        self._set(slot, track)
+        return pages.size * ps
+
+    def record_decode(self, slots: np.ndarray, tokens: list[int]) -> None:
+        """Note the token each of ``slots`` just grew by (after ``grow_by_one``)."""
+        tracks = self._tracks
+        lengths = self.table.lengths(slots).tolist()
+        for slot, token, length in zip(slots.tolist(), tokens, lengths, strict=True):
+            track = tracks.get(slot)
+            if track is not None and len(track.tokens) == length - 1:
+                track.tokens.append(token)
+
+    def commit(self, slots: np.ndarray) -> None:
+        """Cache the full pages of ``slots`` whose tokens are known (their KV is written)."""
+        lengths = self.table.lengths(slots)
+        if self._ready_at.size < self.table.slot_capacity:
+            self._grow(self.table.slot_capacity)
+        ready = lengths >= self._ready_at[slots]
+        for i in np.flatnonzero(ready).tolist():
+            self._commit_slot(int(slots[i]), int(lengths[i]))
+
+    def release(self, slots: np.ndarray) -> None:
+        for slot in slots.tolist():
+            if self._tracks.pop(slot, None) is not None:
+                self._ready_at[slot] = _NEVER
+
+    def truncate(self, slot: int, new_len: int) -> None:
+        track = self._tracks.get(slot)
+        if track is None:
+            return
+        del track.tokens[new_len:]
+        keep = min(track.committed, new_len // self.table.page_size)
+        if keep < track.committed:
+            track.committed = keep
+            tip = self.table.page_ids(slot)[keep - 1] if keep else None
+            track.tip = None if tip is None else self.cache.entry_of(int(tip))
+            track.stopped |= keep > 0 and track.tip is None
+        self._set(slot, track)
+
+    def fork(self, src_slot: int, dst_slot: int) -> None:
+        track = self._tracks.get(src_slot)
+        if track is not None:
+            self._set(dst_slot, track.copy())
+
+    def pin(self, slot: int) -> CachedPage:
+        track = self._tracks.get(slot)
+        if track is None or track.tip is None:
+            raise SeqAttnError("the sequence has no cached pages to pin: commit() it first")
+        self.cache.pin([track.tip])
+        return track.tip
+
+    def check_integrity(self) -> None:
+        """Each tracked sequence's committed pages are the cached chain of its tokens."""
+        ps = self.table.page_size
+        for slot, track in self._tracks.items():
+            pages = self.table.page_ids(slot)
+            node = track.tip
+            for i in range(track.committed - 1, -1, -1):
+                assert node is not None and node.alive, "a committed page is not cached"
+                assert node.page == pages[i], "a committed page is not the sequence's page"
+                assert node.tokens.tolist() == track.tokens[i * ps : (i + 1) * ps], (
+                    "a cached page holds other tokens than the sequence"
+                )
+                node = node.parent
+            assert node is None, "the committed chain is longer than committed"
+
+    def _commit_slot(self, slot: int, length: int) -> None:
+        track, ps, table = self._tracks[slot], self.table.page_size, self.table
+        known = len(track.tokens)
+        full = min(length, known) // ps
+        if track.committed < full:
+            pages = table.page_ids(slot)
+            for i in range(track.committed, full):
+                tokens = np.array(track.tokens[i * ps : (i + 1) * ps], dtype=np.int64)
+                entry = self.cache.insert(track.tip, tokens, int(pages[i]), track.salt)
+                if entry is None:  # a hash collision: this prefix stays uncached
+                    track.stopped = True
+                    break
+                if entry.page != pages[i]:  # cached already: share that page, free ours
+                    table.share_page(slot, i, entry.page)
+                track.tip, track.committed = entry, i + 1
+        if length > known:  # tokens nobody told us: pages past here cannot be keyed
+            track.stopped = True
+        self._set(slot, track)
+
+    def _set(self, slot: int, track: _Track) -> None:
+        self._tracks[slot] = track
+        if slot >= self._ready_at.size:
+            self._grow(2 * slot + 2)
+        ps = self.table.page_size
+        self._ready_at[slot] = _NEVER if track.stopped else (track.committed + 1) * ps
+
+    def _grow(self, size: int) -> None:
+        grown = np.full(size, _NEVER, dtype=np.int64)
+        grown[: self._ready_at.size] = self._ready_at
+        self._ready_at = grown
+
+
+def token_list(token_ids: object, expected: Optional[int] = None) -> list[int]:
+    """Token ids as a list of ints (from a list, numpy array or torch tensor), checked."""
+    tokens = as_int_array(token_ids, "token ids", InvalidLengthError).tolist()
+    if expected is not None and len(tokens) != expected:
+        raise InvalidLengthError(
+            f"got {len(tokens)} token ids for {expected} sequences; pass one per sequence"
+        )
+    return tokens

@@ -85,10 +85,10 @@ def test_last_prompt_token_is_always_computed(pdesc: CacheDescriptor) -> None:
 
 def test_kv_through_a_hit_is_the_writers_kv(pdesc: CacheDescriptor) -> None:
     prefill(pdesc, 1, PROMPT)
-    cached = prefill(pdesc, 2, PROMPT + [5, 6, 7])
+    cached = prefill(pdesc, 2, [*PROMPT, 5, 6, 7])
     assert cached == 12
     assert pdesc.page_indices(2)[:3] == pdesc.page_indices(1)[:3]
-    assert_kv_is(pdesc, 2, PROMPT + [5, 6, 7])
+    assert_kv_is(pdesc, 2, [*PROMPT, 5, 6, 7])
     assert_kv_is(pdesc, 1, PROMPT)
 
 
@@ -165,7 +165,7 @@ def test_truncate_into_a_cached_page_copies_it(pdesc: CacheDescriptor) -> None:
     pdesc.commit([1])
     assert prefill(pdesc, 2, PROMPT) == 12  # the cached page still holds PROMPT[8:12]
     assert_kv_is(pdesc, 2, PROMPT)
-    assert_kv_is(pdesc, 1, PROMPT[:10] + [77, 78])
+    assert_kv_is(pdesc, 1, [*PROMPT[:10], 77, 78])
 
 
 def test_fork_of_a_cached_sequence_keeps_tracking(pdesc: CacheDescriptor) -> None:

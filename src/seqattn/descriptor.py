@@ -132,6 +132,7 @@ class CacheDescriptor:
         append_lens: Optional[SeqIds] = None,
         *,
         device: Optional[Device] = None,
+        shared_prefix: bool = False,
     ) -> FlashInferPackedData:
         """The batch's page table in flashinfer's CSR form.
 
@@ -144,9 +145,11 @@ class CacheDescriptor:
                 device: page indices and append metadata on it, built from a device copy
                 of the page table (only new page ids cross the bus, nothing syncs);
                 indptr and lengths in pinned host memory, where ``plan()`` reads them.
+            shared_prefix: also find rows that start with the same pages (prefix-cache
+                hits, forks) for cascade attention (``packed.shared_prefix``).
         """
         target = None if device is None else as_device(device)
-        return self._packer.pack(self.table.slots(seq_ids), append_lens, target)
+        return self._packer.pack(self.table.slots(seq_ids), append_lens, target, shared_prefix)
 
     # ---------------------------------------------------------------- prefix caching
     def start_sequence(self, seq_id: int, token_ids: SeqIds, *, salt: Salt = None) -> int:

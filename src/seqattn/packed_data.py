@@ -10,6 +10,7 @@ from attrs import define, field
 
 from ._arrays import as_int_array
 from .errors import InvalidLengthError
+from .shared_prefix import SharedPrefix
 
 Device = Union[torch.device, str, int]
 
@@ -43,6 +44,8 @@ class FlashInferPackedData:
         append_batch_indices: batch row of each new token, ``shape: [nnz], dtype: torch.int32``.
         append_positions: position of each new token in its sequence,
             ``shape: [nnz], dtype: torch.int32``.
+        shared_prefix: rows that start with the same pages (host), when packed with
+            ``shared_prefix=True``; attention can then read those pages once per group.
 
     Tensors may live on different devices: a batch packed for a CUDA device keeps
     ``kv_page_indices`` there and the small indptr / length arrays in pinned host
@@ -56,6 +59,7 @@ class FlashInferPackedData:
     append_indptr: Optional[torch.Tensor] = field(default=None, kw_only=True)
     append_batch_indices: Optional[torch.Tensor] = field(default=None, kw_only=True)
     append_positions: Optional[torch.Tensor] = field(default=None, kw_only=True)
+    shared_prefix: Optional[SharedPrefix] = field(default=None, kw_only=True)
     _device_copy: Optional[FlashInferPackedData] = field(
         default=None, init=False, repr=False, eq=False
     )
@@ -88,6 +92,7 @@ class FlashInferPackedData:
             append_indptr=move(self.append_indptr),
             append_batch_indices=move(self.append_batch_indices),
             append_positions=move(self.append_positions),
+            shared_prefix=self.shared_prefix,
         )
         self._device_copy = copy
         return copy

@@ -20,6 +20,7 @@ from attrs import define
 
 from .packed_data import FlashInferPackedData, append_rows_positions, checked_indptr
 from .page_table import SequencePageTable
+from .shared_prefix import SharedPrefix, find_shared_prefixes
 
 
 @define(slots=True)
@@ -41,18 +42,21 @@ class BatchPacker:
         self.table = table
         self._snapshot: Optional[_Snapshot] = None
         self._mirror: Optional[_DeviceArena] = None
+        self._shared: Optional[tuple[np.ndarray, int, int, SharedPrefix]] = None
 
     def pack(
         self,
         slots: np.ndarray,
         append_lens: object = None,
         device: Optional[torch.device] = None,
+        shared_prefix: bool = False,
     ) -> FlashInferPackedData:
         """The CSR page table of ``slots`` (and append metadata when ``append_lens`` is given).
 
         With ``device`` None or a CPU device every tensor is on the CPU. With a CUDA
         device, ``kv_page_indices`` and the append metadata are on it, and indptr and
         lengths in pinned host memory (what ``plan()`` wants; ``to_device`` moves them).
+        ``shared_prefix`` also finds the rows that start with the same pages.
         """
         table = self.table
         ps = table.page_size
@@ -86,7 +90,20 @@ class BatchPacker:
             tensors = [torch.from_numpy(a) for a in append]
         if tensors:
             packed.append_indptr, packed.append_batch_indices, packed.append_positions = tensors
+        if shared_prefix:
+            packed.shared_prefix = self._shared_prefix(slots, lens)
         return packed
+
+    def _shared_prefix(self, slots: np.ndarray, lens: np.ndarray) -> SharedPrefix:
+        """Groups of rows with common leading pages; the last answer while only growth
+        happened (new pages are never shared, so growth cannot change the groups)."""
+        table, last = self.table, self._shared
+        versions = (table.layout_version, table.membership_version)
+        if last is not None and last[1:3] == versions and np.array_equal(last[0], slots):
+            return last[3]
+        found = find_shared_prefixes(table.arena, table.starts(slots), lens // table.page_size)
+        self._shared = (slots, *versions, found)
+        return found
 
     def _host_indices(
         self, slots: np.ndarray, counts: np.ndarray, indptr: np.ndarray

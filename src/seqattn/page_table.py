@@ -210,14 +210,15 @@ class SequencePageTable:
             )
         keep = pages_for(new_len, self.page_size)
         pages = self.page_ids(slot)
-        copy = None
+        copy, drop = None, pages[keep:]
         partial = new_len % self.page_size != 0
         if partial and self.allocator.refcount[pages[keep - 1]] > 1:
             fresh = int(self.allocator.allocate(1)[0])
-            copy = (int(pages[keep - 1]), fresh)
+            copy, drop = (int(pages[keep - 1]), fresh), pages[keep - 1 :]
             self._write(np.array([self._start[slot] + keep - 1]), np.array([fresh]))
-            self.allocator.unref(pages[keep - 1 : keep])
-        self.allocator.unref(pages[keep:])
+        self.allocator.unref(
+            drop
+        )  # in one call: a prefix cache sees children and parents go together
         self._length[slot] = new_len
         self.layout_version += 1
         return copy

@@ -77,13 +77,18 @@ class FlashInferAttentionBackend:
         *,
         workspace_bytes: int = 128 * 1024 * 1024,
         decode_use_tensor_cores: Optional[bool] = None,
+        workspace: Optional[torch.Tensor] = None,
     ) -> None:
         fi = flashinfer_for(cache)
+        self.fi = fi
         self.cache = cache
         self.num_qo_heads = num_qo_heads
         tensor_cores = decode_tensor_cores(num_qo_heads, cache.num_heads, decode_use_tensor_cores)
-        # one float workspace serves every wrapper: their kernels run one at a time
-        workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=cache.device)
+        # one float workspace serves every wrapper (also another backend's, when passed):
+        # their kernels run one at a time on one stream
+        if workspace is None:
+            workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=cache.device)
+        self.workspace = workspace
         layout = cache.kv_layout
         self._decode = _WrapperPair(
             lambda: fi.BatchDecodeWithPagedKVCacheWrapper(
@@ -139,6 +144,12 @@ class FlashInferAttentionBackend:
         if return_lse:
             return result[0], result[1]
         return result, None
+
+    def merge(
+        self, out: torch.Tensor, lse: torch.Tensor, other: torch.Tensor, other_lse: torch.Tensor
+    ) -> None:
+        """Fold attention over other keys (``other``, ``other_lse``) into ``out``, ``lse``."""
+        self.fi.merge_state_in_place(out, lse, other, other_lse)
 
 
 def kv_scales(cache: PagedKVCacheManager) -> dict[str, float]:

@@ -9,12 +9,15 @@ import torch
 from .._flashinfer import flashinfer_or_none
 from ..errors import SeqAttnError, TensorSpecError
 from ..packed_data import FlashInferPackedData
+from ..shared_prefix import SharedPrefix, find_shared_prefixes
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch
+from .cascade import CascadeSplit, split_for_cascade
 from .flashinfer_backend import FlashInferAttentionBackend
 from .torch_backend import TorchAttentionBackend
 
 BACKENDS = ("auto", "flashinfer", "torch")
+Backend = Union[FlashInferAttentionBackend, TorchAttentionBackend]
 
 
 class PagedAttention:
@@ -32,6 +35,9 @@ class PagedAttention:
         workspace_bytes: flashinfer's float workspace (shared by its wrappers).
         decode_use_tensor_cores: force flashinfer's tensor-core decode on or off;
             default: on only for group sizes the CUDA-core kernel lacks.
+        cascade_min_saved_tokens: with ``plan(cascade=None)``, cascade attention is used
+            when reading shared prefixes once saves at least this many K/V tokens per
+            layer (below it, the extra kernels cost more than they save).
 
     Example:
         >>> import torch
@@ -55,6 +61,7 @@ class PagedAttention:
         backend: str = "auto",
         workspace_bytes: int = 128 * 1024 * 1024,
         decode_use_tensor_cores: Optional[bool] = None,
+        cascade_min_saved_tokens: int = 8192,
     ) -> None:
         if backend not in BACKENDS:
             raise SeqAttnError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -68,7 +75,7 @@ class PagedAttention:
         if backend == "auto":
             usable = cache.device.type == "cuda" and flashinfer_or_none() is not None
             backend = "flashinfer" if usable else "torch"
-        self.impl: Union[FlashInferAttentionBackend, TorchAttentionBackend]
+        self.impl: Backend
         if backend == "flashinfer":
             self.impl = FlashInferAttentionBackend(
                 cache, num_qo_heads,
@@ -77,7 +84,10 @@ class PagedAttention:
             )  # fmt: skip
         else:
             self.impl = TorchAttentionBackend(cache, num_qo_heads)
+        self._shared_impl: Optional[Backend] = None  # the shared level of cascade steps
+        self.cascade_min_saved_tokens = cascade_min_saved_tokens
         self.batch: Optional[AttentionBatch] = None
+        self.cascade: Optional[CascadeSplit] = None
         self._q_dtype: Optional[torch.dtype] = None
         self._q_shape = torch.Size()
 
@@ -96,6 +106,7 @@ class PagedAttention:
         window_left: int = -1,
         logits_soft_cap: Optional[float] = None,
         q_dtype: Optional[torch.dtype] = None,
+        cascade: Optional[bool] = None,
     ) -> None:
         """Prepare attention for one step's batch; call once, then :meth:`run` per layer.
 
@@ -110,6 +121,12 @@ class PagedAttention:
             logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits; None: off.
             q_dtype: dtype of ``q`` in :meth:`run`; default: the cache's dtype (for an
                 fp8 cache, float16).
+            cascade: read the pages that rows share at their start once per group
+                (cascade attention; same result up to rounding). None: when the batch
+                was packed with ``shared_prefix=True`` and it saves at least
+                ``cascade_min_saved_tokens``. True: whenever rows share a page (found
+                from the page table if it was not packed so; needs it on the host then).
+                Not combined with ``window_left``.
         """
         cache = self.cache
         self.batch = AttentionBatch.build(
@@ -119,7 +136,12 @@ class PagedAttention:
         )  # fmt: skip
         self._q_dtype = q_dtype or _default_q_dtype(cache.dtype)
         self._q_shape = torch.Size((self.batch.num_query_tokens, self.num_qo_heads, cache.head_dim))
-        self.impl.plan(self.batch, self._q_dtype)
+        self.cascade = self._split(self.batch, cascade)
+        if self.cascade is None:
+            self.impl.plan(self.batch, self._q_dtype)
+        else:
+            self.impl.plan(self.cascade.suffix, self._q_dtype)
+            self._shared_backend().plan(self.cascade.shared, self._q_dtype)
 
     def run(
         self,
@@ -136,7 +158,8 @@ class PagedAttention:
                 on the cache's device; rows grouped by sequence in batch order.
             layer: which layer's pages to read (append its K/V first).
             return_lse: also return the log-sum-exp of the logits, in base 2 (as
-                flashinfer), ``shape: [num_query_tokens, num_qo_heads], dtype: float32``.
+                flashinfer), ``shape: [num_query_tokens, num_qo_heads], dtype: float32``
+                (float64 for float64 queries on the torch backend).
             out: optional output buffer with the shape, dtype and device of ``q``.
 
         Returns:
@@ -151,8 +174,63 @@ class PagedAttention:
             out.shape != self._q_shape or out.dtype != self._q_dtype or out.device != device
         ):
             self._explain("out", out)
-        result, lse = self.impl.run(q, layer, return_lse, out)
+        if self.cascade is None:
+            result, lse = self.impl.run(q, layer, return_lse, out)
+        else:
+            result, lse = self._run_cascade(q, layer, out)
         return (result, lse) if return_lse else result  # type: ignore[return-value]
+
+    def _run_cascade(
+        self, q: torch.Tensor, layer: int, out: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        split = self.cascade
+        assert split is not None and self._shared_impl is not None
+        result, lse = self.impl.run(q, layer, True, out)
+        assert lse is not None
+        rows = split.query_rows
+        if isinstance(rows, slice):
+            shared, shared_lse = self._shared_impl.run(q[rows], layer, True, None)
+            self.impl.merge(result[rows], lse[rows], shared, shared_lse)  # type: ignore[arg-type]
+        else:
+            shared, shared_lse = self._shared_impl.run(q.index_select(0, rows), layer, True, None)
+            picked, picked_lse = result.index_select(0, rows), lse.index_select(0, rows)
+            self.impl.merge(picked, picked_lse, shared, shared_lse)  # type: ignore[arg-type]
+            result.index_copy_(0, rows, picked)
+            lse.index_copy_(0, rows, picked_lse)
+        return result, lse
+
+    def _split(self, batch: AttentionBatch, cascade: Optional[bool]) -> Optional[CascadeSplit]:
+        if cascade is False or (cascade is None and batch.packed.shared_prefix is None):
+            return None
+        if batch.window_left >= 0:
+            if cascade:
+                raise SeqAttnError("cascade attention does not combine with window_left")
+            return None
+        prefix = batch.packed.shared_prefix or self._find_shared_prefix(batch)
+        least = 1 if cascade else self.cascade_min_saved_tokens
+        return split_for_cascade(batch, prefix, self.cache.page_size, least)
+
+    def _find_shared_prefix(self, batch: AttentionBatch) -> SharedPrefix:
+        packed = batch.packed
+        if packed.kv_page_indices.device.type != "cpu":
+            raise SeqAttnError(
+                "cascade=True needs the batch packed with shared_prefix=True "
+                "(or its kv_page_indices on the host)"
+            )
+        indptr = packed.kv_page_indptr.cpu().numpy()
+        full = batch.kv_lens // self.cache.page_size
+        return find_shared_prefixes(packed.kv_page_indices.numpy(), indptr[:-1], full)
+
+    def _shared_backend(self) -> Backend:
+        if self._shared_impl is None:
+            impl = self.impl
+            if isinstance(impl, FlashInferAttentionBackend):
+                self._shared_impl = FlashInferAttentionBackend(
+                    self.cache, self.num_qo_heads, workspace=impl.workspace
+                )
+            else:
+                self._shared_impl = TorchAttentionBackend(self.cache, self.num_qo_heads)
+        return self._shared_impl
 
     def _explain(self, name: str, t: torch.Tensor) -> None:
         if t.shape != self._q_shape:

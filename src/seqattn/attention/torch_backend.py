@@ -49,14 +49,30 @@ class TorchAttentionBackend:
         assert batch is not None
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         result = torch.empty_like(q) if out is None else out
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+        lse = torch.empty(q.shape[:2], dtype=compute, device=q.device) if return_lse else None
         for q_start, q_end, kv_len, pages in self._rows:
             k, v = self._gather(kv_cache, pages, kv_len, compute)
             o, row_lse = attend(q[q_start:q_end].to(compute), k, v, kv_len, batch)
             result[q_start:q_end] = o.to(result.dtype)
             if lse is not None:
-                lse[q_start:q_end] = row_lse.to(torch.float32)
+                lse[q_start:q_end] = row_lse
         return result, lse
+
+    def merge(
+        self, out: torch.Tensor, lse: torch.Tensor, other: torch.Tensor, other_lse: torch.Tensor
+    ) -> None:
+        """Fold attention over other keys (``other``, ``other_lse``) into ``out``, ``lse``.
+
+        ``out``: ``[n, num_qo_heads, head_dim]``; ``lse``: ``[n, num_qo_heads]``, base 2.
+        """
+        compute = torch.float64 if out.dtype == torch.float64 else torch.float32
+        top = torch.maximum(lse, other_lse)
+        mine, theirs = torch.exp2(lse - top), torch.exp2(other_lse - top)
+        total = mine + theirs
+        merged = out.to(compute) * (mine / total)[..., None].to(compute)
+        merged += other.to(compute) * (theirs / total)[..., None].to(compute)
+        out.copy_(merged)
+        lse.copy_(top + torch.log2(total))
 
     def _gather(
         self, kv_cache: torch.Tensor, pages: torch.Tensor, kv_len: int, dtype: torch.dtype

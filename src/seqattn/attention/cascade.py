@@ -1,0 +1,133 @@
+"""Cascade attention: a group's shared leading pages read once for all its queries.
+
+Attention over a sequence's keys splits at any point into attention over the keys
+before it and over the keys after it, merged by their log-sum-exps. When rows share
+their first pages (a cached system prompt), the shared part becomes one *shared
+level* request per group, whose queries are all the group's query tokens (no causal
+mask: every query comes after the shared pages), and the rest a *suffix level* batch
+(each row over its remaining pages, with the batch's own mask). Only full pages that
+precede every query of the row are shared, so both levels see exactly the keys the
+plain batch would.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from attrs import define
+
+from ..packed_data import FlashInferPackedData
+from ..shared_prefix import SharedPrefix
+from .batch import AttentionBatch, host_tensor
+
+QueryRows = Union[slice, torch.Tensor]
+
+
+@define(frozen=True)
+class CascadeSplit:
+    """One step's batch as two levels whose outputs merge into the plain result.
+
+    Attributes:
+        shared: one request per group over its shared pages; its queries are
+            ``q[query_rows]`` (no causal mask, no window).
+        suffix: every row of the batch over the pages after its group's shared ones.
+        query_rows: the query tokens of the shared level, in its order: a slice when
+            they are contiguous, else ``shape: [n], dtype: torch.int64`` on q's device.
+        saved_tokens: K/V tokens the step reads fewer times per layer and head.
+    """
+
+    shared: AttentionBatch
+    suffix: AttentionBatch
+    query_rows: QueryRows
+    saved_tokens: int
+
+
+def split_for_cascade(
+    batch: AttentionBatch, prefix: SharedPrefix, page_size: int, min_saved_tokens: int
+) -> Optional[CascadeSplit]:
+    """The two levels, or None when sharing would save fewer than ``min_saved_tokens``."""
+    packed = batch.packed
+    qo_lens = np.diff(batch.qo_indptr)
+    # a page is shared only if it precedes every query token of every row of the group
+    before_queries = (batch.kv_lens - qo_lens) // page_size
+    if prefix.num_groups == 0:
+        return None
+    sizes = np.diff(prefix.group_indptr)
+    pages = np.minimum(
+        prefix.num_pages, np.minimum.reduceat(before_queries[prefix.rows], prefix.group_indptr[:-1])
+    )
+    keep = pages > 0
+    saved = int(((sizes - 1) * pages)[keep].sum()) * page_size
+    if not keep.any() or saved < min_saved_tokens:
+        return None
+    rows = prefix.rows[np.repeat(keep, sizes)].astype(np.int64)
+    sizes, pages = sizes[keep], pages[keep].astype(np.int64)
+    firsts = rows[np.cumsum(sizes) - sizes]
+    skip = np.zeros(batch.batch_size, dtype=np.int64)
+    skip[rows] = np.repeat(pages, sizes)
+    kv_indptr = _host_array(packed.kv_page_indptr).astype(np.int64)
+    suffix_counts = np.diff(kv_indptr) - skip
+    shared_pos = _positions(kv_indptr[firsts], pages)
+    suffix_pos = _positions(kv_indptr[:-1] + skip, suffix_counts)
+    indices = _gather(packed.kv_page_indices, np.concatenate([shared_pos, suffix_pos]))
+    shared_idx, suffix_idx = indices[: shared_pos.size], indices[shared_pos.size :]
+
+    group_qo = np.add.reduceat(qo_lens[rows], np.cumsum(sizes) - sizes)
+    shared = AttentionBatch(
+        _packed(shared_idx, pages, np.full(pages.size, page_size), pages * page_size),
+        _indptr(group_qo), (pages * page_size).astype(np.int32),
+        causal=False, sm_scale=batch.sm_scale, window_left=-1,
+        logits_soft_cap=batch.logits_soft_cap,
+    )  # fmt: skip
+    suffix_lens = (batch.kv_lens - skip * page_size).astype(np.int32)
+    last = _host_array(packed.kv_last_page_len)
+    suffix = AttentionBatch(
+        _packed(suffix_idx, suffix_counts, last, suffix_lens), batch.qo_indptr, suffix_lens,
+        causal=batch.causal, sm_scale=batch.sm_scale, window_left=batch.window_left,
+        logits_soft_cap=batch.logits_soft_cap,
+    )  # fmt: skip
+    tokens = _positions(batch.qo_indptr[rows].astype(np.int64), qo_lens[rows])
+    return CascadeSplit(shared, suffix, _query_rows(tokens, packed.kv_page_indices.device), saved)
+
+
+def _positions(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concat(arange(s, s + c) for s, c in zip(starts, counts))``, int64."""
+    total = int(counts.sum())
+    offsets = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return offsets + np.arange(total)
+
+
+def _indptr(counts: np.ndarray) -> np.ndarray:
+    indptr = np.zeros(counts.size + 1, dtype=np.int32)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr
+
+
+def _packed(
+    indices: torch.Tensor, counts: np.ndarray, last: np.ndarray, lens: np.ndarray
+) -> FlashInferPackedData:
+    return FlashInferPackedData(
+        indices,
+        torch.from_numpy(_indptr(counts)),
+        torch.from_numpy(np.ascontiguousarray(last, dtype=np.int32)),
+        kv_seq_lens=torch.from_numpy(np.ascontiguousarray(lens, dtype=np.int32)),
+    )
+
+
+def _gather(page_indices: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+    """``page_indices[positions]`` where the indices live (the positions go up pinned)."""
+    device = page_indices.device
+    where = host_tensor(positions, pin=device.type == "cuda").to(device, non_blocking=True)
+    return page_indices[where]
+
+
+def _query_rows(tokens: np.ndarray, device: torch.device) -> QueryRows:
+    if tokens.size and (np.diff(tokens) == 1).all():  # consecutive: a view, no copies
+        return slice(int(tokens[0]), int(tokens[-1]) + 1)
+    return host_tensor(tokens, pin=device.type == "cuda").to(device, non_blocking=True)
+
+
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.cpu().numpy()

@@ -150,7 +150,7 @@ def main() -> None:
     system = torch.randint(0, 32000, (args.system,), generator=gen).tolist()
     prompts = [system + torch.randint(0, 32000, (args.private,), generator=gen).tolist()
                for _ in range(args.requests)]  # fmt: skip
-    decode_room = blocks * steps + steps + 8
+    decode_room = 2 * (blocks + 1) * steps + 16  # the cached setup decodes twice
     pages = args.requests * -(-(args.system + args.private + decode_room) // PS) + 16
     warm_up(args, prompts)
     plain = Setup(args, prefix_caching=False, num_pages=pages)

@@ -27,8 +27,8 @@ class SharedPrompt:
         prompt = list(range(system))
         for seq in range(num_shared):
             self.prefill(seq, prompt + [1000 + seq] * (seq + 3))
-        for seq in (50, 51):
-            self.prefill(seq, [7] * (40 + seq))
+        for seq in (50, 51):  # unrelated: no token in common with anyone
+            self.prefill(seq, [seq] * (40 + seq))
         self.ids = [50, 0, 1, 51, *range(2, num_shared)]  # grouped rows not contiguous
 
     def randn(self, *shape):

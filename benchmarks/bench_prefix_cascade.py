@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from seqattn import CacheDescriptor, PagedAttention, PagedKVCacheManager
+from seqattn import CacheDescriptor, CUDAGraphDecodeAttention, PagedAttention, PagedKVCacheManager
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 
@@ -81,6 +81,32 @@ class Setup:
         def step() -> None:
             self.desc.allocate_decoding(self.ids, token_ids=[7] * len(self.ids))
             self.forward(self.ids, [1] * len(self.ids), cascade=cascade)
+            self.desc.commit(self.ids)
+
+        return step
+
+    def graph_step(self, cascade: bool) -> Callable[[], None]:
+        """A decode step whose 32 layers (append + attention) replay from a CUDA graph."""
+        n = len(self.ids)
+        dec = CUDAGraphDecodeAttention(self.cache, HQ, batch_sizes=(n,),
+                                       cascade_groups=1 if cascade else 0)  # fmt: skip
+        q, k, v = self.randn(n, HQ, D), self.randn(n, HKV, D), self.randn(n, HKV, D)
+        graphs: list[torch.cuda.CUDAGraph] = []
+
+        def layers() -> None:
+            for layer in range(self.cache.num_layers):
+                dec.append_kv(k, v, layer)
+                dec.run(q, layer)
+
+        def step() -> None:
+            self.desc.allocate_decoding(self.ids, token_ids=[7] * n)
+            packed = self.desc.pack_for_flashinfer(
+                self.ids, [1] * n, device=self.device, shared_prefix=cascade
+            )
+            dec.plan(packed)
+            if not graphs:
+                graphs.append(dec.capture(layers))
+            graphs[0].replay()
             self.desc.commit(self.ids)
 
         return step
@@ -150,7 +176,7 @@ def main() -> None:
     system = torch.randint(0, 32000, (args.system,), generator=gen).tolist()
     prompts = [system + torch.randint(0, 32000, (args.private,), generator=gen).tolist()
                for _ in range(args.requests)]  # fmt: skip
-    decode_room = 2 * (blocks + 1) * steps + 16  # the cached setup decodes twice
+    decode_room = 3 * (blocks + 1) * steps + 16  # the cached setup decodes three ways
     pages = args.requests * -(-(args.system + args.private + decode_room) // PS) + 16
     warm_up(args, prompts)
     plain = Setup(args, prefix_caching=False, num_pages=pages)
@@ -167,6 +193,9 @@ def main() -> None:
         "prefix cache": shared.decode_step(cascade=False),
         "prefix cache + cascade": shared.decode_step(cascade=True),
     }
+    if plain.device.type == "cuda":
+        runs["no prefix cache, CUDA graph"] = plain.graph_step(cascade=False)
+        runs["prefix cache + cascade, CUDA graph"] = shared.graph_step(cascade=True)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for block in range(blocks + 1):  # block 0 warms up (JIT, allocator caches)
         for name, step in runs.items():
@@ -205,8 +234,14 @@ def main() -> None:
     print("| decode | step ms | vs no cache | attention kernels ms | vs no cache |")
     print("|---|---:|---:|---:|---:|")
     for name in runs:
+        kernel = f"{kernels[name]:.3f} | {base_kernel / kernels[name]:.2f}x faster" if (
+            name in kernels) else "- | -"  # fmt: skip
         print(f"| {name} | {step_ms[name]:.3f} | {base_step / step_ms[name]:.2f}x faster "
-              f"| {kernels[name]:.3f} | {base_kernel / kernels[name]:.2f}x faster |")  # fmt: skip
+              f"| {kernel} |")  # fmt: skip
+    graph = "no prefix cache, CUDA graph"
+    if graph in step_ms:
+        ratio = step_ms[graph] / step_ms["prefix cache + cascade, CUDA graph"]
+        print(f"\nwith CUDA graphs on both sides, cascade decode is {ratio:.2f}x faster")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from seqattn import CacheDescriptor, FlashInferPackedData, PagedAttention, SeqAttnError
+from seqattn.attention.batch import AttentionBatch
+from seqattn.attention.cascade import pad_shared_level, split_for_cascade
 from seqattn.shared_prefix import find_shared_prefixes
 from tests.conftest import make_cache
 from tests.test_attention_torch import OUT_TOL, Harness
@@ -201,3 +203,58 @@ def test_find_shared_prefixes_on_a_csr_table() -> None:
     assert found.group_indptr.tolist() == [0, 3]
     found = find_shared_prefixes(indices, indptr[:-1], np.array([3, 1, 3, 0, 2]))
     assert found.rows.tolist() == [0, 2] and found.num_pages.tolist() == [2]
+
+
+def test_max_groups_keeps_the_groups_that_save_most() -> None:
+    h = Harness(page_size=2)
+    h.append([0, 10], [9, 5])  # 0: 4 full pages, 10: 2 full pages
+    for src, dst in ((0, 1), (0, 2), (10, 11)):
+        h.fork(src, dst)
+    ids = [0, 1, 2, 10, 11]
+    h.append(ids, [1] * 5, decode=True)
+    packed = h.desc.pack_for_flashinfer(ids, append_lens=[1] * 5, shared_prefix=True)
+    batch = AttentionBatch.build(packed, 2, h.cache.head_dim)
+    both = split_for_cascade(batch, packed.shared_prefix, 2, 1)
+    one = split_for_cascade(batch, packed.shared_prefix, 2, 1, max_groups=1)
+    assert both.shared.kv_lens.tolist() == [8, 4] and both.saved_tokens == 2 * 8 + 4
+    assert one.shared.kv_lens.tolist() == [8] and one.query_tokens.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("with_groups", [True, False])
+def test_padded_shared_level_reproduces_attention(with_groups: bool) -> None:
+    """What a CUDA-graph cascade step does, on the torch backend: suffix level, padded
+    shared level (empty slots, a dummy request), merge through the row maps."""
+    h = Harness(page_size=4, group=2)
+    ids = shared_batch(h, prompt=14, forks=3)
+    h.append(ids, [1] * len(ids), decode=True)
+    packed = h.desc.pack_for_flashinfer(ids, append_lens=[1] * len(ids), shared_prefix=True)
+    batch = AttentionBatch.build(packed, 4, h.cache.head_dim)
+    split = split_for_cascade(batch, packed.shared_prefix, 4, 1, 3) if with_groups else None
+    size, scratch = 8, int(h.cache.allocator.allocate(1)[0])
+    level = pad_shared_level(split, size, max_groups=3, page_size=4)
+    assert level.qo_indptr[-1] == size and level.qo_indptr.size == 3 + 2
+    shared_pages = [] if split is None else split.shared.packed.kv_page_indices.tolist()
+    shared_batch_ = AttentionBatch(
+        FlashInferPackedData(
+            torch.tensor(shared_pages + [scratch] * level.unused, dtype=torch.int32),
+            torch.from_numpy(level.kv_indptr), torch.from_numpy(level.last_page_len),
+        ),
+        level.qo_indptr, np.diff(level.kv_indptr) * 4 - 4 + level.last_page_len,
+        causal=False, sm_scale=batch.sm_scale, window_left=-1, logits_soft_cap=0.0,
+    )  # fmt: skip
+    q = torch.randn(len(ids), h.num_qo_heads, h.cache.head_dim, dtype=torch.float64)
+    q_padded = torch.cat([q, torch.zeros(size - len(ids), *q.shape[1:], dtype=q.dtype)])
+    backend = h.attn.impl
+    backend.plan(batch if split is None else split.suffix, torch.float64)
+    merged, merged_lse = backend.run(q, 0, True, None)
+    extra = size + 1 - len(ids)  # padding rows and the dump row
+    merged = torch.cat([merged, torch.zeros(extra, *q.shape[1:], dtype=q.dtype)])
+    merged_lse = torch.cat([merged_lse, torch.zeros(extra, q.shape[1], dtype=q.dtype)])
+    backend.plan(shared_batch_, torch.float64)
+    shared, shared_lse = backend.run(q_padded[torch.from_numpy(level.q_rows)], 0, True, None)
+    out_rows = torch.from_numpy(level.out_rows)
+    picked, picked_lse = merged[out_rows], merged_lse[out_rows]
+    backend.merge(picked, picked_lse, shared, shared_lse)
+    merged.index_copy_(0, out_rows, picked)
+    ref, _ = h.reference(ids, [1] * len(ids), q, 0)
+    torch.testing.assert_close(merged[: len(ids)], ref, atol=1e-10, rtol=1e-10)

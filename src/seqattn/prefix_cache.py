@@ -50,7 +50,7 @@ class CachedPage:
         self.parent = parent
         self.tokens = tokens  # [page_size] int64
         self.salt = salt
-        self.depth = 0 if parent is None else parent.depth + 1
+        self.depth: int = 0 if parent is None else parent.depth + 1
         self.pins = 0
         self.alive = True  # False once evicted: its children can no longer be matched
 

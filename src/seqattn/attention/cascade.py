@@ -33,21 +33,35 @@ class CascadeSplit:
         shared: one request per group over its shared pages; its queries are
             ``q[query_rows]`` (no causal mask, no window).
         suffix: every row of the batch over the pages after its group's shared ones.
+        fused: for a decode batch (one query per row, which sees its whole suffix, so
+            no mask is needed), both levels as one batch: the rows' suffixes, then the
+            groups, for queries ``cat([q, q[query_rows]])``. One kernel launch instead of
+            two: on a GPU, small cascade steps are bound by launches.
         query_rows: the query tokens of the shared level, in its order: a slice when
             they are contiguous, else ``shape: [n], dtype: torch.int64`` on q's device.
+        query_tokens: the same, ``shape: [n], dtype: int64``, on the host.
         saved_tokens: K/V tokens the step reads fewer times per layer and head.
     """
 
     shared: AttentionBatch
     suffix: AttentionBatch
     query_rows: QueryRows
+    query_tokens: np.ndarray
     saved_tokens: int
+    fused: Optional[AttentionBatch] = None
 
 
 def split_for_cascade(
-    batch: AttentionBatch, prefix: SharedPrefix, page_size: int, min_saved_tokens: int
+    batch: AttentionBatch,
+    prefix: SharedPrefix,
+    page_size: int,
+    min_saved_tokens: int,
+    max_groups: Optional[int] = None,
 ) -> Optional[CascadeSplit]:
-    """The two levels, or None when sharing would save fewer than ``min_saved_tokens``."""
+    """The two levels, or None when sharing would save fewer than ``min_saved_tokens``.
+
+    With ``max_groups``, only that many groups (those saving the most) share; the rows
+    of the others read all their pages in the suffix level."""
     packed = batch.packed
     qo_lens = np.diff(batch.qo_indptr)
     # a page is shared only if it precedes every query token of every row of the group
@@ -59,7 +73,11 @@ def split_for_cascade(
         prefix.num_pages, np.minimum.reduceat(before_queries[prefix.rows], prefix.group_indptr[:-1])
     )
     keep = pages > 0
-    saved = int(((sizes - 1) * pages)[keep].sum()) * page_size
+    savings = (sizes - 1) * pages
+    if max_groups is not None and keep.sum() > max_groups:
+        keep &= savings >= np.sort(savings[keep])[-max_groups]
+        keep[np.flatnonzero(keep)[max_groups:]] = False  # ties
+    saved = int(savings[keep].sum()) * page_size
     if not keep.any() or saved < min_saved_tokens:
         return None
     rows = prefix.rows[np.repeat(keep, sizes)].astype(np.int64)
@@ -71,8 +89,8 @@ def split_for_cascade(
     suffix_counts = np.diff(kv_indptr) - skip
     shared_pos = _positions(kv_indptr[firsts], pages)
     suffix_pos = _positions(kv_indptr[:-1] + skip, suffix_counts)
-    indices = _gather(packed.kv_page_indices, np.concatenate([shared_pos, suffix_pos]))
-    shared_idx, suffix_idx = indices[: shared_pos.size], indices[shared_pos.size :]
+    indices = _gather(packed.kv_page_indices, np.concatenate([suffix_pos, shared_pos]))
+    suffix_idx, shared_idx = indices[: suffix_pos.size], indices[suffix_pos.size :]
 
     group_qo = np.add.reduceat(qo_lens[rows], np.cumsum(sizes) - sizes)
     shared = AttentionBatch(
@@ -89,7 +107,63 @@ def split_for_cascade(
         logits_soft_cap=batch.logits_soft_cap,
     )  # fmt: skip
     tokens = _positions(batch.qo_indptr[rows].astype(np.int64), qo_lens[rows])
-    return CascadeSplit(shared, suffix, _query_rows(tokens, packed.kv_page_indices.device), saved)
+    fused = None
+    if batch.decode_only:
+        fused = AttentionBatch(
+            _packed(indices, np.concatenate([suffix_counts, pages]),
+                    np.concatenate([last, np.full(pages.size, page_size)]),
+                    np.concatenate([suffix_lens, shared.kv_lens])),
+            _indptr(np.concatenate([qo_lens, group_qo])),
+            np.concatenate([suffix_lens, shared.kv_lens]),
+            causal=False, sm_scale=batch.sm_scale, window_left=-1,
+            logits_soft_cap=batch.logits_soft_cap,
+        )  # fmt: skip
+    device = packed.kv_page_indices.device
+    return CascadeSplit(shared, suffix, _query_rows(tokens, device), tokens, saved, fused)
+
+
+@define(frozen=True)
+class PaddedSharedLevel:
+    """The shared level of a cascade decode step in the fixed shapes a CUDA graph replays.
+
+    ``max_groups + 1`` requests over ``size`` query rows: the groups, then empty slots
+    (no queries), then one dummy request that takes the rows no group uses. Unused
+    requests read one token of ``scratch_page``. Shared query ``j`` is batch row
+    ``q_rows[j]``; its merged output goes to row ``out_rows[j]``, where ``size`` is a
+    dump row for the padding. Host arrays, int32 except the int64 row indices.
+    """
+
+    qo_indptr: np.ndarray  # [max_groups + 2]
+    kv_indptr: np.ndarray  # [max_groups + 2]
+    last_page_len: np.ndarray  # [max_groups + 1]
+    unused: int  # requests that read the scratch page
+    q_rows: np.ndarray  # [size]
+    out_rows: np.ndarray  # [size]
+
+
+def pad_shared_level(
+    split: Optional[CascadeSplit], size: int, max_groups: int, page_size: int
+) -> PaddedSharedLevel:
+    """Lay the shared level of ``split`` (at most ``max_groups`` groups; None: no group)
+    out for a graph whose batch holds ``size`` rows."""
+    if split is None:
+        group_qo = group_pages = tokens = np.zeros(0, np.int64)
+    else:
+        group_qo = np.diff(split.shared.qo_indptr)
+        group_pages = np.diff(_host_array(split.shared.packed.kv_page_indptr))
+        tokens = split.query_tokens
+    groups, rows = group_qo.size, tokens.size
+    assert groups <= max_groups and rows <= size, "split with max_groups, for this bucket"
+    unused = max_groups - groups + 1
+    pad = size - rows
+    return PaddedSharedLevel(
+        _indptr(np.concatenate([group_qo, np.zeros(max_groups - groups, np.int64), [pad]])),
+        _indptr(np.concatenate([group_pages, np.ones(unused, np.int64)])),
+        np.concatenate([np.full(groups, page_size), np.ones(unused)]).astype(np.int32),
+        unused,
+        np.concatenate([tokens, np.zeros(pad, np.int64)]),
+        np.concatenate([tokens, np.full(pad, size, np.int64)]),
+    )
 
 
 def _positions(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

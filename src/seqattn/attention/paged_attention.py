@@ -12,7 +12,7 @@ from ..packed_data import FlashInferPackedData
 from ..shared_prefix import SharedPrefix, find_shared_prefixes
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch
-from .cascade import CascadeSplit, split_for_cascade
+from .cascade import CascadeSplit, QueryRows, split_for_cascade
 from .flashinfer_backend import FlashInferAttentionBackend
 from .torch_backend import TorchAttentionBackend
 
@@ -136,12 +136,14 @@ class PagedAttention:
         )  # fmt: skip
         self._q_dtype = q_dtype or _default_q_dtype(cache.dtype)
         self._q_shape = torch.Size((self.batch.num_query_tokens, self.num_qo_heads, cache.head_dim))
-        self.cascade = self._split(self.batch, cascade)
-        if self.cascade is None:
+        self.cascade = split = self._split(self.batch, cascade)
+        if split is None:
             self.impl.plan(self.batch, self._q_dtype)
+        elif split.fused is not None:
+            self.impl.plan(split.fused, self._q_dtype)
         else:
-            self.impl.plan(self.cascade.suffix, self._q_dtype)
-            self._shared_backend().plan(self.cascade.shared, self._q_dtype)
+            self.impl.plan(split.suffix, self._q_dtype)
+            self._shared_backend().plan(split.shared, self._q_dtype)
 
     def run(
         self,
@@ -184,20 +186,40 @@ class PagedAttention:
         self, q: torch.Tensor, layer: int, out: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         split = self.cascade
-        assert split is not None and self._shared_impl is not None
-        result, lse = self.impl.run(q, layer, True, out)
-        assert lse is not None
+        assert split is not None
         rows = split.query_rows
-        if isinstance(rows, slice):
-            shared, shared_lse = self._shared_impl.run(q[rows], layer, True, None)
-            self.impl.merge(result[rows], lse[rows], shared, shared_lse)  # type: ignore[arg-type]
+        shared_q = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)
+        if split.fused is not None:  # one batch: the rows' suffixes, then the groups
+            both, both_lse = self.impl.run(torch.cat([q, shared_q]), layer, True, None)
+            assert both_lse is not None
+            n = q.shape[0]
+            result, lse = both[:n], both_lse[:n]
+            shared, shared_lse = both[n:], both_lse[n:]
         else:
-            shared, shared_lse = self._shared_impl.run(q.index_select(0, rows), layer, True, None)
+            assert self._shared_impl is not None
+            result, lse = self.impl.run(q, layer, True, out)  # type: ignore[assignment]
+            shared, shared_lse = self._shared_impl.run(shared_q, layer, True, None)  # type: ignore[assignment]
+        self._merge_rows(result, lse, shared, shared_lse, rows)
+        if out is not None and out.data_ptr() != result.data_ptr():
+            result = out.copy_(result)
+        return result, lse
+
+    def _merge_rows(
+        self,
+        result: torch.Tensor,
+        lse: torch.Tensor,
+        shared: torch.Tensor,
+        shared_lse: torch.Tensor,
+        rows: QueryRows,
+    ) -> None:
+        """Fold the shared level's output into the query rows it covers, in place."""
+        if isinstance(rows, slice):
+            self.impl.merge(result[rows], lse[rows], shared, shared_lse)
+        else:
             picked, picked_lse = result.index_select(0, rows), lse.index_select(0, rows)
-            self.impl.merge(picked, picked_lse, shared, shared_lse)  # type: ignore[arg-type]
+            self.impl.merge(picked, picked_lse, shared, shared_lse)
             result.index_copy_(0, rows, picked)
             lse.index_copy_(0, rows, picked_lse)
-        return result, lse
 
     def _split(self, batch: AttentionBatch, cascade: Optional[bool]) -> Optional[CascadeSplit]:
         if cascade is False or (cascade is None and batch.packed.shared_prefix is None):

@@ -106,10 +106,11 @@ class PrefixMachine(RuleBasedStateMachine):
         """An uncached sequence (the seed's allocate), or unknown tokens for a live one."""
         if seq in self.tokens and self.prompt[seq]:
             return
+        new = seq not in self.tokens
         self.tokens.setdefault(seq, [])
         self.prompt.setdefault(seq, [])
         if self.pages_needed(seq, n) > self.cache.available_pages_count:
-            if not self.tokens[seq]:
+            if new:
                 del self.tokens[seq], self.prompt[seq]
             self.unchanged_after(NoPageError, lambda: self.desc.allocate([seq], [n]))
             return

@@ -21,6 +21,8 @@ from .errors import (
 )
 from .head_ids import HeadIDGenerator
 from .packed_data import FlashInferPackedData
+from .prefix_cache import PrefixCache, PrefixCacheStats
+from .shared_prefix import SharedPrefix
 from .storage import PagedKVCacheManager
 
 __all__ = [
@@ -36,9 +38,12 @@ __all__ = [
     "PageStateError",
     "PagedAttention",
     "PagedKVCacheManager",
+    "PrefixCache",
+    "PrefixCacheStats",
     "SeqAttnError",
     "SequenceData",
     "SequenceExistsError",
+    "SharedPrefix",
     "TensorSpecError",
     "UnknownSequenceError",
 ]

@@ -1,0 +1,17 @@
+"""The GPU benchmarks' tiny CPU runs, so that they keep working between GPU sessions."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("script", ["bench_prefix_cascade.py"])
+def test_benchmark_runs_on_the_cpu(script: str, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", [script, "--device", "cpu", "--quick"])
+    runpy.run_path(f"benchmarks/{script}", run_name="__main__")
+    out = capsys.readouterr().out
+    assert "| prefix cache + cascade |" in out and "hit rate 66.7%" in out
+    assert float(out.split("max |diff| ")[1].split()[0]) < 1e-5  # cascade == plain

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from seqattn import CacheDescriptor, FlashInferPackedData, PagedKVCacheManager
 
@@ -52,3 +53,14 @@ def cache() -> PagedKVCacheManager:
 @pytest.fixture
 def desc(cache: PagedKVCacheManager) -> CacheDescriptor:
     return CacheDescriptor(cache, check_invariants=True)
+
+
+def machine_settings(examples: int, steps: int) -> settings:
+    """Hypothesis settings of a state machine: ``examples`` runs of ``steps`` rules each,
+    no deadline (CI machines are slow and uneven)."""
+    return settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )

@@ -15,3 +15,11 @@ def test_benchmark_runs_on_the_cpu(script: str, monkeypatch, capsys) -> None:
     out = capsys.readouterr().out
     assert "| prefix cache + cascade |" in out and "hit rate 66.7%" in out
     assert float(out.split("max |diff| ")[1].split()[0]) < 1e-5  # cascade == plain
+
+
+def test_headwise_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["bench_headwise.py", "--device", "cpu"])
+    runpy.run_path("benchmarks/bench_headwise.py", run_name="__main__")
+    out = capsys.readouterr().out
+    assert "| head-wise paged |" in out
+    assert float(out.split("max |diff| = ")[1].split()[0]) < 1e-4  # masked == head-wise

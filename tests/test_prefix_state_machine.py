@@ -15,12 +15,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from seqattn import CacheDescriptor, NoPageError, PagedKVCacheManager
-from tests.conftest import read_back
+from tests.conftest import machine_settings, read_back
 
 PS = 2
 NUM_PAGES = 12
@@ -193,10 +192,5 @@ class PrefixMachine(RuleBasedStateMachine):
                 assert torch.equal(v, -k)
 
 
-PrefixMachine.TestCase.settings = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+PrefixMachine.TestCase.settings = machine_settings(EXAMPLES, steps=40)
 TestPrefixMachine = PrefixMachine.TestCase

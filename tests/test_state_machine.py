@@ -17,7 +17,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -30,7 +29,7 @@ from seqattn import (
     SequenceExistsError,
     UnknownSequenceError,
 )
-from tests.conftest import read_back
+from tests.conftest import machine_settings, read_back
 
 NUM_PAGES = 14
 IDS = st.integers(0, 7)
@@ -230,12 +229,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert torch.equal(k[:, 0, 0], want) and torch.equal(v[:, 0, 1], -want)
 
 
-CacheMachine.TestCase.settings = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+CacheMachine.TestCase.settings = machine_settings(EXAMPLES, steps=100)
 TestCacheMachine = CacheMachine.TestCase
 
 

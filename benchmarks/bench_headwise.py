@@ -1,0 +1,352 @@
+"""Decode over head-wise paged caches against the full cache and against masking it.
+
+Setup (defaults; the AdaKV regime): B=16 sequences of 16k tokens, 32 query / 8 KV
+heads, head_dim 128, fp16, page 16, 4 layers. Each (layer, sequence) keeps per KV head a
+budget averaging 25% of the context, skewed across heads like AdaKV's allocations: a
+fixed-seed lognormal split (sigma 1), clipped to [min, context] with the excess handed to
+the other heads. Kept tokens are a random subset per head (their choice does not change
+the cost). Three ways to decode, side by side in one run, on the same K/V:
+
+(a) full cache: ``PagedAttention`` over a normal multi-head paged cache (no compression).
+(b) masking the full cache: what kvpress does for head-wise budgets (AdaKV and friends):
+    the full cache stays, and dropped keys are replaced by a "fake key" whose logit is
+    ~ -inf for the step's queries, so attention runs at full length. Here the fake keys
+    are written once, before timing, and (b) runs the same full-length flashinfer decode
+    as (a): kvpress also rewrites them every step, so (b) is a *lower bound* on masking.
+    Its output is checked to equal (c)'s, which shows the masks are the same.
+(c) head-wise paged: ``HeadwiseKVCache`` + ``HeadwiseAttention``: only kept tokens,
+    one page list per (layer, sequence, KV head), B x 8 single-KV-head requests per layer.
+
+Measured: "attention" is the layers' ``run()`` calls after planning (CUDA events; for (c)
+including its query/output transposes); "decode step" is a whole step's attention side
+for every layer: bookkeeping, append of the new token's K/V, plan and run (for (c) one
+plan per layer), synchronized per step. Medians over interleaved repetitions after
+warm-up; memory is the bytes of the pages each holds. A table is printed last.
+
+GPU: ``python benchmarks/bench_headwise.py [--layers 8] [--quick]``.
+CPU (tiny sizes, torch backend, a smoke test): ``python benchmarks/bench_headwise.py --device cpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from seqattn import CacheDescriptor, PagedAttention, PagedKVCacheManager
+from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache
+
+FAKE_KEY_NORM = 400.0  # |fake key|: logits of about -100 against the step's queries
+
+
+@dataclass
+class Config:
+    batch: int
+    context: int
+    layers: int
+    hq: int
+    hkv: int
+    head_dim: int
+    page_size: int
+    dtype: torch.dtype
+    device: torch.device
+    reps: int
+    mean_fraction: float = 0.25
+    sigma: float = 1.0
+    min_tokens: int = 32
+
+    @property
+    def backend(self) -> str:
+        return "flashinfer" if self.device.type == "cuda" else "torch"
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":  # a smoke test: tiny, fp32, the torch backend
+        return Config(2, 256, 2, 8, 2, 64, 16, torch.float32, device, reps=3, min_tokens=8)
+    if args.quick:
+        return Config(4, 4096, 2, 32, 8, 128, 16, torch.float16, device, reps=5)
+    return Config(16, 16384, args.layers, 32, 8, 128, 16, torch.float16, device, reps=args.reps)
+
+
+# ----------------------------------------------------------------------------- budgets
+def skewed_budgets(rng: np.random.Generator, cfg: Config) -> np.ndarray:
+    """Tokens each KV head keeps, ``[hkv]`` int64, averaging ``mean_fraction * context``.
+
+    A lognormal split clipped to ``[min_tokens, context]``; what clipping removes or adds
+    is spread over the heads still inside the bounds (a few rounds of water-filling).
+    """
+    total = cfg.mean_fraction * cfg.context * cfg.hkv
+    budgets = rng.lognormal(0.0, cfg.sigma, cfg.hkv)
+    budgets *= total / budgets.sum()
+    for _ in range(20):
+        budgets = np.clip(budgets, cfg.min_tokens, cfg.context)
+        free = (budgets > cfg.min_tokens) & (budgets < cfg.context)
+        gap = total - budgets.sum()
+        if abs(gap) < 1 or not free.any():
+            break
+        budgets[free] += gap * budgets[free] / budgets[free].sum()
+    return np.clip(np.round(budgets), cfg.min_tokens, cfg.context).astype(np.int64)
+
+
+def choose_keeps(cfg: Config, seed: int = 0) -> list[list[list[np.ndarray]]]:
+    """``keeps[layer][seq][head]``: sorted kept token indices of the prompt."""
+    rng = np.random.default_rng(seed)
+    keeps = []
+    for _ in range(cfg.layers):
+        per_seq = []
+        for _ in range(cfg.batch):
+            budgets = skewed_budgets(rng, cfg)
+            per_seq.append([np.sort(rng.permutation(cfg.context)[:b]) for b in budgets])
+        keeps.append(per_seq)
+    return keeps
+
+
+# ------------------------------------------------------------------------------ sides
+class FullCache:
+    """(a) and (b): a multi-head paged cache with ``PagedAttention``, planned once per step."""
+
+    def __init__(self, cfg: Config, extra_tokens: int) -> None:
+        pages_per_seq = -(-(cfg.context + extra_tokens) // cfg.page_size)
+        self.cache = PagedKVCacheManager(
+            cfg.batch * pages_per_seq, cfg.page_size, cfg.hkv, cfg.head_dim, cfg.dtype,
+            cfg.device, num_layers=cfg.layers,
+        )  # fmt: skip
+        self.desc = CacheDescriptor(self.cache)
+        self.attn = PagedAttention(self.cache, cfg.hq, backend=cfg.backend)
+        self.ids = list(range(cfg.batch))
+        self.desc.allocate(self.ids, [cfg.context] * cfg.batch)
+        self.prompt = self.desc.pack_for_flashinfer(self.ids, [cfg.context] * cfg.batch)
+        self.out = torch.empty(cfg.layers, cfg.batch, cfg.hq, cfg.head_dim,
+                               dtype=cfg.dtype, device=cfg.device)  # fmt: skip
+
+    def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.cache.append_kv(k, v, self.prompt, layer=layer)
+
+    def step(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> None:
+        self.desc.allocate_decoding(self.ids)
+        packed = self.desc.pack_for_flashinfer(self.ids, [1] * len(self.ids), device=self.device)
+        self.attn.plan(packed)
+        for layer in range(self.cache.num_layers):
+            self.cache.append_kv(k1, v1, packed, layer=layer)
+            self.attn.run(q, layer, out=self.out[layer])
+
+    def kernels(self, q: torch.Tensor) -> None:
+        for layer in range(self.cache.num_layers):
+            self.attn.run(q, layer, out=self.out[layer])
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return self.cache.device if self.cache.device.type == "cuda" else None
+
+    def memory_bytes(self) -> int:
+        page = self.cache.get_kv_cache(0)[0]  # K and V of one page, every head
+        pages = sum(len(self.desc.page_indices(i)) for i in self.ids)
+        return pages * page.numel() * page.element_size() * self.cache.num_layers
+
+
+class Headwise:
+    """(c): the head-wise cache; each layer appends, plans and runs on its own page table."""
+
+    def __init__(self, cfg: Config, keeps: list, extra_tokens: int) -> None:
+        kept = sum(-(-k.size // cfg.page_size) for lay in keeps for seq in lay for k in seq)
+        slack = cfg.layers * cfg.batch * cfg.hkv * (-(-extra_tokens // cfg.page_size) + 1)
+        staging = cfg.hkv * -(-cfg.context // cfg.page_size)  # one prompt before compressing
+        self.cache = HeadwiseKVCache(
+            kept + slack + staging, cfg.page_size, cfg.layers, cfg.hkv, cfg.head_dim,
+            cfg.dtype, cfg.device,
+        )  # fmt: skip
+        self.attn = HeadwiseAttention(self.cache, cfg.hq, backend=cfg.backend)
+        self.ids = list(range(cfg.batch))
+        self.cache.add_sequences(self.ids)
+        self.keeps, self.context = keeps, cfg.context
+        self.out = torch.empty(cfg.layers, cfg.batch, cfg.hq, cfg.head_dim,
+                               dtype=cfg.dtype, device=cfg.device)  # fmt: skip
+
+    def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Each prompt in turn: append all of it, then keep the budgets (as SnapKV does
+        right after prefill), so at most one full prompt is ever held."""
+        n = self.context
+        for seq in self.ids:
+            rows = slice(seq * n, (seq + 1) * n)
+            self.cache.append(layer, [seq], k[rows], v[rows], [n])
+            self.cache.compress(layer, seq, self.keeps[layer][seq])
+
+    def step(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> None:
+        for layer in range(self.cache.num_layers):
+            batch = self.cache.append(layer, self.ids, k1, v1)
+            self.attn.plan(batch)
+            self.attn.run(q, layer, out=self.out[layer])
+
+    def kernels(self, q: torch.Tensor) -> None:
+        for layer in range(self.cache.num_layers):
+            self.attn.run(q, layer, out=self.out[layer])
+
+    def memory_bytes(self) -> int:
+        return self.cache.memory_bytes()
+
+
+# ---------------------------------------------------------------------------- masking
+def fake_keys(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """Per (sequence, KV head), a key whose logit is very negative for all the head's
+    queries (kvpress's idea): minus the normalized sum of the normalized queries.
+
+    Args:
+        q: the decode queries, ``[batch, hq, head_dim]``.
+
+    Returns:
+        ``[batch, hkv, head_dim]``, ``q``'s dtype.
+    """
+    batch, hq, dim = q.shape
+    unit = torch.nn.functional.normalize(q.float().view(batch, hkv, hq // hkv, dim), dim=-1)
+    direction = torch.nn.functional.normalize(unit.sum(dim=2), dim=-1)
+    return (-FAKE_KEY_NORM * direction).to(q.dtype)
+
+
+def masked(k: torch.Tensor, keeps: list[list[np.ndarray]], fake: torch.Tensor) -> torch.Tensor:
+    """``k`` ``[batch * context, hkv, D]`` with every dropped key replaced by its fake key."""
+    batch, hkv, _ = fake.shape
+    context = k.shape[0] // batch
+    keep = np.zeros((batch, context, hkv), dtype=bool)
+    for seq, heads in enumerate(keeps):
+        for h, kept in enumerate(heads):
+            keep[seq, kept, h] = True
+    mask = torch.from_numpy(keep).to(k.device)[..., None]
+    return torch.where(mask, k.view(batch, context, hkv, -1), fake[:, None]).view_as(k)
+
+
+# ----------------------------------------------------------------------------- timing
+class Clock:
+    """Seconds taken by ``fn``: CUDA events on a GPU (after a sync), else wall time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], None]) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def interleaved(clock: Clock, fns: list[Callable[[], None]], reps: int) -> list[float]:
+    """Median seconds of each of ``fns``, run in turn ``reps`` times after one warm-up."""
+    times: list[list[float]] = [[] for _ in fns]
+    for rep in range(reps + 1):
+        for fn, out in zip(fns, times, strict=True):
+            t = clock(fn)
+            if rep:
+                out.append(t)
+    return [statistics.median(t) for t in times]
+
+
+# ------------------------------------------------------------------------------- main
+def build(cfg: Config, steps: int) -> tuple[FullCache, FullCache, Headwise, torch.Tensor]:
+    """The three sides over the same prompts; returns them and the decode queries."""
+    gen = torch.Generator(device=cfg.device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=cfg.device).to(cfg.dtype)
+
+    keeps = choose_keeps(cfg)
+    full, masked_full = FullCache(cfg, steps), FullCache(cfg, steps)
+    headwise = Headwise(cfg, keeps, steps)
+    q = randn(cfg.batch, cfg.hq, cfg.head_dim)
+    fake = fake_keys(q, cfg.hkv)
+    for layer in range(cfg.layers):
+        shape = (cfg.batch * cfg.context, cfg.hkv, cfg.head_dim)
+        k, v = randn(*shape), randn(*shape)
+        full.prefill(layer, k, v)
+        masked_full.prefill(layer, masked(k, keeps[layer], fake), v)
+        headwise.prefill(layer, k, v)
+        del k, v
+    return full, masked_full, headwise, q
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="GPU: B=4, 4k context, 2 layers")
+    parser.add_argument("--device", help="cuda (default when available) or cpu (tiny sizes)")
+    parser.add_argument("--profile", action="store_true", help="cProfile head-wise steps")
+    args = parser.parse_args(argv)
+    cfg = make_config(args)
+    torch.manual_seed(0)
+    steps = 2 * (cfg.reps + 1) + 1  # one checked step, then warm-up + reps of interleaved steps
+    full, masked_full, headwise, q = build(cfg, steps)
+    sides = [full, masked_full, headwise]
+    gen = torch.Generator(device=cfg.device).manual_seed(1)
+    kv1 = torch.randn(2, cfg.batch, cfg.hkv, cfg.head_dim, generator=gen, device=cfg.device)
+    k1, v1 = kv1.to(cfg.dtype).unbind(0)
+
+    for side in sides:  # one step each; (b) and (c) must agree
+        side.step(q, k1, v1)
+    if args.profile:
+        profile(lambda: headwise.step(q, k1, v1), cfg.device)
+        return
+    diff = (masked_full.out.float() - headwise.out.float()).abs().max().item()
+    differs = (full.out.float() - headwise.out.float()).abs().max().item()
+    clock = Clock(cfg.device)
+    kernel_t = interleaved(clock, [lambda s=s: s.kernels(q) for s in sides], cfg.reps)
+    step_t = interleaved(clock, [lambda s=s: s.step(q, k1, v1) for s in sides], cfg.reps)
+    memory = [s.memory_bytes() for s in sides]
+    report(cfg, kernel_t, step_t, memory, diff, differs)
+
+
+def profile(step: Callable[[], None], device: torch.device, steps: int = 10) -> None:
+    """Where a head-wise decode step's host time goes."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+
+
+def report(cfg: Config, kernel_t, step_t, memory, diff: float, differs: float) -> None:
+    name = torch.cuda.get_device_name() if cfg.device.type == "cuda" else "CPU (smoke test)"
+    held = memory[2] / memory[0]
+    print(
+        f"\n{name}; decode, B={cfg.batch}, context {cfg.context}, {cfg.layers} layers, "
+        f"{cfg.hq}/{cfg.hkv} heads, head_dim {cfg.head_dim}, {cfg.dtype}, page {cfg.page_size}, "
+        f"backend {cfg.backend}; budgets {cfg.mean_fraction:.0%} of the context on average, "
+        f"lognormal sigma {cfg.sigma} across heads (pages held: {held:.3f}x the full cache)"
+    )
+    print(
+        f"masked full cache vs head-wise outputs: max |diff| = {diff:.2e} "
+        f"(full cache vs head-wise, for scale: {differs:.2e})\n"
+    )
+    print(f"| method | attention, {cfg.layers} layers, ms | x full | decode step ms | x full "
+          "| KV memory MiB | x full |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    names = ["full cache", "masked full cache (kvpress-style, lower bound)", "head-wise paged"]
+    for i, label in enumerate(names):
+        print(
+            f"| {label} | {kernel_t[i] * 1e3:.3f} | {kernel_t[i] / kernel_t[0]:.2f}x "
+            f"| {step_t[i] * 1e3:.3f} | {step_t[i] / step_t[0]:.2f}x "
+            f"| {memory[i] / 2**20:.1f} | {memory[i] / memory[0]:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Head-wise paged KV caches: a page list per (layer, sequence, KV head).
+
+For per-head KV compression (SnapKV, PyramidKV, AdaKV, HeadKV): each KV head of each
+layer keeps its own tokens in its own pages from one shared pool, so dropped tokens
+free memory, and attention runs as a batch of single-KV-head sequences.
+
+- :class:`HeadwiseKVCache`: sequences, append, per-head compression, memory accounting.
+- :class:`HeadwiseAttention`: plan once per layer per step, run per layer.
+- :func:`snapkv_scores`, :func:`adakv_select`: choose what each head keeps.
+"""
+
+from .attention import HeadwiseAttention
+from .batch import HeadwiseBatch
+from .cache import HeadwiseKVCache
+from .positions import HeadPositions
+from .selection import adakv_select, snapkv_scores
+
+__all__ = [
+    "HeadPositions",
+    "HeadwiseAttention",
+    "HeadwiseBatch",
+    "HeadwiseKVCache",
+    "adakv_select",
+    "snapkv_scores",
+]

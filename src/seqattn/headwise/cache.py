@@ -1,0 +1,546 @@
+"""Head-wise paged KV caches: each (layer, sequence, KV head) keeps its own page list.
+
+Per-head KV compression (SnapKV, PyramidKV, AdaKV, HeadKV) keeps a different number of
+tokens for each KV head and layer. Here every page holds the tokens of one KV head, all
+layers draw pages from one pool, and each layer has its own :class:`CacheDescriptor`
+whose "sequences" are (sequence, KV head) pairs named by :class:`HeadIDGenerator`. A
+head that drops tokens gives its pages back to the pool, so memory follows the budgets.
+
+Why one single-layer storage rather than ``num_layers=L``: a page id of a multi-layer
+``PagedKVCacheManager`` names a page in *every* layer, so layers with different page
+tables drawing from its one pool would leave L - 1 copies of each page unused. A
+single-layer storage whose pool all layers share holds exactly the pages in use, and
+lets budgets move between layers (PyramidKV).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..descriptor import CacheDescriptor
+from ..errors import InvalidLengthError, TensorSpecError
+from ..head_ids import HeadIDGenerator
+from ..packed_data import Device
+from ..storage import PagedKVCacheManager
+from .batch import HeadwiseBatch, to_head_major
+from .compaction import checked_keep, compaction_moves
+from .positions import HeadPositions
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+QUANTIZABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class HeadwiseKVCache:
+    """Paged K/V where each (layer, sequence, KV head) holds its own set of tokens.
+
+    A sequence's *logical length* counts every token appended to it; each head holds a
+    subset of those positions (all of them until it is compressed). Tokens keep their
+    original positions (keys are stored already rotated) and new tokens always take the
+    sequence's next position. Every mutating call is all or nothing.
+
+    Args:
+        num_pages: pages in the pool shared by all layers and heads; a page holds
+            ``page_size`` tokens of one KV head (``2 * page_size * head_dim`` values).
+        page_size: tokens per page.
+        num_layers: layers of the model.
+        num_kv_heads: KV heads per layer.
+        head_dim: size of each head.
+        dtype: storage dtype.
+        device: a ``torch.device``, a string, or a CUDA ordinal.
+        kv_layout: ``"NHD"`` or ``"HND"`` (identical in memory for one head per page).
+        check_invariants: run :meth:`check_integrity` after every mutating call (slow).
+
+    Example:
+        >>> import torch
+        >>> from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache
+        >>> cache = HeadwiseKVCache(64, page_size=4, num_layers=2, num_kv_heads=2,
+        ...                         head_dim=8, dtype=torch.float32, device="cpu")
+        >>> cache.add_sequences([7])
+        >>> k = v = torch.randn(10, 2, 8)                    # a 10-token prompt
+        >>> batch = cache.append(0, [7], k, v, append_lens=[10])
+        >>> attn = HeadwiseAttention(cache, num_qo_heads=4)  # GQA, 2 query heads per KV head
+        >>> attn.plan(batch)
+        >>> attn.run(torch.randn(10, 4, 8), layer=0).shape
+        torch.Size([10, 4, 8])
+        >>> cache.compress(0, 7, keep=[[0, 1, 9], [2, 3, 4, 5, 6, 7, 8, 9]])
+        >>> cache.head_lens(0, 7).tolist(), cache.head_pages(0, 7).tolist()
+        ([3, 8], [1, 2])
+        >>> batch = cache.append(0, [7], k[:1], v[:1])       # decode: one token, position 10
+        >>> cache.head_positions(0, 7, head=0).tolist(), cache.seq_len(7)
+        ([0, 1, 9, 10], 11)
+        >>> cache.release([7]); cache.available_pages_count
+        64
+    """
+
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: Device,
+        *,
+        kv_layout: str = "NHD",
+        check_invariants: bool = False,
+    ) -> None:
+        if int(num_layers) <= 0:
+            raise InvalidLengthError(f"num_layers must be positive, got {num_layers}")
+        self.head_ids = HeadIDGenerator(num_kv_heads)  # validates num_kv_heads
+        self.storage = PagedKVCacheManager(
+            num_pages, page_size, 1, head_dim, dtype, device, kv_layout, num_layers=1
+        )
+        self.num_layers = int(num_layers)
+        self.num_kv_heads = int(num_kv_heads)
+        self.page_size = self.storage.page_size
+        self.head_dim = self.storage.head_dim
+        self.dtype = dtype
+        self.device = self.storage.device
+        self.check_invariants = check_invariants
+        # one page table per layer, all over the storage's one pool
+        self.descriptors = [CacheDescriptor(self.storage) for _ in range(self.num_layers)]
+        self.positions = HeadPositions(self.num_layers, self.num_kv_heads)
+        # on device: every page as [num_pages, 2 (K, V), page_size, head_dim]; with one
+        # head per page the NHD and HND layouts are the same memory
+        self._tokens = self.storage.get_kv_cache(0).view(num_pages, 2, page_size, head_dim)
+        self._pack_device = self.device if self.device.type == "cuda" else None
+        self._accepted = (dtype, *QUANTIZABLE) if dtype in FP8_DTYPES else (dtype,)
+        self._batch_key: tuple[int, ...] = ()
+        self._batch_head_ids: list[int] = []
+
+    # ------------------------------------------------------------------ sequences
+    def add_sequences(self, seq_ids: Iterable[int]) -> None:
+        """Start new, empty sequences in every layer.
+
+        Raises:
+            SequenceExistsError: an id is already live. DuplicateSequenceError: an id twice.
+        """
+        ids = _id_list(seq_ids)
+        self.positions.add(ids)  # checks every id before adding any
+        head_ids = self._head_ids(ids)
+        for desc in self.descriptors:
+            desc.allocate(head_ids, [0] * len(head_ids))  # no pages until tokens arrive
+        self._after_change()
+
+    def release(self, seq_ids: Iterable[int]) -> None:
+        """End sequences and return all their pages, in every layer, to the pool.
+
+        Raises:
+            UnknownSequenceError: an id is not live (e.g. released twice); nothing changed.
+        """
+        ids = _id_list(seq_ids)
+        self.positions.slots(ids)  # checks every id before releasing any
+        head_ids = self._head_ids(ids)
+        for desc in self.descriptors:
+            desc.release(head_ids)
+        self.positions.remove(ids)
+        self._after_change()
+
+    def append(
+        self,
+        layer: int,
+        seq_ids: Sequence[int],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        append_lens: Optional[Sequence[int]] = None,
+    ) -> HeadwiseBatch:
+        """Append one model step's new K/V of one layer to every head of each sequence.
+
+        Token ``j`` of sequence ``b`` takes position ``seq_len(b, layer) + j`` and lands
+        right after the tokens each head still holds (whatever their number), in one
+        scatter for all heads; nothing already cached is copied.
+
+        Args:
+            layer: the layer whose caches receive the tokens.
+            seq_ids: live sequences, in batch order.
+            k: ``shape: [nnz, num_kv_heads, head_dim]``, the cache's dtype (or, for a
+                float8 cache, float16/bfloat16/float32 to quantize) and device; rows
+                grouped by sequence in batch order.
+            v: same shape, dtype and device as ``k``.
+            append_lens: new tokens per sequence, ``[batch_size]`` ints summing to ``nnz``;
+                default one each (a decode step).
+
+        Returns:
+            the layer's :class:`HeadwiseBatch`, to plan attention with (the queries are
+            the appended tokens).
+
+        Raises:
+            NoPageError: the pool lacks pages. UnknownSequenceError, DuplicateSequenceError,
+            InvalidLengthError, TensorSpecError: bad ids, lengths or tensors. Nothing changed.
+        """
+        desc = self._descriptor(layer)
+        ids = _id_list(seq_ids)
+        slots = self.positions.slots(ids)
+        lens = self._append_lens(append_lens, len(ids), k)
+        self._check_kv(k, v, int(lens.sum()))
+        head_ids = self._head_ids(ids)
+        per_head = np.tile(lens, self.num_kv_heads)  # head-major rows: head h, then sequence b
+        if lens.size and lens.min() == 1 == lens.max():
+            desc.allocate_decoding(head_ids)  # the page table's O(batch) decode path
+        else:
+            desc.allocate(head_ids, per_head)  # type: ignore[arg-type]  # numpy is accepted
+        try:
+            batch = self._pack(desc, layer, ids, head_ids, lens, per_head)
+            if k.shape[0]:
+                heads = self.num_kv_heads
+                keys, values = to_head_major(k, heads), to_head_major(v, heads)
+                self.storage.append_kv(keys, values, batch.packed, layer=0)
+        except BaseException:
+            self._undo_allocation(desc, head_ids, per_head)
+            raise
+        self.positions.advance(layer, slots, lens)
+        self._after_change()
+        return batch
+
+    def pack(
+        self, layer: int, seq_ids: Sequence[int], query_lens: Optional[Sequence[int]] = None
+    ) -> HeadwiseBatch:
+        """The layer's head-wise batch without appending (to attend again with the newest
+        ``query_lens`` tokens of each sequence as queries; default one each)."""
+        desc = self._descriptor(layer)
+        ids = _id_list(seq_ids)
+        self.positions.slots(ids)
+        lens = self._append_lens(query_lens, len(ids), None)
+        head_ids = self._head_ids(ids)
+        return self._pack(desc, layer, ids, head_ids, lens, np.tile(lens, self.num_kv_heads))
+
+    # ---------------------------------------------------------------- compression
+    def compress(
+        self, layer: int, seq_id: int, keep: Sequence[object], *, by_position: bool = False
+    ) -> None:
+        """Keep, in each KV head of one sequence in one layer, only the chosen tokens.
+
+        Survivors keep their positions and order and are compacted into the fewest pages
+        of their head with one device gather/scatter for all heads; freed pages return
+        to the pool. The sequence's logical length does not change.
+
+        Args:
+            layer: the layer.
+            seq_id: a live sequence.
+            keep: one entry per KV head: the indices, strictly increasing, of the tokens
+                to keep among those the head holds now (``0 .. head_lens[h] - 1``; see
+                :meth:`head_positions` for their positions), as a list, numpy array or
+                1-D integer tensor; None keeps the head as it is.
+            by_position: ``keep`` lists true token positions (each held by its head)
+                instead of indices.
+
+        Raises:
+            InvalidLengthError: not one entry per head, or indices out of range, unsorted
+                or repeated (or positions not held). UnknownSequenceError. Nothing changed.
+        """
+        desc = self._descriptor(layer)
+        slot = self.positions.slot(seq_id)
+        head_ids = self.head_ids.get_head_ids(seq_id)
+        held = desc.seq_lens(head_ids)
+        self._check_keep_count(keep)
+        if by_position:
+            keeps = self._indices_of_positions(layer, slot, keep)
+        else:
+            keeps = [checked_keep(keep[h], int(held[h]), h) for h in range(self.num_kv_heads)]
+        self._compact(desc, head_ids, held, keeps)
+        positions = self.positions
+        kept = [positions.positions(layer, slot, h)[kh] for h, kh in enumerate(keeps)]
+        positions.replace(layer, slot, kept)
+        self._after_change()
+
+    def truncate_head(self, layer: int, seq_id: int, head: int, new_len: int) -> None:
+        """Keep only the first ``new_len`` tokens one head holds (its oldest ones).
+
+        Raises:
+            InvalidLengthError: ``head`` or ``new_len`` out of range; nothing changed.
+        """
+        held = self.head_lens(layer, seq_id)
+        self._check_head(head)
+        if not 0 <= int(new_len) <= held[head]:
+            raise InvalidLengthError(
+                f"truncate head {head} to {new_len} tokens: expected 0 <= new_len <= "
+                f"{held[head]} (the tokens it holds)"
+            )
+        keep: list[object] = [None] * self.num_kv_heads
+        keep[head] = np.arange(int(new_len))
+        self.compress(layer, seq_id, keep)
+
+    # -------------------------------------------------------------------- lookups
+    @property
+    def seq_ids(self) -> list[int]:
+        """Live sequence ids, oldest first."""
+        return self.positions.seq_ids
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self.positions
+
+    def __len__(self) -> int:
+        return len(self.positions.seq_ids)
+
+    def seq_len(self, seq_id: int, layer: Optional[int] = None) -> int:
+        """The sequence's logical length: tokens appended to ``layer``, kept or not.
+
+        Default: the largest over layers (mid-step, the layers already appended to).
+        """
+        lengths = self.positions.lengths(self.positions.slot(seq_id))
+        if layer is None:
+            return int(lengths.max())
+        self._descriptor(layer)
+        return int(lengths[layer])
+
+    def head_lens(self, layer: int, seq_id: int) -> np.ndarray:
+        """Tokens each KV head of the sequence holds in ``layer``, ``[num_kv_heads]`` int64."""
+        desc = self._descriptor(layer)
+        self.positions.slot(seq_id)
+        return desc.seq_lens(self.head_ids.get_head_ids(seq_id)).astype(np.int64)
+
+    def head_positions(self, layer: int, seq_id: int, head: int) -> np.ndarray:
+        """True positions of the tokens one head holds, increasing, ``[held]`` int64."""
+        self._descriptor(layer)
+        self._check_head(head)
+        return self.positions.positions(layer, self.positions.slot(seq_id), head)
+
+    def read_head(self, layer: int, seq_id: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the tokens one head holds, each ``[held, head_dim]``, storage dtype,
+        on the cache's device (a copy; float8 values as stored, i.e. divided by no scale)."""
+        desc = self._descriptor(layer)
+        self._check_head(head)
+        self.positions.slot(seq_id)
+        head_id = self.head_ids.get_head_id(seq_id, head)
+        pages = torch.as_tensor(desc.page_indices(head_id), dtype=torch.long, device=self.device)
+        held = desc.seq_len(head_id)
+        kv = self._tokens[pages].transpose(0, 1).reshape(2, -1, self.head_dim)[:, :held]
+        return kv[0].clone(), kv[1].clone()
+
+    # --------------------------------------------------------------------- memory
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page: K and V of ``page_size`` tokens of one head."""
+        return 2 * self.page_size * self.head_dim * self.storage.kv_data.element_size()
+
+    @property
+    def available_pages_count(self) -> int:
+        """Free pages in the shared pool."""
+        return self.storage.available_pages_count
+
+    def head_pages(self, layer: int, seq_id: int) -> np.ndarray:
+        """Pages each KV head of the sequence holds in ``layer``, ``[num_kv_heads]`` int64."""
+        return -(-self.head_lens(layer, seq_id) // self.page_size)
+
+    def pages_held(self) -> np.ndarray:
+        """Pages held by each layer and KV head over all live sequences,
+        ``[num_layers, num_kv_heads]`` int64."""
+        ids = self.positions.seq_ids
+        head_ids = self._head_ids(ids)
+        held = np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64)
+        for layer, desc in enumerate(self.descriptors):
+            lens = desc.seq_lens(head_ids).astype(np.int64).reshape(self.num_kv_heads, -1)
+            held[layer] = (-(-lens // self.page_size)).sum(axis=1)
+        return held
+
+    def memory_bytes(self) -> int:
+        """Bytes of the pages the live sequences hold."""
+        return int(self.pages_held().sum()) * self.page_bytes
+
+    def full_cache_bytes(self) -> int:
+        """Bytes a full paged cache (every token of every head kept, same page size)
+        would hold for the live sequences at their logical lengths."""
+        lengths = self.positions.all_lengths()  # [live sequences, num_layers]
+        pages = int((-(-lengths // self.page_size)).sum())
+        return pages * self.num_kv_heads * self.page_bytes
+
+    def bytes_saved(self) -> int:
+        """:meth:`full_cache_bytes` minus :meth:`memory_bytes`."""
+        return self.full_cache_bytes() - self.memory_bytes()
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless pool, page tables and positions are consistent.
+
+        Checks the pool and every layer's page table; that the layers' pages are
+        distinct and are all the pool holds; that each head holds
+        ``ceil(held / page_size)`` pages; and that each head's positions are increasing,
+        as many as the tokens it holds, and below the sequence's logical length.
+        """
+        self.storage.check_integrity()
+        listed = []
+        for layer, desc in enumerate(self.descriptors):
+            desc.check_integrity()
+            assert sorted(desc.seq_ids) == sorted(self._head_ids(self.seq_ids)), (
+                f"layer {layer}: page-table ids differ from the live sequences' heads"
+            )
+            for seq_id in self.seq_ids:
+                listed += self._check_sequence(layer, desc, seq_id)
+        assert len(set(listed)) == len(listed), "a page is held twice"
+        held = self.storage.num_pages - self.available_pages_count
+        assert len(listed) == held, f"{len(listed)} pages listed but {held} held in the pool"
+
+    # ------------------------------------------------------------------ internals
+    def _check_sequence(self, layer: int, desc: CacheDescriptor, seq_id: int) -> list[int]:
+        slot = self.positions.slot(seq_id)
+        self.positions.check(layer, slot)
+        head_ids = self.head_ids.get_head_ids(seq_id)
+        lens = desc.seq_lens(head_ids)
+        assert (lens == self.positions.held(layer, slot)).all(), "head length != positions held"
+        pages = []
+        for head_id, n in zip(head_ids, lens.tolist(), strict=True):
+            own = desc.page_indices(head_id)
+            assert len(own) == -(-n // self.page_size), "pages != ceil(held / page_size)"
+            pages += own
+        return pages
+
+    def _descriptor(self, layer: int) -> CacheDescriptor:
+        if isinstance(layer, (int, np.integer)) and 0 <= layer < self.num_layers:
+            return self.descriptors[layer]
+        raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+
+    def _check_head(self, head: int) -> None:
+        if not (isinstance(head, (int, np.integer)) and 0 <= head < self.num_kv_heads):
+            raise InvalidLengthError(f"head must be in [0, {self.num_kv_heads}), got {head!r}")
+
+    def _head_ids(self, ids: list[int]) -> list[int]:
+        """Head ids of a batch, head-major (reused while the batch repeats, so the page
+        table recognizes a steady decode batch by one list compare)."""
+        key = tuple(ids)
+        if key != self._batch_key:
+            gen = self.head_ids
+            self._batch_head_ids = [
+                gen.get_head_id(s, h) for h in range(self.num_kv_heads) for s in ids
+            ]
+            self._batch_key = key
+        return self._batch_head_ids
+
+    def _pack(
+        self,
+        desc: CacheDescriptor,
+        layer: int,
+        ids: list[int],
+        head_ids: list[int],
+        lens: np.ndarray,
+        per_head: np.ndarray,
+    ) -> HeadwiseBatch:
+        packed = desc.pack_for_flashinfer(
+            head_ids,
+            append_lens=per_head,  # type: ignore[arg-type]  # numpy is accepted
+            device=self._pack_device,
+        )
+        return HeadwiseBatch(layer, tuple(ids), lens, packed, self.num_kv_heads)
+
+    def _append_lens(
+        self, lens: Optional[Sequence[int]], batch_size: int, k: Optional[torch.Tensor]
+    ) -> np.ndarray:
+        if lens is None:
+            out = np.ones(batch_size, dtype=np.int64)
+        else:
+            if hasattr(lens, "detach"):
+                lens = lens.detach().cpu().tolist()  # type: ignore[union-attr]
+            out = np.asarray(lens)
+            if out.size == 0:
+                out = np.zeros(0, dtype=np.int64)
+            if out.ndim != 1 or not np.issubdtype(out.dtype, np.integer):
+                raise InvalidLengthError(f"append_lens must be 1-D integers, got {out!r}")
+            out = out.astype(np.int64)
+        if out.size != batch_size or (out.size and out.min() < 0):
+            raise InvalidLengthError(
+                f"expected {batch_size} append lengths >= 0 (one per sequence), "
+                f"got {out.tolist()[:8]}"
+            )
+        if k is not None and isinstance(k, torch.Tensor) and k.dim() and k.shape[0] != out.sum():
+            raise TensorSpecError(
+                f"k holds {k.shape[0]} tokens but append_lens sum to {int(out.sum())}"
+            )
+        return out
+
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor, nnz: int) -> None:
+        expected = [nnz, self.num_kv_heads, self.head_dim]
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TensorSpecError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if list(t.shape) != expected:
+                raise TensorSpecError(
+                    f"{name} must have shape [nnz, num_kv_heads, head_dim] = {expected}, "
+                    f"got {list(t.shape)}"
+                )
+            if t.dtype not in self._accepted:
+                raise TensorSpecError(f"{name} must have dtype {self.dtype}, got {t.dtype}")
+            if t.device != self.device:
+                raise TensorSpecError(f"{name} must be on {self.device}, got {t.device}")
+        if k.dtype != v.dtype:
+            raise TensorSpecError(f"k and v differ in dtype: {k.dtype}, {v.dtype}")
+
+    def _check_keep_count(self, keep: Sequence[object]) -> None:
+        try:
+            count = len(keep)
+        except TypeError:
+            count = -1
+        if count != self.num_kv_heads:
+            raise InvalidLengthError(
+                f"keep must have one entry per KV head ({self.num_kv_heads}), got "
+                f"{count if count >= 0 else type(keep).__name__}"
+            )
+
+    def _indices_of_positions(
+        self, layer: int, slot: int, keep: Sequence[object]
+    ) -> list[np.ndarray]:
+        """Each head's kept positions as indices among the tokens it holds."""
+        out = []
+        for head, entry in enumerate(keep):
+            held = self.positions.positions(layer, slot, head)
+            if entry is None:
+                out.append(np.arange(held.size))
+                continue
+            end = int(held[-1]) + 1 if held.size else 0
+            wanted = checked_keep(entry, end, head, "token positions")
+            index = np.searchsorted(held, wanted)
+            if wanted.size and not np.array_equal(held[index], wanted):
+                missing = wanted[held[index] != wanted][:8].tolist()
+                raise InvalidLengthError(
+                    f"keep[{head}]: head {head} does not hold positions {missing} "
+                    f"(see head_positions)"
+                )
+            out.append(index)
+        return out
+
+    def _compact(
+        self,
+        desc: CacheDescriptor,
+        head_ids: list[int],
+        held: np.ndarray,
+        keeps: list[np.ndarray],
+    ) -> None:
+        """Move every head's survivors to the front of its page list, then free the rest."""
+        pages = [np.asarray(desc.page_indices(h), dtype=np.int64) for h in head_ids]
+        moves = compaction_moves(pages, keeps, self.page_size)
+        if moves[0].size:
+            index = torch.from_numpy(np.stack(moves)).to(self.device)
+            src_page, src_slot, dst_page, dst_slot = index.unbind(0)
+            # the gather finishes before the scatter starts, and a survivor only moves
+            # left within its head, so no source is overwritten before it is read
+            self._tokens[dst_page, :, dst_slot] = self._tokens[src_page, :, src_slot]
+        for head_id, kept, before in zip(head_ids, keeps, held.tolist(), strict=True):
+            if kept.size < before:
+                desc.truncate(head_id, kept.size)
+
+    def _undo_allocation(
+        self, desc: CacheDescriptor, head_ids: list[int], per_head: np.ndarray
+    ) -> None:
+        """Give back what an append allocated (its write failed after allocating)."""
+        now = desc.seq_lens(head_ids)
+        for head_id, new_len in zip(head_ids, (now - per_head).tolist(), strict=True):
+            desc.truncate(head_id, new_len)
+
+    def _after_change(self) -> None:
+        if self.check_invariants:
+            self.check_integrity()
+
+
+def _id_list(seq_ids: Iterable[int]) -> list[int]:
+    """Sequence ids as a list of Python ints (a list, tuple, numpy array or tensor)."""
+    if hasattr(seq_ids, "tolist"):
+        seq_ids = seq_ids.tolist()  # type: ignore[union-attr]
+    try:
+        return [operator.index(i) for i in seq_ids]
+    except TypeError:
+        raise InvalidLengthError(
+            f"sequence ids must be a list of integers, got {seq_ids!r:.80}"
+        ) from None

@@ -1,0 +1,472 @@
+"""Head-wise caches against a dense float64 reference that knows only positions and masks.
+
+What is compared to what: a ``Model`` drives ``HeadwiseKVCache`` + ``HeadwiseAttention``
+(torch backend) and keeps on the side, per sequence and layer, the *full* K/V history
+the model produced (never compressed) and a boolean keep mask per KV head over true
+positions. ``dense_reference`` computes attention from that alone: the queries of a
+sequence are its newest positions, a query at position ``p`` sees key ``j`` of KV head
+``h`` when ``mask[h, j]`` and (causal) ``j <= p``. It never reads the paged cache and
+shares no code with seqattn; so it checks the head-major mapping, the page tables after
+compaction and flashinfer's bottom-right causal alignment over compressed heads at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+
+from seqattn import (
+    DuplicateSequenceError,
+    InvalidLengthError,
+    NoPageError,
+    SeqAttnError,
+    SequenceExistsError,
+    TensorSpecError,
+    UnknownSequenceError,
+)
+from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache, adakv_select, snapkv_scores
+from seqattn.headwise.batch import from_head_major, to_head_major
+from seqattn.headwise.compaction import compaction_moves
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dense_reference(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one sequence's newest ``qo_len`` positions in float64.
+
+    Args:
+        q: ``[qo_len, num_qo_heads, head_dim]``.
+        keys, values: ``[n, num_kv_heads, head_dim]``, every position ever appended.
+        mask: ``[num_kv_heads, n]`` bool, the positions each head kept.
+
+    Returns:
+        ``(out [qo_len, num_qo_heads, head_dim], lse2 [qo_len, num_qo_heads])``.
+    """
+    qo_len, num_qo_heads, head_dim = q.shape
+    n, num_kv_heads, _ = keys.shape
+    group = num_qo_heads // num_kv_heads
+    query_pos = torch.arange(n - qo_len, n)[:, None]
+    out = torch.zeros(qo_len, num_qo_heads, head_dim, dtype=torch.float64)
+    lse = torch.zeros(qo_len, num_qo_heads, dtype=torch.float64)
+    for qh in range(num_qo_heads):
+        h = qh // group
+        visible = mask[h][None, :].expand(qo_len, n)
+        if causal:
+            visible = visible & (torch.arange(n)[None, :] <= query_pos)
+        logits = q[:, qh].double() @ keys[:, h].double().T / math.sqrt(head_dim)
+        logits = logits.masked_fill(~visible, -math.inf)
+        weights = torch.softmax(logits, dim=1)
+        out[:, qh] = weights @ values[:, h].double()
+        lse[:, qh] = torch.logsumexp(logits, dim=1) / math.log(2.0)
+    return out, lse
+
+
+class Model:
+    """A head-wise cache, torch-backend attention, and the full history with keep masks."""
+
+    def __init__(
+        self,
+        *,
+        page_size: int,
+        num_kv_heads: int = 2,
+        group: int = 2,
+        head_dim: int = 8,
+        num_layers: int = 2,
+        num_pages: int = 512,
+        seed: int = 0,
+    ) -> None:
+        self.cache = HeadwiseKVCache(
+            num_pages, page_size, num_layers, num_kv_heads, head_dim, torch.float64, "cpu",
+            check_invariants=True,
+        )  # fmt: skip
+        self.heads, self.group, self.dim = num_kv_heads, group, head_dim
+        self.attn = HeadwiseAttention(self.cache, num_kv_heads * group, backend="torch")
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        # per sequence, per layer: full keys, values [n, H, D] and keep mask [H, n]
+        self.k: dict[int, list[torch.Tensor]] = {}
+        self.v: dict[int, list[torch.Tensor]] = {}
+        self.mask: dict[int, list[torch.Tensor]] = {}
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen, dtype=torch.float64)
+
+    def add(self, ids: list[int]) -> None:
+        self.cache.add_sequences(ids)
+        layers = self.cache.num_layers
+        empty = torch.zeros(0, self.heads, self.dim, dtype=torch.float64)
+        for seq in ids:
+            self.k[seq], self.v[seq] = [empty] * layers, [empty] * layers
+            self.mask[seq] = [torch.zeros(self.heads, 0, dtype=torch.bool)] * layers
+
+    def step(
+        self, ids: list[int], lens: list[int], *, qo_lens: Optional[list[int]] = None, **options
+    ) -> None:
+        """Append ``lens`` new tokens to every layer, attend with the newest ``qo_lens``
+        (default: all new tokens) and compare each layer with the dense reference."""
+        for layer in range(self.cache.num_layers):
+            k, v = (
+                self.randn(sum(lens), self.heads, self.dim),
+                self.randn(sum(lens), self.heads, self.dim),
+            )
+            batch = self.cache.append(layer, ids, k, v, lens)
+            self._record(layer, ids, lens, k, v)
+            self.attn.plan(batch, qo_lens, **options)
+            queries = lens if qo_lens is None else qo_lens
+            q = self.randn(sum(queries), self.heads * self.group, self.dim)
+            out, lse = self.attn.run(q, layer, return_lse=True)
+            ref_out, ref_lse = self.reference(ids, queries, q, layer, **options)
+            torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(lse.double(), ref_lse, atol=2e-6, rtol=2e-6)
+        self.check_contents(ids)
+
+    def _record(self, layer, ids, lens, k, v) -> None:
+        start = 0
+        for seq, n in zip(ids, lens, strict=True):
+            self.k[seq][layer] = torch.cat([self.k[seq][layer], k[start : start + n]])
+            self.v[seq][layer] = torch.cat([self.v[seq][layer], v[start : start + n]])
+            new = torch.ones(self.heads, n, dtype=torch.bool)
+            self.mask[seq][layer] = torch.cat([self.mask[seq][layer], new], dim=1)
+            start += n
+
+    def reference(self, ids, qo_lens, q, layer, *, causal: bool = True):
+        outs, lses, start = [], [], 0
+        for seq, n in zip(ids, qo_lens, strict=True):
+            o, lse = dense_reference(
+                q[start : start + n], self.k[seq][layer], self.v[seq][layer],
+                self.mask[seq][layer], causal=causal,
+            )  # fmt: skip
+            outs.append(o)
+            lses.append(lse)
+            start += n
+        return torch.cat(outs), torch.cat(lses)
+
+    def compress(self, layer: int, seq: int, keep: list) -> None:
+        """Compress in the cache and in the mask (``keep`` indexes each head's held tokens)."""
+        self.cache.compress(layer, seq, keep)
+        mask = self.mask[seq][layer].clone()
+        for h, kh in enumerate(keep):
+            if kh is None:
+                continue
+            held = torch.nonzero(mask[h]).squeeze(1)
+            mask[h] = False
+            mask[h, held[torch.as_tensor(kh, dtype=torch.long)]] = True
+        self.mask[seq][layer] = mask
+
+    def random_keep(self, layer: int, seq: int) -> list[np.ndarray]:
+        """A random subset per head, with sizes from none to all."""
+        held = self.cache.head_lens(layer, seq)
+        keep = []
+        for n in held.tolist():
+            mode = min(int(self.rng.integers(0, 4)), 2)  # none, all, or (twice as often) random
+            size = (0, n, int(self.rng.integers(0, n + 1)))[mode]
+            keep.append(np.sort(self.rng.choice(n, size=size, replace=False)))
+        return keep
+
+    def check_contents(self, ids: list[int]) -> None:
+        """Positions, page counts and stored K/V of every head equal the model's."""
+        ps = self.cache.page_size
+        for seq in ids:
+            for layer in range(self.cache.num_layers):
+                mask = self.mask[seq][layer]
+                kept = mask.sum(dim=1).numpy()
+                assert self.cache.seq_len(seq, layer) == mask.shape[1]
+                assert self.cache.head_lens(layer, seq).tolist() == kept.tolist()
+                assert self.cache.head_pages(layer, seq).tolist() == (-(-kept // ps)).tolist()
+                for h in range(self.heads):
+                    pos = torch.nonzero(mask[h]).squeeze(1)
+                    assert self.cache.head_positions(layer, seq, h).tolist() == pos.tolist()
+                    k, v = self.cache.read_head(layer, seq, h)
+                    assert torch.equal(k, self.k[seq][layer][pos, h])
+                    assert torch.equal(v, self.v[seq][layer][pos, h])
+
+
+def snapshot(cache: HeadwiseKVCache) -> tuple:
+    """Everything a failing call must leave alone."""
+    heads = {}
+    for layer in range(cache.num_layers):
+        for seq in cache.seq_ids:
+            heads[layer, seq] = (
+                cache.seq_len(seq, layer),
+                cache.head_lens(layer, seq).tolist(),
+                [cache.head_positions(layer, seq, h).tolist() for h in range(cache.num_kv_heads)],
+                [
+                    cache.descriptors[layer].page_indices(i)
+                    for i in cache.head_ids.get_head_ids(seq)
+                ],
+            )
+    refcount = cache.storage.allocator.refcount.tolist()
+    return cache.available_pages_count, refcount, heads, cache.storage.kv_data.clone()
+
+
+def assert_same(before: tuple, after: tuple) -> None:
+    assert before[:3] == after[:3]
+    assert torch.equal(before[3], after[3])
+
+
+# ------------------------------------------------------------------ attention parity
+@pytest.mark.parametrize("ps", [1, 3, 4])
+@pytest.mark.parametrize(("heads", "group"), [(2, 2), (3, 1)], ids=["gqa", "mha"])
+def test_attention_equals_masked_dense_after_rounds_of_compression(ps, heads, group):
+    m = Model(page_size=ps, num_kv_heads=heads, group=group, seed=ps * 10 + heads)
+    ids = [4, 1, 9]
+    m.add(ids)
+    m.step(ids, [ps + 1, 1, 2 * ps + 3])  # prefill across page boundaries
+    for round_ in range(3):
+        for layer in range(2):  # budgets differ per layer and per head
+            for seq in ids:
+                m.compress(layer, seq, m.random_keep(layer, seq))
+        m.step(ids, [1, 1, 1])  # decode over compressed heads
+        m.step(ids, [1, 1, 1])
+        m.step(ids, [ps, 2, ps + 1 + round_])  # chunked prefill: causal inside the chunk
+    m.step(ids, [2, 3, 1], qo_lens=[1, 2, 1])  # queries: only the newest tokens
+
+
+def test_non_causal_and_fully_dropped_heads():
+    m = Model(page_size=2, seed=3)
+    m.add([0, 1])
+    m.step([0, 1], [5, 6])
+    m.compress(0, 0, [[], [4]])  # head 0 of layer 0 keeps nothing
+    m.compress(1, 1, [[0, 5], []])
+    m.step([0, 1], [1, 1], causal=False)
+    m.step([0, 1], [3, 1], causal=False)
+    m.step([0, 1], [1, 1])
+
+
+def test_queries_see_kept_tokens_by_true_position():
+    """A hand-checked case: head 0 keeps positions 0 and 3; a 2-token chunk at 4, 5."""
+    cache = HeadwiseKVCache(16, 2, 1, 1, 4, torch.float64, "cpu")
+    attn = HeadwiseAttention(cache, 1, backend="torch")
+    cache.add_sequences([0])
+    values = torch.arange(6, dtype=torch.float64)[:, None, None].expand(6, 1, 4).contiguous()
+    cache.append(0, [0], torch.zeros(4, 1, 4, dtype=torch.float64), values[:4], [4])
+    cache.compress(0, 0, [[0, 3]])
+    batch = cache.append(0, [0], torch.zeros(2, 1, 4, dtype=torch.float64), values[4:], [2])
+    attn.plan(batch)
+    out = attn.run(torch.zeros(2, 1, 4, dtype=torch.float64), 0)  # uniform weights
+    # position 4 sees {0, 3, 4}; position 5 sees {0, 3, 4, 5}
+    assert out[:, 0, 0].tolist() == pytest.approx([7 / 3, 12 / 4], abs=1e-12)
+    assert cache.head_positions(0, 0, 0).tolist() == [0, 3, 4, 5]
+
+
+# -------------------------------------------------------------------- memory budgets
+def test_pages_freed_match_budgets_exactly():
+    ps, heads, n = 4, 4, 61
+    cache = HeadwiseKVCache(4 * 2 * heads * 16, ps, 2, heads, 8, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    cache.add_sequences([0, 1])
+    for layer in range(2):
+        k = torch.randn(2 * n, heads, 8, generator=gen)
+        cache.append(layer, [0, 1], k, k, [n, n])
+    full = cache.memory_bytes()
+    assert full == cache.full_cache_bytes() == 2 * 2 * heads * -(-n // ps) * cache.page_bytes
+    budgets = {0: 4 * 24, 1: 4 * 9}  # layer 0 keeps more (PyramidKV-like)
+    for layer, budget in budgets.items():
+        for seq in (0, 1):
+            scores = torch.rand(heads, n, generator=gen) ** 4  # skewed
+            keep = adakv_select(scores, budget, window=3, min_per_head=2)
+            assert sum(k.size for k in keep) == budget
+            cache.compress(layer, seq, keep)
+            kept = np.array([k.size for k in keep])
+            assert cache.head_lens(layer, seq).tolist() == kept.tolist()
+            assert cache.head_pages(layer, seq).tolist() == (-(-kept // ps)).tolist()
+    held = cache.pages_held()
+    assert held.shape == (2, heads) and int(held.sum()) == cache.storage.num_pages - (
+        cache.available_pages_count
+    )
+    assert cache.memory_bytes() == int(held.sum()) * cache.page_bytes
+    assert cache.bytes_saved() == full - cache.memory_bytes() > 0
+    assert cache.page_bytes == 2 * ps * 8 * 4
+    cache.check_integrity()
+    cache.release([0, 1])
+    assert cache.available_pages_count == cache.storage.num_pages and cache.memory_bytes() == 0
+
+
+def test_truncate_head_frees_its_pages_only():
+    cache = HeadwiseKVCache(64, 4, 1, 2, 8, torch.float32, "cpu", check_invariants=True)
+    cache.add_sequences([3])
+    k = torch.randn(10, 2, 8)
+    cache.append(0, [3], k, k, [10])
+    free = cache.available_pages_count
+    cache.truncate_head(0, 3, 1, 4)
+    assert cache.head_lens(0, 3).tolist() == [10, 4]
+    assert cache.available_pages_count == free + 2
+    assert torch.equal(cache.read_head(0, 3, 1)[0], k[:4, 1])
+    cache.append(0, [3], k[:1], k[:1])
+    assert cache.head_positions(0, 3, 1).tolist() == [0, 1, 2, 3, 10]
+    assert cache.seq_len(3) == 11
+
+
+def test_compress_by_position_equals_compress_by_index():
+    a = HeadwiseKVCache(64, 2, 1, 2, 4, torch.float64, "cpu", check_invariants=True)
+    b = HeadwiseKVCache(64, 2, 1, 2, 4, torch.float64, "cpu", check_invariants=True)
+    k = torch.randn(9, 2, 4, dtype=torch.float64)
+    for cache in (a, b):
+        cache.add_sequences([0])
+        cache.append(0, [0], k, -k, [9])
+        cache.compress(0, 0, [[1, 2, 5, 8], [0, 3]])  # positions == indices here
+    a.compress(0, 0, [[2, 8], None], by_position=True)
+    b.compress(0, 0, [[1, 3], None])
+    assert a.head_positions(0, 0, 0).tolist() == b.head_positions(0, 0, 0).tolist() == [2, 8]
+    assert torch.equal(a.read_head(0, 0, 0)[0], b.read_head(0, 0, 0)[0])
+    before = snapshot(a)
+    with pytest.raises(InvalidLengthError, match=r"does not hold positions \[5\]"):
+        a.compress(0, 0, [[2, 5], None], by_position=True)
+    with pytest.raises(InvalidLengthError, match="token positions"):
+        a.compress(0, 0, [[8, 2], None], by_position=True)
+    assert_same(before, snapshot(a))
+
+
+def test_seq_len_per_layer_mid_step():
+    cache = HeadwiseKVCache(64, 4, 3, 1, 8, torch.float32, "cpu")
+    cache.add_sequences([0])
+    cache.append(0, [0], torch.randn(5, 1, 8), torch.randn(5, 1, 8), [5])
+    assert [cache.seq_len(0, layer) for layer in range(3)] == [5, 0, 0]
+    assert cache.seq_len(0) == 5
+
+
+# ------------------------------------------------------------------- all or nothing
+def _bad_calls(cache: HeadwiseKVCache) -> list:
+    f64 = torch.float64
+    k = torch.randn(3, 2, 8, dtype=f64)
+    bad_keep = [[0, 0], None]
+    big = torch.randn(200, 2, 8, dtype=f64)
+    return [
+        (UnknownSequenceError, lambda: cache.append(0, [0, 99], k, k, [2, 1])),
+        (DuplicateSequenceError, lambda: cache.append(0, [0, 0], k, k, [2, 1])),
+        (InvalidLengthError, lambda: cache.append(0, [0, 1], k, k, [2, -1])),
+        (InvalidLengthError, lambda: cache.append(0, [0, 1], k, k, [3])),
+        (TensorSpecError, lambda: cache.append(0, [0, 1], k, k, [1, 1])),  # 3 rows, 2 tokens
+        (TensorSpecError, lambda: cache.append(0, [0, 1], k.float(), k.float(), [2, 1])),
+        (TensorSpecError, lambda: cache.append(0, [0, 1], k[:, :1], k[:, :1], [2, 1])),
+        (TensorSpecError, lambda: cache.append(0, [0, 1], k, k[:, :, :4], [2, 1])),
+        (TensorSpecError, lambda: cache.append(5, [0, 1], k, k, [2, 1])),
+        (NoPageError, lambda: cache.append(0, [0, 1], big, big, [100, 100])),
+        (UnknownSequenceError, lambda: cache.compress(0, 99, [None, None])),
+        (InvalidLengthError, lambda: cache.compress(0, 0, [None])),
+        (InvalidLengthError, lambda: cache.compress(0, 0, [[0, 99], None])),
+        (InvalidLengthError, lambda: cache.compress(0, 0, [[-1, 2], None])),
+        (InvalidLengthError, lambda: cache.compress(0, 0, [[2, 1], None])),
+        (InvalidLengthError, lambda: cache.compress(0, 0, bad_keep)),
+        (InvalidLengthError, lambda: cache.compress(0, 0, [[0.5], None])),
+        (InvalidLengthError, lambda: cache.truncate_head(0, 0, 2, 1)),
+        (InvalidLengthError, lambda: cache.truncate_head(0, 0, 0, 999)),
+        (UnknownSequenceError, lambda: cache.release([0, 99])),
+        (DuplicateSequenceError, lambda: cache.release([0, 0])),
+        (SequenceExistsError, lambda: cache.add_sequences([7, 0])),
+        (DuplicateSequenceError, lambda: cache.add_sequences([7, 7])),
+        (InvalidLengthError, lambda: cache.add_sequences(["a"])),
+    ]
+
+
+def test_every_bad_call_raises_and_changes_nothing():
+    cache = HeadwiseKVCache(24, 4, 2, 2, 8, torch.float64, "cpu", check_invariants=True)
+    cache.add_sequences([0, 1])
+    k = torch.randn(12, 2, 8, dtype=torch.float64)
+    for layer in range(2):
+        cache.append(layer, [0, 1], k, k, [7, 5])
+    cache.compress(1, 0, [[1, 4], [0, 6]])
+    for error, call in _bad_calls(cache):
+        before = snapshot(cache)
+        with pytest.raises(error) as info:
+            call()
+        assert isinstance(info.value, SeqAttnError) and str(info.value)
+        assert_same(before, snapshot(cache))
+        cache.check_integrity()
+    cache.release([0, 1])
+    with pytest.raises(UnknownSequenceError, match="not in the head-wise cache"):
+        cache.release([0])  # double release
+
+
+def test_attention_rejects_bad_queries():
+    m = Model(page_size=4)
+    m.add([0])
+    m.step([0], [3])
+    with pytest.raises(SeqAttnError, match="plan layer 5"):
+        m.attn.run(torch.zeros(3, 4, 8, dtype=torch.float64), 5)
+    with pytest.raises(TensorSpecError, match=r"shape \[3, 4, 8\]"):
+        m.attn.run(torch.zeros(2, 4, 8, dtype=torch.float64), 0)
+    with pytest.raises(InvalidLengthError):
+        m.attn.plan(m.cache.pack(0, [0], [3]), qo_lens=[1, 1])
+    with pytest.raises(TensorSpecError, match="multiple"):
+        HeadwiseAttention(m.cache, 3, backend="torch")
+
+
+# ------------------------------------------------------------------- building blocks
+def test_head_major_round_trip():
+    t = torch.randn(5, 6, 3)
+    hm = to_head_major(t, 2)  # 2 KV heads, group 3
+    assert hm.shape == (10, 3, 3) and torch.equal(hm[1 * 5 + 3], t[3, 3:])  # head 1, token 3
+    assert torch.equal(from_head_major(hm, 2), t)
+    out = torch.empty_like(t)
+    assert from_head_major(hm, 2, out) is out and torch.equal(out, t)
+
+
+def test_compaction_moves_only_what_moves():
+    pages = [np.array([7, 2, 5]), np.array([9])]
+    src_page, src_slot, dst_page, dst_slot = compaction_moves(
+        pages, [np.array([0, 1, 5, 8]), np.array([1])], page_size=3
+    )
+    # head 0: index 5 (page 2, slot 2) -> 2 (page 7, slot 2); 8 (page 5, 2) -> 3 (page 2, 0)
+    assert src_page.tolist() == [2, 5, 9] and src_slot.tolist() == [2, 2, 1]
+    assert dst_page.tolist() == [7, 2, 9] and dst_slot.tolist() == [2, 0, 0]
+
+
+def test_snapkv_scores_match_a_plain_loop():
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(3, 4, 8, generator=gen), torch.randn(10, 2, 8, generator=gen)
+    scores = snapkv_scores(q, k, pool_kernel=1)
+    expected = torch.zeros(2, 10)
+    for h in range(2):
+        for qh in (2 * h, 2 * h + 1):
+            for w in range(3):
+                pos = 7 + w
+                weights = torch.softmax(k[: pos + 1, h] @ q[w, qh] / math.sqrt(8), dim=0)
+                expected[h, : pos + 1] += weights / 6
+    torch.testing.assert_close(scores, expected)
+    pooled = snapkv_scores(q, k, pool_kernel=3)
+    torch.testing.assert_close(pooled[:, 4], expected[:, 3:6].max(dim=1).values)
+
+
+def test_adakv_select_budget_window_and_floor():
+    scores = torch.tensor([[9.0, 8, 7, 6, 0, 0], [0.1, 0.2, 0.0, 0.0, 0.0, 0.0]])
+    keep = adakv_select(scores, budget=7, window=1, min_per_head=2)
+    assert [k.tolist() for k in keep] == [[0, 1, 2, 5], [0, 1, 5]]
+    assert [k.tolist() for k in adakv_select(scores, 100)] == [list(range(6))] * 2
+    with pytest.raises(InvalidLengthError, match="below"):
+        adakv_select(scores, budget=3, window=2)
+
+
+# ------------------------------------------------------------ example and benchmark
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_snapkv_example_runs(capsys):
+    _load(ROOT / "examples" / "headwise_snapkv.py").main(["--prompt", "48", "--decode", "3"])
+    text = capsys.readouterr().out
+    assert "max |diff|" in text and "memory" in text
+
+
+def test_benchmark_runs_on_cpu(capsys):
+    _load(ROOT / "benchmarks" / "bench_headwise.py").main(["--device", "cpu"])
+    text = capsys.readouterr().out
+    assert "| head-wise paged" in text and "masked full cache" in text

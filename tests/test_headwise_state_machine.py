@@ -1,0 +1,234 @@
+"""Random append / compress / truncate / release sequences on head-wise caches.
+
+The model knows, per (layer, sequence, KV head), the (position, value) of every token
+the head holds, and each sequence's logical length per layer; every appended token
+carries a unique value (keys ``+value``, values ``-value``), so content read back from
+the pages proves that compaction moved the right tokens. After each step: the pool's
+and page tables' integrity, ceil(held / page_size) pages per head, free pages equal to
+the pool minus what the model's heads need, positions and K/V read back equal to the
+model's. A call the model predicts must fail raises the expected error and changes
+nothing (pages, counts, lengths, positions and the stored K/V).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from seqattn import (
+    DuplicateSequenceError,
+    InvalidLengthError,
+    NoPageError,
+    SequenceExistsError,
+    TensorSpecError,
+    UnknownSequenceError,
+)
+from seqattn.headwise import HeadwiseKVCache
+from tests.conftest import machine_settings
+
+NUM_PAGES, LAYERS = 24, 2
+IDS = st.integers(0, 5)
+EXAMPLES = int(os.environ.get("SEQATTN_HEADWISE_EXAMPLES", "300"))
+OPERATIONS = {"count": 0}
+
+
+def pages(n: int, ps: int) -> int:
+    return -(-n // ps)
+
+
+class HeadwiseMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ps = 0
+        # the model: held[layer][seq][head] = [(position, value)], length[seq][layer]
+        self.held: list[dict[int, list[list[tuple[int, float]]]]] = [{} for _ in range(LAYERS)]
+        self.length: dict[int, list[int]] = {}
+        self.next_value = 1.0
+
+    @precondition(lambda self: self.ps == 0)
+    @rule(ps=st.sampled_from([1, 2, 3]), heads=st.sampled_from([1, 2, 3]))
+    def setup(self, ps: int, heads: int) -> None:
+        self.ps, self.heads = ps, heads
+        self.cache = HeadwiseKVCache(NUM_PAGES, ps, LAYERS, heads, 2, torch.float64, "cpu")
+
+    # ------------------------------------------------------------------ helpers
+    def snapshot(self) -> tuple:
+        cache = self.cache
+        state = {
+            (layer, seq): (
+                cache.seq_len(seq, layer),
+                [cache.head_positions(layer, seq, h).tolist() for h in range(self.heads)],
+                [
+                    cache.descriptors[layer].page_indices(i)
+                    for i in cache.head_ids.get_head_ids(seq)
+                ],
+            )
+            for layer in range(LAYERS)
+            for seq in cache.seq_ids
+        }
+        refcount = cache.storage.allocator.refcount.tolist()
+        return cache.available_pages_count, refcount, state, cache.storage.kv_data.clone()
+
+    def expect_failure(self, error: type[Exception], call) -> None:
+        before = self.snapshot()
+        with pytest.raises(error):
+            call()
+        after = self.snapshot()
+        assert before[:3] == after[:3] and torch.equal(before[3], after[3])
+
+    def free(self) -> int:
+        return self.cache.available_pages_count
+
+    def live(self) -> list[int]:
+        return sorted(self.length)
+
+    # -------------------------------------------------------------------- rules
+    @precondition(lambda self: self.ps)
+    @rule(ids=st.lists(IDS, min_size=1, max_size=3, unique=True))
+    def add(self, ids: list[int]) -> None:
+        if any(i in self.length for i in ids):
+            self.expect_failure(SequenceExistsError, lambda: self.cache.add_sequences(ids))
+            return
+        self.cache.add_sequences(ids)
+        for seq in ids:
+            self.length[seq] = [0] * LAYERS
+            for layer in range(LAYERS):
+                self.held[layer][seq] = [[] for _ in range(self.heads)]
+
+    @precondition(lambda self: self.length)
+    @rule(layer=st.integers(0, LAYERS - 1), data=st.data())
+    def append(self, layer: int, data: st.DataObject) -> None:
+        ids = data.draw(st.lists(st.sampled_from(self.live()), min_size=1, unique=True))
+        lens = data.draw(st.lists(st.integers(0, 2 * self.ps + 1), min_size=len(ids),
+                                  max_size=len(ids)))  # fmt: skip
+        heads = self.held[layer]
+        need = sum(
+            pages(len(heads[s][h]) + n, self.ps) - pages(len(heads[s][h]), self.ps)
+            for s, n in zip(ids, lens, strict=True)
+            for h in range(self.heads)
+        )
+        nnz = sum(lens)
+        values = torch.arange(
+            self.next_value, self.next_value + nnz * self.heads, dtype=torch.float64
+        )
+        kv = values.view(nnz, self.heads, 1).expand(nnz, self.heads, 2).contiguous()
+        if need > self.free():
+            self.expect_failure(NoPageError, lambda: self.cache.append(layer, ids, kv, -kv, lens))
+            return
+        self.cache.append(layer, ids, kv, -kv, lens)
+        self.next_value += nnz * self.heads
+        row = 0
+        for seq, n in zip(ids, lens, strict=True):
+            start = self.length[seq][layer]
+            for j in range(n):
+                for h in range(self.heads):
+                    heads[seq][h].append((start + j, float(kv[row + j, h, 0])))
+            self.length[seq][layer] += n
+            row += n
+
+    @precondition(lambda self: self.length)
+    @rule(layer=st.integers(0, LAYERS - 1), data=st.data())
+    def compress(self, layer: int, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(self.live()))
+        heads = self.held[layer][seq]
+        keep = []
+        for tokens in heads:
+            if data.draw(st.booleans()):
+                keep.append(None)
+                continue
+            chosen = data.draw(
+                st.sets(st.integers(0, max(len(tokens) - 1, 0)), max_size=len(tokens))
+            )
+            keep.append(np.array(sorted(chosen), dtype=np.int64))
+        self.cache.compress(layer, seq, keep)
+        for h, kh in enumerate(keep):
+            if kh is not None:
+                heads[h] = [heads[h][i] for i in kh.tolist()]
+
+    @precondition(lambda self: self.length)
+    @rule(layer=st.integers(0, LAYERS - 1), data=st.data())
+    def truncate_head(self, layer: int, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(self.live()))
+        head = data.draw(st.integers(0, self.heads - 1))
+        tokens = self.held[layer][seq][head]
+        new_len = data.draw(st.integers(0, len(tokens)))
+        self.cache.truncate_head(layer, seq, head, new_len)
+        del tokens[new_len:]
+
+    @precondition(lambda self: self.length)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        ids = data.draw(st.lists(st.sampled_from(self.live()), min_size=1, unique=True))
+        self.cache.release(ids)
+        for seq in ids:
+            del self.length[seq]
+            for layer in range(LAYERS):
+                del self.held[layer][seq]
+
+    @precondition(lambda self: self.ps)
+    @rule(choice=st.integers(0, 7), data=st.data())
+    def bad_calls(self, choice: int, data: st.DataObject) -> None:
+        cache, live = self.cache, self.live()
+        unknown = next(i for i in range(100, 200) if i not in self.length)
+        kv = torch.zeros(1, self.heads, 2, dtype=torch.float64)
+        if choice == 0:
+            self.expect_failure(UnknownSequenceError, lambda: cache.release([*live, unknown]))
+        elif choice == 1:
+            self.expect_failure(UnknownSequenceError, lambda: cache.append(0, [unknown], kv, kv))
+        elif choice == 2 or not live:
+            self.expect_failure(
+                UnknownSequenceError, lambda: cache.compress(0, unknown, [None] * self.heads)
+            )
+        else:
+            seq = data.draw(st.sampled_from(live))
+            held = len(self.held[0][seq][0])
+            past_end = [[held]] + [None] * (self.heads - 1)  # one index past head 0's tokens
+            bad = {
+                3: (InvalidLengthError, lambda: cache.compress(0, seq, past_end)),
+                4: (InvalidLengthError, lambda: cache.compress(0, seq, [None] * (self.heads + 1))),
+                5: (TensorSpecError, lambda: cache.append(0, [seq], kv.float(), kv.float())),
+                6: (DuplicateSequenceError, lambda: cache.append(0, [seq, seq], kv, kv, [1, 0])),
+                7: (InvalidLengthError, lambda: cache.truncate_head(0, seq, 0, held + 1)),
+            }  # fmt: skip
+            error, call = bad[choice]
+            self.expect_failure(error, call)
+
+    # --------------------------------------------------------------- invariants
+    @invariant()
+    def everything_consistent(self) -> None:
+        OPERATIONS["count"] += 1
+        if not self.ps:
+            return
+        cache, ps = self.cache, self.ps
+        cache.check_integrity()
+        need = 0
+        for layer in range(LAYERS):
+            for seq, heads in self.held[layer].items():
+                lens = [len(tokens) for tokens in heads]
+                need += sum(pages(n, ps) for n in lens)
+                assert cache.seq_len(seq, layer) == self.length[seq][layer]
+                assert cache.head_lens(layer, seq).tolist() == lens
+                assert cache.head_pages(layer, seq).tolist() == [pages(n, ps) for n in lens]
+                for h, tokens in enumerate(heads):
+                    positions = [p for p, _ in tokens]
+                    assert cache.head_positions(layer, seq, h).tolist() == positions
+                    k, v = cache.read_head(layer, seq, h)
+                    want = torch.tensor([val for _, val in tokens], dtype=torch.float64)
+                    assert torch.equal(k[:, 0], want) and torch.equal(v[:, 1], -want)
+        assert self.free() == NUM_PAGES - need
+        assert int(cache.pages_held().sum()) == need
+
+
+HeadwiseMachine.TestCase.settings = machine_settings(EXAMPLES, steps=40)
+TestHeadwiseMachine = HeadwiseMachine.TestCase
+
+
+def test_the_machine_ran_its_operations() -> None:
+    """Runs after the machine (file order): it did check as many operations as planned."""
+    print(f"\nhead-wise state machine: {OPERATIONS['count']} operations checked")
+    assert OPERATIONS["count"] >= EXAMPLES * 20

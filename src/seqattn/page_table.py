@@ -216,9 +216,8 @@ class SequencePageTable:
             fresh = int(self.allocator.allocate(1)[0])
             copy, drop = (int(pages[keep - 1]), fresh), pages[keep - 1 :]
             self._write(np.array([self._start[slot] + keep - 1]), np.array([fresh]))
-        self.allocator.unref(
-            drop
-        )  # in one call: a prefix cache sees children and parents go together
+        # in one call: a prefix cache sees a child page and its parent go together
+        self.allocator.unref(drop)
         self._length[slot] = new_len
         self.layout_version += 1
         return copy

@@ -1,0 +1,204 @@
+"""A small generation engine on seqattn's public API: continuous batching with chunked
+prefill, prefix caching and preemption.
+
+Each :meth:`Engine.step` runs one forward over a batch that mixes decode tokens (one per
+running request) and prefill chunks (up to a token budget), samples the next token of
+every request whose inputs are all in, and finishes requests on a stop token or at
+``max_new_tokens``. When the pool runs short, the newest running request is preempted:
+its pages go back (its full pages stay in the prefix cache) and it is recomputed later
+from its prompt plus what it generated so far.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from attrs import define
+
+from ..errors import NoPageError
+from ..integrations.hf import PagedCausalLM
+from .request import Request, Status
+from .sampling import SamplingParams, sample
+
+
+@define
+class EngineStats:
+    """Counters since the engine started."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0  # prompt (and recomputed) tokens that ran the model
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+class Engine:
+    """Serve generation requests with a :class:`PagedCausalLM`.
+
+    Args:
+        runner: the model on seqattn's cache.
+        max_batch_size: running requests at most.
+        max_step_tokens: tokens one forward may process (prefill chunks are cut to fit).
+        seed: seeds the sampler's generator (sampling is reproducible for a seed).
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from seqattn.engine import Engine, SamplingParams
+        >>> from seqattn.integrations.hf import PagedCausalLM
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        >>> engine = Engine(PagedCausalLM(LlamaForCausalLM(config).eval(), num_pages=64,
+        ...                               page_size=4))
+        >>> params = SamplingParams(max_new_tokens=4)
+        >>> outputs = engine.generate([[1, 2, 3], [1, 2, 3, 4, 5]], params)
+        >>> [len(o) for o in outputs]
+        [4, 4]
+    """
+
+    def __init__(
+        self,
+        runner: PagedCausalLM,
+        *,
+        max_batch_size: int = 64,
+        max_step_tokens: int = 512,
+        seed: int = 0,
+    ) -> None:
+        self.runner = runner
+        self.descriptor = runner.descriptor
+        self.max_batch_size = max_batch_size
+        self.max_step_tokens = max_step_tokens
+        self.generator = torch.Generator(device=runner.device).manual_seed(seed)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[int, Request] = {}
+        self.stats = EngineStats()
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        """Queue a request; returns its id."""
+        if len(prompt) == 0:
+            raise ValueError("a prompt needs at least one token")
+        request = Request(self._next_id, list(prompt), params)
+        request.arrival = time.perf_counter()
+        self._next_id += 1
+        self.requests[request.id] = request
+        self.waiting.append(request)
+        self.stats.prompt_tokens += len(request.prompt)
+        return request.id
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        """Run ``prompts`` to completion; their generated tokens, in order."""
+        ids = [self.add_request(p, params) for p in prompts]
+        while self.has_work:
+            self.step()
+        return [self.requests[i].output for i in ids]
+
+    # ---------------------------------------------------------------------- step
+    def step(self) -> list[Request]:
+        """One forward over the next batch; returns the requests that finished in it."""
+        self._admit()
+        rows = self._allocate()
+        if not rows:
+            return []
+        requests = [r for r, _ in rows]
+        ids = [r.id for r in requests]
+        inputs = [r.tokens[r.computed : r.computed + n] for r, n in rows]
+        logits = self.runner.forward(ids, inputs)
+        self.descriptor.commit(ids)  # every token these sequences hold has its KV now
+        for request, n in rows:
+            request.computed += n
+        ready = [i for i, r in enumerate(requests) if r.pending == 0]
+        tokens = sample(logits[ready], [requests[i].params for i in ready], self.generator)
+        finished = []
+        for i, token in zip(ready, tokens.tolist(), strict=True):
+            request = requests[i]
+            request.output.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = time.perf_counter()
+            if request.finish_if_done():
+                finished.append(request)
+        self.stats.steps += 1
+        self.stats.generated_tokens += len(ready)
+        self._release(finished)
+        return finished
+
+    # ----------------------------------------------------------------- scheduling
+    def _admit(self) -> None:
+        """Start waiting requests (sharing their cached prefixes) while there is room."""
+        while self.waiting and len(self.running) < self.max_batch_size:
+            request = self.waiting[0]
+            if self.runner.cache.available_pages_count == 0 and self.running:
+                break
+            self.waiting.popleft()
+            request.computed = self.descriptor.start_sequence(request.id, request.tokens)
+            request.status = Status.RUNNING
+            self.running.append(request)
+
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """Decode rows first (one token each), then prefill chunks within the budget."""
+        budget = self.max_step_tokens
+        rows = []
+        for request in sorted(self.running, key=lambda r: r.pending > 1):
+            n = min(request.pending, budget)
+            if n == 0:
+                break
+            rows.append((request, n))
+            budget -= n
+        return rows
+
+    def _allocate(self) -> list[tuple[Request, int]]:
+        """Pages for the next batch, preempting the newest requests until they fit."""
+        while True:
+            rows = self._schedule()
+            decode = [r.id for r, n in rows if r.pending == 1]
+            prefill = [(r.id, n) for r, n in rows if r.pending > 1]
+            prefill_ids, prefill_lens = [i for i, _ in prefill], [n for _, n in prefill]
+            need = self.descriptor.pages_needed(decode, [1] * len(decode))
+            need += self.descriptor.pages_needed(prefill_ids, prefill_lens)
+            if need <= self.runner.cache.available_pages_count:
+                break
+            if len(self.running) == 1:
+                raise NoPageError(
+                    f"one request needs {need} pages but the pool has "
+                    f"{self.runner.cache.num_pages}; give the engine more pages"
+                )
+            self._preempt(self.running[-1])
+        if decode:
+            last = [self.requests[i].tokens[-1] for i in decode]
+            self.descriptor.allocate_decoding(decode, token_ids=last)
+        if prefill:
+            self.descriptor.allocate(prefill_ids, prefill_lens)
+            self.stats.computed_prompt_tokens += sum(prefill_lens)
+        return rows
+
+    def _preempt(self, request: Request) -> None:
+        """Give the request's pages back; it restarts later from its tokens so far."""
+        self.running.remove(request)
+        self.descriptor.release([request.id])
+        request.status, request.computed = Status.WAITING, 0
+        request.preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release(self, finished: list[Request]) -> None:
+        if finished:
+            self.descriptor.release([r.id for r in finished])
+            done = {r.id for r in finished}
+            self.running = [r for r in self.running if r.id not in done]
+
+    def prefix_hit_rate(self) -> Optional[float]:
+        """Fraction of looked-up prompt tokens served from the prefix cache."""
+        stats = self.descriptor.prefix_stats
+        return None if stats is None else stats.hit_rate

@@ -1,0 +1,55 @@
+"""One generation request and where it stands."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Optional
+
+from .sampling import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"  # not holding pages (new, or preempted)
+    RUNNING = "running"  # holds a sequence in the cache
+    FINISHED = "finished"
+
+
+class Request:
+    """A prompt, its generated tokens, and how many of them the cache holds.
+
+    ``tokens = prompt + output``. The sequence holds the KV of ``tokens[:computed]``; the
+    rest are the request's next inputs (the whole prompt at first, one sampled token
+    while decoding).
+    """
+
+    def __init__(self, request_id: int, prompt: list[int], params: SamplingParams) -> None:
+        self.id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.output: list[int] = []
+        self.computed = 0
+        self.status = Status.WAITING
+        self.finish_reason: Optional[str] = None
+        self.arrival = 0.0
+        self.first_token_time: Optional[float] = None
+        self.preemptions = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to feed before the next one can be sampled."""
+        return len(self.prompt) + len(self.output) - self.computed
+
+    def finish_if_done(self) -> bool:
+        """Mark finished after a stop token or ``max_new_tokens``."""
+        if self.output and self.output[-1] in self.params.stop_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.output) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        else:
+            return False
+        self.status = Status.FINISHED
+        return True

@@ -1,0 +1,209 @@
+"""HuggingFace transformers decoder models on seqattn's paged cache and attention.
+
+transformers (5.x) looks an attention function up by ``config._attn_implementation``
+and calls it per layer with the layer's rotated queries and keys and the new values;
+every keyword given to the model's forward reaches it. seqattn registers one such
+function (``"seqattn"``): it appends the keys and values to the paged cache and runs
+:class:`PagedAttention` over each sequence's pages. No model code is forked.
+
+A step's batch is flattened into one row: ``input_ids`` and ``position_ids`` of shape
+``[1, num_new_tokens]``, rows grouped by sequence; ``use_cache=False`` (the paged cache
+is the cache) and no attention mask (each sequence's own pages are its context). Sliding
+windows (Mistral, Qwen2/3 ``layer_types``) become flashinfer's ``window_left``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..attention import PagedAttention
+from ..descriptor import CacheDescriptor
+from ..errors import SeqAttnError, TensorSpecError
+from ..packed_data import FlashInferPackedData
+from ..storage import PagedKVCacheManager
+
+ATTENTION_NAME = "seqattn"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def register() -> None:
+    """Make ``attn_implementation="seqattn"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    sliding_window: Optional[int] = None,
+    seqattn_step: Optional[StepContext] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function interface, backed by the step's paged cache.
+
+    Args:
+        query: ``[1, num_qo_heads, num_new_tokens, head_dim]``, rotated.
+        key, value: ``[1, num_kv_heads, num_new_tokens, head_dim]``, this step's tokens.
+        seqattn_step: the step's :class:`StepContext` (passed as a model kwarg).
+
+    Returns:
+        ``([1, num_new_tokens, num_qo_heads, head_dim], None)``.
+    """
+    del attention_mask, dropout, kwargs  # masks come from the page tables; inference only
+    if seqattn_step is None:
+        raise SeqAttnError(
+            "the 'seqattn' attention runs inside PagedCausalLM.forward (it needs the step's "
+            "page tables); call the model through seqattn.integrations.hf.PagedCausalLM"
+        )
+    return seqattn_step.attend(module.layer_idx, query, key, value, scaling, sliding_window), None
+
+
+class StepContext:
+    """One forward's batch: where each layer's new K/V go and how attention is planned."""
+
+    def __init__(self, runner: PagedCausalLM, packed: FlashInferPackedData) -> None:
+        self.runner = runner
+        self.packed = packed
+        self._planned: dict[tuple[int, Optional[float]], PagedAttention] = {}
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: Optional[float],
+        sliding_window: Optional[int],
+    ) -> torch.Tensor:
+        cache = self.runner.cache
+        q = query[0].transpose(0, 1).contiguous()
+        cache.append_kv(
+            key[0].transpose(0, 1).contiguous(), value[0].transpose(0, 1).contiguous(),
+            self.packed, layer=layer,
+        )  # fmt: skip
+        # HF's window W: a query at p sees keys in (p - W, p]; flashinfer's window_left
+        # counts the keys left of the query: W - 1
+        window = -1 if sliding_window is None else int(sliding_window) - 1
+        attention = self._attention(window, scaling, q.dtype)
+        return attention.run(q, layer).unsqueeze(0)
+
+    def _attention(
+        self, window: int, scaling: Optional[float], dtype: torch.dtype
+    ) -> PagedAttention:
+        """Planned once per step for each (window, scale) the model's layers use."""
+        planned = self._planned.get((window, scaling))
+        if planned is None:
+            planned = self.runner.attention_for(window, scaling)
+            planned.plan(self.packed, window_left=window, sm_scale=scaling, q_dtype=dtype)
+            self._planned[(window, scaling)] = planned
+        return planned
+
+
+class PagedCausalLM:
+    """A transformers causal LM whose KV cache and attention are seqattn's.
+
+    Args:
+        model: a ``*ForCausalLM`` of a supported family (Llama, Mistral, Qwen2, Qwen3);
+            it is switched to the ``"seqattn"`` attention implementation.
+        num_pages: pages in the KV pool.
+        page_size: tokens per page.
+        prefix_caching: share cached prompt prefixes between sequences.
+        backend: attention backend, as :class:`PagedAttention` (``"auto"``: flashinfer on CUDA).
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from seqattn.integrations.hf import PagedCausalLM
+        >>> config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        >>> runner = PagedCausalLM(LlamaForCausalLM(config).eval(), num_pages=32, page_size=4)
+        >>> runner.descriptor.allocate([0, 1], [5, 3])
+        >>> logits = runner.forward([0, 1], [[1, 2, 3, 4, 5], [6, 7, 8]])
+        >>> logits.shape                     # the last position of each sequence
+        torch.Size([2, 64])
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        num_pages: int,
+        page_size: int = 16,
+        prefix_caching: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        config = model.config
+        check_supported(config)
+        register()
+        model.set_attn_implementation(ATTENTION_NAME)
+        param = next(model.parameters())
+        self.model = model
+        self.config = config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.cache = PagedKVCacheManager(
+            num_pages, page_size, config.num_key_value_heads, head_dim, param.dtype,
+            param.device, num_layers=config.num_hidden_layers,
+        )  # fmt: skip
+        self.descriptor = CacheDescriptor(self.cache, prefix_caching=prefix_caching)
+        self.backend = backend
+        self._attention: dict[tuple[int, Optional[float]], PagedAttention] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    def attention_for(self, window: int, scaling: Optional[float]) -> PagedAttention:
+        """The attention object of one (window, scale) variant, made once."""
+        key = (window, scaling)
+        if key not in self._attention:
+            heads = self.config.num_attention_heads
+            self._attention[key] = PagedAttention(self.cache, heads, backend=self.backend)
+        return self._attention[key]
+
+    @torch.inference_mode()
+    def forward(self, seq_ids: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        """Run the model on each sequence's new tokens; logits of each one's last token.
+
+        The tokens must be allocated already (``descriptor.allocate`` /
+        ``allocate_decoding``): they are the newest ``len(tokens[i])`` of sequence
+        ``seq_ids[i]``, at positions ``seq_len - len(tokens[i]) ..``.
+
+        Returns:
+            ``shape: [len(seq_ids), vocab_size]``, the model's dtype, on its device.
+        """
+        lens = np.array([len(t) for t in tokens], dtype=np.int64)
+        if lens.size != len(seq_ids) or (lens.size and lens.min() < 1):
+            raise TensorSpecError("pass one non-empty token list per sequence")
+        ends = self.descriptor.seq_lens(seq_ids).astype(np.int64)
+        positions = np.concatenate([np.arange(e - n, e) for e, n in zip(ends, lens, strict=True)])
+        flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
+        packed = self.descriptor.pack_for_flashinfer(seq_ids, lens, device=self.device)
+        device = self.device
+        output = self.model(
+            input_ids=torch.from_numpy(flat)[None].to(device),
+            position_ids=torch.from_numpy(positions)[None].to(device),
+            use_cache=False,
+            logits_to_keep=torch.from_numpy(np.cumsum(lens) - 1).to(device),
+            seqattn_step=StepContext(self, packed),
+        )
+        return output.logits[0]
+
+
+def check_supported(config: Any) -> None:
+    """Raise unless ``config`` is a decoder family seqattn runs (Llama-like attention)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SeqAttnError(
+            f"model type {model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )

@@ -1,0 +1,53 @@
+"""``seqattn demo``: runs, reports, and says whether it matches transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from seqattn.cli import first_difference, main
+
+
+def test_demo_runs_and_matches_transformers(capsys) -> None:
+    assert main(["demo", "--requests", "3", "--system-tokens", "40", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "prefix cache: hit rate" in out and "tokens/s" in out
+    assert out.strip().splitlines()[-1].startswith("parity: identical")
+
+
+def test_demo_takes_a_config_file(tmp_path, capsys) -> None:
+    config = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "head_dim": 8,
+              "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 100}  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert main(["demo", "--config", str(path), "--requests", "2", "--max-new-tokens", "4"]) == 0
+    assert "qwen3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/no/such/dir"], "no such directory"),
+        (["--config", "/no/such/config.json"], "no such file"),
+    ],
+)
+def test_demo_errors_are_clear(args, message, capsys) -> None:
+    assert main(["demo", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unsupported_architecture(tmp_path, capsys) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    assert main(["demo", "--config", str(path)]) == 2
+    assert "not supported" in capsys.readouterr().err
+
+
+def test_first_difference() -> None:
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2, 3], [1, 2]) == 2

@@ -1,0 +1,116 @@
+"""HF models on seqattn: greedy tokens equal transformers' own generate (float32, tiny
+random configs of each supported family), through batching, the prefix cache, chunked
+prefill and preemption; sampling is reproducible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from seqattn import SeqAttnError  # noqa: E402
+from seqattn.engine import Engine, SamplingParams  # noqa: E402
+from seqattn.integrations.hf import PagedCausalLM  # noqa: E402
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 6}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+}  # fmt: skip
+PROMPTS = [[5, 9, 17, 3, 44], list(range(20, 33)), [7, 7, 8, 8, 9, 9, 10, 10, 11], [100]]
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, **extra,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """transformers' own generate with its eager attention, one prompt at a time."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    finally:
+        model.set_attn_implementation(previous)
+    return out[0, len(prompt) :].tolist()
+
+
+def engine_for(model, *, num_pages=64, page_size=4, **options) -> Engine:
+    return Engine(PagedCausalLM(model, num_pages=num_pages, page_size=page_size), **options)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_tokens_equal_hf_generate(family: str) -> None:
+    model = tiny_model(family)
+    engine = engine_for(model)
+    outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        assert output == hf_greedy(model, prompt, 12), prompt
+    assert engine.runner.cache.available_pages_count == engine.runner.cache.num_pages
+
+
+def test_shared_prefix_is_served_from_the_prefix_cache() -> None:
+    model = tiny_model("llama")
+    engine = engine_for(model)
+    system = list(range(40, 57))  # 17 tokens: 4 full pages
+    prompts = [[*system, 1, 2], [*system, 3], [*system, 4, 5, 6]]
+    first = engine.generate(prompts[:1], SamplingParams(max_new_tokens=6))
+    rest = engine.generate(prompts[1:], SamplingParams(max_new_tokens=6))
+    stats = engine.descriptor.prefix_stats
+    assert stats.hit_tokens >= 2 * 16 and engine.stats.computed_prompt_tokens < 3 * 17
+    for prompt, output in zip(prompts, first + rest, strict=True):
+        assert output == hf_greedy(model, prompt, 6)
+
+
+def test_chunked_prefill() -> None:
+    model = tiny_model("qwen3")
+    engine = engine_for(model, max_step_tokens=5)
+    long_prompt = list(range(3, 26))
+    outputs = engine.generate([long_prompt, PROMPTS[0]], SamplingParams(max_new_tokens=8))
+    assert engine.stats.steps > 23 // 5
+    assert outputs == [hf_greedy(model, p, 8) for p in (long_prompt, PROMPTS[0])]
+
+
+def test_preemption_when_pages_run_out() -> None:
+    model = tiny_model("mistral")
+    engine = engine_for(model, num_pages=16, page_size=4, max_batch_size=4)
+    prompts = [list(range(10 + i, 20 + i)) for i in range(4)]
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=14))
+    assert engine.stats.preemptions > 0
+    assert outputs == [hf_greedy(model, p, 14) for p in prompts]
+    engine.descriptor.check_integrity()
+
+
+def test_sampling_is_reproducible_with_a_seed() -> None:
+    model = tiny_model("llama")
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9)
+    runs = [engine_for(model, seed=seed).generate(PROMPTS, params) for seed in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    assert all(0 <= t < 128 for out in runs[0] for t in out)
+
+
+def test_stop_tokens_end_generation() -> None:
+    model = tiny_model("llama")
+    free_run = hf_greedy(model, PROMPTS[0], 10)
+    stop = free_run[3]
+    out = engine_for(model).generate([PROMPTS[0]], SamplingParams(10, stop_token_ids=[stop]))
+    assert out[0] == free_run[: free_run.index(stop) + 1]
+
+
+def test_unsupported_architecture_is_refused() -> None:
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+    with pytest.raises(SeqAttnError, match="not supported"):
+        PagedCausalLM(transformers.GPT2LMHeadModel(config), num_pages=8)

@@ -51,3 +51,19 @@ def test_first_difference() -> None:
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     assert first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert first_difference([1, 2, 3], [1, 2]) == 2
+
+
+def test_demo_loads_real_weights_from_a_directory(tmp_path, capsys) -> None:
+    import torch
+    import transformers
+
+    config = transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, sliding_window=16,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path)
+    argv = ["demo", "--model", str(tmp_path), "--requests", "2", "--max-new-tokens", "5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mistral" in out and out.strip().splitlines()[-1].startswith("parity: identical")

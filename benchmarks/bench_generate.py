@@ -1,0 +1,225 @@
+"""Generation throughput: seqattn's engine against transformers' own generation, one process.
+
+Workload (issue 8): a random-weight Llama (16 layers, hidden 2048, intermediate 5632,
+32 query / 8 KV heads, vocab 32000), bf16; 64 requests of 512 random prompt tokens,
+256 generated tokens each, greedy, no stop token. The same model weights and prompts go
+through:
+
+- seqattn: ``Engine`` over ``PagedCausalLM`` (flashinfer attention on the paged cache);
+- HF ``generate_batch`` (continuous batching, ``attn_implementation="paged|sdpa"``);
+- HF ``generate`` with sdpa (one left-padded batch).
+
+For each: wall time, generated tokens/s, time to first token, and the ratio of seqattn
+to it. The bandwidth floor is the time to read the weights and every decode step's KV
+once at the copy bandwidth measured in the same run. seqattn's tokens are compared with
+HF ``generate``'s (bf16: the fraction of identical tokens and the first divergence).
+
+``python benchmarks/bench_generate.py`` on a GPU; ``--quick`` shrinks the workload;
+``--device cpu --quick`` is a smoke run of the seqattn side and HF generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+
+from seqattn.engine import Engine, SamplingParams
+from seqattn.integrations.hf import PagedCausalLM
+
+MODEL = dict(
+    hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
+)  # fmt: skip
+
+
+def build_model(args: argparse.Namespace) -> Any:
+    import transformers
+
+    config = dict(MODEL)
+    if args.quick:
+        config.update(num_hidden_layers=4, hidden_size=512, intermediate_size=1408,
+                      num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with torch.device(args.device):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(dtype)
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device copy rate, bytes read + written per second."""
+    if device != "cuda":
+        return float("nan")
+    n = 2 << 30
+    src, dst = (
+        torch.empty(n, dtype=torch.uint8, device="cuda"),
+        torch.empty(n, dtype=torch.uint8, device="cuda"),
+    )
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * n * 10 / (time.perf_counter() - t0)
+
+
+def run_seqattn(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+    page_size = 16
+    per_request = -(-(args.prompt_len + args.new_tokens) // page_size) + 1
+    runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size)
+    engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens)
+    params = SamplingParams(max_new_tokens=args.new_tokens)
+    engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up (JIT, caches)
+    runner.descriptor.prefix_cache.clear()
+    sync(args.device)
+    start = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts]
+    while engine.has_work:
+        engine.step()
+    sync(args.device)
+    wall = time.perf_counter() - start
+    requests = [engine.requests[i] for i in ids]
+    ttft = [r.first_token_time - r.arrival for r in requests]
+    return dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
+                steps=engine.stats.steps)  # fmt: skip
+
+
+def run_hf_generate(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+    """One left-padded batch through ``generate`` with sdpa."""
+    model.set_attn_implementation("sdpa")
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=args.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                        device=args.device)  # fmt: skip
+
+    def generate(n: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                  do_sample=False, eos_token_id=None)  # fmt: skip
+
+    generate(2)  # warm-up
+    ttft = timed(lambda: generate(1), args.device)[0]  # the batch's first tokens: one prefill
+    wall, out = timed(lambda: generate(args.new_tokens), args.device)
+    return dict(wall=wall, ttft=ttft, outputs=out[:, width:].tolist())
+
+
+def run_hf_generate_batch(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+    """transformers' continuous batching (``generate_batch``, paged attention); its own
+    cache sizing (most of the free GPU memory) and defaults otherwise."""
+    from transformers import GenerationConfig
+
+    model.set_attn_implementation("paged|sdpa")
+    config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False,
+                              eos_token_id=-1, pad_token_id=0)  # fmt: skip
+
+    def generate() -> dict:
+        return model.generate_batch(inputs=prompts, generation_config=config,
+                                    record_timestamps=True, progress_bar=False)  # fmt: skip
+
+    model.generate_batch(inputs=prompts[:2], generation_config=config)  # warm-up
+    wall, outs = timed(generate, args.device)
+    outputs = list(outs.values())
+    if len(outputs) != len(prompts) or any(o.error is not None for o in outputs):
+        raise RuntimeError(f"generate_batch lost requests: {[o.error for o in outputs][:4]}")
+    ttft = statistics.mean(o.timestamps[0] - o.created_time for o in outputs)
+    return dict(wall=wall, ttft=ttft, outputs=[list(o.generated_tokens) for o in outputs])
+
+
+def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - t0, result
+
+
+def floor_seconds(model: Any, args: argparse.Namespace, copy_bw: float, batch: int) -> float:
+    """Reading the weights and each decode step's KV once, at the copy bandwidth."""
+    config = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_token = config.num_hidden_layers * config.num_key_value_heads * head_dim * 2 * 2
+    kv_tokens = sum(batch * (args.prompt_len + t) for t in range(args.new_tokens))
+    return (args.new_tokens * weight_bytes + kv_tokens * per_token) / copy_bw
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, Optional[int]]:
+    """Fraction of identical tokens, and the earliest position where a request diverges."""
+    same = total = 0
+    first: Optional[int] = None
+    for x, y in zip(ours, theirs, strict=True):
+        equal = [a == b for a, b in zip(x, y, strict=False)]
+        same, total = same + sum(equal), total + len(y)
+        if not all(equal) or len(x) != len(y):
+            where = equal.index(False) if not all(equal) else len(equal)
+            first = where if first is None else min(first, where)
+    return same / total, first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--step-tokens", type=int, default=8192, help="engine token budget")
+    parser.add_argument("--skip", default="", help="comma-separated: generate_batch,generate")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.prompt_len, args.new_tokens = 8, 64, 32
+    model = build_model(args)
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, model.config.vocab_size, (args.requests, args.prompt_len),
+                            generator=gen).tolist()  # fmt: skip
+    copy_bw = copy_bandwidth(args.device)
+    results = {"seqattn engine": run_seqattn(model, prompts, args)}
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the engine's KV pool goes back before HF sizes its own
+    skip = set(args.skip.split(","))
+    if "generate_batch" not in skip:
+        results["HF generate_batch (paged|sdpa)"] = run_hf_generate_batch(model, prompts, args)
+    if "generate" not in skip:
+        results["HF generate (sdpa)"] = run_hf_generate(model, prompts, args)
+    report(model, args, results, copy_bw)
+
+
+def report(model: Any, args: argparse.Namespace, results: dict, copy_bw: float) -> None:
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    tokens = args.requests * args.new_tokens
+    floor = floor_seconds(model, args, copy_bw, args.requests)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    config = model.config
+    print(f"\n{name}; Llama {params:.2f}B params, {config.num_hidden_layers} layers, "
+          f"{model.dtype}; {args.requests} requests x {args.prompt_len} prompt tokens, "
+          f"{args.new_tokens} generated each, greedy")  # fmt: skip
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
+    ours = results["seqattn engine"]
+    print(f"bandwidth floor: {floor:.2f} s, {tokens / floor:,.0f} tok/s; seqattn reaches "
+          f"{floor / ours['wall']:.1%} of it ({ours['steps']} engine steps)")  # fmt: skip
+    if "HF generate (sdpa)" in results:
+        same, first = agreement(ours["outputs"], results["HF generate (sdpa)"]["outputs"])
+        where = "none" if first is None else f"at token {first}"
+        print(f"tokens identical to HF generate: {same:.1%}; earliest divergence: {where}")
+    print("\n| path | wall s | generated tok/s | TTFT s | seqattn speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    for label, r in results.items():
+        print(f"| {label} | {r['wall']:.2f} | {tokens / r['wall']:,.0f} | {r['ttft']:.3f} "
+              f"| {r['wall'] / ours['wall']:.1f}x |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

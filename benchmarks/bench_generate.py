@@ -45,7 +45,9 @@ def build_model(args: argparse.Namespace) -> Any:
         config.update(num_hidden_layers=4, hidden_size=512, intermediate_size=1408,
                       num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if args.device == "cuda" else torch.float32
+    )  # fmt: skip
     with torch.device(args.device):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(dtype)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
@@ -79,7 +81,8 @@ def copy_bandwidth(device: str) -> float:
 def run_seqattn(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict:
     page_size = 16
     per_request = -(-(args.prompt_len + args.new_tokens) // page_size) + 1
-    runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size)
+    runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size,
+                           backend=args.backend)  # fmt: skip
     engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens)
     params = SamplingParams(max_new_tokens=args.new_tokens)
     engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up (JIT, caches)
@@ -178,6 +181,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--step-tokens", type=int, default=8192, help="engine token budget")
     parser.add_argument("--skip", default="", help="comma-separated: generate_batch,generate")
+    parser.add_argument("--dtype", help="model dtype (default bf16 on cuda, float32 on cpu)")
+    parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.prompt_len, args.new_tokens = 8, 64, 32
@@ -214,6 +219,10 @@ def report(model: Any, args: argparse.Namespace, results: dict, copy_bw: float) 
         same, first = agreement(ours["outputs"], results["HF generate (sdpa)"]["outputs"])
         where = "none" if first is None else f"at token {first}"
         print(f"tokens identical to HF generate: {same:.1%}; earliest divergence: {where}")
+        batch = results.get("HF generate_batch (paged|sdpa)")
+        if batch is not None:  # how far HF's two paths agree with each other, for scale
+            same, first = agreement(batch["outputs"], results["HF generate (sdpa)"]["outputs"])
+            print(f"(HF generate_batch vs HF generate: {same:.1%} identical)")
     print("\n| path | wall s | generated tok/s | TTFT s | seqattn speed-up |")
     print("|---|---:|---:|---:|---:|")
     for label, r in results.items():

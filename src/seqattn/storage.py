@@ -22,6 +22,7 @@ KV_LAYOUTS = ("NHD", "HND")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 QUANTIZABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLASHINFER_APPEND_HEAD_DIMS = (64, 128, 256, 512)
+FLASHINFER_APPEND_DTYPES = (torch.float16, torch.bfloat16, *FP8_DTYPES)
 
 
 class PagedKVCacheManager:
@@ -113,12 +114,17 @@ class PagedKVCacheManager:
 
     @property
     def use_flashinfer(self) -> bool:
-        """Whether ``append_kv`` calls flashinfer (CUDA, a head_dim it supports, importable)."""
+        """Whether ``append_kv`` calls flashinfer (CUDA, a head_dim and dtype it supports,
+        importable); otherwise it scatters with torch."""
         return self._flashinfer_append and flashinfer_or_none() is not None
 
     @use_flashinfer.setter
     def use_flashinfer(self, value: bool) -> None:
-        supported = self.device.type == "cuda" and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS
+        supported = (
+            self.device.type == "cuda"
+            and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS
+            and self.dtype in FLASHINFER_APPEND_DTYPES
+        )
         self._flashinfer_append = bool(value) and supported
 
     # ------------------------------------------------------------ page pool (seed API)

@@ -116,3 +116,17 @@ def test_decode_step_makes_no_host_device_sync():
     assert torch.equal(packed.kv_page_indices.cpu(), host.kv_page_indices)
     k, _ = read_back(cache, packed.to_device("cpu"), 5)
     assert torch.equal(k[-1].cpu(), kv[5].cpu())
+
+
+def test_float32_cuda_cache_appends_with_torch():
+    """flashinfer's append has no float32 kernel: a float32 CUDA cache scatters with torch."""
+    cache = PagedKVCacheManager(16, 4, 2, 64, torch.float32, "cuda")
+    assert not cache.use_flashinfer
+    desc = CacheDescriptor(cache)
+    desc.allocate([0, 1], [5, 3])
+    packed = desc.pack_for_flashinfer([0, 1], append_lens=[5, 3], device="cuda")
+    k, v = torch.randn(2, 8, 2, 64, device="cuda").unbind(0)
+    cache.append_kv(k, v, packed)
+    host = desc.pack_for_flashinfer([0, 1])
+    got_k, got_v = read_back(cache, host, 1)
+    assert torch.equal(got_k, k[5:]) and torch.equal(got_v, v[5:])

@@ -11,6 +11,7 @@ from .descriptor import CacheDescriptor, SequenceData
 from .errors import (
     DuplicateSequenceError,
     FlashInferUnavailableError,
+    InvalidArgumentError,
     InvalidLengthError,
     NoPageError,
     PageStateError,
@@ -32,6 +33,7 @@ __all__ = [
     "FlashInferPackedData",
     "FlashInferUnavailableError",
     "HeadIDGenerator",
+    "InvalidArgumentError",
     "InvalidLengthError",
     "NoPageError",
     "PageAllocator",

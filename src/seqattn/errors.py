@@ -39,6 +39,10 @@ class InvalidLengthError(SeqAttnError, ValueError):
     """A negative length, a length beyond a sequence's end, or mismatched list sizes."""
 
 
+class InvalidArgumentError(SeqAttnError, ValueError):
+    """A setting outside its range (e.g. a negative temperature)."""
+
+
 class TensorSpecError(SeqAttnError, ValueError):
     """A tensor with the wrong shape, dtype or device."""
 

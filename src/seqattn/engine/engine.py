@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from attrs import define
 
-from ..errors import NoPageError
+from ..errors import InvalidLengthError, NoPageError
 from ..integrations.hf import PagedCausalLM
 from .request import Request, Status
 from .sampling import SamplingParams, sample
@@ -85,7 +85,7 @@ class Engine:
     def add_request(self, prompt: Sequence[int], params: SamplingParams) -> int:
         """Queue a request; returns its id."""
         if len(prompt) == 0:
-            raise ValueError("a prompt needs at least one token")
+            raise InvalidLengthError("a prompt needs at least one token")
         request = Request(self._next_id, list(prompt), params)
         request.arrival = time.perf_counter()
         self._next_id += 1

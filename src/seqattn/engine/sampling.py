@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from attrs import define, field
 
+from ..errors import InvalidArgumentError
+
 
 @define(frozen=True)
 class SamplingParams:
@@ -25,6 +27,17 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0: off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidArgumentError(message)
 
     @property
     def greedy(self) -> bool:

@@ -114,7 +114,7 @@ class Engine:
             return []
         requests = [r for r, _ in rows]
         ids = [r.id for r in requests]
-        inputs = [r.tokens[r.computed : r.computed + n] for r, n in rows]
+        inputs = [r.next_inputs(n) for r, n in rows]
         logits = self.runner.forward(ids, inputs)
         self.descriptor.commit(ids)  # every token these sequences hold has its KV now
         for request, n in rows:
@@ -176,7 +176,7 @@ class Engine:
                 )
             self._preempt(self.running[-1])
         if decode:
-            last = [self.requests[i].tokens[-1] for i in decode]
+            last = [self.requests[i].last_token for i in decode]
             self.descriptor.allocate_decoding(decode, token_ids=last)
         if prefill:
             self.descriptor.allocate(prefill_ids, prefill_lens)

@@ -38,6 +38,17 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def next_inputs(self, n: int) -> list[int]:
+        """The ``n`` tokens after those the cache holds (without copying the rest)."""
+        start, prompt_len = self.computed, len(self.prompt)
+        if start >= prompt_len:
+            return self.output[start - prompt_len : start - prompt_len + n]
+        return self.prompt[start : start + n] + self.output[: max(0, start + n - prompt_len)]
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
+
     @property
     def pending(self) -> int:
         """Tokens still to feed before the next one can be sampled."""

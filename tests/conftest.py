@@ -64,3 +64,13 @@ def machine_settings(examples: int, steps: int) -> settings:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
+
+
+def assert_raises_unchanged(snapshot, error: type[Exception], call) -> None:
+    """``call()`` raises ``error`` and changes nothing ``snapshot()`` sees: a tuple whose
+    last item is a tensor (the KV storage), compared exactly, the rest with ``==``."""
+    before = snapshot()
+    with pytest.raises(error):
+        call()
+    after = snapshot()
+    assert before[:-1] == after[:-1] and torch.equal(before[-1], after[-1])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -29,7 +28,7 @@ from seqattn import (
     UnknownSequenceError,
 )
 from seqattn.headwise import HeadwiseKVCache
-from tests.conftest import machine_settings
+from tests.conftest import assert_raises_unchanged, machine_settings
 
 NUM_PAGES, LAYERS = 24, 2
 IDS = st.integers(0, 5)
@@ -75,11 +74,7 @@ class HeadwiseMachine(RuleBasedStateMachine):
         return cache.available_pages_count, refcount, state, cache.storage.kv_data.clone()
 
     def expect_failure(self, error: type[Exception], call) -> None:
-        before = self.snapshot()
-        with pytest.raises(error):
-            call()
-        after = self.snapshot()
-        assert before[:3] == after[:3] and torch.equal(before[3], after[3])
+        assert_raises_unchanged(self.snapshot, error, call)
 
     def free(self) -> int:
         return self.cache.available_pages_count

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from seqattn import CacheDescriptor, NoPageError, PagedKVCacheManager
-from tests.conftest import machine_settings, read_back
+from tests.conftest import assert_raises_unchanged, machine_settings, read_back
 
 PS = 2
 NUM_PAGES = 12
@@ -51,14 +50,13 @@ class PrefixMachine(RuleBasedStateMachine):
         self.cache.append_kv(values, -values, packed)
         self.tokens[seq] += tokens
 
+    def snapshot(self) -> tuple:
+        pages = {i: self.desc.page_indices(i) for i in self.tokens}
+        stats = self.desc.prefix_stats.cached_pages
+        return self.cache.allocator.refcount.tolist(), stats, pages, self.cache.kv_data.clone()
+
     def unchanged_after(self, error: type[Exception], call) -> None:
-        before = (self.cache.allocator.refcount.tolist(), self.desc.prefix_stats.cached_pages,
-                  {i: self.desc.page_indices(i) for i in self.tokens})  # fmt: skip
-        with pytest.raises(error):
-            call()
-        after = (self.cache.allocator.refcount.tolist(), self.desc.prefix_stats.cached_pages,
-                 {i: self.desc.page_indices(i) for i in self.tokens})  # fmt: skip
-        assert before == after
+        assert_raises_unchanged(self.snapshot, error, call)
 
     def pages_needed(self, seq: int, n: int) -> int:
         have = len(self.tokens[seq])

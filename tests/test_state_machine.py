@@ -15,7 +15,6 @@ import math
 import os
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -29,7 +28,7 @@ from seqattn import (
     SequenceExistsError,
     UnknownSequenceError,
 )
-from tests.conftest import machine_settings, read_back
+from tests.conftest import assert_raises_unchanged, machine_settings, read_back
 
 NUM_PAGES = 14
 IDS = st.integers(0, 7)
@@ -66,11 +65,7 @@ class CacheMachine(RuleBasedStateMachine):
         return self.cache.allocator.refcount.tolist(), self.free(), seqs, self.cache.kv_data.clone()
 
     def expect_failure(self, error: type[Exception], call) -> None:
-        before = self.snapshot()
-        with pytest.raises(error):
-            call()
-        after = self.snapshot()
-        assert before[:3] == after[:3] and torch.equal(before[3], after[3])
+        assert_raises_unchanged(self.snapshot, error, call)
 
     def append(self, ids: list[int], lens: list[int]) -> None:
         """Write unique token values for the tokens just allocated, and record them."""

@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from seqattn import SeqAttnError  # noqa: E402
+from seqattn import InvalidLengthError, NoPageError, SeqAttnError  # noqa: E402
 from seqattn.engine import Engine, SamplingParams  # noqa: E402
 from seqattn.integrations.hf import PagedCausalLM  # noqa: E402
 
@@ -114,3 +114,17 @@ def test_unsupported_architecture_is_refused() -> None:
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
     with pytest.raises(SeqAttnError, match="not supported"):
         PagedCausalLM(transformers.GPT2LMHeadModel(config), num_pages=8)
+
+
+def test_a_request_larger_than_the_pool_is_refused_clearly() -> None:
+    engine = engine_for(tiny_model("llama"), num_pages=3, page_size=4)
+    engine.add_request(list(range(1, 30)), SamplingParams(max_new_tokens=4))
+    with pytest.raises(NoPageError, match="give the engine more pages"):
+        engine.step()
+    engine.descriptor.check_integrity()
+
+
+def test_empty_prompt_is_refused() -> None:
+    engine = engine_for(tiny_model("llama"))
+    with pytest.raises(InvalidLengthError):
+        engine.add_request([], SamplingParams())

@@ -72,7 +72,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return check_parity(model, prompts, outputs, args.max_new_tokens)
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+def load_model(args: argparse.Namespace, device: torch.device) -> Any:
     """The model: random weights from the demo config or ``--config``, or ``--model``."""
     import transformers
 
@@ -92,7 +92,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modul
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     model.generation_config.pad_token_id = 0
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
 
 
 def config_from(path: Optional[Path]) -> Any:
@@ -104,7 +104,7 @@ def config_from(path: Optional[Path]) -> Any:
         if not path.is_file():
             raise FileNotFoundError(f"--config {path}: no such file")
         values = json.loads(path.read_text())
-    model_type = values.pop("model_type", None)
+    model_type = str(values.pop("model_type", "")) or None
     if model_type is None:
         raise SeqAttnError(f"{path}: a config.json names its model_type")
     try:
@@ -113,7 +113,7 @@ def config_from(path: Optional[Path]) -> Any:
         raise SeqAttnError(f"unknown model_type {model_type!r}: {error}") from None
 
 
-def describe(model: torch.nn.Module) -> str:
+def describe(model: Any) -> str:
     config = model.config
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return (f"{config.model_type} ({params:.1f}M parameters, {config.num_hidden_layers} layers, "

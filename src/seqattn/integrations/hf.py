@@ -37,7 +37,7 @@ def register() -> None:
 
 
 def paged_attention_forward(
-    module: torch.nn.Module,
+    module: Any,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -94,7 +94,9 @@ class StepContext:
         # counts the keys left of the query: W - 1
         window = -1 if sliding_window is None else int(sliding_window) - 1
         attention = self._attention(window, scaling, q.dtype)
-        return attention.run(q, layer).unsqueeze(0)
+        out = attention.run(q, layer)
+        assert isinstance(out, torch.Tensor)
+        return out.unsqueeze(0)
 
     def _attention(
         self, window: int, scaling: Optional[float], dtype: torch.dtype
@@ -134,7 +136,7 @@ class PagedCausalLM:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Any,
         *,
         num_pages: int,
         page_size: int = 16,
@@ -187,7 +189,7 @@ class PagedCausalLM:
         ends = self.descriptor.seq_lens(seq_ids).astype(np.int64)
         positions = np.concatenate([np.arange(e - n, e) for e, n in zip(ends, lens, strict=True)])
         flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
-        packed = self.descriptor.pack_for_flashinfer(seq_ids, lens, device=self.device)
+        packed = self.descriptor.pack_for_flashinfer(seq_ids, lens.tolist(), device=self.device)
         device = self.device
         output = self.model(
             input_ids=torch.from_numpy(flat)[None].to(device),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from seqattn import CacheDescriptor, FlashInferPackedData, PagedAttention, SeqAttnError
 from seqattn.attention.batch import AttentionBatch
@@ -258,3 +260,39 @@ def test_padded_shared_level_reproduces_attention(with_groups: bool) -> None:
     merged.index_copy_(0, out_rows, picked)
     ref, _ = h.reference(ids, [1] * len(ids), q, 0)
     torch.testing.assert_close(merged[: len(ids)], ref, atol=1e-10, rtol=1e-10)
+
+
+CASCADED: list[bool] = []
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_random_fork_trees_cascade_equals_dense(data) -> None:
+    """Random fork trees, appends, batch orders and query lengths: cascade == dense."""
+    page_size = data.draw(st.sampled_from([1, 2, 4]))
+    h = Harness(page_size=page_size, group=data.draw(st.sampled_from([1, 2])), num_pages=512)
+    h.append([0], [data.draw(st.integers(1, 12))])
+    live = [0]
+    for seq in range(1, data.draw(st.integers(2, 6))):
+        h.fork(data.draw(st.sampled_from(live)), seq)
+        live.append(seq)
+        grow = data.draw(st.lists(st.integers(0, 5), min_size=len(live), max_size=len(live)))
+        h.append(live, grow)
+    ids = data.draw(st.permutations(live))
+    qo = [data.draw(st.integers(1, 3)) for _ in ids]
+    h.append(ids, qo)
+    packed = h.desc.pack_for_flashinfer(ids, append_lens=qo, shared_prefix=True)
+    q = torch.randn(sum(qo), h.num_qo_heads, h.cache.head_dim, dtype=torch.float64)
+    h.attn.plan(packed, cascade=True)
+    CASCADED.append(h.attn.cascade is not None)
+    out, lse = h.attn.run(q, return_lse=True)
+    ref_out, ref_lse = h.reference(ids, qo, q, 0)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+
+
+def test_the_random_trees_did_run_cascades() -> None:
+    """Runs after the property test (file order): most of its batches were split."""
+    if not CASCADED:
+        pytest.skip("runs with test_random_fork_trees_cascade_equals_dense")
+    assert sum(CASCADED) >= len(CASCADED) // 2 > 0, f"{sum(CASCADED)} of {len(CASCADED)}"

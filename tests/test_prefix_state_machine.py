@@ -41,6 +41,7 @@ class PrefixMachine(RuleBasedStateMachine):
         self.salt: dict[int, object] = {}
         self.known: dict[int, int] = {}  # leading tokens the descriptor was told
         self.committed: dict[int, int] = {}  # leading pages committed (lower bound)
+        self.pins: list[tuple[object, object, list[int]]] = []  # handle, salt, tokens kept
 
     # -------------------------------------------------------------- helpers
     def append(self, seq: int, tokens: list[int]) -> None:
@@ -71,6 +72,14 @@ class PrefixMachine(RuleBasedStateMachine):
             while n < pages and held[n * PS : (n + 1) * PS] == prompt[n * PS : (n + 1) * PS]:
                 n += 1
             best = max(best, n)
+        for _, pin_salt, kept in self.pins:  # pinned prefixes outlive their sequences
+            if pin_salt == salt:
+                n = 0
+                while (n + 1) * PS <= len(kept) and kept[n * PS : (n + 1) * PS] == prompt[
+                    n * PS : (n + 1) * PS
+                ]:
+                    n += 1
+                best = max(best, n)
         return min(best, (len(prompt) - 1) // PS) * PS
 
     # ---------------------------------------------------------------- rules
@@ -149,6 +158,34 @@ class PrefixMachine(RuleBasedStateMachine):
         for seq in ids:
             for model in (self.tokens, self.prompt, self.salt, self.known, self.committed):
                 model.pop(seq, None)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), dst=IDS)
+    def fork(self, data: st.DataObject, dst: int) -> None:
+        if dst in self.tokens:
+            return
+        src = data.draw(st.sampled_from(sorted(self.tokens)))
+        if len(self.tokens[src]) % PS and self.cache.available_pages_count == 0:
+            self.unchanged_after(NoPageError, lambda: self.desc.fork(src, dst))
+            return
+        self.desc.fork(src, dst)
+        self.tokens[dst], self.prompt[dst] = list(self.tokens[src]), list(self.prompt[src])
+        for model in (self.salt, self.known, self.committed):
+            if src in model:
+                model[dst] = model[src]
+
+    @precondition(lambda self: any(self.committed.get(s) for s in self.tokens))
+    @rule(data=st.data())
+    def pin(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(sorted(s for s in self.tokens if self.committed.get(s))))
+        handle = self.desc.pin_prefix(seq)
+        self.pins.append((handle, self.salt[seq], self.tokens[seq][: self.committed[seq] * PS]))
+
+    @precondition(lambda self: self.pins)
+    @rule(data=st.data())
+    def unpin(self, data: st.DataObject) -> None:
+        handle, _, _ = self.pins.pop(data.draw(st.integers(0, len(self.pins) - 1)))
+        self.desc.unpin_prefix(handle)
 
     @precondition(lambda self: any(self.tokens.values()))
     @rule(data=st.data())

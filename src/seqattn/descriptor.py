@@ -239,7 +239,10 @@ class CacheDescriptor:
         """Free pages that ``allocate(seq_ids, seq_new_lens)`` would take (changes nothing)."""
         table = self.table
         add = as_int_array(seq_new_lens, "seq_new_lens", InvalidLengthError)
-        old = np.array([table.length(table.slot(i)) if i in table else 0 for i in seq_ids])
+        try:  # all live (a decode batch): one vectorized lookup
+            old = table.lengths(table.slots(seq_ids)).astype(np.int64)
+        except SeqAttnError:  # new ids count as empty
+            old = np.array([table.length(table.slot(i)) if i in table else 0 for i in seq_ids])
         if add.size != old.size or (add.size and add.min() < 0):
             raise InvalidLengthError(f"expected {old.size} lengths >= 0, got {add.tolist()[:8]}")
         return table.pages_needed(old, old + add)

@@ -120,7 +120,9 @@ class Engine:
         for request, n in rows:
             request.computed += n
         ready = [i for i, r in enumerate(requests) if r.pending == 0]
-        tokens = sample(logits[ready], [requests[i].params for i in ready], self.generator)
+        if len(ready) < len(requests):  # some rows were prefill chunks: no token yet
+            logits = logits[torch.tensor(ready, dtype=torch.long, device=logits.device)]
+        tokens = sample(logits, [requests[i].params for i in ready], self.generator)
         finished = []
         for i, token in zip(ready, tokens.tolist(), strict=True):
             request = requests[i]

@@ -20,3 +20,16 @@ def as_int_array(values: object, what: str, error: type[Exception]) -> np.ndarra
     if arr.dtype == bool:
         raise error(f"{what} must be integers, got booleans")
     return arr.astype(np.int64, copy=False)
+
+
+def indptr_of(counts: np.ndarray) -> np.ndarray:
+    """CSR offsets ``[0, cumsum(counts)]``, shape ``[counts.size + 1]``, int32."""
+    indptr = np.zeros(counts.size + 1, dtype=np.int32)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr
+
+
+def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concat(arange(s, s + c) for s, c in zip(starts, counts))`` without a loop, int64."""
+    offsets = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return offsets + np.arange(int(counts.sum()))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from attrs import define, field
 
-from ._arrays import as_int_array
+from ._arrays import as_int_array, indptr_of
 from .errors import InvalidLengthError
 from .shared_prefix import SharedPrefix
 
@@ -115,9 +115,7 @@ def checked_indptr(
             f"{what} must lie in [{minimum}, sequence length]: got {values.tolist()[:8]} "
             f"for lengths {limits.tolist()[:8]} ({hint})"
         )
-    indptr = np.zeros(values.size + 1, dtype=np.int32)
-    np.cumsum(values, out=indptr[1:])
-    return indptr
+    return indptr_of(values)
 
 
 def seq_lens_from_page_table(

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from attrs import define
 
+from ._arrays import indptr_of
 from .packed_data import FlashInferPackedData, append_rows_positions, checked_indptr
 from .page_table import SequencePageTable
 from .shared_prefix import SharedPrefix, find_shared_prefixes
@@ -65,8 +66,7 @@ class BatchPacker:
         counts, last = np.divmod(lens + (ps - 1), ps)
         last += 1
         np.minimum(last, lens, out=last)  # an empty sequence: 0
-        indptr = np.zeros(slots.size + 1, dtype=np.int32)
-        np.cumsum(counts, out=indptr[1:])
+        indptr = indptr_of(counts)
         append: list[np.ndarray] = []  # [append_indptr, batch_indices, positions]
         if append_lens is not None:
             append_indptr = checked_indptr(

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from ._arrays import as_int_array
+from ._arrays import as_int_array, concat_ranges
 from .allocator import PageAllocator
 from .errors import (
     DuplicateSequenceError,
@@ -147,9 +147,7 @@ class SequencePageTable:
     def pages_of_slots(self, slots: np.ndarray) -> np.ndarray:
         """Page ids of several slots, concatenated in order, int32."""
         counts = pages_for(self._length[slots], self.page_size)
-        starts = self._start[slots]
-        offsets = np.repeat(starts - (np.cumsum(counts) - counts), counts)
-        return self.arena[offsets + np.arange(int(counts.sum()))]
+        return self.arena[concat_ranges(self._start[slots], counts)]
 
     # ---------------------------------------------------------------- mutation
     def extend(self, seq_ids: SeqIds, add_lens: object) -> np.ndarray:
@@ -317,8 +315,7 @@ class SequencePageTable:
         if grow.any():
             rows, first, count = slots[grow], first[grow], (end - first)[grow]
             self._ensure_room(rows, first + count)
-            row_start = np.repeat(self._start[rows] + first - (np.cumsum(count) - count), count)
-            self._write(row_start + np.arange(pages.size), pages)
+            self._write(concat_ranges(self._start[rows] + first, count), pages)
         self._length[slots] = new_len
 
     def _check_new(self, seq_id: int) -> None:
@@ -357,9 +354,8 @@ class SequencePageTable:
         held = pages_for(self._length[slots], self.page_size)
         starts = self._top + np.cumsum(rooms) - rooms
         if held.any():
-            rank = np.arange(int(held.sum())) - np.repeat(np.cumsum(held) - held, held)
-            to = np.repeat(starts, held) + rank
-            self.arena[to] = self.arena[np.repeat(self._start[slots], held) + rank]
+            to = concat_ranges(starts, held)
+            self.arena[to] = self.arena[concat_ranges(self._start[slots], held)]
             self._log(to)
         self._live_room += total - int(self._room[slots].sum())
         self._start[slots], self._room[slots] = starts, rooms

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from attrs import define
 
+from ._arrays import indptr_of
+
 
 @define(frozen=True)
 class SharedPrefix:
@@ -32,10 +34,6 @@ class SharedPrefix:
     @property
     def num_groups(self) -> int:
         return int(self.num_pages.size)
-
-    def group_rows(self, group: int) -> np.ndarray:
-        """Batch rows of one group."""
-        return self.rows[self.group_indptr[group] : self.group_indptr[group + 1]]
 
 
 def find_shared_prefixes(
@@ -70,8 +68,6 @@ def find_shared_prefixes(
         agree = (table == table[0]).all(axis=0)
         groups.append(members)
         pages.append(common if agree.all() else int(np.argmin(agree)))
-    sizes = [g.size for g in groups]
-    indptr = np.zeros(len(groups) + 1, dtype=np.int32)
-    np.cumsum(sizes, out=indptr[1:])
+    indptr = indptr_of(np.array([g.size for g in groups], dtype=np.int64))
     grouped = np.concatenate(groups).astype(np.int32) if groups else np.zeros(0, np.int32)
     return SharedPrefix(grouped, indptr, np.array(pages, dtype=np.int32))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from attrs import define
 
+from .._arrays import concat_ranges, indptr_of
 from ..packed_data import FlashInferPackedData
 from ..shared_prefix import SharedPrefix
 from .batch import AttentionBatch, host_tensor
@@ -87,15 +88,15 @@ def split_for_cascade(
     skip[rows] = np.repeat(pages, sizes)
     kv_indptr = _host_array(packed.kv_page_indptr).astype(np.int64)
     suffix_counts = np.diff(kv_indptr) - skip
-    shared_pos = _positions(kv_indptr[firsts], pages)
-    suffix_pos = _positions(kv_indptr[:-1] + skip, suffix_counts)
+    shared_pos = concat_ranges(kv_indptr[firsts], pages)
+    suffix_pos = concat_ranges(kv_indptr[:-1] + skip, suffix_counts)
     indices = _gather(packed.kv_page_indices, np.concatenate([suffix_pos, shared_pos]))
     suffix_idx, shared_idx = indices[: suffix_pos.size], indices[suffix_pos.size :]
 
     group_qo = np.add.reduceat(qo_lens[rows], np.cumsum(sizes) - sizes)
     shared = AttentionBatch(
         _packed(shared_idx, pages, np.full(pages.size, page_size), pages * page_size),
-        _indptr(group_qo), (pages * page_size).astype(np.int32),
+        indptr_of(group_qo), (pages * page_size).astype(np.int32),
         causal=False, sm_scale=batch.sm_scale, window_left=-1,
         logits_soft_cap=batch.logits_soft_cap,
     )  # fmt: skip
@@ -106,14 +107,14 @@ def split_for_cascade(
         causal=batch.causal, sm_scale=batch.sm_scale, window_left=batch.window_left,
         logits_soft_cap=batch.logits_soft_cap,
     )  # fmt: skip
-    tokens = _positions(batch.qo_indptr[rows].astype(np.int64), qo_lens[rows])
+    tokens = concat_ranges(batch.qo_indptr[rows].astype(np.int64), qo_lens[rows])
     fused = None
     if batch.decode_only:
         fused = AttentionBatch(
             _packed(indices, np.concatenate([suffix_counts, pages]),
                     np.concatenate([last, np.full(pages.size, page_size)]),
                     np.concatenate([suffix_lens, shared.kv_lens])),
-            _indptr(np.concatenate([qo_lens, group_qo])),
+            indptr_of(np.concatenate([qo_lens, group_qo])),
             np.concatenate([suffix_lens, shared.kv_lens]),
             causal=False, sm_scale=batch.sm_scale, window_left=-1,
             logits_soft_cap=batch.logits_soft_cap,
@@ -157,8 +158,8 @@ def pad_shared_level(
     unused = max_groups - groups + 1
     pad = size - rows
     return PaddedSharedLevel(
-        _indptr(np.concatenate([group_qo, np.zeros(max_groups - groups, np.int64), [pad]])),
-        _indptr(np.concatenate([group_pages, np.ones(unused, np.int64)])),
+        indptr_of(np.concatenate([group_qo, np.zeros(max_groups - groups, np.int64), [pad]])),
+        indptr_of(np.concatenate([group_pages, np.ones(unused, np.int64)])),
         np.concatenate([np.full(groups, page_size), np.ones(unused)]).astype(np.int32),
         unused,
         np.concatenate([tokens, np.zeros(pad, np.int64)]),
@@ -166,25 +167,12 @@ def pad_shared_level(
     )
 
 
-def _positions(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``concat(arange(s, s + c) for s, c in zip(starts, counts))``, int64."""
-    total = int(counts.sum())
-    offsets = np.repeat(starts - (np.cumsum(counts) - counts), counts)
-    return offsets + np.arange(total)
-
-
-def _indptr(counts: np.ndarray) -> np.ndarray:
-    indptr = np.zeros(counts.size + 1, dtype=np.int32)
-    np.cumsum(counts, out=indptr[1:])
-    return indptr
-
-
 def _packed(
     indices: torch.Tensor, counts: np.ndarray, last: np.ndarray, lens: np.ndarray
 ) -> FlashInferPackedData:
     return FlashInferPackedData(
         indices,
-        torch.from_numpy(_indptr(counts)),
+        torch.from_numpy(indptr_of(counts)),
         torch.from_numpy(np.ascontiguousarray(last, dtype=np.int32)),
         kv_seq_lens=torch.from_numpy(np.ascontiguousarray(lens, dtype=np.int32)),
     )

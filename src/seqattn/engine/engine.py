@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from attrs import define
@@ -199,8 +198,3 @@ class Engine:
             self.descriptor.release([r.id for r in finished])
             done = {r.id for r in finished}
             self.running = [r for r in self.running if r.id not in done]
-
-    def prefix_hit_rate(self) -> Optional[float]:
-        """Fraction of looked-up prompt tokens served from the prefix cache."""
-        stats = self.descriptor.prefix_stats
-        return None if stats is None else stats.hit_rate

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .._arrays import concat_ranges
 from ..attention import PagedAttention
 from ..descriptor import CacheDescriptor
 from ..errors import SeqAttnError, TensorSpecError
@@ -187,7 +188,7 @@ class PagedCausalLM:
         if lens.size != len(seq_ids) or (lens.size and lens.min() < 1):
             raise TensorSpecError("pass one non-empty token list per sequence")
         ends = self.descriptor.seq_lens(seq_ids).astype(np.int64)
-        positions = np.concatenate([np.arange(e - n, e) for e, n in zip(ends, lens, strict=True)])
+        positions = concat_ranges(ends - lens, lens)
         flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
         packed = self.descriptor.pack_for_flashinfer(seq_ids, lens.tolist(), device=self.device)
         device = self.device

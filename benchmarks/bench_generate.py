@@ -27,7 +27,9 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
+from bench_attention import copy_bandwidth
 
+from seqattn.cli import token_agreement
 from seqattn.engine import Engine, SamplingParams
 from seqattn.integrations.hf import PagedCausalLM
 
@@ -58,24 +60,6 @@ def build_model(args: argparse.Namespace) -> Any:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def copy_bandwidth(device: str) -> float:
-    """Device copy rate, bytes read + written per second."""
-    if device != "cuda":
-        return float("nan")
-    n = 2 << 30
-    src, dst = (
-        torch.empty(n, dtype=torch.uint8, device="cuda"),
-        torch.empty(n, dtype=torch.uint8, device="cuda"),
-    )
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * n * 10 / (time.perf_counter() - t0)
 
 
 def run_seqattn(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict:
@@ -160,15 +144,8 @@ def floor_seconds(model: Any, args: argparse.Namespace, copy_bw: float, batch: i
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, Optional[int]]:
-    """Fraction of identical tokens, and the earliest position where a request diverges."""
-    same = total = 0
-    first: Optional[int] = None
-    for x, y in zip(ours, theirs, strict=True):
-        equal = [a == b for a, b in zip(x, y, strict=False)]
-        same, total = same + sum(equal), total + len(y)
-        if not all(equal) or len(x) != len(y):
-            where = equal.index(False) if not all(equal) else len(equal)
-            first = where if first is None else min(first, where)
+    """Fraction of ``theirs``' tokens that ``ours`` repeats, and the earliest divergence."""
+    same, total, first = token_agreement(theirs, ours)
     return same / total, first
 
 
@@ -190,7 +167,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, model.config.vocab_size, (args.requests, args.prompt_len),
                             generator=gen).tolist()  # fmt: skip
-    copy_bw = copy_bandwidth(args.device)
+    copy_bw = copy_bandwidth() if args.device == "cuda" else float("nan")
     results = {"seqattn engine": run_seqattn(model, prompts, args)}
     if args.device == "cuda":
         torch.cuda.empty_cache()  # the engine's KV pool goes back before HF sizes its own

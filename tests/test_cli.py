@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from seqattn.cli import first_difference, main
+from seqattn.cli import main, token_agreement
 
 
 def test_demo_runs_and_matches_transformers(capsys) -> None:
@@ -47,10 +47,11 @@ def test_unsupported_architecture(tmp_path, capsys) -> None:
     assert "not supported" in capsys.readouterr().err
 
 
-def test_first_difference() -> None:
-    assert first_difference([1, 2, 3], [1, 2, 3]) is None
-    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
-    assert first_difference([1, 2, 3], [1, 2]) == 2
+def test_token_agreement() -> None:
+    assert token_agreement([[1, 2, 3]], [[1, 2, 3]]) == (3, 3, None)
+    assert token_agreement([[1, 2, 3]], [[1, 5, 3]]) == (2, 3, 1)
+    assert token_agreement([[1, 2, 3]], [[1, 2]]) == (2, 3, 2)
+    assert token_agreement([[1, 2, 3], [4, 5]], [[9, 2, 3], [4, 5]]) == (4, 5, 0)
 
 
 def test_demo_loads_real_weights_from_a_directory(tmp_path, capsys) -> None:

@@ -158,36 +158,40 @@ def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]],
     """Compare with transformers' greedy generate (eager attention); 0 when equal."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
-    same = total = 0
-    first_divergence: list[int] = []
+    references = []
     try:
-        for prompt, output in zip(prompts, outputs, strict=True):
+        for prompt in prompts:
             ids = torch.tensor([prompt], device=model.device)
             with torch.inference_mode():
                 ref = model.generate(ids, max_new_tokens=n, do_sample=False)[0, len(prompt) :]
-            ref_tokens = ref.tolist()
-            same += sum(a == b for a, b in zip(ref_tokens, output, strict=False))
-            total += len(ref_tokens)
-            diverge = first_difference(ref_tokens, output)
-            if diverge is not None:
-                first_divergence.append(diverge)
+            references.append(ref.tolist())
     finally:
         model.set_attn_implementation(previous)
-    if not first_divergence:
+    same, total, first = token_agreement(references, outputs)
+    if first is None:
         print(f"parity: identical to transformers' greedy generate ({total} of {total} "
               "tokens, every request)")  # fmt: skip
         return 0
     print(f"parity: differs from transformers' greedy generate: {same} of {total} tokens "
-          f"equal; first divergence at token {min(first_divergence)}")  # fmt: skip
+          f"equal; first divergence at token {first}")  # fmt: skip
     return 1 if model.dtype == torch.float32 else 0
 
 
-def first_difference(reference: list[int], output: list[int]) -> Optional[int]:
-    """Index of the first token where the two differ (or one ends), None if equal."""
-    for i, (a, b) in enumerate(zip(reference, output, strict=False)):
-        if a != b:
-            return i
-    return None if len(reference) == len(output) else min(len(reference), len(output))
+def token_agreement(
+    references: list[list[int]], outputs: list[list[int]]
+) -> tuple[int, int, Optional[int]]:
+    """Per request, reference tokens against generated ones: ``(tokens equal, reference
+    tokens, earliest position where any request differs or ends early)``; the position
+    is None when every request is identical."""
+    same = total = 0
+    first: Optional[int] = None
+    for reference, output in zip(references, outputs, strict=True):
+        equal = [a == b for a, b in zip(reference, output, strict=False)]
+        same, total = same + sum(equal), total + len(reference)
+        if not all(equal) or len(reference) != len(output):
+            where = equal.index(False) if not all(equal) else len(equal)
+            first = where if first is None else min(first, where)
+    return same, total, first
 
 
 if __name__ == "__main__":

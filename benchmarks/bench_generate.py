@@ -67,9 +67,11 @@ def run_seqattn(model: Any, prompts: list[list[int]], args: argparse.Namespace) 
     per_request = -(-(args.prompt_len + args.new_tokens) // page_size) + 1
     runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size,
                            backend=args.backend)  # fmt: skip
-    engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens)
+    engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens,
+                    cuda_graphs=args.graphs)  # fmt: skip
     params = SamplingParams(max_new_tokens=args.new_tokens)
-    engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up (JIT, caches)
+    # warm-up: kernels, allocator caches, and the full batch's CUDA graph
+    engine.generate([p[:32] for p in prompts], SamplingParams(max_new_tokens=3))
     runner.descriptor.prefix_cache.clear()
     sync(args.device)
     start = time.perf_counter()
@@ -160,6 +162,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated: generate_batch,generate")
     parser.add_argument("--dtype", help="model dtype (default bf16 on cuda, float32 on cpu)")
     parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
+    parser.add_argument("--graphs", action="store_true", help="engine decode in CUDA graphs")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.prompt_len, args.new_tokens = 8, 64, 32

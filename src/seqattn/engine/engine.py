@@ -43,6 +43,8 @@ class Engine:
         max_batch_size: running requests at most.
         max_step_tokens: tokens one forward may process (prefill chunks are cut to fit).
         seed: seeds the sampler's generator (sampling is reproducible for a seed).
+        cuda_graphs: replay decode-only steps from CUDA graphs (CUDA and flashinfer, one
+            attention variant for all layers; ignored otherwise).
 
     Example:
         >>> import torch
@@ -68,6 +70,7 @@ class Engine:
         max_batch_size: int = 64,
         max_step_tokens: int = 512,
         seed: int = 0,
+        cuda_graphs: bool = False,
     ) -> None:
         self.runner = runner
         self.descriptor = runner.descriptor
@@ -79,6 +82,8 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self.stats = EngineStats()
         self._next_id = 0
+        buckets = tuple(1 << i for i in range((max_batch_size - 1).bit_length() + 1))
+        self.cuda_graphs = cuda_graphs and runner.enable_cuda_graphs(buckets)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int], params: SamplingParams) -> int:
@@ -114,7 +119,10 @@ class Engine:
         requests = [r for r, _ in rows]
         ids = [r.id for r in requests]
         inputs = [r.next_inputs(n) for r, n in rows]
-        logits = self.runner.forward(ids, inputs)
+        if self.cuda_graphs and all(r.pending == 1 for r in requests):
+            logits = self.runner.decode(ids, [r.last_token for r in requests])
+        else:
+            logits = self.runner.forward(ids, inputs)
         self.descriptor.commit(ids)  # every token these sequences hold has its KV now
         for request, n in rows:
             request.computed += n

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .._arrays import concat_ranges
-from ..attention import PagedAttention
+from ..attention import CUDAGraphDecodeAttention, PagedAttention
 from ..descriptor import CacheDescriptor
 from ..errors import SeqAttnError, TensorSpecError
 from ..packed_data import FlashInferPackedData
@@ -111,6 +111,51 @@ class StepContext:
         return planned
 
 
+class GraphStepContext:
+    """Attention inside a captured decode step: the planned bucket's fixed buffers."""
+
+    def __init__(self, decode: CUDAGraphDecodeAttention) -> None:
+        self.decode = decode
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: Optional[float],
+        sliding_window: Optional[int],
+    ) -> torch.Tensor:
+        del scaling, sliding_window  # planned once for the model (see decode_graphs)
+        q = query[0].transpose(0, 1).contiguous()
+        self.decode.append_kv(
+            key[0].transpose(0, 1).contiguous(), value[0].transpose(0, 1).contiguous(), layer
+        )
+        return self.decode.run(q, layer).unsqueeze(0)
+
+
+class _CapturedStep:
+    """A decode step of one bucket: its graph and static inputs and logits."""
+
+    def __init__(self, runner: PagedCausalLM, bucket: int, decode: CUDAGraphDecodeAttention):
+        device = runner.device
+        self.input_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
+        rows = torch.arange(bucket, device=device)
+        context = GraphStepContext(decode)
+        outputs: list[torch.Tensor] = []
+
+        def forward() -> None:
+            with torch.inference_mode():
+                outputs.append(runner.model(
+                    input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False,
+                    logits_to_keep=rows, seqattn_step=context,
+                ).logits[0])  # fmt: skip
+
+        self.graph = decode.capture(forward)
+        self.logits = outputs[-1]  # the captured call's output: replays write it
+
+
 class PagedCausalLM:
     """A transformers causal LM whose KV cache and attention are seqattn's.
 
@@ -160,6 +205,9 @@ class PagedCausalLM:
         self.descriptor = CacheDescriptor(self.cache, prefix_caching=prefix_caching)
         self.backend = backend
         self._attention: dict[tuple[int, Optional[float]], PagedAttention] = {}
+        self._graph_decode: Optional[CUDAGraphDecodeAttention] = None
+        self._graphs: dict[int, _CapturedStep] = {}
+        self._graph_plan: dict[str, Any] = {}
 
     @property
     def device(self) -> torch.device:
@@ -200,6 +248,61 @@ class PagedCausalLM:
             seqattn_step=StepContext(self, packed),
         )
         return output.logits[0]
+
+    # --------------------------------------------------------------- CUDA graphs
+    def enable_cuda_graphs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> bool:
+        """Replay decode steps from CUDA graphs (one per batch-size bucket, captured on
+        first use). Needs flashinfer and one attention variant for all layers (one
+        window); returns whether graphs are on."""
+        variants = attention_variants(self.model)
+        if self.device.type != "cuda" or self.backend == "torch" or len(variants) != 1:
+            return False
+        window, scaling = variants.pop()
+        heads = self.config.num_attention_heads
+        self._graph_decode = CUDAGraphDecodeAttention(self.cache, heads, batch_sizes=batch_sizes)
+        self._graph_plan = dict(window_left=window, sm_scale=scaling)
+        return True
+
+    def graph_batch_limit(self) -> int:
+        """The largest decode batch a graph takes (0: graphs off)."""
+        decode = self._graph_decode
+        return 0 if decode is None else decode.batch_sizes[-1]
+
+    @torch.inference_mode()
+    def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor:
+        """One decode step (one allocated token per sequence) replayed from a CUDA graph.
+
+        Returns:
+            ``shape: [len(seq_ids), vocab_size]``: the logits of each new token.
+        """
+        decode = self._graph_decode
+        if decode is None:
+            raise SeqAttnError("call enable_cuda_graphs() first")
+        n = len(seq_ids)
+        packed = self.descriptor.pack_for_flashinfer(seq_ids, [1] * n, device=self.device)
+        bucket = decode.plan(packed, q_dtype=self.cache.dtype, **self._graph_plan)
+        step = self._graphs.get(bucket)
+        if step is None:
+            step = self._graphs[bucket] = _CapturedStep(self, bucket, decode)
+        inputs = np.zeros((2, bucket), dtype=np.int64)  # padding rows: token 0 at position 0
+        inputs[0, :n] = tokens
+        inputs[1, :n] = self.descriptor.seq_lens(seq_ids) - 1
+        host = torch.from_numpy(inputs).pin_memory()
+        step.input_ids.copy_(host[0:1], non_blocking=True)
+        step.position_ids.copy_(host[1:2], non_blocking=True)
+        step.graph.replay()
+        return step.logits[:n]
+
+
+def attention_variants(model: torch.nn.Module) -> set[tuple[int, Optional[float]]]:
+    """The (window_left, scale) pairs the model's attention layers use."""
+    config = model.config
+    variants = set()
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "scaling"):
+            window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
+            variants.add((-1 if window is None else int(window) - 1, module.scaling))
+    return variants
 
 
 def check_supported(config: Any) -> None:

@@ -62,13 +62,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_seqattn(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+def run_seqattn(
+    model: Any, prompts: list[list[int]], args: argparse.Namespace, graphs: bool
+) -> dict:
     page_size = 16
     per_request = -(-(args.prompt_len + args.new_tokens) // page_size) + 1
     runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size,
                            backend=args.backend)  # fmt: skip
     engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens,
-                    cuda_graphs=args.graphs)  # fmt: skip
+                    cuda_graphs=graphs)  # fmt: skip
     params = SamplingParams(max_new_tokens=args.new_tokens)
     # warm-up: kernels, allocator caches, and the full batch's CUDA graph
     engine.generate([p[:32] for p in prompts], SamplingParams(max_new_tokens=3))
@@ -76,14 +78,45 @@ def run_seqattn(model: Any, prompts: list[list[int]], args: argparse.Namespace) 
     sync(args.device)
     start = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
+    decode_steps = []  # host wall time of steps that computed no prompt token
     while engine.has_work:
+        computed, t0 = engine.stats.computed_prompt_tokens, time.perf_counter()
         engine.step()
+        if engine.stats.computed_prompt_tokens == computed:
+            decode_steps.append(time.perf_counter() - t0)
     sync(args.device)
     wall = time.perf_counter() - start
     requests = [engine.requests[i] for i in ids]
     ttft = [r.first_token_time - r.arrival for r in requests]
+    syncs = count_syncs(engine, prompts, args) if args.device == "cuda" else None
     return dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
-                steps=engine.stats.steps)  # fmt: skip
+                steps=engine.stats.steps, decode_step=statistics.median(decode_steps),
+                syncs=syncs)  # fmt: skip
+
+
+def count_syncs(engine: Engine, prompts: list[list[int]], args: argparse.Namespace) -> str:
+    """Host syncs torch reports (sync debug mode) in a few steady decode steps."""
+    import warnings
+
+    ids = [engine.add_request(p[:64], SamplingParams(max_new_tokens=8)) for p in prompts]
+    while any(not engine.requests[i].output for i in ids):
+        engine.step()  # prefill, and the first decode steps
+    steps, sources = 0, []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(4):
+                engine.step()
+                steps += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while engine.has_work:
+        engine.step()
+    for w in caught:
+        text = str(w.message).splitlines()[0][:80]
+        sources.append(text)
+    return f"{len(sources) / steps:.1f} per decode step ({'; '.join(sorted(set(sources)))})"
 
 
 def run_hf_generate(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict:
@@ -159,10 +192,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--step-tokens", type=int, default=8192, help="engine token budget")
-    parser.add_argument("--skip", default="", help="comma-separated: generate_batch,generate")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated: graphs,generate_batch,generate",
+    )
     parser.add_argument("--dtype", help="model dtype (default bf16 on cuda, float32 on cpu)")
     parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
-    parser.add_argument("--graphs", action="store_true", help="engine decode in CUDA graphs")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.prompt_len, args.new_tokens = 8, 64, 32
@@ -171,7 +207,10 @@ def main() -> None:
     prompts = torch.randint(0, model.config.vocab_size, (args.requests, args.prompt_len),
                             generator=gen).tolist()  # fmt: skip
     copy_bw = copy_bandwidth() if args.device == "cuda" else float("nan")
-    results = {"seqattn engine": run_seqattn(model, prompts, args)}
+    results = {}
+    if args.device == "cuda" and "graphs" not in args.skip:
+        results["seqattn engine, CUDA graphs"] = run_seqattn(model, prompts, args, graphs=True)
+    results["seqattn engine, eager"] = run_seqattn(model, prompts, args, graphs=False)
     if args.device == "cuda":
         torch.cuda.empty_cache()  # the engine's KV pool goes back before HF sizes its own
     skip = set(args.skip.split(","))
@@ -192,16 +231,29 @@ def report(model: Any, args: argparse.Namespace, results: dict, copy_bw: float) 
           f"{model.dtype}; {args.requests} requests x {args.prompt_len} prompt tokens, "
           f"{args.new_tokens} generated each, greedy")  # fmt: skip
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
-    ours = results["seqattn engine"]
+    ours = next(iter(results.values()))  # the fastest seqattn path run: graphs when on CUDA
     print(f"bandwidth floor: {floor:.2f} s, {tokens / floor:,.0f} tok/s; seqattn reaches "
           f"{floor / ours['wall']:.1%} of it ({ours['steps']} engine steps)")  # fmt: skip
+    per_step = floor / args.new_tokens
+    for label, r in results.items():
+        if "decode_step" in r:
+            print(
+                f"{label}: median decode step {r['decode_step'] * 1e3:.2f} ms (floor "
+                f"{per_step * 1e3:.2f} ms); host syncs: {r['syncs'] or 'not checked'}"
+            )
     if "HF generate (sdpa)" in results:
-        same, first = agreement(ours["outputs"], results["HF generate (sdpa)"]["outputs"])
-        where = "none" if first is None else f"at token {first}"
-        print(f"tokens identical to HF generate: {same:.1%}; earliest divergence: {where}")
+        reference = results["HF generate (sdpa)"]["outputs"]
+        for label, r in results.items():
+            if "decode_step" in r:
+                same, first = agreement(r["outputs"], reference)
+                where = "none" if first is None else f"at token {first}"
+                print(
+                    f"{label}: tokens identical to HF generate: {same:.1%}; "
+                    f"earliest divergence: {where}"
+                )
         batch = results.get("HF generate_batch (paged|sdpa)")
         if batch is not None:  # how far HF's two paths agree with each other, for scale
-            same, first = agreement(batch["outputs"], results["HF generate (sdpa)"]["outputs"])
+            same, first = agreement(batch["outputs"], reference)
             print(f"(HF generate_batch vs HF generate: {same:.1%} identical)")
     print("\n| path | wall s | generated tok/s | TTFT s | seqattn speed-up |")
     print("|---|---:|---:|---:|---:|")

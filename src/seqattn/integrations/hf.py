@@ -141,7 +141,8 @@ class _CapturedStep:
         device = runner.device
         self.input_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
-        rows = torch.arange(bucket, device=device)
+        # the graph reads these by address: they must live as long as the graph does
+        self.rows = torch.arange(bucket, device=device)
         context = GraphStepContext(decode)
         outputs: list[torch.Tensor] = []
 
@@ -149,7 +150,7 @@ class _CapturedStep:
             with torch.inference_mode():
                 outputs.append(runner.model(
                     input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False,
-                    logits_to_keep=rows, seqattn_step=context,
+                    logits_to_keep=self.rows, seqattn_step=context,
                 ).logits[0])  # fmt: skip
 
         self.graph = decode.capture(forward)

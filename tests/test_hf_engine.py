@@ -128,3 +128,29 @@ def test_empty_prompt_is_refused() -> None:
     engine = engine_for(tiny_model("llama"))
     with pytest.raises(InvalidLengthError):
         engine.add_request([], SamplingParams())
+
+
+def test_decode_steps_run_ahead_and_generated_pages_are_cached() -> None:
+    model = tiny_model("llama")
+    engine = engine_for(model)
+    prompt = PROMPTS[0]
+    (output,) = engine.generate([prompt], SamplingParams(max_new_tokens=12))
+    assert output == hf_greedy(model, prompt, 12)
+    assert engine.stats.decoded_ahead == 11  # every decode step, before the host read
+    # the sequence held 5 + 11 tokens: 4 full pages, 3 of them generated ahead
+    hits = engine.descriptor.prefix_stats.hit_tokens
+    engine.generate([prompt + output], SamplingParams(max_new_tokens=1))
+    assert engine.descriptor.prefix_stats.hit_tokens - hits == 16
+
+
+def test_a_stop_token_found_one_step_late_drops_the_extra_row() -> None:
+    model = tiny_model("llama")
+    runs = [hf_greedy(model, p, 10) for p in PROMPTS]
+    stop = runs[1][2]
+    engine = engine_for(model)
+    outputs = engine.generate(PROMPTS, SamplingParams(10, stop_token_ids=[stop]))
+    expected = [r[: r.index(stop) + 1] if stop in r else r for r in runs]
+    assert outputs == expected
+    assert engine.stats.generated_tokens == sum(len(o) for o in expected)
+    assert engine.runner.cache.available_pages_count == engine.runner.cache.num_pages
+    engine.descriptor.check_integrity()

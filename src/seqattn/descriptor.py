@@ -114,6 +114,16 @@ class CacheDescriptor:
             self._tracker.record_decode(slots, tokens)
         self._after_change()
 
+    def record_decode_tokens(self, seq_ids: SeqIds, token_ids: SeqIds) -> None:
+        """With prefix caching: the tokens of the last :meth:`allocate_decoding` of
+        ``seq_ids``, when they were not known then (e.g. still on the GPU). Call it
+        before :meth:`commit`; without it those sequences' later pages are not cached.
+        """
+        slots = self.table.slots(seq_ids)
+        tokens = token_list(token_ids, slots.size)
+        if self._tracker is not None:
+            self._tracker.record_decode(slots, tokens)
+
     def release(self, seq_ids: SeqIds) -> None:
         """End the sequences and drop their references to their pages.
 

@@ -56,3 +56,24 @@ def test_engine_with_graphs_generates_like_the_eager_engine():
     same = sum(a == b for x, y in zip(*runs, strict=True) for a, b in zip(x, y, strict=True))
     assert [o[0] for o in runs[0]] == [o[0] for o in runs[1]]  # first tokens: same prefill
     assert same >= 0.8 * 6 * 16, f"only {same} of 96 tokens agree"
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_steady_decode_steps_make_no_host_sync(graphs: bool):
+    flashinfer_or_skip()
+    engine = Engine(PagedCausalLM(tiny_llama(), num_pages=256, page_size=16), cuda_graphs=graphs)
+    ids = [engine.add_request(list(range(3 + i, 40 + i)), SamplingParams(24)) for i in range(6)]
+    while any(not engine.requests[i].output for i in ids):
+        engine.step()  # prefill (reads tokens on the host), first decode steps
+    engine.step()
+    ahead = engine.stats.decoded_ahead
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+    try:
+        for _ in range(8):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert engine.stats.decoded_ahead == ahead + 8
+    while engine.has_work:
+        engine.step()
+    assert all(len(engine.requests[i].output) == 24 for i in ids)

@@ -14,10 +14,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Optional
 
+import numpy as np
 import torch
 from attrs import define
 
+from ..attention.batch import host_tensor
 from ..errors import InvalidLengthError, NoPageError
 from ..integrations.hf import PagedCausalLM
 from .request import Request, Status
@@ -33,6 +36,36 @@ class EngineStats:
     computed_prompt_tokens: int = 0  # prompt (and recomputed) tokens that ran the model
     generated_tokens: int = 0
     preemptions: int = 0
+    decoded_ahead: int = 0  # decode steps launched before the previous samples were read
+
+
+class _Launched:
+    """A launched step: its rows, and the tokens sampled for its ready rows, on the
+    device and on their way to the host."""
+
+    def __init__(
+        self,
+        rows: list[Request],
+        requests: list[Request],
+        tokens: torch.Tensor,
+        fed_on_device: bool,
+    ) -> None:
+        self.rows = rows
+        self.requests = requests  # the rows that were sampled, in ``tokens`` order
+        self.tokens = tokens
+        self.fed_on_device = fed_on_device  # its inputs were the previous step's samples
+        cuda = tokens.device.type == "cuda"
+        self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
+        self._host.copy_(tokens, non_blocking=True)
+        self._copied = torch.cuda.Event() if cuda else None
+        if self._copied is not None:
+            self._copied.record()
+
+    def host_tokens(self) -> list[int]:
+        """The sampled tokens (waits for their copy, and so for the step, to finish)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host.tolist()
 
 
 class Engine:
@@ -82,6 +115,8 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self.stats = EngineStats()
         self._next_id = 0
+        self._sampled: Optional[_Launched] = None  # the last step, its samples unread
+        self._finished: list[Request] = []  # finished since step() last returned
         buckets = tuple(1 << i for i in range((max_batch_size - 1).bit_length() + 1))
         self.cuda_graphs = cuda_graphs and runner.enable_cuda_graphs(buckets)
 
@@ -100,7 +135,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._sampled)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """Run ``prompts`` to completion; their generated tokens, in order."""
@@ -111,37 +146,93 @@ class Engine:
 
     # ---------------------------------------------------------------------- step
     def step(self) -> list[Request]:
-        """One forward over the next batch; returns the requests that finished in it."""
+        """One forward over the next batch; returns the requests that finished.
+
+        The host reads a step's sampled tokens only after it has launched the next one,
+        so decode steps never wait for the GPU: while the previous step's samples are
+        still on the device, a decode step takes its inputs from there. A request whose
+        previous token turns out to be a stop token thus runs one extra row, whose token
+        is dropped. Steps that need tokens on the host (prefill, admission, preemption)
+        read them first.
+        """
+        if self._sampled is not None and not self._can_decode_ahead():
+            self._read_sampled()
         self._admit()
         rows = self._allocate()
-        if not rows:
-            return []
+        launched = self._launch(rows) if rows else None
+        if self._sampled is not None:  # decoded ahead: now read what the last step sampled
+            self._read_sampled()
+        if launched is not None:
+            live = [r.id for r in launched.rows if r.status is Status.RUNNING]
+            if launched.fed_on_device:  # the tokens this step fed are known only now
+                tokens = [self.requests[i].output[-1] for i in live]
+                self.descriptor.record_decode_tokens(live, tokens)
+            self.descriptor.commit(live)  # every token these sequences hold has its KV now
+            self._sampled = launched
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _can_decode_ahead(self) -> bool:
+        """Whether the next step can run before the host knows the last samples: every
+        running request decodes and no waiting one could be admitted."""
+        admissible = self.waiting and len(self.running) < self.max_batch_size
+        return not admissible and all(r.unread for r in self.running)
+
+    def _launch(self, rows: list[tuple[Request, int]]) -> _Launched:
+        """Run the model on ``rows`` and sample (on the device) every row that is ready."""
         requests = [r for r, _ in rows]
         ids = [r.id for r in requests]
-        inputs = [r.next_inputs(n) for r, n in rows]
-        if self.cuda_graphs and all(r.pending == 1 for r in requests):
+        fed_on_device = requests[0].unread > 0
+        if fed_on_device:  # the inputs are the previous step's samples, still on the device
+            logits = self.runner.decode(ids, self._sampled_inputs(requests))
+            self.stats.decoded_ahead += 1
+        elif all(n == 1 for _, n in rows):
             logits = self.runner.decode(ids, [r.last_token for r in requests])
         else:
-            logits = self.runner.forward(ids, inputs)
-        self.descriptor.commit(ids)  # every token these sequences hold has its KV now
+            logits = self.runner.forward(ids, [r.next_inputs(n) for r, n in rows])
         for request, n in rows:
             request.computed += n
         ready = [i for i, r in enumerate(requests) if r.pending == 0]
         if len(ready) < len(requests):  # some rows were prefill chunks: no token yet
-            logits = logits[torch.tensor(ready, dtype=torch.long, device=logits.device)]
-        tokens = sample(logits, [requests[i].params for i in ready], self.generator)
-        finished = []
-        for i, token in zip(ready, tokens.tolist(), strict=True):
-            request = requests[i]
+            logits = logits[self._on_device(np.array(ready, dtype=np.int64))]
+        ready_requests = [requests[i] for i in ready]
+        tokens = sample(logits, [r.params for r in ready_requests], self.generator)
+        for request in ready_requests:
+            request.unread += 1
+        self.stats.steps += 1
+        return _Launched(requests, ready_requests, tokens, fed_on_device)
+
+    def _sampled_inputs(self, requests: list[Request]) -> torch.Tensor:
+        """The previous step's samples of ``requests``, in their order, on the device."""
+        sampled = self._sampled
+        assert sampled is not None
+        if [r.id for r in requests] == [r.id for r in sampled.requests]:
+            return sampled.tokens  # the steady state: the same batch again
+        where = {r.id: i for i, r in enumerate(sampled.requests)}
+        index = np.array([where[r.id] for r in requests], dtype=np.int64)
+        return sampled.tokens[self._on_device(index)]
+
+    def _on_device(self, index: np.ndarray) -> torch.Tensor:
+        device = self.runner.device
+        return host_tensor(index, pin=device.type == "cuda").to(device, non_blocking=True)
+
+    def _read_sampled(self) -> None:
+        """Bring the last launched step's tokens to the host and finish requests."""
+        sampled, self._sampled = self._sampled, None
+        assert sampled is not None
+        now, finished = None, []
+        for request, token in zip(sampled.requests, sampled.host_tokens(), strict=True):
+            request.unread -= 1
+            if request.status is Status.FINISHED:
+                continue  # a row run ahead after its stop token: dropped
             request.output.append(token)
             if request.first_token_time is None:
-                request.first_token_time = time.perf_counter()
+                request.first_token_time = now = now or time.perf_counter()
+            self.stats.generated_tokens += 1
             if request.finish_if_done():
                 finished.append(request)
-        self.stats.steps += 1
-        self.stats.generated_tokens += len(ready)
         self._release(finished)
-        return finished
+        self._finished += finished
 
     # ----------------------------------------------------------------- scheduling
     def _admit(self) -> None:
@@ -160,6 +251,8 @@ class Engine:
         budget = self.max_step_tokens
         rows = []
         for request in sorted(self.running, key=lambda r: r.pending > 1):
+            if request.finishes_when_read:
+                continue  # its last token is sampled already
             n = min(request.pending, budget)
             if n == 0:
                 break
@@ -178,6 +271,9 @@ class Engine:
             need += self.descriptor.pages_needed(prefill_ids, prefill_lens)
             if need <= self.runner.cache.available_pages_count:
                 break
+            if self._sampled is not None:  # finish what can finish before preempting
+                self._read_sampled()
+                continue
             if len(self.running) == 1:
                 raise NoPageError(
                     f"one request needs {need} pages but the pool has "
@@ -185,7 +281,9 @@ class Engine:
                 )
             self._preempt(self.running[-1])
         if decode:
-            last = [self.requests[i].last_token for i in decode]
+            requests = [self.requests[i] for i in decode]
+            # a token sampled ahead is told to the prefix cache once read (see step)
+            last = None if requests[0].unread else [r.last_token for r in requests]
             self.descriptor.allocate_decoding(decode, token_ids=last)
         if prefill:
             self.descriptor.allocate(prefill_ids, prefill_lens)
@@ -202,6 +300,8 @@ class Engine:
         self.waiting.appendleft(request)
 
     def _release(self, finished: list[Request]) -> None:
+        """End finished requests (a row sampled ahead may still run on their pages: the
+        pages' next users write them later in stream order)."""
         if finished:
             self.descriptor.release([r.id for r in finished])
             done = {r.id for r in finished}

@@ -33,6 +33,7 @@ class Request:
         self.arrival = 0.0
         self.first_token_time: Optional[float] = None
         self.preemptions = 0
+        self.unread = 0  # tokens sampled on the device that the host has not read yet
 
     @property
     def tokens(self) -> list[int]:
@@ -52,7 +53,12 @@ class Request:
     @property
     def pending(self) -> int:
         """Tokens still to feed before the next one can be sampled."""
-        return len(self.prompt) + len(self.output) - self.computed
+        return len(self.prompt) + len(self.output) + self.unread - self.computed
+
+    @property
+    def finishes_when_read(self) -> bool:
+        """Its unread tokens reach ``max_new_tokens``: nothing left to run."""
+        return self.unread > 0 and len(self.output) + self.unread >= self.params.max_new_tokens
 
     def finish_if_done(self) -> bool:
         """Mark finished after a stop token or ``max_new_tokens``."""

@@ -14,13 +14,14 @@ windows (Mistral, Qwen2/3 ``layer_types``) become flashinfer's ``window_left``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
 from .._arrays import concat_ranges
 from ..attention import CUDAGraphDecodeAttention, PagedAttention
+from ..attention.batch import host_tensor
 from ..descriptor import CacheDescriptor
 from ..errors import SeqAttnError, TensorSpecError
 from ..packed_data import FlashInferPackedData
@@ -237,18 +238,58 @@ class PagedCausalLM:
         if lens.size != len(seq_ids) or (lens.size and lens.min() < 1):
             raise TensorSpecError("pass one non-empty token list per sequence")
         ends = self.descriptor.seq_lens(seq_ids).astype(np.int64)
-        positions = concat_ranges(ends - lens, lens)
         flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
+        # tokens, positions and each sequence's last row go up in one asynchronous copy
+        inputs = self._upload(flat, concat_ranges(ends - lens, lens), np.cumsum(lens) - 1)
+        return self._run(seq_ids, lens, inputs[0], inputs[1], inputs[2])
+
+    @torch.inference_mode()
+    def decode(self, seq_ids: list[int], tokens: Union[list[int], torch.Tensor]) -> torch.Tensor:
+        """One decode step: one new (allocated) token per sequence.
+
+        Replayed from a CUDA graph when :meth:`enable_cuda_graphs` is on and the batch
+        fits a bucket; run eagerly otherwise.
+
+        Args:
+            seq_ids: live sequences, each grown by one token (``allocate_decoding``).
+            tokens: their new tokens, a list or an int64 tensor ``[len(seq_ids)]`` on the
+                model's device (e.g. the previous step's samples, never read by the host).
+
+        Returns:
+            ``shape: [len(seq_ids), vocab_size]``: the logits of each new token.
+        """
+        n = len(seq_ids)
+        if len(tokens) != n:
+            raise TensorSpecError(f"pass one token per sequence ({n}), got {len(tokens)}")
+        positions = self.descriptor.seq_lens(seq_ids).astype(np.int64) - 1
+        if 0 < n <= self.graph_batch_limit():
+            return self._replay(seq_ids, tokens, positions)
+        if isinstance(tokens, torch.Tensor):
+            positions_t, rows = self._upload(positions, np.arange(n))
+            return self._run(seq_ids, np.ones(n, np.int64), tokens, positions_t, rows)
+        inputs = self._upload(np.asarray(tokens, dtype=np.int64), positions, np.arange(n))
+        return self._run(seq_ids, np.ones(n, np.int64), *inputs)
+
+    def _run(
+        self,
+        seq_ids: list[int],
+        lens: np.ndarray,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        last_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """The eager forward of one flat row of new tokens (tensors on the model's device)."""
         packed = self.descriptor.pack_for_flashinfer(seq_ids, lens.tolist(), device=self.device)
-        device = self.device
         output = self.model(
-            input_ids=torch.from_numpy(flat)[None].to(device),
-            position_ids=torch.from_numpy(positions)[None].to(device),
-            use_cache=False,
-            logits_to_keep=torch.from_numpy(np.cumsum(lens) - 1).to(device),
-            seqattn_step=StepContext(self, packed),
-        )
+            input_ids=tokens[None], position_ids=positions[None], use_cache=False,
+            logits_to_keep=last_rows, seqattn_step=StepContext(self, packed),
+        )  # fmt: skip
         return output.logits[0]
+
+    def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """int64 host arrays on the model's device, through one pinned, non-blocking copy."""
+        flat = host_tensor(np.concatenate(arrays), pin=self.device.type == "cuda")
+        return list(flat.to(self.device, non_blocking=True).split([a.size for a in arrays]))
 
     # --------------------------------------------------------------- CUDA graphs
     def enable_cuda_graphs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> bool:
@@ -269,28 +310,31 @@ class PagedCausalLM:
         decode = self._graph_decode
         return 0 if decode is None else decode.batch_sizes[-1]
 
-    @torch.inference_mode()
-    def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor:
-        """One decode step (one allocated token per sequence) replayed from a CUDA graph.
-
-        Returns:
-            ``shape: [len(seq_ids), vocab_size]``: the logits of each new token.
-        """
+    def _replay(
+        self,
+        seq_ids: list[int],
+        tokens: Union[list[int], torch.Tensor],
+        positions: np.ndarray,
+    ) -> torch.Tensor:
+        """A decode step replayed from its bucket's graph (captured on first use)."""
         decode = self._graph_decode
-        if decode is None:
-            raise SeqAttnError("call enable_cuda_graphs() first")
+        assert decode is not None
         n = len(seq_ids)
         packed = self.descriptor.pack_for_flashinfer(seq_ids, [1] * n, device=self.device)
         bucket = decode.plan(packed, q_dtype=self.cache.dtype, **self._graph_plan)
         step = self._graphs.get(bucket)
         if step is None:
             step = self._graphs[bucket] = _CapturedStep(self, bucket, decode)
-        inputs = np.zeros((2, bucket), dtype=np.int64)  # padding rows: token 0 at position 0
-        inputs[0, :n] = tokens
-        inputs[1, :n] = self.descriptor.seq_lens(seq_ids) - 1
-        host = torch.from_numpy(inputs).pin_memory()
-        step.input_ids.copy_(host[0:1], non_blocking=True)
-        step.position_ids.copy_(host[1:2], non_blocking=True)
+        # padding rows read position 0 and whatever valid token id their row holds
+        padded = np.zeros(bucket, dtype=np.int64)
+        padded[:n] = positions
+        if isinstance(tokens, torch.Tensor):
+            step.input_ids[0, :n].copy_(tokens)
+            (position_ids,) = self._upload(padded)
+        else:
+            ids, position_ids = self._upload(np.asarray(tokens, dtype=np.int64), padded)
+            step.input_ids[0, :n].copy_(ids)
+        step.position_ids[0].copy_(position_ids)
         step.graph.replay()
         return step.logits[:n]
 

@@ -79,9 +79,12 @@ def run_seqattn(
     start = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
     decode_steps = []  # host wall time of steps that computed no prompt token
+    first_steps = []  # the first steps' host wall times (prefill)
     while engine.has_work:
         computed, t0 = engine.stats.computed_prompt_tokens, time.perf_counter()
         engine.step()
+        if len(first_steps) < 6:
+            first_steps.append(time.perf_counter() - t0)
         if engine.stats.computed_prompt_tokens == computed:
             decode_steps.append(time.perf_counter() - t0)
     sync(args.device)
@@ -91,6 +94,7 @@ def run_seqattn(
     syncs = count_syncs(engine, prompts, args) if args.device == "cuda" else None
     return dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
                 steps=engine.stats.steps, decode_step=statistics.median(decode_steps),
+                first_steps=first_steps, ttft_max=max(ttft),
                 syncs=syncs)  # fmt: skip
 
 
@@ -239,7 +243,9 @@ def report(model: Any, args: argparse.Namespace, results: dict, copy_bw: float) 
         if "decode_step" in r:
             print(
                 f"{label}: median decode step {r['decode_step'] * 1e3:.2f} ms (floor "
-                f"{per_step * 1e3:.2f} ms); host syncs: {r['syncs'] or 'not checked'}"
+                f"{per_step * 1e3:.2f} ms); host syncs: {r['syncs'] or 'not checked'}; "
+                f"TTFT max {r['ttft_max']:.3f} s; first steps ms: "
+                f"{', '.join(f'{t * 1e3:.1f}' for t in r['first_steps'])}"
             )
     if "HF generate (sdpa)" in results:
         reference = results["HF generate (sdpa)"]["outputs"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from attrs import define, field
 
+from ..attention.batch import host_tensor
 from ..errors import InvalidArgumentError
 
 
@@ -58,25 +60,34 @@ def sample(
         ``shape: [batch], dtype: torch.int64``, on the logits' device.
     """
     tokens = logits.argmax(dim=-1)
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    sampled = [(i, p) for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        rows = torch.tensor(sampled, device=logits.device)
-        probs = _filtered_probs(logits[rows].float(), [params[i] for i in sampled])
+        # the rows and their settings go up in one asynchronous copy: a plain host tensor
+        # would make the copy wait for the GPU to finish all queued work
+        vocab = logits.shape[-1]
+        table = np.array(
+            [(i, p.temperature, p.top_k or vocab, p.top_p) for i, p in sampled], dtype=np.float64
+        )
+        on_device = host_tensor(table, pin=logits.is_cuda).to(logits.device, non_blocking=True)
+        rows = on_device[:, 0].long()
+        probs = _filtered_probs(logits[rows].float(), on_device[:, 1:].float())
         tokens[rows] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return tokens
 
 
-def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Softmax of temperature-scaled logits, after top-k and top-p filtering, per row."""
-    temperature = logits.new_tensor([p.temperature for p in params])[:, None]
-    scaled = logits / temperature
-    ordered, order = scaled.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    rank = torch.arange(vocab, device=logits.device)[None, :]
-    top_k = logits.new_tensor([p.top_k or vocab for p in params])[:, None]
+def _filtered_probs(logits: torch.Tensor, settings: torch.Tensor) -> torch.Tensor:
+    """Softmax of temperature-scaled logits, after top-k and top-p filtering, per row.
+
+    Args:
+        logits: ``shape: [rows, vocab_size], dtype: torch.float32``.
+        settings: ``shape: [rows, 3], dtype: torch.float32``: temperature, top-k (the
+            vocabulary size when off), top-p; on the logits' device.
+    """
+    temperature, top_k, top_p = settings[:, 0:1], settings[:, 1:2], settings[:, 2:3]
+    ordered, order = (logits / temperature).sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
     drop = rank >= top_k
     probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    top_p = logits.new_tensor([p.top_p for p in params])[:, None]
     before = probs.cumsum(dim=-1) - probs  # probability of the better tokens
     drop |= before >= top_p  # the best token always stays (before == 0)
     kept = ordered.masked_fill(drop, float("-inf"))

@@ -32,7 +32,7 @@ from seqattn import (
     UnknownSequenceError,
 )
 from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache, adakv_select, snapkv_scores
-from seqattn.headwise.batch import from_head_major, to_head_major
+from seqattn.headwise.batch import head_rows, row_order
 from seqattn.headwise.compaction import compaction_moves
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -407,13 +407,34 @@ def test_attention_rejects_bad_queries():
 
 
 # ------------------------------------------------------------------- building blocks
-def test_head_major_round_trip():
-    t = torch.randn(5, 6, 3)
-    hm = to_head_major(t, 2)  # 2 KV heads, group 3
-    assert hm.shape == (10, 3, 3) and torch.equal(hm[1 * 5 + 3], t[3, 3:])  # head 1, token 3
-    assert torch.equal(from_head_major(hm, 2), t)
+@pytest.mark.parametrize(
+    ("lens", "heads"),
+    [([1, 1, 1], 2), ([3, 3], 2), ([4], 3), ([2, 0, 3, 1], 2), ([0, 0], 2), ([2, 5], 1), ([], 2)],
+    ids=["decode", "equal", "one-seq", "mixed-with-empty", "all-empty", "one-head", "no-seq"],
+)
+def test_head_rows_are_sequence_major_and_round_trip(lens, heads):
+    lens = np.array(lens, dtype=np.int64)
+    order = row_order(lens, heads)
+    index = None if order is None else tuple(torch.from_numpy(a) for a in order)
+    rows = head_rows(lens, heads, index)
+    group, nnz = 3, int(lens.sum())
+    t = torch.randn(nnz, heads * group, 5)
+    r = rows.to_rows(t)
+    assert r.shape == (nnz * heads, group, 5)
+    # request b * heads + h holds head h of sequence b's tokens, in order
+    row = 0
+    for b, n in enumerate(lens.tolist()):
+        start = int(lens[:b].sum())
+        for h in range(heads):
+            for j in range(n):
+                assert torch.equal(r[row], t[start + j, h * group : (h + 1) * group]), (b, h, j)
+                row += 1
+    assert rows.is_view == (r.data_ptr() == t.data_ptr() or nnz == 0)
+    assert torch.equal(rows.from_rows(r), t)
     out = torch.empty_like(t)
-    assert from_head_major(hm, 2, out) is out and torch.equal(out, t)
+    assert rows.from_rows(r, out) is out and torch.equal(out, t)
+    lse = torch.randn(nnz * heads, group)  # rest = []: a log-sum-exp
+    assert torch.equal(rows.to_rows(rows.from_rows(lse)), lse)
 
 
 def test_compaction_moves_only_what_moves():

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from ..descriptor import CacheDescriptor
-from ..errors import InvalidLengthError, TensorSpecError
+from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
 from ..head_ids import HeadIDGenerator
 from ..packed_data import Device
 from ..storage import PagedKVCacheManager
-from .batch import HeadwiseBatch, to_head_major
+from .batch import HeadwiseBatch, HeadwiseStep
+from .builder import StepBuilder
 from .compaction import checked_keep, compaction_moves
 from .positions import HeadPositions
 
@@ -42,6 +43,11 @@ class HeadwiseKVCache:
     subset of those positions (all of them until it is compressed). Tokens keep their
     original positions (keys are stored already rotated) and new tokens always take the
     sequence's next position. Every mutating call is all or nothing.
+
+    A model step appends the same tokens to every layer: :meth:`begin_step` does the
+    page bookkeeping of all layers at once, then the forward pass calls :meth:`write`
+    (the append kernel alone) and ``HeadwiseAttention.run`` per layer. :meth:`append`
+    does one layer at a time.
 
     Args:
         num_pages: pages in the pool shared by all layers and heads; a page holds
@@ -60,10 +66,10 @@ class HeadwiseKVCache:
         >>> from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache
         >>> cache = HeadwiseKVCache(64, page_size=4, num_layers=2, num_kv_heads=2,
         ...                         head_dim=8, dtype=torch.float32, device="cpu")
+        >>> attn = HeadwiseAttention(cache, num_qo_heads=4)  # GQA, 2 query heads per KV head
         >>> cache.add_sequences([7])
         >>> k = v = torch.randn(10, 2, 8)                    # a 10-token prompt
         >>> batch = cache.append(0, [7], k, v, append_lens=[10])
-        >>> attn = HeadwiseAttention(cache, num_qo_heads=4)  # GQA, 2 query heads per KV head
         >>> attn.plan(batch)
         >>> attn.run(torch.randn(10, 4, 8), layer=0).shape
         torch.Size([10, 4, 8])
@@ -73,7 +79,15 @@ class HeadwiseKVCache:
         >>> batch = cache.append(0, [7], k[:1], v[:1])       # decode: one token, position 10
         >>> cache.head_positions(0, 7, head=0).tolist(), cache.seq_len(7)
         ([0, 1, 9, 10], 11)
-        >>> cache.release([7]); cache.available_pages_count
+        >>> cache.add_sequences([8])                          # a whole step, both layers:
+        >>> step = cache.begin_step([8], append_lens=[5])     # bookkeeping of every layer
+        >>> attn.plan_step(step)
+        >>> for layer in range(2):                            # the model's forward pass
+        ...     cache.write(step, layer, k[:5], v[:5])
+        ...     out = attn.run(torch.randn(5, 4, 8), layer)
+        >>> cache.seq_len(8, layer=1), out.shape
+        (5, torch.Size([5, 4, 8]))
+        >>> cache.release([7, 8]); cache.available_pages_count
         64
     """
 
@@ -106,13 +120,18 @@ class HeadwiseKVCache:
         # one page table per layer, all over the storage's one pool
         self.descriptors = [CacheDescriptor(self.storage) for _ in range(self.num_layers)]
         self.positions = HeadPositions(self.num_layers, self.num_kv_heads)
+        self._builder = StepBuilder(self.descriptors, self.num_kv_heads, self.device)
         # on device: every page as [num_pages, 2 (K, V), page_size, head_dim]; with one
         # head per page the NHD and HND layouts are the same memory
         self._tokens = self.storage.get_kv_cache(0).view(num_pages, 2, page_size, head_dim)
-        self._pack_device = self.device if self.device.type == "cuda" else None
         self._accepted = (dtype, *QUANTIZABLE) if dtype in FP8_DTYPES else (dtype,)
-        self._batch_key: tuple[int, ...] = ()
+        self._all_layers = tuple(range(self.num_layers))
+        self._batch_key: list[int] = []
         self._batch_head_ids: list[int] = []
+        # per layer, the version its batches were packed at; a change to the layer's
+        # pages (append, compress, release) moves it on, which makes them stale
+        self._versions = [0] * self.num_layers
+        self._clock = 0
 
     # ------------------------------------------------------------------ sequences
     def add_sequences(self, seq_ids: Iterable[int]) -> None:
@@ -140,7 +159,73 @@ class HeadwiseKVCache:
         for desc in self.descriptors:
             desc.release(head_ids)
         self.positions.remove(ids)
-        self._after_change()
+        self._changed(self._all_layers)
+
+    # ---------------------------------------------------------------------- steps
+    def begin_step(
+        self, seq_ids: Sequence[int], append_lens: Optional[Sequence[int]] = None
+    ) -> HeadwiseStep:
+        """Take the pages of one model step's new tokens in every layer, and pack them.
+
+        Allocates ``append_lens[b]`` tokens in every KV head of every layer for each
+        sequence, at the sequence's next positions, and packs each layer's batch (on a
+        GPU, all layers' index arrays go up in one copy). The forward pass then calls
+        :meth:`write` per layer with that layer's K/V, and ``HeadwiseAttention.plan_step``
+        / ``run`` attend. The step stays valid for a layer until the layer changes
+        again (an append, a compression or a release).
+
+        Args:
+            seq_ids: live sequences, in batch order.
+            append_lens: new tokens per sequence, ``[batch_size]`` ints >= 0; default one
+                each (a decode step).
+
+        Returns:
+            the :class:`HeadwiseStep`, whose ``batches[layer]`` is the layer's batch.
+
+        Raises:
+            NoPageError: the pool lacks pages for all layers (every layer unchanged).
+            UnknownSequenceError, DuplicateSequenceError, InvalidLengthError: bad ids or
+            lengths. Nothing changed.
+        """
+        ids = _id_list(seq_ids)
+        slots = self.positions.slots(ids)
+        lens = None if append_lens is None else self._append_lens(append_lens, len(ids), None)
+        version = self._clock + 1
+        rows, batches = self._builder.open(
+            self._all_layers, tuple(ids), self._head_ids(ids), lens, version, self
+        )
+        self.positions.advance(self._all_layers, slots, batches[0].append_lens)
+        self._changed(self._all_layers, version)
+        return HeadwiseStep(batches[0].seq_ids, batches[0].append_lens, rows, tuple(batches))
+
+    def write(self, step: HeadwiseStep, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one layer's K/V of the step's new tokens into the pages taken for them.
+
+        Only the append kernel runs (the bookkeeping was :meth:`begin_step`'s). Token
+        ``j`` of sequence ``b`` lands at its position in every KV head of the layer.
+
+        Args:
+            step: from :meth:`begin_step` of this cache, not stale for ``layer``.
+            layer: the layer.
+            k: ``shape: [nnz, num_kv_heads, head_dim]``, the cache's dtype (or, for a
+                float8 cache, float16/bfloat16/float32 to quantize) and device; rows
+                grouped by sequence in batch order (the model's layout).
+            v: same shape, dtype and device as ``k``.
+
+        Raises:
+            TensorSpecError: a bad layer or tensor. SeqAttnError: a stale step or one
+            of another cache. Nothing written.
+        """
+        batch = self._step_batch(step, layer)
+        rows = batch.rows
+        if not (
+            k.shape == v.shape == (rows.num_tokens, self.num_kv_heads, self.head_dim)
+            and k.dtype == v.dtype
+            and k.dtype in self._accepted
+            and k.device == v.device == self.device
+        ):
+            self._check_kv(k, v, rows.num_tokens)  # raises, saying what was expected
+        self._write(batch, k, v)
 
     def append(
         self,
@@ -154,7 +239,8 @@ class HeadwiseKVCache:
 
         Token ``j`` of sequence ``b`` takes position ``seq_len(b, layer) + j`` and lands
         right after the tokens each head still holds (whatever their number), in one
-        scatter for all heads; nothing already cached is copied.
+        scatter for all heads; nothing already cached is copied. (For every layer of a
+        step, :meth:`begin_step` + :meth:`write` do the bookkeeping once.)
 
         Args:
             layer: the layer whose caches receive the tokens.
@@ -174,28 +260,21 @@ class HeadwiseKVCache:
             NoPageError: the pool lacks pages. UnknownSequenceError, DuplicateSequenceError,
             InvalidLengthError, TensorSpecError: bad ids, lengths or tensors. Nothing changed.
         """
-        desc = self._descriptor(layer)
+        self._descriptor(layer)
         ids = _id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = self._append_lens(append_lens, len(ids), k)
         self._check_kv(k, v, int(lens.sum()))
         head_ids = self._head_ids(ids)
-        per_head = np.tile(lens, self.num_kv_heads)  # head-major rows: head h, then sequence b
-        if lens.size and lens.min() == 1 == lens.max():
-            desc.allocate_decoding(head_ids)  # the page table's O(batch) decode path
-        else:
-            desc.allocate(head_ids, per_head)  # type: ignore[arg-type]  # numpy is accepted
+        version = self._clock + 1
+        _, (batch,) = self._builder.open((layer,), tuple(ids), head_ids, lens, version, self)
         try:
-            batch = self._pack(desc, layer, ids, head_ids, lens, per_head)
-            if k.shape[0]:
-                heads = self.num_kv_heads
-                keys, values = to_head_major(k, heads), to_head_major(v, heads)
-                self.storage.append_kv(keys, values, batch.packed, layer=0)
+            self._write(batch, k, v)
         except BaseException:
-            self._undo_allocation(desc, head_ids, per_head)
+            self._builder.undo((layer,), head_ids, np.repeat(lens, self.num_kv_heads))
             raise
-        self.positions.advance(layer, slots, lens)
-        self._after_change()
+        self.positions.advance((layer,), slots, lens)
+        self._changed((layer,), version)
         return batch
 
     def pack(
@@ -203,12 +282,14 @@ class HeadwiseKVCache:
     ) -> HeadwiseBatch:
         """The layer's head-wise batch without appending (to attend again with the newest
         ``query_lens`` tokens of each sequence as queries; default one each)."""
-        desc = self._descriptor(layer)
+        self._descriptor(layer)
         ids = _id_list(seq_ids)
         self.positions.slots(ids)
-        lens = self._append_lens(query_lens, len(ids), None)
-        head_ids = self._head_ids(ids)
-        return self._pack(desc, layer, ids, head_ids, lens, np.tile(lens, self.num_kv_heads))
+        lens = None if query_lens is None else self._append_lens(query_lens, len(ids), None)
+        _, (batch,) = self._builder.pack(
+            (layer,), tuple(ids), self._head_ids(ids), lens, self._versions[layer], self
+        )
+        return batch
 
     # ---------------------------------------------------------------- compression
     def compress(
@@ -247,7 +328,7 @@ class HeadwiseKVCache:
         positions = self.positions
         kept = [positions.positions(layer, slot, h)[kh] for h, kh in enumerate(keeps)]
         positions.replace(layer, slot, kept)
-        self._after_change()
+        self._changed((layer,))
 
     def truncate_head(self, layer: int, seq_id: int, head: int, new_len: int) -> None:
         """Keep only the first ``new_len`` tokens one head holds (its oldest ones).
@@ -335,8 +416,8 @@ class HeadwiseKVCache:
         head_ids = self._head_ids(ids)
         held = np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64)
         for layer, desc in enumerate(self.descriptors):
-            lens = desc.seq_lens(head_ids).astype(np.int64).reshape(self.num_kv_heads, -1)
-            held[layer] = (-(-lens // self.page_size)).sum(axis=1)
+            lens = desc.seq_lens(head_ids).astype(np.int64).reshape(-1, self.num_kv_heads)
+            held[layer] = (-(-lens // self.page_size)).sum(axis=0)
         return held
 
     def memory_bytes(self) -> int:
@@ -399,32 +480,33 @@ class HeadwiseKVCache:
             raise InvalidLengthError(f"head must be in [0, {self.num_kv_heads}), got {head!r}")
 
     def _head_ids(self, ids: list[int]) -> list[int]:
-        """Head ids of a batch, head-major (reused while the batch repeats, so the page
-        table recognizes a steady decode batch by one list compare)."""
-        key = tuple(ids)
-        if key != self._batch_key:
-            gen = self.head_ids
-            self._batch_head_ids = [
-                gen.get_head_id(s, h) for h in range(self.num_kv_heads) for s in ids
-            ]
-            self._batch_key = key
+        """Head ids of a batch, sequence-major (``seq * H + h``); the same list while the
+        batch repeats, so the page tables recognize a steady batch by one list compare."""
+        if ids != self._batch_key:
+            heads = self.num_kv_heads
+            self._batch_head_ids = [i for s in ids for i in range(s * heads, (s + 1) * heads)]
+            self._batch_key = ids
         return self._batch_head_ids
 
-    def _pack(
-        self,
-        desc: CacheDescriptor,
-        layer: int,
-        ids: list[int],
-        head_ids: list[int],
-        lens: np.ndarray,
-        per_head: np.ndarray,
-    ) -> HeadwiseBatch:
-        packed = desc.pack_for_flashinfer(
-            head_ids,
-            append_lens=per_head,  # type: ignore[arg-type]  # numpy is accepted
-            device=self._pack_device,
-        )
-        return HeadwiseBatch(layer, tuple(ids), lens, packed, self.num_kv_heads)
+    def _step_batch(self, step: HeadwiseStep, layer: int) -> HeadwiseBatch:
+        """The step's batch of ``layer``, after checking that it is this cache's and current."""
+        if not isinstance(step, HeadwiseStep):
+            raise TensorSpecError(f"step must be a HeadwiseStep, got {type(step).__name__}")
+        self._descriptor(layer)
+        batch = step.batches[layer]
+        if batch.owner is not self:
+            raise SeqAttnError("this step was begun on another HeadwiseKVCache")
+        if batch.version != self._versions[layer]:
+            raise SeqAttnError(
+                f"the step is stale for layer {layer}: the layer changed after begin_step "
+                "(append, compress, truncate_head or release); begin a new step"
+            )
+        return batch
+
+    def _write(self, batch: HeadwiseBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+        rows = batch.rows
+        if rows.num_tokens:
+            self.storage.append_kv(rows.to_rows(k), rows.to_rows(v), batch.append_packed)
 
     def _append_lens(
         self, lens: Optional[Sequence[int]], batch_size: int, k: Optional[torch.Tensor]
@@ -521,13 +603,13 @@ class HeadwiseKVCache:
             if kept.size < before:
                 desc.truncate(head_id, kept.size)
 
-    def _undo_allocation(
-        self, desc: CacheDescriptor, head_ids: list[int], per_head: np.ndarray
-    ) -> None:
-        """Give back what an append allocated (its write failed after allocating)."""
-        now = desc.seq_lens(head_ids)
-        for head_id, new_len in zip(head_ids, (now - per_head).tolist(), strict=True):
-            desc.truncate(head_id, new_len)
+    def _changed(self, layers: Sequence[int], version: Optional[int] = None) -> None:
+        """Record that ``layers`` changed (at ``version``, that of batches packed for the
+        change itself), which makes earlier batches of them stale."""
+        self._clock = self._clock + 1 if version is None else version
+        for layer in layers:
+            self._versions[layer] = self._clock
+        self._after_change()
 
     def _after_change(self) -> None:
         if self.check_invariants:

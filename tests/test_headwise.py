@@ -204,10 +204,7 @@ def snapshot(cache: HeadwiseKVCache) -> tuple:
                 cache.seq_len(seq, layer),
                 cache.head_lens(layer, seq).tolist(),
                 [cache.head_positions(layer, seq, h).tolist() for h in range(cache.num_kv_heads)],
-                [
-                    cache.descriptors[layer].page_indices(i)
-                    for i in cache.head_ids.get_head_ids(seq)
-                ],
+                [cache.head_page_ids(layer, seq, h).tolist() for h in range(cache.num_kv_heads)],
             )
     refcount = cache.storage.allocator.refcount.tolist()
     return cache.available_pages_count, refcount, heads, cache.storage.kv_data.clone()

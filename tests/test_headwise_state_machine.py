@@ -62,10 +62,7 @@ class HeadwiseMachine(RuleBasedStateMachine):
             (layer, seq): (
                 cache.seq_len(seq, layer),
                 [cache.head_positions(layer, seq, h).tolist() for h in range(self.heads)],
-                [
-                    cache.descriptors[layer].page_indices(i)
-                    for i in cache.head_ids.get_head_ids(seq)
-                ],
+                [cache.head_page_ids(layer, seq, h).tolist() for h in range(cache.num_kv_heads)],
             )
             for layer in range(LAYERS)
             for seq in cache.seq_ids

@@ -1,10 +1,10 @@
-"""A step's pages in several layers' page tables: allocate, pack, one upload.
+"""A step's pages in every layer: one allocation, one pack, one upload.
 
-Every layer of a model appends the same tokens in a step, so everything that depends
-only on the batch (per-request lengths, append offsets and rows, the row order of
-K/V) is computed once per step and, for a repeating decode batch, kept from the last
-step; only what differs per layer (page lists, lengths, append positions) is built per
-layer. On a GPU all of it goes up in one copy.
+All layers' heads live in one page table, so a model step (the same new tokens in
+every layer) allocates and packs all of them in one call each, and each layer's batch
+is a slice of the packed whole. What depends only on the batch's shape (per-request
+lengths, append rows, the row order of K/V) is computed once per step and, for a
+repeating decode batch, kept from the last step. On a GPU everything goes up in one copy.
 """
 
 from __future__ import annotations
@@ -25,39 +25,68 @@ from .transfer import upload
 
 @define(slots=True)
 class _BatchArrays:
-    """What a step's batch shape alone decides (host, int32 unless said)."""
+    """What a step's batch shape alone decides (host; int32 unless said)."""
 
     lens: np.ndarray  # [batch_size] int64, tokens per sequence
-    per_head: np.ndarray  # [batch_size * num_kv_heads] int64, tokens per request
-    append_indptr: np.ndarray  # [batch_size * num_kv_heads + 1]
-    append_rows: np.ndarray  # [nnz * num_kv_heads], request of each new row
+    per_row: np.ndarray  # [layers * requests] int64, tokens per request of every layer
+    append_indptr: np.ndarray  # [requests + 1], one layer's
+    append_rows: np.ndarray  # [nnz * num_kv_heads], request of each new row, one layer's
     order: Optional[tuple[np.ndarray, np.ndarray]]  # row_order(lens), mixed lengths only
     rows: Optional[HeadRows]  # the row mapping, when it needs no index (order is None)
     decode: bool  # one token per sequence
 
 
 class StepBuilder:
-    """Allocates a step's tokens in the page tables of some layers and packs them.
+    """Allocates a step's tokens in some layers' rows of one page table and packs them.
+
+    The page table's row (a "sequence" of the descriptor) of KV head ``h`` of sequence
+    ``s`` in layer ``l`` has id ``(s * num_layers + l) * num_kv_heads + h``; a step's
+    rows are ordered by layer, then sequence, then head, so that each layer's batch is
+    a contiguous, sequence-major slice.
 
     Args:
-        descriptors: one page table per layer, over one single-head storage.
-        num_kv_heads: KV heads per sequence.
+        descriptor: the page table, over a single-head storage.
+        num_layers: layers of the model.
+        num_kv_heads: KV heads per sequence and layer.
         device: where the packed batches go (page indices and append metadata).
     """
 
     def __init__(
-        self, descriptors: list[CacheDescriptor], num_kv_heads: int, device: torch.device
+        self,
+        descriptor: CacheDescriptor,
+        num_layers: int,
+        num_kv_heads: int,
+        device: torch.device,
     ) -> None:
-        self.descriptors = descriptors
+        self.descriptor = descriptor
+        self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.device: Optional[torch.device] = device if device.type == "cuda" else None
-        self._decode: dict[int, _BatchArrays] = {}  # by batch size
+        self._decode: dict[tuple[int, int], _BatchArrays] = {}  # by (batch size, layers)
+        self._ids: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}  # by layers
+
+    def row_ids(self, layers: Sequence[int], seq_ids: list[int]) -> list[int]:
+        """Page-table ids of ``layers`` x ``seq_ids`` x heads, in that order.
+
+        The same list object while the batch repeats, so that the page table recognizes
+        a steady batch by one list compare.
+        """
+        key = tuple(layers)
+        cached = self._ids.get(key)
+        if cached is not None and cached[0] == seq_ids:
+            return cached[1]
+        heads, per_seq = self.num_kv_heads, self.num_layers * self.num_kv_heads
+        ids = [
+            s * per_seq + layer * heads + h for layer in key for s in seq_ids for h in range(heads)
+        ]
+        self._ids[key] = (list(seq_ids), ids)
+        return ids
 
     def open(
         self,
         layers: Sequence[int],
         seq_ids: tuple[int, ...],
-        head_ids: list[int],
+        row_ids: list[int],
         lens: Optional[np.ndarray],
         version: int,
         owner: object,
@@ -66,173 +95,178 @@ class StepBuilder:
         all or nothing, and pack them; see :meth:`pack`.
 
         Raises:
-            NoPageError: the pool lacks pages (every layer unchanged).
+            NoPageError: the pool lacks pages (nothing changed).
         """
-        arrays = self._arrays(len(seq_ids), lens)
-        done: list[int] = []
+        arrays = self._arrays(len(seq_ids), len(layers), lens)
+        if arrays.decode:
+            self.descriptor.allocate_decoding(row_ids)  # the page table's O(batch) path
+        else:
+            self.descriptor.allocate(row_ids, arrays.per_row)  # type: ignore[arg-type]  # numpy is accepted
         try:
-            for layer in layers:
-                desc = self.descriptors[layer]
-                if arrays.decode:
-                    desc.allocate_decoding(head_ids)  # the page table's O(batch) path
-                else:
-                    desc.allocate(head_ids, arrays.per_head)  # type: ignore[arg-type]  # numpy is accepted
-                done.append(layer)
-            return self._pack(layers, seq_ids, head_ids, arrays, version, owner)
+            return self._pack(layers, seq_ids, row_ids, arrays, version, owner)
         except BaseException:
-            self.undo(done, head_ids, arrays.per_head)
+            self.undo(row_ids, arrays.per_row)
             raise
 
     def pack(
         self,
         layers: Sequence[int],
         seq_ids: tuple[int, ...],
-        head_ids: list[int],
+        row_ids: list[int],
         lens: Optional[np.ndarray],
         version: int,
         owner: object,
     ) -> tuple[HeadRows, list[HeadwiseBatch]]:
         """Each layer's batch, whose newest ``lens`` tokens per sequence (held by every
         head) are the appended ones, and the row mapping the layers share."""
-        arrays = self._arrays(len(seq_ids), lens)
-        return self._pack(layers, seq_ids, head_ids, arrays, version, owner)
+        arrays = self._arrays(len(seq_ids), len(layers), lens)
+        return self._pack(layers, seq_ids, row_ids, arrays, version, owner)
 
-    def undo(self, layers: Sequence[int], head_ids: list[int], per_head: np.ndarray) -> None:
-        """Give back what an allocation of ``per_head`` tokens per request took."""
-        for layer in layers:
-            desc = self.descriptors[layer]
-            now = desc.seq_lens(head_ids)
-            for i in np.flatnonzero(per_head).tolist():
-                desc.truncate(head_ids[i], int(now[i] - per_head[i]))
+    def undo(self, row_ids: list[int], per_row: np.ndarray) -> None:
+        """Give back what an allocation of ``per_row`` tokens per row took."""
+        desc = self.descriptor
+        now = desc.seq_lens(row_ids)
+        for i in np.flatnonzero(per_row).tolist():
+            desc.truncate(row_ids[i], int(now[i] - per_row[i]))
 
     # ------------------------------------------------------------------ internals
-    def _arrays(self, batch_size: int, lens: Optional[np.ndarray]) -> _BatchArrays:
+    def _arrays(self, batch_size: int, num_layers: int, lens: Optional[np.ndarray]) -> _BatchArrays:
         if lens is None or (lens.size and lens.min() == 1 == lens.max()):
-            cached = self._decode.get(batch_size)
+            cached = self._decode.get((batch_size, num_layers))
             if cached is None:
-                cached = self._decode[batch_size] = self._new_arrays(
-                    np.ones(batch_size, dtype=np.int64), decode=True
-                )
+                ones = np.ones(batch_size, dtype=np.int64)
+                cached = self._decode[batch_size, num_layers] = self._new(ones, num_layers, True)
             return cached
-        return self._new_arrays(lens, decode=False)
+        return self._new(lens, num_layers, decode=False)
 
-    def _new_arrays(self, lens: np.ndarray, decode: bool) -> _BatchArrays:
+    def _new(self, lens: np.ndarray, num_layers: int, decode: bool) -> _BatchArrays:
         per_head = np.repeat(lens, self.num_kv_heads)
         append_indptr = indptr_of(per_head)
-        # the rows do not depend on the layer's lengths: any lengths >= per_head do
+        # the rows do not depend on the lengths held: any lengths >= per_head give them
         append_rows = append_rows_positions(append_indptr, per_head)[0]
         order = row_order(lens, self.num_kv_heads)
         rows = head_rows(lens, self.num_kv_heads) if order is None else None
-        arrays = _BatchArrays(lens, per_head, append_indptr, append_rows, order, rows, decode)
         lens.flags.writeable = False  # every batch of the step (and later steps) shows it
-        return arrays
+        per_row = np.tile(per_head, num_layers)
+        return _BatchArrays(lens, per_row, append_indptr, append_rows, order, rows, decode)
 
     def _pack(
         self,
         layers: Sequence[int],
         seq_ids: tuple[int, ...],
-        head_ids: list[int],
+        row_ids: list[int],
         arrays: _BatchArrays,
         version: int,
         owner: object,
     ) -> tuple[HeadRows, list[HeadwiseBatch]]:
-        # on the host: the indices of a repeating batch are spliced from the last step's
-        host = [self.descriptors[layer].pack_for_flashinfer(head_ids) for layer in layers]
-        lengths = [p.kv_seq_lens.numpy() for p in host]  # type: ignore[union-attr]
-        if arrays.decode:  # each request's one new token is its last
-            positions = [n - 1 for n in lengths]
+        # on the host: a repeating batch's indices are spliced from the last step's
+        whole = self.descriptor.pack_for_flashinfer(row_ids)
+        indices = whole.kv_page_indices.numpy()
+        indptr = whole.kv_page_indptr.numpy()
+        last = whole.kv_last_page_len.numpy()
+        lengths = whole.kv_seq_lens.numpy()  # type: ignore[union-attr]
+        if arrays.decode:  # each row's one new token is its last
+            positions = lengths - 1
         else:
-            positions = [append_rows_positions(arrays.append_indptr, n)[1] for n in lengths]
+            positions = append_rows_positions(indptr_of(arrays.per_row), lengths)[1]
+        # each layer's indptr from 0: [layers, requests + 1]
+        requests = arrays.append_indptr.size - 1
+        bounds = indptr[::requests] if requests else np.zeros(len(layers) + 1, np.int32)
+        layer_indptr = np.empty((len(layers), requests + 1), dtype=np.int32)
+        layer_indptr[:, :-1] = indptr[:-1].reshape(len(layers), requests) - bounds[:-1, None]
+        layer_indptr[:, -1] = np.diff(bounds)
+        parts = _Parts(
+            indices, layer_indptr, last, lengths, positions, bounds, arrays, self.num_kv_heads
+        )
         if self.device is None:
-            rows, plan, write = self._on_host(arrays, host, positions)
+            rows, plan, write = parts.on_host()
         else:
-            rows, plan, write = self._on_device(self.device, arrays, host, lengths, positions)
+            rows, plan, write = parts.on_device(self.device)
+        heads = self.num_kv_heads
         batches = [
-            HeadwiseBatch(
-                layer,
-                seq_ids,
-                arrays.lens,
-                plan[i],
-                self.num_kv_heads,
-                rows,
-                write[i],
-                version,
-                owner,
-            )
-            for i, layer in enumerate(layers)
+            HeadwiseBatch(layer, seq_ids, arrays.lens, p, heads, rows, w, version, owner)
+            for layer, p, w in zip(layers, plan, write, strict=True)
         ]
         return rows, batches
 
-    def _on_host(
-        self,
-        arrays: _BatchArrays,
-        host: list[FlashInferPackedData],
-        positions: list[np.ndarray],
-    ) -> tuple[HeadRows, list[FlashInferPackedData], list[FlashInferPackedData]]:
-        rows = arrays.rows
-        if rows is None:
-            assert arrays.order is not None
-            index = (torch.from_numpy(arrays.order[0]), torch.from_numpy(arrays.order[1]))
-            rows = head_rows(arrays.lens, self.num_kv_heads, index)
-        append_indptr = torch.from_numpy(arrays.append_indptr)
-        append_rows = torch.from_numpy(arrays.append_rows)
-        packed = [
-            FlashInferPackedData(
-                p.kv_page_indices,
-                p.kv_page_indptr,
-                p.kv_last_page_len,
-                kv_seq_lens=p.kv_seq_lens,
-                append_indptr=append_indptr,
-                append_batch_indices=append_rows,
-                append_positions=torch.from_numpy(pos),
-            )
-            for p, pos in zip(host, positions, strict=True)
-        ]
-        return rows, packed, packed
 
-    def _on_device(
-        self,
-        device: torch.device,
-        arrays: _BatchArrays,
-        host: list[FlashInferPackedData],
-        lengths: list[np.ndarray],
-        positions: list[np.ndarray],
+@define(slots=True)
+class _Parts:
+    """A packed step, whole, and how to cut it into layers (host numpy, int32)."""
+
+    indices: np.ndarray  # every layer's page ids, layer after layer
+    layer_indptr: np.ndarray  # [layers, requests + 1], each from 0
+    last: np.ndarray  # [layers * requests]
+    lengths: np.ndarray  # [layers * requests]
+    positions: np.ndarray  # [layers * nnz * num_kv_heads]
+    bounds: np.ndarray  # [layers + 1], where each layer's page ids start in indices
+    arrays: _BatchArrays
+    num_kv_heads: int
+
+    def on_host(self) -> tuple[HeadRows, list[FlashInferPackedData], list[FlashInferPackedData]]:
+        """Every tensor on the host; one batch serves plan() and the append."""
+        arrays = self.arrays
+        index = None
+        if arrays.order is not None:
+            index = (torch.from_numpy(arrays.order[0]), torch.from_numpy(arrays.order[1]))
+        packed = self._cut(
+            *(torch.from_numpy(a) for a in (self.indices, self.layer_indptr, self.last)),
+            *(torch.from_numpy(a) for a in (self.lengths, self.positions)),
+            *(torch.from_numpy(a) for a in (arrays.append_indptr, arrays.append_rows)),
+        )
+        return self._rows(index), packed, packed
+
+    def on_device(
+        self, device: torch.device
     ) -> tuple[HeadRows, list[FlashInferPackedData], list[FlashInferPackedData]]:
         """Device: page indices, indptr, last page lengths, append rows and positions
         (the append kernel reads them there). Pinned host: indptr, last page lengths and
         lengths again, for ``plan()``."""
-        shared = [arrays.append_rows, *(arrays.order or ())]
-        per_layer = [
-            (p.kv_page_indices.numpy(), p.kv_page_indptr.numpy(), p.kv_last_page_len.numpy())
-            for p in host
-        ]
-        to_device = [*shared]
-        to_host = [arrays.append_indptr]
-        for (indices, indptr, last), pos, n in zip(per_layer, positions, lengths, strict=True):
-            to_device += [indices, indptr, last, pos]
-            to_host += [indptr, last, n]
-        on_device, on_host = upload(device, to_device, to_host)
-        append_rows, index = on_device[0], on_device[1 : len(shared)]
-        append_indptr = on_host[0]
-        plan, write = [], []
-        for i in range(len(host)):
-            indices, indptr, last, pos = on_device[len(shared) + 4 * i : len(shared) + 4 * i + 4]
-            host_indptr, host_last, host_lens = on_host[1 + 3 * i : 4 + 3 * i]
-            plan.append(
+        arrays, indptr = self.arrays, self.layer_indptr
+        to_device = [self.indices, indptr.ravel(), self.last, self.positions, arrays.append_rows]
+        to_host = [indptr.ravel(), self.last, self.lengths, arrays.append_indptr]
+        on_device, on_host = upload(device, to_device + list(arrays.order or ()), to_host)
+        indices, gpu_indptr, gpu_last, positions, append_rows = on_device[:5]
+        cpu_indptr, cpu_last, lengths, append_indptr = on_host
+        plan = self._cut(
+            indices, cpu_indptr.view(indptr.shape), cpu_last, lengths, positions,
+            append_indptr, append_rows,
+        )  # fmt: skip
+        write = self._cut(
+            indices, gpu_indptr.view(indptr.shape), gpu_last, None, positions, None, append_rows
+        )
+        index = None if arrays.order is None else (on_device[5], on_device[6])
+        return self._rows(index), plan, write
+
+    def _rows(self, index: Optional[tuple[torch.Tensor, torch.Tensor]]) -> HeadRows:
+        rows = self.arrays.rows
+        return head_rows(self.arrays.lens, self.num_kv_heads, index) if rows is None else rows
+
+    def _cut(
+        self,
+        indices: torch.Tensor,
+        indptr: torch.Tensor,
+        last: torch.Tensor,
+        lengths: Optional[torch.Tensor],
+        positions: torch.Tensor,
+        append_indptr: Optional[torch.Tensor],
+        append_rows: torch.Tensor,
+    ) -> list[FlashInferPackedData]:
+        """One batch per layer, of views of the whole step's tensors."""
+        requests, new_rows = self.layer_indptr.shape[1] - 1, self.arrays.append_rows.size
+        bounds = self.bounds.tolist()
+        out = []
+        for i in range(len(bounds) - 1):
+            rows = slice(i * requests, (i + 1) * requests)
+            out.append(
                 FlashInferPackedData(
-                    indices,
-                    host_indptr,
-                    host_last,
-                    kv_seq_lens=host_lens,
+                    indices[bounds[i] : bounds[i + 1]],
+                    indptr[i],
+                    last[rows],
+                    kv_seq_lens=None if lengths is None else lengths[rows],
                     append_indptr=append_indptr,
                     append_batch_indices=append_rows,
-                    append_positions=pos,
+                    append_positions=positions[i * new_rows : (i + 1) * new_rows],
                 )
             )
-            write.append(
-                FlashInferPackedData(
-                    indices, indptr, last, append_batch_indices=append_rows, append_positions=pos
-                )
-            )
-        rows = arrays.rows or head_rows(arrays.lens, self.num_kv_heads, (index[0], index[1]))
-        return rows, plan, write
+        return out

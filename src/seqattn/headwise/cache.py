@@ -2,9 +2,11 @@
 
 Per-head KV compression (SnapKV, PyramidKV, AdaKV, HeadKV) keeps a different number of
 tokens for each KV head and layer. Here every page holds the tokens of one KV head, all
-layers draw pages from one pool, and each layer has its own :class:`CacheDescriptor`
-whose "sequences" are (sequence, KV head) pairs named by :class:`HeadIDGenerator`. A
-head that drops tokens gives its pages back to the pool, so memory follows the budgets.
+layers draw pages from one pool, and one :class:`CacheDescriptor` holds a page list per
+(sequence, layer, KV head), named by :class:`HeadIDGenerator` as if each sequence had
+``num_layers * num_kv_heads`` heads. A head that drops tokens gives its pages back to
+the pool, so memory follows the budgets; a model step (the same new tokens in every
+layer) allocates and packs all layers in one call each.
 
 Why one single-layer storage rather than ``num_layers=L``: a page id of a multi-layer
 ``PagedKVCacheManager`` names a page in *every* layer, so layers with different page
@@ -106,7 +108,7 @@ class HeadwiseKVCache:
     ) -> None:
         if int(num_layers) <= 0:
             raise InvalidLengthError(f"num_layers must be positive, got {num_layers}")
-        self.head_ids = HeadIDGenerator(num_kv_heads)  # validates num_kv_heads
+        HeadIDGenerator(num_kv_heads)  # validates num_kv_heads
         self.storage = PagedKVCacheManager(
             num_pages, page_size, 1, head_dim, dtype, device, kv_layout, num_layers=1
         )
@@ -117,17 +119,18 @@ class HeadwiseKVCache:
         self.dtype = dtype
         self.device = self.storage.device
         self.check_invariants = check_invariants
-        # one page table per layer, all over the storage's one pool
-        self.descriptors = [CacheDescriptor(self.storage) for _ in range(self.num_layers)]
+        # one page list per (sequence, layer, KV head), over the storage's one pool
+        self.row_ids = HeadIDGenerator(self.num_layers * self.num_kv_heads)
+        self.descriptor = CacheDescriptor(self.storage)
         self.positions = HeadPositions(self.num_layers, self.num_kv_heads)
-        self._builder = StepBuilder(self.descriptors, self.num_kv_heads, self.device)
+        self._builder = StepBuilder(
+            self.descriptor, self.num_layers, self.num_kv_heads, self.device
+        )
         # on device: every page as [num_pages, 2 (K, V), page_size, head_dim]; with one
         # head per page the NHD and HND layouts are the same memory
         self._tokens = self.storage.get_kv_cache(0).view(num_pages, 2, page_size, head_dim)
         self._accepted = (dtype, *QUANTIZABLE) if dtype in FP8_DTYPES else (dtype,)
         self._all_layers = tuple(range(self.num_layers))
-        self._batch_key: list[int] = []
-        self._batch_head_ids: list[int] = []
         # per layer, the version its batches were packed at; a change to the layer's
         # pages (append, compress, release) moves it on, which makes them stale
         self._versions = [0] * self.num_layers
@@ -142,9 +145,8 @@ class HeadwiseKVCache:
         """
         ids = _id_list(seq_ids)
         self.positions.add(ids)  # checks every id before adding any
-        head_ids = self._head_ids(ids)
-        for desc in self.descriptors:
-            desc.allocate(head_ids, [0] * len(head_ids))  # no pages until tokens arrive
+        rows = self._all_rows(ids)
+        self.descriptor.allocate(rows, np.zeros(len(rows), np.int64))  # pages come with tokens
         self._after_change()
 
     def release(self, seq_ids: Iterable[int]) -> None:
@@ -155,9 +157,7 @@ class HeadwiseKVCache:
         """
         ids = _id_list(seq_ids)
         self.positions.slots(ids)  # checks every id before releasing any
-        head_ids = self._head_ids(ids)
-        for desc in self.descriptors:
-            desc.release(head_ids)
+        self.descriptor.release(self._all_rows(ids))
         self.positions.remove(ids)
         self._changed(self._all_layers)
 
@@ -191,9 +191,9 @@ class HeadwiseKVCache:
         slots = self.positions.slots(ids)
         lens = None if append_lens is None else self._append_lens(append_lens, len(ids), None)
         version = self._clock + 1
-        rows, batches = self._builder.open(
-            self._all_layers, tuple(ids), self._head_ids(ids), lens, version, self
-        )
+        builder = self._builder
+        row_ids = builder.row_ids(self._all_layers, ids)
+        rows, batches = builder.open(self._all_layers, tuple(ids), row_ids, lens, version, self)
         self.positions.advance(self._all_layers, slots, batches[0].append_lens)
         self._changed(self._all_layers, version)
         return HeadwiseStep(batches[0].seq_ids, batches[0].append_lens, rows, tuple(batches))
@@ -260,18 +260,18 @@ class HeadwiseKVCache:
             NoPageError: the pool lacks pages. UnknownSequenceError, DuplicateSequenceError,
             InvalidLengthError, TensorSpecError: bad ids, lengths or tensors. Nothing changed.
         """
-        self._descriptor(layer)
+        self._check_layer(layer)
         ids = _id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = self._append_lens(append_lens, len(ids), k)
         self._check_kv(k, v, int(lens.sum()))
-        head_ids = self._head_ids(ids)
+        row_ids = self._builder.row_ids((layer,), ids)
         version = self._clock + 1
-        _, (batch,) = self._builder.open((layer,), tuple(ids), head_ids, lens, version, self)
+        _, (batch,) = self._builder.open((layer,), tuple(ids), row_ids, lens, version, self)
         try:
             self._write(batch, k, v)
         except BaseException:
-            self._builder.undo((layer,), head_ids, np.repeat(lens, self.num_kv_heads))
+            self._builder.undo(row_ids, np.repeat(lens, self.num_kv_heads))
             raise
         self.positions.advance((layer,), slots, lens)
         self._changed((layer,), version)
@@ -282,13 +282,13 @@ class HeadwiseKVCache:
     ) -> HeadwiseBatch:
         """The layer's head-wise batch without appending (to attend again with the newest
         ``query_lens`` tokens of each sequence as queries; default one each)."""
-        self._descriptor(layer)
+        self._check_layer(layer)
         ids = _id_list(seq_ids)
         self.positions.slots(ids)
         lens = None if query_lens is None else self._append_lens(query_lens, len(ids), None)
-        _, (batch,) = self._builder.pack(
-            (layer,), tuple(ids), self._head_ids(ids), lens, self._versions[layer], self
-        )
+        row_ids = self._builder.row_ids((layer,), ids)
+        version = self._versions[layer]
+        _, (batch,) = self._builder.pack((layer,), tuple(ids), row_ids, lens, version, self)
         return batch
 
     # ---------------------------------------------------------------- compression
@@ -315,16 +315,16 @@ class HeadwiseKVCache:
             InvalidLengthError: not one entry per head, or indices out of range, unsorted
                 or repeated (or positions not held). UnknownSequenceError. Nothing changed.
         """
-        desc = self._descriptor(layer)
+        self._check_layer(layer)
         slot = self.positions.slot(seq_id)
-        head_ids = self.head_ids.get_head_ids(seq_id)
-        held = desc.seq_lens(head_ids)
+        row_ids = self._head_rows(layer, seq_id)
+        held = self.descriptor.seq_lens(row_ids)
         self._check_keep_count(keep)
         if by_position:
             keeps = self._indices_of_positions(layer, slot, keep)
         else:
             keeps = [checked_keep(keep[h], int(held[h]), h) for h in range(self.num_kv_heads)]
-        self._compact(desc, head_ids, held, keeps)
+        self._compact(row_ids, held, keeps)
         positions = self.positions
         kept = [positions.positions(layer, slot, h)[kh] for h, kh in enumerate(keeps)]
         positions.replace(layer, slot, kept)
@@ -367,32 +367,35 @@ class HeadwiseKVCache:
         lengths = self.positions.lengths(self.positions.slot(seq_id))
         if layer is None:
             return int(lengths.max())
-        self._descriptor(layer)
+        self._check_layer(layer)
         return int(lengths[layer])
 
     def head_lens(self, layer: int, seq_id: int) -> np.ndarray:
         """Tokens each KV head of the sequence holds in ``layer``, ``[num_kv_heads]`` int64."""
-        desc = self._descriptor(layer)
+        self._check_layer(layer)
         self.positions.slot(seq_id)
-        return desc.seq_lens(self.head_ids.get_head_ids(seq_id)).astype(np.int64)
+        return self.descriptor.seq_lens(self._head_rows(layer, seq_id)).astype(np.int64)
 
     def head_positions(self, layer: int, seq_id: int, head: int) -> np.ndarray:
         """True positions of the tokens one head holds, increasing, ``[held]`` int64."""
-        self._descriptor(layer)
+        self._check_layer(layer)
         self._check_head(head)
         return self.positions.positions(layer, self.positions.slot(seq_id), head)
 
     def read_head(self, layer: int, seq_id: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the tokens one head holds, each ``[held, head_dim]``, storage dtype,
         on the cache's device (a copy; float8 values as stored, i.e. divided by no scale)."""
-        desc = self._descriptor(layer)
+        pages = torch.as_tensor(self.head_page_ids(layer, seq_id, head), device=self.device)
+        held = self.descriptor.seq_len(self._head_rows(layer, seq_id)[head])
+        kv = self._tokens[pages.long()].transpose(0, 1).reshape(2, -1, self.head_dim)[:, :held]
+        return kv[0].clone(), kv[1].clone()
+
+    def head_page_ids(self, layer: int, seq_id: int, head: int) -> np.ndarray:
+        """The pages one head's tokens lie in, in token order, ``[pages]`` int32."""
+        self._check_layer(layer)
         self._check_head(head)
         self.positions.slot(seq_id)
-        head_id = self.head_ids.get_head_id(seq_id, head)
-        pages = torch.as_tensor(desc.page_indices(head_id), dtype=torch.long, device=self.device)
-        held = desc.seq_len(head_id)
-        kv = self._tokens[pages].transpose(0, 1).reshape(2, -1, self.head_dim)[:, :held]
-        return kv[0].clone(), kv[1].clone()
+        return np.asarray(self.descriptor.page_indices(self._head_rows(layer, seq_id)[head]))
 
     # --------------------------------------------------------------------- memory
     @property
@@ -412,13 +415,9 @@ class HeadwiseKVCache:
     def pages_held(self) -> np.ndarray:
         """Pages held by each layer and KV head over all live sequences,
         ``[num_layers, num_kv_heads]`` int64."""
-        ids = self.positions.seq_ids
-        head_ids = self._head_ids(ids)
-        held = np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64)
-        for layer, desc in enumerate(self.descriptors):
-            lens = desc.seq_lens(head_ids).astype(np.int64).reshape(-1, self.num_kv_heads)
-            held[layer] = (-(-lens // self.page_size)).sum(axis=0)
-        return held
+        lens = self.descriptor.seq_lens(self._all_rows(self.positions.seq_ids)).astype(np.int64)
+        pages = -(-lens // self.page_size)
+        return pages.reshape(-1, self.num_layers, self.num_kv_heads).sum(axis=0)
 
     def memory_bytes(self) -> int:
         """Bytes of the pages the live sequences hold."""
@@ -438,61 +437,60 @@ class HeadwiseKVCache:
     def check_integrity(self) -> None:
         """Raise AssertionError unless pool, page tables and positions are consistent.
 
-        Checks the pool and every layer's page table; that the layers' pages are
-        distinct and are all the pool holds; that each head holds
+        Checks the pool and the page table; that the heads' pages are distinct and are
+        all the pool holds; that each head holds
         ``ceil(held / page_size)`` pages; and that each head's positions are increasing,
         as many as the tokens it holds, and below the sequence's logical length.
         """
         self.storage.check_integrity()
+        self.descriptor.check_integrity()
+        assert sorted(self.descriptor.seq_ids) == sorted(self._all_rows(self.seq_ids)), (
+            "page-table ids differ from the live sequences' heads"
+        )
         listed = []
-        for layer, desc in enumerate(self.descriptors):
-            desc.check_integrity()
-            assert sorted(desc.seq_ids) == sorted(self._head_ids(self.seq_ids)), (
-                f"layer {layer}: page-table ids differ from the live sequences' heads"
-            )
+        for layer in range(self.num_layers):
             for seq_id in self.seq_ids:
-                listed += self._check_sequence(layer, desc, seq_id)
+                listed += self._check_sequence(layer, seq_id)
         assert len(set(listed)) == len(listed), "a page is held twice"
         held = self.storage.num_pages - self.available_pages_count
         assert len(listed) == held, f"{len(listed)} pages listed but {held} held in the pool"
 
     # ------------------------------------------------------------------ internals
-    def _check_sequence(self, layer: int, desc: CacheDescriptor, seq_id: int) -> list[int]:
+    def _check_sequence(self, layer: int, seq_id: int) -> list[int]:
         slot = self.positions.slot(seq_id)
         self.positions.check(layer, slot)
-        head_ids = self.head_ids.get_head_ids(seq_id)
-        lens = desc.seq_lens(head_ids)
+        row_ids = self._head_rows(layer, seq_id)
+        lens = self.descriptor.seq_lens(row_ids)
         assert (lens == self.positions.held(layer, slot)).all(), "head length != positions held"
         pages = []
-        for head_id, n in zip(head_ids, lens.tolist(), strict=True):
-            own = desc.page_indices(head_id)
+        for row_id, n in zip(row_ids, lens.tolist(), strict=True):
+            own = self.descriptor.page_indices(row_id)
             assert len(own) == -(-n // self.page_size), "pages != ceil(held / page_size)"
             pages += own
         return pages
 
-    def _descriptor(self, layer: int) -> CacheDescriptor:
-        if isinstance(layer, (int, np.integer)) and 0 <= layer < self.num_layers:
-            return self.descriptors[layer]
-        raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+    def _check_layer(self, layer: int) -> None:
+        if not (isinstance(layer, (int, np.integer)) and 0 <= layer < self.num_layers):
+            raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
 
     def _check_head(self, head: int) -> None:
         if not (isinstance(head, (int, np.integer)) and 0 <= head < self.num_kv_heads):
             raise InvalidLengthError(f"head must be in [0, {self.num_kv_heads}), got {head!r}")
 
-    def _head_ids(self, ids: list[int]) -> list[int]:
-        """Head ids of a batch, sequence-major (``seq * H + h``); the same list while the
-        batch repeats, so the page tables recognize a steady batch by one list compare."""
-        if ids != self._batch_key:
-            heads = self.num_kv_heads
-            self._batch_head_ids = [i for s in ids for i in range(s * heads, (s + 1) * heads)]
-            self._batch_key = ids
-        return self._batch_head_ids
+    def _head_rows(self, layer: int, seq_id: int) -> list[int]:
+        """Page-table ids of one sequence's KV heads in one layer, in head order."""
+        first = self.row_ids.get_head_id(seq_id, layer * self.num_kv_heads)
+        return list(range(first, first + self.num_kv_heads))
+
+    def _all_rows(self, ids: list[int]) -> list[int]:
+        """Page-table ids of every layer and KV head of the sequences."""
+        return [r for s in ids for r in self.row_ids.get_head_ids(s)]
 
     def _step_batch(self, step: HeadwiseStep, layer: int) -> HeadwiseBatch:
         """The step's batch of ``layer``, after checking that it is this cache's and current."""
         if not isinstance(step, HeadwiseStep):
             raise TensorSpecError(f"step must be a HeadwiseStep, got {type(step).__name__}")
-        self._descriptor(layer)
+        self._check_layer(layer)
         batch = step.batches[layer]
         if batch.owner is not self:
             raise SeqAttnError("this step was begun on another HeadwiseKVCache")
@@ -583,15 +581,10 @@ class HeadwiseKVCache:
             out.append(index)
         return out
 
-    def _compact(
-        self,
-        desc: CacheDescriptor,
-        head_ids: list[int],
-        held: np.ndarray,
-        keeps: list[np.ndarray],
-    ) -> None:
+    def _compact(self, row_ids: list[int], held: np.ndarray, keeps: list[np.ndarray]) -> None:
         """Move every head's survivors to the front of its page list, then free the rest."""
-        pages = [np.asarray(desc.page_indices(h), dtype=np.int64) for h in head_ids]
+        desc = self.descriptor
+        pages = [np.asarray(desc.page_indices(r), dtype=np.int64) for r in row_ids]
         moves = compaction_moves(pages, keeps, self.page_size)
         if moves[0].size:
             index = torch.from_numpy(np.stack(moves)).to(self.device)
@@ -599,9 +592,9 @@ class HeadwiseKVCache:
             # the gather finishes before the scatter starts, and a survivor only moves
             # left within its head, so no source is overwritten before it is read
             self._tokens[dst_page, :, dst_slot] = self._tokens[src_page, :, src_slot]
-        for head_id, kept, before in zip(head_ids, keeps, held.tolist(), strict=True):
+        for row_id, kept, before in zip(row_ids, keeps, held.tolist(), strict=True):
             if kept.size < before:
-                desc.truncate(head_id, kept.size)
+                desc.truncate(row_id, kept.size)
 
     def _changed(self, layers: Sequence[int], version: Optional[int] = None) -> None:
         """Record that ``layers`` changed (at ``version``, that of batches packed for the

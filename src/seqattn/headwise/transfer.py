@@ -18,7 +18,7 @@ def upload(
     to the GPU itself.
 
     Args:
-        device: a CUDA device.
+        device: a CUDA device (or the CPU, in tests).
         to_device, to_host: 1-D integer arrays whose values fit int32.
 
     Returns:
@@ -27,7 +27,8 @@ def upload(
     arrays = [*to_device, *to_host]
     sizes = [a.size for a in arrays]
     split = sum(sizes[: len(to_device)])
-    buffer = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=True)
+    # unpinned without CUDA, so that tests run this path on a CPU
+    buffer = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=torch.cuda.is_available())
     np.concatenate(arrays, out=buffer.numpy(), casting="same_kind")
     # torch's pinned allocator keeps the buffer until this copy has landed, even if
     # the host tensors are dropped first

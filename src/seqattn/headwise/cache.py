@@ -217,14 +217,18 @@ class HeadwiseKVCache:
             of another cache. Nothing written.
         """
         batch = self._step_batch(step, layer)
-        rows = batch.rows
-        if not (
-            k.shape == v.shape == (rows.num_tokens, self.num_kv_heads, self.head_dim)
-            and k.dtype == v.dtype
-            and k.dtype in self._accepted
-            and k.device == v.device == self.device
-        ):
-            self._check_kv(k, v, rows.num_tokens)  # raises, saying what was expected
+        nnz = batch.rows.num_tokens
+        try:  # the common case in a few attribute reads: this runs per layer per step
+            fits = (
+                k.shape == v.shape == (nnz, self.num_kv_heads, self.head_dim)
+                and k.dtype == v.dtype
+                and k.dtype in self._accepted
+                and k.device == v.device == self.device
+            )
+        except AttributeError:
+            fits = False
+        if not fits:
+            self._check_kv(k, v, nnz)  # raises, saying what was expected
         self._write(batch, k, v)
 
     def append(

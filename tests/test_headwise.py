@@ -434,6 +434,8 @@ def test_plan_step_needs_a_query_per_sequence():
         attn.plan_step(step, qo_lens=[4, 0, 1])
     with pytest.raises(TensorSpecError, match="HeadwiseStep"):
         attn.plan_step(step.batches[0])  # type: ignore[arg-type]
+    with pytest.raises(TensorSpecError, match="HeadwiseBatch"):
+        attn.plan(step)  # type: ignore[arg-type]
 
 
 def test_an_empty_step():

@@ -112,6 +112,8 @@ class HeadwiseAttention:
             InvalidLengthError: bad ``qo_lens`` (or a sequence without query tokens).
             SeqAttnError: a stale batch (its layer changed since) or another cache's.
         """
+        if not isinstance(batch, HeadwiseBatch):
+            raise TensorSpecError(f"batch must be a HeadwiseBatch, got {type(batch).__name__}")
         options = dict(
             causal=causal, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, q_dtype=q_dtype
         )

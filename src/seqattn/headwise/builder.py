@@ -75,6 +75,8 @@ class StepBuilder:
         cached = self._ids.get(key)
         if cached is not None and cached[0] == seq_ids:
             return cached[1]
+        # HeadIDGenerator(num_layers * num_kv_heads).get_head_id(s, layer * heads + h),
+        # without a call per id
         heads, per_seq = self.num_kv_heads, self.num_layers * self.num_kv_heads
         ids = [
             s * per_seq + layer * heads + h for layer in key for s in seq_ids for h in range(heads)

@@ -120,7 +120,7 @@ class HeadwiseKVCache:
         self.device = self.storage.device
         self.check_invariants = check_invariants
         # one page list per (sequence, layer, KV head), over the storage's one pool
-        self.row_ids = HeadIDGenerator(self.num_layers * self.num_kv_heads)
+        self._row_ids = HeadIDGenerator(self.num_layers * self.num_kv_heads)
         self.descriptor = CacheDescriptor(self.storage)
         self.positions = HeadPositions(self.num_layers, self.num_kv_heads)
         self._builder = StepBuilder(
@@ -146,7 +146,7 @@ class HeadwiseKVCache:
         ids = _id_list(seq_ids)
         self.positions.add(ids)  # checks every id before adding any
         rows = self._all_rows(ids)
-        self.descriptor.allocate(rows, np.zeros(len(rows), np.int64))  # pages come with tokens
+        self.descriptor.allocate(rows, [0] * len(rows))  # pages come with tokens
         self._after_change()
 
     def release(self, seq_ids: Iterable[int]) -> None:
@@ -483,12 +483,12 @@ class HeadwiseKVCache:
 
     def _head_rows(self, layer: int, seq_id: int) -> list[int]:
         """Page-table ids of one sequence's KV heads in one layer, in head order."""
-        first = self.row_ids.get_head_id(seq_id, layer * self.num_kv_heads)
+        first = self._row_ids.get_head_id(seq_id, layer * self.num_kv_heads)
         return list(range(first, first + self.num_kv_heads))
 
     def _all_rows(self, ids: list[int]) -> list[int]:
         """Page-table ids of every layer and KV head of the sequences."""
-        return [r for s in ids for r in self.row_ids.get_head_ids(s)]
+        return [r for s in ids for r in self._row_ids.get_head_ids(s)]
 
     def _step_batch(self, step: HeadwiseStep, layer: int) -> HeadwiseBatch:
         """The step's batch of ``layer``, after checking that it is this cache's and current."""

@@ -2,8 +2,9 @@
 
 Each (sequence, KV head) of a :class:`HeadwiseBatch` is one request of ``group =
 num_qo_heads // num_kv_heads`` query heads over one KV head, run by
-:class:`PagedAttention` (flashinfer on CUDA, torch elsewhere). Layers have different
-page tables, so each layer gets its own ``PagedAttention`` and is planned once per step.
+:class:`PagedAttention` (flashinfer on CUDA, torch elsewhere). Each layer's heads hold
+their own pages, so each layer gets its own ``PagedAttention``; ``plan_step`` plans
+them all once per step, before the forward pass, which then only runs kernels.
 
 Causal masking needs no positions: flashinfer aligns the mask bottom-right, so query
 ``i`` of a request with ``qo_len`` queries over a head holding ``n`` tokens sees the

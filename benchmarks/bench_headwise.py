@@ -5,7 +5,8 @@ heads, head_dim 128, fp16, page 16, 4 layers. Each (layer, sequence) keeps per K
 budget averaging 25% of the context, skewed across heads like AdaKV's allocations: a
 fixed-seed lognormal split (sigma 1), clipped to [min, context] with the excess handed to
 the other heads. Kept tokens are a random subset per head (their choice does not change
-the cost). Three ways to decode, side by side in one run, on the same K/V:
+the cost). Three ways to decode (the third with two kernels), side by side in one run,
+on the same K/V:
 
 (a) full cache: ``PagedAttention`` over a normal multi-head paged cache (no compression).
 (b) masking the full cache: what kvpress does for head-wise budgets (AdaKV and friends):
@@ -15,16 +16,26 @@ the cost). Three ways to decode, side by side in one run, on the same K/V:
     as (a): kvpress also rewrites them every step, so (b) is a *lower bound* on masking.
     Its output is checked to equal (c)'s, which shows the masks are the same.
 (c) head-wise paged: ``HeadwiseKVCache`` + ``HeadwiseAttention``: only kept tokens,
-    one page list per (layer, sequence, KV head), B x 8 single-KV-head requests per layer.
+    one page list per (layer, sequence, KV head), B x 8 single-KV-head requests per layer,
+    through the step API: ``begin_step`` (every layer's bookkeeping, one upload) and
+    ``plan_step`` once per step, then ``write`` + ``run`` per layer.
+(d) the same with flashinfer's tensor-core decode kernel (``decode_use_tensor_cores``).
 
-Measured: "attention" is the layers' ``run()`` calls after planning (CUDA events; for (c)
-including its query/output transposes); "decode step" is a whole step's attention side
-for every layer: bookkeeping, append of the new token's K/V, plan and run (for (c) one
-plan per layer), synchronized per step. Medians over interleaved repetitions after
-warm-up; memory is the bytes of the pages each holds. A table is printed last.
+Measured: "attention" is the layers' ``run()`` calls after planning (CUDA events);
+"decode step" is a whole step's attention side for every layer: bookkeeping, append of
+the new token's K/V, plan and run, (1) synchronized after every step, and (2) back to
+back: ``--burst`` steps launched without any sync, one sync at the end, time / steps
+(what a decode loop without host syncs sees: host work overlaps the GPU's). Medians
+over interleaved repetitions after warm-up; memory is the bytes of the pages each
+holds. A table is printed last.
 
-GPU: ``python benchmarks/bench_headwise.py [--layers 8] [--quick]``.
+``--host-time`` (CPU): host time per decode step of (a) and (c) at the GPU run's batch
+shape (context 1024, float32), with the attention and append kernels replaced by no-ops:
+what is left is the bookkeeping, packing, layout mapping and the calls' own checks.
+
+GPU: ``python benchmarks/bench_headwise.py [--layers 8] [--quick] [--burst 8]``.
 CPU (tiny sizes, torch backend, a smoke test): ``python benchmarks/bench_headwise.py --device cpu``.
+CPU host time: ``python benchmarks/bench_headwise.py --host-time [--profile]``.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -57,6 +68,7 @@ class Config:
     dtype: torch.dtype
     device: torch.device
     reps: int
+    burst: int = 8
     mean_fraction: float = 0.25
     sigma: float = 1.0
     min_tokens: int = 32
@@ -67,12 +79,17 @@ class Config:
 
 
 def make_config(args: argparse.Namespace) -> Config:
+    if args.host_time:  # the GPU run's batch shape with a short context, on the CPU
+        cpu = torch.device("cpu")
+        return Config(16, 1024, args.layers, 32, 8, 128, 16, torch.float32, cpu, reps=200)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":  # a smoke test: tiny, fp32, the torch backend
-        return Config(2, 256, 2, 8, 2, 64, 16, torch.float32, device, reps=3, min_tokens=8)
+        return Config(2, 256, 2, 8, 2, 64, 16, torch.float32, device, reps=3, burst=2,
+                      min_tokens=8)  # fmt: skip
     if args.quick:
-        return Config(4, 4096, 2, 32, 8, 128, 16, torch.float16, device, reps=5)
-    return Config(16, 16384, args.layers, 32, 8, 128, 16, torch.float16, device, reps=args.reps)
+        return Config(4, 4096, 2, 32, 8, 128, 16, torch.float16, device, reps=5, burst=args.burst)
+    return Config(16, 16384, args.layers, 32, 8, 128, 16, torch.float16, device, reps=args.reps,
+                  burst=args.burst)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -150,11 +167,15 @@ class FullCache:
         pages = sum(len(self.desc.page_indices(i)) for i in self.ids)
         return pages * page.numel() * page.element_size() * self.cache.num_layers
 
+    def attentions(self) -> list[PagedAttention]:
+        return [self.attn]
+
 
 class Headwise:
-    """(c): the head-wise cache; each layer appends, plans and runs on its own page table."""
+    """(c) and (d): the head-wise cache, bookkeeping and plans once per step for all
+    layers, then per layer the append kernel and attention."""
 
-    def __init__(self, cfg: Config, keeps: list, extra_tokens: int) -> None:
+    def __init__(self, cfg: Config, keeps: list, extra_tokens: int, tensor_cores: bool) -> None:
         kept = sum(-(-k.size // cfg.page_size) for lay in keeps for seq in lay for k in seq)
         slack = cfg.layers * cfg.batch * cfg.hkv * (-(-extra_tokens // cfg.page_size) + 1)
         staging = cfg.hkv * -(-cfg.context // cfg.page_size)  # one prompt before compressing
@@ -162,7 +183,9 @@ class Headwise:
             kept + slack + staging, cfg.page_size, cfg.layers, cfg.hkv, cfg.head_dim,
             cfg.dtype, cfg.device,
         )  # fmt: skip
-        self.attn = HeadwiseAttention(self.cache, cfg.hq, backend=cfg.backend)
+        self.attn = HeadwiseAttention(
+            self.cache, cfg.hq, backend=cfg.backend, decode_use_tensor_cores=tensor_cores
+        )
         self.ids = list(range(cfg.batch))
         self.cache.add_sequences(self.ids)
         self.keeps, self.context = keeps, cfg.context
@@ -179,10 +202,12 @@ class Headwise:
             self.cache.compress(layer, seq, self.keeps[layer][seq])
 
     def step(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> None:
-        for layer in range(self.cache.num_layers):
-            batch = self.cache.append(layer, self.ids, k1, v1)
-            self.attn.plan(batch)
-            self.attn.run(q, layer, out=self.out[layer])
+        cache, attn = self.cache, self.attn
+        step = cache.begin_step(self.ids)
+        attn.plan_step(step)
+        for layer in range(cache.num_layers):  # the model's forward pass
+            cache.write(step, layer, k1, v1)
+            attn.run(q, layer, out=self.out[layer])
 
     def kernels(self, q: torch.Tensor) -> None:
         for layer in range(self.cache.num_layers):
@@ -190,6 +215,9 @@ class Headwise:
 
     def memory_bytes(self) -> int:
         return self.cache.memory_bytes()
+
+    def attentions(self) -> list[PagedAttention]:
+        return [self.attn.layer_attention(layer) for layer in range(self.cache.num_layers)]
 
 
 # ---------------------------------------------------------------------------- masking
@@ -254,57 +282,137 @@ def interleaved(clock: Clock, fns: list[Callable[[], None]], reps: int) -> list[
 
 
 # ------------------------------------------------------------------------------- main
-def build(cfg: Config, steps: int) -> tuple[FullCache, FullCache, Headwise, torch.Tensor]:
-    """The three sides over the same prompts; returns them and the decode queries."""
+Side = Union[FullCache, Headwise]
+LABELS = [
+    "full cache",
+    "masked full cache (kvpress-style, lower bound)",
+    "head-wise paged",
+    "head-wise paged, tensor-core decode",
+]
+
+
+def build(cfg: Config, steps: int, host_time: bool) -> tuple[list[Side], torch.Tensor]:
+    """The sides of :data:`LABELS` over the same prompts (for ``host_time`` the full
+    cache and head-wise only: on the CPU the others do the same host work), and the
+    decode queries."""
     gen = torch.Generator(device=cfg.device).manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, device=cfg.device).to(cfg.dtype)
 
     keeps = choose_keeps(cfg)
-    full, masked_full = FullCache(cfg, steps), FullCache(cfg, steps)
-    headwise = Headwise(cfg, keeps, steps)
+    sides: list[Side] = [FullCache(cfg, steps)]
+    if not host_time:
+        sides.append(FullCache(cfg, steps))
+    sides.append(Headwise(cfg, keeps, steps, tensor_cores=False))
+    if not host_time:
+        sides.append(Headwise(cfg, keeps, steps, tensor_cores=True))
     q = randn(cfg.batch, cfg.hq, cfg.head_dim)
     fake = fake_keys(q, cfg.hkv)
     for layer in range(cfg.layers):
         shape = (cfg.batch * cfg.context, cfg.hkv, cfg.head_dim)
         k, v = randn(*shape), randn(*shape)
-        full.prefill(layer, k, v)
-        masked_full.prefill(layer, masked(k, keeps[layer], fake), v)
-        headwise.prefill(layer, k, v)
+        for i, side in enumerate(sides):
+            side.prefill(layer, masked(k, keeps[layer], fake) if i == 1 else k, v)
         del k, v
-    return full, masked_full, headwise, q
+    return sides, q
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--burst", type=int, default=8, help="steps per back-to-back timing")
     parser.add_argument("--quick", action="store_true", help="GPU: B=4, 4k context, 2 layers")
     parser.add_argument("--device", help="cuda (default when available) or cpu (tiny sizes)")
     parser.add_argument("--profile", action="store_true", help="cProfile head-wise steps")
+    parser.add_argument(
+        "--host-time", action="store_true", help="CPU: host time per step, kernels stubbed"
+    )
     args = parser.parse_args(argv)
     cfg = make_config(args)
     torch.manual_seed(0)
-    steps = 2 * (cfg.reps + 1) + 1  # one checked step, then warm-up + reps of interleaved steps
-    full, masked_full, headwise, q = build(cfg, steps)
-    sides = [full, masked_full, headwise]
+    # one checked step, then warm-up + reps of one synchronized step and of one burst
+    steps = 1 + (cfg.reps + 1) * (1 + (0 if args.host_time else cfg.burst))
+    sides, q = build(cfg, steps, args.host_time)
     gen = torch.Generator(device=cfg.device).manual_seed(1)
     kv1 = torch.randn(2, cfg.batch, cfg.hkv, cfg.head_dim, generator=gen, device=cfg.device)
     k1, v1 = kv1.to(cfg.dtype).unbind(0)
+    if args.host_time:
+        host_time(cfg, sides, q, k1, v1, args.profile)
+        return
 
-    for side in sides:  # one step each; (b) and (c) must agree
+    for side in sides:  # one step each; (b), (c) and (d) must agree
         side.step(q, k1, v1)
+    headwise = sides[2]
     if args.profile:
         profile(lambda: headwise.step(q, k1, v1), cfg.device)
         return
-    diff = (masked_full.out.float() - headwise.out.float()).abs().max().item()
-    differs = (full.out.float() - headwise.out.float()).abs().max().item()
+    masked_out, full_out = sides[1].out.float(), sides[0].out.float()
+    diff = max((masked_out - s.out.float()).abs().max().item() for s in sides[2:])
+    differs = (full_out - headwise.out.float()).abs().max().item()
     clock = Clock(cfg.device)
     kernel_t = interleaved(clock, [lambda s=s: s.kernels(q) for s in sides], cfg.reps)
     step_t = interleaved(clock, [lambda s=s: s.step(q, k1, v1) for s in sides], cfg.reps)
+
+    def burst(side: Side) -> None:
+        for _ in range(cfg.burst):
+            side.step(q, k1, v1)
+
+    burst_t = interleaved(clock, [lambda s=s: burst(s) for s in sides], cfg.reps)
+    burst_t = [t / cfg.burst for t in burst_t]
     memory = [s.memory_bytes() for s in sides]
-    report(cfg, kernel_t, step_t, memory, diff, differs)
+    report(cfg, kernel_t, step_t, burst_t, memory, diff, differs)
+
+
+class NullKernels:
+    """A ``PagedAttention`` backend that plans and runs nothing: what is left of a step
+    is host work (and, on the CPU, the K/V append's torch scatter)."""
+
+    name = "none"
+
+    def plan(self, batch: object, q_dtype: torch.dtype) -> None:
+        del batch, q_dtype
+
+    def run(
+        self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, None]:
+        return (torch.empty_like(q) if out is None else out), None
+
+
+def without_append_kernel(storage: PagedKVCacheManager) -> None:
+    """Make ``storage.append_kv`` check its arguments and resolve the batch's device
+    tensors as it does, but write nothing (on the CPU the write is a torch scatter of
+    many small ops, where a GPU launches one kernel)."""
+
+    def append_kv(keys, values, packed, append_indptr_cpu=None, *, layer=0) -> None:
+        storage.get_kv_cache(layer)
+        storage.check_kv(keys, values)
+        packed.to_device(storage.device)
+
+    storage.append_kv = append_kv  # type: ignore[method-assign]
+
+
+def host_time(cfg: Config, sides: list[Side], q, k1, v1, with_profile: bool) -> None:
+    """Median host time of a decode step per side, attention and append kernels stubbed."""
+    for side in sides:
+        for attention in side.attentions():
+            attention.impl = NullKernels()  # type: ignore[assignment]
+        without_append_kernel(side.cache if isinstance(side, FullCache) else side.cache.storage)
+    torch.set_num_threads(1)  # host work is single-threaded; spare the machine's noise
+    if with_profile:
+        profile(lambda: sides[1].step(q, k1, v1), cfg.device, steps=cfg.reps)
+        return
+    times = interleaved(Clock(cfg.device), [lambda s=s: s.step(q, k1, v1) for s in sides], cfg.reps)
+    print(
+        f"\nCPU host time per decode step, attention and append kernels stubbed; B={cfg.batch}, "
+        f"{cfg.layers} layers, {cfg.hq}/{cfg.hkv} heads, head_dim {cfg.head_dim}, "
+        f"{cfg.dtype}, page {cfg.page_size}, context {cfg.context}\n"
+    )
+    print("| method | host ms per step | per layer | x full |")
+    print("|---|---:|---:|---:|")
+    for label, t in zip([LABELS[0], LABELS[2]], times, strict=True):
+        print(f"| {label} | {t * 1e3:.3f} | {t * 1e3 / cfg.layers:.3f} | {t / times[0]:.2f}x |")
 
 
 def profile(step: Callable[[], None], device: torch.device, steps: int = 10) -> None:
@@ -323,27 +431,28 @@ def profile(step: Callable[[], None], device: torch.device, steps: int = 10) -> 
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
 
 
-def report(cfg: Config, kernel_t, step_t, memory, diff: float, differs: float) -> None:
+def report(cfg: Config, kernel_t, step_t, burst_t, memory, diff: float, differs: float) -> None:
     name = torch.cuda.get_device_name() if cfg.device.type == "cuda" else "CPU (smoke test)"
     held = memory[2] / memory[0]
     print(
         f"\n{name}; decode, B={cfg.batch}, context {cfg.context}, {cfg.layers} layers, "
         f"{cfg.hq}/{cfg.hkv} heads, head_dim {cfg.head_dim}, {cfg.dtype}, page {cfg.page_size}, "
         f"backend {cfg.backend}; budgets {cfg.mean_fraction:.0%} of the context on average, "
-        f"lognormal sigma {cfg.sigma} across heads (pages held: {held:.3f}x the full cache)"
+        f"lognormal sigma {cfg.sigma} across heads (pages held: {held:.3f}x the full cache); "
+        f"back to back: {cfg.burst} steps per sync"
     )
     print(
         f"masked full cache vs head-wise outputs: max |diff| = {diff:.2e} "
         f"(full cache vs head-wise, for scale: {differs:.2e})\n"
     )
-    print(f"| method | attention, {cfg.layers} layers, ms | x full | decode step ms | x full "
-          "| KV memory MiB | x full |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    names = ["full cache", "masked full cache (kvpress-style, lower bound)", "head-wise paged"]
-    for i, label in enumerate(names):
+    print(f"| method | attention, {cfg.layers} layers, ms | x full | step, synced, ms | x full "
+          "| step, back to back, ms | x full | KV memory MiB | x full |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for i, label in enumerate(LABELS):
         print(
             f"| {label} | {kernel_t[i] * 1e3:.3f} | {kernel_t[i] / kernel_t[0]:.2f}x "
             f"| {step_t[i] * 1e3:.3f} | {step_t[i] / step_t[0]:.2f}x "
+            f"| {burst_t[i] * 1e3:.3f} | {burst_t[i] / burst_t[0]:.2f}x "
             f"| {memory[i] / 2**20:.1f} | {memory[i] / memory[0]:.2f}x |"
         )
 

@@ -4,8 +4,11 @@ A toy model (random projections with RoPE; each layer reads the same hidden stat
 prefills two prompts, scores every prompt token per KV head with SnapKV (attention from
 the last ``window`` prompt tokens), keeps a per-layer budget (PyramidKV-like: more in
 the first layers, 25% on average) spread over heads AdaKV-style, compresses, and
-decodes. Each decode step is compared with dense float64 attention over the full,
-never-compressed history with the dropped tokens masked out by their true positions.
+decodes. Each model step does its page bookkeeping for every layer at once
+(``begin_step``, ``plan_step``); the forward pass then writes and attends layer by
+layer, and compresses each layer right after its prefill attention. Each decode step is
+compared with dense float64 attention over the full, never-compressed history with the
+dropped tokens masked out by their true positions.
 
 Run: python examples/headwise_snapkv.py [--prompt 300] [--decode 8]
 """
@@ -83,10 +86,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     # 1. prefill both prompts in every layer, then SnapKV scores + AdaKV per layer
     hidden = torch.randn(sum(prompt_lens), 64, generator=gen)
     positions = torch.cat([torch.arange(n) for n in prompt_lens])
+    step = cache.begin_step(ids, prompt_lens)  # pages of every layer, at once
+    attn.plan_step(step)
     for layer in range(LAYERS):
         q, k, v = model.qkv(layer, hidden, positions)
-        batch = cache.append(layer, ids, k, v, prompt_lens)
-        attn.plan(batch)
+        cache.write(step, layer, k, v)
         attn.run(q, layer)  # the prompt's own attention, as a model would need it
         budget_fraction = 0.4 - 0.3 * layer / (LAYERS - 1)  # PyramidKV: 40% .. 10%
         start = 0
@@ -111,10 +115,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     for _ in range(args.decode):
         hidden = torch.randn(len(ids), 64, generator=gen)
         positions = torch.tensor([cache.seq_len(s) for s in ids])
+        step = cache.begin_step(ids)  # one token each, in every layer
+        attn.plan_step(step)
         for layer in range(LAYERS):
             q, k, v = model.qkv(layer, hidden, positions)
-            batch = cache.append(layer, ids, k, v)
-            attn.plan(batch)
+            cache.write(step, layer, k, v)
             out = attn.run(q, layer)
             for row, seq in enumerate(ids):
                 keys, values, mask = history[seq, layer]

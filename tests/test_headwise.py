@@ -32,7 +32,7 @@ from seqattn import (
     UnknownSequenceError,
 )
 from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache, adakv_select, snapkv_scores
-from seqattn.headwise.batch import from_head_major, to_head_major
+from seqattn.headwise.batch import head_rows, row_order
 from seqattn.headwise.compaction import compaction_moves
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,9 @@ class Model:
         num_layers: int = 2,
         num_pages: int = 512,
         seed: int = 0,
+        api: str = "layer",
     ) -> None:
+        self.api = api  # "layer": append + plan per layer; "step": begin_step, plan_step, write
         self.cache = HeadwiseKVCache(
             num_pages, page_size, num_layers, num_kv_heads, head_dim, torch.float64, "cpu",
             check_invariants=True,
@@ -118,14 +120,21 @@ class Model:
     ) -> None:
         """Append ``lens`` new tokens to every layer, attend with the newest ``qo_lens``
         (default: all new tokens) and compare each layer with the dense reference."""
+        step = None
+        if self.api == "step":  # the bookkeeping and plans of every layer up front
+            step = self.cache.begin_step(ids, lens)
+            self.attn.plan_step(step, qo_lens, **options)
         for layer in range(self.cache.num_layers):
             k, v = (
                 self.randn(sum(lens), self.heads, self.dim),
                 self.randn(sum(lens), self.heads, self.dim),
             )
-            batch = self.cache.append(layer, ids, k, v, lens)
+            if step is None:
+                batch = self.cache.append(layer, ids, k, v, lens)
+                self.attn.plan(batch, qo_lens, **options)
+            else:
+                self.cache.write(step, layer, k, v)
             self._record(layer, ids, lens, k, v)
-            self.attn.plan(batch, qo_lens, **options)
             queries = lens if qo_lens is None else qo_lens
             q = self.randn(sum(queries), self.heads * self.group, self.dim)
             out, lse = self.attn.run(q, layer, return_lse=True)
@@ -204,10 +213,7 @@ def snapshot(cache: HeadwiseKVCache) -> tuple:
                 cache.seq_len(seq, layer),
                 cache.head_lens(layer, seq).tolist(),
                 [cache.head_positions(layer, seq, h).tolist() for h in range(cache.num_kv_heads)],
-                [
-                    cache.descriptors[layer].page_indices(i)
-                    for i in cache.head_ids.get_head_ids(seq)
-                ],
+                [cache.head_page_ids(layer, seq, h).tolist() for h in range(cache.num_kv_heads)],
             )
     refcount = cache.storage.allocator.refcount.tolist()
     return cache.available_pages_count, refcount, heads, cache.storage.kv_data.clone()
@@ -219,10 +225,11 @@ def assert_same(before: tuple, after: tuple) -> None:
 
 
 # ------------------------------------------------------------------ attention parity
+@pytest.mark.parametrize("api", ["layer", "step"])
 @pytest.mark.parametrize("ps", [1, 3, 4])
 @pytest.mark.parametrize(("heads", "group"), [(2, 2), (3, 1)], ids=["gqa", "mha"])
-def test_attention_equals_masked_dense_after_rounds_of_compression(ps, heads, group):
-    m = Model(page_size=ps, num_kv_heads=heads, group=group, seed=ps * 10 + heads)
+def test_attention_equals_masked_dense_after_rounds_of_compression(ps, heads, group, api):
+    m = Model(page_size=ps, num_kv_heads=heads, group=group, seed=ps * 10 + heads, api=api)
     ids = [4, 1, 9]
     m.add(ids)
     m.step(ids, [ps + 1, 1, 2 * ps + 3])  # prefill across page boundaries
@@ -236,8 +243,9 @@ def test_attention_equals_masked_dense_after_rounds_of_compression(ps, heads, gr
     m.step(ids, [2, 3, 1], qo_lens=[1, 2, 1])  # queries: only the newest tokens
 
 
-def test_non_causal_and_fully_dropped_heads():
-    m = Model(page_size=2, seed=3)
+@pytest.mark.parametrize("api", ["layer", "step"])
+def test_non_causal_and_fully_dropped_heads(api):
+    m = Model(page_size=2, seed=3, api=api)
     m.add([0, 1])
     m.step([0, 1], [5, 6])
     m.compress(0, 0, [[], [4]])  # head 0 of layer 0 keeps nothing
@@ -261,6 +269,182 @@ def test_queries_see_kept_tokens_by_true_position():
     # position 4 sees {0, 3, 4}; position 5 sees {0, 3, 4, 5}
     assert out[:, 0, 0].tolist() == pytest.approx([7 / 3, 12 / 4], abs=1e-12)
     assert cache.head_positions(0, 0, 0).tolist() == [0, 3, 4, 5]
+
+
+# ------------------------------------------------------------------------- step API
+def _run_both_apis(cache_factory, schedule, seed=0):
+    """Drive the per-layer API and the step API through the same appends, compressions
+    and queries; return each one's attention outputs and final contents."""
+    results = []
+    for api in ("layer", "step"):
+        cache = cache_factory()
+        attn = HeadwiseAttention(cache, 4 * cache.num_kv_heads // 2, backend="torch")
+        gen = torch.Generator().manual_seed(seed)
+        ids = [3, 5, 9]
+        cache.add_sequences(ids)
+        outs = []
+        for lens, compress in schedule:
+            kv = [
+                torch.randn(2, sum(lens), cache.num_kv_heads, 8, generator=gen, dtype=torch.float64)
+                for _ in range(cache.num_layers)
+            ]
+            q = torch.randn(sum(lens), attn.num_qo_heads, 8, generator=gen, dtype=torch.float64)
+            attend = min(lens) > 0
+            step = cache.begin_step(ids, lens) if api == "step" else None
+            if step is not None and attend:
+                attn.plan_step(step)
+            for layer in range(cache.num_layers):
+                if step is None:
+                    batch = cache.append(layer, ids, kv[layer][0], kv[layer][1], lens)
+                    if attend:
+                        attn.plan(batch)
+                else:
+                    cache.write(step, layer, kv[layer][0], kv[layer][1])
+                if attend:
+                    outs.append(attn.run(q, layer))
+            for layer, seq, keep in compress:
+                cache.compress(layer, seq, keep)
+        contents = {
+            (layer, seq, h): (cache.head_positions(layer, seq, h), *cache.read_head(layer, seq, h))
+            for layer in range(cache.num_layers)
+            for seq in ids
+            for h in range(cache.num_kv_heads)
+        }
+        results.append((outs, contents, cache.available_pages_count))
+    return results
+
+
+def test_step_api_equals_per_layer_api():
+    def factory():
+        return HeadwiseKVCache(256, 3, 3, 2, 8, torch.float64, "cpu", check_invariants=True)
+
+    schedule = [
+        ([5, 0, 7], []),  # a zero-length append: written, not attended
+        ([2, 4, 1], [(0, 3, [[0, 2, 4], None]), (2, 9, [[], [1, 5]])]),
+        ([1, 1, 1], []),  # decode over compressed heads
+        ([1, 1, 1], [(1, 5, [None, [0]])]),
+        ([3, 1, 2], []),
+    ]
+    (outs_a, contents_a, free_a), (outs_b, contents_b, free_b) = _run_both_apis(factory, schedule)
+    assert len(outs_a) == len(outs_b) == 4 * 3
+    for a, b in zip(outs_a, outs_b, strict=True):
+        assert torch.equal(a, b)
+    assert free_a == free_b and contents_a.keys() == contents_b.keys()
+    for key, (pos, k, v) in contents_a.items():
+        assert pos.tolist() == contents_b[key][0].tolist(), key
+        assert torch.equal(k, contents_b[key][1]) and torch.equal(v, contents_b[key][2]), key
+
+
+def test_one_upload_path_equals_host_path():
+    """The GPU's packing path (one copy of every layer's index arrays, separate batches
+    for plan() and for the append) runs on the CPU too; it must give the same results."""
+    results = []
+    for upload in (False, True):
+        m = Model(page_size=2, num_kv_heads=2, group=2, num_layers=3, seed=4, api="step")
+        if upload:
+            m.cache._builder.device = torch.device("cpu")
+        m.add([0, 1, 2])
+        m.step([0, 1, 2], [3, 6, 1])  # mixed lengths: the row order's index goes up too
+        m.compress(1, 1, [[0, 3], [5]])
+        m.step([0, 1, 2], [1, 1, 1])
+        m.step([0, 1, 2], [2, 1, 2], qo_lens=[1, 1, 2])
+        results.append({seq: [k.clone() for k in m.cache.read_head(1, seq, 0)] for seq in (0, 1)})
+    for seq in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(results[0][seq], results[1][seq], strict=True))
+
+
+def test_begin_step_is_all_or_nothing():
+    # after one token per head (12 pages), a layer's next 4 pages fit, three layers' do not
+    cache = HeadwiseKVCache(16, 4, 3, 2, 8, torch.float64, "cpu", check_invariants=True)
+    cache.add_sequences([0, 1])
+    k = torch.randn(2, 2, 8, dtype=torch.float64)
+    step = cache.begin_step([0, 1])
+    for layer in range(3):
+        cache.write(step, layer, k, k)
+    bad = [
+        (NoPageError, lambda: cache.begin_step([0, 1], [5, 4])),
+        (UnknownSequenceError, lambda: cache.begin_step([0, 99])),
+        (DuplicateSequenceError, lambda: cache.begin_step([1, 1], [1, 1])),
+        (InvalidLengthError, lambda: cache.begin_step([0, 1], [1, -1])),
+        (InvalidLengthError, lambda: cache.begin_step([0, 1], [1])),
+        (InvalidLengthError, lambda: cache.begin_step([0, 1], [0.5, 1])),
+    ]
+    for error, call in bad:
+        before = snapshot(cache)
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value)
+        assert_same(before, snapshot(cache))
+        cache.check_integrity()
+    assert cache.available_pages_count == 16 - 3 * 2 * 2  # one page per head and layer
+    cache.append(0, [0, 1], torch.zeros(9, 2, 8, dtype=torch.float64), k.new_zeros(9, 2, 8), [5, 4])
+
+
+def test_write_checks_tensors_and_that_the_step_is_current():
+    cache = HeadwiseKVCache(64, 4, 2, 2, 8, torch.float64, "cpu", check_invariants=True)
+    other = HeadwiseKVCache(64, 4, 2, 2, 8, torch.float64, "cpu")
+    attn = HeadwiseAttention(cache, 4, backend="torch")
+    for c in (cache, other):
+        c.add_sequences([0, 1])
+    step = cache.begin_step([0, 1], [2, 1])
+    attn.plan_step(step)
+    k = torch.randn(3, 2, 8, dtype=torch.float64)
+    bad = [
+        (TensorSpecError, lambda: cache.write(step, 0, k[:2], k[:2])),  # 2 tokens, not 3
+        (TensorSpecError, lambda: cache.write(step, 0, k.float(), k.float())),
+        (TensorSpecError, lambda: cache.write(step, 0, k, k[:, :1])),
+        (TensorSpecError, lambda: cache.write(step, 0, k.tolist(), k)),
+        (TensorSpecError, lambda: cache.write(step, 2, k, k)),  # no layer 2
+        (TensorSpecError, lambda: cache.write("step", 0, k, k)),
+        (SeqAttnError, lambda: cache.write(other.begin_step([0, 1], [2, 1]), 0, k, k)),
+    ]
+    for error, call in bad:
+        before = snapshot(cache)
+        with pytest.raises(error, match=r"."):
+            call()
+        assert_same(before, snapshot(cache))
+    cache.write(step, 0, k, k)
+    q = torch.randn(3, 4, 8, dtype=torch.float64)
+    attn.run(q, 0)
+    cache.compress(1, 0, [[0], None])  # layer 1 changed: the step is stale there only
+    with pytest.raises(SeqAttnError, match="stale for layer 1"):
+        cache.write(step, 1, k, k)
+    with pytest.raises(SeqAttnError, match="layer 1 changed after it was planned"):
+        attn.run(q, 1)
+    with pytest.raises(SeqAttnError, match="stale"):
+        attn.plan(step.batches[1])
+    attn.run(q, 0)  # layer 0 is as planned
+    new_step = cache.begin_step([0, 1])  # every layer moved on
+    with pytest.raises(SeqAttnError, match="stale for layer 0"):
+        cache.write(step, 0, k, k)
+    with pytest.raises(SeqAttnError, match="another HeadwiseKVCache"):
+        HeadwiseAttention(other, 4, backend="torch").plan_step(new_step)
+
+
+def test_plan_step_needs_a_query_per_sequence():
+    cache = HeadwiseKVCache(64, 4, 2, 2, 8, torch.float64, "cpu")
+    attn = HeadwiseAttention(cache, 4, backend="torch")
+    cache.add_sequences([0, 1, 2])
+    step = cache.begin_step([0, 1, 2], [3, 0, 2])
+    with pytest.raises(InvalidLengthError, match=r"sequences \[1\] append no token"):
+        attn.plan_step(step)
+    with pytest.raises(InvalidLengthError, match="tokens appended"):
+        attn.plan_step(step, qo_lens=[1, 1, 1])  # sequence 1 appended none
+    with pytest.raises(InvalidLengthError, match="tokens appended"):
+        attn.plan_step(step, qo_lens=[4, 0, 1])
+    with pytest.raises(TensorSpecError, match="HeadwiseStep"):
+        attn.plan_step(step.batches[0])  # type: ignore[arg-type]
+    with pytest.raises(TensorSpecError, match="HeadwiseBatch"):
+        attn.plan(step)  # type: ignore[arg-type]
+
+
+def test_an_empty_step():
+    cache = HeadwiseKVCache(16, 4, 2, 2, 8, torch.float32, "cpu", check_invariants=True)
+    step = cache.begin_step([])
+    assert step.num_tokens == 0 and len(step.batches) == 2
+    for layer in range(2):
+        cache.write(step, layer, torch.zeros(0, 2, 8), torch.zeros(0, 2, 8))
+    assert cache.available_pages_count == 16
 
 
 # -------------------------------------------------------------------- memory budgets
@@ -407,13 +591,34 @@ def test_attention_rejects_bad_queries():
 
 
 # ------------------------------------------------------------------- building blocks
-def test_head_major_round_trip():
-    t = torch.randn(5, 6, 3)
-    hm = to_head_major(t, 2)  # 2 KV heads, group 3
-    assert hm.shape == (10, 3, 3) and torch.equal(hm[1 * 5 + 3], t[3, 3:])  # head 1, token 3
-    assert torch.equal(from_head_major(hm, 2), t)
+@pytest.mark.parametrize(
+    ("lens", "heads"),
+    [([1, 1, 1], 2), ([3, 3], 2), ([4], 3), ([2, 0, 3, 1], 2), ([0, 0], 2), ([2, 5], 1), ([], 2)],
+    ids=["decode", "equal", "one-seq", "mixed-with-empty", "all-empty", "one-head", "no-seq"],
+)
+def test_head_rows_are_sequence_major_and_round_trip(lens, heads):
+    lens = np.array(lens, dtype=np.int64)
+    order = row_order(lens, heads)
+    index = None if order is None else tuple(torch.from_numpy(a) for a in order)
+    rows = head_rows(lens, heads, index)
+    group, nnz = 3, int(lens.sum())
+    t = torch.randn(nnz, heads * group, 5)
+    r = rows.to_rows(t)
+    assert r.shape == (nnz * heads, group, 5)
+    # request b * heads + h holds head h of sequence b's tokens, in order
+    row = 0
+    for b, n in enumerate(lens.tolist()):
+        start = int(lens[:b].sum())
+        for h in range(heads):
+            for j in range(n):
+                assert torch.equal(r[row], t[start + j, h * group : (h + 1) * group]), (b, h, j)
+                row += 1
+    assert rows.is_view == (r.data_ptr() == t.data_ptr() or nnz == 0)
+    assert torch.equal(rows.from_rows(r), t)
     out = torch.empty_like(t)
-    assert from_head_major(hm, 2, out) is out and torch.equal(out, t)
+    assert rows.from_rows(r, out) is out and torch.equal(out, t)
+    lse = torch.randn(nnz * heads, group)  # rest = []: a log-sum-exp
+    assert torch.equal(rows.to_rows(rows.from_rows(lse)), lse)
 
 
 def test_compaction_moves_only_what_moves():

@@ -1,18 +1,22 @@
-"""Random append / compress / truncate / release sequences on head-wise caches.
+"""Random append / step / compress / truncate / release sequences on head-wise caches.
 
 The model knows, per (layer, sequence, KV head), the (position, value) of every token
 the head holds, and each sequence's logical length per layer; every appended token
 carries a unique value (keys ``+value``, values ``-value``), so content read back from
-the pages proves that compaction moved the right tokens. After each step: the pool's
-and page tables' integrity, ceil(held / page_size) pages per head, free pages equal to
-the pool minus what the model's heads need, positions and K/V read back equal to the
-model's. A call the model predicts must fail raises the expected error and changes
-nothing (pages, counts, lengths, positions and the stored K/V).
+the pages proves that appends (per layer, or ``begin_step`` + ``write`` per layer in
+any order) and compaction moved the right tokens. A step whose layer changed before
+its ``write`` must refuse it; those tokens' values are then unknown (None). After each
+rule: the pool's and page tables' integrity, ceil(held / page_size) pages per head,
+free pages equal to the pool minus what the model's heads need, positions and K/V read
+back equal to the model's. A call the model predicts must fail raises the expected
+error and changes nothing (pages, counts, lengths, positions and the stored K/V).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,6 +27,7 @@ from seqattn import (
     DuplicateSequenceError,
     InvalidLengthError,
     NoPageError,
+    SeqAttnError,
     SequenceExistsError,
     TensorSpecError,
     UnknownSequenceError,
@@ -44,8 +49,10 @@ class HeadwiseMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.ps = 0
-        # the model: held[layer][seq][head] = [(position, value)], length[seq][layer]
-        self.held: list[dict[int, list[list[tuple[int, float]]]]] = [{} for _ in range(LAYERS)]
+        # the model: held[layer][seq][head] = [(position, value or None)], length[seq][layer]
+        self.held: list[dict[int, list[list[tuple[int, Optional[float]]]]]] = [
+            {} for _ in range(LAYERS)
+        ]
         self.length: dict[int, list[int]] = {}
         self.next_value = 1.0
 
@@ -62,10 +69,7 @@ class HeadwiseMachine(RuleBasedStateMachine):
             (layer, seq): (
                 cache.seq_len(seq, layer),
                 [cache.head_positions(layer, seq, h).tolist() for h in range(self.heads)],
-                [
-                    cache.descriptors[layer].page_indices(i)
-                    for i in cache.head_ids.get_head_ids(seq)
-                ],
+                [cache.head_page_ids(layer, seq, h).tolist() for h in range(cache.num_kv_heads)],
             )
             for layer in range(LAYERS)
             for seq in cache.seq_ids
@@ -117,12 +121,55 @@ class HeadwiseMachine(RuleBasedStateMachine):
             return
         self.cache.append(layer, ids, kv, -kv, lens)
         self.next_value += nnz * self.heads
-        row = 0
+        self._record(layer, ids, lens, kv)
+
+    @precondition(lambda self: self.length)
+    @rule(data=st.data())
+    def step(self, data: st.DataObject) -> None:
+        """begin_step for every layer, then write the layers in a random order; maybe
+        change one layer first, which makes its write refused."""
+        ids = data.draw(st.lists(st.sampled_from(self.live()), min_size=1, unique=True))
+        decode = data.draw(st.booleans())
+        any_lens = st.lists(st.integers(0, 2 * self.ps + 1), min_size=len(ids), max_size=len(ids))
+        lens = [1] * len(ids) if decode else data.draw(any_lens)
+        need = sum(
+            pages(len(heads[s][h]) + n, self.ps) - pages(len(heads[s][h]), self.ps)
+            for heads in self.held
+            for s, n in zip(ids, lens, strict=True)
+            for h in range(self.heads)
+        )
+        begin = functools.partial(self.cache.begin_step, ids, None if decode else lens)
+        if need > self.free():
+            self.expect_failure(NoPageError, begin)
+            return
+        step = begin()
+        nnz = sum(lens)
+        stale = data.draw(st.one_of(st.none(), st.integers(0, LAYERS - 1)))
+        if stale is not None:  # a no-op compression still counts as a change
+            self.cache.compress(stale, ids[0], [None] * self.heads)
+        for layer in data.draw(st.permutations(range(LAYERS))):
+            values = torch.arange(
+                self.next_value, self.next_value + nnz * self.heads, dtype=torch.float64
+            )
+            kv = values.view(nnz, self.heads, 1).expand(nnz, self.heads, 2).contiguous()
+            if layer == stale:
+                write = functools.partial(self.cache.write, step, layer, kv, -kv)
+                self.expect_failure(SeqAttnError, write)
+            else:
+                self.cache.write(step, layer, kv, -kv)
+                self.next_value += nnz * self.heads
+            self._record(layer, ids, lens, None if layer == stale else kv)
+
+    def _record(
+        self, layer: int, ids: list[int], lens: list[int], kv: Optional[torch.Tensor]
+    ) -> None:
+        heads, row = self.held[layer], 0
         for seq, n in zip(ids, lens, strict=True):
             start = self.length[seq][layer]
             for j in range(n):
                 for h in range(self.heads):
-                    heads[seq][h].append((start + j, float(kv[row + j, h, 0])))
+                    value = None if kv is None else float(kv[row + j, h, 0])
+                    heads[seq][h].append((start + j, value))
             self.length[seq][layer] += n
             row += n
 
@@ -213,8 +260,9 @@ class HeadwiseMachine(RuleBasedStateMachine):
                     positions = [p for p, _ in tokens]
                     assert cache.head_positions(layer, seq, h).tolist() == positions
                     k, v = cache.read_head(layer, seq, h)
-                    want = torch.tensor([val for _, val in tokens], dtype=torch.float64)
-                    assert torch.equal(k[:, 0], want) and torch.equal(v[:, 1], -want)
+                    known = [i for i, (_, val) in enumerate(tokens) if val is not None]
+                    want = torch.tensor([tokens[i][1] for i in known], dtype=torch.float64)
+                    assert torch.equal(k[known, 0], want) and torch.equal(v[known, 1], -want)
         assert self.free() == NUM_PAGES - need
         assert int(cache.pages_held().sum()) == need
 

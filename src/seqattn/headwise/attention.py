@@ -2,8 +2,9 @@
 
 Each (sequence, KV head) of a :class:`HeadwiseBatch` is one request of ``group =
 num_qo_heads // num_kv_heads`` query heads over one KV head, run by
-:class:`PagedAttention` (flashinfer on CUDA, torch elsewhere). Layers have different
-page tables, so each layer gets its own ``PagedAttention`` and is planned once per step.
+:class:`PagedAttention` (flashinfer on CUDA, torch elsewhere). Each layer's heads hold
+their own pages, so each layer gets its own ``PagedAttention``; ``plan_step`` plans
+them all once per step, before the forward pass, which then only runs kernels.
 
 Causal masking needs no positions: flashinfer aligns the mask bottom-right, so query
 ``i`` of a request with ``qo_len`` queries over a head holding ``n`` tokens sees the
@@ -15,25 +16,30 @@ sliding window, by contrast, counts tokens, not positions: it is not offered her
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
 from ..attention import PagedAttention
 from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
-from .batch import HeadwiseBatch, from_head_major, to_head_major
+from .batch import HeadRows, HeadwiseBatch, HeadwiseStep, head_rows, row_order
 from .cache import HeadwiseKVCache
+from .transfer import upload
 
 
 class HeadwiseAttention:
-    """Plan once per layer per step, run per layer, on a :class:`HeadwiseKVCache`.
+    """Plan every layer once per step, run per layer, on a :class:`HeadwiseKVCache`.
 
     Args:
         cache: the head-wise cache.
         num_qo_heads: query heads of the model, a multiple of ``cache.num_kv_heads``.
         backend: ``"flashinfer"``, ``"torch"`` or ``"auto"`` (see :class:`PagedAttention`).
         workspace_bytes: flashinfer's float workspace of each layer's ``PagedAttention``.
+        decode_use_tensor_cores: force flashinfer's tensor-core decode kernel on or off
+            for decode steps (default: as :class:`PagedAttention` decides for the group
+            size ``num_qo_heads // num_kv_heads``).
 
     See :class:`HeadwiseKVCache` for an example.
     """
@@ -45,6 +51,7 @@ class HeadwiseAttention:
         *,
         backend: str = "auto",
         workspace_bytes: int = 128 * 1024 * 1024,
+        decode_use_tensor_cores: Optional[bool] = None,
     ) -> None:
         heads = cache.num_kv_heads
         if num_qo_heads <= 0 or num_qo_heads % heads:
@@ -55,15 +62,33 @@ class HeadwiseAttention:
         self.cache = cache
         self.num_qo_heads = int(num_qo_heads)
         self.group = self.num_qo_heads // heads
-        self._options = dict(backend=backend, workspace_bytes=workspace_bytes)
+        self._options: dict[str, Any] = dict(
+            backend=backend,
+            workspace_bytes=workspace_bytes,
+            decode_use_tensor_cores=decode_use_tensor_cores,
+        )
         self._layers: dict[int, PagedAttention] = {}
-        self._num_queries: dict[int, int] = {}  # per planned layer: query tokens (nnz)
-        self._layer_attention(0)  # resolves the backend (and fails early if unusable)
+        # per planned layer: the query rows, the cache version planned at, q's shape
+        self._planned: dict[int, tuple[HeadRows, int, torch.Size]] = {}
+        self.layer_attention(0)  # resolves the backend (and fails early if unusable)
 
     @property
     def backend(self) -> str:
         """``"flashinfer"`` or ``"torch"``."""
         return self._layers[0].backend
+
+    def layer_attention(self, layer: int) -> PagedAttention:
+        """The :class:`PagedAttention` that serves one layer (made on first use)."""
+        attention = self._layers.get(layer)
+        if attention is None:
+            if not (isinstance(layer, (int, np.integer)) and 0 <= layer < self.cache.num_layers):
+                raise TensorSpecError(
+                    f"layer must be in [0, {self.cache.num_layers}), got {layer!r}"
+                )
+            # every layer reads the same single-head storage; its own plan picks its pages
+            attention = PagedAttention(self.cache.storage, self.group, **self._options)
+            self._layers[int(layer)] = attention
+        return attention
 
     def plan(
         self,
@@ -79,26 +104,43 @@ class HeadwiseAttention:
 
         Args:
             batch: from :meth:`HeadwiseKVCache.append` (or ``pack``) for this layer.
-            qo_lens: query tokens per sequence, ``[batch_size]``, each at most the tokens
-                appended (they are the newest); default: ``batch.append_lens``.
+            qo_lens: query tokens per sequence, ``[batch_size]``, each in ``[1, appended]``
+                (queries are the newest tokens, which every head holds); default:
+                ``batch.append_lens``.
             causal, sm_scale, logits_soft_cap, q_dtype: as :meth:`PagedAttention.plan`.
+
+        Raises:
+            InvalidLengthError: bad ``qo_lens`` (or a sequence without query tokens).
+            SeqAttnError: a stale batch (its layer changed since) or another cache's.
         """
-        per_head = None
-        if qo_lens is not None:
-            lens = np.asarray(qo_lens.tolist() if hasattr(qo_lens, "tolist") else qo_lens)
-            if lens.shape != (batch.batch_size,) or not np.issubdtype(lens.dtype, np.integer):
-                raise InvalidLengthError(
-                    f"qo_lens must be {batch.batch_size} integers (one per sequence), "
-                    f"got {lens.tolist()!r:.80}"
-                )
-            per_head = np.tile(lens, self.cache.num_kv_heads)
-        attention = self._layer_attention(batch.layer)
-        attention.plan(
-            batch.packed, per_head,
-            causal=causal, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, q_dtype=q_dtype,
-        )  # fmt: skip
-        assert attention.batch is not None
-        self._num_queries[batch.layer] = attention.batch.num_query_tokens // batch.num_kv_heads
+        if not isinstance(batch, HeadwiseBatch):
+            raise TensorSpecError(f"batch must be a HeadwiseBatch, got {type(batch).__name__}")
+        options = dict(
+            causal=causal, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, q_dtype=q_dtype
+        )
+        self._plan((batch,), qo_lens, options)
+
+    def plan_step(
+        self,
+        step: HeadwiseStep,
+        qo_lens: Optional[object] = None,
+        *,
+        causal: bool = True,
+        sm_scale: Optional[float] = None,
+        logits_soft_cap: Optional[float] = None,
+        q_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Prepare every layer's attention for a step from :meth:`HeadwiseKVCache.begin_step`.
+
+        Call it once per step, before the forward pass; then :meth:`run` each layer
+        after its :meth:`HeadwiseKVCache.write`. Arguments as :meth:`plan`.
+        """
+        if not isinstance(step, HeadwiseStep):
+            raise TensorSpecError(f"step must be a HeadwiseStep, got {type(step).__name__}")
+        options = dict(
+            causal=causal, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, q_dtype=q_dtype
+        )
+        self._plan(step.batches, qo_lens, options)
 
     def run(
         self,
@@ -110,39 +152,109 @@ class HeadwiseAttention:
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Attention output of one planned layer.
 
+        In a decode step queries and output map to the kernel's rows as views: nothing
+        is copied, and with ``out`` the kernel writes straight into it.
+
         Args:
             q: ``shape: [nnz, num_qo_heads, head_dim]``, the planned dtype, on the cache's
                 device; rows grouped by sequence in batch order (the model's layout).
             layer: a layer planned in this step.
             return_lse: also return the log-sum-exp of the logits in base 2,
                 ``shape: [nnz, num_qo_heads], dtype: torch.float32``.
-            out: optional output buffer shaped, typed and placed like ``q``.
+            out: optional contiguous output buffer shaped, typed and placed like ``q``.
 
         Returns:
             ``out`` (shape and dtype of ``q``), or ``(out, lse)``.
-        """
-        nnz = self._num_queries.get(layer)
-        if nnz is None:
-            raise SeqAttnError(f"plan layer {layer} (HeadwiseAttention.plan) before run()")
-        expected = (nnz, self.num_qo_heads, self.cache.head_dim)
-        for name, t in (("q", q), ("out", out)):
-            if t is not None and tuple(t.shape) != expected:
-                raise TensorSpecError(
-                    f"{name} must have shape {list(expected)}, got {list(t.shape)}"
-                )
-        if out is not None and (out.dtype != q.dtype or out.device != q.device):
-            raise TensorSpecError(f"out must match q's dtype {q.dtype} and device {q.device}")
-        heads = self.cache.num_kv_heads
-        result = self._layers[layer].run(to_head_major(q, heads), 0, return_lse=return_lse)
-        if return_lse:
-            o, lse = result
-            return from_head_major(o, heads, out), from_head_major(lse, heads)
-        return from_head_major(result, heads, out)  # type: ignore[arg-type]
 
-    def _layer_attention(self, layer: int) -> PagedAttention:
-        attention = self._layers.get(layer)
-        if attention is None:
-            # every layer reads the same single-head storage; its own plan picks its pages
-            attention = PagedAttention(self.cache.storage, self.group, **self._options)  # type: ignore[arg-type]
-            self._layers[layer] = attention
-        return attention
+        Raises:
+            SeqAttnError: the layer was not planned, or changed since it was planned.
+            TensorSpecError: a bad ``q`` or ``out``.
+        """
+        planned = self._planned.get(layer)
+        if planned is None:
+            raise SeqAttnError(
+                f"plan layer {layer} (HeadwiseAttention.plan or plan_step) before run()"
+            )
+        rows, version, shape = planned
+        if version != self.cache._versions[layer]:
+            raise SeqAttnError(
+                f"layer {layer} changed after it was planned (append, compress, "
+                "truncate_head or release): plan it again"
+            )
+        if q.shape != shape:
+            raise TensorSpecError(f"q must have shape {list(shape)}, got {list(q.shape)}")
+        if out is not None and not (
+            out.shape == shape
+            and out.dtype == q.dtype
+            and out.device == q.device
+            and out.is_contiguous()
+        ):
+            raise TensorSpecError(
+                f"out must be contiguous, shaped {list(shape)} and match q's dtype {q.dtype} "
+                f"and device {q.device}; got {list(out.shape)}, {out.dtype}, {out.device}"
+            )
+        direct = out is not None and rows.is_view  # the kernel writes into out itself
+        kernel_out = rows.to_rows(out) if direct else None  # type: ignore[arg-type]
+        result = self._layers[layer].run(rows.to_rows(q), 0, return_lse=return_lse, out=kernel_out)
+        o, lse = result if return_lse else (result, None)
+        o = out if direct else rows.from_rows(o, out)  # type: ignore[arg-type]
+        if lse is None:
+            return o  # type: ignore[return-value]
+        return o, rows.from_rows(lse)  # type: ignore[return-value]
+
+    def _plan(
+        self, batches: Sequence[HeadwiseBatch], qo_lens: Optional[object], options: dict
+    ) -> None:
+        cache = self.cache
+        for batch in batches:
+            if batch.owner is not cache:
+                raise SeqAttnError("this batch was packed by another HeadwiseKVCache")
+            if batch.version != cache._versions[batch.layer]:
+                raise SeqAttnError(
+                    f"the batch of layer {batch.layer} is stale: the layer changed after it "
+                    "was packed (append, compress, truncate_head or release)"
+                )
+        first = batches[0]
+        rows, per_head = first.rows, None
+        if qo_lens is not None:
+            lens = self._query_lens(qo_lens, first.append_lens)
+            rows = self._query_rows(lens)
+            per_head = np.repeat(lens, cache.num_kv_heads)
+        elif first.append_lens.size and first.append_lens.min() == 0:
+            missing = [
+                s for s, n in zip(first.seq_ids, first.append_lens.tolist(), strict=True) if n == 0
+            ]
+            raise InvalidLengthError(
+                f"sequences {missing[:8]} append no token in this step, so have no query: "
+                "leave them out of the batch to attend"
+            )
+        shape = torch.Size((rows.num_tokens, self.num_qo_heads, cache.head_dim))
+        for batch in batches:
+            self.layer_attention(batch.layer).plan(batch.packed, per_head, **options)
+            self._planned[batch.layer] = (rows, batch.version, shape)
+
+    def _query_lens(self, qo_lens: object, append_lens: np.ndarray) -> np.ndarray:
+        lens = np.asarray(qo_lens.tolist() if hasattr(qo_lens, "tolist") else qo_lens)
+        if (
+            lens.shape != append_lens.shape
+            or not np.issubdtype(lens.dtype, np.integer)
+            or (lens.size and (lens.min() < 1 or (lens > append_lens).any()))
+        ):
+            raise InvalidLengthError(
+                f"qo_lens must be {append_lens.size} integers (one per sequence), each in "
+                f"[1, tokens appended] = [1, {append_lens.tolist()[:8]}]: the queries are "
+                f"the newest tokens, which every head holds; got {lens.tolist()!r:.80}"
+            )
+        return lens.astype(np.int64)
+
+    def _query_rows(self, lens: np.ndarray) -> HeadRows:
+        heads = self.cache.num_kv_heads
+        order = row_order(lens, heads)
+        if order is None:
+            return head_rows(lens, heads)
+        device = self.cache.device
+        if device.type == "cuda":
+            gather, scatter = upload(device, list(order), [])[0]
+        else:
+            gather, scatter = torch.from_numpy(order[0]), torch.from_numpy(order[1])
+        return head_rows(lens, heads, (gather, scatter))

@@ -2,9 +2,11 @@
 
 Per-head KV compression (SnapKV, PyramidKV, AdaKV, HeadKV) keeps a different number of
 tokens for each KV head and layer. Here every page holds the tokens of one KV head, all
-layers draw pages from one pool, and each layer has its own :class:`CacheDescriptor`
-whose "sequences" are (sequence, KV head) pairs named by :class:`HeadIDGenerator`. A
-head that drops tokens gives its pages back to the pool, so memory follows the budgets.
+layers draw pages from one pool, and one :class:`CacheDescriptor` holds a page list per
+(sequence, layer, KV head), named by :class:`HeadIDGenerator` as if each sequence had
+``num_layers * num_kv_heads`` heads. A head that drops tokens gives its pages back to
+the pool, so memory follows the budgets; a model step (the same new tokens in every
+layer) allocates and packs all layers in one call each.
 
 Why one single-layer storage rather than ``num_layers=L``: a page id of a multi-layer
 ``PagedKVCacheManager`` names a page in *every* layer, so layers with different page
@@ -23,11 +25,12 @@ import numpy as np
 import torch
 
 from ..descriptor import CacheDescriptor
-from ..errors import InvalidLengthError, TensorSpecError
+from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
 from ..head_ids import HeadIDGenerator
 from ..packed_data import Device
 from ..storage import PagedKVCacheManager
-from .batch import HeadwiseBatch, to_head_major
+from .batch import HeadwiseBatch, HeadwiseStep
+from .builder import StepBuilder
 from .compaction import checked_keep, compaction_moves
 from .positions import HeadPositions
 
@@ -42,6 +45,11 @@ class HeadwiseKVCache:
     subset of those positions (all of them until it is compressed). Tokens keep their
     original positions (keys are stored already rotated) and new tokens always take the
     sequence's next position. Every mutating call is all or nothing.
+
+    A model step appends the same tokens to every layer: :meth:`begin_step` does the
+    page bookkeeping of all layers at once, then the forward pass calls :meth:`write`
+    (the append kernel alone) and ``HeadwiseAttention.run`` per layer. :meth:`append`
+    does one layer at a time.
 
     Args:
         num_pages: pages in the pool shared by all layers and heads; a page holds
@@ -60,10 +68,10 @@ class HeadwiseKVCache:
         >>> from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache
         >>> cache = HeadwiseKVCache(64, page_size=4, num_layers=2, num_kv_heads=2,
         ...                         head_dim=8, dtype=torch.float32, device="cpu")
+        >>> attn = HeadwiseAttention(cache, num_qo_heads=4)  # GQA, 2 query heads per KV head
         >>> cache.add_sequences([7])
         >>> k = v = torch.randn(10, 2, 8)                    # a 10-token prompt
         >>> batch = cache.append(0, [7], k, v, append_lens=[10])
-        >>> attn = HeadwiseAttention(cache, num_qo_heads=4)  # GQA, 2 query heads per KV head
         >>> attn.plan(batch)
         >>> attn.run(torch.randn(10, 4, 8), layer=0).shape
         torch.Size([10, 4, 8])
@@ -73,7 +81,15 @@ class HeadwiseKVCache:
         >>> batch = cache.append(0, [7], k[:1], v[:1])       # decode: one token, position 10
         >>> cache.head_positions(0, 7, head=0).tolist(), cache.seq_len(7)
         ([0, 1, 9, 10], 11)
-        >>> cache.release([7]); cache.available_pages_count
+        >>> cache.add_sequences([8])                          # a whole step, both layers:
+        >>> step = cache.begin_step([8], append_lens=[5])     # bookkeeping of every layer
+        >>> attn.plan_step(step)
+        >>> for layer in range(2):                            # the model's forward pass
+        ...     cache.write(step, layer, k[:5], v[:5])
+        ...     out = attn.run(torch.randn(5, 4, 8), layer)
+        >>> cache.seq_len(8, layer=1), out.shape
+        (5, torch.Size([5, 4, 8]))
+        >>> cache.release([7, 8]); cache.available_pages_count
         64
     """
 
@@ -92,7 +108,7 @@ class HeadwiseKVCache:
     ) -> None:
         if int(num_layers) <= 0:
             raise InvalidLengthError(f"num_layers must be positive, got {num_layers}")
-        self.head_ids = HeadIDGenerator(num_kv_heads)  # validates num_kv_heads
+        HeadIDGenerator(num_kv_heads)  # validates num_kv_heads
         self.storage = PagedKVCacheManager(
             num_pages, page_size, 1, head_dim, dtype, device, kv_layout, num_layers=1
         )
@@ -103,16 +119,22 @@ class HeadwiseKVCache:
         self.dtype = dtype
         self.device = self.storage.device
         self.check_invariants = check_invariants
-        # one page table per layer, all over the storage's one pool
-        self.descriptors = [CacheDescriptor(self.storage) for _ in range(self.num_layers)]
+        # one page list per (sequence, layer, KV head), over the storage's one pool
+        self._row_ids = HeadIDGenerator(self.num_layers * self.num_kv_heads)
+        self.descriptor = CacheDescriptor(self.storage)
         self.positions = HeadPositions(self.num_layers, self.num_kv_heads)
+        self._builder = StepBuilder(
+            self.descriptor, self.num_layers, self.num_kv_heads, self.device
+        )
         # on device: every page as [num_pages, 2 (K, V), page_size, head_dim]; with one
         # head per page the NHD and HND layouts are the same memory
         self._tokens = self.storage.get_kv_cache(0).view(num_pages, 2, page_size, head_dim)
-        self._pack_device = self.device if self.device.type == "cuda" else None
         self._accepted = (dtype, *QUANTIZABLE) if dtype in FP8_DTYPES else (dtype,)
-        self._batch_key: tuple[int, ...] = ()
-        self._batch_head_ids: list[int] = []
+        self._all_layers = tuple(range(self.num_layers))
+        # per layer, the version its batches were packed at; a change to the layer's
+        # pages (append, compress, release) moves it on, which makes them stale
+        self._versions = [0] * self.num_layers
+        self._clock = 0
 
     # ------------------------------------------------------------------ sequences
     def add_sequences(self, seq_ids: Iterable[int]) -> None:
@@ -123,9 +145,8 @@ class HeadwiseKVCache:
         """
         ids = _id_list(seq_ids)
         self.positions.add(ids)  # checks every id before adding any
-        head_ids = self._head_ids(ids)
-        for desc in self.descriptors:
-            desc.allocate(head_ids, [0] * len(head_ids))  # no pages until tokens arrive
+        rows = self._all_rows(ids)
+        self.descriptor.allocate(rows, [0] * len(rows))  # pages come with tokens
         self._after_change()
 
     def release(self, seq_ids: Iterable[int]) -> None:
@@ -136,11 +157,79 @@ class HeadwiseKVCache:
         """
         ids = _id_list(seq_ids)
         self.positions.slots(ids)  # checks every id before releasing any
-        head_ids = self._head_ids(ids)
-        for desc in self.descriptors:
-            desc.release(head_ids)
+        self.descriptor.release(self._all_rows(ids))
         self.positions.remove(ids)
-        self._after_change()
+        self._changed(self._all_layers)
+
+    # ---------------------------------------------------------------------- steps
+    def begin_step(
+        self, seq_ids: Sequence[int], append_lens: Optional[Sequence[int]] = None
+    ) -> HeadwiseStep:
+        """Take the pages of one model step's new tokens in every layer, and pack them.
+
+        Allocates ``append_lens[b]`` tokens in every KV head of every layer for each
+        sequence, at the sequence's next positions, and packs each layer's batch (on a
+        GPU, all layers' index arrays go up in one copy). The forward pass then calls
+        :meth:`write` per layer with that layer's K/V, and ``HeadwiseAttention.plan_step``
+        / ``run`` attend. The step stays valid for a layer until the layer changes
+        again (an append, a compression or a release).
+
+        Args:
+            seq_ids: live sequences, in batch order.
+            append_lens: new tokens per sequence, ``[batch_size]`` ints >= 0; default one
+                each (a decode step).
+
+        Returns:
+            the :class:`HeadwiseStep`, whose ``batches[layer]`` is the layer's batch.
+
+        Raises:
+            NoPageError: the pool lacks pages for all layers (every layer unchanged).
+            UnknownSequenceError, DuplicateSequenceError, InvalidLengthError: bad ids or
+            lengths. Nothing changed.
+        """
+        ids = _id_list(seq_ids)
+        slots = self.positions.slots(ids)
+        lens = None if append_lens is None else self._append_lens(append_lens, len(ids), None)
+        version = self._clock + 1
+        builder = self._builder
+        row_ids = builder.row_ids(self._all_layers, ids)
+        rows, batches = builder.open(self._all_layers, tuple(ids), row_ids, lens, version, self)
+        self.positions.advance(self._all_layers, slots, batches[0].append_lens)
+        self._changed(self._all_layers, version)
+        return HeadwiseStep(batches[0].seq_ids, batches[0].append_lens, rows, tuple(batches))
+
+    def write(self, step: HeadwiseStep, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one layer's K/V of the step's new tokens into the pages taken for them.
+
+        Only the append kernel runs (the bookkeeping was :meth:`begin_step`'s). Token
+        ``j`` of sequence ``b`` lands at its position in every KV head of the layer.
+
+        Args:
+            step: from :meth:`begin_step` of this cache, not stale for ``layer``.
+            layer: the layer.
+            k: ``shape: [nnz, num_kv_heads, head_dim]``, the cache's dtype (or, for a
+                float8 cache, float16/bfloat16/float32 to quantize) and device; rows
+                grouped by sequence in batch order (the model's layout).
+            v: same shape, dtype and device as ``k``.
+
+        Raises:
+            TensorSpecError: a bad layer or tensor. SeqAttnError: a stale step or one
+            of another cache. Nothing written.
+        """
+        batch = self._step_batch(step, layer)
+        nnz = batch.rows.num_tokens
+        try:  # the common case in a few attribute reads: this runs per layer per step
+            fits = (
+                k.shape == v.shape == (nnz, self.num_kv_heads, self.head_dim)
+                and k.dtype == v.dtype
+                and k.dtype in self._accepted
+                and k.device == v.device == self.device
+            )
+        except AttributeError:
+            fits = False
+        if not fits:
+            self._check_kv(k, v, nnz)  # raises, saying what was expected
+        self._write(batch, k, v)
 
     def append(
         self,
@@ -154,7 +243,8 @@ class HeadwiseKVCache:
 
         Token ``j`` of sequence ``b`` takes position ``seq_len(b, layer) + j`` and lands
         right after the tokens each head still holds (whatever their number), in one
-        scatter for all heads; nothing already cached is copied.
+        scatter for all heads; nothing already cached is copied. (For every layer of a
+        step, :meth:`begin_step` + :meth:`write` do the bookkeeping once.)
 
         Args:
             layer: the layer whose caches receive the tokens.
@@ -174,28 +264,21 @@ class HeadwiseKVCache:
             NoPageError: the pool lacks pages. UnknownSequenceError, DuplicateSequenceError,
             InvalidLengthError, TensorSpecError: bad ids, lengths or tensors. Nothing changed.
         """
-        desc = self._descriptor(layer)
+        self._check_layer(layer)
         ids = _id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = self._append_lens(append_lens, len(ids), k)
         self._check_kv(k, v, int(lens.sum()))
-        head_ids = self._head_ids(ids)
-        per_head = np.tile(lens, self.num_kv_heads)  # head-major rows: head h, then sequence b
-        if lens.size and lens.min() == 1 == lens.max():
-            desc.allocate_decoding(head_ids)  # the page table's O(batch) decode path
-        else:
-            desc.allocate(head_ids, per_head)  # type: ignore[arg-type]  # numpy is accepted
+        row_ids = self._builder.row_ids((layer,), ids)
+        version = self._clock + 1
+        _, (batch,) = self._builder.open((layer,), tuple(ids), row_ids, lens, version, self)
         try:
-            batch = self._pack(desc, layer, ids, head_ids, lens, per_head)
-            if k.shape[0]:
-                heads = self.num_kv_heads
-                keys, values = to_head_major(k, heads), to_head_major(v, heads)
-                self.storage.append_kv(keys, values, batch.packed, layer=0)
+            self._write(batch, k, v)
         except BaseException:
-            self._undo_allocation(desc, head_ids, per_head)
+            self._builder.undo(row_ids, np.repeat(lens, self.num_kv_heads))
             raise
-        self.positions.advance(layer, slots, lens)
-        self._after_change()
+        self.positions.advance((layer,), slots, lens)
+        self._changed((layer,), version)
         return batch
 
     def pack(
@@ -203,12 +286,14 @@ class HeadwiseKVCache:
     ) -> HeadwiseBatch:
         """The layer's head-wise batch without appending (to attend again with the newest
         ``query_lens`` tokens of each sequence as queries; default one each)."""
-        desc = self._descriptor(layer)
+        self._check_layer(layer)
         ids = _id_list(seq_ids)
         self.positions.slots(ids)
-        lens = self._append_lens(query_lens, len(ids), None)
-        head_ids = self._head_ids(ids)
-        return self._pack(desc, layer, ids, head_ids, lens, np.tile(lens, self.num_kv_heads))
+        lens = None if query_lens is None else self._append_lens(query_lens, len(ids), None)
+        row_ids = self._builder.row_ids((layer,), ids)
+        version = self._versions[layer]
+        _, (batch,) = self._builder.pack((layer,), tuple(ids), row_ids, lens, version, self)
+        return batch
 
     # ---------------------------------------------------------------- compression
     def compress(
@@ -234,20 +319,20 @@ class HeadwiseKVCache:
             InvalidLengthError: not one entry per head, or indices out of range, unsorted
                 or repeated (or positions not held). UnknownSequenceError. Nothing changed.
         """
-        desc = self._descriptor(layer)
+        self._check_layer(layer)
         slot = self.positions.slot(seq_id)
-        head_ids = self.head_ids.get_head_ids(seq_id)
-        held = desc.seq_lens(head_ids)
+        row_ids = self._head_rows(layer, seq_id)
+        held = self.descriptor.seq_lens(row_ids)
         self._check_keep_count(keep)
         if by_position:
             keeps = self._indices_of_positions(layer, slot, keep)
         else:
             keeps = [checked_keep(keep[h], int(held[h]), h) for h in range(self.num_kv_heads)]
-        self._compact(desc, head_ids, held, keeps)
+        self._compact(row_ids, held, keeps)
         positions = self.positions
         kept = [positions.positions(layer, slot, h)[kh] for h, kh in enumerate(keeps)]
         positions.replace(layer, slot, kept)
-        self._after_change()
+        self._changed((layer,))
 
     def truncate_head(self, layer: int, seq_id: int, head: int, new_len: int) -> None:
         """Keep only the first ``new_len`` tokens one head holds (its oldest ones).
@@ -286,32 +371,35 @@ class HeadwiseKVCache:
         lengths = self.positions.lengths(self.positions.slot(seq_id))
         if layer is None:
             return int(lengths.max())
-        self._descriptor(layer)
+        self._check_layer(layer)
         return int(lengths[layer])
 
     def head_lens(self, layer: int, seq_id: int) -> np.ndarray:
         """Tokens each KV head of the sequence holds in ``layer``, ``[num_kv_heads]`` int64."""
-        desc = self._descriptor(layer)
+        self._check_layer(layer)
         self.positions.slot(seq_id)
-        return desc.seq_lens(self.head_ids.get_head_ids(seq_id)).astype(np.int64)
+        return self.descriptor.seq_lens(self._head_rows(layer, seq_id)).astype(np.int64)
 
     def head_positions(self, layer: int, seq_id: int, head: int) -> np.ndarray:
         """True positions of the tokens one head holds, increasing, ``[held]`` int64."""
-        self._descriptor(layer)
+        self._check_layer(layer)
         self._check_head(head)
         return self.positions.positions(layer, self.positions.slot(seq_id), head)
 
     def read_head(self, layer: int, seq_id: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the tokens one head holds, each ``[held, head_dim]``, storage dtype,
         on the cache's device (a copy; float8 values as stored, i.e. divided by no scale)."""
-        desc = self._descriptor(layer)
+        pages = torch.as_tensor(self.head_page_ids(layer, seq_id, head), device=self.device)
+        held = self.descriptor.seq_len(self._head_rows(layer, seq_id)[head])
+        kv = self._tokens[pages.long()].transpose(0, 1).reshape(2, -1, self.head_dim)[:, :held]
+        return kv[0].clone(), kv[1].clone()
+
+    def head_page_ids(self, layer: int, seq_id: int, head: int) -> np.ndarray:
+        """The pages one head's tokens lie in, in token order, ``[pages]`` int32."""
+        self._check_layer(layer)
         self._check_head(head)
         self.positions.slot(seq_id)
-        head_id = self.head_ids.get_head_id(seq_id, head)
-        pages = torch.as_tensor(desc.page_indices(head_id), dtype=torch.long, device=self.device)
-        held = desc.seq_len(head_id)
-        kv = self._tokens[pages].transpose(0, 1).reshape(2, -1, self.head_dim)[:, :held]
-        return kv[0].clone(), kv[1].clone()
+        return np.asarray(self.descriptor.page_indices(self._head_rows(layer, seq_id)[head]))
 
     # --------------------------------------------------------------------- memory
     @property
@@ -331,13 +419,9 @@ class HeadwiseKVCache:
     def pages_held(self) -> np.ndarray:
         """Pages held by each layer and KV head over all live sequences,
         ``[num_layers, num_kv_heads]`` int64."""
-        ids = self.positions.seq_ids
-        head_ids = self._head_ids(ids)
-        held = np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64)
-        for layer, desc in enumerate(self.descriptors):
-            lens = desc.seq_lens(head_ids).astype(np.int64).reshape(self.num_kv_heads, -1)
-            held[layer] = (-(-lens // self.page_size)).sum(axis=1)
-        return held
+        lens = self.descriptor.seq_lens(self._all_rows(self.positions.seq_ids)).astype(np.int64)
+        pages = -(-lens // self.page_size)
+        return pages.reshape(-1, self.num_layers, self.num_kv_heads).sum(axis=0)
 
     def memory_bytes(self) -> int:
         """Bytes of the pages the live sequences hold."""
@@ -357,74 +441,74 @@ class HeadwiseKVCache:
     def check_integrity(self) -> None:
         """Raise AssertionError unless pool, page tables and positions are consistent.
 
-        Checks the pool and every layer's page table; that the layers' pages are
-        distinct and are all the pool holds; that each head holds
+        Checks the pool and the page table; that the heads' pages are distinct and are
+        all the pool holds; that each head holds
         ``ceil(held / page_size)`` pages; and that each head's positions are increasing,
         as many as the tokens it holds, and below the sequence's logical length.
         """
         self.storage.check_integrity()
+        self.descriptor.check_integrity()
+        assert sorted(self.descriptor.seq_ids) == sorted(self._all_rows(self.seq_ids)), (
+            "page-table ids differ from the live sequences' heads"
+        )
         listed = []
-        for layer, desc in enumerate(self.descriptors):
-            desc.check_integrity()
-            assert sorted(desc.seq_ids) == sorted(self._head_ids(self.seq_ids)), (
-                f"layer {layer}: page-table ids differ from the live sequences' heads"
-            )
+        for layer in range(self.num_layers):
             for seq_id in self.seq_ids:
-                listed += self._check_sequence(layer, desc, seq_id)
+                listed += self._check_sequence(layer, seq_id)
         assert len(set(listed)) == len(listed), "a page is held twice"
         held = self.storage.num_pages - self.available_pages_count
         assert len(listed) == held, f"{len(listed)} pages listed but {held} held in the pool"
 
     # ------------------------------------------------------------------ internals
-    def _check_sequence(self, layer: int, desc: CacheDescriptor, seq_id: int) -> list[int]:
+    def _check_sequence(self, layer: int, seq_id: int) -> list[int]:
         slot = self.positions.slot(seq_id)
         self.positions.check(layer, slot)
-        head_ids = self.head_ids.get_head_ids(seq_id)
-        lens = desc.seq_lens(head_ids)
+        row_ids = self._head_rows(layer, seq_id)
+        lens = self.descriptor.seq_lens(row_ids)
         assert (lens == self.positions.held(layer, slot)).all(), "head length != positions held"
         pages = []
-        for head_id, n in zip(head_ids, lens.tolist(), strict=True):
-            own = desc.page_indices(head_id)
+        for row_id, n in zip(row_ids, lens.tolist(), strict=True):
+            own = self.descriptor.page_indices(row_id)
             assert len(own) == -(-n // self.page_size), "pages != ceil(held / page_size)"
             pages += own
         return pages
 
-    def _descriptor(self, layer: int) -> CacheDescriptor:
-        if isinstance(layer, (int, np.integer)) and 0 <= layer < self.num_layers:
-            return self.descriptors[layer]
-        raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+    def _check_layer(self, layer: int) -> None:
+        if not (isinstance(layer, (int, np.integer)) and 0 <= layer < self.num_layers):
+            raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
 
     def _check_head(self, head: int) -> None:
         if not (isinstance(head, (int, np.integer)) and 0 <= head < self.num_kv_heads):
             raise InvalidLengthError(f"head must be in [0, {self.num_kv_heads}), got {head!r}")
 
-    def _head_ids(self, ids: list[int]) -> list[int]:
-        """Head ids of a batch, head-major (reused while the batch repeats, so the page
-        table recognizes a steady decode batch by one list compare)."""
-        key = tuple(ids)
-        if key != self._batch_key:
-            gen = self.head_ids
-            self._batch_head_ids = [
-                gen.get_head_id(s, h) for h in range(self.num_kv_heads) for s in ids
-            ]
-            self._batch_key = key
-        return self._batch_head_ids
+    def _head_rows(self, layer: int, seq_id: int) -> list[int]:
+        """Page-table ids of one sequence's KV heads in one layer, in head order."""
+        first = self._row_ids.get_head_id(seq_id, layer * self.num_kv_heads)
+        return list(range(first, first + self.num_kv_heads))
 
-    def _pack(
-        self,
-        desc: CacheDescriptor,
-        layer: int,
-        ids: list[int],
-        head_ids: list[int],
-        lens: np.ndarray,
-        per_head: np.ndarray,
-    ) -> HeadwiseBatch:
-        packed = desc.pack_for_flashinfer(
-            head_ids,
-            append_lens=per_head,  # type: ignore[arg-type]  # numpy is accepted
-            device=self._pack_device,
-        )
-        return HeadwiseBatch(layer, tuple(ids), lens, packed, self.num_kv_heads)
+    def _all_rows(self, ids: list[int]) -> list[int]:
+        """Page-table ids of every layer and KV head of the sequences."""
+        return [r for s in ids for r in self._row_ids.get_head_ids(s)]
+
+    def _step_batch(self, step: HeadwiseStep, layer: int) -> HeadwiseBatch:
+        """The step's batch of ``layer``, after checking that it is this cache's and current."""
+        if not isinstance(step, HeadwiseStep):
+            raise TensorSpecError(f"step must be a HeadwiseStep, got {type(step).__name__}")
+        self._check_layer(layer)
+        batch = step.batches[layer]
+        if batch.owner is not self:
+            raise SeqAttnError("this step was begun on another HeadwiseKVCache")
+        if batch.version != self._versions[layer]:
+            raise SeqAttnError(
+                f"the step is stale for layer {layer}: the layer changed after begin_step "
+                "(append, compress, truncate_head or release); begin a new step"
+            )
+        return batch
+
+    def _write(self, batch: HeadwiseBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+        rows = batch.rows
+        if rows.num_tokens:
+            self.storage.append_kv(rows.to_rows(k), rows.to_rows(v), batch.append_packed)
 
     def _append_lens(
         self, lens: Optional[Sequence[int]], batch_size: int, k: Optional[torch.Tensor]
@@ -501,15 +585,10 @@ class HeadwiseKVCache:
             out.append(index)
         return out
 
-    def _compact(
-        self,
-        desc: CacheDescriptor,
-        head_ids: list[int],
-        held: np.ndarray,
-        keeps: list[np.ndarray],
-    ) -> None:
+    def _compact(self, row_ids: list[int], held: np.ndarray, keeps: list[np.ndarray]) -> None:
         """Move every head's survivors to the front of its page list, then free the rest."""
-        pages = [np.asarray(desc.page_indices(h), dtype=np.int64) for h in head_ids]
+        desc = self.descriptor
+        pages = [np.asarray(desc.page_indices(r), dtype=np.int64) for r in row_ids]
         moves = compaction_moves(pages, keeps, self.page_size)
         if moves[0].size:
             index = torch.from_numpy(np.stack(moves)).to(self.device)
@@ -517,17 +596,17 @@ class HeadwiseKVCache:
             # the gather finishes before the scatter starts, and a survivor only moves
             # left within its head, so no source is overwritten before it is read
             self._tokens[dst_page, :, dst_slot] = self._tokens[src_page, :, src_slot]
-        for head_id, kept, before in zip(head_ids, keeps, held.tolist(), strict=True):
+        for row_id, kept, before in zip(row_ids, keeps, held.tolist(), strict=True):
             if kept.size < before:
-                desc.truncate(head_id, kept.size)
+                desc.truncate(row_id, kept.size)
 
-    def _undo_allocation(
-        self, desc: CacheDescriptor, head_ids: list[int], per_head: np.ndarray
-    ) -> None:
-        """Give back what an append allocated (its write failed after allocating)."""
-        now = desc.seq_lens(head_ids)
-        for head_id, new_len in zip(head_ids, (now - per_head).tolist(), strict=True):
-            desc.truncate(head_id, new_len)
+    def _changed(self, layers: Sequence[int], version: Optional[int] = None) -> None:
+        """Record that ``layers`` changed (at ``version``, that of batches packed for the
+        change itself), which makes earlier batches of them stale."""
+        self._clock = self._clock + 1 if version is None else version
+        for layer in layers:
+            self._versions[layer] = self._clock
+        self._after_change()
 
     def _after_change(self) -> None:
         if self.check_invariants:

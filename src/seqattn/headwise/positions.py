@@ -27,9 +27,9 @@ class HeadPositions:
     Example:
         >>> pos = HeadPositions(num_layers=1, num_kv_heads=2)
         >>> pos.add([5]); slots = pos.slots([5])
-        >>> pos.advance(0, slots, np.array([4]))
+        >>> pos.advance([0], slots, np.array([4]))
         >>> pos.replace(0, int(slots[0]), [np.array([0, 3]), np.arange(4)])
-        >>> pos.advance(0, slots, np.array([1]))
+        >>> pos.advance([0], slots, np.array([1]))
         >>> pos.positions(0, int(slots[0]), 0).tolist(), pos.held(0, int(slots[0])).tolist()
         ([0, 3, 4], [3, 5])
     """
@@ -114,9 +114,13 @@ class HeadPositions:
             del self._slot_of[seq_id]
         self._free_slots += slots.tolist()
 
-    def advance(self, layer: int, slots: np.ndarray, counts: np.ndarray) -> None:
-        """``counts[i]`` new tokens for ``slots[i]`` in ``layer`` (appended to every head)."""
-        self._length[slots, layer] += counts
+    def advance(self, layers: Sequence[int], slots: np.ndarray, counts: np.ndarray) -> None:
+        """``counts[i]`` new tokens for ``slots[i]`` in each of ``layers`` (appended to
+        every head); slots distinct, layers distinct."""
+        if len(layers) == self.num_layers:  # a whole step: no index to build
+            self._length[slots] += counts[:, None]
+        else:
+            self._length[slots[:, None], np.asarray(layers)] += counts[:, None]
 
     def replace(self, layer: int, slot: int, positions: list[np.ndarray]) -> None:
         """Set the positions each head holds (all earlier than the logical length)."""

@@ -33,6 +33,9 @@ class PagedAttention:
         backend: ``"flashinfer"``, ``"torch"``, or ``"auto"``: flashinfer for a CUDA cache
             when it imports, torch otherwise.
         workspace_bytes: flashinfer's float workspace (shared by its wrappers).
+        workspace: a flashinfer float workspace to use instead of allocating one, e.g.
+            another ``PagedAttention``'s (``attention.workspace``): runs on one stream
+            never overlap, so many layers or variants can share one.
         decode_use_tensor_cores: force flashinfer's tensor-core decode on or off;
             default: on only for group sizes the CUDA-core kernel lacks.
         cascade_min_saved_tokens: with ``plan(cascade=None)``, cascade attention is used
@@ -62,6 +65,7 @@ class PagedAttention:
         workspace_bytes: int = 128 * 1024 * 1024,
         decode_use_tensor_cores: Optional[bool] = None,
         cascade_min_saved_tokens: int = 8192,
+        workspace: Optional[torch.Tensor] = None,
     ) -> None:
         if backend not in BACKENDS:
             raise SeqAttnError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -81,6 +85,7 @@ class PagedAttention:
                 cache, num_qo_heads,
                 workspace_bytes=workspace_bytes,
                 decode_use_tensor_cores=decode_use_tensor_cores,
+                workspace=workspace,
             )  # fmt: skip
         else:
             self.impl = TorchAttentionBackend(cache, num_qo_heads)
@@ -95,6 +100,11 @@ class PagedAttention:
     def backend(self) -> str:
         """``"flashinfer"`` or ``"torch"``."""
         return self.impl.name
+
+    @property
+    def workspace(self) -> Optional[torch.Tensor]:
+        """flashinfer's float workspace (None on the torch backend)."""
+        return getattr(self.impl, "workspace", None)
 
     def plan(
         self,

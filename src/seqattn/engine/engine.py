@@ -76,8 +76,9 @@ class Engine:
         max_batch_size: running requests at most.
         max_step_tokens: tokens one forward may process (prefill chunks are cut to fit).
         seed: seeds the sampler's generator (sampling is reproducible for a seed).
-        cuda_graphs: replay decode-only steps from CUDA graphs (CUDA and flashinfer, one
-            attention variant for all layers; ignored otherwise).
+        cuda_graphs: replay decode steps from CUDA graphs, one per batch-size bucket
+            (powers of two up to ``max_batch_size``), where the runner can: CUDA,
+            flashinfer, one attention variant for all layers; ignored otherwise.
 
     Example:
         >>> import torch
@@ -103,7 +104,7 @@ class Engine:
         max_batch_size: int = 64,
         max_step_tokens: int = 512,
         seed: int = 0,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         self.runner = runner
         self.descriptor = runner.descriptor

@@ -36,7 +36,7 @@ class HeadwiseAttention:
         cache: the head-wise cache.
         num_qo_heads: query heads of the model, a multiple of ``cache.num_kv_heads``.
         backend: ``"flashinfer"``, ``"torch"`` or ``"auto"`` (see :class:`PagedAttention`).
-        workspace_bytes: flashinfer's float workspace of each layer's ``PagedAttention``.
+        workspace_bytes: flashinfer's float workspace, one for all layers.
         decode_use_tensor_cores: force flashinfer's tensor-core decode kernel on or off
             for decode steps (default: as :class:`PagedAttention` decides for the group
             size ``num_qo_heads // num_kv_heads``).
@@ -85,8 +85,13 @@ class HeadwiseAttention:
                 raise TensorSpecError(
                     f"layer must be in [0, {self.cache.num_layers}), got {layer!r}"
                 )
-            # every layer reads the same single-head storage; its own plan picks its pages
-            attention = PagedAttention(self.cache.storage, self.group, **self._options)
+            # every layer reads the same single-head storage; its own plan picks its pages.
+            # Layers run one after another, so they share one flashinfer workspace.
+            first = next(iter(self._layers.values()), None)
+            workspace = None if first is None else first.workspace
+            attention = PagedAttention(
+                self.cache.storage, self.group, workspace=workspace, **self._options
+            )
             self._layers[int(layer)] = attention
         return attention
 

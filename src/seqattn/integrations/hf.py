@@ -220,7 +220,11 @@ class PagedCausalLM:
         key = (window, scaling)
         if key not in self._attention:
             heads = self.config.num_attention_heads
-            self._attention[key] = PagedAttention(self.cache, heads, backend=self.backend)
+            first = next(iter(self._attention.values()), None)  # layers run one at a time:
+            workspace = None if first is None else first.workspace  # one workspace serves all
+            self._attention[key] = PagedAttention(
+                self.cache, heads, backend=self.backend, workspace=workspace
+            )
         return self._attention[key]
 
     @torch.inference_mode()

@@ -72,8 +72,9 @@ def run_seqattn(
     engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens,
                     cuda_graphs=graphs)  # fmt: skip
     params = SamplingParams(max_new_tokens=args.new_tokens)
-    # warm-up at the run's shapes: kernels, GEMM plans, allocator caches, the CUDA graph
-    engine.generate(prompts, SamplingParams(max_new_tokens=3))
+    # warm-up at the run's shapes: kernels, GEMM plans, allocator caches, and the CUDA
+    # graph of the full batch (enough new tokens that all requests decode together)
+    engine.generate(prompts, SamplingParams(max_new_tokens=8))
     runner.descriptor.prefix_cache.clear()
     sync(args.device)
     start = time.perf_counter()

@@ -47,7 +47,7 @@ def paged_attention_forward(
     scaling: Optional[float] = None,
     dropout: float = 0.0,
     sliding_window: Optional[int] = None,
-    seqattn_step: Optional[StepContext] = None,
+    seqattn_step: Optional[_LayerCall] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface, backed by the step's paged cache.
@@ -55,7 +55,7 @@ def paged_attention_forward(
     Args:
         query: ``[1, num_qo_heads, num_new_tokens, head_dim]``, rotated.
         key, value: ``[1, num_kv_heads, num_new_tokens, head_dim]``, this step's tokens.
-        seqattn_step: the step's :class:`StepContext` (passed as a model kwarg).
+        seqattn_step: the step's context (passed as a model kwarg by PagedCausalLM).
 
     Returns:
         ``([1, num_new_tokens, num_qo_heads, head_dim], None)``.
@@ -69,13 +69,9 @@ def paged_attention_forward(
     return seqattn_step.attend(module.layer_idx, query, key, value, scaling, sliding_window), None
 
 
-class StepContext:
-    """One forward's batch: where each layer's new K/V go and how attention is planned."""
-
-    def __init__(self, runner: PagedCausalLM, packed: FlashInferPackedData) -> None:
-        self.runner = runner
-        self.packed = packed
-        self._planned: dict[tuple[int, Optional[float]], PagedAttention] = {}
+class _LayerCall:
+    """Where the registered attention function hands a layer's call: the new K/V go to
+    the cache, then the queries attend."""
 
     def attend(
         self,
@@ -86,19 +82,48 @@ class StepContext:
         scaling: Optional[float],
         sliding_window: Optional[int],
     ) -> torch.Tensor:
-        cache = self.runner.cache
-        q = query[0].transpose(0, 1).contiguous()
-        cache.append_kv(
-            key[0].transpose(0, 1).contiguous(), value[0].transpose(0, 1).contiguous(),
-            self.packed, layer=layer,
-        )  # fmt: skip
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
         # HF's window W: a query at p sees keys in (p - W, p]; flashinfer's window_left
         # counts the keys left of the query: W - 1
         window = -1 if sliding_window is None else int(sliding_window) - 1
-        attention = self._attention(window, scaling, q.dtype)
-        out = attention.run(q, layer)
+        return self.append_and_run(layer, q, k, v, window, scaling).unsqueeze(0)
+
+    def append_and_run(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int,
+        scaling: Optional[float],
+    ) -> torch.Tensor:
+        """``q [tokens, qo_heads, head_dim]``, ``k``/``v [tokens, kv_heads, head_dim]``
+        -> the attention output shaped like ``q``."""
+        raise NotImplementedError
+
+
+class StepContext(_LayerCall):
+    """One eager forward's batch: where each layer's new K/V go and how attention is
+    planned."""
+
+    def __init__(self, runner: PagedCausalLM, packed: FlashInferPackedData) -> None:
+        self.runner = runner
+        self.packed = packed
+        self._planned: dict[tuple[int, Optional[float]], PagedAttention] = {}
+
+    def append_and_run(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int,
+        scaling: Optional[float],
+    ) -> torch.Tensor:
+        self.runner.cache.append_kv(k, v, self.packed, layer=layer)
+        out = self._attention(window, scaling, q.dtype).run(q, layer)
         assert isinstance(out, torch.Tensor)
-        return out.unsqueeze(0)
+        return out
 
     def _attention(
         self, window: int, scaling: Optional[float], dtype: torch.dtype
@@ -112,27 +137,24 @@ class StepContext:
         return planned
 
 
-class GraphStepContext:
+class GraphStepContext(_LayerCall):
     """Attention inside a captured decode step: the planned bucket's fixed buffers."""
 
     def __init__(self, decode: CUDAGraphDecodeAttention) -> None:
         self.decode = decode
 
-    def attend(
+    def append_and_run(
         self,
         layer: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int,
         scaling: Optional[float],
-        sliding_window: Optional[int],
     ) -> torch.Tensor:
-        del scaling, sliding_window  # planned once for the model (see decode_graphs)
-        q = query[0].transpose(0, 1).contiguous()
-        self.decode.append_kv(
-            key[0].transpose(0, 1).contiguous(), value[0].transpose(0, 1).contiguous(), layer
-        )
-        return self.decode.run(q, layer).unsqueeze(0)
+        del window, scaling  # one variant for all layers, planned per step (_replay)
+        self.decode.append_kv(k, v, layer)
+        return self.decode.run(q, layer)
 
 
 class _CapturedStep:

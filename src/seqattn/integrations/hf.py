@@ -365,14 +365,14 @@ class PagedCausalLM:
         return step.logits[:n]
 
 
-def attention_variants(model: torch.nn.Module) -> set[tuple[int, Optional[float]]]:
+def attention_variants(model: Any) -> set[tuple[int, Optional[float]]]:
     """The (window_left, scale) pairs the model's attention layers use."""
     config = model.config
-    variants = set()
+    variants: set[tuple[int, Optional[float]]] = set()
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "scaling"):
             window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
-            variants.add((-1 if window is None else int(window) - 1, module.scaling))
+            variants.add((-1 if window is None else int(window) - 1, float(module.scaling)))
     return variants
 
 

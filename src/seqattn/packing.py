@@ -19,6 +19,7 @@ import torch
 from attrs import define
 
 from ._arrays import indptr_of
+from ._transfer import upload
 from .packed_data import FlashInferPackedData, append_rows_positions, checked_indptr
 from .page_table import SequencePageTable
 from .shared_prefix import SharedPrefix, find_shared_prefixes
@@ -195,15 +196,6 @@ def _insert_after_rows(
     return new
 
 
-def _pinned(array: np.ndarray) -> torch.Tensor:
-    """A pinned host copy (torch's caching host allocator keeps it until its copies
-    land); a plain copy where there is no CUDA, so the mirror logic also runs on a CPU."""
-    pin = torch.cuda.is_available()
-    out = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=pin)
-    out.numpy()[...] = array
-    return out
-
-
 class _DeviceArena:
     """A device copy of a page table's arena, kept current from the table's write log."""
 
@@ -238,9 +230,7 @@ class _DeviceArena:
         # how far row b's page ids sit in the arena from their place in the batch
         shift = table.starts(slots) - indptr[:-1]
         parts = [written, table.arena[written], shift, counts, *to_device]
-        sizes = [p.size for p in parts]
-        pinned = _pinned(np.concatenate([*parts, *to_host]).astype(np.int32))  # all fit
-        pieces = pinned[: sum(sizes)].to(self.device, non_blocking=True).split(sizes)
+        pieces, host = upload(self.device, parts, to_host)  # int32: all fit
         if written.size:
             self.arena.index_copy_(0, pieces[0].long(), pieces[1])
         total = int(indptr[-1])
@@ -248,5 +238,4 @@ class _DeviceArena:
             self.arange = torch.arange(2 * total, device=self.device)
         per_page = torch.repeat_interleave(pieces[2], pieces[3], output_size=total)
         indices = self.arena[per_page + self.arange[:total]]
-        host = pinned[sum(sizes) :].split([h.size for h in to_host])
-        return indices, list(pieces[4:]), list(host)
+        return indices, pieces[4:], host

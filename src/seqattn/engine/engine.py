@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from attrs import define
 
-from ..attention.batch import host_tensor
+from .._transfer import upload
 from ..errors import InvalidLengthError, NoPageError
 from ..integrations.hf import PagedCausalLM
 from .request import Request, Status
@@ -214,8 +214,7 @@ class Engine:
         return sampled.tokens[self._on_device(index)]
 
     def _on_device(self, index: np.ndarray) -> torch.Tensor:
-        device = self.runner.device
-        return host_tensor(index, pin=device.type == "cuda").to(device, non_blocking=True)
+        return upload(self.runner.device, [index], dtype=torch.long)[0][0]
 
     def _read_sampled(self) -> None:
         """Bring the last launched step's tokens to the host and finish requests."""

@@ -22,11 +22,11 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .._transfer import upload
 from ..attention import PagedAttention
 from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
 from .batch import HeadRows, HeadwiseBatch, HeadwiseStep, head_rows, row_order
 from .cache import HeadwiseKVCache
-from .transfer import upload
 
 
 class HeadwiseAttention:

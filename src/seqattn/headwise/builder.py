@@ -17,10 +17,10 @@ import torch
 from attrs import define
 
 from .._arrays import indptr_of
+from .._transfer import upload
 from ..descriptor import CacheDescriptor
 from ..packed_data import FlashInferPackedData, append_rows_positions
 from .batch import HeadRows, HeadwiseBatch, head_rows, row_order
-from .transfer import upload
 
 
 @define(slots=True)

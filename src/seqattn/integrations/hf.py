@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .._arrays import concat_ranges
+from .._transfer import upload
 from ..attention import CUDAGraphDecodeAttention, PagedAttention
-from ..attention.batch import host_tensor
 from ..descriptor import CacheDescriptor
 from ..errors import SeqAttnError, TensorSpecError
 from ..packed_data import FlashInferPackedData
@@ -314,8 +314,7 @@ class PagedCausalLM:
 
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """int64 host arrays on the model's device, through one pinned, non-blocking copy."""
-        flat = host_tensor(np.concatenate(arrays), pin=self.device.type == "cuda")
-        return list(flat.to(self.device, non_blocking=True).split([a.size for a in arrays]))
+        return upload(self.device, list(arrays), dtype=torch.int64)[0]
 
     # --------------------------------------------------------------- CUDA graphs
     def enable_cuda_graphs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> bool:

@@ -1,15 +1,20 @@
-"""A step's small index arrays onto the GPU in one copy (numpy in, torch out)."""
+"""A step's small host arrays onto the GPU in one asynchronous copy (numpy in, torch out)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 
 def upload(
-    device: torch.device, to_device: list[np.ndarray], to_host: list[np.ndarray]
+    device: torch.device,
+    to_device: list[np.ndarray],
+    to_host: Sequence[np.ndarray] = (),
+    dtype: torch.dtype = torch.int32,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``to_device`` as int32 tensors on ``device`` and ``to_host`` as int32 pinned host tensors.
+    """``to_device`` as tensors on ``device`` and ``to_host`` as pinned host tensors.
 
     All of them share one pinned buffer, and the device part goes up in one
     non-blocking copy: a step pays one transfer, not one per layer and array, and
@@ -18,8 +23,9 @@ def upload(
     to the GPU itself.
 
     Args:
-        device: a CUDA device (or the CPU, in tests).
-        to_device, to_host: 1-D integer arrays whose values fit int32.
+        device: a CUDA device (or the CPU: then the "copy" is the buffer itself).
+        to_device, to_host: 1-D numeric arrays whose values fit ``dtype``.
+        dtype: of every returned tensor (int32: what flashinfer's index arrays are).
 
     Returns:
         ``(on_device, on_host)``, tensors in the order given, views of the two buffers.
@@ -28,7 +34,7 @@ def upload(
     sizes = [a.size for a in arrays]
     split = sum(sizes[: len(to_device)])
     # unpinned without CUDA, so that tests run this path on a CPU
-    buffer = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=torch.cuda.is_available())
+    buffer = torch.empty(sum(sizes), dtype=dtype, pin_memory=torch.cuda.is_available())
     np.concatenate(arrays, out=buffer.numpy(), casting="same_kind")
     # torch's pinned allocator keeps the buffer until this copy has landed, even if
     # the host tensors are dropped first

@@ -13,6 +13,7 @@ from seqattn import (
     PagedKVCacheManager,
     SeqAttnError,
     SequenceExistsError,
+    UnknownSequenceError,
 )
 from seqattn.allocator import PageAllocator
 from seqattn.errors import PageStateError
@@ -154,6 +155,27 @@ def test_decode_without_token_ids_stops_caching_that_sequence(pdesc: CacheDescri
         pdesc.allocate_decoding([1])
         pdesc.commit([1])
     assert pdesc.prefix_stats.cached_pages == 1
+
+
+def test_decode_tokens_recorded_after_the_step_are_cached(pdesc: CacheDescriptor) -> None:
+    # an engine that decodes ahead learns each step's input token only after launching it
+    prefill(pdesc, 1, PROMPT[:6])
+    generated = [50, 51, 52, 53, 54, 55]
+    for token in generated:
+        pdesc.allocate_decoding([1])
+        packed = pdesc.pack_for_flashinfer([1], append_lens=[1])
+        pdesc.cache_manager.append_kv(*kv_of(pdesc.cache_manager, [token], pdesc.seq_len(1) - 1),
+                                      packed)  # fmt: skip
+        pdesc.record_decode_tokens([1], [token])
+        pdesc.commit([1])
+    assert pdesc.prefix_stats.cached_pages == 3  # 6 prompt + 6 decoded tokens
+    conversation = PROMPT[:6] + generated + [1]
+    assert pdesc.start_sequence(2, conversation) == 12
+    assert_kv_is(pdesc, 2, conversation[:12])
+    with pytest.raises(InvalidLengthError, match="one per sequence"):
+        pdesc.record_decode_tokens([1, 2], [7])
+    with pytest.raises(UnknownSequenceError):
+        pdesc.record_decode_tokens([9], [7])
 
 
 def test_truncate_into_a_cached_page_copies_it(pdesc: CacheDescriptor) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from attrs import define, field
 
-from ..attention.batch import host_tensor
+from .._transfer import upload
 from ..errors import InvalidArgumentError
 
 
@@ -68,7 +68,7 @@ def sample(
         table = np.array(
             [(i, p.temperature, p.top_k or vocab, p.top_p) for i, p in sampled], dtype=np.float64
         )
-        on_device = host_tensor(table, pin=logits.is_cuda).to(logits.device, non_blocking=True)
+        on_device = upload(logits.device, [table.ravel()], dtype=torch.float64)[0][0].view(-1, 4)
         rows = on_device[:, 0].long()
         probs = _filtered_probs(logits[rows].float(), on_device[:, 1:].float())
         tokens[rows] = torch.multinomial(probs, 1, generator=generator).squeeze(1)

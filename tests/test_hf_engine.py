@@ -83,6 +83,17 @@ def test_chunked_prefill() -> None:
     assert outputs == [hf_greedy(model, p, 8) for p in (long_prompt, PROMPTS[0])]
 
 
+def test_a_token_budget_smaller_than_the_batch() -> None:
+    """Decode rows leave one token of the budget: a prefill chunk of one token runs in
+    a step of otherwise one-token rows, and must be fed its prompt token."""
+    model = tiny_model("llama")
+    for budget in (2, 3):
+        engine = engine_for(model, max_step_tokens=budget)
+        prompts = [PROMPTS[3], PROMPTS[1], PROMPTS[0]]
+        outputs = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+        assert outputs == [hf_greedy(model, p, 6) for p in prompts], budget
+
+
 def test_preemption_when_pages_run_out() -> None:
     model = tiny_model("mistral")
     engine = engine_for(model, num_pages=16, page_size=4, max_batch_size=4)

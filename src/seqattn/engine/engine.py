@@ -187,7 +187,7 @@ class Engine:
         if fed_on_device:  # the inputs are the previous step's samples, still on the device
             logits = self.runner.decode(ids, self._sampled_inputs(requests))
             self.stats.decoded_ahead += 1
-        elif all(n == 1 for _, n in rows):
+        elif all(r.pending == 1 for r in requests):  # not a prefill chunk cut to one token
             logits = self.runner.decode(ids, [r.last_token for r in requests])
         else:
             logits = self.runner.forward(ids, [r.next_inputs(n) for r, n in rows])
@@ -275,9 +275,11 @@ class Engine:
                 self._read_sampled()
                 continue
             if len(self.running) == 1:
+                cache = self.runner.cache
                 raise NoPageError(
-                    f"one request needs {need} pages but the pool has "
-                    f"{self.runner.cache.num_pages}; give the engine more pages"
+                    f"request {self.running[0].id} alone needs {need} more pages for its "
+                    f"next step, but {cache.available_pages_count} of the pool's "
+                    f"{cache.num_pages} are available; give the engine more pages"
                 )
             self._preempt(self.running[-1])
         if decode:

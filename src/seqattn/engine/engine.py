@@ -119,7 +119,11 @@ class Engine:
         self._sampled: Optional[_Launched] = None  # the last step, its samples unread
         self._finished: list[Request] = []  # finished since step() last returned
         buckets = tuple(1 << i for i in range((max_batch_size - 1).bit_length() + 1))
-        self.cuda_graphs = cuda_graphs and runner.enable_cuda_graphs(buckets)
+        if cuda_graphs:
+            self.cuda_graphs = runner.enable_cuda_graphs(buckets)
+        else:
+            runner.disable_cuda_graphs()
+            self.cuda_graphs = False
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int], params: SamplingParams) -> int:

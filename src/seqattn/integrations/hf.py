@@ -320,15 +320,32 @@ class PagedCausalLM:
     def enable_cuda_graphs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> bool:
         """Replay decode steps from CUDA graphs (one per batch-size bucket, captured on
         first use). Needs flashinfer and one attention variant for all layers (one
-        window); returns whether graphs are on."""
+        window); returns whether graphs are on. Calling it again with the same buckets
+        keeps the graphs captured so far; other buckets replace them."""
         variants = attention_variants(self.model)
         if self.device.type != "cuda" or self.backend == "torch" or len(variants) != 1:
+            self.disable_cuda_graphs()
             return False
+        current = self._graph_decode
+        if current is not None and current.batch_sizes == sorted(set(batch_sizes)):
+            return True
+        # graphs captured on the old buckets' buffers must never replay with new plans
+        self.disable_cuda_graphs()
         window, scaling = variants.pop()
         heads = self.config.num_attention_heads
         self._graph_decode = CUDAGraphDecodeAttention(self.cache, heads, batch_sizes=batch_sizes)
         self._graph_plan = dict(window_left=window, sm_scale=scaling)
         return True
+
+    def disable_cuda_graphs(self) -> None:
+        """Decode eagerly from now on; frees the captured graphs, their buffers and
+        their scratch page."""
+        if self._graph_decode is None:
+            return
+        torch.cuda.synchronize(self.device)  # no replay may still read what is freed
+        self._graphs.clear()
+        self._graph_decode.close()
+        self._graph_decode = None
 
     def graph_batch_limit(self) -> int:
         """The largest decode batch a graph takes (0: graphs off)."""

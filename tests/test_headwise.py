@@ -406,7 +406,25 @@ def test_write_checks_tensors_and_that_the_step_is_current():
     cache.write(step, 0, k, k)
     q = torch.randn(3, 4, 8, dtype=torch.float64)
     attn.run(q, 0)
-    cache.compress(1, 0, [[0], None])  # layer 1 changed: the step is stale there only
+    # layer 1's new tokens hold no K/V yet: nothing may change or read that layer
+    keep = [[0], None]
+    unwritten = [
+        lambda: cache.compress(1, 0, keep),
+        lambda: cache.truncate_head(1, 0, 0, 0),
+        lambda: cache.append(1, [0], k[:1], k[:1]),
+        lambda: cache.pack(1, [0]),
+        lambda: cache.begin_step([0]),
+        lambda: cache.release([0]),  # not every sequence of the step
+        lambda: attn.run(q, 1),
+    ]
+    for call in unwritten:
+        before = snapshot(cache)
+        with pytest.raises(SeqAttnError, match="not written"):
+            call()
+        assert_same(before, snapshot(cache))
+    cache.write(step, 1, k, k)
+    attn.run(q, 1)
+    cache.compress(1, 0, keep)  # layer 1 changed: the step is stale there only
     with pytest.raises(SeqAttnError, match="stale for layer 1"):
         cache.write(step, 1, k, k)
     with pytest.raises(SeqAttnError, match="layer 1 changed after it was planned"):
@@ -419,6 +437,50 @@ def test_write_checks_tensors_and_that_the_step_is_current():
         cache.write(step, 0, k, k)
     with pytest.raises(SeqAttnError, match="another HeadwiseKVCache"):
         HeadwiseAttention(other, 4, backend="torch").plan_step(new_step)
+
+
+def test_releasing_every_sequence_of_an_unwritten_step_ends_it():
+    cache = HeadwiseKVCache(64, 4, 2, 2, 8, torch.float64, "cpu", check_invariants=True)
+    cache.add_sequences([0, 1, 2])
+    step = cache.begin_step([0, 1, 2], [2, 0, 1])
+    cache.write(step, 1, *[torch.randn(3, 2, 8, dtype=torch.float64)] * 2)
+    with pytest.raises(SeqAttnError, match="release all of that step's sequences"):
+        cache.release([0])
+    cache.release([0, 2])  # sequence 1 took no token in the step
+    assert cache.available_pages_count == 64
+    cache.begin_step([1], [3])  # the step is over: a new one may begin
+    with pytest.raises(SeqAttnError, match="another HeadwiseKVCache"):
+        small = HeadwiseKVCache(8, 4, 1, 2, 8, torch.float64, "cpu")
+        small.add_sequences([1])
+        cache.write(small.begin_step([1]), 1, *[torch.randn(1, 2, 8)] * 2)
+
+
+def test_pack_requires_every_head_to_hold_the_queries_positions():
+    m = Model(page_size=2, num_kv_heads=2, group=1, num_layers=1)
+    m.add([0, 1, 2])
+    m.step([0, 1, 2], [6, 4, 4])
+    m.compress(0, 0, [[0, 2, 4, 5], [0, 1, 2, 3, 4]])  # head 1 drops position 5
+    m.compress(0, 1, [[2, 3], [0, 3]])  # both hold position 3, head 0 also 2
+    m.compress(0, 2, [[1, 2, 3], [0, 2, 3]])  # both hold positions 2 and 3
+    cache = m.cache
+    for ids, lens in (([0], [1]), ([1, 2], [2, 1]), ([2], [3])):
+        before = snapshot(cache)
+        with pytest.raises(InvalidLengthError, match="newest"):
+            cache.pack(0, ids, lens)
+        assert_same(before, snapshot(cache))
+    q = m.randn(3, 2, 8)
+    m.attn.plan(cache.pack(0, [1, 2], [1, 2]))
+    ref, _ = m.reference([1, 2], [1, 2], q, 0)
+    torch.testing.assert_close(m.attn.run(q, 0), ref, atol=1e-10, rtol=1e-10)
+
+
+def test_head_page_ids_are_int32():
+    cache = HeadwiseKVCache(16, 4, 1, 2, 8, torch.float32, "cpu")
+    cache.add_sequences([0])
+    cache.append(0, [0], torch.randn(5, 2, 8), torch.randn(5, 2, 8), [5])
+    cache.truncate_head(0, 0, 1, 0)
+    assert [cache.head_page_ids(0, 0, h).dtype for h in (0, 1)] == [np.int32, np.int32]
+    assert [cache.head_page_ids(0, 0, h).size for h in (0, 1)] == [2, 0]
 
 
 def test_plan_step_needs_a_query_per_sequence():

@@ -4,8 +4,10 @@ The model knows, per (layer, sequence, KV head), the (position, value) of every 
 the head holds, and each sequence's logical length per layer; every appended token
 carries a unique value (keys ``+value``, values ``-value``), so content read back from
 the pages proves that appends (per layer, or ``begin_step`` + ``write`` per layer in
-any order) and compaction moved the right tokens. A step whose layer changed before
-its ``write`` must refuse it; those tokens' values are then unknown (None). After each
+any order, with other rules in between) and compaction moved the right tokens. Until
+its ``write``, a step's layer holds its tokens without values (None): every call that
+would change or read that layer must be refused, and so must a release that leaves
+some of the step's sequences. After each
 rule: the pool's and page tables' integrity, ceil(held / page_size) pages per head,
 free pages equal to the pool minus what the model's heads need, positions and K/V read
 back equal to the model's. A call the model predicts must fail raises the expected
@@ -55,6 +57,8 @@ class HeadwiseMachine(RuleBasedStateMachine):
         ]
         self.length: dict[int, list[int]] = {}
         self.next_value = 1.0
+        # the open step: (step, ids, lens, layers not written yet)
+        self.open: Optional[tuple] = None
 
     @precondition(lambda self: self.ps == 0)
     @rule(ps=st.sampled_from([1, 2, 3]), heads=st.sampled_from([1, 2, 3]))
@@ -86,6 +90,19 @@ class HeadwiseMachine(RuleBasedStateMachine):
     def live(self) -> list[int]:
         return sorted(self.length)
 
+    def unwritten(self, layer: Optional[int] = None) -> bool:
+        """Whether ``layer`` (default: any layer) still waits for the open step's write."""
+        pending = self.open[3] if self.open else set()
+        return bool(pending) if layer is None else layer in pending
+
+    def kv_values(self, nnz: int) -> torch.Tensor:
+        """Unique values for ``nnz`` tokens of every head, ``[nnz, heads, 2]``."""
+        values = torch.arange(
+            self.next_value, self.next_value + nnz * self.heads, dtype=torch.float64
+        )
+        self.next_value += nnz * self.heads
+        return values.view(nnz, self.heads, 1).expand(nnz, self.heads, 2).contiguous()
+
     # -------------------------------------------------------------------- rules
     @precondition(lambda self: self.ps)
     @rule(ids=st.lists(IDS, min_size=1, max_size=3, unique=True))
@@ -111,23 +128,20 @@ class HeadwiseMachine(RuleBasedStateMachine):
             for s, n in zip(ids, lens, strict=True)
             for h in range(self.heads)
         )
-        nnz = sum(lens)
-        values = torch.arange(
-            self.next_value, self.next_value + nnz * self.heads, dtype=torch.float64
-        )
-        kv = values.view(nnz, self.heads, 1).expand(nnz, self.heads, 2).contiguous()
-        if need > self.free():
-            self.expect_failure(NoPageError, lambda: self.cache.append(layer, ids, kv, -kv, lens))
-            return
-        self.cache.append(layer, ids, kv, -kv, lens)
-        self.next_value += nnz * self.heads
-        self._record(layer, ids, lens, kv)
+        kv = self.kv_values(sum(lens))
+        append = functools.partial(self.cache.append, layer, ids, kv, -kv, lens)
+        if self.unwritten(layer):
+            self.expect_failure(SeqAttnError, append)
+        elif need > self.free():
+            self.expect_failure(NoPageError, append)
+        else:
+            append()
+            self._record(layer, ids, lens, kv)
 
     @precondition(lambda self: self.length)
     @rule(data=st.data())
-    def step(self, data: st.DataObject) -> None:
-        """begin_step for every layer, then write the layers in a random order; maybe
-        change one layer first, which makes its write refused."""
+    def begin_step(self, data: st.DataObject) -> None:
+        """Take every layer's pages for a step; its layers are written by write_layer."""
         ids = data.draw(st.lists(st.sampled_from(self.live()), min_size=1, unique=True))
         decode = data.draw(st.booleans())
         any_lens = st.lists(st.integers(0, 2 * self.ps + 1), min_size=len(ids), max_size=len(ids))
@@ -139,26 +153,46 @@ class HeadwiseMachine(RuleBasedStateMachine):
             for h in range(self.heads)
         )
         begin = functools.partial(self.cache.begin_step, ids, None if decode else lens)
+        if self.unwritten():
+            self.expect_failure(SeqAttnError, begin)
+            return
         if need > self.free():
             self.expect_failure(NoPageError, begin)
             return
         step = begin()
-        nnz = sum(lens)
-        stale = data.draw(st.one_of(st.none(), st.integers(0, LAYERS - 1)))
-        if stale is not None:  # a no-op compression still counts as a change
-            self.cache.compress(stale, ids[0], [None] * self.heads)
-        for layer in data.draw(st.permutations(range(LAYERS))):
-            values = torch.arange(
-                self.next_value, self.next_value + nnz * self.heads, dtype=torch.float64
-            )
-            kv = values.view(nnz, self.heads, 1).expand(nnz, self.heads, 2).contiguous()
-            if layer == stale:
-                write = functools.partial(self.cache.write, step, layer, kv, -kv)
-                self.expect_failure(SeqAttnError, write)
-            else:
-                self.cache.write(step, layer, kv, -kv)
-                self.next_value += nnz * self.heads
-            self._record(layer, ids, lens, None if layer == stale else kv)
+        for layer in range(LAYERS):
+            self._record(layer, ids, lens, None)
+        self.open = (step, ids, lens, set(range(LAYERS)) if sum(lens) else set())
+
+    @precondition(lambda self: self.unwritten())
+    @rule(data=st.data())
+    def write_layer(self, data: st.DataObject) -> None:
+        step, ids, lens, pending = self.open  # type: ignore[misc]
+        layer = data.draw(st.sampled_from(sorted(pending)))
+        kv = self.kv_values(sum(lens))
+        self.cache.write(step, layer, kv, -kv)
+        pending.discard(layer)
+        heads, row = self.held[layer], 0  # the step's tokens are each head's newest
+        for seq, n in zip(ids, lens, strict=True):
+            for h in range(self.heads):
+                tokens = heads[seq][h]
+                for j in range(n):
+                    tokens[len(tokens) - n + j] = (
+                        tokens[len(tokens) - n + j][0],
+                        float(kv[row + j, h, 0]),
+                    )
+            row += n
+
+    @precondition(lambda self: self.open is not None)
+    @rule(layer=st.integers(0, LAYERS - 1))
+    def write_a_changed_layer(self, layer: int) -> None:
+        """Writing a layer again is refused once the layer changed after begin_step."""
+        step, _, lens, pending = self.open  # type: ignore[misc]
+        if layer in pending or self.cache._versions[layer] == step.batches[layer].version:
+            return
+        kv = self.kv_values(sum(lens))
+        write = functools.partial(self.cache.write, step, layer, kv, -kv)
+        self.expect_failure(SeqAttnError, write)
 
     def _record(
         self, layer: int, ids: list[int], lens: list[int], kv: Optional[torch.Tensor]
@@ -177,6 +211,10 @@ class HeadwiseMachine(RuleBasedStateMachine):
     @rule(layer=st.integers(0, LAYERS - 1), data=st.data())
     def compress(self, layer: int, data: st.DataObject) -> None:
         seq = data.draw(st.sampled_from(self.live()))
+        if self.unwritten(layer):
+            compress = functools.partial(self.cache.compress, layer, seq, [None] * self.heads)
+            self.expect_failure(SeqAttnError, compress)
+            return
         heads = self.held[layer][seq]
         keep = []
         for tokens in heads:
@@ -199,6 +237,10 @@ class HeadwiseMachine(RuleBasedStateMachine):
         head = data.draw(st.integers(0, self.heads - 1))
         tokens = self.held[layer][seq][head]
         new_len = data.draw(st.integers(0, len(tokens)))
+        if self.unwritten(layer):
+            truncate = functools.partial(self.cache.truncate_head, layer, seq, head, new_len)
+            self.expect_failure(SeqAttnError, truncate)
+            return
         self.cache.truncate_head(layer, seq, head, new_len)
         del tokens[new_len:]
 
@@ -206,6 +248,12 @@ class HeadwiseMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         ids = data.draw(st.lists(st.sampled_from(self.live()), min_size=1, unique=True))
+        if self.unwritten():
+            step_ids = {s for s, n in zip(self.open[1], self.open[2], strict=True) if n}  # type: ignore[index]
+            if not step_ids <= set(ids):
+                self.expect_failure(SeqAttnError, lambda: self.cache.release(ids))
+                return
+            self.open = None
         self.cache.release(ids)
         for seq in ids:
             del self.length[seq]

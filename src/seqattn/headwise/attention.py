@@ -172,7 +172,8 @@ class HeadwiseAttention:
             ``out`` (shape and dtype of ``q``), or ``(out, lse)``.
 
         Raises:
-            SeqAttnError: the layer was not planned, or changed since it was planned.
+            SeqAttnError: the layer was not planned, changed since it was planned, or
+                its step's K/V are not written yet.
             TensorSpecError: a bad ``q`` or ``out``.
         """
         planned = self._planned.get(layer)
@@ -181,6 +182,7 @@ class HeadwiseAttention:
                 f"plan layer {layer} (HeadwiseAttention.plan or plan_step) before run()"
             )
         rows, version, shape = planned
+        self.cache.check_written(layer)
         if version != self.cache._versions[layer]:
             raise SeqAttnError(
                 f"layer {layer} changed after it was planned (append, compress, "

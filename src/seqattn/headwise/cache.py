@@ -135,6 +135,10 @@ class HeadwiseKVCache:
         # pages (append, compress, release) moves it on, which makes them stale
         self._versions = [0] * self.num_layers
         self._clock = 0
+        # the open step: its sequences with new tokens, and the layers whose tokens are
+        # allocated but not yet written (their pages hold stale data until then)
+        self._step_ids: frozenset[int] = frozenset()
+        self._unwritten: set[int] = set()
 
     # ------------------------------------------------------------------ sequences
     def add_sequences(self, seq_ids: Iterable[int]) -> None:
@@ -157,8 +161,15 @@ class HeadwiseKVCache:
         """
         ids = _id_list(seq_ids)
         self.positions.slots(ids)  # checks every id before releasing any
+        if self._unwritten and not self._step_ids <= set(ids):
+            raise SeqAttnError(
+                f"layers {sorted(self._unwritten)} of the open step are not written: "
+                f"write them, or release all of that step's sequences "
+                f"{sorted(self._step_ids)[:8]} together"
+            )
         self.descriptor.release(self._all_rows(ids))
         self.positions.remove(ids)
+        self._unwritten.clear()
         self._changed(self._all_layers)
 
     # ---------------------------------------------------------------------- steps
@@ -174,6 +185,11 @@ class HeadwiseKVCache:
         / ``run`` attend. The step stays valid for a layer until the layer changes
         again (an append, a compression or a release).
 
+        Until a layer is written, its new tokens hold no K/V: calls that would change
+        or read that layer (``append``, ``compress``, ``truncate_head``, ``pack``,
+        ``run``, another ``begin_step``) are refused, and so is ``release`` unless it
+        ends every sequence of the step.
+
         Args:
             seq_ids: live sequences, in batch order.
             append_lens: new tokens per sequence, ``[batch_size]`` ints >= 0; default one
@@ -185,17 +201,26 @@ class HeadwiseKVCache:
         Raises:
             NoPageError: the pool lacks pages for all layers (every layer unchanged).
             UnknownSequenceError, DuplicateSequenceError, InvalidLengthError: bad ids or
-            lengths. Nothing changed.
+            lengths. SeqAttnError: the last step has layers not written yet. Nothing
+            changed.
         """
         ids = _id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = None if append_lens is None else self._append_lens(append_lens, len(ids), None)
+        if self._unwritten:
+            raise SeqAttnError(
+                f"layers {sorted(self._unwritten)} of the last step are not written yet: "
+                "write them before beginning another step"
+            )
         version = self._clock + 1
         builder = self._builder
         row_ids = builder.row_ids(self._all_layers, ids)
         rows, batches = builder.open(self._all_layers, tuple(ids), row_ids, lens, version, self)
-        self.positions.advance(self._all_layers, slots, batches[0].append_lens)
+        new = batches[0].append_lens
+        self.positions.advance(self._all_layers, slots, new)
         self._changed(self._all_layers, version)
+        self._step_ids = frozenset(s for s, n in zip(ids, new.tolist(), strict=True) if n)
+        self._unwritten = set(self._all_layers) if self._step_ids else set()
         return HeadwiseStep(batches[0].seq_ids, batches[0].append_lens, rows, tuple(batches))
 
     def write(self, step: HeadwiseStep, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -230,6 +255,7 @@ class HeadwiseKVCache:
         if not fits:
             self._check_kv(k, v, nnz)  # raises, saying what was expected
         self._write(batch, k, v)
+        self._unwritten.discard(layer)
 
     def append(
         self,
@@ -269,6 +295,7 @@ class HeadwiseKVCache:
         slots = self.positions.slots(ids)
         lens = self._append_lens(append_lens, len(ids), k)
         self._check_kv(k, v, int(lens.sum()))
+        self.check_written(layer)
         row_ids = self._builder.row_ids((layer,), ids)
         version = self._clock + 1
         _, (batch,) = self._builder.open((layer,), tuple(ids), row_ids, lens, version, self)
@@ -285,11 +312,28 @@ class HeadwiseKVCache:
         self, layer: int, seq_ids: Sequence[int], query_lens: Optional[Sequence[int]] = None
     ) -> HeadwiseBatch:
         """The layer's head-wise batch without appending (to attend again with the newest
-        ``query_lens`` tokens of each sequence as queries; default one each)."""
+        ``query_lens`` tokens of each sequence as queries; default one each).
+
+        Raises:
+            InvalidLengthError: a head no longer holds all of its sequence's query
+                positions (the newest ``query_lens[b]``), so the causal mask, which
+                counts tokens, would be wrong. UnknownSequenceError,
+                DuplicateSequenceError. SeqAttnError: the layer is not written yet.
+        """
         self._check_layer(layer)
         ids = _id_list(seq_ids)
-        self.positions.slots(ids)
+        slots = self.positions.slots(ids)
         lens = None if query_lens is None else self._append_lens(query_lens, len(ids), None)
+        self.check_written(layer)
+        counts = np.ones(len(ids), dtype=np.int64) if lens is None else lens
+        held = self.positions.hold_newest(layer, slots, counts)
+        if not held.all():
+            b, h = (int(i) for i in np.argwhere(~held)[0])
+            raise InvalidLengthError(
+                f"head {h} of sequence {ids[b]} in layer {layer} does not hold all of the "
+                f"newest {counts[b]} positions, the queries' own (see head_positions): "
+                "attend with fewer query tokens"
+            )
         row_ids = self._builder.row_ids((layer,), ids)
         version = self._versions[layer]
         _, (batch,) = self._builder.pack((layer,), tuple(ids), row_ids, lens, version, self)
@@ -317,7 +361,8 @@ class HeadwiseKVCache:
 
         Raises:
             InvalidLengthError: not one entry per head, or indices out of range, unsorted
-                or repeated (or positions not held). UnknownSequenceError. Nothing changed.
+                or repeated (or positions not held). UnknownSequenceError. SeqAttnError: the
+            layer's step tokens are not written yet. Nothing changed.
         """
         self._check_layer(layer)
         slot = self.positions.slot(seq_id)
@@ -328,6 +373,7 @@ class HeadwiseKVCache:
             keeps = self._indices_of_positions(layer, slot, keep)
         else:
             keeps = [checked_keep(keep[h], int(held[h]), h) for h in range(self.num_kv_heads)]
+        self.check_written(layer)
         self._compact(row_ids, held, keeps)
         positions = self.positions
         kept = [positions.positions(layer, slot, h)[kh] for h, kh in enumerate(keeps)]
@@ -352,6 +398,14 @@ class HeadwiseKVCache:
         self.compress(layer, seq_id, keep)
 
     # -------------------------------------------------------------------- lookups
+    def check_written(self, layer: int) -> None:
+        """Raise SeqAttnError if ``layer`` holds tokens of a step not written yet."""
+        if layer in self._unwritten:
+            raise SeqAttnError(
+                f"layer {layer} holds the open step's tokens, whose K/V are not written "
+                f"yet: call write(step, {layer}, k, v) first"
+            )
+
     @property
     def seq_ids(self) -> list[int]:
         """Live sequence ids, oldest first."""
@@ -399,7 +453,8 @@ class HeadwiseKVCache:
         self._check_layer(layer)
         self._check_head(head)
         self.positions.slot(seq_id)
-        return np.asarray(self.descriptor.page_indices(self._head_rows(layer, seq_id)[head]))
+        pages = self.descriptor.page_indices(self._head_rows(layer, seq_id)[head])
+        return np.asarray(pages, dtype=np.int32)
 
     # --------------------------------------------------------------------- memory
     @property
@@ -494,10 +549,10 @@ class HeadwiseKVCache:
         """The step's batch of ``layer``, after checking that it is this cache's and current."""
         if not isinstance(step, HeadwiseStep):
             raise TensorSpecError(f"step must be a HeadwiseStep, got {type(step).__name__}")
+        if step.batches[0].owner is not self:
+            raise SeqAttnError("this step was begun on another HeadwiseKVCache")
         self._check_layer(layer)
         batch = step.batches[layer]
-        if batch.owner is not self:
-            raise SeqAttnError("this step was begun on another HeadwiseKVCache")
         if batch.version != self._versions[layer]:
             raise SeqAttnError(
                 f"the step is stale for layer {layer}: the layer changed after begin_step "

@@ -92,6 +92,18 @@ class HeadPositions:
         pinned = np.array([p.size for p in self._pinned[slot][layer]], dtype=np.int64)
         return pinned + self._length[slot, layer] - self._tail_from[slot, layer]
 
+    def hold_newest(self, layer: int, slots: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Whether each head of ``slots[i]`` holds its layer's newest ``counts[i]``
+        positions, ``[len(slots), num_kv_heads]`` bool."""
+        first = self._length[slots, layer] - counts  # the oldest position asked for
+        tail_from = self._tail_from[slots, layer]
+        held = tail_from <= first[:, None]
+        for i, head in np.argwhere(~held).tolist():  # the rest must end the pinned ones
+            pinned = self._pinned[slots[i]][layer][head]
+            need = int(tail_from[i, head] - first[i])
+            held[i, head] = first[i] >= 0 and pinned.size >= need and pinned[-need] == first[i]
+        return held
+
     def positions(self, layer: int, slot: int, head: int) -> np.ndarray:
         """Positions one head holds, increasing, ``[held]`` int64 (a copy)."""
         tail = np.arange(self._tail_from[slot, layer, head], self._length[slot, layer])

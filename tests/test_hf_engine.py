@@ -74,6 +74,17 @@ def test_shared_prefix_is_served_from_the_prefix_cache() -> None:
         assert output == hf_greedy(model, prompt, 6)
 
 
+def test_requests_admitted_together_compute_a_shared_prompt_once() -> None:
+    model = tiny_model("qwen2")
+    system = list(range(40, 57))  # 17 tokens: 4 full pages of 4
+    prompts = [[*system, 1], [*system, 2, 3], [*system, 4], list(range(60, 70)), [*system]]
+    engine = engine_for(model, max_step_tokens=8)  # the system prompt takes 3 chunks
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=5))
+    own = [len(p) - 16 for p in prompts[1:3]] + [10, 1]
+    assert engine.stats.computed_prompt_tokens == len(prompts[0]) + sum(own)
+    assert outputs == [hf_greedy(model, p, 5) for p in prompts]
+
+
 def test_chunked_prefill() -> None:
     model = tiny_model("qwen3")
     engine = engine_for(model, max_step_tokens=5)

@@ -123,14 +123,11 @@ def describe(model: Any) -> str:
 def serve(engine: Any, prompts: list[list[int]], params: Any) -> tuple[list[list[int]], float]:
     """All requests through the engine, with a progress bar; (outputs, seconds).
 
-    The first request arrives one step before the others, so that its prompt is in the
-    prefix cache when they come (requests admitted in the same step compute the shared
-    prompt each, then share one copy of its pages)."""
+    They arrive together: the engine computes the shared system prompt once, for the
+    first, and starts the others from the prefix cache once it is there."""
     total = len(prompts) * params.max_new_tokens
     start = time.perf_counter()
-    ids = [engine.add_request(prompts[0], params)]
-    engine.step()
-    ids += [engine.add_request(p, params) for p in prompts[1:]]
+    ids = [engine.add_request(p, params) for p in prompts]
     while engine.has_work:
         engine.step()
         done = engine.stats.generated_tokens

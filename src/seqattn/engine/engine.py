@@ -240,15 +240,43 @@ class Engine:
 
     # ----------------------------------------------------------------- scheduling
     def _admit(self) -> None:
-        """Start waiting requests (sharing their cached prefixes) while there is room."""
+        """Start waiting requests (sharing their cached prefixes) while there is room.
+
+        A request whose prompt shares full pages with a running request that has not
+        computed them yet waits until it has (then it reads them from the prefix cache
+        instead of computing them again); the requests behind it go first.
+        """
+        held = []
         while self.waiting and len(self.running) < self.max_batch_size:
             request = self.waiting[0]
             if self.runner.cache.available_pages_count == 0 and self.running:
                 break
             self.waiting.popleft()
+            if self._prefix_in_flight(request):
+                held.append(request)
+                continue
             request.computed = self.descriptor.start_sequence(request.id, request.tokens)
             request.status = Status.RUNNING
             self.running.append(request)
+        self.waiting.extendleft(reversed(held))
+
+    def _prefix_in_flight(self, request: Request) -> bool:
+        """Whether a running request is computing full pages that ``request`` could share."""
+        ps = self.runner.cache.page_size
+        tokens = request.tokens
+        for other in self.running:
+            theirs = other.tokens
+            limit = min(len(tokens) - 1, len(theirs)) // ps  # pages the cache could give
+            if limit * ps <= other.computed or tokens[:ps] != theirs[:ps]:
+                continue  # nothing left to compute that could be shared, or nothing shared
+            shared = 1
+            while shared < limit and (
+                tokens[shared * ps : (shared + 1) * ps] == theirs[shared * ps : (shared + 1) * ps]
+            ):
+                shared += 1
+            if shared * ps > other.computed:
+                return True
+        return False
 
     def _schedule(self) -> list[tuple[Request, int]]:
         """Decode rows first (one token each), then prefill chunks within the budget."""
@@ -293,7 +321,10 @@ class Engine:
             self.descriptor.allocate_decoding(decode, token_ids=last)
         if prefill:
             self.descriptor.allocate(prefill_ids, prefill_lens)
-            self.stats.computed_prompt_tokens += sum(prefill_lens)
+        # prompt tokens (and recomputed ones): all but the rows that feed a sampled token
+        self.stats.computed_prompt_tokens += sum(
+            n for r, n in rows if r.pending > 1 or not (r.output or r.unread)
+        )
         return rows
 
     def _preempt(self, request: Request) -> None:

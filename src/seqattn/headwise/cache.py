@@ -361,8 +361,8 @@ class HeadwiseKVCache:
 
         Raises:
             InvalidLengthError: not one entry per head, or indices out of range, unsorted
-                or repeated (or positions not held). UnknownSequenceError. SeqAttnError: the
-            layer's step tokens are not written yet. Nothing changed.
+                or repeated (or positions not held). UnknownSequenceError.
+            SeqAttnError: the layer's step tokens are not written yet. Nothing changed.
         """
         self._check_layer(layer)
         slot = self.positions.slot(seq_id)

@@ -9,7 +9,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from seqattn import InvalidLengthError, NoPageError, SeqAttnError  # noqa: E402
+from seqattn import (  # noqa: E402
+    InvalidArgumentError,
+    InvalidLengthError,
+    NoPageError,
+    SeqAttnError,
+)
 from seqattn.engine import Engine, SamplingParams  # noqa: E402
 from seqattn.integrations.hf import PagedCausalLM  # noqa: E402
 
@@ -146,10 +151,21 @@ def test_a_request_larger_than_the_pool_is_refused_clearly() -> None:
     engine.descriptor.check_integrity()
 
 
-def test_empty_prompt_is_refused() -> None:
-    engine = engine_for(tiny_model("llama"))
-    with pytest.raises(InvalidLengthError):
-        engine.add_request([], SamplingParams())
+def test_bad_prompts_are_refused_before_they_are_queued() -> None:
+    engine = engine_for(tiny_model("llama"))  # vocabulary of 128
+    bad = [
+        (InvalidLengthError, [], "at least one token"),
+        (InvalidLengthError, [1.5, 2], "integers"),
+        (InvalidLengthError, [[1, 2]], "1-D"),
+        (InvalidArgumentError, [5, 128], r"\[0, 128\).*\[128\]"),
+        (InvalidArgumentError, torch.tensor([-1, 3]), r"\[-1\]"),
+    ]
+    for error, prompt, message in bad:
+        with pytest.raises(error, match=message):
+            engine.add_request(prompt, SamplingParams())
+    assert not engine.has_work and not engine.requests
+    out = engine.generate([torch.tensor([5, 9, 17, 3, 44])], SamplingParams(max_new_tokens=3))
+    assert out == [hf_greedy(engine.runner.model, PROMPTS[0], 3)]
 
 
 def test_decode_steps_run_ahead_and_generated_pages_are_cached() -> None:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from attrs import define
 
+from .._arrays import as_int_array
 from .._transfer import upload
-from ..errors import InvalidLengthError, NoPageError
+from ..errors import InvalidArgumentError, InvalidLengthError, NoPageError
 from ..integrations.hf import PagedCausalLM
 from .request import Request, Status
 from .sampling import SamplingParams, sample
@@ -127,10 +128,23 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int], params: SamplingParams) -> int:
-        """Queue a request; returns its id."""
-        if len(prompt) == 0:
+        """Queue a request; returns its id.
+
+        Raises:
+            InvalidLengthError: an empty prompt, or one that is not 1-D integers.
+            InvalidArgumentError: a token id outside the model's vocabulary (which on a
+                GPU would end the process with a device-side assert).
+        """
+        tokens = as_int_array(prompt, "a prompt", InvalidLengthError)
+        if tokens.size == 0:
             raise InvalidLengthError("a prompt needs at least one token")
-        request = Request(self._next_id, list(prompt), params)
+        vocab = self.runner.model.get_input_embeddings().num_embeddings
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            bad = tokens[(tokens < 0) | (tokens >= vocab)][:8].tolist()
+            raise InvalidArgumentError(
+                f"token ids must lie in [0, {vocab}) (the model's vocabulary), got {bad}"
+            )
+        request = Request(self._next_id, tokens.tolist(), params)
         request.arrival = time.perf_counter()
         self._next_id += 1
         self.requests[request.id] = request

@@ -151,7 +151,7 @@ def test_a_request_larger_than_the_pool_is_refused_clearly() -> None:
     engine.descriptor.check_integrity()
 
 
-def test_bad_prompts_are_refused_before_they_are_queued() -> None:
+def test_bad_prompts_and_settings_are_refused_up_front() -> None:
     engine = engine_for(tiny_model("llama"))  # vocabulary of 128
     bad = [
         (InvalidLengthError, [], "at least one token"),
@@ -164,6 +164,9 @@ def test_bad_prompts_are_refused_before_they_are_queued() -> None:
         with pytest.raises(error, match=message):
             engine.add_request(prompt, SamplingParams())
     assert not engine.has_work and not engine.requests
+    for options in ({"max_batch_size": 0}, {"max_step_tokens": 0}, {"max_step_tokens": 1.5}):
+        with pytest.raises(InvalidArgumentError, match="positive integer"):
+            Engine(engine.runner, **options)
     out = engine.generate([torch.tensor([5, 9, 17, 3, 44])], SamplingParams(max_new_tokens=3))
     assert out == [hf_greedy(engine.runner.model, PROMPTS[0], 3)]
 

@@ -107,6 +107,12 @@ class Engine:
         seed: int = 0,
         cuda_graphs: bool = True,
     ) -> None:
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("max_step_tokens", max_step_tokens),
+        ):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
         self.runner = runner
         self.descriptor = runner.descriptor
         self.max_batch_size = max_batch_size

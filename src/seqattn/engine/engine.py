@@ -339,12 +339,11 @@ class Engine:
             # a token sampled ahead is told to the prefix cache once read (see step)
             last = None if requests[0].unread else [r.last_token for r in requests]
             self.descriptor.allocate_decoding(decode, token_ids=last)
+            # a one-token row feeds a prompt's last token until a token is sampled
+            self.stats.computed_prompt_tokens += sum(not (r.output or r.unread) for r in requests)
         if prefill:
             self.descriptor.allocate(prefill_ids, prefill_lens)
-        # prompt tokens (and recomputed ones): all but the rows that feed a sampled token
-        self.stats.computed_prompt_tokens += sum(
-            n for r, n in rows if r.pending > 1 or not (r.output or r.unread)
-        )
+            self.stats.computed_prompt_tokens += sum(prefill_lens)
         return rows
 
     def _preempt(self, request: Request) -> None:

@@ -57,7 +57,7 @@ class HeadwiseMachine(RuleBasedStateMachine):
         ]
         self.length: dict[int, list[int]] = {}
         self.next_value = 1.0
-        # the open step: (step, ids, lens, layers not written yet)
+        # the open step: (step, ids, lens, layers not written yet, layers changed since)
         self.open: Optional[tuple] = None
 
     @precondition(lambda self: self.ps == 0)
@@ -94,6 +94,11 @@ class HeadwiseMachine(RuleBasedStateMachine):
         """Whether ``layer`` (default: any layer) still waits for the open step's write."""
         pending = self.open[3] if self.open else set()
         return bool(pending) if layer is None else layer in pending
+
+    def changed(self, layers: list[int]) -> None:
+        """Note that ``layers`` changed: the open step is stale there from now on."""
+        if self.open is not None:
+            self.open[4].update(layers)
 
     def kv_values(self, nnz: int) -> torch.Tensor:
         """Unique values for ``nnz`` tokens of every head, ``[nnz, heads, 2]``."""
@@ -137,6 +142,7 @@ class HeadwiseMachine(RuleBasedStateMachine):
         else:
             append()
             self._record(layer, ids, lens, kv)
+            self.changed([layer])
 
     @precondition(lambda self: self.length)
     @rule(data=st.data())
@@ -162,12 +168,12 @@ class HeadwiseMachine(RuleBasedStateMachine):
         step = begin()
         for layer in range(LAYERS):
             self._record(layer, ids, lens, None)
-        self.open = (step, ids, lens, set(range(LAYERS)) if sum(lens) else set())
+        self.open = (step, ids, lens, set(range(LAYERS)) if sum(lens) else set(), set())
 
     @precondition(lambda self: self.unwritten())
     @rule(data=st.data())
     def write_layer(self, data: st.DataObject) -> None:
-        step, ids, lens, pending = self.open  # type: ignore[misc]
+        step, ids, lens, pending, _ = self.open  # type: ignore[misc]
         layer = data.draw(st.sampled_from(sorted(pending)))
         kv = self.kv_values(sum(lens))
         self.cache.write(step, layer, kv, -kv)
@@ -183,13 +189,12 @@ class HeadwiseMachine(RuleBasedStateMachine):
                     )
             row += n
 
-    @precondition(lambda self: self.open is not None)
-    @rule(layer=st.integers(0, LAYERS - 1))
-    def write_a_changed_layer(self, layer: int) -> None:
+    @precondition(lambda self: self.open is not None and self.open[4])
+    @rule(data=st.data())
+    def write_a_changed_layer(self, data: st.DataObject) -> None:
         """Writing a layer again is refused once the layer changed after begin_step."""
-        step, _, lens, pending = self.open  # type: ignore[misc]
-        if layer in pending or self.cache._versions[layer] == step.batches[layer].version:
-            return
+        step, _, lens, _, changed = self.open  # type: ignore[misc]
+        layer = data.draw(st.sampled_from(sorted(changed)))
         kv = self.kv_values(sum(lens))
         write = functools.partial(self.cache.write, step, layer, kv, -kv)
         self.expect_failure(SeqAttnError, write)
@@ -226,6 +231,7 @@ class HeadwiseMachine(RuleBasedStateMachine):
             )
             keep.append(np.array(sorted(chosen), dtype=np.int64))
         self.cache.compress(layer, seq, keep)
+        self.changed([layer])
         for h, kh in enumerate(keep):
             if kh is not None:
                 heads[h] = [heads[h][i] for i in kh.tolist()]
@@ -242,6 +248,7 @@ class HeadwiseMachine(RuleBasedStateMachine):
             self.expect_failure(SeqAttnError, truncate)
             return
         self.cache.truncate_head(layer, seq, head, new_len)
+        self.changed([layer])
         del tokens[new_len:]
 
     @precondition(lambda self: self.length)
@@ -255,6 +262,7 @@ class HeadwiseMachine(RuleBasedStateMachine):
                 return
             self.open = None
         self.cache.release(ids)
+        self.changed(list(range(LAYERS)))
         for seq in ids:
             del self.length[seq]
             for layer in range(LAYERS):

@@ -36,3 +36,5 @@ def test_generate_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> None:
         assert f"| {path} |" in out
     # float32: the engine's greedy tokens are HF's, and the benchmark says so
     assert "tokens identical to HF generate: 100.0%; earliest divergence: none" in out
+    judged = out.split("eager: HF forward on its tokens: ")[1].split("\n")[0]
+    assert judged == "top-1 100.0%; largest gap to the top logit 0.000"

@@ -45,10 +45,15 @@ def decode_tensor_cores(num_qo_heads: int, num_kv_heads: int, choice: Optional[b
 
 
 class _WrapperPair:
-    """Two wrappers of one kind used in turn, each re-planned only after its last plan landed."""
+    """Two wrappers of one kind used in turn, each re-planned only after its last plan landed.
+
+    A wrapper is made on first use: each holds 16 MiB of index workspace (half of it
+    pinned host memory), so a backend that only decodes never pays for prefill's.
+    """
 
     def __init__(self, make: Any) -> None:
-        self.wrappers = [make(), make()]
+        self.make = make
+        self.wrappers: list[Any] = [None, None]
         self.events: list[Optional[torch.cuda.Event]] = [None, None]
         self.turn = 0
 
@@ -57,12 +62,15 @@ class _WrapperPair:
         event = self.events[self.turn]
         if event is not None:
             event.synchronize()  # the copy from two plans ago; finished unless far behind
+        if self.wrappers[self.turn] is None:
+            self.wrappers[self.turn] = self.make()
         return self.wrappers[self.turn]
 
     def planned(self) -> None:
-        event = torch.cuda.Event()
+        event = self.events[self.turn]
+        if event is None:  # one event per wrapper, recorded again at each plan
+            event = self.events[self.turn] = torch.cuda.Event()
         event.record()
-        self.events[self.turn] = event
 
 
 class FlashInferAttentionBackend:
@@ -119,7 +127,9 @@ class FlashInferAttentionBackend:
         if batch.decode_only:
             pair = self._decode
             wrapper = pair.next()
-            wrapper.plan(indptr, indices, last, *heads, **options)
+            # seq_lens: saves plan() deriving them from indptr and last on the host
+            lens = host_tensor(batch.kv_lens, pin=False)
+            wrapper.plan(indptr, indices, last, *heads, seq_lens=lens, **options)
         else:
             pair = self._prefill
             wrapper = pair.next()

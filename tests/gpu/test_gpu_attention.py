@@ -114,10 +114,12 @@ def test_decode_fp8_kv_with_scales():
 def test_group_size_without_cuda_core_kernel_uses_tensor_cores():
     flashinfer_or_skip()
     m = Model(hq=12, hkv=2)  # group size 6
-    assert m.flashinfer.impl._decode.wrappers[0].use_tensor_cores
     ids = [0, 1]
     m.step(ids, [33, 70])
     m.compare(m.step(ids, [1, 1], decode=True))
+    decode = m.flashinfer.impl._decode  # its wrappers are made when first planned
+    assert decode.wrappers[decode.turn] is m.flashinfer.impl._active
+    assert m.flashinfer.impl._active.use_tensor_cores
 
 
 def test_cuda_graph_replay_equals_eager():

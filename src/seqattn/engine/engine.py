@@ -287,9 +287,9 @@ class Engine:
         for other in self.running:
             theirs = other.tokens
             limit = min(len(tokens) - 1, len(theirs)) // ps  # pages the cache could give
-            if limit * ps <= other.computed or tokens[:ps] != theirs[:ps]:
-                continue  # nothing left to compute that could be shared, or nothing shared
-            shared = 1
+            if limit * ps <= other.computed:
+                continue  # nothing left to compute that could be shared
+            shared = 0
             while shared < limit and (
                 tokens[shared * ps : (shared + 1) * ps] == theirs[shared * ps : (shared + 1) * ps]
             ):

@@ -43,6 +43,20 @@ class InvalidArgumentError(SeqAttnError, ValueError):
     """A setting outside its range (e.g. a negative temperature)."""
 
 
+class ArgumentTypeError(SeqAttnError, TypeError):
+    """An argument of the wrong type: a bool, float or str where an integer belongs, a
+    str or set where a sequence of ids belongs, a stray object where a setting belongs."""
+
+
+class IndexOutOfRangeError(SeqAttnError, IndexError):
+    """A layer, head or page index outside its range."""
+
+
+class StaleBatchError(SeqAttnError, ValueError):
+    """A packed batch whose sequences changed since it was packed, or one packed by
+    another cache: its page tables no longer say where their tokens live."""
+
+
 class TensorSpecError(SeqAttnError, ValueError):
     """A tensor with the wrong shape, dtype or device."""
 

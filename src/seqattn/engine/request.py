@@ -19,13 +19,28 @@ class Request:
 
     ``tokens = prompt + output``. The sequence holds the KV of ``tokens[:computed]``; the
     rest are the request's next inputs (the whole prompt at first, one sampled token
-    while decoding).
+    while decoding). ``eos_token_ids`` are the model's end-of-sequence ids: producing one
+    ends the request (the token is kept; finish reason ``"stop"``) unless
+    ``params.ignore_eos``. The engine makes requests from checked input
+    (:meth:`Engine.add_request`); this class trusts its arguments.
     """
 
-    def __init__(self, request_id: int, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        request_id: int,
+        prompt: list[int],
+        params: SamplingParams,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
         self.id = request_id
         self.prompt = prompt
         self.params = params
+        # tokens that end the request when produced: its stop ids and, unless it ignores
+        # them, the model's end-of-sequence ids
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops.update(eos_token_ids)
+        self.stop_ids = frozenset(stops)
         self.output: list[int] = []
         self.computed = 0
         self.status = Status.WAITING
@@ -61,8 +76,8 @@ class Request:
         return self.unread > 0 and len(self.output) + self.unread >= self.params.max_new_tokens
 
     def finish_if_done(self) -> bool:
-        """Mark finished after a stop token or ``max_new_tokens``."""
-        if self.output and self.output[-1] in self.params.stop_token_ids:
+        """Mark finished after a stop or end-of-sequence token, or ``max_new_tokens``."""
+        if self.output and self.output[-1] in self.stop_ids:
             self.finish_reason = "stop"
         elif len(self.output) >= self.params.max_new_tokens:
             self.finish_reason = "length"

@@ -20,10 +20,19 @@ import numpy as np
 import torch
 
 from .._arrays import concat_ranges
+from .._checks import INT64_MAX, exact_int, id_list, int_array, shown
 from .._transfer import upload
 from ..attention import CUDAGraphDecodeAttention, PagedAttention
+from ..attention.paged_attention import BACKENDS
 from ..descriptor import CacheDescriptor
-from ..errors import SeqAttnError, TensorSpecError
+from ..errors import (
+    ArgumentTypeError,
+    DuplicateSequenceError,
+    InvalidArgumentError,
+    InvalidLengthError,
+    SeqAttnError,
+    TensorSpecError,
+)
 from ..packed_data import FlashInferPackedData
 from ..storage import PagedKVCacheManager
 
@@ -189,7 +198,15 @@ class PagedCausalLM:
         num_pages: pages in the KV pool.
         page_size: tokens per page.
         prefix_caching: share cached prompt prefixes between sequences.
-        backend: attention backend, as :class:`PagedAttention` (``"auto"``: flashinfer on CUDA).
+        backend: attention backend, as :class:`PagedAttention`: ``"auto"`` (flashinfer on
+            CUDA), ``"flashinfer"`` or ``"torch"``.
+
+    Raises:
+        ArgumentTypeError: ``model`` is not a torch module with a config, or an argument
+            of the wrong type (``num_pages=2.5``, ``prefix_caching=1``, ``backend=None``).
+        InvalidArgumentError: an unsupported model family, a model without a language
+            model head (e.g. ``LlamaModel``), a size < 1, or an unknown backend.
+        Every check runs before the model is switched to seqattn's attention.
 
     Example:
         >>> import torch
@@ -213,19 +230,27 @@ class PagedCausalLM:
         prefix_caching: bool = True,
         backend: str = "auto",
     ) -> None:
+        check_model(model)
+        num_pages = exact_int(num_pages, "num_pages", low=1, high=INT64_MAX)
+        page_size = exact_int(page_size, "page_size", low=1, high=INT64_MAX)
+        if not isinstance(prefix_caching, (bool, np.bool_)):
+            raise ArgumentTypeError(f"prefix_caching must be a bool, got {shown(prefix_caching)}")
+        check_backend(backend)
         config = model.config
-        check_supported(config)
-        register()
-        model.set_attn_implementation(ATTENTION_NAME)
         param = next(model.parameters())
-        self.model = model
-        self.config = config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        # the pool first: if its sizes are refused, the model is still as it came
         self.cache = PagedKVCacheManager(
             num_pages, page_size, config.num_key_value_heads, head_dim, param.dtype,
             param.device, num_layers=config.num_hidden_layers,
         )  # fmt: skip
+        register()
+        model.set_attn_implementation(ATTENTION_NAME)
+        self.model = model
+        self.config = config
+        # the ids the embedding takes: what every token passed in is checked against
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.descriptor = CacheDescriptor(self.cache, prefix_caching=prefix_caching)
         self.backend = backend
         self._attention: dict[tuple[int, Optional[float]], PagedAttention] = {}
@@ -236,6 +261,12 @@ class PagedCausalLM:
     @property
     def device(self) -> torch.device:
         return self.cache.device
+
+    @property
+    def reserved_pages(self) -> int:
+        """Pages of the pool the runner holds for itself: the scratch page that padded
+        CUDA-graph decode rows write into, while graphs are on; 0 otherwise."""
+        return 0 if self._graph_decode is None else 1
 
     def attention_for(self, window: int, scaling: Optional[float]) -> PagedAttention:
         """The attention object of one (window, scale) variant, made once."""
@@ -257,14 +288,30 @@ class PagedCausalLM:
         ``allocate_decoding``): they are the newest ``len(tokens[i])`` of sequence
         ``seq_ids[i]``, at positions ``seq_len - len(tokens[i]) ..``.
 
+        Args:
+            seq_ids: live sequences, each once, ``[batch]`` integers.
+            tokens: one non-empty row of token ids per sequence, each ``[n_i]``
+                integers in ``[0, vocab_size)`` (lists, numpy arrays or tensors; checked
+                on the host, before the model runs).
+
         Returns:
             ``shape: [len(seq_ids), vocab_size]``, the model's dtype, on its device.
+
+        Raises:
+            ArgumentTypeError: ids or tokens that are not integers, or ``tokens`` not a
+                sequence of rows.
+            InvalidArgumentError: a token id outside the vocabulary.
+            InvalidLengthError: no sequence, a row count other than ``len(seq_ids)``, an
+                empty row, or a row longer than its sequence (not allocated).
+            DuplicateSequenceError: an id listed twice.
+            UnknownSequenceError: an id that is not live.
         """
-        lens = np.array([len(t) for t in tokens], dtype=np.int64)
-        if lens.size != len(seq_ids) or (lens.size and lens.min() < 1):
-            raise TensorSpecError("pass one non-empty token list per sequence")
+        seq_ids = self._batch_ids(seq_ids)
+        rows = self._token_rows(tokens, len(seq_ids))
+        lens = np.array([row.size for row in rows], dtype=np.int64)
         ends = self.descriptor.seq_lens(seq_ids).astype(np.int64)
-        flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
+        self._check_allocated(seq_ids, ends, lens)
+        flat = np.concatenate(rows)
         # tokens, positions and each sequence's last row go up in one asynchronous copy
         inputs = self._upload(flat, concat_ranges(ends - lens, lens), np.cumsum(lens) - 1)
         return self._run(seq_ids, lens, inputs[0], inputs[1], inputs[2])
@@ -277,17 +324,39 @@ class PagedCausalLM:
         fits a bucket; run eagerly otherwise.
 
         Args:
-            seq_ids: live sequences, each grown by one token (``allocate_decoding``).
-            tokens: their new tokens, a list or an int64 tensor ``[len(seq_ids)]`` on the
-                model's device (e.g. the previous step's samples, never read by the host).
+            seq_ids: live sequences, each once, each grown by one token
+                (``allocate_decoding``).
+            tokens: their new tokens, ``[len(seq_ids)]``: a list, numpy array or CPU
+                tensor of integers in ``[0, vocab_size)`` (checked on the host), or an
+                int64 tensor on the model's device (e.g. the previous step's samples).
+                A device tensor's dtype, shape and device are checked, but not its
+                values: reading them back would make the host wait for the GPU, which
+                is what decoding from the device's own samples avoids. An id outside
+                the vocabulary there is the caller's bug (on CUDA a device-side assert).
 
         Returns:
             ``shape: [len(seq_ids), vocab_size]``: the logits of each new token.
+
+        Raises:
+            ArgumentTypeError: ids or host tokens that are not integers.
+            TensorSpecError: a device tensor that is not int64 ``[len(seq_ids)]`` on the
+                model's device.
+            InvalidArgumentError: a host token id outside the vocabulary.
+            InvalidLengthError: no sequence, a token count other than ``len(seq_ids)``,
+                or an empty sequence.
+            DuplicateSequenceError, UnknownSequenceError: as :meth:`forward`.
         """
+        seq_ids = self._batch_ids(seq_ids)
         n = len(seq_ids)
-        if len(tokens) != n:
-            raise TensorSpecError(f"pass one token per sequence ({n}), got {len(tokens)}")
-        positions = self.descriptor.seq_lens(seq_ids).astype(np.int64) - 1
+        if isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu":
+            self._check_device_tokens(tokens, n)
+        else:
+            tokens = self._token_row(tokens, "tokens")
+            if tokens.size != n:
+                raise InvalidLengthError(f"pass one token per sequence ({n}), got {tokens.size}")
+        lens = self.descriptor.seq_lens(seq_ids).astype(np.int64)
+        self._check_allocated(seq_ids, lens, np.ones(n, np.int64))
+        positions = lens - 1
         if 0 < n <= self.graph_batch_limit():
             return self._replay(seq_ids, tokens, positions)
         if isinstance(tokens, torch.Tensor):
@@ -311,6 +380,63 @@ class PagedCausalLM:
             logits_to_keep=last_rows, seqattn_step=StepContext(self, packed),
         )  # fmt: skip
         return output.logits[0]
+
+    # --------------------------------------------------------------------- checks
+    def _batch_ids(self, seq_ids: object) -> list[int]:
+        """A step's sequence ids: integers, at least one, none twice."""
+        ids = id_list(seq_ids, "seq_ids")
+        if not ids:
+            raise InvalidLengthError("a forward needs at least one sequence, got none")
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})[:8]
+            raise DuplicateSequenceError(f"seq_ids lists sequences {twice} more than once")
+        return ids
+
+    def _token_row(self, tokens: object, what: str) -> np.ndarray:
+        """``[n]`` int64 token ids, each inside the model's vocabulary."""
+        row = int_array(tokens, what)
+        if row.size and (int(row.min()) < 0 or int(row.max()) >= self.vocab_size):
+            bad = row[(row < 0) | (row >= self.vocab_size)][:8].tolist()
+            raise InvalidArgumentError(
+                f"{what}: token ids must lie in [0, {self.vocab_size}) (the model's "
+                f"vocabulary), got {bad}"
+            )
+        return row
+
+    def _token_rows(self, tokens: object, n: int) -> list[np.ndarray]:
+        """One non-empty checked row per sequence."""
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise ArgumentTypeError(
+                f"tokens must be one sequence of token ids per sequence, got {shown(tokens)}"
+            )
+        rows = [self._token_row(row, f"tokens[{i}]") for i, row in enumerate(tokens)]  # type: ignore[attr-defined]
+        if len(rows) != n:
+            raise InvalidLengthError(f"pass one token row per sequence ({n}), got {len(rows)}")
+        empty = [i for i, row in enumerate(rows) if row.size == 0]
+        if empty:
+            raise InvalidLengthError(f"every token row needs a token; rows {empty[:8]} are empty")
+        return rows
+
+    def _check_device_tokens(self, tokens: torch.Tensor, n: int) -> None:
+        """dtype, shape and device of tokens on the device (values stay unread)."""
+        device, where = self.device, tokens.device
+        index_ok = None in (where.index, device.index) or where.index == device.index
+        same = where.type == device.type and index_ok
+        if tokens.dtype != torch.int64 or tuple(tokens.shape) != (n,) or not same:
+            raise TensorSpecError(
+                f"tokens on the device must be torch.int64 of shape [{n}] on {device}, got "
+                f"{tokens.dtype} of shape {list(tokens.shape)} on {tokens.device}"
+            )
+
+    def _check_allocated(self, seq_ids: list[int], lens: np.ndarray, new: np.ndarray) -> None:
+        """Each sequence already holds its new tokens (allocated before the forward)."""
+        short = np.flatnonzero(lens < new)
+        if short.size:
+            i = int(short[0])
+            raise InvalidLengthError(
+                f"sequence {seq_ids[i]} holds {int(lens[i])} tokens, fewer than the "
+                f"{int(new[i])} new ones passed: allocate them first"
+            )
 
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """int64 host arrays on the model's device, through one pinned, non-blocking copy."""
@@ -392,11 +518,44 @@ def attention_variants(model: Any) -> set[tuple[int, Optional[float]]]:
     return variants
 
 
+def check_model(model: Any) -> None:
+    """Raise unless ``model`` is a ``*ForCausalLM`` of a family seqattn runs.
+
+    Raises:
+        ArgumentTypeError: not a torch module with a ``config``.
+        InvalidArgumentError: an unsupported family, no language-model head (a base
+            model such as ``LlamaModel``), or no parameters.
+    """
+    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+        raise ArgumentTypeError(
+            f"model must be a transformers *ForCausalLM (a torch module with a config), "
+            f"got {shown(model)}"
+        )
+    check_supported(model.config)
+    heads = getattr(model, "get_output_embeddings", None)
+    if heads is None or heads() is None:
+        raise InvalidArgumentError(
+            f"model must be a *ForCausalLM with a language-model head; "
+            f"{type(model).__name__} has none (a base model?)"
+        )
+    if next(model.parameters(), None) is None:
+        raise InvalidArgumentError(f"model {type(model).__name__} has no parameters")
+
+
+def check_backend(backend: object) -> None:
+    """Raise unless ``backend`` names an attention backend."""
+    if not isinstance(backend, str):
+        raise ArgumentTypeError(f"backend must be one of {BACKENDS}, got {shown(backend)}")
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def check_supported(config: Any) -> None:
-    """Raise unless ``config`` is a decoder family seqattn runs (Llama-like attention)."""
+    """Raise InvalidArgumentError unless ``config`` is a decoder family seqattn runs
+    (Llama-like attention)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise SeqAttnError(
+        raise InvalidArgumentError(
             f"model type {model_type!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )

@@ -10,9 +10,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from seqattn import (  # noqa: E402
+    ArgumentTypeError,
     InvalidArgumentError,
     InvalidLengthError,
-    NoPageError,
     SeqAttnError,
 )
 from seqattn.engine import Engine, SamplingParams  # noqa: E402
@@ -144,19 +144,31 @@ def test_unsupported_architecture_is_refused() -> None:
 
 
 def test_a_request_larger_than_the_pool_is_refused_clearly() -> None:
+    """Refused when added (it could never run), not later by a wedged step."""
     engine = engine_for(tiny_model("llama"), num_pages=3, page_size=4)
-    engine.add_request(list(range(1, 30)), SamplingParams(max_new_tokens=4))
-    with pytest.raises(NoPageError, match="give the engine more pages"):
-        engine.step()
+    with pytest.raises(InvalidArgumentError, match="give the engine more pages"):
+        engine.add_request(list(range(1, 30)), SamplingParams(max_new_tokens=4))
+    assert not engine.has_work and not engine.requests
     engine.descriptor.check_integrity()
+
+
+def test_a_request_that_just_fits_the_pool_runs_to_the_end() -> None:
+    """A sequence holds prompt + max_new_tokens - 1 tokens (the last sample is never fed):
+    5 + 8 - 1 = 12 tokens fill the 3 pages of 4; one more token is refused."""
+    model = tiny_model("llama")
+    engine = engine_for(model, num_pages=3, page_size=4)
+    (output,) = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8))
+    assert output == hf_greedy(model, PROMPTS[0], 8)
+    with pytest.raises(InvalidArgumentError, match="needs 4 pages"):
+        engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=9))
 
 
 def test_bad_prompts_and_settings_are_refused_up_front() -> None:
     engine = engine_for(tiny_model("llama"))  # vocabulary of 128
     bad = [
         (InvalidLengthError, [], "at least one token"),
-        (InvalidLengthError, [1.5, 2], "integers"),
-        (InvalidLengthError, [[1, 2]], "1-D"),
+        (ArgumentTypeError, [1.5, 2], "integers"),
+        (ArgumentTypeError, [[1, 2]], "integers"),
         (InvalidArgumentError, [5, 128], r"\[0, 128\).*\[128\]"),
         (InvalidArgumentError, torch.tensor([-1, 3]), r"\[-1\]"),
     ]
@@ -164,8 +176,12 @@ def test_bad_prompts_and_settings_are_refused_up_front() -> None:
         with pytest.raises(error, match=message):
             engine.add_request(prompt, SamplingParams())
     assert not engine.has_work and not engine.requests
-    for options in ({"max_batch_size": 0}, {"max_step_tokens": 0}, {"max_step_tokens": 1.5}):
-        with pytest.raises(InvalidArgumentError, match="positive integer"):
+    for error, options in (
+        (InvalidArgumentError, {"max_batch_size": 0}),
+        (InvalidArgumentError, {"max_step_tokens": 0}),
+        (ArgumentTypeError, {"max_step_tokens": 1.5}),
+    ):
+        with pytest.raises(error, match=r"must be an integer"):
             Engine(engine.runner, **options)
     out = engine.generate([torch.tensor([5, 9, 17, 3, 44])], SamplingParams(max_new_tokens=3))
     assert out == [hf_greedy(engine.runner.model, PROMPTS[0], 3)]
@@ -195,3 +211,28 @@ def test_a_stop_token_found_one_step_late_drops_the_extra_row() -> None:
     assert engine.stats.generated_tokens == sum(len(o) for o in expected)
     assert engine.runner.cache.available_pages_count == engine.runner.cache.num_pages
     engine.descriptor.check_integrity()
+
+
+def test_generation_stops_at_the_models_end_of_sequence_token_as_hf_generate() -> None:
+    """With ``generation_config.eos_token_id`` set, the engine stops where HF's generate
+    stops (the end token kept), for an int and for a list of ids; ``ignore_eos`` runs on."""
+    model = tiny_model("llama")
+    free_runs = [hf_greedy(model, p, 12) for p in PROMPTS]
+    eos = free_runs[0][3]  # a token the greedy path of the first prompt produces
+    other = free_runs[1][5]
+    for eos_ids in (eos, [eos, other]):
+        model.generation_config.eos_token_id = eos_ids
+        engine = engine_for(model)
+        ids = [engine.add_request(p, SamplingParams(max_new_tokens=12)) for p in PROMPTS]
+        while engine.has_work:
+            engine.step()
+        outputs = [engine.requests[i].output for i in ids]
+        assert outputs == [hf_greedy(model, p, 12) for p in PROMPTS], eos_ids
+        assert len(outputs[0]) < 12 and outputs[0][-1] == eos
+        for request in map(engine.requests.get, ids):
+            stopped = request.output[-1] in ([eos_ids] if isinstance(eos_ids, int) else eos_ids)
+            assert request.finish_reason == ("stop" if stopped else "length")
+        ignoring = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))
+        assert ignoring == free_runs
+        assert engine.runner.cache.available_pages_count == engine.runner.cache.num_pages
+    model.generation_config.eos_token_id = None

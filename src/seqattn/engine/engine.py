@@ -3,8 +3,10 @@ prefill, prefix caching and preemption.
 
 Each :meth:`Engine.step` runs one forward over a batch that mixes decode tokens (one per
 running request) and prefill chunks (up to a token budget), samples the next token of
-every request whose inputs are all in, and finishes requests on a stop token or at
-``max_new_tokens``. When the pool runs short, the newest running request is preempted:
+every request whose inputs are all in, and finishes requests on a stop token, the
+model's end-of-sequence token (``generation_config.eos_token_id``, as transformers'
+``generate``; ``SamplingParams.ignore_eos`` turns it off) or at ``max_new_tokens``.
+When the pool runs short, the newest running request is preempted:
 its pages go back (its full pages stay in the prefix cache) and it is recomputed later
 from its prompt plus what it generated so far.
 """
@@ -13,16 +15,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from attrs import define
 
-from .._arrays import as_int_array
+from .._checks import INT64_MAX, INT64_MIN, exact_int, int_array, is_int, shown
 from .._transfer import upload
-from ..errors import InvalidArgumentError, InvalidLengthError, NoPageError
+from ..errors import ArgumentTypeError, InvalidArgumentError, InvalidLengthError, NoPageError
 from ..integrations.hf import PagedCausalLM
 from .request import Request, Status
 from .sampling import SamplingParams, sample
@@ -78,8 +80,27 @@ class Engine:
         max_step_tokens: tokens one forward may process (prefill chunks are cut to fit).
         seed: seeds the sampler's generator (sampling is reproducible for a seed).
         cuda_graphs: replay decode steps from CUDA graphs, one per batch-size bucket
-            (powers of two up to ``max_batch_size``), where the runner can: CUDA,
-            flashinfer, one attention variant for all layers; ignored otherwise.
+            (powers of two up to ``max_batch_size``, or up to the pool's page count if
+            that is smaller: no more requests can decode at once), where the runner can:
+            CUDA, flashinfer, one attention variant for all layers; ignored otherwise.
+
+    Requests end at a stop token of their :class:`SamplingParams`, at the model's
+    end-of-sequence token(s) (``runner.model.generation_config.eos_token_id``, read here
+    once; the token is kept, as transformers' ``generate`` keeps it) unless the params
+    say ``ignore_eos``, or at ``max_new_tokens``.
+
+    Every public call checks its arguments before it changes anything: bad input raises
+    a :class:`~seqattn.errors.SeqAttnError` that is also the matching builtin
+    (``ArgumentTypeError`` is a TypeError, ``InvalidArgumentError`` and
+    ``InvalidLengthError`` are ValueErrors), and leaves the queues, the cache and the
+    stats as they were.
+
+    Raises:
+        ArgumentTypeError: ``runner`` is not a :class:`PagedCausalLM`, a setting of the
+            wrong type (``max_batch_size=1.5``, ``seed="0"``, ``cuda_graphs=1``), or an
+            end-of-sequence id in the model's generation config that is not an integer.
+        InvalidArgumentError: ``max_batch_size`` or ``max_step_tokens`` < 1, or a seed
+            outside torch's range ``[-2**63, 2**64)``.
 
     Example:
         >>> import torch
@@ -92,7 +113,7 @@ class Engine:
         ...                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
         >>> engine = Engine(PagedCausalLM(LlamaForCausalLM(config).eval(), num_pages=64,
         ...                               page_size=4))
-        >>> params = SamplingParams(max_new_tokens=4)
+        >>> params = SamplingParams(max_new_tokens=4, ignore_eos=True)  # random weights
         >>> outputs = engine.generate([[1, 2, 3], [1, 2, 3, 4, 5]], params)
         >>> [len(o) for o in outputs]
         [4, 4]
@@ -107,12 +128,14 @@ class Engine:
         seed: int = 0,
         cuda_graphs: bool = True,
     ) -> None:
-        for name, value in (
-            ("max_batch_size", max_batch_size),
-            ("max_step_tokens", max_step_tokens),
-        ):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(runner, PagedCausalLM):
+            raise ArgumentTypeError(f"runner must be a PagedCausalLM, got {shown(runner)}")
+        max_batch_size = exact_int(max_batch_size, "max_batch_size", low=1, high=INT64_MAX)
+        max_step_tokens = exact_int(max_step_tokens, "max_step_tokens", low=1, high=INT64_MAX)
+        seed = exact_int(seed, "seed", low=INT64_MIN, high=2**64 - 1)  # torch's range
+        if not isinstance(cuda_graphs, (bool, np.bool_)):
+            raise ArgumentTypeError(f"cuda_graphs must be a bool, got {shown(cuda_graphs)}")
+        self.eos_token_ids = eos_token_ids(runner.model)
         self.runner = runner
         self.descriptor = runner.descriptor
         self.max_batch_size = max_batch_size
@@ -125,7 +148,10 @@ class Engine:
         self._next_id = 0
         self._sampled: Optional[_Launched] = None  # the last step, its samples unread
         self._finished: list[Request] = []  # finished since step() last returned
-        buckets = tuple(1 << i for i in range((max_batch_size - 1).bit_length() + 1))
+        # a decoding request holds a page of its own: more than the pool's pages never
+        # decode together, and a bucket's buffers are sized by its batch
+        largest = min(max_batch_size, runner.cache.num_pages)
+        buckets = tuple(1 << i for i in range((largest - 1).bit_length() + 1))
         if cuda_graphs:
             self.cuda_graphs = runner.enable_cuda_graphs(buckets)
         else:
@@ -134,40 +160,87 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int], params: SamplingParams) -> int:
-        """Queue a request; returns its id.
+        """Queue a request; returns its id. Nothing is queued unless every check passes.
+
+        Args:
+            prompt: ``[prompt_len]`` token ids, ``prompt_len >= 1``, each in
+                ``[0, vocab_size)``: a list, tuple, numpy array or tensor of integers.
+            params: how the request generates.
 
         Raises:
-            InvalidLengthError: an empty prompt, or one that is not 1-D integers.
+            ArgumentTypeError: ``params`` is not a :class:`SamplingParams`, or the prompt
+                is not a 1-D sequence of integers.
+            InvalidLengthError: an empty prompt.
             InvalidArgumentError: a token id outside the model's vocabulary (which on a
-                GPU would end the process with a device-side assert).
+                GPU would end the process with a device-side assert), or a request that
+                can never fit the pool: its prompt and ``max_new_tokens`` need more pages
+                than the pool has, less the pages the runner keeps for itself (a
+                CUDA-graph scratch page). A ValueError rather than a ``NoPageError``:
+                ``NoPageError`` says "not now, free pages and retry", and no retry
+                could ever serve this request.
         """
-        tokens = as_int_array(prompt, "a prompt", InvalidLengthError)
+        tokens = self._checked(prompt, params, "prompt")
+        return self._queue(tokens, params)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._sampled)
+
+    def generate(self, prompts: Iterable[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        """Run ``prompts`` to completion; their generated tokens, in order.
+
+        Every prompt and the params are checked (as :meth:`add_request`) before any is
+        queued: a bad one raises and queues none. If a step raises (see :meth:`step`),
+        the error propagates and the queued requests stay in the engine, which
+        :meth:`step` can go on serving.
+        """
+        check_params(params)
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+            raise ArgumentTypeError(f"prompts must be a list of prompts, got {shown(prompts)}")
+        checked = [self._checked(p, params, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        ids = [self._queue(tokens, params) for tokens in checked]
+        while self.has_work:
+            self.step()
+        return [self.requests[i].output for i in ids]
+
+    def _checked(self, prompt: object, params: SamplingParams, what: str) -> list[int]:
+        """The prompt's token ids, once the prompt and params pass every check."""
+        check_params(params)
+        tokens = int_array(prompt, what)
         if tokens.size == 0:
-            raise InvalidLengthError("a prompt needs at least one token")
-        vocab = self.runner.model.get_input_embeddings().num_embeddings
+            raise InvalidLengthError(f"{what} needs at least one token, got {shown(prompt)}")
+        vocab = self.runner.vocab_size
         if tokens.min() < 0 or tokens.max() >= vocab:
             bad = tokens[(tokens < 0) | (tokens >= vocab)][:8].tolist()
             raise InvalidArgumentError(
-                f"token ids must lie in [0, {vocab}) (the model's vocabulary), got {bad}"
+                f"{what}: token ids must lie in [0, {vocab}) (the model's vocabulary), got {bad}"
             )
-        request = Request(self._next_id, tokens.tolist(), params)
+        self._check_fits(tokens.size, params.max_new_tokens, what)
+        return tokens.tolist()
+
+    def _check_fits(self, prompt_len: int, max_new_tokens: int, what: str) -> None:
+        """Refuse a request that needs more pages than the engine can ever give it."""
+        # the last sampled token is never fed back: the sequence holds one token less
+        held = prompt_len + max_new_tokens - 1
+        cache = self.runner.cache
+        need = -(-held // cache.page_size)
+        usable = cache.num_pages - self.runner.reserved_pages
+        if need > usable:
+            raise InvalidArgumentError(
+                f"{what} of {prompt_len} tokens with max_new_tokens={max_new_tokens} needs "
+                f"{need} pages of {cache.page_size} tokens, but the pool has {usable} for "
+                f"requests ({cache.num_pages} pages, {self.runner.reserved_pages} kept by "
+                f"the runner); give the engine more pages or ask for fewer tokens"
+            )
+
+    def _queue(self, tokens: list[int], params: SamplingParams) -> int:
+        request = Request(self._next_id, tokens, params, self.eos_token_ids)
         request.arrival = time.perf_counter()
         self._next_id += 1
         self.requests[request.id] = request
         self.waiting.append(request)
         self.stats.prompt_tokens += len(request.prompt)
         return request.id
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._sampled)
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
-        """Run ``prompts`` to completion; their generated tokens, in order."""
-        ids = [self.add_request(p, params) for p in prompts]
-        while self.has_work:
-            self.step()
-        return [self.requests[i].output for i in ids]
 
     # ---------------------------------------------------------------------- step
     def step(self) -> list[Request]:
@@ -179,6 +252,18 @@ class Engine:
         previous token turns out to be a stop token thus runs one extra row, whose token
         is dropped. Steps that need tokens on the host (prefill, admission, preemption)
         read them first.
+
+        If the step raises (the model's forward, the sampler, an allocation), it is undone
+        before the error propagates: the pages allocated for it go back, no token is
+        sampled, and the queues, the running list and the cache's sequences agree as
+        before the call (requests finished by tokens read before the error are returned
+        by the next call). Calling :meth:`step` again retries the step.
+
+        Raises:
+            NoPageError: the one running request cannot grow because pages are held
+                outside the engine (pinned prefixes, sequences allocated on the
+                descriptor directly); nothing was allocated. Requests that could never
+                fit the pool are refused earlier, by :meth:`add_request`.
         """
         if self._sampled is not None and not self._can_decode_ahead():
             self._read_sampled()
@@ -204,28 +289,53 @@ class Engine:
         return not admissible and all(r.unread for r in self.running)
 
     def _launch(self, rows: list[tuple[Request, int]]) -> _Launched:
-        """Run the model on ``rows`` and sample (on the device) every row that is ready."""
+        """Run the model on ``rows`` and sample (on the device) every row that is ready.
+
+        Requests and stats change only once the forward and the sampler have run; if
+        either raises, the rows' allocations are undone first.
+        """
         requests = [r for r, _ in rows]
-        ids = [r.id for r in requests]
         fed_on_device = requests[0].unread > 0
-        if fed_on_device:  # the inputs are the previous step's samples, still on the device
-            logits = self.runner.decode(ids, self._sampled_inputs(requests))
-            self.stats.decoded_ahead += 1
-        elif all(r.pending == 1 for r in requests):  # not a prefill chunk cut to one token
-            logits = self.runner.decode(ids, [r.last_token for r in requests])
-        else:
-            logits = self.runner.forward(ids, [r.next_inputs(n) for r, n in rows])
+        # prompt tokens fed: a prefill chunk's, or a prompt's last token in a one-token row
+        prompt_tokens = sum(n if r.pending > 1 else not (r.output or r.unread) for r, n in rows)
+        ready = [i for i, (r, n) in enumerate(rows) if r.pending == n]  # all inputs in
+        ready_requests = [requests[i] for i in ready]
+        try:
+            logits = self._forward(rows, fed_on_device)
+            if len(ready) < len(requests):  # some rows were prefill chunks: no token yet
+                logits = logits[self._on_device(np.array(ready, dtype=np.int64))]
+            tokens = sample(logits, [r.params for r in ready_requests], self.generator)
+            launched = _Launched(requests, ready_requests, tokens, fed_on_device)
+        except BaseException:
+            self._undo(rows)
+            raise
         for request, n in rows:
             request.computed += n
-        ready = [i for i, r in enumerate(requests) if r.pending == 0]
-        if len(ready) < len(requests):  # some rows were prefill chunks: no token yet
-            logits = logits[self._on_device(np.array(ready, dtype=np.int64))]
-        ready_requests = [requests[i] for i in ready]
-        tokens = sample(logits, [r.params for r in ready_requests], self.generator)
         for request in ready_requests:
             request.unread += 1
         self.stats.steps += 1
-        return _Launched(requests, ready_requests, tokens, fed_on_device)
+        self.stats.decoded_ahead += fed_on_device
+        self.stats.computed_prompt_tokens += prompt_tokens
+        return launched
+
+    def _forward(self, rows: list[tuple[Request, int]], fed_on_device: bool) -> torch.Tensor:
+        """The model's logits for ``rows``: ``[len(rows), vocab_size]``."""
+        requests = [r for r, _ in rows]
+        ids = [r.id for r in requests]
+        if fed_on_device:  # the inputs are the previous step's samples, still on the device
+            return self.runner.decode(ids, self._sampled_inputs(requests))
+        if all(r.pending == 1 for r in requests):  # not a prefill chunk cut to one token
+            return self.runner.decode(ids, [r.last_token for r in requests])
+        return self.runner.forward(ids, [r.next_inputs(n) for r, n in rows])
+
+    def _undo(self, rows: list[tuple[Request, int]]) -> None:
+        """Give back what a failed step allocated: each row's sequence again holds the
+        tokens whose KV it has (``request.computed``)."""
+        for request, _ in rows:
+            if request.id in self.descriptor and self.descriptor.seq_len(request.id) > (
+                request.computed
+            ):
+                self.descriptor.truncate(request.id, request.computed)
 
     def _sampled_inputs(self, requests: list[Request]) -> torch.Tensor:
         """The previous step's samples of ``requests``, in their order, on the device."""
@@ -267,18 +377,20 @@ class Engine:
         instead of computing them again); the requests behind it go first.
         """
         held = []
-        while self.waiting and len(self.running) < self.max_batch_size:
-            request = self.waiting[0]
-            if self.runner.cache.available_pages_count == 0 and self.running:
-                break
-            self.waiting.popleft()
-            if self._prefix_in_flight(request):
-                held.append(request)
-                continue
-            request.computed = self.descriptor.start_sequence(request.id, request.tokens)
-            request.status = Status.RUNNING
-            self.running.append(request)
-        self.waiting.extendleft(reversed(held))
+        try:
+            while self.waiting and len(self.running) < self.max_batch_size:
+                request = self.waiting[0]
+                if self.runner.cache.available_pages_count == 0 and self.running:
+                    break
+                if self._prefix_in_flight(request):
+                    held.append(self.waiting.popleft())
+                    continue
+                computed = self.descriptor.start_sequence(request.id, request.tokens)
+                self.waiting.popleft()  # only once it is started: an error leaves it queued
+                request.computed, request.status = computed, Status.RUNNING
+                self.running.append(request)
+        finally:
+            self.waiting.extendleft(reversed(held))
 
     def _prefix_in_flight(self, request: Request) -> bool:
         """Whether a running request is computing full pages that ``request`` could share."""
@@ -334,16 +446,17 @@ class Engine:
                     f"{cache.num_pages} are available; give the engine more pages"
                 )
             self._preempt(self.running[-1])
-        if decode:
-            requests = [self.requests[i] for i in decode]
-            # a token sampled ahead is told to the prefix cache once read (see step)
-            last = None if requests[0].unread else [r.last_token for r in requests]
-            self.descriptor.allocate_decoding(decode, token_ids=last)
-            # a one-token row feeds a prompt's last token until a token is sampled
-            self.stats.computed_prompt_tokens += sum(not (r.output or r.unread) for r in requests)
-        if prefill:
-            self.descriptor.allocate(prefill_ids, prefill_lens)
-            self.stats.computed_prompt_tokens += sum(prefill_lens)
+        try:
+            if decode:
+                requests = [self.requests[i] for i in decode]
+                # a token sampled ahead is told to the prefix cache once read (see step)
+                last = None if requests[0].unread else [r.last_token for r in requests]
+                self.descriptor.allocate_decoding(decode, token_ids=last)
+            if prefill:
+                self.descriptor.allocate(prefill_ids, prefill_lens)
+        except BaseException:
+            self._undo(rows)
+            raise
         return rows
 
     def _preempt(self, request: Request) -> None:
@@ -362,3 +475,25 @@ class Engine:
             self.descriptor.release([r.id for r in finished])
             done = {r.id for r in finished}
             self.running = [r for r in self.running if r.id not in done]
+
+
+def check_params(params: object) -> None:
+    """Raise ArgumentTypeError unless ``params`` is a :class:`SamplingParams` (whose
+    settings were checked when it was made)."""
+    if not isinstance(params, SamplingParams):
+        raise ArgumentTypeError(f"params must be a SamplingParams, got {shown(params)}")
+
+
+def eos_token_ids(model: Any) -> tuple[int, ...]:
+    """The model's end-of-sequence ids: ``generation_config.eos_token_id``, an int, a
+    list of ints or None (no end-of-sequence token).
+
+    Raises:
+        ArgumentTypeError: an id that is not an integer.
+    """
+    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if value is None:
+        return ()
+    if is_int(value):
+        return (int(value),)  # type: ignore[call-overload]
+    return tuple(int_array(value, "generation_config.eos_token_id").tolist())

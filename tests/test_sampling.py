@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import attrs
+import numpy as np
 import pytest
 import torch
 
-from seqattn import InvalidArgumentError
+from seqattn import ArgumentTypeError, InvalidArgumentError
 from seqattn.engine import SamplingParams, sample
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -57,7 +59,68 @@ def test_rows_mix_greedy_and_sampled() -> None:
     assert torch.equal(tokens, logits.argmax(-1))  # top_k=1 is greedy too
 
 
-def test_bad_params_are_refused() -> None:
-    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0)):
-        with pytest.raises(InvalidArgumentError):
-            SamplingParams(**bad)
+BAD_SETTINGS = [
+    (dict(max_new_tokens=0), InvalidArgumentError, ValueError, "max_new_tokens.*got 0"),
+    (dict(max_new_tokens=2.5), ArgumentTypeError, TypeError, r"max_new_tokens.*2\.5 \(float\)"),
+    (dict(max_new_tokens=True), ArgumentTypeError, TypeError, "True"),
+    (dict(max_new_tokens=None), ArgumentTypeError, TypeError, "None"),
+    (dict(max_new_tokens="8"), ArgumentTypeError, TypeError, "'8'"),
+    (dict(max_new_tokens=2**63), InvalidArgumentError, ValueError, "max_new_tokens"),
+    (dict(temperature=-1.0), InvalidArgumentError, ValueError, r"temperature.*-1\.0"),
+    (dict(temperature=math.nan), InvalidArgumentError, ValueError, "temperature.*nan"),
+    (dict(temperature=math.inf), InvalidArgumentError, ValueError, "temperature.*inf"),
+    (dict(temperature="0.7"), ArgumentTypeError, TypeError, "temperature.*'0.7'"),
+    (dict(temperature=True), ArgumentTypeError, TypeError, "temperature.*True"),
+    (dict(top_k=-2), InvalidArgumentError, ValueError, "top_k.*-2"),
+    (dict(top_k=2.5), ArgumentTypeError, TypeError, r"top_k.*2\.5"),
+    (dict(top_k=None), ArgumentTypeError, TypeError, "top_k.*None"),
+    (dict(top_p=0.0), InvalidArgumentError, ValueError, r"top_p.*\(0\.0, 1\.0\]"),
+    (dict(top_p=1.5), InvalidArgumentError, ValueError, "top_p.*1.5"),
+    (dict(top_p=math.nan), InvalidArgumentError, ValueError, "top_p.*nan"),
+    (dict(top_p=[0.9]), ArgumentTypeError, TypeError, "top_p"),
+    (dict(stop_token_ids="ab"), ArgumentTypeError, TypeError, r"stop_token_ids.*'ab' \(str\)"),
+    (dict(stop_token_ids=b"ab"), ArgumentTypeError, TypeError, "stop_token_ids.*bytes"),
+    (dict(stop_token_ids=None), ArgumentTypeError, TypeError, "stop_token_ids.*None"),
+    (dict(stop_token_ids=2), ArgumentTypeError, TypeError, r"stop_token_ids.*2 \(int\)"),
+    (dict(stop_token_ids=[1.0]), ArgumentTypeError, TypeError, "stop_token_ids.*1.0"),
+    (dict(stop_token_ids=[True]), ArgumentTypeError, TypeError, "stop_token_ids.*True"),
+    (dict(stop_token_ids=[-1]), InvalidArgumentError, ValueError, r"stop_token_ids.*\[-1\]"),
+    (dict(stop_token_ids={1: 2}), ArgumentTypeError, TypeError, "stop_token_ids.*dict"),
+    (dict(ignore_eos=1), ArgumentTypeError, TypeError, r"ignore_eos.*1 \(int\)"),
+    (dict(ignore_eos=None), ArgumentTypeError, TypeError, "ignore_eos.*None"),
+]
+
+
+@pytest.mark.parametrize(("settings", "error", "builtin", "message"), BAD_SETTINGS)
+def test_bad_params_are_refused(settings, error, builtin, message) -> None:
+    """Each setting is checked when the params are made: the SeqAttnError is also the
+    builtin, and the message names the setting and shows the value."""
+    assert issubclass(error, builtin)
+    with pytest.raises(error, match=message):
+        SamplingParams(**settings)
+
+
+def test_params_are_normalized() -> None:
+    params = SamplingParams(
+        max_new_tokens=np.int64(8), temperature=np.float32(0.5), top_k=np.int32(3), top_p=1,
+        stop_token_ids=(t for t in [3, 1]), ignore_eos=np.bool_(True),
+    )  # fmt: skip
+    assert params == SamplingParams(8, 0.5, 3, 1.0, (3, 1), True)
+    assert type(params.max_new_tokens) is int and type(params.top_p) is float
+    assert params.stop_token_ids == (3, 1) and type(params.stop_token_ids[0]) is int
+    assert SamplingParams(stop_token_ids={7, 2}).stop_token_ids == (2, 7)
+    assert SamplingParams(stop_token_ids=np.array([4])).stop_token_ids == (4,)
+    assert SamplingParams(stop_token_ids=torch.tensor([5, 6])).stop_token_ids == (5, 6)
+    assert SamplingParams().ignore_eos is False
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        params.top_k = 2  # type: ignore[misc]
+    with pytest.raises(ArgumentTypeError):  # evolve checks as the constructor does
+        attrs.evolve(params, top_k=1.5)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan() -> None:
+    """Logits divided by a temperature below float32's range overflowed to inf - inf."""
+    logits = torch.randn(5, 40) * 10
+    params = [SamplingParams(temperature=1e-300)] * 5
+    tokens = sample(logits, params, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, logits.argmax(-1))

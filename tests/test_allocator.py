@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from seqattn import NoPageError, PageAllocator, PageStateError, SeqAttnError
+from seqattn import (
+    ArgumentTypeError,
+    IndexOutOfRangeError,
+    NoPageError,
+    PageAllocator,
+    PageStateError,
+    SeqAttnError,
+)
 
 
 def snapshot(alloc: PageAllocator) -> tuple:
@@ -48,22 +55,26 @@ def test_freed_pages_are_reused():
 
 
 @pytest.mark.parametrize(
-    "call, pages, message",
+    "call, pages, error, builtin, message",
     [
-        ("ref", [3], "cannot ref free pages"),
-        ("unref", [3], "below zero"),
-        ("unref", [0, 0], "below zero"),
-        ("ref", [9], "outside 0..3"),
-        ("unref", [-1], "outside 0..3"),
+        ("ref", [3], PageStateError, ValueError, "cannot ref free pages"),
+        ("unref", [3], PageStateError, ValueError, "more references than allocate/ref took"),
+        ("unref", [0, 0], PageStateError, ValueError, "more references than allocate/ref took"),
+        ("ref", [9], IndexOutOfRangeError, IndexError, r"in \[0, 3\], got \[9\]"),
+        ("unref", [-1], IndexOutOfRangeError, IndexError, r"in \[0, 3\], got \[-1\]"),
+        ("unref", [2**63], IndexOutOfRangeError, IndexError, "fit in int64"),
+        ("ref", [True], ArgumentTypeError, TypeError, "integers, got True"),
+        ("ref", "0", ArgumentTypeError, TypeError, "list, tuple"),
+        ("unref", [0.0], ArgumentTypeError, TypeError, "integers, got 0.0"),
     ],
 )
-def test_bad_ref_unref_raise_and_change_nothing(call, pages, message):
+def test_bad_ref_unref_raise_and_change_nothing(call, pages, error, builtin, message):
     alloc = PageAllocator(4)
     alloc.allocate(1)  # page 0 held once
     before = snapshot(alloc)
-    with pytest.raises(PageStateError, match=message) as info:
+    with pytest.raises(error, match=message) as info:
         getattr(alloc, call)(pages)
-    assert isinstance(info.value, ValueError) and isinstance(info.value, SeqAttnError)
+    assert isinstance(info.value, builtin) and isinstance(info.value, SeqAttnError)
     assert np.array_equal(snapshot(alloc)[0], before[0]) and snapshot(alloc)[1] == before[1]
     alloc.check_integrity()
 
@@ -74,7 +85,7 @@ def test_accepts_numpy_and_torch_page_ids():
     alloc.ref(torch.tensor(pages, dtype=torch.int32))
     alloc.unref(np.asarray(pages))
     assert alloc.refcount[pages].tolist() == [1, 1]
-    with pytest.raises(PageStateError, match="integers"):
+    with pytest.raises(ArgumentTypeError, match="integers"):
         alloc.ref([0.5])
 
 

@@ -146,5 +146,6 @@ def test_append_longer_than_allocated_is_refused(cache, desc):
 def test_bad_layer_is_refused(cache, desc):
     desc.allocate([1], [1])
     packed = desc.pack_for_flashinfer([1], append_lens=[1])
-    with pytest.raises(TensorSpecError, match=r"layer must be in \[0, 1\)"):
-        cache.append_kv(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), packed, layer=1)
+    for layer, error in ((1, IndexError), (-1, IndexError), (True, TypeError), (0.0, TypeError)):
+        with pytest.raises(error, match="layer must be an integer"):
+            cache.append_kv(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), packed, layer=layer)

@@ -549,7 +549,7 @@ def test_q_on_wrong_device(planned):
 
 
 def test_layer_out_of_range(planned):
-    with pytest.raises(TensorSpecError, match="layer"):
+    with pytest.raises(IndexError, match="layer"):
         planned.attn.run(torch.zeros(8, 4, 16, dtype=torch.float64), 1)
 
 
@@ -562,13 +562,32 @@ def test_bad_qo_lens(qo_lens):
 
 
 @pytest.mark.parametrize(
-    "options", [{"window_left": -2}, {"logits_soft_cap": -1.0}], ids=["window", "cap"]
+    "options, error",
+    [
+        ({"window_left": -2}, ValueError),
+        ({"window_left": 1.5}, TypeError),
+        ({"window_left": True}, TypeError),
+        ({"logits_soft_cap": -1.0}, ValueError),
+        ({"logits_soft_cap": float("inf")}, ValueError),
+        ({"sm_scale": float("nan")}, ValueError),
+        ({"sm_scale": 0.0}, ValueError),
+        ({"sm_scale": "0.1"}, TypeError),
+        ({"causal": 1}, TypeError),
+        ({"q_dtype": torch.int32}, TypeError),
+        ({"cascade": "yes"}, TypeError),
+        ({"qo_lens": [2.0]}, TypeError),
+    ],
 )
-def test_bad_plan_options(options):
+def test_bad_plan_options_leave_the_last_plan(options, error):
     h = Harness(page_size=4, seed=17)
     packed = h.append([1], [3])
-    with pytest.raises(InvalidLengthError):
+    h.attn.plan(packed)
+    q = torch.randn(3, 4, 16, dtype=torch.float64)
+    before = h.attn.run(q, 0)
+    with pytest.raises(error) as info:
         h.attn.plan(packed, **options)
+    assert isinstance(info.value, SeqAttnError)
+    assert torch.equal(h.attn.run(q, 0), before)  # the last plan still holds
 
 
 def test_plan_without_query_lengths():
@@ -599,9 +618,14 @@ def test_backend_selection_and_head_checks():
     assert PagedAttention(cache, 2, backend="torch").backend == "torch"
     with pytest.raises(SeqAttnError, match="backend"):
         PagedAttention(cache, 4, backend="cuda")
-    for heads in (0, 3, 5):
-        with pytest.raises(TensorSpecError, match="multiple"):
+    for heads, error in ((0, ValueError), (3, ValueError), (5, ValueError), (4.0, TypeError)):
+        with pytest.raises(error, match="num_qo_heads must be"):
             PagedAttention(cache, heads, backend="torch")
+    for bad, error in (({"backend": 7}, TypeError), ({"workspace_bytes": 0}, ValueError),
+                       ({"decode_use_tensor_cores": 1}, TypeError),
+                       ({"cascade_min_saved_tokens": -1}, ValueError)):  # fmt: skip
+        with pytest.raises(error):
+            PagedAttention(cache, 4, **bad)
 
 
 # ------------------------------------------------------------------------ hypothesis

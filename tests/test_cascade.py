@@ -215,7 +215,7 @@ def test_max_groups_keeps_the_groups_that_save_most() -> None:
     ids = [0, 1, 2, 10, 11]
     h.append(ids, [1] * 5, decode=True)
     packed = h.desc.pack_for_flashinfer(ids, append_lens=[1] * 5, shared_prefix=True)
-    batch = AttentionBatch.build(packed, 2, h.cache.head_dim)
+    batch = AttentionBatch.build(packed, h.cache)
     both = split_for_cascade(batch, packed.shared_prefix, 2, 1)
     one = split_for_cascade(batch, packed.shared_prefix, 2, 1, max_groups=1)
     assert both.shared.kv_lens.tolist() == [8, 4] and both.saved_tokens == 2 * 8 + 4
@@ -230,7 +230,7 @@ def test_padded_shared_level_reproduces_attention(with_groups: bool) -> None:
     ids = shared_batch(h, prompt=14, forks=3)
     h.append(ids, [1] * len(ids), decode=True)
     packed = h.desc.pack_for_flashinfer(ids, append_lens=[1] * len(ids), shared_prefix=True)
-    batch = AttentionBatch.build(packed, 4, h.cache.head_dim)
+    batch = AttentionBatch.build(packed, h.cache)
     split = split_for_cascade(batch, packed.shared_prefix, 4, 1, 3) if with_groups else None
     size, scratch = 8, int(h.cache.allocator.allocate(1)[0])
     level = pad_shared_level(split, size, max_groups=3, page_size=4)

@@ -197,7 +197,10 @@ def test_truncate_rejects_bad_lengths(desc):
     desc.allocate([1], [5])
     before = state(desc)
     for bad in (-1, 6):
-        with pytest.raises(InvalidLengthError, match="0 <= new_len <= 5"):
+        with pytest.raises(InvalidLengthError, match=r"new_len must be an integer in \[0, 5\]"):
+            desc.truncate(1, bad)
+    for bad in (2.5, "3", True, None):
+        with pytest.raises(TypeError, match="new_len must be an integer"):
             desc.truncate(1, bad)
     assert state(desc) == before
 

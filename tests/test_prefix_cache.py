@@ -274,12 +274,18 @@ def test_bad_input_changes_nothing(pdesc: CacheDescriptor) -> None:
     state = (pdesc.cache_manager.allocator.refcount.tolist(), pdesc.seq_len(1))
     with pytest.raises(SequenceExistsError):
         pdesc.start_sequence(1, PROMPT)
-    with pytest.raises(InvalidLengthError, match="token ids"):
+    with pytest.raises(TypeError, match="token ids"):
         pdesc.start_sequence(2, [[1, 2]])
     with pytest.raises(InvalidLengthError, match="one per sequence"):
         pdesc.allocate_decoding([1], token_ids=[3, 4])
-    with pytest.raises(InvalidLengthError):
+    with pytest.raises(TypeError):
         pdesc.start_sequence(2, [0.5, 1.5])
+    with pytest.raises(ValueError, match=r"token ids must fit in int64"):
+        pdesc.start_sequence(2, [2**63])
+    with pytest.raises(ValueError, match=r"token ids must be integers in \[0, 2\*\*63\)"):
+        pdesc.start_sequence(2, [-1])
+    with pytest.raises(TypeError, match="salt"):
+        pdesc.start_sequence(2, PROMPT, salt=7)
     assert (pdesc.cache_manager.allocator.refcount.tolist(), pdesc.seq_len(1)) == state
     assert 2 not in pdesc
 

@@ -9,14 +9,17 @@ from .allocator import PageAllocator
 from .attention import CUDAGraphDecodeAttention, PagedAttention
 from .descriptor import CacheDescriptor, SequenceData
 from .errors import (
+    ArgumentTypeError,
     DuplicateSequenceError,
     FlashInferUnavailableError,
+    IndexOutOfRangeError,
     InvalidArgumentError,
     InvalidLengthError,
     NoPageError,
     PageStateError,
     SeqAttnError,
     SequenceExistsError,
+    StaleBatchError,
     TensorSpecError,
     UnknownSequenceError,
 )
@@ -27,12 +30,14 @@ from .shared_prefix import SharedPrefix
 from .storage import PagedKVCacheManager
 
 __all__ = [
+    "ArgumentTypeError",
     "CUDAGraphDecodeAttention",
     "CacheDescriptor",
     "DuplicateSequenceError",
     "FlashInferPackedData",
     "FlashInferUnavailableError",
     "HeadIDGenerator",
+    "IndexOutOfRangeError",
     "InvalidArgumentError",
     "InvalidLengthError",
     "NoPageError",
@@ -46,6 +51,7 @@ __all__ = [
     "SequenceData",
     "SequenceExistsError",
     "SharedPrefix",
+    "StaleBatchError",
     "TensorSpecError",
     "UnknownSequenceError",
 ]

@@ -66,6 +66,23 @@ def exact_int(
     return number
 
 
+def exact_bool(value: object, what: str, *, optional: bool = False) -> Optional[bool]:
+    """``value`` checked to be a ``bool`` (or None when ``optional``); not 0/1 or a str."""
+    if isinstance(value, (bool, np.bool_)) or (optional and value is None):
+        return None if value is None else bool(value)
+    expected = "None or a bool" if optional else "a bool"
+    raise ArgumentTypeError(f"{what} must be {expected}, got {shown(value)}")
+
+
+def one_of(value: object, what: str, choices: tuple[str, ...]) -> str:
+    """``value`` checked to be one of the strings ``choices``."""
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"{what} must be one of {choices}, got {shown(value)}")
+    if value not in choices:
+        raise InvalidArgumentError(f"{what} must be one of {choices}, got {value!r}")
+    return value
+
+
 def real_number(
     value: object,
     what: str,

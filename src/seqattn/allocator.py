@@ -2,6 +2,13 @@
 
 A page is free exactly when its reference count is 0. Every holder of a page
 (a sequence, a prefix cache, an explicit :meth:`PageAllocator.ref`) counts once.
+
+Two kinds of holder use two sets of calls. The caller's own references
+(:meth:`~PageAllocator.allocate`, :meth:`~PageAllocator.ref`,
+:meth:`~PageAllocator.unref`, the seed's pool API) are counted apart, so that ``unref``
+can only drop references the caller took: it can never free a page that a sequence or
+the prefix cache still lists. Those structures hold pages through :meth:`take`,
+:meth:`share` and :meth:`drop`.
 """
 
 from __future__ import annotations
@@ -11,8 +18,8 @@ from typing import Optional, Protocol, Union
 
 import numpy as np
 
-from ._arrays import as_int_array
-from .errors import NoPageError, PageStateError
+from ._checks import exact_int, int_array
+from .errors import IndexOutOfRangeError, NoPageError, PageStateError
 
 PageIds = Union[Iterable[int], np.ndarray]
 """Page ids: a list of ints, a numpy integer array, or a 1-D integer torch tensor."""
@@ -59,12 +66,12 @@ class PageAllocator:
     """
 
     def __init__(self, num_pages: int) -> None:
-        if int(num_pages) <= 0:
-            raise PageStateError(f"num_pages must be positive, got {num_pages}")
-        self.num_pages = int(num_pages)
-        # on cpu: refcount per page; the free pages are _free[_head:], a stack whose
-        # top is at _head (so a fresh pool hands out 0, 1, 2, ... without reversing)
+        self.num_pages = exact_int(num_pages, "num_pages", low=1, high=2**31 - 1)
+        # on cpu: refcount per page (every holder), and the references the caller took
+        # through allocate/ref; the free pages are _free[_head:], a stack whose top is
+        # at _head (so a fresh pool hands out 0, 1, 2, ... without reversing)
         self._refcount = np.zeros(self.num_pages, dtype=np.int32)
+        self._external = np.zeros(self.num_pages, dtype=np.int32)
         self._free = np.arange(self.num_pages, dtype=np.int32)
         self._head = 0
         self.reclaimer: Optional[Reclaimer] = None
@@ -96,7 +103,7 @@ class PageAllocator:
         return view
 
     def allocate(self, num_pages: int) -> np.ndarray:
-        """Take ``num_pages`` free pages, each with reference count 1.
+        """Take ``num_pages`` free pages for the caller, each with reference count 1.
 
         Returns:
             page ids, shape ``[num_pages]``, int32 (lowest ids first on a fresh pool).
@@ -106,10 +113,56 @@ class PageAllocator:
 
         Raises:
             NoPageError: fewer pages are available; nothing is allocated or reclaimed.
+            ArgumentTypeError, InvalidArgumentError: not an integer >= 0.
         """
-        n = int(num_pages)
-        if n < 0:
-            raise PageStateError(f"cannot allocate a negative number of pages ({n})")
+        pages = self.take(exact_int(num_pages, "num_pages", low=0))
+        self._external[pages] = 1
+        return pages
+
+    def ref(self, pages: PageIds) -> None:
+        """Add one reference of the caller to each listed page (a page listed twice gets two).
+
+        Raises:
+            IndexOutOfRangeError: a page id outside the pool. PageStateError: a free page.
+            ArgumentTypeError: not integers. Nothing changed.
+        """
+        ids = self._checked_ids(pages)
+        if ids.size and (self._refcount[ids] == 0).any():
+            free = ids[self._refcount[ids] == 0][:8].tolist()
+            raise PageStateError(f"cannot ref free pages {free}: allocate them first")
+        self.share(ids)
+        np.add.at(self._external, ids, 1)
+
+    def unref(self, pages: PageIds) -> None:
+        """Drop one of the caller's references per listing; pages that reach 0 become free.
+
+        Only references taken with :meth:`allocate` or :meth:`ref` can be dropped: a
+        page a sequence or the prefix cache lists stays theirs (release the sequence).
+
+        Raises:
+            IndexOutOfRangeError: a page id outside the pool. PageStateError: more
+            references dropped than the caller holds. ArgumentTypeError: not integers.
+            Nothing changed.
+        """
+        ids = self._checked_ids(pages)
+        if ids.size == 0:
+            return
+        unique, counts = np.unique(ids, return_counts=True)
+        left = self._external[unique] - counts
+        if (left < 0).any():
+            bad = unique[left < 0][:8].tolist()
+            raise PageStateError(
+                f"unref of pages {bad} drops more references than allocate/ref took "
+                "(a double release, or pages a sequence or the prefix cache holds: "
+                "release the sequence instead)"
+            )
+        self._external[unique] = left
+        self.drop(ids)
+
+    # ------------------------------------------------- holders inside seqattn
+    def take(self, num_pages: int) -> np.ndarray:
+        """:meth:`allocate` for a structure of seqattn (a sequence's pages); int32 ids."""
+        n = num_pages
         if n > self.num_pages - self._head:
             self._reclaim(n)
         head = self._head
@@ -118,41 +171,24 @@ class PageAllocator:
         self._refcount[pages] = 1
         return pages
 
-    def ref(self, pages: PageIds) -> None:
-        """Add one reference to each listed page (a page listed twice gets two).
-
-        Raises:
-            PageStateError: a page id is out of range or the page is free.
-        """
-        ids = self._checked_ids(pages)
+    def share(self, ids: np.ndarray) -> None:
+        """One more holder of each listed page (held already; ids checked by the caller)."""
         if ids.size == 0:
             return
         before = self._refcount[ids]
-        free = ids[before == 0]
-        if free.size:
-            raise PageStateError(f"cannot ref free pages {free[:8].tolist()}: allocate them first")
         np.add.at(self._refcount, ids, 1)
         if self.reclaimer is not None:
             rising = ids[(before == 1) & self.reclaimer.watched[ids]]
             if rising.size:
                 self.reclaimer.on_shared(np.unique(rising))
 
-    def unref(self, pages: PageIds) -> None:
-        """Drop one reference per listing; pages that reach 0 become free.
-
-        Raises:
-            PageStateError: a page id is out of range, or a page would go below 0.
-        """
-        ids = self._checked_ids(pages)
+    def drop(self, ids: np.ndarray) -> None:
+        """One holder fewer per listing; pages that reach 0 become free."""
         if ids.size == 0:
             return
         unique, counts = np.unique(ids, return_counts=True)
         left = self._refcount[unique] - counts
-        if (left < 0).any():
-            bad = unique[left < 0][:8].tolist()
-            raise PageStateError(
-                f"unref would take pages {bad} below zero references (double release?)"
-            )
+        assert (left >= 0).all(), "a holder dropped a page it did not hold"
         self._refcount[unique] = left
         freed = unique[left == 0]
         self._head -= freed.size
@@ -161,6 +197,13 @@ class PageAllocator:
             sole = unique[(left == 1) & self.reclaimer.watched[unique]]
             if sole.size:
                 self.reclaimer.on_sole_holder(sole)
+
+    @property
+    def external_refcount(self) -> np.ndarray:
+        """Read-only view of the caller's references (allocate/ref), ``[num_pages]`` int32."""
+        view = self._external.view()
+        view.flags.writeable = False
+        return view
 
     release_pages = unref
     """Alias of :meth:`unref`, the seed's name: pages are freed when their count reaches 0."""
@@ -174,6 +217,8 @@ class PageAllocator:
         free = self._free[self._head :]
         held = int(np.count_nonzero(self._refcount))
         assert (self._refcount >= 0).all(), "negative reference count"
+        assert (self._external >= 0).all(), "negative caller reference count"
+        assert (self._external <= self._refcount).all(), "caller references exceed the count"
         assert np.unique(free).size == free.size, "a page is on the free list twice"
         assert (self._refcount[free] == 0).all(), "a free page has references"
         assert free.size + held == self.num_pages, (
@@ -192,8 +237,9 @@ class PageAllocator:
         self.reclaimer.reclaim(n - free)
 
     def _checked_ids(self, pages: PageIds) -> np.ndarray:
-        ids = as_int_array(pages, "page ids", PageStateError)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_pages):
-            bad = ids[(ids < 0) | (ids >= self.num_pages)][:8].tolist()
-            raise PageStateError(f"page ids {bad} are outside 0..{self.num_pages - 1}")
-        return ids
+        return checked_page_ids(pages, self.num_pages)
+
+
+def checked_page_ids(pages: object, num_pages: int, what: str = "page ids") -> np.ndarray:
+    """Page ids as int64, each in ``[0, num_pages)`` (IndexOutOfRangeError otherwise)."""
+    return int_array(pages, what, low=0, high=num_pages - 1, error=IndexOutOfRangeError)

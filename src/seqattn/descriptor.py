@@ -8,12 +8,20 @@ from typing import Optional
 import numpy as np
 from attrs import define
 
-from ._arrays import as_int_array
-from .errors import InvalidLengthError, SeqAttnError
+from ._checks import id_list, int_array, shown
+from .errors import ArgumentTypeError, InvalidArgumentError, InvalidLengthError, PageStateError
 from .packed_data import Device, FlashInferPackedData, as_device
 from .packing import BatchPacker
-from .page_table import SeqIds, SequencePageTable
-from .prefix_cache import CachedPage, HashFn, PrefixCache, PrefixCacheStats, Salt, blake2b_128
+from .page_table import MAX_LENGTH, SeqIds, SequencePageTable, check_distinct
+from .prefix_cache import (
+    CachedPage,
+    HashFn,
+    PrefixCache,
+    PrefixCacheStats,
+    Salt,
+    as_salt,
+    blake2b_128,
+)
 from .prefix_tracking import PrefixTracker, token_list
 from .storage import PagedKVCacheManager
 
@@ -75,6 +83,18 @@ class CacheDescriptor:
         prefix_caching: bool = False,
         prefix_hash_fn: HashFn = blake2b_128,
     ):
+        if not isinstance(cache_manager, PagedKVCacheManager):
+            raise ArgumentTypeError(
+                f"cache_manager must be a PagedKVCacheManager, got {shown(cache_manager)}"
+            )
+        for name, flag in (
+            ("check_invariants", check_invariants),
+            ("prefix_caching", prefix_caching),
+        ):
+            if not isinstance(flag, bool):
+                raise ArgumentTypeError(f"{name} must be a bool, got {shown(flag)}")
+        if not callable(prefix_hash_fn):
+            raise ArgumentTypeError(f"prefix_hash_fn must be callable, got {shown(prefix_hash_fn)}")
         self.cache_manager = cache_manager
         self.table = SequencePageTable(cache_manager.allocator, cache_manager.page_size)
         self.check_invariants = check_invariants
@@ -130,8 +150,9 @@ class CacheDescriptor:
         With prefix caching, pages not yet committed are not cached (call :meth:`commit`
         first for a sequence whose KV is written and should be kept).
         """
-        slots = self.table.slots(seq_ids)
-        self.table.release(seq_ids)
+        ids = id_list(seq_ids)
+        slots = self.table.slots(ids)
+        self.table.release(ids)
         if self._tracker is not None:
             self._tracker.release(slots)
         self._after_change()
@@ -159,6 +180,8 @@ class CacheDescriptor:
                 hits, forks) for cascade attention (``packed.shared_prefix``).
         """
         target = None if device is None else as_device(device)
+        if not isinstance(shared_prefix, bool):
+            raise ArgumentTypeError(f"shared_prefix must be a bool, got {shown(shared_prefix)}")
         return self._packer.pack(self.table.slots(seq_ids), append_lens, target, shared_prefix)
 
     # ---------------------------------------------------------------- prefix caching
@@ -182,6 +205,7 @@ class CacheDescriptor:
         """
         if self._tracker is None:
             token_list(token_ids)
+            as_salt(salt)
             self.table.adopt(seq_id, np.zeros(0, np.int32), 0)
             return 0
         cached = self._tracker.start(seq_id, token_ids, salt)
@@ -208,8 +232,16 @@ class CacheDescriptor:
         return self._need_tracker().pin(self.table.slot(seq_id))
 
     def unpin_prefix(self, handle: CachedPage) -> None:
-        """Let a pinned prefix be evicted again."""
-        self._need_tracker().cache.unpin([handle])
+        """Let a pinned prefix be evicted again.
+
+        Raises:
+            ArgumentTypeError: not a handle. PageStateError: a handle of another
+            descriptor's cache, or one not pinned (unpinned already).
+        """
+        cache = self._need_tracker().cache
+        if isinstance(handle, CachedPage) and not cache.owns(handle):
+            raise PageStateError("this pin handle comes from another descriptor's prefix cache")
+        cache.unpin([handle])
 
     @property
     def prefix_stats(self) -> Optional[PrefixCacheStats]:
@@ -238,23 +270,26 @@ class CacheDescriptor:
         partial and shared (after a fork), it is first copied to a fresh page.
         """
         slot = self.table.slot(seq_id)
-        copy = self.table.truncate(slot, int(new_len))
+        copy = self.table.truncate(slot, new_len)
         if copy is not None:
             self.cache_manager.copy_pages([copy[0]], [copy[1]])
         if self._tracker is not None:
-            self._tracker.truncate(slot, int(new_len))
+            self._tracker.truncate(slot, self.table.length(slot))
         self._after_change()
 
     def pages_needed(self, seq_ids: SeqIds, seq_new_lens: SeqIds) -> int:
         """Free pages that ``allocate(seq_ids, seq_new_lens)`` would take (changes nothing)."""
         table = self.table
-        add = as_int_array(seq_new_lens, "seq_new_lens", InvalidLengthError)
-        try:  # all live (a decode batch): one vectorized lookup
-            old = table.lengths(table.slots(seq_ids)).astype(np.int64)
-        except SeqAttnError:  # new ids count as empty
-            old = np.array([table.length(table.slot(i)) if i in table else 0 for i in seq_ids])
-        if add.size != old.size or (add.size and add.min() < 0):
-            raise InvalidLengthError(f"expected {old.size} lengths >= 0, got {add.tolist()[:8]}")
+        ids = id_list(seq_ids)
+        add = int_array(seq_new_lens, "seq_new_lens", low=0, high=MAX_LENGTH,
+                        error=InvalidLengthError)  # fmt: skip
+        if add.size != len(ids):
+            raise InvalidLengthError(f"expected {len(ids)} lengths (one per id), got {add.size}")
+        check_distinct(ids)
+        if all(i in table for i in ids):  # all live (a decode batch): one vectorized lookup
+            old = table.lengths(table.slots(ids)).astype(np.int64)
+        else:  # new ids count as empty
+            old = np.array([table.length(table.slot(i)) if i in table else 0 for i in ids])
         return table.pages_needed(old, old + add)
 
     def seq_len(self, seq_id: int) -> int:
@@ -293,15 +328,28 @@ class CacheDescriptor:
         return len(self.table)
 
     def check_integrity(self) -> None:
-        """Raise AssertionError unless every page, count and length is consistent."""
+        """Raise AssertionError unless every page, count and length is consistent.
+
+        Besides the pool, the table and the prefix cache: each page has at least one
+        reference per holder this descriptor knows of (its sequences, its prefix cache,
+        the caller's own ``ref``/``allocate``); more only if other descriptors share
+        the pool.
+        """
         self.table.check_integrity()
+        holders = self.table.holders() + self.cache_manager.allocator.external_refcount
         if self._tracker is not None:
             self._tracker.cache.check_integrity()
             self._tracker.check_integrity()
+            holders = holders + self._tracker.cache.watched
+        assert (self.cache_manager.allocator.refcount >= holders).all(), (
+            "a page has fewer references than holders"
+        )
 
     def _need_tracker(self) -> PrefixTracker:
         if self._tracker is None:
-            raise SeqAttnError("prefix caching is off: CacheDescriptor(..., prefix_caching=True)")
+            raise InvalidArgumentError(
+                "prefix caching is off: CacheDescriptor(..., prefix_caching=True)"
+            )
         return self._tracker
 
     def _after_change(self) -> None:

@@ -2,25 +2,116 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Protocol, Union
 
 import numpy as np
 import torch
 from attrs import define, field
 
-from ._arrays import as_int_array, indptr_of
-from .errors import InvalidLengthError
+from ._arrays import indptr_of
+from ._checks import int_array, is_int, shown
+from .errors import (
+    ArgumentTypeError,
+    IndexOutOfRangeError,
+    InvalidArgumentError,
+    InvalidLengthError,
+    StaleBatchError,
+)
 from .shared_prefix import SharedPrefix
 
 Device = Union[torch.device, str, int]
 
 
 def as_device(device: Device) -> torch.device:
-    """A ``torch.device`` from a device, a string, or a CUDA ordinal (as the seed passes)."""
-    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    """A ``torch.device`` from a device, a string, or a CUDA ordinal (as the seed passes).
+
+    Raises:
+        ArgumentTypeError: not a device, str or int. InvalidArgumentError: a device
+        string torch does not know, or a CUDA device where CUDA is not available.
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    elif is_int(device):
+        dev = _parsed(lambda: torch.device("cuda", int(device)), device)  # type: ignore[arg-type]
+    elif isinstance(device, str):
+        dev = _parsed(lambda: torch.device(device), device)
+    else:
+        raise ArgumentTypeError(
+            f"device must be a torch.device, a string or a CUDA ordinal, got {shown(device)}"
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(f"device {device!r} is CUDA, but CUDA is not available")
+        count = torch.cuda.device_count()
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif not 0 <= dev.index < count:
+            raise InvalidArgumentError(f"device {device!r}: this machine has {count} CUDA devices")
     return dev
+
+
+def _parsed(make: Any, device: object) -> torch.device:
+    try:
+        return make()  # type: ignore[no-any-return]
+    except (RuntimeError, ValueError) as error:
+        raise InvalidArgumentError(
+            f"device {device!r} is not a device torch knows: {error}"
+        ) from None
+
+
+class VersionedTable(Protocol):
+    """A page table that stamps its rows at each change (``SequencePageTable``)."""
+
+    allocator: Any
+    row_versions: np.ndarray
+    clock: int
+
+
+class BatchStamp:
+    """What a packed batch was built from: its table, the table rows (slots) of its
+    sequences, and each row's version then.
+
+    A batch is current while none of *its own* rows changed (tokens added, pages cut
+    or swapped, the sequence ended): changes to other sequences leave it valid. The
+    check costs one integer compare while the table did not change at all since the
+    last check, and O(batch) otherwise.
+    """
+
+    __slots__ = ("checked_at", "slots", "table", "versions")
+
+    def __init__(
+        self, table: VersionedTable, slots: np.ndarray, versions: np.ndarray, clock: int
+    ) -> None:
+        self.table = table
+        self.slots = slots  # [batch_size] int64
+        self.versions = versions  # [batch_size] int64
+        self.checked_at = clock  # the table's clock when the batch was last found current
+
+    def check(self, allocator: object, use: str) -> None:
+        """Raise StaleBatchError unless the batch belongs to ``allocator``'s pool and its
+        rows are as they were packed; ``use`` names the call (for the message)."""
+        table = self.table
+        if table.allocator is not allocator:
+            raise StaleBatchError(
+                f"{use}: this batch was packed by a CacheDescriptor over another cache; "
+                "pack it with this cache's descriptor"
+            )
+        if self.checked_at == table.clock:
+            return
+        now = table.row_versions[self.slots]
+        if not np.array_equal(now, self.versions):
+            rows = np.flatnonzero(now != self.versions)[:8].tolist()
+            raise StaleBatchError(
+                f"{use}: this batch is stale: its rows {rows} changed after it was packed "
+                "(allocate, allocate_decoding, truncate, commit or release); pack again"
+            )
+        self.checked_at = table.clock
+
+    def rows(self, start: int, stop: int) -> BatchStamp:
+        """The stamp of rows ``start:stop`` (a batch cut from this one)."""
+        return BatchStamp(
+            self.table, self.slots[start:stop], self.versions[start:stop], self.checked_at
+        )
 
 
 @define(slots=True)
@@ -46,6 +137,9 @@ class FlashInferPackedData:
             ``shape: [nnz], dtype: torch.int32``.
         shared_prefix: rows that start with the same pages (host), when packed with
             ``shared_prefix=True``; attention can then read those pages once per group.
+        stamp: what the batch was packed from (set by ``pack_for_flashinfer``; None for
+            a batch built by hand). ``append_kv`` and ``plan`` refuse a stamped batch
+            whose sequences changed since, or that another cache's descriptor packed.
 
     Tensors may live on different devices: a batch packed for a CUDA device keeps
     ``kv_page_indices`` there and the small indptr / length arrays in pinned host
@@ -60,6 +154,7 @@ class FlashInferPackedData:
     append_batch_indices: Optional[torch.Tensor] = field(default=None, kw_only=True)
     append_positions: Optional[torch.Tensor] = field(default=None, kw_only=True)
     shared_prefix: Optional[SharedPrefix] = field(default=None, kw_only=True)
+    stamp: Optional[BatchStamp] = field(default=None, kw_only=True, repr=False, eq=False)
     _device_copy: Optional[FlashInferPackedData] = field(
         default=None, init=False, repr=False, eq=False
     )
@@ -67,6 +162,25 @@ class FlashInferPackedData:
     @property
     def batch_size(self) -> int:
         return self.kv_last_page_len.shape[0]
+
+    def check_current(self, allocator: object, num_pages: int, use: str) -> None:
+        """Raise unless this batch may address the pages of ``allocator``'s pool now.
+
+        A packed batch must be current (:class:`BatchStamp`). A batch built by hand
+        carries no stamp: its page ids are checked to lie in the pool where they are on
+        the host (on a GPU that would cost a sync; they are the caller's promise).
+
+        Raises:
+            StaleBatchError: stale, or packed for another cache. IndexOutOfRangeError:
+            a hand-built batch names pages outside the pool.
+        """
+        if self.stamp is not None:
+            self.stamp.check(allocator, use)
+            return
+        indices = self.kv_page_indices
+        if indices.device.type == "cpu" and indices.numel():
+            int_array(indices, f"{use}: kv_page_indices", low=0, high=num_pages - 1,
+                      error=IndexOutOfRangeError)  # fmt: skip
 
     def to_device(self, device: Device, non_blocking: bool = True) -> FlashInferPackedData:
         """A copy with every tensor on ``device`` (tensors already there are shared).
@@ -93,6 +207,7 @@ class FlashInferPackedData:
             append_batch_indices=move(self.append_batch_indices),
             append_positions=move(self.append_positions),
             shared_prefix=self.shared_prefix,
+            stamp=self.stamp,
         )
         self._device_copy = copy
         return copy
@@ -105,7 +220,7 @@ def checked_indptr(
 
     Raises InvalidLengthError naming ``what``, with ``hint`` on how to fix it.
     """
-    values = as_int_array(lengths, what, InvalidLengthError)
+    values = int_array(lengths, what, error=InvalidLengthError)
     if values.size != limits.size:
         raise InvalidLengthError(
             f"expected {limits.size} {what} (one per sequence), got {values.size}"

@@ -93,6 +93,7 @@ class BatchPacker:
             packed.append_indptr, packed.append_batch_indices, packed.append_positions = tensors
         if shared_prefix:
             packed.shared_prefix = self._shared_prefix(slots, lens)
+        packed.stamp = table.stamp(slots)
         return packed
 
     def _shared_prefix(self, slots: np.ndarray, lens: np.ndarray) -> SharedPrefix:

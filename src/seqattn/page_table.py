@@ -9,19 +9,22 @@ it fills. Per-step work is therefore O(batch), never O(pages held).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TypeVar
 
 import numpy as np
 
-from ._arrays import as_int_array, concat_ranges
+from ._arrays import concat_ranges
+from ._checks import exact_int, id_list, int_array, is_int, new_id, shown
 from .allocator import PageAllocator
 from .errors import (
+    ArgumentTypeError,
     DuplicateSequenceError,
     InvalidLengthError,
     SequenceExistsError,
     UnknownSequenceError,
 )
+from .packed_data import BatchStamp
 
 MAX_LENGTH = int(np.iinfo(np.int32).max)  # lengths are int32, as flashinfer's
 SeqIds = Sequence[int]
@@ -46,6 +49,10 @@ class SequencePageTable:
 
     Positions written in the arena can be logged (``write_log``) so that a device-side
     mirror uploads exactly the new page ids instead of every page each step.
+
+    Every change to a sequence (tokens added, pages cut or swapped, its end) stamps its
+    slot with the table's next :attr:`clock` value, so a batch packed earlier can tell
+    whether its own rows changed since (:meth:`stamp`), whatever happened to others.
     """
 
     def __init__(self, allocator: PageAllocator, page_size: int) -> None:
@@ -58,6 +65,8 @@ class SequencePageTable:
         self._length = np.zeros(16, dtype=np.int32)
         self._start = np.zeros(16, dtype=np.int64)
         self._room = np.zeros(16, dtype=np.int64)
+        self.row_versions = np.zeros(16, dtype=np.int64)  # clock of each slot's last change
+        self.clock = 0  # moves on at every change to any sequence
         # on cpu: page ids of every sequence, each in its own region
         self.arena = np.zeros(1024, dtype=np.int32)
         self._top = 0
@@ -80,7 +89,7 @@ class SequencePageTable:
 
     # ----------------------------------------------------------------- lookups
     def __contains__(self, seq_id: object) -> bool:
-        return seq_id in self._slot_of
+        return is_int(seq_id) and seq_id in self._slot_of
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -96,32 +105,36 @@ class SequencePageTable:
         return int(self._length.size)
 
     def slot(self, seq_id: int) -> int:
-        """The slot of one live sequence; raises UnknownSequenceError."""
+        """The slot of one live sequence; raises UnknownSequenceError (ArgumentTypeError
+        for an id that is not an integer: ``True`` is not sequence 1)."""
+        if not is_int(seq_id):
+            raise ArgumentTypeError(f"a sequence id must be an integer, got {shown(seq_id)}")
         try:
             return self._slot_of[seq_id]
-        except (KeyError, TypeError):
+        except KeyError:
             raise UnknownSequenceError(
                 f"sequence id {seq_id!r} is not allocated (live: {self._some_ids()})"
             ) from None
 
     def slots(self, seq_ids: SeqIds) -> np.ndarray:
-        """Slots of distinct live sequences, shape ``[len(seq_ids)]``, int64.
+        """Slots of distinct live sequences, shape ``[len(seq_ids)]``, int64 (read-only:
+        the same array may be returned again).
 
         The answer for the previous batch is reused when the ids and the set of
         live sequences are unchanged, so a steady decode batch costs one list compare.
         """
-        ids = seq_ids if isinstance(seq_ids, list) else _to_list(seq_ids)
+        ids = id_list(seq_ids)
         if self._cached_version == self.membership_version and ids == self._cached_ids:
             return self._cached_slots
         slot_of = self._slot_of
         try:
             slots = np.fromiter((slot_of[i] for i in ids), dtype=np.int64, count=len(ids))
-        except (KeyError, TypeError):
+        except KeyError:
             missing = [i for i in ids if i not in slot_of][:8]
             raise UnknownSequenceError(
                 f"sequence ids {missing} are not allocated (live: {self._some_ids()})"
             ) from None
-        _check_distinct(ids)
+        check_distinct(ids)
         self._cached_ids, self._cached_slots = list(ids), slots
         self._cached_version = self.membership_version
         return slots
@@ -156,34 +169,42 @@ class SequencePageTable:
         Returns the slots of ``seq_ids``. Raises NoPageError (nothing changed) when the
         pool lacks pages, InvalidLengthError for negative or mismatched lengths.
         """
-        ids = seq_ids if isinstance(seq_ids, list) else _to_list(seq_ids)
-        add = as_int_array(add_lens, "seq_new_lens", InvalidLengthError)
+        ids = id_list(seq_ids)
+        add = int_array(add_lens, "seq_new_lens", low=0, high=MAX_LENGTH, error=InvalidLengthError)
         if add.size != len(ids):
             raise InvalidLengthError(
                 f"got {len(ids)} sequence ids but {add.size} lengths; pass one length per id"
             )
-        if add.size and add.min() < 0:
-            raise InvalidLengthError(f"lengths must be >= 0, got {add[add < 0][:8].tolist()}")
-        _check_distinct(ids)
+        check_distinct(ids)
         slot_of = self._slot_of
         slots = np.fromiter((slot_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
         known = slots >= 0
+        if not known.all():
+            for i in np.flatnonzero(~known).tolist():
+                new_id(ids[i])  # a new id must fit in int64
         old_len = np.where(known, self._length[np.maximum(slots, 0)], 0)
         if add.size and (old_len + add).max() > MAX_LENGTH:
-            raise InvalidLengthError(f"a sequence would exceed {MAX_LENGTH} tokens")
-        pages = self.allocator.allocate(self.pages_needed(old_len, old_len + add))
+            too_long = ids[int(np.argmax(old_len + add))]
+            raise InvalidLengthError(
+                f"sequence {too_long} would hold more than {MAX_LENGTH} tokens (int32 "
+                f"lengths, as flashinfer's)"
+            )
+        pages = self.allocator.take(self.pages_needed(old_len, old_len + add))
         if not known.all():
             for i in np.flatnonzero(~known).tolist():
                 slots[i] = self._new_slot(ids[i])
         self._add_pages(slots, old_len, old_len + add, pages)
         self.growth_version += 1
+        self._touch(slots)
         return slots
 
     def grow_by_one(self, slots: np.ndarray) -> None:
         """One more token for each of the (distinct, live) slots, all or nothing."""
         old_len = self._length[slots]
+        if old_len.size and old_len.max() >= MAX_LENGTH:
+            raise InvalidLengthError(f"a sequence would hold more than {MAX_LENGTH} tokens")
         full = (old_len % self.page_size == 0).nonzero()[0]  # next token starts a page
-        pages = self.allocator.allocate(full.size)
+        pages = self.allocator.take(full.size)
         if full.size:
             rows = slots[full]
             first = old_len[full] // self.page_size
@@ -193,6 +214,7 @@ class SequencePageTable:
         self._length[slots] = old_len
         self.growth_version += 1
         self.last_growth = (self.growth_version, slots, full, pages)
+        self._touch(slots)
 
     def truncate(self, slot: int, new_len: int) -> tuple[int, int] | None:
         """Cut a sequence to ``new_len`` tokens and free the pages past it.
@@ -202,22 +224,20 @@ class SequencePageTable:
         must copy, or None.
         """
         length = self.length(slot)
-        if not 0 <= new_len <= length:
-            raise InvalidLengthError(
-                f"truncate to {new_len} tokens: expected 0 <= new_len <= {length}"
-            )
+        new_len = exact_int(new_len, "new_len", low=0, high=length, error=InvalidLengthError)
         keep = pages_for(new_len, self.page_size)
         pages = self.page_ids(slot)
         copy, drop = None, pages[keep:]
         partial = new_len % self.page_size != 0
         if partial and self.allocator.refcount[pages[keep - 1]] > 1:
-            fresh = int(self.allocator.allocate(1)[0])
+            fresh = int(self.allocator.take(1)[0])
             copy, drop = (int(pages[keep - 1]), fresh), pages[keep - 1 :]
             self._write(np.array([self._start[slot] + keep - 1]), np.array([fresh]))
         # in one call: a prefix cache sees a child page and its parent go together
-        self.allocator.unref(drop)
+        self.allocator.drop(drop)
         self._length[slot] = new_len
         self.layout_version += 1
+        self._touch(slot)
         return copy
 
     def fork(self, src_slot: int, dst_id: int) -> tuple[int, tuple[int, int] | None]:
@@ -226,12 +246,12 @@ class SequencePageTable:
         A partial last page is not shared: ``dst_id`` gets a fresh page, returned as
         ``(src_page, fresh_page)`` for the caller to copy. Returns ``(dst_slot, copy)``.
         """
-        self._check_new(dst_id)
+        self.check_new(dst_id)
         length = int(self._length[src_slot])
         pages = self.page_ids(src_slot)
         full = length // self.page_size
-        fresh = self.allocator.allocate(pages.size - full)  # 0 or 1 page
-        self.allocator.ref(pages[:full])
+        fresh = self.allocator.take(pages.size - full)  # 0 or 1 page
+        self.allocator.share(pages[:full])
         dst = self.adopt(dst_id, np.concatenate([pages[:full], fresh]), length)
         copy = (int(pages[-1]), int(fresh[0])) if fresh.size else None
         return dst, copy
@@ -239,13 +259,14 @@ class SequencePageTable:
     def adopt(self, seq_id: int, pages: np.ndarray, length: int) -> int:
         """Start ``seq_id`` holding ``pages`` (one reference each, already taken by the
         caller) and ``length`` tokens; returns its slot."""
-        self._check_new(seq_id)
+        self.check_new(seq_id)
         assert pages.size == pages_for(length, self.page_size), "pages do not match the length"
         slot = self._new_slot(seq_id)
         self._ensure_room(np.array([slot]), np.array([pages.size]))
         self._write(self._start[slot] + np.arange(pages.size), pages)
         self._length[slot] = length
         self.growth_version += 1
+        self._touch(slot)
         return slot
 
     def share_page(self, slot: int, index: int, page: int) -> None:
@@ -254,16 +275,18 @@ class SequencePageTable:
         position = int(self._start[slot]) + index
         old = self.arena[position : position + 1].copy()
         assert index < pages_for(int(self._length[slot]), self.page_size), "index past the end"
-        self.allocator.ref([page])
+        self.allocator.share(np.array([page]))
         self._write(np.array([position]), np.array([page], dtype=np.int32))
-        self.allocator.unref(old)
+        self.allocator.drop(old)
         self.layout_version += 1
+        self._touch(slot)
 
     def release(self, seq_ids: SeqIds) -> None:
         """End sequences and drop their page references, all or nothing."""
-        slots = self.slots(seq_ids)
-        self.allocator.unref(self.pages_of_slots(slots))
-        for seq_id in _to_list(seq_ids):
+        ids = id_list(seq_ids)
+        slots = self.slots(ids)
+        self.allocator.drop(self.pages_of_slots(slots))
+        for seq_id in ids:
             del self._slot_of[seq_id]
         self._free_slots += slots.tolist()
         self._live_room -= int(self._room[slots].sum())
@@ -271,6 +294,12 @@ class SequencePageTable:
         self._room[slots] = 0
         self.membership_version += 1
         self.layout_version += 1
+        self._touch(slots)
+
+    # ------------------------------------------------------------------ stamps
+    def stamp(self, slots: np.ndarray) -> BatchStamp:
+        """What a batch of ``slots`` is packed from: this table and its rows' versions."""
+        return BatchStamp(self, slots.copy(), self.row_versions[slots], self.clock)
 
     # --------------------------------------------------------------- integrity
     def check_integrity(self) -> None:
@@ -293,13 +322,18 @@ class SequencePageTable:
         ends = np.sort(self._start[placed] + self._room[placed])
         assert (ends[:-1] <= starts[1:]).all(), "arena regions overlap"
         assert ends.size == 0 or ends[-1] <= self._top <= self.arena.size, "region past the top"
-        listed = self.pages_of_slots(slots)
-        holders = np.bincount(listed, minlength=self.allocator.num_pages)
+        holders = self.holders()
         refcount = self.allocator.refcount
         assert (refcount >= holders).all(), "a page has fewer references than holders"
         partial = self._length[slots] % self.page_size != 0
         last = self.arena[self._start[slots] + counts - 1][partial]
         assert (holders[last] == 1).all(), "two sequences share a partially filled page"
+
+    def holders(self) -> np.ndarray:
+        """How many live sequences list each page, ``[num_pages]`` int64."""
+        slots = np.fromiter(self._slot_of.values(), dtype=np.int64, count=len(self._slot_of))
+        listed = self.pages_of_slots(slots)
+        return np.bincount(listed, minlength=self.allocator.num_pages)
 
     # ---------------------------------------------------------------- internals
     def pages_needed(self, old_len: np.ndarray, new_len: np.ndarray) -> int:
@@ -318,7 +352,8 @@ class SequencePageTable:
             self._write(concat_ranges(self._start[rows] + first, count), pages)
         self._length[slots] = new_len
 
-    def _check_new(self, seq_id: int) -> None:
+    def check_new(self, seq_id: int) -> None:
+        new_id(seq_id)
         if seq_id in self._slot_of:
             raise SequenceExistsError(f"sequence id {seq_id} is live already")
 
@@ -329,7 +364,7 @@ class SequencePageTable:
             slot = self._num_slots
             self._num_slots += 1
             if slot == self._length.size:
-                for name in ("_length", "_start", "_room"):
+                for name in ("_length", "_start", "_room", "row_versions"):
                     old = getattr(self, name)
                     setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
         self._slot_of[seq_id] = slot
@@ -338,7 +373,13 @@ class SequencePageTable:
         self._room[slot] = 0
         self.membership_version += 1
         self.layout_version += 1
+        self._touch(slot)
         return slot
+
+    def _touch(self, slots: np.ndarray | int) -> None:
+        """Mark ``slots`` changed: batches packed with them before are stale now."""
+        self.clock += 1
+        self.row_versions[slots] = self.clock
 
     def _ensure_room(self, slots: np.ndarray, pages_needed: np.ndarray) -> None:
         short = self._room[slots] < pages_needed
@@ -390,13 +431,7 @@ class SequencePageTable:
         return f"{ids[:8]}{' ...' if len(ids) > 8 else ''} ({len(ids)} in all)"
 
 
-def _to_list(seq_ids: Iterable[int]) -> list[int]:
-    if hasattr(seq_ids, "tolist"):
-        return seq_ids.tolist()  # type: ignore[no-any-return, attr-defined]
-    return list(seq_ids)
-
-
-def _check_distinct(ids: list[int]) -> None:
+def check_distinct(ids: list[int]) -> None:
     if len(set(ids)) != len(ids):
         seen: set[int] = set()
         dups = [i for i in ids if i in seen or seen.add(i)][:8]  # type: ignore[func-returns-value]

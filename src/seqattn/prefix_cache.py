@@ -25,8 +25,9 @@ from typing import Optional, Union
 import numpy as np
 from attrs import define
 
-from .allocator import PageAllocator
-from .errors import PageStateError
+from ._checks import INT64_MAX, exact_int, int_array, shown
+from .allocator import PageAllocator, checked_page_ids
+from .errors import ArgumentTypeError, PageStateError
 
 Salt = Union[str, bytes, None]
 HashFn = Callable[[bytes], bytes]
@@ -135,12 +136,13 @@ class PrefixCache:
         Does not take references (the caller does, before anything can evict them).
         ``record`` counts the lookup in :attr:`stats`.
         """
-        tokens = np.asarray(token_ids, dtype=np.int64)
+        tokens = token_array(token_ids)
         salt_bytes = as_salt(salt)
+        max_pages = exact_int(max_pages, "max_pages", low=0)
         key, parent = self.root_key(salt_bytes), None
         chain: list[CachedPage] = []
         ps = self.page_size
-        for i in range(min(int(max_pages), tokens.size // ps)):
+        for i in range(min(max_pages, tokens.size // ps)):
             page_tokens = tokens[i * ps : (i + 1) * ps]
             key = self.page_key(key, page_tokens)
             entry = self._by_key.get(key)
@@ -168,10 +170,15 @@ class PrefixCache:
         same prefix is cached already (under any page: the caller may switch to it); or
         None when a different prefix owns the key (a hash collision: nothing cached).
         """
-        tokens = np.array(tokens, dtype=np.int64)
+        tokens = token_array(tokens)
         salt_bytes = as_salt(salt)
         if tokens.size != self.page_size:
             raise PageStateError(f"a cached page holds {self.page_size} tokens, got {tokens.size}")
+        page = int(checked_page_ids([page], self.allocator.num_pages, "page")[0])
+        if self.allocator.refcount[page] == 0:
+            raise PageStateError(f"page {page} is free: only a held page with written KV is cached")
+        if parent is not None and not self.owns(parent) and parent.alive:
+            raise PageStateError("parent is not a page of this prefix cache")
         if parent is not None and not parent.alive:
             return None  # its prefix is gone: nothing could find this page
         key = self.page_key(self.root_key(salt_bytes) if parent is None else parent.key, tokens)
@@ -185,7 +192,7 @@ class PrefixCache:
         if self.watched[page]:
             return None  # the page is cached under another prefix already
         entry = CachedPage(key, int(page), parent, tokens, salt_bytes)
-        self.allocator.ref([page])
+        self.allocator.share(np.array([page]))
         self.watched[page] = True
         self._by_key[key] = entry
         self._by_page[entry.page] = entry
@@ -194,6 +201,7 @@ class PrefixCache:
 
     def pin(self, entries: list[CachedPage]) -> None:
         """Keep these pages (and their ancestors) cached until :meth:`unpin`."""
+        self._check_handles(entries)
         chain = _with_ancestors(entries)
         if not all(entry.alive for entry in chain):
             raise PageStateError("cannot pin a page that was evicted")
@@ -203,8 +211,13 @@ class PrefixCache:
                 self._lru.pop(entry.page, None)
             entry.pins += 1
 
+    def owns(self, entry: object) -> bool:
+        """Whether ``entry`` is a live page of this cache (a handle it handed out)."""
+        return isinstance(entry, CachedPage) and self._by_page.get(entry.page) is entry
+
     def unpin(self, entries: list[CachedPage]) -> None:
         """Undo one :meth:`pin` of these pages."""
+        self._check_handles(entries)
         chain = _with_ancestors(entries)
         if any(entry.pins == 0 for entry in chain):
             raise PageStateError("unpin of a prefix that is not pinned")
@@ -282,6 +295,17 @@ class PrefixCache:
                 f"page {page} is younger than its parent {parent.page} in the LRU"
             )
 
+    def _check_handles(self, entries: object) -> None:
+        if not isinstance(entries, (list, tuple)):
+            raise ArgumentTypeError(f"expected a list of cached pages, got {shown(entries)}")
+        for entry in entries:
+            if not isinstance(entry, CachedPage):
+                raise ArgumentTypeError(
+                    f"expected a cached page (a pin handle), got {shown(entry)}"
+                )
+            if not self.owns(entry) and entry.alive:
+                raise PageStateError("this handle belongs to another prefix cache")
+
     def _evict(self, pages: list[int]) -> None:
         for page in pages:
             entry = self._by_page.pop(page)
@@ -290,7 +314,12 @@ class PrefixCache:
             entry.alive = False
             self.watched[page] = False
         self._counts["evictions"] += len(pages)
-        self.allocator.unref(np.array(pages, dtype=np.int32))
+        self.allocator.drop(np.array(pages, dtype=np.int32))
+
+
+def token_array(token_ids: object) -> np.ndarray:
+    """Token ids as int64, each an integer in ``[0, 2**63)``."""
+    return int_array(token_ids, "token ids", low=0, high=INT64_MAX)
 
 
 def as_salt(salt: Salt) -> bytes:
@@ -301,7 +330,7 @@ def as_salt(salt: Salt) -> bytes:
         return b"s:" + salt.encode()
     if isinstance(salt, bytes):
         return b"b:" + salt
-    raise PageStateError(f"a salt is a str, bytes or None, got {type(salt).__name__}")
+    raise ArgumentTypeError(f"a salt is a str, bytes or None, got {shown(salt)}")
 
 
 def _with_ancestors(entries: list[CachedPage]) -> list[CachedPage]:

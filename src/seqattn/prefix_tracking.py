@@ -14,10 +14,9 @@ from typing import Optional
 
 import numpy as np
 
-from ._arrays import as_int_array
 from .errors import InvalidLengthError, SeqAttnError, SequenceExistsError
 from .page_table import SequencePageTable
-from .prefix_cache import CachedPage, PrefixCache, Salt
+from .prefix_cache import CachedPage, PrefixCache, Salt, as_salt, token_array
 
 _NEVER = np.iinfo(np.int64).max
 
@@ -25,18 +24,26 @@ _NEVER = np.iinfo(np.int64).max
 class _Track:
     """What the tracker knows of one sequence."""
 
-    __slots__ = ("committed", "salt", "stopped", "tip", "tokens")
+    __slots__ = ("collided", "committed", "salt", "tip", "tokens", "unknown_from")
 
     def __init__(self, tokens: list[int], salt: Salt) -> None:
         self.tokens = tokens  # token ids known so far (may run ahead of the length)
         self.salt = salt
         self.tip: Optional[CachedPage] = None  # the cache entry of page committed - 1
         self.committed = 0  # leading pages that are cached (inserted or matched)
-        self.stopped = False  # tokens went unknown or a hash collided: cache no more
+        # the first position whose token nobody told us (pages from there cannot be
+        # keyed), or None; a truncate back to before it lets caching resume
+        self.unknown_from: Optional[int] = None
+        self.collided = False  # a hash collision or an evicted tip: cache no more
+
+    @property
+    def stopped(self) -> bool:
+        return self.collided or self.unknown_from is not None
 
     def copy(self) -> _Track:
         twin = _Track(list(self.tokens), self.salt)
-        twin.tip, twin.committed, twin.stopped = self.tip, self.committed, self.stopped
+        twin.tip, twin.committed = self.tip, self.committed
+        twin.unknown_from, twin.collided = self.unknown_from, self.collided
         return twin
 
 
@@ -57,12 +64,15 @@ class PrefixTracker:
         computes the last one (and gets its logits).
         """
         tokens = token_list(token_ids)
+        as_salt(salt)  # checks its type before anything changes
         table, ps = self.table, self.table.page_size
         if seq_id in table:
             raise SequenceExistsError(f"cannot start sequence id {seq_id}: it is live")
-        chain = self.cache.match(np.array(tokens, dtype=np.int64), salt, (len(tokens) - 1) // ps)
+        table.check_new(seq_id)
+        limit = max(len(tokens) - 1, 0) // ps  # the last prompt token is always computed
+        chain = self.cache.match(np.array(tokens, dtype=np.int64), salt, limit)
         pages = np.array([entry.page for entry in chain], dtype=np.int32)
-        table.allocator.ref(pages)
+        table.allocator.share(pages)
         slot = table.adopt(seq_id, pages, pages.size * ps)
         track = _Track(tokens, salt)
         track.committed = len(chain)
@@ -78,6 +88,9 @@ class PrefixTracker:
             track = tracks.get(slot)
             if track is not None and len(track.tokens) == length - 1:
                 track.tokens.append(token)
+                if track.unknown_from is not None:  # told late: every token is known again
+                    track.unknown_from = None
+                    self._set(slot, track)
 
     def commit(self, slots: np.ndarray) -> None:
         """Cache the full pages of ``slots`` whose tokens are known (their KV is written)."""
@@ -98,12 +111,14 @@ class PrefixTracker:
         if track is None:
             return
         del track.tokens[new_len:]
+        if track.unknown_from is not None and new_len <= track.unknown_from:
+            track.unknown_from = None  # the tokens nobody told us are cut off
         keep = min(track.committed, new_len // self.table.page_size)
         if keep < track.committed:
             track.committed = keep
             tip = self.table.page_ids(slot)[keep - 1] if keep else None
             track.tip = None if tip is None else self.cache.entry_of(int(tip))
-            track.stopped |= keep > 0 and track.tip is None
+            track.collided |= keep > 0 and track.tip is None
         self._set(slot, track)
 
     def fork(self, src_slot: int, dst_slot: int) -> None:
@@ -143,13 +158,13 @@ class PrefixTracker:
                 tokens = np.array(track.tokens[i * ps : (i + 1) * ps], dtype=np.int64)
                 entry = self.cache.insert(track.tip, tokens, int(pages[i]), track.salt)
                 if entry is None:  # a hash collision: this prefix stays uncached
-                    track.stopped = True
+                    track.collided = True
                     break
                 if entry.page != pages[i]:  # cached already: share that page, free ours
                     table.share_page(slot, i, entry.page)
                 track.tip, track.committed = entry, i + 1
-        if length > known:  # tokens nobody told us: pages past here cannot be keyed
-            track.stopped = True
+        if length > known and track.unknown_from is None:
+            track.unknown_from = known  # tokens nobody told us: pages past here have no key
         self._set(slot, track)
 
     def _set(self, slot: int, track: _Track) -> None:
@@ -167,7 +182,7 @@ class PrefixTracker:
 
 def token_list(token_ids: object, expected: Optional[int] = None) -> list[int]:
     """Token ids as a list of ints (from a list, numpy array or torch tensor), checked."""
-    tokens = as_int_array(token_ids, "token ids", InvalidLengthError).tolist()
+    tokens = token_array(token_ids).tolist()
     if expected is not None and len(tokens) != expected:
         raise InvalidLengthError(
             f"got {len(tokens)} token ids for {expected} sequences; pass one per sequence"

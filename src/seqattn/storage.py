@@ -7,9 +7,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ._checks import exact_int, int_array, real_number, shown
 from ._flashinfer import flashinfer_or_none
-from .allocator import PageAllocator, PageIds
-from .errors import InvalidLengthError, TensorSpecError
+from .allocator import PageAllocator, PageIds, checked_page_ids
+from .errors import (
+    ArgumentTypeError,
+    IndexOutOfRangeError,
+    InvalidArgumentError,
+    InvalidLengthError,
+    TensorSpecError,
+)
 from .packed_data import (
     Device,
     FlashInferPackedData,
@@ -75,34 +82,28 @@ class PagedKVCacheManager:
         k_scale: float = 1.0,
         v_scale: float = 1.0,
     ) -> None:
-        for name, value in (
-            ("page_size", page_size),
-            ("num_heads", num_heads),
-            ("head_dim", head_dim),
-            ("num_layers", num_layers),
-        ):
-            if int(value) <= 0:
-                raise InvalidLengthError(f"{name} must be positive, got {value}")
+        sizes = [
+            exact_int(value, name, low=1, high=2**31 - 1, error=InvalidLengthError)
+            for name, value in (
+                ("num_pages", num_pages),
+                ("page_size", page_size),
+                ("num_heads", num_heads),
+                ("head_dim", head_dim),
+                ("num_layers", num_layers),
+            )
+        ]
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ArgumentTypeError(f"dtype must be a floating torch.dtype, got {shown(dtype)}")
         if kv_layout not in KV_LAYOUTS:
-            raise TensorSpecError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
-        self.allocator = PageAllocator(num_pages)
-        self.num_pages = int(num_pages)
-        self.page_size = int(page_size)
-        self.num_heads = int(num_heads)
-        self.head_dim = int(head_dim)
-        self.num_layers = int(num_layers)
-        self.dtype = dtype
+            raise InvalidArgumentError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+        self.k_scale = real_number(k_scale, "k_scale", low=0.0, low_open=True)
+        self.v_scale = real_number(v_scale, "v_scale", low=0.0, low_open=True)
         self.device = as_device(device)
+        self.num_pages, self.page_size, self.num_heads, self.head_dim, self.num_layers = sizes
+        self.dtype = dtype
         self.kv_layout = kv_layout
-        self.k_scale = float(k_scale)
-        self.v_scale = float(v_scale)
-        inner = (page_size, num_heads) if kv_layout == "NHD" else (num_heads, page_size)
-        # on device: all layers' pages, [num_layers, num_pages, 2, *inner, head_dim]
-        self.kv_data = torch.zeros(
-            (self.num_layers, self.num_pages, 2, *inner, self.head_dim),
-            dtype=dtype,
-            device=self.device,
-        )
+        self.kv_data = self._storage()
+        self.allocator = PageAllocator(self.num_pages)
         # views made once: the combined tensor and the (K, V) pair of every layer
         self._layers = list(self.kv_data.unbind(0))
         self._kv_pairs = [(kv[:, 0], kv[:, 1]) for kv in self._layers]
@@ -111,6 +112,20 @@ class PagedKVCacheManager:
         self._resolved: tuple[torch.Tensor, ...] = ()
         self.use_flashinfer = True  # where supported: see the property
         self._accepted_dtypes = (dtype, *QUANTIZABLE_DTYPES) if dtype in FP8_DTYPES else (dtype,)
+
+    def _storage(self) -> torch.Tensor:
+        """All layers' pages, ``[num_layers, num_pages, 2, *inner, head_dim]``, zeroed."""
+        ps, heads = self.page_size, self.num_heads
+        inner = (ps, heads) if self.kv_layout == "NHD" else (heads, ps)
+        shape = (self.num_layers, self.num_pages, 2, *inner, self.head_dim)
+        nbytes = int(np.prod(shape, dtype=object)) * self.dtype.itemsize
+        try:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        except (RuntimeError, MemoryError) as error:  # torch's out-of-memory errors
+            raise InvalidArgumentError(
+                f"the KV storage {list(shape)} ({nbytes / 2**30:.2f} GiB of {self.dtype}) "
+                f"does not fit on {self.device}: fewer pages or layers ({error})"
+            ) from None
 
     @property
     def use_flashinfer(self) -> bool:
@@ -155,13 +170,21 @@ class PagedKVCacheManager:
 
     # ------------------------------------------------------------------------ storage
     def get_kv_cache(self, layer: int = 0) -> torch.Tensor:
-        """One layer's pages as flashinfer's combined ``paged_kv_cache`` tensor (a view)."""
-        try:
-            if layer >= 0:
-                return self._layers[layer]
-        except (IndexError, TypeError):
-            pass
-        raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+        """One layer's pages as flashinfer's combined ``paged_kv_cache`` tensor (a view).
+
+        Raises:
+            ArgumentTypeError: ``layer`` is not an integer. IndexOutOfRangeError: no
+            such layer.
+        """
+        if type(layer) is int and 0 <= layer < self.num_layers:  # the common case, fast
+            return self._layers[layer]
+        return self._layers[self.checked_layer(layer)]
+
+    def checked_layer(self, layer: object) -> int:
+        """``layer`` as an int in ``[0, num_layers)``."""
+        return exact_int(
+            layer, "layer", low=0, high=self.num_layers - 1, error=IndexOutOfRangeError
+        )
 
     def get_memory_tensors(self, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(key_cache, value_cache)`` of one layer, views shaped
@@ -181,9 +204,22 @@ class PagedKVCacheManager:
         return self.get_memory_tensors(0)[1]
 
     def copy_pages(self, src_pages: PageIds, dst_pages: PageIds) -> None:
-        """Copy the K/V of ``src_pages`` into ``dst_pages`` in every layer."""
-        src = torch.as_tensor(src_pages, dtype=torch.long).to(self.device)
-        dst = torch.as_tensor(dst_pages, dtype=torch.long).to(self.device)
+        """Copy the K/V of ``src_pages`` into ``dst_pages`` in every layer.
+
+        Raises:
+            IndexOutOfRangeError: a page id outside the pool (no negative indexing).
+            InvalidLengthError: not one destination per source, or a destination twice.
+            ArgumentTypeError: ids that are not integers. Nothing is copied.
+        """
+        src_ids = checked_page_ids(src_pages, self.num_pages, "src_pages")
+        dst_ids = checked_page_ids(dst_pages, self.num_pages, "dst_pages")
+        if src_ids.size != dst_ids.size or np.unique(dst_ids).size != dst_ids.size:
+            raise InvalidLengthError(
+                f"copy_pages needs one distinct destination per source, got {src_ids.size} "
+                f"sources and destinations {dst_ids[:8].tolist()}"
+            )
+        src = torch.from_numpy(src_ids).to(self.device)
+        dst = torch.from_numpy(dst_ids).to(self.device)
         self.kv_data[:, dst] = self.kv_data[:, src]
 
     def append_kv(
@@ -215,6 +251,11 @@ class PagedKVCacheManager:
         """
         kv = self.get_kv_cache(layer)
         self.check_kv(keys, values)
+        if not isinstance(flashinfer_data, FlashInferPackedData):
+            raise ArgumentTypeError(
+                f"flashinfer_data must be a FlashInferPackedData, got {shown(flashinfer_data)}"
+            )
+        flashinfer_data.check_current(self.allocator, self.num_pages, "append_kv")
         nnz = keys.shape[0]
         if nnz == 0:
             return
@@ -286,15 +327,14 @@ class PagedKVCacheManager:
                     f"{on_device.append_positions.shape[0]}"
                 )
             return on_device.append_batch_indices, on_device.append_positions
-        indptr_tensor = torch.as_tensor(append_indptr_cpu)
-        if indptr_tensor.device.type != "cpu":
+        if isinstance(append_indptr_cpu, torch.Tensor) and append_indptr_cpu.device.type != "cpu":
             raise TensorSpecError("append_indptr_cpu must be a CPU tensor (the seed's contract)")
-        indptr = indptr_tensor.numpy()
+        indptr = int_array(append_indptr_cpu, "append_indptr_cpu", error=InvalidLengthError)
         batch_size = packed.kv_last_page_len.shape[0]
-        if indptr.shape != (batch_size + 1,) or int(indptr[-1]) != nnz:
+        if indptr.shape != (batch_size + 1,) or indptr[0] != 0 or int(indptr[-1]) != nnz:
             raise TensorSpecError(
-                f"append_indptr_cpu must have shape [{batch_size + 1}] and end at nnz={nnz}, "
-                f"got shape {list(indptr.shape)} ending at {int(indptr[-1])}"
+                f"append_indptr_cpu must have shape [{batch_size + 1}], start at 0 and end "
+                f"at nnz={nnz}, got {indptr.tolist()[:8]}"
             )
         # lengths from the host copy (a batch moved to the GPU by hand costs a sync here)
         seq_lens = seq_lens_from_page_table(

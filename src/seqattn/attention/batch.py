@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from attrs import define
 
-from ..errors import InvalidLengthError
+from .._checks import exact_int, real_number, shown
+from ..errors import ArgumentTypeError, InvalidArgumentError, InvalidLengthError
 from ..packed_data import FlashInferPackedData, checked_indptr, seq_lens_from_page_table
+from ..storage import PagedKVCacheManager
 
 
 @define(slots=True, frozen=True)
@@ -57,8 +59,7 @@ class AttentionBatch:
     def build(
         cls,
         packed: FlashInferPackedData,
-        page_size: int,
-        head_dim: int,
+        cache: PagedKVCacheManager,
         qo_lens: object = None,
         *,
         causal: bool = True,
@@ -66,7 +67,26 @@ class AttentionBatch:
         window_left: int = -1,
         logits_soft_cap: Optional[float] = None,
     ) -> AttentionBatch:
-        """Validate and normalize; ``qo_lens`` defaults to the packed append lengths."""
+        """Validate and normalize; ``qo_lens`` defaults to the packed append lengths.
+
+        Raises:
+            StaleBatchError: ``packed`` is stale or another cache's. InvalidLengthError:
+            bad query lengths. ArgumentTypeError, InvalidArgumentError: bad options.
+            IndexOutOfRangeError: a hand-built batch names pages outside the pool.
+        """
+        if not isinstance(packed, FlashInferPackedData):
+            raise ArgumentTypeError(f"expected a FlashInferPackedData, got {shown(packed)}")
+        packed.check_current(cache.allocator, cache.num_pages, "plan")
+        page_size = cache.page_size
+        if not isinstance(causal, bool):
+            raise ArgumentTypeError(f"causal must be a bool, got {shown(causal)}")
+        window_left = exact_int(window_left, "window_left (-1: no window)", low=-1)
+        cap = 0.0
+        if logits_soft_cap is not None:
+            cap = real_number(logits_soft_cap, "logits_soft_cap (None: off)", low=0.0)
+        scale = 1.0 / math.sqrt(cache.head_dim)
+        if sm_scale is not None:
+            scale = real_number(sm_scale, "sm_scale", low=0.0, low_open=True)
         if packed.kv_seq_lens is not None:  # a packer's batch: computed once, when packing
             kv_lens = packed.kv_seq_lens.cpu().numpy().astype(np.int32, copy=False)
         else:  # a batch built by hand
@@ -84,13 +104,27 @@ class AttentionBatch:
         qo_indptr = checked_indptr(
             qo_lens, "query lengths", kv_lens, 1, "allocate the query tokens first"
         )
-        if window_left < -1:
-            raise InvalidLengthError(f"window_left must be -1 (off) or >= 0, got {window_left}")
-        cap = float(logits_soft_cap or 0.0)
-        if cap < 0:
-            raise InvalidLengthError(f"logits_soft_cap must be >= 0, got {cap}")
-        scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-        return cls(packed, qo_indptr, kv_lens, bool(causal), scale, int(window_left), cap)
+        return cls(packed, qo_indptr, kv_lens, causal, scale, window_left, cap)
+
+
+def checked_qo_heads(num_qo_heads: object, num_kv_heads: int) -> int:
+    """Query heads: a positive multiple of the cache's KV heads (GQA, MQA, MHA)."""
+    heads = exact_int(num_qo_heads, "num_qo_heads", low=1, error=InvalidArgumentError)
+    if heads % num_kv_heads:
+        raise InvalidArgumentError(
+            f"num_qo_heads must be a positive multiple of the {num_kv_heads} KV heads, got {heads}"
+        )
+    return heads
+
+
+def query_dtype(q_dtype: object, kv_dtype: torch.dtype) -> torch.dtype:
+    """The dtype queries are planned for: ``q_dtype``, or by default the cache's dtype
+    (float16 for a float8 cache). Raises ArgumentTypeError for a non-float dtype."""
+    if q_dtype is None:
+        return torch.float16 if kv_dtype.itemsize == 1 else kv_dtype
+    if not isinstance(q_dtype, torch.dtype) or not q_dtype.is_floating_point:
+        raise ArgumentTypeError(f"q_dtype must be a floating torch.dtype, got {shown(q_dtype)}")
+    return q_dtype
 
 
 def host_tensor(array: np.ndarray, pin: bool) -> torch.Tensor:

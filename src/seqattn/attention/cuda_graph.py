@@ -36,10 +36,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
+from .._checks import exact_bool, exact_int, int_array, shown
+from ..errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    InvalidLengthError,
+    SeqAttnError,
+    TensorSpecError,
+)
 from ..packed_data import FlashInferPackedData
 from ..storage import PagedKVCacheManager
-from .batch import AttentionBatch, host_tensor
+from .batch import AttentionBatch, checked_qo_heads, host_tensor, query_dtype
 from .cascade import CascadeSplit, pad_shared_level, split_for_cascade
 from .flashinfer_backend import decode_tensor_cores, flashinfer_for, kv_scales
 
@@ -131,19 +138,28 @@ class CUDAGraphDecodeAttention:
         decode_use_tensor_cores: Optional[bool] = None,
         cascade_groups: int = 0,
     ) -> None:
+        if not isinstance(cache, PagedKVCacheManager):
+            raise ArgumentTypeError(f"cache must be a PagedKVCacheManager, got {shown(cache)}")
+        num_qo_heads = checked_qo_heads(num_qo_heads, cache.num_heads)
+        sizes = int_array(batch_sizes, "batch_sizes", low=1, high=2**20)
+        if sizes.size == 0:
+            raise InvalidArgumentError("batch_sizes must name at least one bucket")
+        pages = cache.num_pages if max_pages is None else exact_int(max_pages, "max_pages", low=1)
+        exact_int(workspace_bytes, "workspace_bytes", low=1)
+        exact_bool(decode_use_tensor_cores, "decode_use_tensor_cores", optional=True)
+        cascade_groups = exact_int(cascade_groups, "cascade_groups", low=0)
         fi = flashinfer_for(cache)
         self.cache = cache
         self.num_qo_heads = num_qo_heads
         self._fi = fi
         self._scales = kv_scales(cache)
-        self.batch_sizes = sorted({int(b) for b in batch_sizes})
+        self.batch_sizes = sorted(set(sizes.tolist()))
         tensor_cores = decode_tensor_cores(num_qo_heads, cache.num_heads, decode_use_tensor_cores)
-        pages = cache.num_pages if max_pages is None else int(max_pages)
         workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=cache.device)
         self._buckets = {
             b: _Bucket(fi, b, pages, workspace, cache, tensor_cores) for b in self.batch_sizes
         }
-        self.cascade_groups = int(cascade_groups)
+        self.cascade_groups = cascade_groups
         if self.cascade_groups:
             for size, bucket in self._buckets.items():
                 bucket.shared = _SharedLevel(fi, size, self.cascade_groups, pages, workspace, cache)
@@ -178,8 +194,11 @@ class CUDAGraphDecodeAttention:
         query is its newest token, whose K/V :meth:`append_kv` writes.
         """
         cache = self.cache
+        if not isinstance(packed, FlashInferPackedData):
+            raise ArgumentTypeError(f"expected a FlashInferPackedData, got {shown(packed)}")
+        dtype = query_dtype(q_dtype, cache.dtype)
         batch = AttentionBatch.build(
-            packed, cache.page_size, cache.head_dim, np.ones(packed.batch_size, np.int64),
+            packed, cache, np.ones(packed.batch_size, np.int64),
             sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap,
         )  # fmt: skip
         real = batch.batch_size
@@ -202,7 +221,6 @@ class CUDAGraphDecodeAttention:
         if bucket.planned is not None:
             bucket.planned.synchronize()  # its last schedule copy must land before a new one
         bucket.positions.copy_(host_tensor(positions, pin=True), non_blocking=True)
-        dtype = q_dtype or (torch.float16 if cache.dtype.itemsize == 1 else cache.dtype)
         options = dict(
             logits_soft_cap=batch.logits_soft_cap or None, q_data_type=dtype,
             kv_data_type=cache.dtype, o_data_type=dtype, sm_scale=batch.sm_scale,

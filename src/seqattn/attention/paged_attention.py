@@ -6,12 +6,13 @@ from typing import Optional, Union
 
 import torch
 
+from .._checks import exact_bool, exact_int, one_of, shown
 from .._flashinfer import flashinfer_or_none
-from ..errors import SeqAttnError, TensorSpecError
+from ..errors import ArgumentTypeError, SeqAttnError, TensorSpecError
 from ..packed_data import FlashInferPackedData
 from ..shared_prefix import SharedPrefix, find_shared_prefixes
 from ..storage import PagedKVCacheManager
-from .batch import AttentionBatch
+from .batch import AttentionBatch, checked_qo_heads, query_dtype
 from .cascade import CascadeSplit, QueryRows, split_for_cascade
 from .flashinfer_backend import FlashInferAttentionBackend
 from .torch_backend import TorchAttentionBackend
@@ -67,13 +68,15 @@ class PagedAttention:
         cascade_min_saved_tokens: int = 8192,
         workspace: Optional[torch.Tensor] = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise SeqAttnError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if num_qo_heads <= 0 or num_qo_heads % cache.num_heads:
-            raise TensorSpecError(
-                f"num_qo_heads must be a positive multiple of the {cache.num_heads} KV heads, "
-                f"got {num_qo_heads}"
-            )
+        if not isinstance(cache, PagedKVCacheManager):
+            raise ArgumentTypeError(f"cache must be a PagedKVCacheManager, got {shown(cache)}")
+        num_qo_heads = checked_qo_heads(num_qo_heads, cache.num_heads)
+        one_of(backend, "backend", BACKENDS)
+        exact_int(workspace_bytes, "workspace_bytes", low=1)
+        exact_bool(decode_use_tensor_cores, "decode_use_tensor_cores", optional=True)
+        exact_int(cascade_min_saved_tokens, "cascade_min_saved_tokens", low=0)
+        if workspace is not None and not isinstance(workspace, torch.Tensor):
+            raise ArgumentTypeError(f"workspace must be None or a tensor, got {shown(workspace)}")
         self.cache = cache
         self.num_qo_heads = num_qo_heads
         if backend == "auto":
@@ -139,21 +142,23 @@ class PagedAttention:
                 Not combined with ``window_left``.
         """
         cache = self.cache
-        self.batch = AttentionBatch.build(
-            packed, cache.page_size, cache.head_dim, qo_lens,
-            causal=causal, sm_scale=sm_scale,
+        exact_bool(cascade, "cascade", optional=True)
+        q_dtype = query_dtype(q_dtype, cache.dtype)
+        batch = AttentionBatch.build(
+            packed, cache, qo_lens, causal=causal, sm_scale=sm_scale,
             window_left=window_left, logits_soft_cap=logits_soft_cap,
         )  # fmt: skip
-        self._q_dtype = q_dtype or _default_q_dtype(cache.dtype)
-        self._q_shape = torch.Size((self.batch.num_query_tokens, self.num_qo_heads, cache.head_dim))
-        self.cascade = split = self._split(self.batch, cascade)
+        split = self._split(batch, cascade)
+        # the last plan stays in force until this one is checked: only now switch
+        self.batch, self.cascade, self._q_dtype = batch, split, q_dtype
+        self._q_shape = torch.Size((batch.num_query_tokens, self.num_qo_heads, cache.head_dim))
         if split is None:
-            self.impl.plan(self.batch, self._q_dtype)
+            self.impl.plan(batch, q_dtype)
         elif split.fused is not None:
-            self.impl.plan(split.fused, self._q_dtype)
+            self.impl.plan(split.fused, q_dtype)
         else:
-            self.impl.plan(split.suffix, self._q_dtype)
-            self._shared_backend().plan(split.shared, self._q_dtype)
+            self.impl.plan(split.suffix, q_dtype)
+            self._shared_backend().plan(split.shared, q_dtype)
 
     def run(
         self,
@@ -179,7 +184,11 @@ class PagedAttention:
         """
         if self.batch is None:
             raise SeqAttnError("call plan() before run()")
-        device = self.cache.device
+        cache = self.cache
+        self.batch.packed.check_current(cache.allocator, cache.num_pages, "run")
+        if type(layer) is not int or not 0 <= layer < cache.num_layers:
+            cache.checked_layer(layer)
+        device = cache.device
         if q.shape != self._q_shape or q.dtype != self._q_dtype or q.device != device:
             self._explain("q", q)
         if out is not None and (
@@ -275,7 +284,3 @@ class PagedAttention:
             )
         if t.device != self.cache.device:
             raise TensorSpecError(f"{name} must be on {self.cache.device}, got {t.device}")
-
-
-def _default_q_dtype(kv_dtype: torch.dtype) -> torch.dtype:
-    return torch.float16 if kv_dtype.itemsize == 1 else kv_dtype

@@ -251,7 +251,7 @@ class PagedCausalLM:
         self.config = config
         # the ids the embedding takes: what every token passed in is checked against
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
-        self.descriptor = CacheDescriptor(self.cache, prefix_caching=prefix_caching)
+        self.descriptor = CacheDescriptor(self.cache, prefix_caching=bool(prefix_caching))
         self.backend = backend
         self._attention: dict[tuple[int, Optional[float]], PagedAttention] = {}
         self._graph_decode: Optional[CUDAGraphDecodeAttention] = None

@@ -23,7 +23,9 @@ import pytest
 import torch
 
 from seqattn import (
+    ArgumentTypeError,
     DuplicateSequenceError,
+    IndexOutOfRangeError,
     InvalidLengthError,
     NoPageError,
     SeqAttnError,
@@ -367,7 +369,12 @@ def test_begin_step_is_all_or_nothing():
         (DuplicateSequenceError, lambda: cache.begin_step([1, 1], [1, 1])),
         (InvalidLengthError, lambda: cache.begin_step([0, 1], [1, -1])),
         (InvalidLengthError, lambda: cache.begin_step([0, 1], [1])),
-        (InvalidLengthError, lambda: cache.begin_step([0, 1], [0.5, 1])),
+        (ArgumentTypeError, lambda: cache.begin_step([0, 1], [0.5, 1])),
+        (ArgumentTypeError, lambda: cache.begin_step([0, 1], [True, 1])),
+        (NoPageError, lambda: cache.begin_step([0, 1], [2**30, 1])),  # refused before arrays
+        (InvalidLengthError, lambda: cache.begin_step([0, 1], [2**40, 1])),
+        (ArgumentTypeError, lambda: cache.begin_step("01")),
+        (ArgumentTypeError, lambda: cache.begin_step([0.0, 1])),
     ]
     for error, call in bad:
         before = snapshot(cache)
@@ -393,9 +400,10 @@ def test_write_checks_tensors_and_that_the_step_is_current():
         (TensorSpecError, lambda: cache.write(step, 0, k[:2], k[:2])),  # 2 tokens, not 3
         (TensorSpecError, lambda: cache.write(step, 0, k.float(), k.float())),
         (TensorSpecError, lambda: cache.write(step, 0, k, k[:, :1])),
-        (TensorSpecError, lambda: cache.write(step, 0, k.tolist(), k)),
-        (TensorSpecError, lambda: cache.write(step, 2, k, k)),  # no layer 2
-        (TensorSpecError, lambda: cache.write("step", 0, k, k)),
+        (ArgumentTypeError, lambda: cache.write(step, 0, k.tolist(), k)),
+        (IndexOutOfRangeError, lambda: cache.write(step, 2, k, k)),  # no layer 2
+        (ArgumentTypeError, lambda: cache.write(step, True, k, k)),
+        (ArgumentTypeError, lambda: cache.write("step", 0, k, k)),
         (SeqAttnError, lambda: cache.write(other.begin_step([0, 1], [2, 1]), 0, k, k)),
     ]
     for error, call in bad:
@@ -600,7 +608,9 @@ def _bad_calls(cache: HeadwiseKVCache) -> list:
         (TensorSpecError, lambda: cache.append(0, [0, 1], k.float(), k.float(), [2, 1])),
         (TensorSpecError, lambda: cache.append(0, [0, 1], k[:, :1], k[:, :1], [2, 1])),
         (TensorSpecError, lambda: cache.append(0, [0, 1], k, k[:, :, :4], [2, 1])),
-        (TensorSpecError, lambda: cache.append(5, [0, 1], k, k, [2, 1])),
+        (IndexOutOfRangeError, lambda: cache.append(5, [0, 1], k, k, [2, 1])),
+        (ArgumentTypeError, lambda: cache.append(True, [0, 1], k, k, [2, 1])),
+        (ArgumentTypeError, lambda: cache.append(0, [0, 1], k, k, [2.0, 1])),
         (NoPageError, lambda: cache.append(0, [0, 1], big, big, [100, 100])),
         (UnknownSequenceError, lambda: cache.compress(0, 99, [None, None])),
         (InvalidLengthError, lambda: cache.compress(0, 0, [None])),
@@ -608,14 +618,26 @@ def _bad_calls(cache: HeadwiseKVCache) -> list:
         (InvalidLengthError, lambda: cache.compress(0, 0, [[-1, 2], None])),
         (InvalidLengthError, lambda: cache.compress(0, 0, [[2, 1], None])),
         (InvalidLengthError, lambda: cache.compress(0, 0, bad_keep)),
-        (InvalidLengthError, lambda: cache.compress(0, 0, [[0.5], None])),
-        (InvalidLengthError, lambda: cache.truncate_head(0, 0, 2, 1)),
+        (ArgumentTypeError, lambda: cache.compress(0, 0, [[0.5], None])),
+        (ArgumentTypeError, lambda: cache.compress(True, 0, [[0], None])),  # not layer 1
+        (ArgumentTypeError, lambda: cache.compress(1.0, 0, [[0], None])),
+        (ArgumentTypeError, lambda: cache.compress(1, True, [[0], None])),  # not sequence 1
+        (IndexOutOfRangeError, lambda: cache.truncate_head(0, 0, 2, 1)),
+        (ArgumentTypeError, lambda: cache.truncate_head(0, 0, True, 1)),
         (InvalidLengthError, lambda: cache.truncate_head(0, 0, 0, 999)),
+        (ArgumentTypeError, lambda: cache.truncate_head(0, 0, 0, 1.0)),
         (UnknownSequenceError, lambda: cache.release([0, 99])),
         (DuplicateSequenceError, lambda: cache.release([0, 0])),
         (SequenceExistsError, lambda: cache.add_sequences([7, 0])),
         (DuplicateSequenceError, lambda: cache.add_sequences([7, 7])),
-        (InvalidLengthError, lambda: cache.add_sequences(["a"])),
+        (ArgumentTypeError, lambda: cache.add_sequences(["a"])),
+        (ArgumentTypeError, lambda: cache.add_sequences("56")),
+        (ArgumentTypeError, lambda: cache.add_sequences([True])),
+        (ValueError, lambda: cache.add_sequences([2**62])),  # its rows' ids overflow int64
+        (ArgumentTypeError, lambda: cache.release(True)),
+        (ArgumentTypeError, lambda: cache.release([1.0])),
+        (ArgumentTypeError, lambda: cache.head_lens(0, True)),
+        (IndexOutOfRangeError, lambda: cache.head_positions(0, 0, 2)),
     ]
 
 
@@ -642,13 +664,17 @@ def test_attention_rejects_bad_queries():
     m = Model(page_size=4)
     m.add([0])
     m.step([0], [3])
-    with pytest.raises(SeqAttnError, match="plan layer 5"):
+    with pytest.raises(IndexOutOfRangeError, match="layer must be an integer in"):
         m.attn.run(torch.zeros(3, 4, 8, dtype=torch.float64), 5)
+    with pytest.raises(ArgumentTypeError, match="layer must be an integer"):
+        m.attn.run(torch.zeros(3, 4, 8, dtype=torch.float64), True)
+    with pytest.raises(ArgumentTypeError, match="q must be a torch.Tensor"):
+        m.attn.run([[0.0]], 0)
     with pytest.raises(TensorSpecError, match=r"shape \[3, 4, 8\]"):
         m.attn.run(torch.zeros(2, 4, 8, dtype=torch.float64), 0)
     with pytest.raises(InvalidLengthError):
         m.attn.plan(m.cache.pack(0, [0], [3]), qo_lens=[1, 1])
-    with pytest.raises(TensorSpecError, match="multiple"):
+    with pytest.raises(ValueError, match="multiple"):
         HeadwiseAttention(m.cache, 3, backend="torch")
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import InvalidLengthError
+from ._checks import INT64_MAX, INT64_MIN, exact_int
+from .errors import IndexOutOfRangeError, InvalidArgumentError
 
 
 class HeadIDGenerator:
@@ -10,7 +11,8 @@ class HeadIDGenerator:
 
     ``head_id = seq_id * num_kv_heads + head_idx``: a bijection between integers and
     pairs with ``0 <= head_idx < num_kv_heads``, for any head count. (For a power of
-    two this equals the seed's ``seq_id << log2(num_kv_heads) | head_idx``.)
+    two this equals the seed's ``seq_id << log2(num_kv_heads) | head_idx``.) Every id
+    fits in int64: a ``seq_id`` whose head ids would not is refused, never wrapped.
 
     Example:
         >>> gen = HeadIDGenerator(num_kv_heads=12)
@@ -21,24 +23,36 @@ class HeadIDGenerator:
     """
 
     def __init__(self, num_kv_heads: int) -> None:
-        if int(num_kv_heads) <= 0:
-            raise InvalidLengthError(f"num_kv_heads must be positive, got {num_kv_heads}")
-        self.num_kv_heads = int(num_kv_heads)
+        self.num_kv_heads = exact_int(num_kv_heads, "num_kv_heads", low=1, high=2**31 - 1)
+        # the seq ids whose every head id lies in int64
+        self._low = -(2**63 // self.num_kv_heads)
+        self._high = (INT64_MAX - self.num_kv_heads + 1) // self.num_kv_heads
 
     def get_head_id(self, seq_id: int, head_idx: int) -> int:
-        """The id of head ``head_idx`` of sequence ``seq_id``."""
-        if not 0 <= head_idx < self.num_kv_heads:
-            raise InvalidLengthError(
-                f"head_idx must be in [0, {self.num_kv_heads}), got {head_idx}"
-            )
-        return int(seq_id) * self.num_kv_heads + int(head_idx)
+        """The id of head ``head_idx`` of sequence ``seq_id``.
+
+        Raises:
+            ArgumentTypeError: not integers. IndexOutOfRangeError: ``head_idx`` outside
+            ``[0, num_kv_heads)``. InvalidArgumentError: head ids of ``seq_id`` overflow int64.
+        """
+        base = self._base(seq_id)
+        last = self.num_kv_heads - 1
+        return base + exact_int(head_idx, "head_idx", low=0, high=last, error=IndexOutOfRangeError)
 
     def get_head_ids(self, seq_id: int) -> list[int]:
         """Ids of all heads of ``seq_id``, in head order."""
-        base = int(seq_id) * self.num_kv_heads
+        base = self._base(seq_id)
         return list(range(base, base + self.num_kv_heads))
 
     def split_head_id(self, head_id: int) -> tuple[int, int]:
-        """The inverse: ``(seq_id, head_idx)`` of a head id."""
-        seq_id, head_idx = divmod(int(head_id), self.num_kv_heads)
+        """The inverse: ``(seq_id, head_idx)`` of a head id (an int64 integer)."""
+        seq_id, head_idx = divmod(exact_int(head_id, "head_id", low=INT64_MIN, high=INT64_MAX),
+                                  self.num_kv_heads)  # fmt: skip
         return seq_id, head_idx
+
+    def _base(self, seq_id: object) -> int:
+        low, high = self._low, self._high
+        what = f"seq_id (its {self.num_kv_heads} head ids must fit in int64)"
+        return exact_int(seq_id, what, low=low, high=high, error=InvalidArgumentError) * (
+            self.num_kv_heads
+        )

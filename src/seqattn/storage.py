@@ -374,7 +374,7 @@ class PagedKVCacheManager:
         expected = (self.num_heads, self.head_dim)
         for name, t in (("keys", keys), ("values", values)):
             if not isinstance(t, torch.Tensor):
-                raise TensorSpecError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+                raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {shown(t)}")
             if t.dim() != 3 or tuple(t.shape[1:]) != expected:
                 raise TensorSpecError(
                     f"{name} must have shape [nnz, {expected[0]}, {expected[1]}], "

@@ -189,12 +189,16 @@ class PagedAttention:
         if type(layer) is not int or not 0 <= layer < cache.num_layers:
             cache.checked_layer(layer)
         device = cache.device
-        if q.shape != self._q_shape or q.dtype != self._q_dtype or q.device != device:
-            self._explain("q", q)
-        if out is not None and (
-            out.shape != self._q_shape or out.dtype != self._q_dtype or out.device != device
-        ):
-            self._explain("out", out)
+        for name, t in (("q", q), ("out", out)):
+            if t is None and name == "out":
+                continue
+            try:  # the common case in a few attribute reads: this runs per layer per step
+                fits = t.shape == self._q_shape and t.dtype == self._q_dtype and t.device == device
+            except AttributeError:
+                fits = False
+            if not fits:
+                self._explain(name, t)
+        exact_bool(return_lse, "return_lse")
         if self.cascade is None:
             result, lse = self.impl.run(q, layer, return_lse, out)
         else:
@@ -274,6 +278,8 @@ class PagedAttention:
         return self._shared_impl
 
     def _explain(self, name: str, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {shown(t)}")
         if t.shape != self._q_shape:
             raise TensorSpecError(
                 f"{name} must have shape {list(self._q_shape)}, got {list(t.shape)}"

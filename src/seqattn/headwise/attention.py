@@ -22,9 +22,11 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .._checks import int_array, shown
 from .._transfer import upload
 from ..attention import PagedAttention
-from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
+from ..attention.batch import checked_qo_heads
+from ..errors import ArgumentTypeError, InvalidLengthError, SeqAttnError, TensorSpecError
 from .batch import HeadRows, HeadwiseBatch, HeadwiseStep, head_rows, row_order
 from .cache import HeadwiseKVCache
 
@@ -53,14 +55,11 @@ class HeadwiseAttention:
         workspace_bytes: int = 128 * 1024 * 1024,
         decode_use_tensor_cores: Optional[bool] = None,
     ) -> None:
+        if not isinstance(cache, HeadwiseKVCache):
+            raise ArgumentTypeError(f"cache must be a HeadwiseKVCache, got {shown(cache)}")
         heads = cache.num_kv_heads
-        if num_qo_heads <= 0 or num_qo_heads % heads:
-            raise TensorSpecError(
-                f"num_qo_heads must be a positive multiple of the {heads} KV heads, "
-                f"got {num_qo_heads}"
-            )
         self.cache = cache
-        self.num_qo_heads = int(num_qo_heads)
+        self.num_qo_heads = checked_qo_heads(num_qo_heads, heads)
         self.group = self.num_qo_heads // heads
         self._options: dict[str, Any] = dict(
             backend=backend,
@@ -79,12 +78,9 @@ class HeadwiseAttention:
 
     def layer_attention(self, layer: int) -> PagedAttention:
         """The :class:`PagedAttention` that serves one layer (made on first use)."""
+        layer = self.cache.checked_layer(layer)
         attention = self._layers.get(layer)
         if attention is None:
-            if not (isinstance(layer, (int, np.integer)) and 0 <= layer < self.cache.num_layers):
-                raise TensorSpecError(
-                    f"layer must be in [0, {self.cache.num_layers}), got {layer!r}"
-                )
             # every layer reads the same single-head storage; its own plan picks its pages.
             # Layers run one after another, so they share one flashinfer workspace.
             first = next(iter(self._layers.values()), None)
@@ -176,6 +172,7 @@ class HeadwiseAttention:
                 its step's K/V are not written yet.
             TensorSpecError: a bad ``q`` or ``out``.
         """
+        layer = self.cache.checked_layer(layer)
         planned = self._planned.get(layer)
         if planned is None:
             raise SeqAttnError(
@@ -188,6 +185,8 @@ class HeadwiseAttention:
                 f"layer {layer} changed after it was planned (append, compress, "
                 "truncate_head or release): plan it again"
             )
+        if not isinstance(q, torch.Tensor):
+            raise ArgumentTypeError(f"q must be a torch.Tensor, got {shown(q)}")
         if q.shape != shape:
             raise TensorSpecError(f"q must have shape {list(shape)}, got {list(q.shape)}")
         if out is not None and not (
@@ -241,11 +240,9 @@ class HeadwiseAttention:
             self._planned[batch.layer] = (rows, batch.version, shape)
 
     def _query_lens(self, qo_lens: object, append_lens: np.ndarray) -> np.ndarray:
-        lens = np.asarray(qo_lens.tolist() if hasattr(qo_lens, "tolist") else qo_lens)
-        if (
-            lens.shape != append_lens.shape
-            or not np.issubdtype(lens.dtype, np.integer)
-            or (lens.size and (lens.min() < 1 or (lens > append_lens).any()))
+        lens = int_array(qo_lens, "qo_lens", error=InvalidLengthError)
+        if lens.shape != append_lens.shape or (
+            lens.size and (lens.min() < 1 or (lens > append_lens).any())
         ):
             raise InvalidLengthError(
                 f"qo_lens must be {append_lens.size} integers (one per sequence), each in "

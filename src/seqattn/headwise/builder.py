@@ -19,7 +19,7 @@ from attrs import define
 from .._arrays import indptr_of
 from .._transfer import upload
 from ..descriptor import CacheDescriptor
-from ..packed_data import FlashInferPackedData, append_rows_positions
+from ..packed_data import BatchStamp, FlashInferPackedData, append_rows_positions
 from .batch import HeadRows, HeadwiseBatch, head_rows, row_order
 
 
@@ -178,8 +178,9 @@ class StepBuilder:
         layer_indptr[:, :-1] = indptr[:-1].reshape(len(layers), requests) - bounds[:-1, None]
         layer_indptr[:, -1] = np.diff(bounds)
         parts = _Parts(
-            indices, layer_indptr, last, lengths, positions, bounds, arrays, self.num_kv_heads
-        )
+            indices, layer_indptr, last, lengths, positions, bounds, arrays, self.num_kv_heads,
+            whole.stamp,
+        )  # fmt: skip
         if self.device is None:
             rows, plan, write = parts.on_host()
         else:
@@ -204,6 +205,7 @@ class _Parts:
     bounds: np.ndarray  # [layers + 1], where each layer's page ids start in indices
     arrays: _BatchArrays
     num_kv_heads: int
+    stamp: Optional[BatchStamp]  # of the whole step; each layer's batch carries its rows'
 
     def on_host(self) -> tuple[HeadRows, list[FlashInferPackedData], list[FlashInferPackedData]]:
         """Every tensor on the host; one batch serves plan() and the append."""
@@ -260,6 +262,7 @@ class _Parts:
         out = []
         for i in range(len(bounds) - 1):
             rows = slice(i * requests, (i + 1) * requests)
+            stamp = None if self.stamp is None else self.stamp.rows(rows.start, rows.stop)
             out.append(
                 FlashInferPackedData(
                     indices[bounds[i] : bounds[i + 1]],
@@ -269,6 +272,7 @@ class _Parts:
                     append_indptr=append_indptr,
                     append_batch_indices=append_rows,
                     append_positions=positions[i * new_rows : (i + 1) * new_rows],
+                    stamp=stamp,
                 )
             )
         return out

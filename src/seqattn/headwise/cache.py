@@ -17,17 +17,25 @@ lets budgets move between layers (PyramidKV).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .._checks import INT64_MAX, exact_bool, exact_int, id_list, int_array, shown
 from ..descriptor import CacheDescriptor
-from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
+from ..errors import (
+    ArgumentTypeError,
+    IndexOutOfRangeError,
+    InvalidLengthError,
+    NoPageError,
+    SeqAttnError,
+    TensorSpecError,
+)
 from ..head_ids import HeadIDGenerator
 from ..packed_data import Device
+from ..page_table import MAX_LENGTH
 from ..storage import PagedKVCacheManager
 from .batch import HeadwiseBatch, HeadwiseStep
 from .builder import StepBuilder
@@ -106,14 +114,12 @@ class HeadwiseKVCache:
         kv_layout: str = "NHD",
         check_invariants: bool = False,
     ) -> None:
-        if int(num_layers) <= 0:
-            raise InvalidLengthError(f"num_layers must be positive, got {num_layers}")
-        HeadIDGenerator(num_kv_heads)  # validates num_kv_heads
+        self.num_layers = exact_int(num_layers, "num_layers", low=1, high=2**16)
+        self.num_kv_heads = exact_int(num_kv_heads, "num_kv_heads", low=1, high=2**16)
+        exact_bool(check_invariants, "check_invariants")
         self.storage = PagedKVCacheManager(
             num_pages, page_size, 1, head_dim, dtype, device, kv_layout, num_layers=1
         )
-        self.num_layers = int(num_layers)
-        self.num_kv_heads = int(num_kv_heads)
         self.page_size = self.storage.page_size
         self.head_dim = self.storage.head_dim
         self.dtype = dtype
@@ -147,7 +153,11 @@ class HeadwiseKVCache:
         Raises:
             SequenceExistsError: an id is already live. DuplicateSequenceError: an id twice.
         """
-        ids = _id_list(seq_ids)
+        ids = id_list(seq_ids)
+        # every (layer, head) of a sequence is a page-table row with an int64 id
+        limit = INT64_MAX // (self.num_layers * self.num_kv_heads) - 1
+        for seq_id in ids:
+            exact_int(seq_id, "a head-wise sequence id", low=-limit, high=limit)
         self.positions.add(ids)  # checks every id before adding any
         rows = self._all_rows(ids)
         self.descriptor.allocate(rows, [0] * len(rows))  # pages come with tokens
@@ -159,7 +169,7 @@ class HeadwiseKVCache:
         Raises:
             UnknownSequenceError: an id is not live (e.g. released twice); nothing changed.
         """
-        ids = _id_list(seq_ids)
+        ids = id_list(seq_ids)
         self.positions.slots(ids)  # checks every id before releasing any
         if self._unwritten and not self._step_ids <= set(ids):
             raise SeqAttnError(
@@ -204,9 +214,11 @@ class HeadwiseKVCache:
             lengths. SeqAttnError: the last step has layers not written yet. Nothing
             changed.
         """
-        ids = _id_list(seq_ids)
+        ids = id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = None if append_lens is None else self._append_lens(append_lens, len(ids), None)
+        if lens is not None:
+            self._check_lengths(self._all_layers, ids, slots, lens)
         if self._unwritten:
             raise SeqAttnError(
                 f"layers {sorted(self._unwritten)} of the last step are not written yet: "
@@ -290,10 +302,11 @@ class HeadwiseKVCache:
             NoPageError: the pool lacks pages. UnknownSequenceError, DuplicateSequenceError,
             InvalidLengthError, TensorSpecError: bad ids, lengths or tensors. Nothing changed.
         """
-        self._check_layer(layer)
-        ids = _id_list(seq_ids)
+        layer = self._check_layer(layer)
+        ids = id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = self._append_lens(append_lens, len(ids), k)
+        self._check_lengths((layer,), ids, slots, lens)
         self._check_kv(k, v, int(lens.sum()))
         self.check_written(layer)
         row_ids = self._builder.row_ids((layer,), ids)
@@ -320,8 +333,8 @@ class HeadwiseKVCache:
                 counts tokens, would be wrong. UnknownSequenceError,
                 DuplicateSequenceError. SeqAttnError: the layer is not written yet.
         """
-        self._check_layer(layer)
-        ids = _id_list(seq_ids)
+        layer = self._check_layer(layer)
+        ids = id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = None if query_lens is None else self._append_lens(query_lens, len(ids), None)
         self.check_written(layer)
@@ -364,8 +377,9 @@ class HeadwiseKVCache:
                 or repeated (or positions not held). UnknownSequenceError.
             SeqAttnError: the layer's step tokens are not written yet. Nothing changed.
         """
-        self._check_layer(layer)
+        layer = self._check_layer(layer)
         slot = self.positions.slot(seq_id)
+        exact_bool(by_position, "by_position")
         row_ids = self._head_rows(layer, seq_id)
         held = self.descriptor.seq_lens(row_ids)
         self._check_keep_count(keep)
@@ -387,14 +401,11 @@ class HeadwiseKVCache:
             InvalidLengthError: ``head`` or ``new_len`` out of range; nothing changed.
         """
         held = self.head_lens(layer, seq_id)
-        self._check_head(head)
-        if not 0 <= int(new_len) <= held[head]:
-            raise InvalidLengthError(
-                f"truncate head {head} to {new_len} tokens: expected 0 <= new_len <= "
-                f"{held[head]} (the tokens it holds)"
-            )
+        head = self._check_head(head)
+        what = f"new_len of head {head} (at most the {held[head]} tokens it holds)"
+        new_len = exact_int(new_len, what, low=0, high=int(held[head]), error=InvalidLengthError)
         keep: list[object] = [None] * self.num_kv_heads
-        keep[head] = np.arange(int(new_len))
+        keep[head] = np.arange(new_len)
         self.compress(layer, seq_id, keep)
 
     # -------------------------------------------------------------------- lookups
@@ -528,13 +539,40 @@ class HeadwiseKVCache:
             pages += own
         return pages
 
-    def _check_layer(self, layer: int) -> None:
-        if not (isinstance(layer, (int, np.integer)) and 0 <= layer < self.num_layers):
-            raise TensorSpecError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+    def checked_layer(self, layer: object) -> int:
+        """``layer`` as an int in ``[0, num_layers)`` (ArgumentTypeError for a bool, float
+        or str; IndexOutOfRangeError outside the range)."""
+        return self._check_layer(layer)
 
-    def _check_head(self, head: int) -> None:
-        if not (isinstance(head, (int, np.integer)) and 0 <= head < self.num_kv_heads):
-            raise InvalidLengthError(f"head must be in [0, {self.num_kv_heads}), got {head!r}")
+    def _check_layer(self, layer: object) -> int:
+        if type(layer) is int and 0 <= layer < self.num_layers:  # the common case, fast
+            return layer
+        last = self.num_layers - 1
+        return exact_int(layer, "layer", low=0, high=last, error=IndexOutOfRangeError)
+
+    def _check_head(self, head: object) -> int:
+        last = self.num_kv_heads - 1
+        return exact_int(head, "head", low=0, high=last, error=IndexOutOfRangeError)
+
+    def _check_lengths(
+        self, layers: Sequence[int], ids: list[int], slots: np.ndarray, lens: np.ndarray
+    ) -> None:
+        """Refuse a step whose tokens overflow a length or the pool, before any array of
+        its size is made (InvalidLengthError, NoPageError)."""
+        longest = self.positions.longest(slots) + lens
+        if longest.size and longest.max() > MAX_LENGTH:
+            raise InvalidLengthError(
+                f"append_lens {lens.tolist()[:8]} would take a sequence past {MAX_LENGTH} tokens"
+            )
+        table = self.descriptor.table
+        held = table.lengths(table.slots(self._builder.row_ids(layers, ids)))
+        added = np.tile(np.repeat(lens, self.num_kv_heads), len(layers))
+        need = table.pages_needed(held, held + added)
+        if need > self.available_pages_count:
+            raise NoPageError(
+                f"append_lens {lens.tolist()[:8]} need {need} pages in {len(layers)} layers, "
+                f"but {self.available_pages_count} are available"
+            )
 
     def _head_rows(self, layer: int, seq_id: int) -> list[int]:
         """Page-table ids of one sequence's KV heads in one layer, in head order."""
@@ -548,7 +586,7 @@ class HeadwiseKVCache:
     def _step_batch(self, step: HeadwiseStep, layer: int) -> HeadwiseBatch:
         """The step's batch of ``layer``, after checking that it is this cache's and current."""
         if not isinstance(step, HeadwiseStep):
-            raise TensorSpecError(f"step must be a HeadwiseStep, got {type(step).__name__}")
+            raise ArgumentTypeError(f"step must be a HeadwiseStep, got {shown(step)}")
         if step.batches[0].owner is not self:
             raise SeqAttnError("this step was begun on another HeadwiseKVCache")
         self._check_layer(layer)
@@ -571,15 +609,8 @@ class HeadwiseKVCache:
         if lens is None:
             out = np.ones(batch_size, dtype=np.int64)
         else:
-            if hasattr(lens, "detach"):
-                lens = lens.detach().cpu().tolist()  # type: ignore[union-attr]
-            out = np.asarray(lens)
-            if out.size == 0:
-                out = np.zeros(0, dtype=np.int64)
-            if out.ndim != 1 or not np.issubdtype(out.dtype, np.integer):
-                raise InvalidLengthError(f"append_lens must be 1-D integers, got {out!r}")
-            out = out.astype(np.int64)
-        if out.size != batch_size or (out.size and out.min() < 0):
+            out = int_array(lens, "append_lens", low=0, high=MAX_LENGTH, error=InvalidLengthError)
+        if out.size != batch_size:
             raise InvalidLengthError(
                 f"expected {batch_size} append lengths >= 0 (one per sequence), "
                 f"got {out.tolist()[:8]}"
@@ -594,7 +625,7 @@ class HeadwiseKVCache:
         expected = [nnz, self.num_kv_heads, self.head_dim]
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
-                raise TensorSpecError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+                raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {shown(t)}")
             if list(t.shape) != expected:
                 raise TensorSpecError(
                     f"{name} must have shape [nnz, num_kv_heads, head_dim] = {expected}, "
@@ -666,15 +697,3 @@ class HeadwiseKVCache:
     def _after_change(self) -> None:
         if self.check_invariants:
             self.check_integrity()
-
-
-def _id_list(seq_ids: Iterable[int]) -> list[int]:
-    """Sequence ids as a list of Python ints (a list, tuple, numpy array or tensor)."""
-    if hasattr(seq_ids, "tolist"):
-        seq_ids = seq_ids.tolist()  # type: ignore[union-attr]
-    try:
-        return [operator.index(i) for i in seq_ids]
-    except TypeError:
-        raise InvalidLengthError(
-            f"sequence ids must be a list of integers, got {seq_ids!r:.80}"
-        ) from None

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._checks import int_array
 from ..errors import InvalidLengthError
 
 
@@ -24,17 +25,9 @@ def checked_keep(keep: object, held: int, head: int, what: str = "token indices"
     """
     if keep is None:
         return np.arange(held, dtype=np.int64)
-    if hasattr(keep, "detach"):  # a torch tensor, possibly on the GPU
-        keep = keep.detach().cpu().numpy()  # type: ignore[attr-defined]
-    arr = np.asarray(keep)
+    arr = int_array(keep, f"keep[{head}] ({what})", error=InvalidLengthError)
     if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise InvalidLengthError(
-            f"keep[{head}] must be a 1-D sequence of integer {what}, "
-            f"got {arr.dtype} of shape {list(arr.shape)}"
-        )
-    arr = arr.astype(np.int64, copy=False)
+        return arr
     if arr[0] < 0 or arr[-1] >= held or (arr.size > 1 and (np.diff(arr) <= 0).any()):
         raise InvalidLengthError(
             f"keep[{head}] must be strictly increasing {what} in [0, {held}) (what head "

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import DuplicateSequenceError, SequenceExistsError, UnknownSequenceError
+from .._checks import id_list, is_int, new_id, shown
+from ..errors import ArgumentTypeError, SequenceExistsError, UnknownSequenceError
+from ..page_table import check_distinct
 
 
 class HeadPositions:
@@ -47,7 +49,7 @@ class HeadPositions:
 
     # ----------------------------------------------------------------- lookups
     def __contains__(self, seq_id: object) -> bool:
-        return seq_id in self._slot_of
+        return is_int(seq_id) and seq_id in self._slot_of
 
     @property
     def seq_ids(self) -> list[int]:
@@ -55,16 +57,20 @@ class HeadPositions:
         return list(self._slot_of)
 
     def slot(self, seq_id: int) -> int:
-        """The slot of one live sequence; raises UnknownSequenceError."""
+        """The slot of one live sequence; raises UnknownSequenceError (ArgumentTypeError
+        for an id that is not an integer)."""
+        if not is_int(seq_id):
+            raise ArgumentTypeError(f"a sequence id must be an integer, got {shown(seq_id)}")
         try:
             return self._slot_of[seq_id]
-        except (KeyError, TypeError):
+        except KeyError:
             raise UnknownSequenceError(
                 f"sequence id {seq_id!r} is not in the head-wise cache (live: {self._some()})"
             ) from None
 
     def slots(self, seq_ids: Sequence[int]) -> np.ndarray:
         """Slots of distinct live sequences, ``[len(seq_ids)]`` int64."""
+        seq_ids = id_list(seq_ids)
         slot_of = self._slot_of
         missing = [i for i in seq_ids if i not in slot_of]
         if missing:
@@ -72,7 +78,7 @@ class HeadPositions:
                 f"sequence ids {missing[:8]} are not in the head-wise cache "
                 f"(live: {self._some()}); add_sequences first"
             )
-        _check_distinct(seq_ids)
+        check_distinct(seq_ids)
         return np.fromiter((slot_of[i] for i in seq_ids), dtype=np.int64, count=len(seq_ids))
 
     def length(self, layer: int, slot: int) -> int:
@@ -82,6 +88,10 @@ class HeadPositions:
     def lengths(self, slot: int) -> np.ndarray:
         """Logical length of a sequence in each layer, ``[num_layers]`` int64 (a copy)."""
         return self._length[slot].copy()
+
+    def longest(self, slots: np.ndarray) -> np.ndarray:
+        """Each slot's logical length in its longest layer, ``[len(slots)]`` int64."""
+        return self._length[slots].max(axis=1)
 
     def all_lengths(self) -> np.ndarray:
         """Logical lengths of every live sequence, ``[live, num_layers]`` int64."""
@@ -112,7 +122,8 @@ class HeadPositions:
     # ---------------------------------------------------------------- mutation
     def add(self, seq_ids: Sequence[int]) -> None:
         """Start sequences (length 0 everywhere); checks all ids first."""
-        _check_distinct(seq_ids)
+        seq_ids = [new_id(i) for i in id_list(seq_ids)]
+        check_distinct(seq_ids)
         live = [i for i in seq_ids if i in self._slot_of]
         if live:
             raise SequenceExistsError(f"sequence ids {live[:8]} are already in the cache")
@@ -121,6 +132,7 @@ class HeadPositions:
 
     def remove(self, seq_ids: Sequence[int]) -> None:
         """End sequences (their ids must be live and distinct)."""
+        seq_ids = id_list(seq_ids)
         slots = self.slots(seq_ids)
         for seq_id in seq_ids:
             del self._slot_of[seq_id]
@@ -168,12 +180,3 @@ class HeadPositions:
     def _some(self) -> str:
         ids = list(self._slot_of)
         return f"{ids[:8]}{' ...' if len(ids) > 8 else ''} ({len(ids)} in all)"
-
-
-def _check_distinct(seq_ids: Sequence[int]) -> None:
-    if len(set(seq_ids)) != len(seq_ids):
-        seen: set[int] = set()
-        dups = [i for i in seq_ids if i in seen or seen.add(i)][:8]  # type: ignore[func-returns-value]
-        raise DuplicateSequenceError(
-            f"sequence ids must be distinct within a call; repeated: {dups}"
-        )

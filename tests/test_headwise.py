@@ -668,7 +668,7 @@ def test_attention_rejects_bad_queries():
         m.attn.run(torch.zeros(3, 4, 8, dtype=torch.float64), 5)
     with pytest.raises(ArgumentTypeError, match="layer must be an integer"):
         m.attn.run(torch.zeros(3, 4, 8, dtype=torch.float64), True)
-    with pytest.raises(ArgumentTypeError, match="q must be a torch.Tensor"):
+    with pytest.raises(ArgumentTypeError, match=r"q must be a torch\.Tensor"):
         m.attn.run([[0.0]], 0)
     with pytest.raises(TensorSpecError, match=r"shape \[3, 4, 8\]"):
         m.attn.run(torch.zeros(2, 4, 8, dtype=torch.float64), 0)

@@ -19,7 +19,9 @@ HF's own forward with the path's tokens as input (teacher forcing): the share of
 are that forward's top-1, and the largest gap between its top logit and the chosen token's.
 
 ``python benchmarks/bench_generate.py`` on a GPU; ``--quick`` shrinks the workload;
-``--device cpu --quick`` is a smoke run of the seqattn side and HF generate.
+``--device cpu --quick --tiny`` is the CI smoke run of every path (a model of a few
+hundred thousand parameters; on the CPU, ``generate_batch``'s cache is sized to the
+workload, not to 60% of the free RAM as transformers sizes it by default).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ MODEL = dict(
     hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
 )  # fmt: skip
+QUICK = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=1408,
+             num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
+# a smoke test's model: every path runs in seconds and little memory on a CPU
+TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)  # fmt: skip
 
 
 def build_model(args: argparse.Namespace) -> Any:
@@ -48,8 +55,9 @@ def build_model(args: argparse.Namespace) -> Any:
 
     config = dict(MODEL)
     if args.quick:
-        config.update(num_hidden_layers=4, hidden_size=512, intermediate_size=1408,
-                      num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
+        config.update(QUICK)
+    if args.tiny:
+        config.update(TINY)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -155,12 +163,15 @@ def run_hf_generate_batch(model: Any, prompts: list[list[int]], args: argparse.N
     model.set_attn_implementation("paged|sdpa")
     config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False,
                               eos_token_id=-1, pad_token_id=0)  # fmt: skip
+    batching = cpu_batching_config(prompts, args) if args.device == "cpu" else None
 
     def generate() -> dict:
         return model.generate_batch(inputs=prompts, generation_config=config,
+                                    continuous_batching_config=batching,
                                     record_timestamps=True, progress_bar=False)  # fmt: skip
 
-    model.generate_batch(inputs=prompts[:2], generation_config=config)  # warm-up
+    model.generate_batch(inputs=prompts[:2], generation_config=config,
+                         continuous_batching_config=batching)  # warm-up  # fmt: skip
     wall, outs = timed(generate, args.device)
     by_prompt = {tuple(o.prompt_ids): o for o in outs.values()}  # outs: in finishing order
     outputs = [by_prompt.get(tuple(p)) for p in prompts]
@@ -168,6 +179,17 @@ def run_hf_generate_batch(model: Any, prompts: list[list[int]], args: argparse.N
         raise RuntimeError(f"generate_batch lost requests: {[o and o.error for o in outputs][:4]}")
     ttft = statistics.mean(o.timestamps[0] - o.created_time for o in outputs)
     return dict(wall=wall, ttft=ttft, outputs=[list(o.generated_tokens) for o in outputs])
+
+
+def cpu_batching_config(prompts: list[list[int]], args: argparse.Namespace) -> Any:
+    """``generate_batch``'s cache sized to this workload: by default transformers gives its
+    cache 60% of the free RAM on a CPU (gigabytes, for a few hundred tokens)."""
+    from transformers import ContinuousBatchingConfig
+
+    page = 64
+    per_request = -(-(args.prompt_len + args.new_tokens) // page)
+    return ContinuousBatchingConfig(page_size=page, num_blocks=len(prompts) * per_request,
+                                    max_batch_tokens=len(prompts) * args.prompt_len)  # fmt: skip
 
 
 def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
@@ -220,10 +242,11 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, Op
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="8 requests, a 4-layer model")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer, 512-token-vocab model")
+    parser.add_argument("--requests", type=int, help="default 64 (--quick: 8)")
+    parser.add_argument("--prompt-len", type=int, help="default 512 (--quick: 64)")
+    parser.add_argument("--new-tokens", type=int, help="default 256 (--quick: 32)")
     parser.add_argument("--step-tokens", type=int, default=8192, help="engine token budget")
     parser.add_argument(
         "--skip",
@@ -233,8 +256,11 @@ def main() -> None:
     parser.add_argument("--dtype", help="model dtype (default bf16 on cuda, float32 on cpu)")
     parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
     args = parser.parse_args()
-    if args.quick:
-        args.requests, args.prompt_len, args.new_tokens = 8, 64, 32
+    # --quick picks smaller sizes; sizes given explicitly win (they were once overridden)
+    defaults = (8, 64, 32) if args.quick else (64, 512, 256)
+    for name, default in zip(("requests", "prompt_len", "new_tokens"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     model = build_model(args)
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, model.config.vocab_size, (args.requests, args.prompt_len),

@@ -26,12 +26,15 @@ def test_headwise_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> None:
 
 
 def test_generate_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> None:
+    """A tiny model and workload (a few seconds, a few hundred MB): generate_batch's cache
+    is sized to the workload, else transformers takes 60% of the free RAM for it."""
     pytest.importorskip("transformers")
-    argv = ["bench_generate.py", "--device", "cpu", "--quick", "--requests", "4"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--new-tokens", "8"])
+    argv = ["bench_generate.py", "--device", "cpu", "--quick", "--tiny", "--requests", "4"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--prompt-len", "32", "--new-tokens", "8"])
     monkeypatch.syspath_prepend("benchmarks")  # as a script run sees it: bench_attention
     runpy.run_path("benchmarks/bench_generate.py", run_name="__main__")
     out = capsys.readouterr().out
+    assert "4 requests x 32 prompt tokens, 8 generated each" in out  # the sizes asked for
     for path in ("seqattn engine, eager", "HF generate_batch (paged|sdpa)", "HF generate (sdpa)"):
         assert f"| {path} |" in out
     # float32: the engine's greedy tokens are HF's, and the benchmark says so

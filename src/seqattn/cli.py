@@ -3,13 +3,19 @@ tokens against transformers' own greedy ``generate``.
 
 With no arguments it runs on the CPU with a small seeded random-weight Llama-style model
 (no download). ``--config PATH`` takes an HF ``config.json`` (random weights),
-``--model DIR`` loads real weights from a local directory, ``--device cuda`` runs
-flashinfer.
+``--model PATH`` loads real weights (an HF directory, a ``.gguf`` file, or a directory
+holding one) and, when the model comes with a tokenizer, answers a few chat questions.
+``--device cuda`` runs flashinfer.
+
+A user's mistake (a bad option, file, config or device) ends with a short message on
+stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import json
 import sys
 import time
@@ -18,101 +24,463 @@ from typing import Any, Optional
 
 import torch
 
+from . import __version__
 from .errors import SeqAttnError
 
 DEMO_CONFIG = dict(
     model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1024,
 )  # fmt: skip
+# what a real chat model is asked, one question per request (cycled past eight)
+QUESTIONS = (
+    "What is the capital of France?",
+    "Name the three primary colors.",
+    "How many legs does a spider have?",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "What gas do plants take in from the air?",
+    "What is the largest planet in our solar system?",
+    "Translate 'thank you' into Spanish.",
+)
+# sizes a model must have for the demo to build its cache (transformers accepts some
+# nonsense, e.g. a negative layer count, and fails later or not at all)
+POSITIVE_SIZES = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+)  # fmt: skip
+FIRST_PROMPT_TOKEN = 3  # random prompts avoid the ids that families keep for special tokens
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+COMPILE_NOTE = (
+    "  flashinfer compiles its kernels for this GPU on first use (cached afterwards): "
+    "the first step can take a few minutes"
+)
+PAGE_SIZE = 16
+DEMO_DESCRIPTION = (
+    "Serve requests on seqattn's engine (continuous batching, prefix caching, paged "
+    "attention) and check every token against transformers' greedy generate. Without "
+    "--config or --model: a small random-weight Llama on the CPU, no download."
+)
+
+
+class DemoError(Exception):
+    """A user's mistake the demo reports in one line (exit status 2)."""
+
+
+# ----------------------------------------------------------------------------- parsing
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _bounded_int(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded_int(text, 0, "an integer >= 0")
+
+
+def _bounded_int(text: str, low: int, expected: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return value
+
+
+def device_arg(text: str) -> torch.device:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N``, refused unless usable here."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported; use cpu or cuda")
+    if device.type == "cuda":
+        _check_cuda(text, device)
+    return device
+
+
+def _check_cuda(text: str, device: torch.device) -> None:
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU found"
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available ({why}); use cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} GPU(s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``seqattn`` command line: ``--version`` and the ``demo`` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="seqattn", description="seqattn: a sequence-level view of a paged KV cache."
+    )
+    parser.add_argument("--version", action="version", version=f"seqattn {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    summary = "serve requests on seqattn's engine and check them against transformers"
+    demo = commands.add_parser("demo", help=summary, description=DEMO_DESCRIPTION)
+    add_demo_options(demo)
+    return parser
+
+
+def add_demo_options(demo: argparse.ArgumentParser) -> None:
+    """The ``demo`` subcommand's options, each with its help text."""
+    source = demo.add_mutually_exclusive_group()
+    supported = ", ".join(_supported())
+    source.add_argument(
+        "--config",
+        type=Path,
+        metavar="JSON",
+        help=f"an HF config.json ({supported}); the model gets random weights",
+    )
+    source.add_argument(
+        "--model",
+        type=Path,
+        metavar="PATH",
+        help="real weights: an HF directory (config.json and *.safetensors), "
+        "a .gguf file or a directory with one (needs: pip install gguf "
+        "accelerate); with a tokenizer, it answers chat questions",
+    )
+    demo.add_argument(
+        "--device",
+        type=device_arg,
+        default=torch.device("cpu"),
+        help="cpu (default) or cuda[:N] (flashinfer attention when installed)",
+    )
+    demo.add_argument(
+        "--requests",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="requests served together (default: 8)",
+    )
+    demo.add_argument(
+        "--system-tokens",
+        type=non_negative_int,
+        default=96,
+        metavar="N",
+        help="random prompts: length of the system prompt all requests share "
+        "(default: 96; chat prompts use the chat template's)",
+    )
+    demo.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="tokens to generate per request (default: 32); a real model stops "
+        "earlier at its end-of-sequence token",
+    )
+    demo.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+                      help="seed of the random weights and prompts (default: 0)")  # fmt: skip
+
+
+def _supported() -> tuple[str, ...]:
+    from .integrations.hf import SUPPORTED_MODEL_TYPES
+
+    return SUPPORTED_MODEL_TYPES
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqattn", description="seqattn command line")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help=__doc__.splitlines()[0] if __doc__ else None)
-    source = demo.add_mutually_exclusive_group()
-    source.add_argument("--config", type=Path, help="an HF config.json (random weights)")
-    source.add_argument("--model", type=Path, help="a local directory with HF weights")
-    demo.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    demo.add_argument("--requests", type=int, default=8)
-    demo.add_argument("--system-tokens", type=int, default=96)
-    demo.add_argument("--max-new-tokens", type=int, default=32)
-    demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    """Run the command line; the exit status (2 for a user's mistake)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a usage error already printed
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return run_demo(args)
-    except (SeqAttnError, FileNotFoundError) as error:
-        print(f"seqattn demo: {error}", file=sys.stderr)
+    except (DemoError, SeqAttnError) as error:
+        print(f"seqattn demo: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("seqattn demo: interrupted", file=sys.stderr)
+        return 130
 
 
+# ------------------------------------------------------------------------------ demo
 def run_demo(args: argparse.Namespace) -> int:
-    from .engine import Engine, SamplingParams
-    from .integrations.hf import PagedCausalLM
+    """Load the model, serve the requests, report, and compare with HF ``generate``."""
+    from .engine import Engine
 
-    device = torch.device(args.device)
-    model = load_model(args, device)
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(args.seed)
-    system = torch.randint(3, vocab, (args.system_tokens,), generator=gen).tolist()
-    prompts = [
-        system + torch.randint(3, vocab, (8 + 4 * i,), generator=gen).tolist()
-        for i in range(args.requests)
-    ]
-    page_size = 16
-    per_request = -(-(len(prompts[-1]) + args.max_new_tokens) // page_size)
-    runner = PagedCausalLM(model, num_pages=args.requests * per_request + 8, page_size=page_size)
-    engine = Engine(runner, max_step_tokens=256)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    print(f"seqattn demo: {describe(model)} on {device} ({runner.attention_for(-1, None).backend}"
-          f" attention), {args.requests} requests sharing a {args.system_tokens}-token "
-          f"system prompt, {args.max_new_tokens} new tokens each")  # fmt: skip
+    quiet_progress_bars_when_piped()
+    model, tokenizer = load_model(args, args.device)
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
+    if tokenizer is not None:
+        prompts = [encode_question(tokenizer, q) for q in questions]
+    else:
+        prompts = random_prompts(model.config.vocab_size, args)
+    # a real model stops at its end-of-sequence tokens, as HF generate does with it
+    stop_ids = eos_token_ids(model) if args.model is not None else ()
+    engine = Engine(make_runner(model, prompts, args.max_new_tokens), max_step_tokens=256)
+    backend = engine.runner.attention_for(-1, None).backend
+    print(f"seqattn demo: {describe(model)} on {args.device} ({backend} attention), "
+          f"{describe_requests(args, tokenizer is not None)}")  # fmt: skip
+    if backend == "flashinfer":
+        print(COMPILE_NOTE, flush=True)  # the first step would otherwise look hung
+    params = sampling_params(args.max_new_tokens, stop_ids)
     outputs, seconds = serve(engine, prompts, params)
     report(engine, outputs, seconds)
+    if tokenizer is not None:
+        print_answers(tokenizer, questions, outputs)
     return check_parity(model, prompts, outputs, args.max_new_tokens)
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> Any:
-    """The model: random weights from the demo config or ``--config``, or ``--model``."""
-    import transformers
+def quiet_progress_bars_when_piped() -> None:
+    """transformers' loading bars redraw with carriage returns: keep them out of logs."""
+    if not sys.stderr.isatty():
+        import transformers
 
-    from .integrations.hf import check_supported
+        transformers.utils.logging.disable_progress_bar()
 
+
+def random_prompts(vocab: int, args: argparse.Namespace) -> list[list[int]]:
+    """A shared random system prompt, then 8, 12, 16, ... random tokens per request."""
+    gen = torch.Generator().manual_seed(args.seed)
+    system = torch.randint(FIRST_PROMPT_TOKEN, vocab, (args.system_tokens,), generator=gen)
+    return [
+        system.tolist()
+        + torch.randint(FIRST_PROMPT_TOKEN, vocab, (8 + 4 * i,), generator=gen).tolist()
+        for i in range(args.requests)
+    ]
+
+
+def encode_question(tokenizer: Any, question: str) -> list[int]:
+    """A user turn through the chat template (a plain Q/A prompt without one)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": question}]
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+    return list(tokenizer(f"Question: {question}\nAnswer:")["input_ids"])
+
+
+def eos_token_ids(model: Any) -> tuple[int, ...]:
+    """The end-of-sequence ids HF ``generate`` stops at (its generation config's)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def sampling_params(max_new_tokens: int, stop_ids: tuple[int, ...]) -> Any:
+    """Greedy parameters: stop at ``stop_ids``; with none, generate exactly ``max_new_tokens``.
+
+    ``ignore_eos`` is passed only where this engine version has it, so the demo runs
+    before and after the engine learned to stop at the model's EOS by default."""
+    from .engine import SamplingParams
+
+    extra: dict[str, Any] = {}
+    if "ignore_eos" in inspect.signature(SamplingParams).parameters:
+        extra["ignore_eos"] = not stop_ids
+    return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, **extra)
+
+
+def make_runner(model: Any, prompts: list[list[int]], max_new_tokens: int) -> Any:
+    """A :class:`PagedCausalLM` with pages for every request at its longest, and a few more."""
+    from .integrations.hf import PagedCausalLM
+
+    per_request = -(-(max(len(p) for p in prompts) + max_new_tokens) // PAGE_SIZE)
+    return PagedCausalLM(model, num_pages=len(prompts) * per_request + 8, page_size=PAGE_SIZE)
+
+
+def describe_requests(args: argparse.Namespace, chat: bool) -> str:
+    if chat:
+        return f"{args.requests} chat requests, up to {args.max_new_tokens} new tokens each"
+    return (f"{args.requests} requests sharing a {args.system_tokens}-token system prompt, "
+            f"{args.max_new_tokens} new tokens each")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- loading
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Optional[Any]]:
+    """(model, tokenizer or None): random weights from the demo config or ``--config``,
+    or real ones from ``--model``; float32 on the CPU, bfloat16 on CUDA."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.model is not None:
-        if not args.model.is_dir():
-            raise FileNotFoundError(f"--model {args.model}: no such directory")
-        config = transformers.AutoConfig.from_pretrained(args.model)
-        check_supported(config)
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        model, tokenizer = load_pretrained(args.model, dtype)
+        _default_pad_token(model)
     else:
-        config = config_from(args.config)
-        check_supported(config)
-        torch.manual_seed(args.seed)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
-    model.generation_config.pad_token_id = 0
-    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
+        model, tokenizer = random_model(args.config, args.seed, dtype, device), None
+        model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+        model.generation_config.pad_token_id = 0
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]  # transformers' .to
 
 
-def config_from(path: Optional[Path]) -> Any:
+def _default_pad_token(model: Any) -> None:
+    config = model.generation_config
+    if config.pad_token_id is None:  # else generate() warns that it borrows the EOS id
+        eos = eos_token_ids(model)
+        config.pad_token_id = eos[0] if eos else 0
+
+
+def random_model(path: Optional[Path], seed: int, dtype: torch.dtype, device: torch.device) -> Any:
+    """A seeded random-weight model from the demo config or the config.json at ``path``."""
     import transformers
 
-    if path is None:
-        values = dict(DEMO_CONFIG)
-    else:
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file")
-        values = json.loads(path.read_text())
-    model_type = str(values.pop("model_type", "")) or None
-    if model_type is None:
-        raise SeqAttnError(f"{path}: a config.json names its model_type")
+    values = dict(DEMO_CONFIG) if path is None else read_config(path)
+    source = "the demo config" if path is None else str(path)
+    model_type = values.pop("model_type")
+    config = _guarded(
+        f"{source}: invalid config", transformers.AutoConfig.for_model, model_type, **values
+    )
+    check_sizes(config, source)
+    build = transformers.AutoModelForCausalLM.from_config
+    with torch.device("meta"):  # no memory: a shape check, and the size of the weights
+        shell = _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
+    check_fits(shell, device, source)
+    torch.manual_seed(seed)
+    return _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
+
+
+def check_fits(shell: Any, device: torch.device, source: str) -> None:
+    """Refuse weights larger than the memory free on ``device``.
+
+    A config that leaves sizes out gets transformers' defaults: for Llama, 6.7B
+    parameters, which a small machine would answer by killing the process."""
+    need = sum(p.numel() * p.element_size() for p in shell.parameters())
+    free = free_memory(device)
+    if free is not None and need > free:
+        params = sum(p.numel() for p in shell.parameters()) / 1e6
+        raise DemoError(f"{source}: the model's {params:,.0f}M parameters take "
+                        f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free "
+                        f"on {device} (sizes a config leaves out take transformers' "
+                        "defaults)")  # fmt: skip
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on ``device``; None where unknown (a CPU without ``/proc/meminfo``)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
-        return transformers.AutoConfig.for_model(model_type, **values)
-    except ValueError as error:
-        raise SeqAttnError(f"unknown model_type {model_type!r}: {error}") from None
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, whose ``model_type`` seqattn supports."""
+    if not path.is_file():
+        raise DemoError(f"{path}: no such file")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DemoError(f"{path}: not valid JSON ({error})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DemoError(f"{path}: cannot read it ({error})") from None
+    if not isinstance(values, dict):
+        raise DemoError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    check_model_type(values.get("model_type"), str(path))
+    return values
+
+
+def check_model_type(model_type: Any, source: str) -> None:
+    """Refuse a missing or unsupported ``model_type``, naming the supported ones."""
+    supported = ", ".join(_supported())
+    if model_type is None:
+        raise DemoError(f'{source}: no "model_type"; seqattn runs {supported}')
+    if model_type not in _supported():
+        raise DemoError(f"{source}: model_type {model_type!r} is not supported; "
+                        f"seqattn runs {supported}")  # fmt: skip
+
+
+def check_sizes(config: Any, source: str) -> None:
+    """Refuse sizes the cache cannot be built from (transformers lets some through)."""
+    for name in POSITIVE_SIZES:
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DemoError(f"{source}: {name} must be a positive integer, got {value!r}")
+    if config.vocab_size <= FIRST_PROMPT_TOKEN:
+        raise DemoError(f"{source}: vocab_size must exceed {FIRST_PROMPT_TOKEN}, "
+                        f"got {config.vocab_size}")  # fmt: skip
+
+
+def _guarded(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``; any exception becomes a one-line DemoError.
+
+    Used only where transformers turns a user's file into a config or model: it raises
+    many types there (ValueError, TypeError, KeyError, RuntimeError, huggingface_hub's
+    validation errors), and each means the file is wrong, not seqattn."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, LookupError):  # its message is the bare key: say what it is
+            message = f"{type(error).__name__} {message}"
+        raise DemoError(f"{what}: {message}") from None
+
+
+def resolve_model_path(path: Path) -> tuple[Path, Optional[str]]:
+    """``(directory, gguf file name or None)`` for ``--model PATH``.
+
+    PATH is a ``.gguf`` file, a directory with one, or an HF directory with
+    ``config.json`` and weights (preferred when a directory has both)."""
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise DemoError(f"{path}: expected a directory or a .gguf file")
+        return path.parent, path.name
+    if not path.is_dir():
+        raise DemoError(f"{path}: no such file or directory")
+    if (path / "config.json").is_file():
+        if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+            raise DemoError(f"{path}: config.json but no weights (*.safetensors or "
+                            "pytorch_model*.bin)")  # fmt: skip
+        return path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise DemoError(f"{path}: several .gguf files ({', '.join(ggufs)}); pass one of them")
+    if not ggufs:
+        raise DemoError(f"{path}: no model here (expected config.json with *.safetensors "
+                        "weights, or a .gguf file)")  # fmt: skip
+    return path, ggufs[0]
+
+
+def load_pretrained(path: Path, dtype: torch.dtype) -> tuple[Any, Optional[Any]]:
+    """Real weights and their tokenizer (None without one) from ``--model PATH``."""
+    import transformers
+
+    directory, gguf_file = resolve_model_path(path)
+    kwargs: dict[str, Any] = {}
+    if gguf_file is not None:
+        check_gguf_packages()
+        kwargs["gguf_file"] = gguf_file
+    else:
+        check_model_type(read_config(directory / "config.json").get("model_type"), str(path))
+    config = _guarded(
+        f"{path}: cannot read its config", transformers.AutoConfig.from_pretrained,
+        directory, **kwargs,
+    )  # fmt: skip
+    check_model_type(getattr(config, "model_type", None), str(path))
+    check_sizes(config, str(path))
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = _guarded(f"{path}: cannot load the model", load, directory, dtype=dtype, **kwargs)
+    return model, load_tokenizer(directory, gguf_file)
+
+
+def check_gguf_packages() -> None:
+    """transformers reads GGUF files only with ``gguf`` and ``accelerate`` installed."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DemoError(f"loading a .gguf file needs {' and '.join(missing)}: "
+                        f"pip install {' '.join(missing)}")  # fmt: skip
+
+
+def load_tokenizer(directory: Path, gguf_file: Optional[str]) -> Optional[Any]:
+    """The model's tokenizer, or None (the demo then uses random token prompts)."""
+    import transformers
+
+    if gguf_file is None and not any((directory / n).is_file() for n in TOKENIZER_FILES):
+        return None
+    kwargs = {} if gguf_file is None else {"gguf_file": gguf_file}
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+    except Exception:  # weights without a usable tokenizer still run, on token prompts
+        return None
+
+
+# --------------------------------------------------------------------------- serving
 def describe(model: Any) -> str:
     config = model.config
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -125,16 +493,23 @@ def serve(engine: Any, prompts: list[list[int]], params: Any) -> tuple[list[list
 
     They arrive together: the engine computes the shared system prompt once, for the
     first, and starts the others from the prefix cache once it is there."""
+    from tqdm import tqdm
+
     total = len(prompts) * params.max_new_tokens
     start = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
-    while engine.has_work:
-        engine.step()
-        done = engine.stats.generated_tokens
-        bar = "#" * (30 * done // total)
-        print(f"\r  generating [{bar:<30}] {done}/{total} tokens", end="", flush=True)
-    print()
+    # disable=None: no bar unless stderr is a terminal, so a piped log gets no redraws
+    with tqdm(total=total, desc="  generating", unit="tok", disable=None) as bar:
+        while engine.has_work:
+            engine.step()
+            bar.update(progress(engine, ids, params.max_new_tokens) - bar.n)
     return [engine.requests[i].output for i in ids], time.perf_counter() - start
+
+
+def progress(engine: Any, ids: list[int], max_new_tokens: int) -> int:
+    """Tokens generated, counting a request that stopped early as complete."""
+    requests = [engine.requests[i] for i in ids]
+    return sum(max_new_tokens if r.finish_reason else len(r.output) for r in requests)
 
 
 def report(engine: Any, outputs: list[list[int]], seconds: float) -> None:
@@ -151,8 +526,18 @@ def report(engine: Any, outputs: list[list[int]], seconds: float) -> None:
           f"prompt tokens computed")  # fmt: skip
 
 
+def print_answers(tokenizer: Any, questions: list[str], outputs: list[list[int]]) -> None:
+    """Each question and the model's answer, on one line each."""
+    for question, output in zip(questions, outputs, strict=True):
+        answer = " ".join(tokenizer.decode(output, skip_special_tokens=True).split())
+        print(f"  > {question}\n    {answer}")
+
+
 def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]], n: int) -> int:
-    """Compare with transformers' greedy generate (eager attention); 0 when equal."""
+    """Compare with transformers' greedy generate (eager attention); 0 when equal.
+
+    ``generate`` uses the model's generation config, so it stops at the same
+    end-of-sequence tokens as the engine (none for the random-weight models)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     references = []
@@ -160,8 +545,10 @@ def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]],
         for prompt in prompts:
             ids = torch.tensor([prompt], device=model.device)
             with torch.inference_mode():
-                ref = model.generate(ids, max_new_tokens=n, do_sample=False)[0, len(prompt) :]
-            references.append(ref.tolist())
+                ref = model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+                )
+            references.append(ref[0, len(prompt) :].tolist())
     finally:
         model.set_attn_implementation(previous)
     same, total, first = token_agreement(references, outputs)

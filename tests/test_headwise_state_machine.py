@@ -17,7 +17,6 @@ error and changes nothing (pages, counts, lengths, positions and the stored K/V)
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import numpy as np
@@ -35,11 +34,18 @@ from seqattn import (
     UnknownSequenceError,
 )
 from seqattn.headwise import HeadwiseKVCache
-from tests.conftest import assert_raises_unchanged, machine_settings
+from tests.conftest import (
+    HOSTILE_ID_LISTS,
+    HOSTILE_INTEGERS,
+    assert_raises_unchanged,
+    examples,
+    machine_settings,
+    refused_kind,
+)
 
 NUM_PAGES, LAYERS = 24, 2
 IDS = st.integers(0, 5)
-EXAMPLES = int(os.environ.get("SEQATTN_HEADWISE_EXAMPLES", "300"))
+EXAMPLES = 300
 OPERATIONS = {"count": 0}
 
 
@@ -296,6 +302,42 @@ class HeadwiseMachine(RuleBasedStateMachine):
             error, call = bad[choice]
             self.expect_failure(error, call)
 
+    @precondition(lambda self: self.ps)
+    @rule(value=HOSTILE_INTEGERS, ids=HOSTILE_ID_LISTS, data=st.data())
+    def hostile_calls(self, value: object, ids: object, data: st.DataObject) -> None:
+        """Bad layers, heads, ids and lengths (``compress(True, ...)`` once truncated layer
+        1 before raising): refused with nothing changed, in every layer."""
+        cache, live = self.cache, self.live()
+        seq = data.draw(st.sampled_from(live)) if live else 0
+        kv = torch.zeros(1, self.heads, 2, dtype=torch.float64)
+        keep = [None] * self.heads
+        calls = [
+            lambda: cache.compress(value, seq, keep),
+            lambda: cache.compress(0, value, keep),
+            lambda: cache.truncate_head(value, seq, 0, 0),
+            lambda: cache.truncate_head(0, seq, value, 0),
+            lambda: cache.truncate_head(0, seq, 0, value),
+            lambda: cache.append(value, [seq], kv, kv),
+            lambda: cache.append(0, ids, kv, kv),
+            lambda: cache.append(0, [seq], kv, kv, [value]),
+            lambda: cache.begin_step(ids),
+            lambda: cache.begin_step([seq], [value]),
+            lambda: cache.add_sequences(ids),
+            lambda: cache.add_sequences([value]),
+            lambda: cache.release(ids),
+            lambda: cache.head_positions(0, seq, value),
+            lambda: cache.pack(value, [seq]),
+        ]
+        before = self.snapshot()
+        try:
+            data.draw(st.sampled_from(calls))()
+        except Exception as error:  # which one is checked just below
+            refused_kind(error)
+        else:
+            raise AssertionError("a hostile call was accepted")
+        after = self.snapshot()
+        assert before[:-1] == after[:-1] and torch.equal(before[-1], after[-1])
+
     # --------------------------------------------------------------- invariants
     @invariant()
     def everything_consistent(self) -> None:
@@ -330,4 +372,4 @@ TestHeadwiseMachine = HeadwiseMachine.TestCase
 def test_the_machine_ran_its_operations() -> None:
     """Runs after the machine (file order): it did check as many operations as planned."""
     print(f"\nhead-wise state machine: {OPERATIONS['count']} operations checked")
-    assert OPERATIONS["count"] >= EXAMPLES * 20
+    assert OPERATIONS["count"] >= examples(EXAMPLES) * 20

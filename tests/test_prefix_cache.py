@@ -309,3 +309,45 @@ def test_evicting_a_parent_orphans_nothing_reachable() -> None:
     cache.reclaim(1)  # the child goes first
     assert child_page not in cache and parent_page in cache
     cache.check_integrity()
+
+
+def test_caching_resumes_once_a_truncate_removes_an_unknown_decode_token() -> None:
+    """The case the unseeded state machine once found: a decode token whose id was never
+    told stopped the sequence from caching for good, even after truncate removed it."""
+    desc = CacheDescriptor(make_cache(num_pages=8, page_size=2), prefix_caching=True,
+                           check_invariants=True)  # fmt: skip
+    desc.start_sequence(1, [0, 0])
+    desc.allocate([1], [2])
+    write_allocated(desc, 1, 2)
+    desc.allocate_decoding([1])  # the new token's id is not told
+    write_allocated(desc, 1, 1)
+    desc.commit([1])
+    desc.truncate(1, 1)  # cuts the unknown token (and the first page's second token)
+    desc.allocate_decoding([1], token_ids=[0])
+    write_allocated(desc, 1, 1)
+    desc.commit([1])
+    handle = desc.pin_prefix(1)  # "no cached pages to pin" before the fix
+    assert desc.prefix_stats.pinned_pages == 1 and handle.tokens.tolist() == [0, 0]
+    assert desc.start_sequence(2, [0, 0, 5]) == 2  # a later prompt hits it
+
+
+def test_tokens_told_late_let_caching_go_on(pdesc: CacheDescriptor) -> None:
+    prefill(pdesc, 1, PROMPT[:4])
+    pdesc.allocate_decoding([1])  # the id comes later (decode-ahead engines)
+    write_allocated(pdesc, 1, 1)
+    pdesc.commit([1])  # not known yet: nothing more is cached
+    pdesc.record_decode_tokens([1], [7])
+    for token in (8, 9, 10):
+        pdesc.allocate_decoding([1], token_ids=[token])
+        write_allocated(pdesc, 1, 1)
+    pdesc.commit([1])
+    assert pdesc.prefix_stats.cached_pages == 2  # [100, 101, 102, 103] and [7, 8, 9, 10]
+    assert pdesc.start_sequence(2, [*PROMPT[:4], 7, 8, 9, 10, 11]) == 8
+
+
+def write_allocated(desc: CacheDescriptor, seq_id: int, n: int) -> None:
+    """Write K/V for the ``n`` newest (allocated) tokens of a sequence."""
+    cache = desc.cache_manager
+    kv = torch.zeros(n, cache.num_heads, cache.head_dim)
+    desc_packed = desc.pack_for_flashinfer([seq_id], append_lens=[n])
+    cache.append_kv(kv, kv, desc_packed)

@@ -10,21 +10,36 @@ a live sequence with the same salt and tokens (those cannot have been evicted).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from seqattn import CacheDescriptor, NoPageError, PagedKVCacheManager
-from tests.conftest import assert_raises_unchanged, machine_settings, read_back
+from tests.conftest import (
+    HOSTILE_ID_LISTS,
+    HOSTILE_INTEGERS,
+    assert_raises_unchanged,
+    machine_settings,
+    read_back,
+    refused_kind,
+)
 
 PS = 2
 NUM_PAGES = 12
 IDS = st.integers(0, 5)
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=9)
-EXAMPLES = int(os.environ.get("SEQATTN_STATE_MACHINE_EXAMPLES", "1500")) // 2
+EXAMPLES = 600
+
+
+def foreign_pin() -> object:
+    """A pin handle of another descriptor's prefix cache."""
+    other = CacheDescriptor(PagedKVCacheManager(4, PS, 1, 2, torch.float64, "cpu"),
+                            prefix_caching=True)  # fmt: skip
+    other.start_sequence(0, [1, 2, 3])
+    other.allocate([0], [3])
+    other.commit([0])
+    return other.pin_prefix(0)
 
 
 def kv_values(tokens: list[int], start: int) -> torch.Tensor:
@@ -42,6 +57,7 @@ class PrefixMachine(RuleBasedStateMachine):
         self.known: dict[int, int] = {}  # leading tokens the descriptor was told
         self.committed: dict[int, int] = {}  # leading pages committed (lower bound)
         self.pins: list[tuple[object, object, list[int]]] = []  # handle, salt, tokens kept
+        self.foreign = foreign_pin()
 
     # -------------------------------------------------------------- helpers
     def append(self, seq: int, tokens: list[int]) -> None:
@@ -53,7 +69,7 @@ class PrefixMachine(RuleBasedStateMachine):
 
     def snapshot(self) -> tuple:
         pages = {i: self.desc.page_indices(i) for i in self.tokens}
-        stats = self.desc.prefix_stats.cached_pages
+        stats = self.desc.prefix_stats
         return self.cache.allocator.refcount.tolist(), stats, pages, self.cache.kv_data.clone()
 
     def unchanged_after(self, error: type[Exception], call) -> None:
@@ -204,6 +220,37 @@ class PrefixMachine(RuleBasedStateMachine):
         if seq in self.known:
             self.known[seq] = min(self.known[seq], new_len)
             self.committed[seq] = min(self.committed[seq], new_len // PS)
+
+    @rule(value=HOSTILE_INTEGERS, ids=HOSTILE_ID_LISTS, data=st.data())
+    def hostile_calls(self, value: object, ids: object, data: st.DataObject) -> None:
+        """Bad ids, tokens, salts and foreign pin handles: refused, nothing changed."""
+        live = sorted(self.tokens)
+        seq = data.draw(st.sampled_from(live)) if live else 0
+        new = next(i for i in range(6, 20) if i not in self.tokens)
+        calls = [
+            lambda: self.desc.start_sequence(value, [1, 2]),
+            lambda: self.desc.start_sequence(new, ids),
+            lambda: self.desc.start_sequence(
+                new, [1, 2], salt=data.draw(st.sampled_from([7, 1.5, ["a"], ("a",)]))
+            ),
+            lambda: self.desc.commit(ids),
+            lambda: self.desc.allocate_decoding([seq], token_ids=[value]),
+            lambda: self.desc.allocate_decoding([seq], token_ids=[-1]),
+            lambda: self.desc.record_decode_tokens([seq], [value]),
+            lambda: self.desc.record_decode_tokens([seq], [1, 2]),
+            lambda: self.desc.pin_prefix(value),
+            lambda: self.desc.unpin_prefix(self.foreign),
+            lambda: self.desc.unpin_prefix(value),
+        ]
+        before = self.snapshot()
+        try:
+            data.draw(st.sampled_from(calls))()
+        except Exception as error:  # which one is checked just below
+            refused_kind(error)
+        else:
+            raise AssertionError("a hostile call was accepted")
+        after = self.snapshot()
+        assert before[:-1] == after[:-1] and torch.equal(before[-1], after[-1])
 
     # ------------------------------------------------------------ invariants
     @invariant()

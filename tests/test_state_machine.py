@@ -12,7 +12,6 @@ predicts must fail raises the expected error and changes nothing.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -24,16 +23,26 @@ from seqattn import (
     DuplicateSequenceError,
     InvalidLengthError,
     NoPageError,
+    PagedAttention,
     PagedKVCacheManager,
     SequenceExistsError,
+    StaleBatchError,
     UnknownSequenceError,
 )
-from tests.conftest import assert_raises_unchanged, machine_settings, read_back
+from tests.conftest import (
+    HOSTILE_ID_LISTS,
+    HOSTILE_INTEGERS,
+    assert_raises_unchanged,
+    examples,
+    machine_settings,
+    read_back,
+    refused_kind,
+)
 
 NUM_PAGES = 14
 IDS = st.integers(0, 7)
-# about 77 operations per example: the default runs > 1e5 operations in CI
-EXAMPLES = int(os.environ.get("SEQATTN_STATE_MACHINE_EXAMPLES", "1500"))
+# about 100 operations per example: the default checks ~1e5 operations in CI
+EXAMPLES = 1000
 OPERATIONS = {"count": 0}
 
 
@@ -52,6 +61,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.ps = ps
         self.cache = PagedKVCacheManager(NUM_PAGES, ps, 1, 2, torch.float64, "cpu", layout)
         self.desc = CacheDescriptor(self.cache)
+        self.attn = PagedAttention(self.cache, 1, backend="torch")
 
     # ------------------------------------------------------------------ helpers
     def free(self) -> int:
@@ -66,6 +76,18 @@ class CacheMachine(RuleBasedStateMachine):
 
     def expect_failure(self, error: type[Exception], call) -> None:
         assert_raises_unchanged(self.snapshot, error, call)
+
+    def expect_refused(self, call) -> None:
+        """``call`` raises a SeqAttnError that is also a builtin, and changes nothing."""
+        before = self.snapshot()
+        try:
+            call()
+        except Exception as error:  # which one is checked just below
+            refused_kind(error)
+        else:
+            raise AssertionError("a hostile call was accepted")
+        after = self.snapshot()
+        assert before[:-1] == after[:-1] and torch.equal(before[-1], after[-1])
 
     def append(self, ids: list[int], lens: list[int]) -> None:
         """Write unique token values for the tokens just allocated, and record them."""
@@ -197,6 +219,69 @@ class CacheMachine(RuleBasedStateMachine):
         else:
             self.expect_failure(UnknownSequenceError, lambda: self.desc.fork(unknown, seq))
 
+    @precondition(lambda self: self.ps)
+    @rule(value=HOSTILE_INTEGERS, ids=HOSTILE_ID_LISTS, data=st.data())
+    def hostile_calls(self, value: object, ids: object, data: st.DataObject) -> None:
+        """What a careless user or an adversary passes (bools, floats, strings, None,
+        tuples, sets, ints past int64, pages a sequence holds) is refused unchanged."""
+        live = sorted(self.tokens)
+        seq = data.draw(st.sampled_from(live)) if live else 0
+        held = [p for i in live for p in self.desc.page_indices(i) if p not in self.explicit]
+        calls = [
+            lambda: self.desc.allocate(ids, [1]),
+            lambda: self.desc.allocate([seq], [value]),
+            lambda: self.desc.allocate([value], [1]),
+            lambda: self.desc.allocate_decoding(ids),
+            lambda: self.desc.release(ids),
+            lambda: self.desc.truncate(seq, value),
+            lambda: self.desc.truncate(value, 0),
+            lambda: self.desc.fork(seq, value),
+            lambda: self.desc.pack_for_flashinfer(ids),
+            lambda: self.desc.pack_for_flashinfer([seq], [value]),
+            lambda: self.desc.pages_needed([seq], [value]),
+            lambda: self.desc.seq_len(value),
+            lambda: self.cache.ref([value]),
+            lambda: self.cache.unref(ids),
+            lambda: self.cache.copy_pages([value], [0]),
+            lambda: self.cache.copy_pages([0], [-1]),
+            lambda: self.cache.allocate(value),
+            lambda: self.cache.get_kv_cache(value),
+        ]
+        if held:  # a page some sequence lists, with no reference of the caller's
+            calls.append(lambda: self.cache.unref([data.draw(st.sampled_from(held))]))
+        self.expect_refused(data.draw(st.sampled_from(calls)))
+
+    @precondition(lambda self: any(self.tokens.values()))
+    @rule(data=st.data(), change=st.sampled_from(["decode", "truncate", "release+reuse"]))
+    def stale_batch(self, data: st.DataObject, change: str) -> None:
+        """A batch packed before its sequence changed is refused by append_kv and plan,
+        whatever page the change left where (a reused page may now be another's)."""
+        seq = data.draw(st.sampled_from(sorted(i for i, t in self.tokens.items() if t)))
+        old = self.desc.pack_for_flashinfer([seq], append_lens=[1])
+        if change == "decode":
+            if len(self.tokens[seq]) % self.ps == 0 and self.free() == 0:
+                return
+            self.desc.allocate_decoding([seq])
+            self.append([seq], [1])
+        elif change == "truncate":
+            pages = self.desc.page_indices(seq)
+            new_len = len(self.tokens[seq]) - 1
+            keep = self.pages_for(new_len)
+            if new_len % self.ps and self.shared(pages[keep - 1]) and self.free() == 0:
+                return
+            self.desc.truncate(seq, new_len)
+            del self.tokens[seq][new_len:]
+        else:  # the same id again, on pages that may have been another's
+            n = len(self.tokens.pop(seq))
+            self.desc.release([seq])
+            n = min(n, self.free() * self.ps)
+            self.desc.allocate([seq], [n])
+            self.tokens[seq] = []
+            self.append([seq], [n])
+        kv = torch.full((1, 1, 2), -7.0, dtype=torch.float64)
+        self.expect_failure(StaleBatchError, lambda: self.cache.append_kv(kv, kv, old))
+        self.expect_failure(StaleBatchError, lambda: self.attn.plan(old))
+
     # --------------------------------------------------------------- invariants
     @invariant()
     def everything_consistent(self) -> None:
@@ -231,4 +316,4 @@ TestCacheMachine = CacheMachine.TestCase
 def test_the_machine_ran_its_operations() -> None:
     """Runs after the machine (file order): it did check as many operations as planned."""
     print(f"\nstate machine: {OPERATIONS['count']} operations checked")
-    assert OPERATIONS["count"] >= EXAMPLES * 50
+    assert OPERATIONS["count"] >= examples(EXAMPLES) * 50

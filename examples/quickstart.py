@@ -1,4 +1,5 @@
-"""seqattn's Quick Start on the CPU: sequences in, flashinfer's page tables out.
+"""seqattn's Quick Start (README.md), end to end: sequences in, flashinfer's page
+tables out, attention checked against dense attention. Runs on a CPU in a second.
 
 Run: python examples/quickstart.py
 """
@@ -7,21 +8,23 @@ import torch
 
 from seqattn import CacheDescriptor, NoPageError, PagedAttention, PagedKVCacheManager
 
+NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 4, 8, 64  # the README's sizes
+
 
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = PagedKVCacheManager(
-        num_pages=64, page_size=16, num_heads=8, head_dim=64,
-        dtype=torch.float16, device=device, num_layers=2,
+        num_pages=64, page_size=16, num_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+        dtype=torch.float16, device=device, num_layers=NUM_LAYERS,
     )  # fmt: skip
     desc = CacheDescriptor(cache)
 
-    # Prefill three prompts; write their K/V into layer 0 and layer 1.
+    # Prefill three prompts; write their K/V into every layer.
     ids, prompt_lens = [1, 2, 3], [100, 150, 80]
     desc.allocate(ids, prompt_lens)
     packed = desc.pack_for_flashinfer(ids, append_lens=prompt_lens)
-    keys = torch.randn(sum(prompt_lens), 8, 64, dtype=torch.float16, device=device)
-    for layer in range(2):
+    keys = torch.randn(sum(prompt_lens), NUM_KV_HEADS, HEAD_DIM, dtype=torch.float16, device=device)
+    for layer in range(NUM_LAYERS):
         cache.append_kv(keys, keys, packed, layer=layer)
     print("prefill  indptr", packed.kv_page_indptr.tolist(),
           "last_page_len", packed.kv_last_page_len.tolist())  # fmt: skip
@@ -30,7 +33,7 @@ def main() -> None:
     # checked against dense causal attention on the same K/V.
     attn = PagedAttention(cache, num_qo_heads=16)
     attn.plan(packed)  # the queries are the tokens just appended
-    q = torch.randn(sum(prompt_lens), 16, 64, dtype=torch.float16, device=device)
+    q = torch.randn(sum(prompt_lens), 16, HEAD_DIM, dtype=torch.float16, device=device)
     out = attn.run(q, layer=0)
     first = slice(0, prompt_lens[0])  # sequence 1: its K/V are keys[:100]
     k = keys[first].float().repeat_interleave(2, dim=1).transpose(0, 1)  # GQA: 2 q per kv
@@ -44,8 +47,9 @@ def main() -> None:
     for _ in range(10):
         desc.allocate_decoding(ids)
         packed = desc.pack_for_flashinfer(ids, append_lens=[1, 1, 1])
-        token_kv = torch.randn(3, 8, 64, dtype=torch.float16, device=device)
-        cache.append_kv(token_kv, token_kv, packed, layer=0)
+        token_kv = torch.randn(3, NUM_KV_HEADS, HEAD_DIM, dtype=torch.float16, device=device)
+        for layer in range(NUM_LAYERS):
+            cache.append_kv(token_kv, token_kv, packed, layer=layer)
     print(
         "decode   lengths", desc.seq_lens(ids).tolist(), "free pages", cache.available_pages_count
     )
@@ -55,8 +59,8 @@ def main() -> None:
     shared = set(desc.page_indices(1)) & set(desc.page_indices(4))
     print(f"fork     1 -> 4 shares {len(shared)} pages; free pages", cache.available_pages_count)
 
-    # Speculative decoding rollback: keep the first 105 tokens of sequence 2.
-    desc.truncate(2, 105)
+    # Speculative decoding rollback: keep the first 120 tokens of sequence 2.
+    desc.truncate(2, 120)
     print("truncate lengths", desc.seq_lens([1, 2, 3, 4]).tolist())
 
     # Running out of pages raises before anything changes.

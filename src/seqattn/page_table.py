@@ -245,6 +245,9 @@ class SequencePageTable:
 
         A partial last page is not shared: ``dst_id`` gets a fresh page, returned as
         ``(src_page, fresh_page)`` for the caller to copy. Returns ``(dst_slot, copy)``.
+
+        The source counts as changed too: a batch packed before the fork would write
+        tokens into pages the fork now shares, or copied before they were written.
         """
         self.check_new(dst_id)
         length = int(self._length[src_slot])
@@ -254,6 +257,7 @@ class SequencePageTable:
         self.allocator.share(pages[:full])
         dst = self.adopt(dst_id, np.concatenate([pages[:full], fresh]), length)
         copy = (int(pages[-1]), int(fresh[0])) if fresh.size else None
+        self._touch(src_slot)
         return dst, copy
 
     def adopt(self, seq_id: int, pages: np.ndarray, length: int) -> int:

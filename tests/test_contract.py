@@ -1,0 +1,326 @@
+"""The contract at every boundary of the core: a bad argument raises a SeqAttnError that is
+also the matching builtin (TypeError, ValueError, KeyError, IndexError), with a message
+naming what was expected and showing what came, and changes nothing: pages, reference
+counts, lengths, page tables, K/V, prefix cache.
+
+One test per class of misuse; the state machines draw the same hostile values at random
+between ordinary calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from seqattn import (
+    ArgumentTypeError,
+    CacheDescriptor,
+    CUDAGraphDecodeAttention,
+    FlashInferPackedData,
+    IndexOutOfRangeError,
+    InvalidArgumentError,
+    InvalidLengthError,
+    PagedAttention,
+    PagedKVCacheManager,
+    PageStateError,
+    SeqAttnError,
+    StaleBatchError,
+    UnknownSequenceError,
+)
+from tests.conftest import NOT_INTEGERS, make_cache
+
+
+def state(desc: CacheDescriptor) -> tuple:
+    """Everything a refused call must leave as it was (the K/V storage last)."""
+    cache = desc.cache_manager
+    seqs = {i: (desc.seq_len(i), desc.page_indices(i)) for i in desc.seq_ids}
+    pool = cache.allocator
+    return (
+        pool.refcount.tolist(),
+        pool.external_refcount.tolist(),
+        cache.available_pages_count,
+        seqs,
+        desc.prefix_stats,
+        cache.kv_data.clone(),
+    )
+
+
+def refused(desc: CacheDescriptor, error: type[Exception], builtin: type[Exception], call,
+            match: str | None = None) -> SeqAttnError:  # fmt: skip
+    """``call()`` raises ``error`` (also ``builtin``) and changes nothing of ``desc``."""
+    before = state(desc)
+    with pytest.raises(error, match=match) as info:
+        call()
+    assert isinstance(info.value, SeqAttnError) and isinstance(info.value, builtin)
+    after = state(desc)
+    assert before[:-1] == after[:-1] and torch.equal(before[-1], after[-1])
+    desc.check_integrity()
+    return info.value
+
+
+@pytest.fixture
+def desc() -> CacheDescriptor:
+    d = CacheDescriptor(make_cache(num_pages=16, page_size=4), prefix_caching=True,
+                        check_invariants=True)  # fmt: skip
+    d.allocate([1, 2], [6, 3])
+    return d
+
+
+def kv(n: int) -> torch.Tensor:
+    return torch.full((n, 2, 4), 5.0)
+
+
+# ----------------------------------------------------------- stale or foreign batches
+STALE_CHANGES = {
+    "release and reuse": lambda d: (d.release([1]), d.allocate([21], [6])),
+    "allocate_decoding": lambda d: d.allocate_decoding([1]),
+    "allocate": lambda d: d.allocate([1], [2]),
+    "truncate": lambda d: d.truncate(1, 5),
+    "fork": lambda d: d.fork(1, 9),
+}
+
+
+@pytest.mark.parametrize("change", list(STALE_CHANGES))
+def test_a_batch_packed_before_its_sequence_changed_is_refused(desc, change) -> None:
+    desc.allocate([1], [4])
+    packed = desc.pack_for_flashinfer([1], append_lens=[4])
+    STALE_CHANGES[change](desc)
+    attn = PagedAttention(desc.cache_manager, 2, backend="torch")
+    for call in (
+        lambda: desc.cache_manager.append_kv(kv(4), kv(4), packed),
+        lambda: attn.plan(packed),
+    ):
+        refused(desc, StaleBatchError, ValueError, call, match="stale")
+
+
+def test_commit_that_swaps_a_page_makes_earlier_batches_stale() -> None:
+    desc = CacheDescriptor(make_cache(num_pages=16, page_size=4), prefix_caching=True)
+    for seq in (1, 2):  # the same prompt computed twice, at once
+        desc.start_sequence(seq, [3] * 9)
+        desc.allocate([seq], [9])
+        desc.cache_manager.append_kv(kv(9), kv(9), desc.pack_for_flashinfer([seq], [9]))
+    packed = desc.pack_for_flashinfer([2], append_lens=[1])
+    desc.commit([1])
+    desc.commit([2])  # 2's first two pages are swapped for 1's, and go back to the pool
+    assert desc.page_indices(2)[:2] == desc.page_indices(1)[:2]
+    refused(desc, StaleBatchError, ValueError,
+            lambda: desc.cache_manager.append_kv(kv(1), kv(1), packed))  # fmt: skip
+
+
+def test_a_change_to_other_sequences_leaves_a_batch_current(desc) -> None:
+    packed = desc.pack_for_flashinfer([1], append_lens=[1])
+    desc.allocate([3], [5])
+    desc.allocate_decoding([2])
+    desc.release([2])
+    desc.fork(3, 4)
+    desc.cache_manager.append_kv(kv(1), kv(1), packed)  # still 1's newest token
+    PagedAttention(desc.cache_manager, 2, backend="torch").plan(packed)
+
+
+def test_a_batch_of_another_cache_is_refused(desc) -> None:
+    other = CacheDescriptor(make_cache(num_pages=64, page_size=4))
+    other.allocate([1], [60])  # page ids past this pool's 16
+    packed = other.pack_for_flashinfer([1], append_lens=[60])
+    refused(desc, StaleBatchError, ValueError,
+            lambda: desc.cache_manager.append_kv(kv(60), kv(60), packed),
+            match="another cache")  # fmt: skip
+    attn = PagedAttention(desc.cache_manager, 2, backend="torch")
+    refused(desc, StaleBatchError, ValueError, lambda: attn.plan(packed))
+
+
+def test_a_hand_built_batch_outside_the_pool_is_refused(desc) -> None:
+    packed = FlashInferPackedData(
+        torch.tensor([99], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
+        torch.tensor([1], dtype=torch.int32),
+    )  # fmt: skip
+    refused(desc, IndexOutOfRangeError, IndexError,
+            lambda: desc.cache_manager.append_kv(kv(1), kv(1), packed,
+                                                 torch.tensor([0, 1])))  # fmt: skip
+
+
+def test_run_after_the_batch_went_stale_is_refused(desc) -> None:
+    attn = PagedAttention(desc.cache_manager, 2, backend="torch")
+    packed = desc.pack_for_flashinfer([1], append_lens=[1])
+    attn.plan(packed)
+    desc.release([1])
+    desc.allocate([5], [6])  # maybe 1's pages: their K/V are someone else's now
+    with pytest.raises(StaleBatchError):
+        attn.run(torch.zeros(1, 2, 4), 0)
+
+
+# ---------------------------------------------------------------------------- ids
+@pytest.mark.parametrize("bad", [*NOT_INTEGERS[:9], 2**63, -(2**63) - 1])
+def test_a_sequence_id_is_an_int64_integer(desc, bad) -> None:
+    builtin = ValueError if isinstance(bad, int) and not isinstance(bad, bool) else TypeError
+    error = InvalidArgumentError if builtin is ValueError else ArgumentTypeError
+    refused(desc, error, builtin, lambda: desc.allocate([bad], [1]))
+    refused(desc, error, builtin, lambda: desc.fork(1, bad))
+    refused(desc, error, builtin, lambda: desc.start_sequence(bad, [1, 2]))
+    lookup = UnknownSequenceError if builtin is ValueError else ArgumentTypeError
+    lookup_builtin = KeyError if builtin is ValueError else TypeError
+    for call in (
+        lambda: desc.release([bad]),
+        lambda: desc.allocate_decoding([bad]),
+        lambda: desc.truncate(bad, 0),
+        lambda: desc.seq_len(bad),
+        lambda: desc.pack_for_flashinfer([bad]),
+        lambda: desc.commit([bad]),
+        lambda: desc.pin_prefix(bad),
+    ):
+        refused(desc, lookup, lookup_builtin, call)
+    assert bad not in desc
+
+
+def test_true_and_one_point_oh_are_not_sequence_one(desc) -> None:
+    for bad in (True, 1.0, np.float32(1), "1"):
+        message = refused(desc, ArgumentTypeError, TypeError, lambda b=bad: desc.release([b]))
+        assert repr(bad) in str(message)  # shows what came
+        refused(desc, ArgumentTypeError, TypeError, lambda b=bad: desc.truncate(b, 0))
+    assert desc.seq_len(1) == 6
+
+
+@pytest.mark.parametrize("ids", ["56", b"56", {1, 2}, {1: 2}, 12, None, [[1]], np.ones((1, 1))])
+def test_a_list_of_ids_is_a_sequence_of_integers(desc, ids) -> None:
+    refused(desc, ArgumentTypeError, TypeError, lambda: desc.allocate(ids, [1, 1]))
+    refused(desc, ArgumentTypeError, TypeError, lambda: desc.release(ids))
+    assert desc.seq_ids == [1, 2]  # allocate("56") once created ids '5' and '6'
+
+
+def test_any_iterable_of_ids_is_used(desc) -> None:
+    desc.release(i for i in [1])  # a generator: consumed once, and used
+    assert desc.seq_ids == [2]
+    desc.allocate(range(5, 7), iter([1, 2]))
+    desc.allocate_decoding(np.array([5, 6], dtype=np.uint8))
+    desc.allocate_decoding(torch.tensor([5]))
+    assert desc.seq_lens(i for i in (5, 6)).tolist() == [3, 3]
+
+
+def test_page_and_token_ids_are_range_checked(desc) -> None:
+    cache = desc.cache_manager
+    refused(desc, IndexOutOfRangeError, IndexError, lambda: cache.ref([16]))
+    refused(desc, IndexOutOfRangeError, IndexError, lambda: cache.unref([2**63]))
+    refused(desc, IndexOutOfRangeError, IndexError, lambda: cache.copy_pages([-1], [0]))
+    refused(desc, IndexOutOfRangeError, IndexError, lambda: cache.copy_pages([0], [-1]))
+    refused(desc, InvalidLengthError, ValueError, lambda: cache.copy_pages([0, 1], [2, 2]))
+    refused(desc, InvalidLengthError, ValueError, lambda: cache.copy_pages([0, 1], [2]))
+    # a prompt of 2**63 once wrapped to -2**63 and hit that prompt's cached pages
+    message = refused(desc, InvalidArgumentError, ValueError,
+                      lambda: desc.start_sequence(3, [2**63, 5]))  # fmt: skip
+    assert str(2**63) in str(message)  # the value passed, not a wrapped int64
+    refused(desc, InvalidArgumentError, ValueError, lambda: desc.start_sequence(3, [-1, 5]))
+    refused(desc, ArgumentTypeError, TypeError,
+            lambda: desc.allocate_decoding([1], token_ids=[True]))  # fmt: skip
+
+
+# -------------------------------------------------------------------------- numbers
+@pytest.mark.parametrize("bad", [2.5, 2.0, "3", True, None, np.float64(2)])
+def test_lengths_are_exact_integers(desc, bad) -> None:
+    refused(desc, ArgumentTypeError, TypeError, lambda: desc.allocate([1], [bad]))
+    refused(desc, ArgumentTypeError, TypeError, lambda: desc.pages_needed([1], [bad]))
+    refused(desc, ArgumentTypeError, TypeError,
+            lambda: desc.pack_for_flashinfer([1], append_lens=[bad]))  # fmt: skip
+    refused(desc, ArgumentTypeError, TypeError, lambda: desc.truncate(1, bad))
+
+
+def test_overflow_is_checked_before_any_arithmetic(desc) -> None:
+    big = 2**63 - 1
+    refused(desc, InvalidLengthError, ValueError,
+            lambda: desc.allocate([1, 2, 3], [big, big, 2]))  # fmt: skip
+    assert 3 not in desc  # once left live
+    refused(desc, InvalidLengthError, ValueError, lambda: desc.allocate([1], [2**31 - 6]))
+    refused(desc, InvalidLengthError, ValueError, lambda: desc.allocate([1], [2**64]))
+    refused(desc, InvalidLengthError, ValueError, lambda: desc.pages_needed([1], [2**63]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, builtin",
+    [
+        ({"num_pages": 0}, InvalidLengthError, ValueError),
+        ({"num_pages": 2.0}, ArgumentTypeError, TypeError),
+        ({"page_size": True}, ArgumentTypeError, TypeError),
+        ({"num_heads": "2"}, ArgumentTypeError, TypeError),
+        ({"head_dim": -4}, InvalidLengthError, ValueError),
+        ({"num_layers": 0}, InvalidLengthError, ValueError),
+        ({"dtype": "float32"}, ArgumentTypeError, TypeError),
+        ({"dtype": torch.int32}, ArgumentTypeError, TypeError),
+        ({"device": "bogus"}, InvalidArgumentError, ValueError),
+        ({"device": True}, ArgumentTypeError, TypeError),
+        ({"device": 1.0}, ArgumentTypeError, TypeError),
+        ({"kv_layout": "NDH"}, InvalidArgumentError, ValueError),
+        ({"k_scale": 0.0}, InvalidArgumentError, ValueError),
+        ({"v_scale": float("nan")}, InvalidArgumentError, ValueError),
+        ({"num_pages": 2**31 - 1, "num_layers": 2**20}, InvalidArgumentError, ValueError),
+    ],
+)
+def test_cache_constructor_arguments(kwargs, error, builtin) -> None:
+    args = dict(num_pages=4, page_size=2, num_heads=1, head_dim=4, dtype=torch.float32,
+                device="cpu")  # fmt: skip
+    with pytest.raises(error) as info:
+        PagedKVCacheManager(**{**args, **kwargs})
+    assert isinstance(info.value, builtin) and str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_a_clear_error() -> None:
+    for device in ("cuda", "cuda:0", 0, torch.device("cuda")):
+        with pytest.raises(InvalidArgumentError, match="CUDA is not available"):
+            PagedKVCacheManager(4, 2, 1, 4, torch.float16, device)
+    desc = CacheDescriptor(make_cache())
+    desc.allocate([1], [2])
+    refused(desc, InvalidArgumentError, ValueError,
+            lambda: desc.pack_for_flashinfer([1], device="cuda"))  # fmt: skip
+
+
+def test_descriptor_and_attention_constructor_arguments() -> None:
+    cache = make_cache()
+    for kwargs in ({"check_invariants": 1}, {"prefix_caching": "yes"}, {"prefix_hash_fn": 3}):
+        with pytest.raises(ArgumentTypeError):
+            CacheDescriptor(cache, **kwargs)
+    with pytest.raises(ArgumentTypeError, match="PagedKVCacheManager"):
+        CacheDescriptor("cache")
+    with pytest.raises(ArgumentTypeError, match="PagedKVCacheManager"):
+        PagedAttention(None, 2)
+    with pytest.raises(SeqAttnError):  # the graph decoder needs CUDA and flashinfer
+        CUDAGraphDecodeAttention(cache, 2)
+    with pytest.raises(ArgumentTypeError):
+        CUDAGraphDecodeAttention(cache, 2, batch_sizes=[1.5])
+
+
+# ------------------------------------------------------------------ reference counts
+def test_unref_never_frees_a_page_a_sequence_or_the_prefix_cache_lists(desc) -> None:
+    cache = desc.cache_manager
+    page = desc.page_indices(1)[0]
+    message = refused(desc, PageStateError, ValueError, lambda: cache.unref([page]))
+    assert "release the sequence" in str(message)
+    refused(desc, PageStateError, ValueError, lambda: cache.release_pages([page]))
+    cache.ref([page])  # the caller's own reference may be dropped again
+    cache.unref([page])
+    refused(desc, PageStateError, ValueError, lambda: cache.unref([page]))
+    desc.start_sequence(3, list(range(5)))
+    desc.allocate([3], [5])
+    desc.commit([3])  # its first page is cached; the sequence ends, the cache keeps it
+    cached = desc.page_indices(3)[0]
+    desc.release([3])
+    assert desc.prefix_stats.cached_pages == 1
+    refused(desc, PageStateError, ValueError, lambda: cache.unref([cached]))
+
+
+def test_pin_handles_of_another_descriptor_are_refused(desc) -> None:
+    other = CacheDescriptor(make_cache(num_pages=16, page_size=4), prefix_caching=True)
+    other.start_sequence(1, list(range(9)))
+    other.allocate([1], [9])
+    other.commit([1])
+    handle = other.pin_prefix(1)
+    refused(desc, PageStateError, ValueError, lambda: desc.unpin_prefix(handle))
+    assert desc.prefix_stats.pinned_pages == 0  # went to -2 once
+    refused(desc, ArgumentTypeError, TypeError, lambda: desc.unpin_prefix("handle"))
+    other.unpin_prefix(handle)
+    refused(other, PageStateError, ValueError, lambda: other.unpin_prefix(handle),
+            match="not pinned")  # fmt: skip
+
+
+def test_prefix_caching_off_is_a_value_error() -> None:
+    desc = CacheDescriptor(make_cache())
+    desc.allocate([1], [4])
+    refused(desc, InvalidArgumentError, ValueError, lambda: desc.pin_prefix(1))

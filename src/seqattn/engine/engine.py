@@ -331,11 +331,11 @@ class Engine:
     def _undo(self, rows: list[tuple[Request, int]]) -> None:
         """Give back what a failed step allocated: each row's sequence again holds the
         tokens whose KV it has (``request.computed``)."""
+        desc = self.descriptor
         for request, _ in rows:
-            if request.id in self.descriptor and self.descriptor.seq_len(request.id) > (
-                request.computed
-            ):
-                self.descriptor.truncate(request.id, request.computed)
+            held = desc.seq_len(request.id) if request.id in desc else 0
+            if held > request.computed:
+                desc.truncate(request.id, request.computed)
 
     def _sampled_inputs(self, requests: list[Request]) -> torch.Tensor:
         """The previous step's samples of ``requests``, in their order, on the device."""

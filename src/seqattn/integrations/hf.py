@@ -403,13 +403,13 @@ class PagedCausalLM:
             )
         return row
 
-    def _token_rows(self, tokens: object, n: int) -> list[np.ndarray]:
+    def _token_rows(self, tokens: Any, n: int) -> list[np.ndarray]:
         """One non-empty checked row per sequence."""
         if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
             raise ArgumentTypeError(
                 f"tokens must be one sequence of token ids per sequence, got {shown(tokens)}"
             )
-        rows = [self._token_row(row, f"tokens[{i}]") for i, row in enumerate(tokens)]  # type: ignore[attr-defined]
+        rows = [self._token_row(row, f"tokens[{i}]") for i, row in enumerate(tokens)]
         if len(rows) != n:
             raise InvalidLengthError(f"pass one token row per sequence ({n}), got {len(rows)}")
         empty = [i for i, row in enumerate(rows) if row.size == 0]

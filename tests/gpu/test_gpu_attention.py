@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqattn import CacheDescriptor, CUDAGraphDecodeAttention, PagedAttention, PagedKVCacheManager
+from seqattn import (
+    CacheDescriptor,
+    CUDAGraphDecodeAttention,
+    PagedAttention,
+    PagedKVCacheManager,
+    StaleBatchError,
+)
 from tests.conftest import read_back
 from tests.gpu.conftest import flashinfer_or_skip
 
@@ -193,3 +199,31 @@ def test_full_decode_step_with_attention_makes_no_host_sync():
     torch.cuda.synchronize()
     m.torch.plan(packed)
     torch.testing.assert_close(m.flashinfer.run(q, 1), m.torch.run(q, 1), atol=2e-3, rtol=2e-2)
+
+
+def test_stale_and_foreign_batches_are_refused_before_any_kernel():
+    """On the device path (flashinfer's append, plan, the CUDA-graph planner): a batch
+    whose sequence was released and its pages handed to another is refused, and the
+    other sequence's K/V stay as written."""
+    flashinfer_or_skip()
+    m = Model()
+    m.step([20], [3])
+    stale = m.desc.pack_for_flashinfer([20], append_lens=[3], device="cuda")
+    m.desc.release([20])
+    m.step([21], [3])  # the same page, now 21's
+    before = m.cache.kv_data.clone()
+    k = m.randn(3, HKV, D)
+    graphs = CUDAGraphDecodeAttention(m.cache, HQ, batch_sizes=(1,))
+    other = Model()
+    other.step([1], [3])
+    foreign = other.desc.pack_for_flashinfer([1], append_lens=[3], device="cuda")
+    for packed in (stale, foreign):
+        with pytest.raises(StaleBatchError):
+            m.cache.append_kv(k, k, packed)
+        with pytest.raises(StaleBatchError):
+            m.flashinfer.plan(packed)
+        with pytest.raises(StaleBatchError):
+            graphs.plan(packed)
+    torch.cuda.synchronize()
+    assert torch.equal(m.cache.kv_data, before)
+    graphs.close()

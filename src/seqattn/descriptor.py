@@ -9,7 +9,13 @@ import numpy as np
 from attrs import define
 
 from ._checks import id_list, int_array, shown
-from .errors import ArgumentTypeError, InvalidArgumentError, InvalidLengthError, PageStateError
+from .errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    InvalidLengthError,
+    PageStateError,
+    UnknownSequenceError,
+)
 from .packed_data import Device, FlashInferPackedData, as_device
 from .packing import BatchPacker
 from .page_table import MAX_LENGTH, SeqIds, SequencePageTable, check_distinct
@@ -285,10 +291,10 @@ class CacheDescriptor:
                         error=InvalidLengthError)  # fmt: skip
         if add.size != len(ids):
             raise InvalidLengthError(f"expected {len(ids)} lengths (one per id), got {add.size}")
-        check_distinct(ids)
-        if all(i in table for i in ids):  # all live (a decode batch): one vectorized lookup
+        try:  # all live (a decode batch): one vectorized lookup
             old = table.lengths(table.slots(ids)).astype(np.int64)
-        else:  # new ids count as empty
+        except UnknownSequenceError:  # new ids count as empty
+            check_distinct(ids)
             old = np.array([table.length(table.slot(i)) if i in table else 0 for i in ids])
         return table.pages_needed(old, old + add)
 

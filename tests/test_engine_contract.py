@@ -18,6 +18,7 @@ from seqattn import (  # noqa: E402
     ArgumentTypeError,
     InvalidArgumentError,
     InvalidLengthError,
+    NoPageError,
     SeqAttnError,
 )
 from seqattn.engine import Engine, SamplingParams  # noqa: E402
@@ -319,3 +320,27 @@ def test_a_request_stays_queued_when_starting_it_raises(monkeypatch, clean_outpu
     assert engine.requests[request_id].status.value == "waiting"
     assert_consistent(engine)
     assert finish(engine) == clean_outputs
+
+
+def test_pages_held_outside_the_engine_stop_a_step_until_they_are_freed() -> None:
+    """A request that fits the pool, but not what others leave of it, makes step() raise
+    NoPageError with nothing allocated; once the pages are back, the engine goes on."""
+    prompt, params = list(range(1, 21)), SamplingParams(max_new_tokens=8)  # 27 tokens: 7 pages
+    outputs = []
+    for hog in (False, True):
+        engine = Engine(PagedCausalLM(shared_llama(), num_pages=8, page_size=4))
+        request_id = engine.add_request(prompt, params)
+        if hog:
+            engine.descriptor.allocate([999], [8])  # 2 of the 8 pages, outside the engine
+            with pytest.raises(NoPageError) as info:
+                while engine.has_work:
+                    engine.step()
+            assert isinstance(info.value, RuntimeError)
+            assert "give the engine more pages" in str(info.value)
+            request = engine.requests[request_id]
+            assert engine.running == [request] and engine.has_work
+            assert set(engine.descriptor.seq_ids) == {999, request_id}
+            assert engine.descriptor.seq_len(request_id) == request.computed
+            engine.descriptor.release([999])
+        outputs.append(finish(engine))
+    assert outputs[0] == outputs[1] and len(outputs[0][0]) == 8

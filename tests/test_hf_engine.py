@@ -217,22 +217,22 @@ def test_generation_stops_at_the_models_end_of_sequence_token_as_hf_generate() -
     """With ``generation_config.eos_token_id`` set, the engine stops where HF's generate
     stops (the end token kept), for an int and for a list of ids; ``ignore_eos`` runs on."""
     model = tiny_model("llama")
-    free_runs = [hf_greedy(model, p, 12) for p in PROMPTS]
+    free_runs = [hf_greedy(model, p, 8) for p in PROMPTS]
     eos = free_runs[0][3]  # a token the greedy path of the first prompt produces
     other = free_runs[1][5]
     for eos_ids in (eos, [eos, other]):
         model.generation_config.eos_token_id = eos_ids
         engine = engine_for(model)
-        ids = [engine.add_request(p, SamplingParams(max_new_tokens=12)) for p in PROMPTS]
+        ids = [engine.add_request(p, SamplingParams(max_new_tokens=8)) for p in PROMPTS]
         while engine.has_work:
             engine.step()
         outputs = [engine.requests[i].output for i in ids]
-        assert outputs == [hf_greedy(model, p, 12) for p in PROMPTS], eos_ids
-        assert len(outputs[0]) < 12 and outputs[0][-1] == eos
+        assert outputs == [hf_greedy(model, p, 8) for p in PROMPTS], eos_ids
+        assert len(outputs[0]) < 8 and outputs[0][-1] == eos
+        stops = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
         for request in map(engine.requests.get, ids):
-            stopped = request.output[-1] in ([eos_ids] if isinstance(eos_ids, int) else eos_ids)
+            stopped = request.output[-1] in stops
             assert request.finish_reason == ("stop" if stopped else "length")
-        ignoring = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))
-        assert ignoring == free_runs
         assert engine.runner.cache.available_pages_count == engine.runner.cache.num_pages
-    model.generation_config.eos_token_id = None
+    ignoring = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert ignoring == free_runs

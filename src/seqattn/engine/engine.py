@@ -129,7 +129,10 @@ class Engine:
         cuda_graphs: bool = True,
     ) -> None:
         if not isinstance(runner, PagedCausalLM):
-            raise ArgumentTypeError(f"runner must be a PagedCausalLM, got {shown(runner)}")
+            raise ArgumentTypeError(  # a module's repr spans many lines: its type says it
+                f"runner must be a PagedCausalLM (PagedCausalLM(model, num_pages=...)), "
+                f"got a {type(runner).__name__}"
+            )
         max_batch_size = exact_int(max_batch_size, "max_batch_size", low=1, high=INT64_MAX)
         max_step_tokens = exact_int(max_step_tokens, "max_step_tokens", low=1, high=INT64_MAX)
         seed = exact_int(seed, "seed", low=INT64_MIN, high=2**64 - 1)  # torch's range

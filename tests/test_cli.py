@@ -16,6 +16,7 @@ import seqattn
 from seqattn.cli import (
     QUESTIONS,
     DemoError,
+    attention_backend,
     build_parser,
     encode_question,
     main,
@@ -160,6 +161,13 @@ def test_cuda_without_cuda_is_refused(capsys) -> None:
         pytest.skip("this machine has CUDA")
     assert main(["demo", "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_attention_backend_is_named() -> None:
+    import torch
+
+    # named, never "auto": the engine's CUDA graphs would ask for flashinfer without it
+    assert attention_backend(torch.device("cpu")) == "torch"
 
 
 def test_model_path_resolution(tmp_path) -> None:

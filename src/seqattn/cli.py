@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,10 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 COMPILE_NOTE = (
     "  flashinfer compiles its kernels for this GPU on first use (cached afterwards): "
     "the first step can take a few minutes"
+)
+NO_FLASHINFER_NOTE = (
+    "  flashinfer is not installed, so attention runs in plain torch (pip install "
+    "flashinfer-python, or a wheel for your torch and CUDA from flashinfer's install page)"
 )
 PAGE_SIZE = 16
 DEMO_DESCRIPTION = (
@@ -194,6 +199,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("seqattn demo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `seqattn demo | head`: the reader left; stop quietly
+        # Python would report the pipe again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 # ------------------------------------------------------------------------------ demo
@@ -216,6 +225,8 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{describe_requests(args, tokenizer is not None)}")  # fmt: skip
     if backend == "flashinfer":
         print(COMPILE_NOTE, flush=True)  # the first step would otherwise look hung
+    elif args.device.type == "cuda":
+        print(NO_FLASHINFER_NOTE)
     params = sampling_params(args.max_new_tokens, stop_ids)
     outputs, seconds = serve(engine, prompts, params)
     report(engine, outputs, seconds)
@@ -280,7 +291,21 @@ def make_runner(model: Any, prompts: list[list[int]], max_new_tokens: int) -> An
     from .integrations.hf import PagedCausalLM
 
     per_request = -(-(max(len(p) for p in prompts) + max_new_tokens) // PAGE_SIZE)
-    return PagedCausalLM(model, num_pages=len(prompts) * per_request + 8, page_size=PAGE_SIZE)
+    return PagedCausalLM(
+        model, num_pages=len(prompts) * per_request + 8, page_size=PAGE_SIZE,
+        backend=attention_backend(model.device),
+    )  # fmt: skip
+
+
+def attention_backend(device: torch.device) -> str:
+    """flashinfer on CUDA where it imports, else torch.
+
+    Named rather than left to ``"auto"``: the engine's CUDA graphs need flashinfer and
+    would otherwise ask for it on a GPU without it."""
+    from ._flashinfer import flashinfer_or_none
+
+    usable = device.type == "cuda" and flashinfer_or_none() is not None
+    return "flashinfer" if usable else "torch"
 
 
 def describe_requests(args: argparse.Namespace, chat: bool) -> str:
@@ -328,7 +353,8 @@ def random_model(path: Optional[Path], seed: int, dtype: torch.dtype, device: to
         shell = _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
     check_fits(shell, device, source)
     torch.manual_seed(seed)
-    return _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
+    with device:  # built where it runs: the memory just checked, and no host copy first
+        return _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
 
 
 def check_fits(shell: Any, device: torch.device, source: str) -> None:
@@ -444,7 +470,7 @@ def load_pretrained(path: Path, dtype: torch.dtype) -> tuple[Any, Optional[Any]]
     directory, gguf_file = resolve_model_path(path)
     kwargs: dict[str, Any] = {}
     if gguf_file is not None:
-        check_gguf_packages()
+        check_gguf_packages(path)
         kwargs["gguf_file"] = gguf_file
     else:
         check_model_type(read_config(directory / "config.json").get("model_type"), str(path))
@@ -459,11 +485,11 @@ def load_pretrained(path: Path, dtype: torch.dtype) -> tuple[Any, Optional[Any]]
     return model, load_tokenizer(directory, gguf_file)
 
 
-def check_gguf_packages() -> None:
+def check_gguf_packages(path: Path) -> None:
     """transformers reads GGUF files only with ``gguf`` and ``accelerate`` installed."""
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
-        raise DemoError(f"loading a .gguf file needs {' and '.join(missing)}: "
+        raise DemoError(f"{path}: loading a .gguf file needs {' and '.join(missing)}: "
                         f"pip install {' '.join(missing)}")  # fmt: skip
 
 

@@ -185,9 +185,8 @@ def test_model_path_resolution(tmp_path) -> None:
 
 def test_sampling_params_stop_only_for_real_models() -> None:
     real, random = sampling_params(8, (2,)), sampling_params(8, ())
-    assert real.stop_token_ids == (2,) and random.stop_token_ids == ()
-    if hasattr(real, "ignore_eos"):
-        assert not real.ignore_eos and random.ignore_eos
+    assert real.stop_token_ids == (2,) and not real.ignore_eos
+    assert random.stop_token_ids == () and random.ignore_eos
 
 
 def test_token_agreement() -> None:

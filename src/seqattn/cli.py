@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -274,16 +273,13 @@ def eos_token_ids(model: Any) -> tuple[int, ...]:
 
 
 def sampling_params(max_new_tokens: int, stop_ids: tuple[int, ...]) -> Any:
-    """Greedy parameters: stop at ``stop_ids``; with none, generate exactly ``max_new_tokens``.
-
-    ``ignore_eos`` is passed only where this engine version has it, so the demo runs
-    before and after the engine learned to stop at the model's EOS by default."""
+    """Greedy parameters: stop at ``stop_ids`` (the model's EOS, which the engine also
+    reads itself); with none, ignore EOS and generate exactly ``max_new_tokens``."""
     from .engine import SamplingParams
 
-    extra: dict[str, Any] = {}
-    if "ignore_eos" in inspect.signature(SamplingParams).parameters:
-        extra["ignore_eos"] = not stop_ids
-    return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, **extra)
+    return SamplingParams(
+        max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, ignore_eos=not stop_ids
+    )
 
 
 def make_runner(model: Any, prompts: list[list[int]], max_new_tokens: int) -> Any:

@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 from attrs import define
 
-from ._checks import id_list, int_array, shown
+from ._checks import exact_bool, id_list, int_array, shown
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -93,12 +93,8 @@ class CacheDescriptor:
             raise ArgumentTypeError(
                 f"cache_manager must be a PagedKVCacheManager, got {shown(cache_manager)}"
             )
-        for name, flag in (
-            ("check_invariants", check_invariants),
-            ("prefix_caching", prefix_caching),
-        ):
-            if not isinstance(flag, bool):
-                raise ArgumentTypeError(f"{name} must be a bool, got {shown(flag)}")
+        check_invariants = bool(exact_bool(check_invariants, "check_invariants"))
+        prefix_caching = bool(exact_bool(prefix_caching, "prefix_caching"))
         if not callable(prefix_hash_fn):
             raise ArgumentTypeError(f"prefix_hash_fn must be callable, got {shown(prefix_hash_fn)}")
         self.cache_manager = cache_manager

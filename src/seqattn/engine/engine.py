@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from attrs import define
 
-from .._checks import INT64_MAX, INT64_MIN, exact_int, int_array, is_int, shown
+from .._checks import INT64_MAX, INT64_MIN, exact_bool, exact_int, int_array, is_int, shown
 from .._transfer import upload
 from ..errors import ArgumentTypeError, InvalidArgumentError, InvalidLengthError, NoPageError
 from ..integrations.hf import PagedCausalLM
@@ -136,8 +136,7 @@ class Engine:
         max_batch_size = exact_int(max_batch_size, "max_batch_size", low=1, high=INT64_MAX)
         max_step_tokens = exact_int(max_step_tokens, "max_step_tokens", low=1, high=INT64_MAX)
         seed = exact_int(seed, "seed", low=INT64_MIN, high=2**64 - 1)  # torch's range
-        if not isinstance(cuda_graphs, (bool, np.bool_)):
-            raise ArgumentTypeError(f"cuda_graphs must be a bool, got {shown(cuda_graphs)}")
+        cuda_graphs = exact_bool(cuda_graphs, "cuda_graphs")
         self.eos_token_ids = eos_token_ids(runner.model)
         self.runner = runner
         self.descriptor = runner.descriptor

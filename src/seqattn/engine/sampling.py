@@ -8,9 +8,8 @@ import numpy as np
 import torch
 from attrs import define, field
 
-from .._checks import INT64_MAX, exact_int, int_array, real_number, shown
+from .._checks import INT64_MAX, exact_bool, exact_int, int_array, real_number
 from .._transfer import upload
-from ..errors import ArgumentTypeError
 
 
 def _max_new_tokens(value: object) -> int:
@@ -38,9 +37,7 @@ def _stop_token_ids(value: object) -> tuple[int, ...]:
 
 
 def _ignore_eos(value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ArgumentTypeError(f"ignore_eos must be a bool, got {shown(value)}")
-    return bool(value)
+    return bool(exact_bool(value, "ignore_eos"))
 
 
 @define(frozen=True)

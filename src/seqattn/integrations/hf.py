@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .._arrays import concat_ranges
-from .._checks import INT64_MAX, exact_int, id_list, int_array, shown
+from .._checks import INT64_MAX, exact_bool, exact_int, id_list, int_array, shown
 from .._transfer import upload
 from ..attention import CUDAGraphDecodeAttention, PagedAttention
 from ..attention.paged_attention import BACKENDS
@@ -233,8 +233,7 @@ class PagedCausalLM:
         check_model(model)
         num_pages = exact_int(num_pages, "num_pages", low=1, high=INT64_MAX)
         page_size = exact_int(page_size, "page_size", low=1, high=INT64_MAX)
-        if not isinstance(prefix_caching, (bool, np.bool_)):
-            raise ArgumentTypeError(f"prefix_caching must be a bool, got {shown(prefix_caching)}")
+        prefix_caching = bool(exact_bool(prefix_caching, "prefix_caching"))
         check_backend(backend)
         config = model.config
         param = next(model.parameters())
@@ -251,7 +250,7 @@ class PagedCausalLM:
         self.config = config
         # the ids the embedding takes: what every token passed in is checked against
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
-        self.descriptor = CacheDescriptor(self.cache, prefix_caching=bool(prefix_caching))
+        self.descriptor = CacheDescriptor(self.cache, prefix_caching=prefix_caching)
         self.backend = backend
         self._attention: dict[tuple[int, Optional[float]], PagedAttention] = {}
         self._graph_decode: Optional[CUDAGraphDecodeAttention] = None

@@ -97,3 +97,18 @@ def test_enabling_graphs_again_never_replays_graphs_of_old_buffers():
     assert runner._graph_decode is None and runner.graph_batch_limit() == 0
     runner.descriptor.release([0])
     assert runner.cache.available_pages_count == free  # every scratch page given back
+
+
+def test_without_flashinfer_the_engine_decodes_eagerly_on_torch(monkeypatch):
+    """backend="auto" on a CUDA machine where flashinfer does not import: attention runs
+    on torch and graphs stay off (the engine once asked for flashinfer's graphs there)."""
+    import seqattn.attention.paged_attention as paged
+    import seqattn.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "flashinfer_or_none", lambda: None)
+    monkeypatch.setattr(paged, "flashinfer_or_none", lambda: None)
+    runner = PagedCausalLM(tiny_llama(), num_pages=64, page_size=16)
+    engine = Engine(runner, max_batch_size=4)
+    assert not engine.cuda_graphs and runner.attention_for(-1, None).backend == "torch"
+    outputs = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=4))
+    assert [len(o) for o in outputs] == [4, 4]

@@ -21,6 +21,7 @@ import torch
 
 from .._arrays import concat_ranges
 from .._checks import INT64_MAX, exact_bool, exact_int, id_list, int_array, shown
+from .._flashinfer import flashinfer_or_none
 from .._transfer import upload
 from ..attention import CUDAGraphDecodeAttention, PagedAttention
 from ..attention.paged_attention import BACKENDS
@@ -446,9 +447,11 @@ class PagedCausalLM:
         """Replay decode steps from CUDA graphs (one per batch-size bucket, captured on
         first use). Needs flashinfer and one attention variant for all layers (one
         window); returns whether graphs are on. Calling it again with the same buckets
-        keeps the graphs captured so far; other buckets replace them."""
+        keeps the graphs captured so far; other buckets replace them. Without flashinfer
+        (``backend="auto"`` on a CUDA machine where it does not import) graphs stay off."""
         variants = attention_variants(self.model)
-        if self.device.type != "cuda" or self.backend == "torch" or len(variants) != 1:
+        usable = self.device.type == "cuda" and self.backend != "torch"
+        if not usable or len(variants) != 1 or flashinfer_or_none() is None:
             self.disable_cuda_graphs()
             return False
         current = self._graph_decode

@@ -20,6 +20,7 @@ from tests.conftest import (
     HOSTILE_ID_LISTS,
     HOSTILE_INTEGERS,
     assert_raises_unchanged,
+    examples,
     machine_settings,
     read_back,
     refused_kind,
@@ -30,6 +31,7 @@ NUM_PAGES = 12
 IDS = st.integers(0, 5)
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=9)
 EXAMPLES = 600
+OPERATIONS = {"count": 0}
 
 
 def foreign_pin() -> object:
@@ -255,6 +257,7 @@ class PrefixMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ invariants
     @invariant()
     def consistent(self) -> None:
+        OPERATIONS["count"] += 1
         self.desc.check_integrity()
         holders = np.zeros(NUM_PAGES, dtype=np.int64)
         for seq in self.tokens:
@@ -276,3 +279,9 @@ class PrefixMachine(RuleBasedStateMachine):
 
 PrefixMachine.TestCase.settings = machine_settings(EXAMPLES, steps=40)
 TestPrefixMachine = PrefixMachine.TestCase
+
+
+def test_the_machine_ran_its_operations() -> None:
+    """Runs after the machine (file order): it did check as many operations as planned."""
+    print(f"\nprefix state machine: {OPERATIONS['count']} operations checked")
+    assert OPERATIONS["count"] >= examples(EXAMPLES) * 20

@@ -16,16 +16,17 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from attrs import define
 
-from .._checks import INT64_MAX, INT64_MIN, exact_bool, exact_int, int_array, is_int, shown
+from .._checks import INT64_MAX, INT64_MIN, exact_bool, exact_int, shown
 from .._transfer import upload
-from ..errors import ArgumentTypeError, InvalidArgumentError, InvalidLengthError, NoPageError
+from ..errors import ArgumentTypeError, NoPageError
 from ..integrations.hf import PagedCausalLM
+from .intake import check_params, checked_prompt, eos_token_ids
 from .request import Request, Status
 from .sampling import SamplingParams, sample
 
@@ -207,33 +208,7 @@ class Engine:
 
     def _checked(self, prompt: object, params: SamplingParams, what: str) -> list[int]:
         """The prompt's token ids, once the prompt and params pass every check."""
-        check_params(params)
-        tokens = int_array(prompt, what)
-        if tokens.size == 0:
-            raise InvalidLengthError(f"{what} needs at least one token, got {shown(prompt)}")
-        vocab = self.runner.vocab_size
-        if tokens.min() < 0 or tokens.max() >= vocab:
-            bad = tokens[(tokens < 0) | (tokens >= vocab)][:8].tolist()
-            raise InvalidArgumentError(
-                f"{what}: token ids must lie in [0, {vocab}) (the model's vocabulary), got {bad}"
-            )
-        self._check_fits(tokens.size, params.max_new_tokens, what)
-        return tokens.tolist()
-
-    def _check_fits(self, prompt_len: int, max_new_tokens: int, what: str) -> None:
-        """Refuse a request that needs more pages than the engine can ever give it."""
-        # the last sampled token is never fed back: the sequence holds one token less
-        held = prompt_len + max_new_tokens - 1
-        cache = self.runner.cache
-        need = -(-held // cache.page_size)
-        usable = cache.num_pages - self.runner.reserved_pages
-        if need > usable:
-            raise InvalidArgumentError(
-                f"{what} of {prompt_len} tokens with max_new_tokens={max_new_tokens} needs "
-                f"{need} pages of {cache.page_size} tokens, but the pool has {usable} for "
-                f"requests ({cache.num_pages} pages, {self.runner.reserved_pages} kept by "
-                f"the runner); give the engine more pages or ask for fewer tokens"
-            )
+        return checked_prompt(prompt, params, self.runner, what)
 
     def _queue(self, tokens: list[int], params: SamplingParams) -> int:
         request = Request(self._next_id, tokens, params, self.eos_token_ids)
@@ -477,25 +452,3 @@ class Engine:
             self.descriptor.release([r.id for r in finished])
             done = {r.id for r in finished}
             self.running = [r for r in self.running if r.id not in done]
-
-
-def check_params(params: object) -> None:
-    """Raise ArgumentTypeError unless ``params`` is a :class:`SamplingParams` (whose
-    settings were checked when it was made)."""
-    if not isinstance(params, SamplingParams):
-        raise ArgumentTypeError(f"params must be a SamplingParams, got {shown(params)}")
-
-
-def eos_token_ids(model: Any) -> tuple[int, ...]:
-    """The model's end-of-sequence ids: ``generation_config.eos_token_id``, an int, a
-    list of ints or None (no end-of-sequence token).
-
-    Raises:
-        ArgumentTypeError: an id that is not an integer.
-    """
-    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if value is None:
-        return ()
-    if is_int(value):
-        return (int(value),)  # type: ignore[call-overload]
-    return tuple(int_array(value, "generation_config.eos_token_id").tolist())

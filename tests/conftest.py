@@ -110,6 +110,20 @@ def machine_settings(count: int, steps: int) -> settings:
     )
 
 
+def assert_refused_unchanged(snapshot, call) -> None:
+    """``call()`` raises a SeqAttnError that is also a builtin (whichever), and changes
+    nothing ``snapshot()`` sees (as :func:`assert_raises_unchanged`)."""
+    before = snapshot()
+    try:
+        call()
+    except Exception as error:  # which one is checked just below
+        refused_kind(error)
+    else:
+        raise AssertionError("a hostile call was accepted")
+    after = snapshot()
+    assert before[:-1] == after[:-1] and torch.equal(before[-1], after[-1])
+
+
 def assert_raises_unchanged(snapshot, error: type[Exception], call) -> None:
     """``call()`` raises ``error`` (a SeqAttnError) and changes nothing ``snapshot()``
     sees: a tuple whose last item is a tensor (the KV storage), compared exactly, the

@@ -306,9 +306,9 @@ class HeadwiseKVCache:
         ids = id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = self._append_lens(append_lens, len(ids), k)
-        self._check_lengths((layer,), ids, slots, lens)
         self._check_kv(k, v, int(lens.sum()))
         self.check_written(layer)
+        self._check_lengths((layer,), ids, slots, lens)  # arguments first, then the pool
         row_ids = self._builder.row_ids((layer,), ids)
         version = self._clock + 1
         _, (batch,) = self._builder.open((layer,), tuple(ids), row_ids, lens, version, self)

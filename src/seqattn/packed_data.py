@@ -29,10 +29,26 @@ def as_device(device: Device) -> torch.device:
         ArgumentTypeError: not a device, str or int. InvalidArgumentError: a device
         string torch does not know, or a CUDA device where CUDA is not available.
     """
+    try:
+        known = _DEVICES.get((type(device), device))  # packing asks every step
+    except TypeError:  # unhashable: certainly no device
+        known = None
+    if known is None:
+        known = _checked_device(device)
+        _DEVICES[type(device), device] = known
+    if known.type == "cuda" and known.index is None:  # the current one, as torch resolves it
+        return torch.device("cuda", torch.cuda.current_device())
+    return known
+
+
+_DEVICES: dict[tuple[type, object], torch.device] = {}
+
+
+def _checked_device(device: object) -> torch.device:
     if isinstance(device, torch.device):
         dev = device
     elif is_int(device):
-        dev = _parsed(lambda: torch.device("cuda", int(device)), device)  # type: ignore[arg-type]
+        dev = _parsed(lambda: torch.device("cuda", int(device)), device)  # type: ignore[call-overload]
     elif isinstance(device, str):
         dev = _parsed(lambda: torch.device(device), device)
     else:
@@ -43,9 +59,7 @@ def as_device(device: Device) -> torch.device:
         if not torch.cuda.is_available():
             raise InvalidArgumentError(f"device {device!r} is CUDA, but CUDA is not available")
         count = torch.cuda.device_count()
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        elif not 0 <= dev.index < count:
+        if dev.index is not None and not 0 <= dev.index < count:
             raise InvalidArgumentError(f"device {device!r}: this machine has {count} CUDA devices")
     return dev
 

@@ -185,20 +185,23 @@ class PagedAttention:
         if self.batch is None:
             raise SeqAttnError("call plan() before run()")
         cache = self.cache
-        self.batch.packed.check_current(cache.allocator, cache.num_pages, "run")
+        stamp = self.batch.packed.stamp  # current unless the table changed since (one compare)
+        if stamp is None or stamp.checked_at != stamp.table.clock:
+            self.batch.packed.check_current(cache.allocator, cache.num_pages, "run")
         if type(layer) is not int or not 0 <= layer < cache.num_layers:
             cache.checked_layer(layer)
-        device = cache.device
-        for name, t in (("q", q), ("out", out)):
-            if t is None and name == "out":
-                continue
-            try:  # the common case in a few attribute reads: this runs per layer per step
-                fits = t.shape == self._q_shape and t.dtype == self._q_dtype and t.device == device
-            except AttributeError:
-                fits = False
-            if not fits:
-                self._explain(name, t)
-        exact_bool(return_lse, "return_lse")
+        try:  # the common case in a few attribute reads: this runs per layer per step
+            shape, dtype, device = self._q_shape, self._q_dtype, cache.device
+            fits = q.shape == shape and q.dtype == dtype and q.device == device
+            if out is not None:
+                fits = fits and out.shape == shape and out.dtype == dtype and out.device == device
+        except AttributeError:
+            fits = False
+        if not fits:
+            self._explain("q", q)
+            self._explain("out", out)
+        if type(return_lse) is not bool:
+            exact_bool(return_lse, "return_lse")
         if self.cascade is None:
             result, lse = self.impl.run(q, layer, return_lse, out)
         else:
@@ -277,7 +280,11 @@ class PagedAttention:
                 self._shared_impl = TorchAttentionBackend(self.cache, self.num_qo_heads)
         return self._shared_impl
 
-    def _explain(self, name: str, t: torch.Tensor) -> None:
+    def _explain(self, name: str, t: Optional[torch.Tensor]) -> None:
+        """Raise saying how ``t`` differs from what was planned (nothing for a fitting
+        tensor, or no ``out``)."""
+        if t is None and name == "out":
+            return
         if not isinstance(t, torch.Tensor):
             raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {shown(t)}")
         if t.shape != self._q_shape:

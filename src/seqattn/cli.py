@@ -265,11 +265,11 @@ def encode_question(tokenizer: Any, question: str) -> list[int]:
 
 
 def eos_token_ids(model: Any) -> tuple[int, ...]:
-    """The end-of-sequence ids HF ``generate`` stops at (its generation config's)."""
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    """The end-of-sequence ids HF ``generate`` stops at (its generation config's), as
+    the engine reads them."""
+    from .engine.intake import eos_token_ids as engine_eos  # imports torch models: lazily
+
+    return engine_eos(model)
 
 
 def sampling_params(max_new_tokens: int, stop_ids: tuple[int, ...]) -> Any:

@@ -144,7 +144,7 @@ BAD_FORWARDS = [
     ([0], [[]], InvalidLengthError, ValueError, r"rows \[0\] are empty"),
     ([], [], InvalidLengthError, ValueError, "at least one sequence"),
     ([9], [[1]], UnknownSequenceError, KeyError, "9"),
-    ([0, 0], [[1], [2]], DuplicateSequenceError, ValueError, r"\[0\] more than once"),
+    ([0, 0], [[1], [2]], DuplicateSequenceError, ValueError, r"repeated: \[0\]"),
     ([1], [[1, 2, 3, 4]], InvalidLengthError, ValueError, "holds 3 tokens.*4 new"),
     ([2], [[1]], InvalidLengthError, ValueError, "sequence 2 holds 0 tokens"),
     ("0", [[1]], ArgumentTypeError, TypeError, "'0'"),
@@ -175,7 +175,7 @@ BAD_DECODES = [
     ([0], meta(torch.int64, 2), TensorSpecError, ValueError, r"shape \[1\].*shape \[2\]"),
     ([2], [1], InvalidLengthError, ValueError, "sequence 2 holds 0 tokens"),
     ([9], [1], UnknownSequenceError, KeyError, "9"),
-    ([0, 0], [1, 2], DuplicateSequenceError, ValueError, "more than once"),
+    ([0, 0], [1, 2], DuplicateSequenceError, ValueError, "repeated: \\[0\\]"),
     ([], [], InvalidLengthError, ValueError, "at least one sequence"),
 ]
 

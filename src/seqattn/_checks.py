@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import ArgumentTypeError, InvalidArgumentError, SeqAttnError
+from .errors import ArgumentTypeError, IndexOutOfRangeError, InvalidArgumentError, SeqAttnError
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -81,6 +81,15 @@ def one_of(value: object, what: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise InvalidArgumentError(f"{what} must be one of {choices}, got {value!r}")
     return value
+
+
+def checked_index(value: object, what: str, size: int) -> int:
+    """``value`` as an index in ``[0, size)``: ArgumentTypeError for a non-integer (a
+    bool is no index), IndexOutOfRangeError outside the range. A plain in-range int, the
+    common case, costs one type test and one compare."""
+    if type(value) is int and 0 <= value < size:
+        return value
+    return exact_int(value, what, low=0, high=size - 1, error=IndexOutOfRangeError)
 
 
 def real_number(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._checks import INT64_MAX, INT64_MIN, exact_int
-from .errors import IndexOutOfRangeError, InvalidArgumentError
+from ._checks import INT64_MAX, INT64_MIN, checked_index, exact_int
+from .errors import InvalidArgumentError
 
 
 class HeadIDGenerator:
@@ -35,13 +35,11 @@ class HeadIDGenerator:
             ArgumentTypeError: not integers. IndexOutOfRangeError: ``head_idx`` outside
             ``[0, num_kv_heads)``. InvalidArgumentError: head ids of ``seq_id`` overflow int64.
         """
-        base = self._base(seq_id)
-        last = self.num_kv_heads - 1
-        return base + exact_int(head_idx, "head_idx", low=0, high=last, error=IndexOutOfRangeError)
+        return self.first_id(seq_id) + checked_index(head_idx, "head_idx", self.num_kv_heads)
 
     def get_head_ids(self, seq_id: int) -> list[int]:
         """Ids of all heads of ``seq_id``, in head order."""
-        base = self._base(seq_id)
+        base = self.first_id(seq_id)
         return list(range(base, base + self.num_kv_heads))
 
     def split_head_id(self, head_id: int) -> tuple[int, int]:
@@ -50,7 +48,9 @@ class HeadIDGenerator:
                                   self.num_kv_heads)  # fmt: skip
         return seq_id, head_idx
 
-    def _base(self, seq_id: object) -> int:
+    def first_id(self, seq_id: object) -> int:
+        """The id of head 0 of ``seq_id``, after checking that every head id of it fits
+        in int64 (ArgumentTypeError, InvalidArgumentError)."""
         low, high = self._low, self._high
         what = f"seq_id (its {self.num_kv_heads} head ids must fit in int64)"
         return exact_int(seq_id, what, low=low, high=high, error=InvalidArgumentError) * (

@@ -7,12 +7,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._checks import exact_int, int_array, real_number, shown
+from ._checks import checked_index, exact_int, int_array, real_number, shown
 from ._flashinfer import flashinfer_or_none
 from .allocator import PageAllocator, PageIds, checked_page_ids
 from .errors import (
     ArgumentTypeError,
-    IndexOutOfRangeError,
     InvalidArgumentError,
     InvalidLengthError,
     TensorSpecError,
@@ -182,9 +181,7 @@ class PagedKVCacheManager:
 
     def checked_layer(self, layer: object) -> int:
         """``layer`` as an int in ``[0, num_layers)``."""
-        return exact_int(
-            layer, "layer", low=0, high=self.num_layers - 1, error=IndexOutOfRangeError
-        )
+        return checked_index(layer, "layer", self.num_layers)
 
     def get_memory_tensors(self, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(key_cache, value_cache)`` of one layer, views shaped

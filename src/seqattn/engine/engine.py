@@ -182,7 +182,7 @@ class Engine:
                 ``NoPageError`` says "not now, free pages and retry", and no retry
                 could ever serve this request.
         """
-        tokens = self._checked(prompt, params, "prompt")
+        tokens = checked_prompt(prompt, params, self.runner, "prompt")
         return self._queue(tokens, params)
 
     @property
@@ -200,15 +200,13 @@ class Engine:
         check_params(params)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
             raise ArgumentTypeError(f"prompts must be a list of prompts, got {shown(prompts)}")
-        checked = [self._checked(p, params, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        checked = [
+            checked_prompt(p, params, self.runner, f"prompts[{i}]") for i, p in enumerate(prompts)
+        ]
         ids = [self._queue(tokens, params) for tokens in checked]
         while self.has_work:
             self.step()
         return [self.requests[i].output for i in ids]
-
-    def _checked(self, prompt: object, params: SamplingParams, what: str) -> list[int]:
-        """The prompt's token ids, once the prompt and params pass every check."""
-        return checked_prompt(prompt, params, self.runner, what)
 
     def _queue(self, tokens: list[int], params: SamplingParams) -> int:
         request = Request(self._next_id, tokens, params, self.eos_token_ids)

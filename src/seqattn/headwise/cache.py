@@ -23,11 +23,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._checks import INT64_MAX, exact_bool, exact_int, id_list, int_array, shown
+from .._checks import checked_index, exact_bool, exact_int, id_list, int_array, shown
 from ..descriptor import CacheDescriptor
 from ..errors import (
     ArgumentTypeError,
-    IndexOutOfRangeError,
     InvalidLengthError,
     NoPageError,
     SeqAttnError,
@@ -154,10 +153,8 @@ class HeadwiseKVCache:
             SequenceExistsError: an id is already live. DuplicateSequenceError: an id twice.
         """
         ids = id_list(seq_ids)
-        # every (layer, head) of a sequence is a page-table row with an int64 id
-        limit = INT64_MAX // (self.num_layers * self.num_kv_heads) - 1
-        for seq_id in ids:
-            exact_int(seq_id, "a head-wise sequence id", low=-limit, high=limit)
+        for seq_id in ids:  # its rows (one per layer and head) have int64 page-table ids
+            self._row_ids.first_id(seq_id)
         self.positions.add(ids)  # checks every id before adding any
         rows = self._all_rows(ids)
         self.descriptor.allocate(rows, [0] * len(rows))  # pages come with tokens
@@ -302,7 +299,7 @@ class HeadwiseKVCache:
             NoPageError: the pool lacks pages. UnknownSequenceError, DuplicateSequenceError,
             InvalidLengthError, TensorSpecError: bad ids, lengths or tensors. Nothing changed.
         """
-        layer = self._check_layer(layer)
+        layer = self.checked_layer(layer)
         ids = id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = self._append_lens(append_lens, len(ids), k)
@@ -333,7 +330,7 @@ class HeadwiseKVCache:
                 counts tokens, would be wrong. UnknownSequenceError,
                 DuplicateSequenceError. SeqAttnError: the layer is not written yet.
         """
-        layer = self._check_layer(layer)
+        layer = self.checked_layer(layer)
         ids = id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = None if query_lens is None else self._append_lens(query_lens, len(ids), None)
@@ -377,7 +374,7 @@ class HeadwiseKVCache:
                 or repeated (or positions not held). UnknownSequenceError.
             SeqAttnError: the layer's step tokens are not written yet. Nothing changed.
         """
-        layer = self._check_layer(layer)
+        layer = self.checked_layer(layer)
         slot = self.positions.slot(seq_id)
         exact_bool(by_position, "by_position")
         row_ids = self._head_rows(layer, seq_id)
@@ -436,18 +433,18 @@ class HeadwiseKVCache:
         lengths = self.positions.lengths(self.positions.slot(seq_id))
         if layer is None:
             return int(lengths.max())
-        self._check_layer(layer)
+        self.checked_layer(layer)
         return int(lengths[layer])
 
     def head_lens(self, layer: int, seq_id: int) -> np.ndarray:
         """Tokens each KV head of the sequence holds in ``layer``, ``[num_kv_heads]`` int64."""
-        self._check_layer(layer)
+        self.checked_layer(layer)
         self.positions.slot(seq_id)
         return self.descriptor.seq_lens(self._head_rows(layer, seq_id)).astype(np.int64)
 
     def head_positions(self, layer: int, seq_id: int, head: int) -> np.ndarray:
         """True positions of the tokens one head holds, increasing, ``[held]`` int64."""
-        self._check_layer(layer)
+        self.checked_layer(layer)
         self._check_head(head)
         return self.positions.positions(layer, self.positions.slot(seq_id), head)
 
@@ -461,7 +458,7 @@ class HeadwiseKVCache:
 
     def head_page_ids(self, layer: int, seq_id: int, head: int) -> np.ndarray:
         """The pages one head's tokens lie in, in token order, ``[pages]`` int32."""
-        self._check_layer(layer)
+        self.checked_layer(layer)
         self._check_head(head)
         self.positions.slot(seq_id)
         pages = self.descriptor.page_indices(self._head_rows(layer, seq_id)[head])
@@ -542,17 +539,10 @@ class HeadwiseKVCache:
     def checked_layer(self, layer: object) -> int:
         """``layer`` as an int in ``[0, num_layers)`` (ArgumentTypeError for a bool, float
         or str; IndexOutOfRangeError outside the range)."""
-        return self._check_layer(layer)
-
-    def _check_layer(self, layer: object) -> int:
-        if type(layer) is int and 0 <= layer < self.num_layers:  # the common case, fast
-            return layer
-        last = self.num_layers - 1
-        return exact_int(layer, "layer", low=0, high=last, error=IndexOutOfRangeError)
+        return checked_index(layer, "layer", self.num_layers)
 
     def _check_head(self, head: object) -> int:
-        last = self.num_kv_heads - 1
-        return exact_int(head, "head", low=0, high=last, error=IndexOutOfRangeError)
+        return checked_index(head, "head", self.num_kv_heads)
 
     def _check_lengths(
         self, layers: Sequence[int], ids: list[int], slots: np.ndarray, lens: np.ndarray
@@ -589,7 +579,7 @@ class HeadwiseKVCache:
             raise ArgumentTypeError(f"step must be a HeadwiseStep, got {shown(step)}")
         if step.batches[0].owner is not self:
             raise SeqAttnError("this step was begun on another HeadwiseKVCache")
-        self._check_layer(layer)
+        self.checked_layer(layer)
         batch = step.batches[layer]
         if batch.version != self._versions[layer]:
             raise SeqAttnError(

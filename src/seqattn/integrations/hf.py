@@ -28,13 +28,13 @@ from ..attention.paged_attention import BACKENDS
 from ..descriptor import CacheDescriptor
 from ..errors import (
     ArgumentTypeError,
-    DuplicateSequenceError,
     InvalidArgumentError,
     InvalidLengthError,
     SeqAttnError,
     TensorSpecError,
 )
 from ..packed_data import FlashInferPackedData
+from ..page_table import check_distinct
 from ..storage import PagedKVCacheManager
 
 ATTENTION_NAME = "seqattn"
@@ -387,9 +387,7 @@ class PagedCausalLM:
         ids = id_list(seq_ids, "seq_ids")
         if not ids:
             raise InvalidLengthError("a forward needs at least one sequence, got none")
-        if len(set(ids)) != len(ids):
-            twice = sorted({i for i in ids if ids.count(i) > 1})[:8]
-            raise DuplicateSequenceError(f"seq_ids lists sequences {twice} more than once")
+        check_distinct(ids)
         return ids
 
     def _token_row(self, tokens: object, what: str) -> np.ndarray:

@@ -18,7 +18,7 @@ from .errors import (
 )
 from .packed_data import Device, FlashInferPackedData, as_device
 from .packing import BatchPacker
-from .page_table import MAX_LENGTH, SeqIds, SequencePageTable, check_distinct
+from .page_table import MAX_LENGTH, SeqIds, SequencePageTable, check_distinct, pages_for
 from .prefix_cache import (
     CachedPage,
     HashFn,
@@ -213,6 +213,16 @@ class CacheDescriptor:
         cached = self._tracker.start(seq_id, token_ids, salt)
         self._after_change()
         return cached
+
+    def pages_to_start(self, token_ids: SeqIds, *, salt: Salt = None) -> int:
+        """Free pages that :meth:`start_sequence` of ``token_ids`` followed by allocating
+        the rest of it would take now, counting the prefix-cache hit (changes nothing):
+        what a scheduler checks before admitting a request."""
+        if self._tracker is None:
+            tokens = token_list(token_ids)
+            as_salt(salt)
+            return int(pages_for(len(tokens), self.table.page_size))
+        return self._tracker.pages_to_start(token_ids, salt)
 
     def commit(self, seq_ids: SeqIds) -> None:
         """Publish the full pages of these sequences in the prefix cache.

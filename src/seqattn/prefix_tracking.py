@@ -80,6 +80,19 @@ class PrefixTracker:
         self._set(slot, track)
         return pages.size * ps
 
+    def pages_to_start(self, token_ids: object, salt: Salt) -> int:
+        """Pool pages that starting ``token_ids`` and allocating all of it would take
+        now: its pages less the cached ones it would share, where a cached page that no
+        one else holds counts too (sharing it takes it off the evictable list).
+        Changes nothing, not even the lookup counters."""
+        tokens = np.array(token_list(token_ids), dtype=np.int64)
+        ps = self.table.page_size
+        limit = max(tokens.size - 1, 0) // ps
+        chain = self.cache.match(tokens, salt, limit, record=False)
+        hits = np.array([entry.page for entry in chain], dtype=np.int64)
+        sole = int((self.table.allocator.refcount[hits] == 1).sum()) if hits.size else 0
+        return -(-tokens.size // ps) - hits.size + sole
+
     def record_decode(self, slots: np.ndarray, tokens: list[int]) -> None:
         """Note the token each of ``slots`` just grew by (after ``grow_by_one``)."""
         tracks = self._tracks

@@ -1,5 +1,6 @@
 import math
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -275,11 +276,21 @@ def test_append_metadata_positions_follow_existing_tokens(desc):
     assert packed.append_positions.tolist() == [6, 7, 8, 0, 1]
 
 
-def test_to_device_keeps_every_field(desc):
-    desc.allocate([1], [5])
-    packed = desc.pack_for_flashinfer([1], append_lens=[5]).to_device("cpu")
-    assert packed.append_positions.tolist() == [0, 1, 2, 3, 4]
-    assert packed.batch_size == 1
+def test_the_step_carries_every_device_tensor_and_is_immutable(desc):
+    desc.allocate([1, 2], [5, 2])
+    desc.allocate([1, 2], [2, 1])
+    tokens = np.array([7, 8, 9])
+    step = desc.pack_for_flashinfer([1, 2], append_lens=[2, 1], inputs=[tokens])
+    assert step.append_positions.tolist() == [5, 6, 2]
+    assert step.last_rows.tolist() == [1, 2]  # each sequence's last new token
+    assert step.device_indptr.tolist() == step.kv_page_indptr.tolist()
+    assert step.device_last_page_len.tolist() == step.kv_last_page_len.tolist()
+    assert [t.tolist() for t in step.inputs] == [[7, 8, 9]]
+    assert step.inputs[0].dtype == torch.int32
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        step.kv_page_indices = torch.zeros(0)  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        desc.pack_for_flashinfer([1], inputs=[[2**31]])
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Optional
 
 import numpy as np
@@ -166,6 +166,7 @@ class CacheDescriptor:
         *,
         device: Optional[Device] = None,
         shared_prefix: bool = False,
+        inputs: Sequence[object] = (),
     ) -> FlashInferPackedData:
         """The batch's page table in flashinfer's CSR form.
 
@@ -180,11 +181,18 @@ class CacheDescriptor:
                 indptr and lengths in pinned host memory, where ``plan()`` reads them.
             shared_prefix: also find rows that start with the same pages (prefix-cache
                 hits, forks) for cascade attention (``packed.shared_prefix``).
+            inputs: 1-D integer arrays (int32 range) the step also needs on the device,
+                e.g. a model's token ids: they go up in the step's one copy
+                (``packed.inputs``, int32 tensors).
         """
         target = None if device is None else as_device(device)
         if not isinstance(shared_prefix, bool):
             raise ArgumentTypeError(f"shared_prefix must be a bool, got {shown(shared_prefix)}")
-        return self._packer.pack(self.table.slots(seq_ids), append_lens, target, shared_prefix)
+        arrays = [int_array(a, f"inputs[{i}]", low=-(2**31), high=2**31 - 1)
+                  for i, a in enumerate(inputs)]  # fmt: skip
+        return self._packer.pack(
+            self.table.slots(seq_ids), append_lens, target, shared_prefix, arrays
+        )
 
     # ---------------------------------------------------------------- prefix caching
     def start_sequence(self, seq_id: int, token_ids: SeqIds, *, salt: Salt = None) -> int:

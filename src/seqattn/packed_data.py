@@ -128,36 +128,44 @@ class BatchStamp:
         )
 
 
-@define(slots=True)
+@define(slots=True, frozen=True)
 class FlashInferPackedData:
-    """The page table of a batch in flashinfer's CSR form, plus optional append metadata.
+    """One step's batch, described once: the page table in flashinfer's CSR form, what
+    the step appends, and everything the step sends to the device.
 
     Sequence ``b`` of the batch holds pages
     ``kv_page_indices[kv_page_indptr[b] : kv_page_indptr[b + 1]]`` in token order,
     and ``kv_last_page_len[b]`` tokens of its last page are filled (0 for an empty
     sequence), so its length is ``(num_pages - 1) * page_size + kv_last_page_len[b]``.
 
+    ``CacheDescriptor.pack_for_flashinfer`` builds it once per step (all device tensors
+    in one host-to-device copy); storage, attention and model runners read it and never
+    derive its facts again. It is immutable, and stamped: a call handed a batch whose
+    own sequences changed since packing (or packed over another cache) refuses it.
+
     Attributes:
-        kv_page_indices: ``shape: [total_pages], dtype: torch.int32``.
-        kv_page_indptr: ``shape: [batch_size + 1], dtype: torch.int32``.
-        kv_last_page_len: ``shape: [batch_size], dtype: torch.int32``.
-        kv_seq_lens: tokens per sequence (after the step's append), on the host,
-            ``shape: [batch_size], dtype: torch.int32``; None if built by hand.
+        kv_page_indices: ``shape: [total_pages], dtype: torch.int32``, on the device.
+        kv_page_indptr: ``shape: [batch_size + 1], dtype: torch.int32``, host (pinned
+            for a CUDA batch: ``plan()`` reads it there without a sync).
+        kv_last_page_len: ``shape: [batch_size], dtype: torch.int32``, host.
+        kv_seq_lens: tokens per sequence after the step's append,
+            ``shape: [batch_size], dtype: torch.int32``, host; None if built by hand.
         append_indptr: where each sequence's new tokens start in a packed
             ``[nnz, num_heads, head_dim]`` K/V tensor, ``shape: [batch_size + 1],
-            dtype: torch.int32``; None when the batch was packed without append lengths.
-        append_batch_indices: batch row of each new token, ``shape: [nnz], dtype: torch.int32``.
-        append_positions: position of each new token in its sequence,
-            ``shape: [nnz], dtype: torch.int32``.
+            dtype: torch.int32``, host; None when packed without append lengths.
+        append_batch_indices: batch row of each new token, ``shape: [nnz],
+            dtype: torch.int32``, on the device.
+        append_positions: position of each new token in its sequence, ``shape: [nnz],
+            dtype: torch.int32``, on the device (also the model's position ids).
+        device_indptr, device_last_page_len: ``kv_page_indptr`` and ``kv_last_page_len``
+            on the device, where the append kernel reads them (the same tensors on a CPU).
+        last_rows: the new-token row of each sequence's last new token (whose logits a
+            model keeps), ``shape: [batch_size], dtype: torch.int32``, on the device.
+        inputs: the caller's arrays that went up with the step (e.g. token ids), int32
+            device tensors in the order given.
         shared_prefix: rows that start with the same pages (host), when packed with
             ``shared_prefix=True``; attention can then read those pages once per group.
-        stamp: what the batch was packed from (set by ``pack_for_flashinfer``; None for
-            a batch built by hand). ``append_kv`` and ``plan`` refuse a stamped batch
-            whose sequences changed since, or that another cache's descriptor packed.
-
-    Tensors may live on different devices: a batch packed for a CUDA device keeps
-    ``kv_page_indices`` there and the small indptr / length arrays in pinned host
-    memory, which is where flashinfer's ``plan()`` reads them without a sync.
+        stamp: what the batch was packed from (None for a batch built by hand).
     """
 
     kv_page_indices: torch.Tensor
@@ -167,11 +175,12 @@ class FlashInferPackedData:
     append_indptr: Optional[torch.Tensor] = field(default=None, kw_only=True)
     append_batch_indices: Optional[torch.Tensor] = field(default=None, kw_only=True)
     append_positions: Optional[torch.Tensor] = field(default=None, kw_only=True)
+    device_indptr: Optional[torch.Tensor] = field(default=None, kw_only=True, repr=False)
+    device_last_page_len: Optional[torch.Tensor] = field(default=None, kw_only=True, repr=False)
+    last_rows: Optional[torch.Tensor] = field(default=None, kw_only=True, repr=False)
+    inputs: tuple[torch.Tensor, ...] = field(default=(), kw_only=True, repr=False, eq=False)
     shared_prefix: Optional[SharedPrefix] = field(default=None, kw_only=True)
     stamp: Optional[BatchStamp] = field(default=None, kw_only=True, repr=False, eq=False)
-    _device_copy: Optional[FlashInferPackedData] = field(
-        default=None, init=False, repr=False, eq=False
-    )
 
     @property
     def batch_size(self) -> int:
@@ -195,36 +204,6 @@ class FlashInferPackedData:
         if indices.device.type == "cpu" and indices.numel():
             int_array(indices, f"{use}: kv_page_indices", low=0, high=num_pages - 1,
                       error=IndexOutOfRangeError)  # fmt: skip
-
-    def to_device(self, device: Device, non_blocking: bool = True) -> FlashInferPackedData:
-        """A copy with every tensor on ``device`` (tensors already there are shared).
-
-        The copy is remembered: asking again for the same device (as ``append_kv`` does
-        once per layer) returns it without new transfers.
-        """
-        cached = self._device_copy
-        if cached is not None and cached.kv_page_indptr.device == device:
-            return cached  # the common case: the batch was moved already
-        target = as_device(device)
-        if cached is not None and cached.kv_page_indptr.device == target:
-            return cached
-
-        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.to(target, non_blocking=non_blocking)
-
-        copy = FlashInferPackedData(
-            move(self.kv_page_indices),  # type: ignore[arg-type]
-            move(self.kv_page_indptr),  # type: ignore[arg-type]
-            move(self.kv_last_page_len),  # type: ignore[arg-type]
-            kv_seq_lens=move(self.kv_seq_lens),
-            append_indptr=move(self.append_indptr),
-            append_batch_indices=move(self.append_batch_indices),
-            append_positions=move(self.append_positions),
-            shared_prefix=self.shared_prefix,
-            stamp=self.stamp,
-        )
-        self._device_copy = copy
-        return copy
 
 
 def checked_indptr(

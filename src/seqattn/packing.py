@@ -1,24 +1,27 @@
-"""Build a batch's CSR page table (and append positions) from a :class:`SequencePageTable`.
+"""Build one step's :class:`FlashInferPackedData` from a :class:`SequencePageTable`.
 
 Host side, a decode batch that repeats changes little between steps: only sequences
 that crossed a page boundary gained a page. The packer keeps the last batch's page
-indices and splices new pages in, never re-deriving what did not change. No result is
-modified after it is returned (when nothing changed, the next result shares its array).
+indices and splices new pages in, never re-deriving what did not change (the table's
+``row_layouts`` say which rows changed otherwise). No result is modified after it is
+returned (when nothing changed, the next result shares its array).
 
-Device side (CUDA), the page ids live in a device mirror of the table's arena: only
-newly written page ids cross the bus (from pinned memory, non-blocking), and the
-batch's indices are gathered on the device, so packing never waits on the GPU.
+Device side (CUDA), the page ids live in a device copy of the table's arena: only page
+ids the copy lacks cross the bus, in the step's one pinned, non-blocking copy with every
+other device tensor of the step, and the batch's indices are gathered on the device, so
+packing never waits on the GPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 from attrs import define
 
-from ._arrays import indptr_of
+from ._arrays import concat_ranges, indptr_of
 from ._transfer import upload
 from .packed_data import FlashInferPackedData, append_rows_positions, checked_indptr
 from .page_table import SequencePageTable
@@ -30,21 +33,20 @@ class _Snapshot:
     """The last packed batch: enough to splice the next one from it."""
 
     slots: np.ndarray
-    layout_version: int
-    growth_version: int
+    layouts: np.ndarray  # the rows' row_layouts then
     counts: np.ndarray
     indptr: np.ndarray
     indices: np.ndarray
 
 
 class BatchPacker:
-    """Packs batches of one :class:`SequencePageTable` for flashinfer."""
+    """Builds the step (:class:`FlashInferPackedData`) of batches of one table."""
 
     def __init__(self, table: SequencePageTable) -> None:
         self.table = table
         self._snapshot: Optional[_Snapshot] = None
         self._mirror: Optional[_DeviceArena] = None
-        self._shared: Optional[tuple[np.ndarray, int, int, SharedPrefix]] = None
+        self._shared: Optional[tuple[np.ndarray, np.ndarray, SharedPrefix]] = None
 
     def pack(
         self,
@@ -52,13 +54,15 @@ class BatchPacker:
         append_lens: object = None,
         device: Optional[torch.device] = None,
         shared_prefix: bool = False,
+        inputs: Sequence[np.ndarray] = (),
     ) -> FlashInferPackedData:
-        """The CSR page table of ``slots`` (and append metadata when ``append_lens`` is given).
+        """The step of ``slots``: page table, append metadata when ``append_lens`` is
+        given, shared-prefix groups when asked, and ``inputs`` (int32-sized arrays)
+        on the device.
 
         With ``device`` None or a CPU device every tensor is on the CPU. With a CUDA
-        device, ``kv_page_indices`` and the append metadata are on it, and indptr and
-        lengths in pinned host memory (what ``plan()`` wants; ``to_device`` moves them).
-        ``shared_prefix`` also finds the rows that start with the same pages.
+        device, every device tensor goes up in one pinned copy, and indptr and lengths
+        stay in pinned host memory too (what ``plan()`` reads).
         """
         table = self.table
         ps = table.page_size
@@ -68,73 +72,65 @@ class BatchPacker:
         last += 1
         np.minimum(last, lens, out=last)  # an empty sequence: 0
         indptr = indptr_of(counts)
-        append: list[np.ndarray] = []  # [append_indptr, batch_indices, positions]
+        append: list[np.ndarray] = []  # batch indices, positions, last rows
+        host = [indptr, last, lens]
         if append_lens is not None:
             append_indptr = checked_indptr(
                 append_lens, "append_lens", lens, 0, "allocate before packing"
             )
-            append = [append_indptr, *append_rows_positions(append_indptr, lens)]
+            append = [*append_rows_positions(append_indptr, lens), append_indptr[1:] - 1]
+            host.append(append_indptr)
+        to_device = [indptr, last, *append, *inputs]
         if device is not None and device.type != "cpu":
-            # the batch's page ids are gathered on the device; the new page ids and the
-            # append metadata go up in the same single pinned copy
-            indices, on_gpu, on_host = self._device_arena(device).gather(
-                table, slots, counts, indptr, append[1:], [indptr, last, lens, *append[:1]]
+            indices, on_device, on_host = self._device_arena(device).gather(
+                table, slots, counts, indptr, to_device, host
             )
-            packed = FlashInferPackedData(indices, on_host[0], on_host[1], kv_seq_lens=on_host[2])
-            tensors = [on_host[3], *on_gpu] if append else []
         else:
             indices = torch.from_numpy(self._host_indices(slots, counts, indptr))
-            packed = FlashInferPackedData(
-                indices, torch.from_numpy(indptr), torch.from_numpy(last),
-                kv_seq_lens=torch.from_numpy(lens),
-            )  # fmt: skip
-            tensors = [torch.from_numpy(a) for a in append]
-        if tensors:
-            packed.append_indptr, packed.append_batch_indices, packed.append_positions = tensors
-        if shared_prefix:
-            packed.shared_prefix = self._shared_prefix(slots, lens)
-        packed.stamp = table.stamp(slots)
-        return packed
+            on_host = [torch.from_numpy(a) for a in host]
+            on_device = on_host[:2] + [torch.from_numpy(a.astype(np.int32)) for a in to_device[2:]]
+        rows, positions, last_rows = on_device[2:5] if append else (None, None, None)
+        return FlashInferPackedData(
+            indices, on_host[0], on_host[1],
+            kv_seq_lens=on_host[2],
+            append_indptr=on_host[3] if append else None,
+            append_batch_indices=rows, append_positions=positions, last_rows=last_rows,
+            device_indptr=on_device[0], device_last_page_len=on_device[1],
+            inputs=tuple(on_device[2 + len(append) :]),
+            shared_prefix=self._shared_prefix(slots, lens) if shared_prefix else None,
+            stamp=table.stamp(slots),
+        )  # fmt: skip
 
     def _shared_prefix(self, slots: np.ndarray, lens: np.ndarray) -> SharedPrefix:
-        """Groups of rows with common leading pages; the last answer while only growth
-        happened (new pages are never shared, so growth cannot change the groups)."""
+        """Groups of rows with common leading pages; the last answer while the rows only
+        grew (new pages are never shared, so growth cannot change the groups)."""
         table, last = self.table, self._shared
-        versions = (table.layout_version, table.membership_version)
-        if last is not None and last[1:3] == versions and np.array_equal(last[0], slots):
-            return last[3]
+        layouts = table.row_layouts[slots]
+        if last is not None and np.array_equal(last[0], slots) and np.array_equal(last[1], layouts):
+            return last[2]
         found = find_shared_prefixes(table.arena, table.starts(slots), lens // table.page_size)
-        self._shared = (slots, *versions, found)
+        self._shared = (slots, layouts, found)
         return found
 
     def _host_indices(
         self, slots: np.ndarray, counts: np.ndarray, indptr: np.ndarray
     ) -> np.ndarray:
         table, snap = self.table, self._snapshot
-        growth = table.last_growth
+        layouts = table.row_layouts[slots]
         if (
             snap is None
-            or snap.layout_version != table.layout_version
             or not (snap.slots is slots or np.array_equal(snap.slots, slots))
+            or not np.array_equal(snap.layouts, layouts)
         ):
             indices = table.pages_of_slots(slots)
-        elif snap.growth_version == table.growth_version:
-            indices = snap.indices  # nothing changed
-        elif growth[0] == table.growth_version == snap.growth_version + 1 and growth[1] is slots:
-            # the one change since the snapshot is a decode step of this very batch,
-            # whose new pages the table recorded
-            indices = _insert_after_rows(snap, indptr, growth[2], None, growth[3])
-        else:
-            # nothing but growth at the end since the snapshot: counts only went up
+        else:  # the rows only grew at their ends since the snapshot: splice their new pages
             indices = _splice(snap, slots, counts, indptr, table)
-        self._snapshot = _Snapshot(
-            slots, table.layout_version, table.growth_version, counts, indptr, indices
-        )
+        self._snapshot = _Snapshot(slots, layouts, counts, indptr, indices)
         return indices
 
     def _device_arena(self, device: torch.device) -> _DeviceArena:
         if self._mirror is None or self._mirror.device != device:
-            self._mirror = _DeviceArena(device, self.table)
+            self._mirror = _DeviceArena(device)
         return self._mirror
 
 
@@ -198,13 +194,17 @@ def _insert_after_rows(
 
 
 class _DeviceArena:
-    """A device copy of a page table's arena, kept current from the table's write log."""
+    """A device copy of a page table's arena, brought up to date row by row: a row whose
+    layout changed since it was last sent goes up whole, a row that grew sends its new
+    page ids, and the rest send nothing."""
 
-    def __init__(self, device: torch.device, table: SequencePageTable) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.arena = torch.from_numpy(table.arena).to(device)
+        self.arena = torch.zeros(0, dtype=torch.int32, device=device)
         self.arange = torch.arange(1024, device=device)
-        table.write_log = []  # the copy above already holds every earlier write
+        # on cpu, per slot: the row_layouts value and page count last sent
+        self.sent_layout = np.zeros(0, dtype=np.int64)
+        self.sent_count = np.zeros(0, dtype=np.int64)
 
     def gather(
         self,
@@ -220,16 +220,21 @@ class _DeviceArena:
         Also returns ``to_device`` as int32 device tensors and ``to_host`` as int32 pinned
         host tensors: all of them share one pinned buffer and one host-to-device copy.
         """
-        if table.arena.size != self.arena.shape[0]:
-            # the arena grew; its compaction logged every live position
+        if table.arena.size != self.arena.shape[0]:  # a new arena: every row goes up again
             self.arena = torch.zeros(table.arena.size, dtype=torch.int32, device=self.device)
-        log = table.write_log
-        # positions written since the last upload; a position written twice is sent once,
-        # with the value the host arena holds now
-        written = np.unique(np.concatenate(log)) if log else np.zeros(0, dtype=np.int64)
-        log.clear()  # type: ignore[union-attr]
+            self.sent_layout = np.full(table.slot_capacity, -1, dtype=np.int64)
+            self.sent_count = np.zeros(table.slot_capacity, dtype=np.int64)
+        elif self.sent_layout.size < table.slot_capacity:
+            grow = table.slot_capacity - self.sent_layout.size
+            self.sent_layout = np.concatenate([self.sent_layout, np.full(grow, -1, np.int64)])
+            self.sent_count = np.concatenate([self.sent_count, np.zeros(grow, np.int64)])
+        starts = table.starts(slots)
+        layouts = table.row_layouts[slots]
+        sent = np.where(layouts == self.sent_layout[slots], self.sent_count[slots], 0)
+        written = concat_ranges(starts + sent, np.maximum(counts - sent, 0))
+        self.sent_layout[slots], self.sent_count[slots] = layouts, counts
         # how far row b's page ids sit in the arena from their place in the batch
-        shift = table.starts(slots) - indptr[:-1]
+        shift = starts - indptr[:-1]
         parts = [written, table.arena[written], shift, counts, *to_device]
         pieces, host = upload(self.device, parts, to_host)  # int32: all fit
         if written.size:

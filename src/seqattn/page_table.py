@@ -47,12 +47,13 @@ class SequencePageTable:
             reference of that pool.
         page_size: tokens per page.
 
-    Positions written in the arena can be logged (``write_log``) so that a device-side
-    mirror uploads exactly the new page ids instead of every page each step.
-
-    Every change to a sequence (tokens added, pages cut or swapped, its end) stamps its
-    slot with the table's next :attr:`clock` value, so a batch packed earlier can tell
-    whether its own rows changed since (:meth:`stamp`), whatever happened to others.
+    Every change to a sequence stamps its slot with the table's next :attr:`clock`
+    value: :attr:`row_versions` for any change (tokens added, pages cut or swapped,
+    its end), :attr:`row_layouts` for changes other than pages added at its end (its
+    page ids moved in the arena, were cut or swapped, or the slot was reused). That is
+    the one way to ask what changed since a stamp: a batch packed earlier can tell
+    whether its own rows changed (:meth:`stamp`), and a packer or device copy which
+    rows it must read again, whatever happened to other sequences.
     """
 
     def __init__(self, allocator: PageAllocator, page_size: int) -> None:
@@ -66,23 +67,13 @@ class SequencePageTable:
         self._start = np.zeros(16, dtype=np.int64)
         self._room = np.zeros(16, dtype=np.int64)
         self.row_versions = np.zeros(16, dtype=np.int64)  # clock of each slot's last change
+        self.row_layouts = np.zeros(16, dtype=np.int64)  # ... last change but growth at the end
         self.clock = 0  # moves on at every change to any sequence
         # on cpu: page ids of every sequence, each in its own region
         self.arena = np.zeros(1024, dtype=np.int32)
         self._top = 0
         self._live_room = 0
-        self.membership_version = 0  # bumped when a sequence starts or ends
-        self.layout_version = 0  # bumped when pages change other than by growth at the end
-        self.growth_version = 0  # bumped by every call that adds tokens
-        # the last decode step: (growth_version after it, its slots array, the rows that
-        # gained a page, those pages), so that a packer can splice without searching
-        self.last_growth: tuple[int, np.ndarray, np.ndarray, np.ndarray] = (
-            -1,
-            np.zeros(0, np.int64),
-            np.zeros(0, np.int64),
-            np.zeros(0, np.int32),
-        )
-        self.write_log: list[np.ndarray] | None = None  # arena positions written, when mirrored
+        self._members = 0  # moves on when a sequence starts or ends
         self._cached_ids: list[int] | None = None
         self._cached_slots = np.zeros(0, dtype=np.int64)
         self._cached_version = -1
@@ -124,7 +115,7 @@ class SequencePageTable:
         live sequences are unchanged, so a steady decode batch costs one list compare.
         """
         ids = id_list(seq_ids)
-        if self._cached_version == self.membership_version and ids == self._cached_ids:
+        if self._cached_version == self._members and ids == self._cached_ids:
             return self._cached_slots
         slot_of = self._slot_of
         try:
@@ -136,7 +127,7 @@ class SequencePageTable:
             ) from None
         check_distinct(ids)
         self._cached_ids, self._cached_slots = list(ids), slots
-        self._cached_version = self.membership_version
+        self._cached_version = self._members
         return slots
 
     def lengths(self, slots: np.ndarray) -> np.ndarray:
@@ -194,7 +185,6 @@ class SequencePageTable:
             for i in np.flatnonzero(~known).tolist():
                 slots[i] = self._new_slot(ids[i])
         self._add_pages(slots, old_len, old_len + add, pages)
-        self.growth_version += 1
         self._touch(slots)
         return slots
 
@@ -212,8 +202,6 @@ class SequencePageTable:
             self._write(self._start[rows] + first, pages)
         old_len += 1
         self._length[slots] = old_len
-        self.growth_version += 1
-        self.last_growth = (self.growth_version, slots, full, pages)
         self._touch(slots)
 
     def truncate(self, slot: int, new_len: int) -> tuple[int, int] | None:
@@ -236,8 +224,7 @@ class SequencePageTable:
         # in one call: a prefix cache sees a child page and its parent go together
         self.allocator.drop(drop)
         self._length[slot] = new_len
-        self.layout_version += 1
-        self._touch(slot)
+        self._touch(slot, layout=True)
         return copy
 
     def fork(self, src_slot: int, dst_id: int) -> tuple[int, tuple[int, int] | None]:
@@ -269,7 +256,6 @@ class SequencePageTable:
         self._ensure_room(np.array([slot]), np.array([pages.size]))
         self._write(self._start[slot] + np.arange(pages.size), pages)
         self._length[slot] = length
-        self.growth_version += 1
         self._touch(slot)
         return slot
 
@@ -282,8 +268,7 @@ class SequencePageTable:
         self.allocator.share(np.array([page]))
         self._write(np.array([position]), np.array([page], dtype=np.int32))
         self.allocator.drop(old)
-        self.layout_version += 1
-        self._touch(slot)
+        self._touch(slot, layout=True)
 
     def release(self, seq_ids: SeqIds) -> None:
         """End sequences and drop their page references, all or nothing."""
@@ -296,9 +281,8 @@ class SequencePageTable:
         self._live_room -= int(self._room[slots].sum())
         self._length[slots] = 0
         self._room[slots] = 0
-        self.membership_version += 1
-        self.layout_version += 1
-        self._touch(slots)
+        self._members += 1
+        self._touch(slots, layout=True)
 
     # ------------------------------------------------------------------ stamps
     def stamp(self, slots: np.ndarray) -> BatchStamp:
@@ -368,22 +352,24 @@ class SequencePageTable:
             slot = self._num_slots
             self._num_slots += 1
             if slot == self._length.size:
-                for name in ("_length", "_start", "_room", "row_versions"):
+                for name in ("_length", "_start", "_room", "row_versions", "row_layouts"):
                     old = getattr(self, name)
                     setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
         self._slot_of[seq_id] = slot
         self._length[slot] = 0
         self._start[slot] = 0
         self._room[slot] = 0
-        self.membership_version += 1
-        self.layout_version += 1
-        self._touch(slot)
+        self._members += 1
+        self._touch(slot, layout=True)
         return slot
 
-    def _touch(self, slots: np.ndarray | int) -> None:
-        """Mark ``slots`` changed: batches packed with them before are stale now."""
+    def _touch(self, slots: np.ndarray | int, layout: bool = False) -> None:
+        """Mark ``slots`` changed: batches packed with them before are stale now;
+        ``layout``: their page ids changed other than by growth at the end."""
         self.clock += 1
         self.row_versions[slots] = self.clock
+        if layout:
+            self.row_layouts[slots] = self.clock
 
     def _ensure_room(self, slots: np.ndarray, pages_needed: np.ndarray) -> None:
         short = self._room[slots] < pages_needed
@@ -401,17 +387,17 @@ class SequencePageTable:
         if held.any():
             to = concat_ranges(starts, held)
             self.arena[to] = self.arena[concat_ranges(self._start[slots], held)]
-            self._log(to)
         self._live_room += total - int(self._room[slots].sum())
         self._start[slots], self._room[slots] = starts, rooms
         self._top += total
+        self._touch(slots, layout=True)
 
     def _compact(self, extra: int) -> None:
         """Pack live regions to the arena front, growing it so ``extra`` more pages fit."""
         size = self.arena.size
         while self._live_room + extra > size // 2:
             size *= 2
-        slots = np.array(sorted(self._slot_of.values(), key=lambda s: self._start[s]))
+        slots = np.array(sorted(self._slot_of.values(), key=lambda s: self._start[s]), np.int64)
         arena = np.zeros(size, dtype=np.int32)
         top = 0
         for slot in slots.tolist():
@@ -420,15 +406,10 @@ class SequencePageTable:
             self._start[slot] = top
             top += room
         self.arena, self._top = arena, top
-        self._log(np.arange(top))
+        self._touch(slots, layout=True)
 
     def _write(self, positions: np.ndarray, pages: np.ndarray) -> None:
         self.arena[positions] = pages
-        self._log(positions)
-
-    def _log(self, positions: np.ndarray) -> None:
-        if self.write_log is not None and positions.size:
-            self.write_log.append(positions)
 
     def _some_ids(self) -> str:
         ids = list(self._slot_of)

@@ -107,8 +107,6 @@ class PagedKVCacheManager:
         self._layers = list(self.kv_data.unbind(0))
         self._kv_pairs = [(kv[:, 0], kv[:, 1]) for kv in self._layers]
         self._head_shape = torch.Size((self.num_heads, self.head_dim))
-        self._resolved_batch: Optional[FlashInferPackedData] = None
-        self._resolved: tuple[torch.Tensor, ...] = ()
         self.use_flashinfer = True  # where supported: see the property
         self._accepted_dtypes = (dtype, *QUANTIZABLE_DTYPES) if dtype in FP8_DTYPES else (dtype,)
 
@@ -246,7 +244,7 @@ class PagedKVCacheManager:
         On CUDA with flashinfer importable this calls
         ``flashinfer.page.append_paged_kv_cache``; otherwise a pure torch scatter.
         """
-        kv = self.get_kv_cache(layer)
+        self.get_kv_cache(layer)  # validates the index
         self.check_kv(keys, values)
         # a current batch of this cache costs three attribute reads and two compares
         stamp = getattr(flashinfer_data, "stamp", None)
@@ -261,23 +259,40 @@ class PagedKVCacheManager:
                 )
             flashinfer_data.check_current(self.allocator, self.num_pages, "append_kv")
         nnz = keys.shape[0]
-        if nnz == 0:
-            return
-        rows, positions, indices, indptr, last = self._resolve(
-            flashinfer_data, append_indptr_cpu, nnz
-        )
+        if nnz:
+            self.write_pages(layer, keys, values, *self._append_metadata(
+                flashinfer_data, append_indptr_cpu, nnz))  # fmt: skip
+
+    def write_pages(
+        self,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        indices: torch.Tensor,
+        indptr: torch.Tensor,
+        last_page_len: torch.Tensor,
+    ) -> None:
+        """Write token ``i`` of ``keys``/``values`` at position ``positions[i]`` of batch row
+        ``rows[i]`` of the page table (``indices``, ``indptr``, ``last_page_len``), all
+        on the cache's device; unchecked (callers check: :meth:`append_kv`, attention).
+
+        On CUDA with flashinfer importable this calls
+        ``flashinfer.page.append_paged_kv_cache``; otherwise a pure torch scatter.
+        """
         keys = self.to_storage_dtype(keys, self.k_scale)
         values = self.to_storage_dtype(values, self.v_scale)
         fi = flashinfer_or_none() if self._flashinfer_append else None
         if fi is not None:
             fi.page.append_paged_kv_cache(
-                keys, values, rows, positions, self._kv_pairs[layer], indices, indptr, last,
-                kv_layout=self.kv_layout,
+                keys, values, rows, positions, self._kv_pairs[layer], indices, indptr,
+                last_page_len, kv_layout=self.kv_layout,
             )  # fmt: skip
             return
-        rows = rows.long()
+        kv = self._layers[layer]
         positions = positions.long()
-        page = indices[indptr[rows] + positions // self.page_size].long()
+        page = indices[indptr[rows.long()] + positions // self.page_size].long()
         slot = positions % self.page_size
         if self.kv_layout == "NHD":
             kv[page, 0, slot] = keys
@@ -287,50 +302,37 @@ class PagedKVCacheManager:
             kv[page, 1, :, slot] = values
 
     # ---------------------------------------------------------------------- internals
-    def _resolve(
+    def _append_metadata(
         self, packed: FlashInferPackedData, append_indptr_cpu: Optional[torch.Tensor], nnz: int
     ) -> tuple[torch.Tensor, ...]:
-        """Rows, positions, indices, indptr and last page lengths on this device.
-
-        A batch packed with its append lengths is resolved once and reused by every layer
-        (packed batches are never modified, so the one last resolved is kept by identity).
-        """
-        if append_indptr_cpu is None and packed is self._resolved_batch:
-            if self._resolved[0].shape[0] != nnz:
+        """Rows, positions, indices, indptr and last page lengths on this device: the
+        step's own when it was packed with its append lengths, else derived here (a
+        batch built by hand, or explicit ``append_indptr_cpu``, as the seed passes)."""
+        positions, rows = packed.append_positions, packed.append_batch_indices
+        if append_indptr_cpu is None and positions is not None and rows is not None:
+            if positions.shape[0] != nnz:
                 raise TensorSpecError(
                     f"keys hold {nnz} tokens but the batch was packed to append "
-                    f"{self._resolved[0].shape[0]}"
+                    f"{positions.shape[0]}"
                 )
-            return self._resolved
-        on_device = packed.to_device(self.device)
-        rows, positions = self._append_positions(packed, on_device, append_indptr_cpu, nnz)
-        resolved = (
-            rows, positions,
-            on_device.kv_page_indices, on_device.kv_page_indptr, on_device.kv_last_page_len,
-        )  # fmt: skip
-        if append_indptr_cpu is None:
-            self._resolved_batch, self._resolved = packed, resolved
-        return resolved
+        elif append_indptr_cpu is None and packed.append_indptr is None:
+            raise InvalidLengthError(
+                "append_kv needs append_indptr_cpu, or a batch packed with append_lens"
+            )
+        else:
+            given = packed.append_indptr if append_indptr_cpu is None else append_indptr_cpu
+            rows, positions = self._append_positions(packed, given, nnz)
+        indptr, last = packed.device_indptr, packed.device_last_page_len
+        if indptr is None or last is None:  # built by hand: moved here, each call
+            indptr = packed.kv_page_indptr.to(self.device, non_blocking=True)
+            last = packed.kv_last_page_len.to(self.device, non_blocking=True)
+        indices = packed.kv_page_indices.to(self.device, non_blocking=True)
+        return rows, positions, indices, indptr, last
 
     def _append_positions(
-        self,
-        packed: FlashInferPackedData,
-        on_device: FlashInferPackedData,
-        append_indptr_cpu: Optional[torch.Tensor],
-        nnz: int,
+        self, packed: FlashInferPackedData, append_indptr_cpu: object, nnz: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch row and position of each new token, on the cache's device."""
-        if append_indptr_cpu is None:
-            if on_device.append_positions is None or on_device.append_batch_indices is None:
-                raise InvalidLengthError(
-                    "append_kv needs append_indptr_cpu, or a batch packed with append_lens"
-                )
-            if on_device.append_positions.shape[0] != nnz:
-                raise TensorSpecError(
-                    f"keys hold {nnz} tokens but the batch was packed to append "
-                    f"{on_device.append_positions.shape[0]}"
-                )
-            return on_device.append_batch_indices, on_device.append_positions
         if isinstance(append_indptr_cpu, torch.Tensor) and append_indptr_cpu.device.type != "cpu":
             raise TensorSpecError("append_indptr_cpu must be a CPU tensor (the seed's contract)")
         indptr = int_array(append_indptr_cpu, "append_indptr_cpu", error=InvalidLengthError)

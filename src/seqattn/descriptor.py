@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 from attrs import define
@@ -12,23 +12,20 @@ from ._checks import exact_bool, id_list, int_array, shown
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
-    InvalidLengthError,
     PageStateError,
-    UnknownSequenceError,
 )
 from .packed_data import Device, FlashInferPackedData, as_device
 from .packing import BatchPacker
-from .page_table import MAX_LENGTH, SeqIds, SequencePageTable, check_distinct, pages_for
+from .page_table import SeqIds, SequencePageTable
 from .prefix_cache import (
     CachedPage,
     HashFn,
     PrefixCache,
     PrefixCacheStats,
     Salt,
-    as_salt,
     blake2b_128,
 )
-from .prefix_tracking import PrefixTracker, token_list
+from .prefix_tracking import NoPrefixCaching, PrefixTracker, token_list
 from .storage import PagedKVCacheManager
 
 
@@ -102,7 +99,7 @@ class CacheDescriptor:
         self.check_invariants = check_invariants
         self._packer = BatchPacker(self.table)
         self.prefix_cache: Optional[PrefixCache] = None
-        self._tracker: Optional[PrefixTracker] = None
+        self._tracker: Union[PrefixTracker, NoPrefixCaching] = NoPrefixCaching(self.table)
         if prefix_caching:
             self.prefix_cache = PrefixCache(
                 cache_manager.allocator, cache_manager.page_size, hash_fn=prefix_hash_fn
@@ -132,7 +129,7 @@ class CacheDescriptor:
         slots = self.table.slots(seq_ids)
         tokens = None if token_ids is None else token_list(token_ids, slots.size)
         self.table.grow_by_one(slots)
-        if tokens is not None and self._tracker is not None:
+        if tokens is not None:
             self._tracker.record_decode(slots, tokens)
         self._after_change()
 
@@ -142,9 +139,7 @@ class CacheDescriptor:
         before :meth:`commit`; without it those sequences' later pages are not cached.
         """
         slots = self.table.slots(seq_ids)
-        tokens = token_list(token_ids, slots.size)
-        if self._tracker is not None:
-            self._tracker.record_decode(slots, tokens)
+        self._tracker.record_decode(slots, token_list(token_ids, slots.size))
 
     def release(self, seq_ids: SeqIds) -> None:
         """End the sequences and drop their references to their pages.
@@ -155,8 +150,7 @@ class CacheDescriptor:
         ids = id_list(seq_ids)
         slots = self.table.slots(ids)
         self.table.release(ids)
-        if self._tracker is not None:
-            self._tracker.release(slots)
+        self._tracker.release(slots)
         self._after_change()
 
     def pack_for_flashinfer(
@@ -168,31 +162,25 @@ class CacheDescriptor:
         shared_prefix: bool = False,
         inputs: Sequence[object] = (),
     ) -> FlashInferPackedData:
-        """The batch's page table in flashinfer's CSR form.
+        """The step of a batch (:class:`FlashInferPackedData`), built once.
 
         Args:
             seq_ids: live sequences, in batch order.
-            append_lens: tokens each sequence receives in this step (already allocated);
-                when given, the result carries ``append_indptr``, ``append_batch_indices``
-                and ``append_positions`` for :meth:`PagedKVCacheManager.append_kv`.
+            append_lens: tokens each sequence receives in this step (already allocated):
+                the step then carries their append metadata and query rows.
             device: None or CPU: every tensor on the CPU (the seed's behaviour). A CUDA
-                device: page indices and append metadata on it, built from a device copy
-                of the page table (only new page ids cross the bus, nothing syncs);
+                device: page indices, append metadata and ``inputs`` on it, in one
+                copy (only page ids the device lacks cross the bus, nothing syncs);
                 indptr and lengths in pinned host memory, where ``plan()`` reads them.
             shared_prefix: also find rows that start with the same pages (prefix-cache
                 hits, forks) for cascade attention (``packed.shared_prefix``).
             inputs: 1-D integer arrays (int32 range) the step also needs on the device,
-                e.g. a model's token ids: they go up in the step's one copy
-                (``packed.inputs``, int32 tensors).
+                e.g. a model's token ids (``packed.inputs``, int32 tensors).
         """
         target = None if device is None else as_device(device)
-        if not isinstance(shared_prefix, bool):
-            raise ArgumentTypeError(f"shared_prefix must be a bool, got {shown(shared_prefix)}")
-        arrays = [int_array(a, f"inputs[{i}]", low=-(2**31), high=2**31 - 1)
-                  for i, a in enumerate(inputs)]  # fmt: skip
-        return self._packer.pack(
-            self.table.slots(seq_ids), append_lens, target, shared_prefix, arrays
-        )
+        shared = bool(exact_bool(shared_prefix, "shared_prefix"))
+        arrays = [int_array(a, "inputs", low=-(2**31), high=2**31 - 1) for a in inputs]
+        return self._packer.pack(self.table.slots(seq_ids), append_lens, target, shared, arrays)
 
     # ---------------------------------------------------------------- prefix caching
     def start_sequence(self, seq_id: int, token_ids: SeqIds, *, salt: Salt = None) -> int:
@@ -213,11 +201,6 @@ class CacheDescriptor:
         Returns:
             The number of prompt tokens already cached (the sequence's length now).
         """
-        if self._tracker is None:
-            token_list(token_ids)
-            as_salt(salt)
-            self.table.adopt(seq_id, np.zeros(0, np.int32), 0)
-            return 0
         cached = self._tracker.start(seq_id, token_ids, salt)
         self._after_change()
         return cached
@@ -226,10 +209,6 @@ class CacheDescriptor:
         """Free pages that :meth:`start_sequence` of ``token_ids`` followed by allocating
         the rest of it would take now, counting the prefix-cache hit (changes nothing):
         what a scheduler checks before admitting a request."""
-        if self._tracker is None:
-            tokens = token_list(token_ids)
-            as_salt(salt)
-            return int(pages_for(len(tokens), self.table.page_size))
         return self._tracker.pages_to_start(token_ids, salt)
 
     def commit(self, seq_ids: SeqIds) -> None:
@@ -240,16 +219,15 @@ class CacheDescriptor:
         stream). Pages already cached under the same prefix are swapped for the cached
         copy, so duplicates return to the pool. A no-op without prefix caching.
         """
-        if self._tracker is not None:
-            self._tracker.commit(self.table.slots(seq_ids))
-            self._after_change()
+        self._tracker.commit(self.table.slots(seq_ids))
+        self._after_change()
 
     def pin_prefix(self, seq_id: int) -> CachedPage:
         """Keep the committed pages of ``seq_id`` cached for good (a system prompt).
 
         Returns a handle for :meth:`unpin_prefix`.
         """
-        return self._need_tracker().pin(self.table.slot(seq_id))
+        return self._tracker.pin(self.table.slot(seq_id))
 
     def unpin_prefix(self, handle: CachedPage) -> None:
         """Let a pinned prefix be evicted again.
@@ -258,7 +236,11 @@ class CacheDescriptor:
             ArgumentTypeError: not a handle. PageStateError: a handle of another
             descriptor's cache, or one not pinned (unpinned already).
         """
-        cache = self._need_tracker().cache
+        cache = self.prefix_cache
+        if cache is None:
+            raise InvalidArgumentError(
+                "prefix caching is off: CacheDescriptor(..., prefix_caching=True)"
+            )
         if isinstance(handle, CachedPage) and not cache.owns(handle):
             raise PageStateError("this pin handle comes from another descriptor's prefix cache")
         cache.unpin([handle])
@@ -277,10 +259,8 @@ class CacheDescriptor:
         """
         src = self.table.slot(src_id)
         dst, copy = self.table.fork(src, dst_id)
-        if copy is not None:
-            self.cache_manager.copy_pages([copy[0]], [copy[1]])
-        if self._tracker is not None:
-            self._tracker.fork(src, dst)
+        self._copy_on_write(copy)
+        self._tracker.fork(src, dst)
         self._after_change()
 
     def truncate(self, seq_id: int, new_len: int) -> None:
@@ -290,27 +270,13 @@ class CacheDescriptor:
         partial and shared (after a fork), it is first copied to a fresh page.
         """
         slot = self.table.slot(seq_id)
-        copy = self.table.truncate(slot, new_len)
-        if copy is not None:
-            self.cache_manager.copy_pages([copy[0]], [copy[1]])
-        if self._tracker is not None:
-            self._tracker.truncate(slot, self.table.length(slot))
+        self._copy_on_write(self.table.truncate(slot, new_len))
+        self._tracker.truncate(slot, self.table.length(slot))
         self._after_change()
 
     def pages_needed(self, seq_ids: SeqIds, seq_new_lens: SeqIds) -> int:
         """Free pages that ``allocate(seq_ids, seq_new_lens)`` would take (changes nothing)."""
-        table = self.table
-        ids = id_list(seq_ids)
-        add = int_array(seq_new_lens, "seq_new_lens", low=0, high=MAX_LENGTH,
-                        error=InvalidLengthError)  # fmt: skip
-        if add.size != len(ids):
-            raise InvalidLengthError(f"expected {len(ids)} lengths (one per id), got {add.size}")
-        try:  # all live (a decode batch): one vectorized lookup
-            old = table.lengths(table.slots(ids)).astype(np.int64)
-        except UnknownSequenceError:  # new ids count as empty
-            check_distinct(ids)
-            old = np.array([table.length(table.slot(i)) if i in table else 0 for i in ids])
-        return table.pages_needed(old, old + add)
+        return self.table.pages_to_extend(seq_ids, seq_new_lens)
 
     def seq_len(self, seq_id: int) -> int:
         """Tokens held by one sequence."""
@@ -355,22 +321,16 @@ class CacheDescriptor:
         the caller's own ``ref``/``allocate``); more only if other descriptors share
         the pool.
         """
-        self.table.check_integrity()
-        holders = self.table.holders() + self.cache_manager.allocator.external_refcount
-        if self._tracker is not None:
-            self._tracker.cache.check_integrity()
-            self._tracker.check_integrity()
-            holders = holders + self._tracker.cache.watched
-        assert (self.cache_manager.allocator.refcount >= holders).all(), (
-            "a page has fewer references than holders"
-        )
+        others = self.cache_manager.allocator.external_refcount
+        self._tracker.check_integrity()
+        if self.prefix_cache is not None:
+            self.prefix_cache.check_integrity()
+            others = others + self.prefix_cache.watched
+        self.table.check_integrity(others)
 
-    def _need_tracker(self) -> PrefixTracker:
-        if self._tracker is None:
-            raise InvalidArgumentError(
-                "prefix caching is off: CacheDescriptor(..., prefix_caching=True)"
-            )
-        return self._tracker
+    def _copy_on_write(self, copy: Optional[tuple[int, int]]) -> None:
+        if copy is not None:  # (shared page, its fresh copy)
+            self.cache_manager.copy_pages([copy[0]], [copy[1]])
 
     def _after_change(self) -> None:
         if self.check_invariants:

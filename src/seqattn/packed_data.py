@@ -16,6 +16,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidLengthError,
     StaleBatchError,
+    TensorSpecError,
 )
 from .shared_prefix import SharedPrefix
 
@@ -256,3 +257,36 @@ def append_rows_positions(
     rows = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
     first = np.repeat(seq_lens - counts - append_indptr[:-1], counts)
     return rows, (np.arange(nnz) + first).astype(np.int32)
+
+
+def derived_append(
+    packed: FlashInferPackedData, append_indptr: object, nnz: int, page_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch row and position of each of ``nnz`` new tokens (host, int32) of a batch
+    that does not carry them: built by hand, or appended with an explicit indptr (the
+    seed's ``append_indptr_cpu``), checked against the batch's lengths.
+
+    Raises:
+        TensorSpecError: ``append_indptr`` is on a GPU, or not ``[batch_size + 1]``
+            from 0 to ``nnz``. InvalidLengthError: an append longer than its sequence.
+    """
+    if isinstance(append_indptr, torch.Tensor) and append_indptr.device.type != "cpu":
+        raise TensorSpecError("append_indptr_cpu must be a CPU tensor (the seed's contract)")
+    indptr = int_array(append_indptr, "append_indptr_cpu", error=InvalidLengthError)
+    batch_size = packed.kv_last_page_len.shape[0]
+    if indptr.shape != (batch_size + 1,) or indptr[0] != 0 or int(indptr[-1]) != nnz:
+        raise TensorSpecError(
+            f"append_indptr_cpu must have shape [{batch_size + 1}], start at 0 and end "
+            f"at nnz={nnz}, got {indptr.tolist()[:8]}"
+        )
+    # lengths from the host copy (a batch moved to the GPU by hand costs a sync here)
+    seq_lens = seq_lens_from_page_table(
+        packed.kv_page_indptr.cpu().numpy(), packed.kv_last_page_len.cpu().numpy(), page_size
+    )
+    append_lens = np.diff(indptr)
+    if ((append_lens < 0) | (append_lens > seq_lens)).any():
+        raise InvalidLengthError(
+            f"append lengths {append_lens.tolist()[:8]} must lie in [0, length] for "
+            f"sequence lengths {seq_lens.tolist()[:8]}: allocate before packing"
+        )
+    return append_rows_positions(indptr, seq_lens)

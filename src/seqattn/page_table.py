@@ -1,34 +1,27 @@
 """Sequence id -> pages and length, in preallocated numpy arrays (no torch).
 
-Each live sequence owns a *slot*: its length, and a region of one flat page arena
-that holds its page ids in token order. A region has spare room, so a decode step
-writes one page id in place; a sequence that outgrows its room moves to the arena's
-end with twice the room (amortized O(1) per page), and the arena is compacted when
-it fills. Per-step work is therefore O(batch), never O(pages held).
+Each live sequence owns a *slot*: its length, its change stamps, and a region of one
+flat page arena (:class:`~seqattn.page_arena.PageArena`) that holds its page ids in
+token order. Per-step work is O(batch), never O(pages held).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypeVar
+from typing import Optional, TypeVar
 
 import numpy as np
 
 from ._arrays import concat_ranges
-from ._checks import exact_int, id_list, int_array, is_int, new_id, shown
+from ._checks import exact_int, id_list, int_array, new_id
 from .allocator import PageAllocator
 from .errors import (
-    ArgumentTypeError,
-    DuplicateSequenceError,
     InvalidLengthError,
-    SequenceExistsError,
-    UnknownSequenceError,
 )
 from .packed_data import BatchStamp
+from .page_arena import PageArena
+from .slot_map import SeqIds, SlotMap, check_distinct
 
 MAX_LENGTH = int(np.iinfo(np.int32).max)  # lengths are int32, as flashinfer's
-SeqIds = Sequence[int]
-"""Sequence ids of a batch: a list (fastest), tuple, numpy array or torch tensor."""
 
 
 Lengths = TypeVar("Lengths", int, np.ndarray)
@@ -59,36 +52,30 @@ class SequencePageTable:
     def __init__(self, allocator: PageAllocator, page_size: int) -> None:
         self.allocator = allocator
         self.page_size = int(page_size)
-        self._slot_of: dict[int, int] = {}
-        self._free_slots: list[int] = []
-        self._num_slots = 0
+        self._ids = SlotMap()
         # on cpu, one entry per slot
         self._length = np.zeros(16, dtype=np.int32)
-        self._start = np.zeros(16, dtype=np.int64)
-        self._room = np.zeros(16, dtype=np.int64)
         self.row_versions = np.zeros(16, dtype=np.int64)  # clock of each slot's last change
         self.row_layouts = np.zeros(16, dtype=np.int64)  # ... last change but growth at the end
         self.clock = 0  # moves on at every change to any sequence
-        # on cpu: page ids of every sequence, each in its own region
-        self.arena = np.zeros(1024, dtype=np.int32)
-        self._top = 0
-        self._live_room = 0
-        self._members = 0  # moves on when a sequence starts or ends
-        self._cached_ids: list[int] | None = None
-        self._cached_slots = np.zeros(0, dtype=np.int64)
-        self._cached_version = -1
+        self._pages = PageArena()  # where each slot's page ids live
 
     # ----------------------------------------------------------------- lookups
     def __contains__(self, seq_id: object) -> bool:
-        return is_int(seq_id) and seq_id in self._slot_of
+        return seq_id in self._ids
 
     def __len__(self) -> int:
-        return len(self._slot_of)
+        return len(self._ids)
 
     @property
     def seq_ids(self) -> list[int]:
         """Ids of the live sequences, in creation order."""
-        return list(self._slot_of)
+        return self._ids.ids
+
+    @property
+    def arena(self) -> np.ndarray:
+        """The page ids of every slot, slot ``s``'s from ``starts([s])`` on, int32."""
+        return self._pages.ids
 
     @property
     def slot_capacity(self) -> int:
@@ -96,39 +83,16 @@ class SequencePageTable:
         return int(self._length.size)
 
     def slot(self, seq_id: int) -> int:
-        """The slot of one live sequence; raises UnknownSequenceError (ArgumentTypeError
-        for an id that is not an integer: ``True`` is not sequence 1)."""
-        if not is_int(seq_id):
-            raise ArgumentTypeError(f"a sequence id must be an integer, got {shown(seq_id)}")
-        try:
-            return self._slot_of[seq_id]
-        except KeyError:
-            raise UnknownSequenceError(
-                f"sequence id {seq_id!r} is not allocated (live: {self._some_ids()})"
-            ) from None
+        """The slot of one live sequence (:meth:`SlotMap.slot`)."""
+        return self._ids.slot(seq_id)
 
     def slots(self, seq_ids: SeqIds) -> np.ndarray:
-        """Slots of distinct live sequences, shape ``[len(seq_ids)]``, int64 (read-only:
-        the same array may be returned again).
+        """Slots of distinct live sequences (:meth:`SlotMap.slots`; read-only)."""
+        return self._ids.slots(seq_ids)
 
-        The answer for the previous batch is reused when the ids and the set of
-        live sequences are unchanged, so a steady decode batch costs one list compare.
-        """
-        ids = id_list(seq_ids)
-        if self._cached_version == self._members and ids == self._cached_ids:
-            return self._cached_slots
-        slot_of = self._slot_of
-        try:
-            slots = np.fromiter((slot_of[i] for i in ids), dtype=np.int64, count=len(ids))
-        except KeyError:
-            missing = [i for i in ids if i not in slot_of][:8]
-            raise UnknownSequenceError(
-                f"sequence ids {missing} are not allocated (live: {self._some_ids()})"
-            ) from None
-        check_distinct(ids)
-        self._cached_ids, self._cached_slots = list(ids), slots
-        self._cached_version = self._members
-        return slots
+    def check_new(self, seq_id: int) -> None:
+        """Raise unless ``seq_id`` can start a sequence (an int64 id, not live)."""
+        self._ids.check_new(seq_id)
 
     def lengths(self, slots: np.ndarray) -> np.ndarray:
         """Token counts of the given slots, int32 (a copy)."""
@@ -140,18 +104,15 @@ class SequencePageTable:
 
     def starts(self, slots: np.ndarray) -> np.ndarray:
         """Where each slot's page ids begin in :attr:`arena`, int64."""
-        return self._start[slots]
+        return self._pages.start[slots]
 
     def page_ids(self, slot: int) -> np.ndarray:
         """The page ids of one slot in token order, int32 (a copy)."""
-        n = int(pages_for(self._length[slot], self.page_size))
-        start = int(self._start[slot])
-        return self.arena[start : start + n].copy()
+        return self.pages_of_slots(np.array([slot]))
 
     def pages_of_slots(self, slots: np.ndarray) -> np.ndarray:
         """Page ids of several slots, concatenated in order, int32."""
-        counts = pages_for(self._length[slots], self.page_size)
-        return self.arena[concat_ranges(self._start[slots], counts)]
+        return self._pages.pages(slots, pages_for(self._length[slots], self.page_size))
 
     # ---------------------------------------------------------------- mutation
     def extend(self, seq_ids: SeqIds, add_lens: object) -> np.ndarray:
@@ -160,6 +121,23 @@ class SequencePageTable:
         Returns the slots of ``seq_ids``. Raises NoPageError (nothing changed) when the
         pool lacks pages, InvalidLengthError for negative or mismatched lengths.
         """
+        ids, slots, old_len, new_len = self._growth(seq_ids, add_lens)
+        pages = self.allocator.take(self.pages_needed(old_len, new_len))
+        for i in np.flatnonzero(slots < 0).tolist():
+            slots[i] = self._new_slot(ids[i])
+        self._add_pages(slots, old_len, new_len, pages)
+        self._touch(slots)
+        return slots
+
+    def pages_to_extend(self, seq_ids: SeqIds, add_lens: object) -> int:
+        """Free pages that ``extend(seq_ids, add_lens)`` would take (changes nothing)."""
+        _, _, old_len, new_len = self._growth(seq_ids, add_lens)
+        return self.pages_needed(old_len, new_len)
+
+    def _growth(
+        self, seq_ids: SeqIds, add_lens: object
+    ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, slots (-1: new), old lengths, new lengths)`` of an extend, checked."""
         ids = id_list(seq_ids)
         add = int_array(add_lens, "seq_new_lens", low=0, high=MAX_LENGTH, error=InvalidLengthError)
         if add.size != len(ids):
@@ -167,26 +145,17 @@ class SequencePageTable:
                 f"got {len(ids)} sequence ids but {add.size} lengths; pass one length per id"
             )
         check_distinct(ids)
-        slot_of = self._slot_of
-        slots = np.fromiter((slot_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
-        known = slots >= 0
-        if not known.all():
-            for i in np.flatnonzero(~known).tolist():
-                new_id(ids[i])  # a new id must fit in int64
-        old_len = np.where(known, self._length[np.maximum(slots, 0)], 0)
+        slots = self._ids.lookup(ids)
+        for i in np.flatnonzero(slots < 0).tolist():
+            new_id(ids[i])  # a new id must fit in int64
+        old_len = np.where(slots >= 0, self._length[np.maximum(slots, 0)], 0)
         if add.size and (old_len + add).max() > MAX_LENGTH:
             too_long = ids[int(np.argmax(old_len + add))]
             raise InvalidLengthError(
                 f"sequence {too_long} would hold more than {MAX_LENGTH} tokens (int32 "
                 f"lengths, as flashinfer's)"
             )
-        pages = self.allocator.take(self.pages_needed(old_len, old_len + add))
-        if not known.all():
-            for i in np.flatnonzero(~known).tolist():
-                slots[i] = self._new_slot(ids[i])
-        self._add_pages(slots, old_len, old_len + add, pages)
-        self._touch(slots)
-        return slots
+        return ids, slots, old_len, old_len + add
 
     def grow_by_one(self, slots: np.ndarray) -> None:
         """One more token for each of the (distinct, live) slots, all or nothing."""
@@ -199,7 +168,7 @@ class SequencePageTable:
             rows = slots[full]
             first = old_len[full] // self.page_size
             self._ensure_room(rows, first + 1)
-            self._write(self._start[rows] + first, pages)
+            self._pages.write(self.starts(rows) + first, pages)
         old_len += 1
         self._length[slots] = old_len
         self._touch(slots)
@@ -220,7 +189,7 @@ class SequencePageTable:
         if partial and self.allocator.refcount[pages[keep - 1]] > 1:
             fresh = int(self.allocator.take(1)[0])
             copy, drop = (int(pages[keep - 1]), fresh), pages[keep - 1 :]
-            self._write(np.array([self._start[slot] + keep - 1]), np.array([fresh]))
+            self._pages.write(self.starts(np.array([slot])) + keep - 1, np.array([fresh]))
         # in one call: a prefix cache sees a child page and its parent go together
         self.allocator.drop(drop)
         self._length[slot] = new_len
@@ -254,7 +223,7 @@ class SequencePageTable:
         assert pages.size == pages_for(length, self.page_size), "pages do not match the length"
         slot = self._new_slot(seq_id)
         self._ensure_room(np.array([slot]), np.array([pages.size]))
-        self._write(self._start[slot] + np.arange(pages.size), pages)
+        self._pages.write(self.starts(np.array([slot])) + np.arange(pages.size), pages)
         self._length[slot] = length
         self._touch(slot)
         return slot
@@ -262,26 +231,21 @@ class SequencePageTable:
     def share_page(self, slot: int, index: int, page: int) -> None:
         """Replace page ``index`` of ``slot`` by ``page``, which holds the same KV (a
         prefix cache's copy): the slot takes a reference to ``page`` and drops the old."""
-        position = int(self._start[slot]) + index
+        position = int(self._pages.start[slot]) + index
         old = self.arena[position : position + 1].copy()
         assert index < pages_for(int(self._length[slot]), self.page_size), "index past the end"
         self.allocator.share(np.array([page]))
-        self._write(np.array([position]), np.array([page], dtype=np.int32))
+        self._pages.write(np.array([position]), np.array([page], dtype=np.int32))
         self.allocator.drop(old)
         self._touch(slot, layout=True)
 
     def release(self, seq_ids: SeqIds) -> None:
         """End sequences and drop their page references, all or nothing."""
-        ids = id_list(seq_ids)
-        slots = self.slots(ids)
+        slots = self.slots(seq_ids)
         self.allocator.drop(self.pages_of_slots(slots))
-        for seq_id in ids:
-            del self._slot_of[seq_id]
-        self._free_slots += slots.tolist()
-        self._live_room -= int(self._room[slots].sum())
+        self._ids.remove(seq_ids)
+        self._pages.free(slots)
         self._length[slots] = 0
-        self._room[slots] = 0
-        self._members += 1
         self._touch(slots, layout=True)
 
     # ------------------------------------------------------------------ stamps
@@ -290,38 +254,26 @@ class SequencePageTable:
         return BatchStamp(self, slots.copy(), self.row_versions[slots], self.clock)
 
     # --------------------------------------------------------------- integrity
-    def check_integrity(self) -> None:
+    def check_integrity(self, other_holders: Optional[np.ndarray] = None) -> None:
         """Raise AssertionError unless every invariant of the table and its pool holds.
 
         Checks the pool (:meth:`PageAllocator.check_integrity`); that each sequence
         holds exactly ceil(length / page_size) pages inside its own arena region; that
-        each page's reference count covers the sequences listing it and no listed page
-        is free; and that no partially filled last page is listed by two sequences.
+        each page's reference count covers the sequences listing it (plus
+        ``other_holders[page]``: a prefix cache, the caller's own references); and that
+        no partially filled last page is listed by two sequences.
         """
         self.allocator.check_integrity()
-        slots = np.array(list(self._slot_of.values()), dtype=np.int64)
-        if slots.size == 0:
-            return
-        assert (self._length[slots] >= 0).all(), "negative sequence length"
+        slots = self._ids.live()
         counts = pages_for(self._length[slots], self.page_size)
-        assert (counts <= self._room[slots]).all(), "a sequence outgrew its arena room"
-        placed = slots[self._room[slots] > 0]
-        starts = np.sort(self._start[placed])
-        ends = np.sort(self._start[placed] + self._room[placed])
-        assert (ends[:-1] <= starts[1:]).all(), "arena regions overlap"
-        assert ends.size == 0 or ends[-1] <= self._top <= self.arena.size, "region past the top"
-        holders = self.holders()
-        refcount = self.allocator.refcount
-        assert (refcount >= holders).all(), "a page has fewer references than holders"
-        partial = self._length[slots] % self.page_size != 0
-        last = self.arena[self._start[slots] + counts - 1][partial]
+        self._pages.check(slots, counts)
+        holders = np.bincount(self.pages_of_slots(slots), minlength=self.allocator.num_pages)
+        total = holders if other_holders is None else holders + other_holders
+        assert (self.allocator.refcount >= total).all(), "a page has fewer references than holders"
+        last = self.arena[self.starts(slots) + counts - 1][
+            self._length[slots] % self.page_size != 0
+        ]
         assert (holders[last] == 1).all(), "two sequences share a partially filled page"
-
-    def holders(self) -> np.ndarray:
-        """How many live sequences list each page, ``[num_pages]`` int64."""
-        slots = np.fromiter(self._slot_of.values(), dtype=np.int64, count=len(self._slot_of))
-        listed = self.pages_of_slots(slots)
-        return np.bincount(listed, minlength=self.allocator.num_pages)
 
     # ---------------------------------------------------------------- internals
     def pages_needed(self, old_len: np.ndarray, new_len: np.ndarray) -> int:
@@ -337,29 +289,17 @@ class SequencePageTable:
         if grow.any():
             rows, first, count = slots[grow], first[grow], (end - first)[grow]
             self._ensure_room(rows, first + count)
-            self._write(concat_ranges(self._start[rows] + first, count), pages)
+            self._pages.write(concat_ranges(self.starts(rows) + first, count), pages)
         self._length[slots] = new_len
 
-    def check_new(self, seq_id: int) -> None:
-        new_id(seq_id)
-        if seq_id in self._slot_of:
-            raise SequenceExistsError(f"sequence id {seq_id} is live already")
-
     def _new_slot(self, seq_id: int) -> int:
-        if self._free_slots:
-            slot = self._free_slots.pop()
-        else:
-            slot = self._num_slots
-            self._num_slots += 1
-            if slot == self._length.size:
-                for name in ("_length", "_start", "_room", "row_versions", "row_layouts"):
-                    old = getattr(self, name)
-                    setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
-        self._slot_of[seq_id] = slot
+        slot = self._ids.add(seq_id)
+        if slot == self._length.size:
+            for name in ("_length", "row_versions", "row_layouts"):
+                old = getattr(self, name)
+                setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
+            self._pages.add_slots(self._length.size)
         self._length[slot] = 0
-        self._start[slot] = 0
-        self._room[slot] = 0
-        self._members += 1
         self._touch(slot, layout=True)
         return slot
 
@@ -372,54 +312,7 @@ class SequencePageTable:
             self.row_layouts[slots] = self.clock
 
     def _ensure_room(self, slots: np.ndarray, pages_needed: np.ndarray) -> None:
-        short = self._room[slots] < pages_needed
-        if short.any():
-            self._move(slots[short], np.maximum(2 * pages_needed[short], 4))
-
-    def _move(self, slots: np.ndarray, rooms: np.ndarray) -> None:
-        """Give each of ``slots`` a fresh region of ``rooms`` pages at the arena top,
-        carrying its page ids over (one vectorized copy for all of them)."""
-        total = int(rooms.sum())
-        if self._top + total > self.arena.size:
-            self._compact(extra=total)
         held = pages_for(self._length[slots], self.page_size)
-        starts = self._top + np.cumsum(rooms) - rooms
-        if held.any():
-            to = concat_ranges(starts, held)
-            self.arena[to] = self.arena[concat_ranges(self._start[slots], held)]
-        self._live_room += total - int(self._room[slots].sum())
-        self._start[slots], self._room[slots] = starts, rooms
-        self._top += total
-        self._touch(slots, layout=True)
-
-    def _compact(self, extra: int) -> None:
-        """Pack live regions to the arena front, growing it so ``extra`` more pages fit."""
-        size = self.arena.size
-        while self._live_room + extra > size // 2:
-            size *= 2
-        slots = np.array(sorted(self._slot_of.values(), key=lambda s: self._start[s]), np.int64)
-        arena = np.zeros(size, dtype=np.int32)
-        top = 0
-        for slot in slots.tolist():
-            start, room = int(self._start[slot]), int(self._room[slot])
-            arena[top : top + room] = self.arena[start : start + room]
-            self._start[slot] = top
-            top += room
-        self.arena, self._top = arena, top
-        self._touch(slots, layout=True)
-
-    def _write(self, positions: np.ndarray, pages: np.ndarray) -> None:
-        self.arena[positions] = pages
-
-    def _some_ids(self) -> str:
-        ids = list(self._slot_of)
-        return f"{ids[:8]}{' ...' if len(ids) > 8 else ''} ({len(ids)} in all)"
-
-
-def check_distinct(ids: list[int]) -> None:
-    if len(set(ids)) != len(ids):
-        seen: set[int] = set()
-        dups = [i for i in ids if i in seen or seen.add(i)][:8]  # type: ignore[func-returns-value]
-        raise DuplicateSequenceError(
-            f"sequence ids must be distinct within a call; repeated: {dups}"
-        )
+        moved = self._pages.reserve(slots, pages_needed, held)
+        if moved.size:  # their page ids sit elsewhere now
+            self._touch(moved, layout=True)

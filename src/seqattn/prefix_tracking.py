@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import InvalidLengthError, SeqAttnError, SequenceExistsError
+from .errors import InvalidArgumentError, InvalidLengthError, SeqAttnError, SequenceExistsError
 from .page_table import SequencePageTable
 from .prefix_cache import CachedPage, PrefixCache, Salt, as_salt, token_array
 
@@ -191,6 +191,36 @@ class PrefixTracker:
         grown = np.full(size, _NEVER, dtype=np.int64)
         grown[: self._ready_at.size] = self._ready_at
         self._ready_at = grown
+
+
+class NoPrefixCaching:
+    """The tracker of a descriptor without prefix caching: a sequence starts empty,
+    nothing is cached, and the prefix calls are no-ops (or say caching is off)."""
+
+    cache = None
+
+    def __init__(self, table: SequencePageTable) -> None:
+        self.table = table
+
+    def start(self, seq_id: int, token_ids: object, salt: Salt) -> int:
+        token_list(token_ids)
+        as_salt(salt)
+        self.table.adopt(seq_id, np.zeros(0, np.int32), 0)
+        return 0
+
+    def pages_to_start(self, token_ids: object, salt: Salt) -> int:
+        as_salt(salt)
+        return -(-len(token_list(token_ids)) // self.table.page_size)
+
+    def record_decode(self, *args: object) -> None:
+        """Nothing is cached: nothing to note (commit, release, truncate, fork alike)."""
+
+    commit = release = check_integrity = truncate = fork = record_decode  # type: ignore[assignment]
+
+    def pin(self, slot: int) -> CachedPage:
+        raise InvalidArgumentError(
+            "prefix caching is off: CacheDescriptor(..., prefix_caching=True)"
+        )
 
 
 def token_list(token_ids: object, expected: Optional[int] = None) -> list[int]:

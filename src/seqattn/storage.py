@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._checks import checked_index, exact_int, int_array, real_number, shown
+from ._checks import checked_index, exact_int, real_number, shown
 from ._flashinfer import flashinfer_or_none
 from .allocator import PageAllocator, PageIds, checked_page_ids
 from .errors import (
@@ -16,13 +16,7 @@ from .errors import (
     InvalidLengthError,
     TensorSpecError,
 )
-from .packed_data import (
-    Device,
-    FlashInferPackedData,
-    append_rows_positions,
-    as_device,
-    seq_lens_from_page_table,
-)
+from .packed_data import Device, FlashInferPackedData, as_device, derived_append
 
 KV_LAYOUTS = ("NHD", "HND")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -101,43 +95,22 @@ class PagedKVCacheManager:
         self.num_pages, self.page_size, self.num_heads, self.head_dim, self.num_layers = sizes
         self.dtype = dtype
         self.kv_layout = kv_layout
-        self.kv_data = self._storage()
+        ps, heads = self.page_size, self.num_heads
+        inner = (ps, heads) if kv_layout == "NHD" else (heads, ps)
+        self.kv_data = zeroed_storage(
+            (self.num_layers, self.num_pages, 2, *inner, self.head_dim), dtype, self.device
+        )
         self.allocator = PageAllocator(self.num_pages)
         # views made once: the combined tensor and the (K, V) pair of every layer
         self._layers = list(self.kv_data.unbind(0))
         self._kv_pairs = [(kv[:, 0], kv[:, 1]) for kv in self._layers]
         self._head_shape = torch.Size((self.num_heads, self.head_dim))
-        self.use_flashinfer = True  # where supported: see the property
+        kernel = self.head_dim in FLASHINFER_APPEND_HEAD_DIMS and dtype in FLASHINFER_APPEND_DTYPES
+        self._fi = flashinfer_or_none() if kernel and self.device.type == "cuda" else None
+        # whether appends call flashinfer (CUDA, a head_dim and dtype it supports,
+        # importable); set it False to scatter with torch instead
+        self.use_flashinfer = self._fi is not None
         self._accepted_dtypes = (dtype, *QUANTIZABLE_DTYPES) if dtype in FP8_DTYPES else (dtype,)
-
-    def _storage(self) -> torch.Tensor:
-        """All layers' pages, ``[num_layers, num_pages, 2, *inner, head_dim]``, zeroed."""
-        ps, heads = self.page_size, self.num_heads
-        inner = (ps, heads) if self.kv_layout == "NHD" else (heads, ps)
-        shape = (self.num_layers, self.num_pages, 2, *inner, self.head_dim)
-        nbytes = int(np.prod(shape, dtype=object)) * self.dtype.itemsize
-        try:
-            return torch.zeros(shape, dtype=self.dtype, device=self.device)
-        except (RuntimeError, MemoryError) as error:  # torch's out-of-memory errors
-            raise InvalidArgumentError(
-                f"the KV storage {list(shape)} ({nbytes / 2**30:.2f} GiB of {self.dtype}) "
-                f"does not fit on {self.device}: fewer pages or layers ({error})"
-            ) from None
-
-    @property
-    def use_flashinfer(self) -> bool:
-        """Whether ``append_kv`` calls flashinfer (CUDA, a head_dim and dtype it supports,
-        importable); otherwise it scatters with torch."""
-        return self._flashinfer_append and flashinfer_or_none() is not None
-
-    @use_flashinfer.setter
-    def use_flashinfer(self, value: bool) -> None:
-        supported = (
-            self.device.type == "cuda"
-            and self.head_dim in FLASHINFER_APPEND_HEAD_DIMS
-            and self.dtype in FLASHINFER_APPEND_DTYPES
-        )
-        self._flashinfer_append = bool(value) and supported
 
     # ------------------------------------------------------------ page pool (seed API)
     def allocate(self, num_pages: int) -> list[int]:
@@ -152,9 +125,7 @@ class PagedKVCacheManager:
         """Drop a reference per listing; pages reaching zero become free."""
         self.allocator.unref(page_indices)
 
-    def release_pages(self, page_indices: PageIds) -> None:
-        """Same as :meth:`unref` (duplicates allowed): pages are freed at zero references."""
-        self.allocator.unref(page_indices)
+    release_pages = unref  # the seed's name: pages are freed at zero references
 
     @property
     def available_pages_count(self) -> int:
@@ -281,11 +252,12 @@ class PagedKVCacheManager:
         On CUDA with flashinfer importable this calls
         ``flashinfer.page.append_paged_kv_cache``; otherwise a pure torch scatter.
         """
-        keys = self.to_storage_dtype(keys, self.k_scale)
-        values = self.to_storage_dtype(values, self.v_scale)
-        fi = flashinfer_or_none() if self._flashinfer_append else None
-        if fi is not None:
-            fi.page.append_paged_kv_cache(
+        keys, values = (
+            stored(keys, self.dtype, self.k_scale),
+            stored(values, self.dtype, self.v_scale),
+        )
+        if self.use_flashinfer and self._fi is not None:
+            self._fi.page.append_paged_kv_cache(
                 keys, values, rows, positions, self._kv_pairs[layer], indices, indptr,
                 last_page_len, kv_layout=self.kv_layout,
             )  # fmt: skip
@@ -321,43 +293,17 @@ class PagedKVCacheManager:
             )
         else:
             given = packed.append_indptr if append_indptr_cpu is None else append_indptr_cpu
-            rows, positions = self._append_positions(packed, given, nnz)
+            host = derived_append(packed, given, nnz, self.page_size)
+            both = torch.from_numpy(np.concatenate(host))
+            if self.device.type == "cuda":
+                both = both.pin_memory().to(self.device, non_blocking=True)
+            rows, positions = both[:nnz], both[nnz:]
         indptr, last = packed.device_indptr, packed.device_last_page_len
         if indptr is None or last is None:  # built by hand: moved here, each call
             indptr = packed.kv_page_indptr.to(self.device, non_blocking=True)
             last = packed.kv_last_page_len.to(self.device, non_blocking=True)
         indices = packed.kv_page_indices.to(self.device, non_blocking=True)
         return rows, positions, indices, indptr, last
-
-    def _append_positions(
-        self, packed: FlashInferPackedData, append_indptr_cpu: object, nnz: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch row and position of each new token, on the cache's device."""
-        if isinstance(append_indptr_cpu, torch.Tensor) and append_indptr_cpu.device.type != "cpu":
-            raise TensorSpecError("append_indptr_cpu must be a CPU tensor (the seed's contract)")
-        indptr = int_array(append_indptr_cpu, "append_indptr_cpu", error=InvalidLengthError)
-        batch_size = packed.kv_last_page_len.shape[0]
-        if indptr.shape != (batch_size + 1,) or indptr[0] != 0 or int(indptr[-1]) != nnz:
-            raise TensorSpecError(
-                f"append_indptr_cpu must have shape [{batch_size + 1}], start at 0 and end "
-                f"at nnz={nnz}, got {indptr.tolist()[:8]}"
-            )
-        # lengths from the host copy (a batch moved to the GPU by hand costs a sync here)
-        seq_lens = seq_lens_from_page_table(
-            packed.kv_page_indptr.cpu().numpy(), packed.kv_last_page_len.cpu().numpy(),
-            self.page_size,
-        )  # fmt: skip
-        append_lens = np.diff(indptr)
-        if ((append_lens < 0) | (append_lens > seq_lens)).any():
-            raise InvalidLengthError(
-                f"append lengths {append_lens.tolist()[:8]} must lie in [0, length] for "
-                f"sequence lengths {seq_lens.tolist()[:8]}: allocate before packing"
-            )
-        rows, positions = append_rows_positions(indptr, seq_lens)
-        both = torch.from_numpy(np.concatenate([rows, positions]))
-        if self.device.type == "cuda":
-            both = both.pin_memory().to(self.device, non_blocking=True)
-        return both[:nnz], both[nnz:]
 
     def check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Raise TensorSpecError unless keys/values fit ``[nnz, num_heads, head_dim]`` here."""
@@ -374,38 +320,54 @@ class PagedKVCacheManager:
                 return
         except AttributeError:
             pass
-        self._explain_kv(keys, values)
+        explain_kv(self, keys, values)
 
-    def _explain_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        expected = (self.num_heads, self.head_dim)
-        for name, t in (("keys", keys), ("values", values)):
-            if not isinstance(t, torch.Tensor):
-                raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {shown(t)}")
-            if t.dim() != 3 or tuple(t.shape[1:]) != expected:
-                raise TensorSpecError(
-                    f"{name} must have shape [nnz, {expected[0]}, {expected[1]}], "
-                    f"got {list(t.shape)}"
-                )
-            quantizable = self.dtype in FP8_DTYPES and t.dtype in QUANTIZABLE_DTYPES
-            if t.dtype != self.dtype and not quantizable:
-                also = (
-                    " (or float16/bfloat16/float32, quantized)" if self.dtype in FP8_DTYPES else ""
-                )
-                raise TensorSpecError(f"{name} must have dtype {self.dtype}{also}, got {t.dtype}")
-            if t.device != self.device:
-                raise TensorSpecError(f"{name} must be on {self.device}, got {t.device}")
-        if keys.shape[0] != values.shape[0]:
+
+def stored(t: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """``t`` as a cache of ``dtype`` stores it: float8 caches hold ``t / scale``, saturated
+    to the format's range (a plain cast would turn overflow into NaN; flashinfer would
+    not convert at all)."""
+    if t.dtype == dtype:
+        return t
+    limit = torch.finfo(dtype).max
+    return (t.float() / scale).clamp_(-limit, limit).to(dtype)
+
+
+def explain_kv(cache: PagedKVCacheManager, keys: object, values: object) -> None:
+    """Raise saying how ``keys``/``values`` differ from ``[nnz, num_heads, head_dim]``
+    tensors of ``cache``'s dtype (or one it quantizes) on its device."""
+    expected = (cache.num_heads, cache.head_dim)
+    for name, t in (("keys", keys), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {shown(t)}")
+        if t.dim() != 3 or tuple(t.shape[1:]) != expected:
             raise TensorSpecError(
-                f"keys and values must hold the same number of tokens, "
-                f"got {keys.shape[0]} and {values.shape[0]}"
+                f"{name} must have shape [nnz, {expected[0]}, {expected[1]}], got {list(t.shape)}"
             )
-        if keys.dtype != values.dtype:
-            raise TensorSpecError(f"keys and values differ in dtype: {keys.dtype}, {values.dtype}")
+        quantizable = cache.dtype in FP8_DTYPES and t.dtype in QUANTIZABLE_DTYPES
+        if t.dtype != cache.dtype and not quantizable:
+            also = " (or float16/bfloat16/float32, quantized)" if cache.dtype in FP8_DTYPES else ""
+            raise TensorSpecError(f"{name} must have dtype {cache.dtype}{also}, got {t.dtype}")
+        if t.device != cache.device:
+            raise TensorSpecError(f"{name} must be on {cache.device}, got {t.device}")
+    if keys.shape[0] != values.shape[0]:
+        raise TensorSpecError(
+            f"keys and values must hold the same number of tokens, "
+            f"got {keys.shape[0]} and {values.shape[0]}"
+        )
+    if keys.dtype != values.dtype:
+        raise TensorSpecError(f"keys and values differ in dtype: {keys.dtype}, {values.dtype}")
 
-    def to_storage_dtype(self, t: torch.Tensor, scale: float) -> torch.Tensor:
-        """``t`` as stored: float8 caches hold ``t / scale``, saturated to the format's range
-        (a plain cast would turn overflow into NaN; flashinfer would not convert at all)."""
-        if t.dtype == self.dtype:
-            return t
-        limit = torch.finfo(self.dtype).max
-        return (t.float() / scale).clamp_(-limit, limit).to(self.dtype)
+
+def zeroed_storage(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``torch.zeros(shape)``, or InvalidArgumentError naming the GiB when it does not fit."""
+    try:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as error:  # torch's out-of-memory errors
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        raise InvalidArgumentError(
+            f"the KV storage {list(shape)} ({nbytes / 2**30:.2f} GiB of {dtype}) "
+            f"does not fit on {device}: fewer pages or layers ({error})"
+        ) from None

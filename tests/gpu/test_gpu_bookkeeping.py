@@ -59,11 +59,16 @@ def test_append_metadata_matches_flashinfer():
     ids, lens = [3, 1, 2], [17, 0, 33]
     desc.allocate(ids, [5, 9, 16])
     desc.allocate(ids, lens)
-    packed = desc.pack_for_flashinfer(ids, append_lens=lens, device="cuda").to_device("cuda")
-    seq_lens = fi.page.get_seq_lens(packed.kv_page_indptr, packed.kv_last_page_len, 16)
-    batch, positions = fi.page.get_batch_indices_positions(packed.append_indptr, seq_lens, 50)
+    packed = desc.pack_for_flashinfer(ids, append_lens=lens, device="cuda")
+    # the step's device copies of its host arrays, what the append kernel reads
+    assert torch.equal(packed.device_indptr.cpu(), packed.kv_page_indptr)
+    assert torch.equal(packed.device_last_page_len.cpu(), packed.kv_last_page_len)
+    seq_lens = fi.page.get_seq_lens(packed.device_indptr, packed.device_last_page_len, 16)
+    append_indptr = packed.append_indptr.cuda()
+    batch, positions = fi.page.get_batch_indices_positions(append_indptr, seq_lens, 50)
     assert torch.equal(batch, packed.append_batch_indices)
     assert torch.equal(positions, packed.append_positions)
+    assert packed.last_rows.tolist() == (append_indptr[1:] - 1).tolist()
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
@@ -114,7 +119,7 @@ def test_decode_step_makes_no_host_device_sync():
     torch.cuda.synchronize()
     host = desc.pack_for_flashinfer(ids)
     assert torch.equal(packed.kv_page_indices.cpu(), host.kv_page_indices)
-    k, _ = read_back(cache, packed.to_device("cpu"), 5)
+    k, _ = read_back(cache, packed, 5)
     assert torch.equal(k[-1].cpu(), kv[5].cpu())
 
 

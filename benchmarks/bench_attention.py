@@ -28,7 +28,6 @@ import torch
 
 from seqattn import (
     CacheDescriptor,
-    CUDAGraphDecodeAttention,
     PagedAttention,
     PagedKVCacheManager,
 )
@@ -126,8 +125,7 @@ class SeqAttnSide:
         packed = self.desc.pack_for_flashinfer(self.ids, [new] * len(self.ids), device="cuda")
         self.attn.plan(packed)
         for layer in range(self.cache.num_layers):
-            self.cache.append_kv(kv[0], kv[1], packed, layer=layer)
-            self.attn.run(q, layer, out=out)
+            self.attn.forward(q, kv[0], kv[1], layer, out=out)
 
     def finish(self) -> None:
         self.desc.release(self.ids)
@@ -139,7 +137,7 @@ class SeqAttnGraphSide:
     def __init__(self, cache: PagedKVCacheManager, batch: int) -> None:
         self.cache, self.desc = cache, CacheDescriptor(cache)
         self.ids = list(range(batch))
-        self.dec = CUDAGraphDecodeAttention(cache, HQ, batch_sizes=(batch,))
+        self.dec = PagedAttention(cache, HQ, backend="flashinfer", cuda_graph_batch_sizes=(batch,))
         self.q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
         self.kv = torch.randn(2, batch, HKV, D, dtype=DTYPE, device="cuda")
         self.out = torch.empty(cache.num_layers, batch, HQ, D, dtype=DTYPE, device="cuda")
@@ -147,13 +145,12 @@ class SeqAttnGraphSide:
 
     def layers(self) -> None:
         for layer in range(self.cache.num_layers):
-            self.dec.append_kv(self.kv[0], self.kv[1], layer)
-            self.dec.run(self.q, layer, out=self.out[layer])
+            self.dec.forward(self.q, self.kv[0], self.kv[1], layer, out=self.out[layer])
 
     def step(self) -> None:
         self.desc.allocate_decoding(self.ids)
         packed = self.desc.pack_for_flashinfer(self.ids, [1] * len(self.ids), device="cuda")
-        self.dec.plan(packed)
+        self.dec.plan(packed, cuda_graph=True)
         if self.graph is None:
             self.graph = self.dec.capture(self.layers)
         self.graph.replay()

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from seqattn import CacheDescriptor, CUDAGraphDecodeAttention, PagedAttention, PagedKVCacheManager
+from seqattn import CacheDescriptor, PagedAttention, PagedKVCacheManager
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 
@@ -88,22 +88,21 @@ class Setup:
     def graph_step(self, cascade: bool) -> Callable[[], None]:
         """A decode step whose 32 layers (append + attention) replay from a CUDA graph."""
         n = len(self.ids)
-        dec = CUDAGraphDecodeAttention(self.cache, HQ, batch_sizes=(n,),
-                                       cascade_groups=1 if cascade else 0)  # fmt: skip
+        dec = PagedAttention(self.cache, HQ, backend="flashinfer", cuda_graph_batch_sizes=(n,),
+                             cascade_groups=1 if cascade else 0)  # fmt: skip
         q, k, v = self.randn(n, HQ, D), self.randn(n, HKV, D), self.randn(n, HKV, D)
         graphs: list[torch.cuda.CUDAGraph] = []
 
         def layers() -> None:
             for layer in range(self.cache.num_layers):
-                dec.append_kv(k, v, layer)
-                dec.run(q, layer)
+                dec.forward(q, k, v, layer)
 
         def step() -> None:
             self.desc.allocate_decoding(self.ids, token_ids=[7] * n)
             packed = self.desc.pack_for_flashinfer(
                 self.ids, [1] * n, device=self.device, shared_prefix=cascade
             )
-            dec.plan(packed)
+            dec.plan(packed, cuda_graph=True)
             if not graphs:
                 graphs.append(dec.capture(layers))
             graphs[0].replay()

@@ -16,7 +16,6 @@ import torch
 from seqattn import (
     ArgumentTypeError,
     CacheDescriptor,
-    CUDAGraphDecodeAttention,
     FlashInferPackedData,
     IndexOutOfRangeError,
     InvalidArgumentError,
@@ -281,10 +280,19 @@ def test_descriptor_and_attention_constructor_arguments() -> None:
         CacheDescriptor("cache")
     with pytest.raises(ArgumentTypeError, match="PagedKVCacheManager"):
         PagedAttention(None, 2)
-    with pytest.raises(SeqAttnError):  # the graph decoder needs CUDA and flashinfer
-        CUDAGraphDecodeAttention(cache, 2)
-    with pytest.raises(ArgumentTypeError):
-        CUDAGraphDecodeAttention(cache, 2, batch_sizes=[1.5])
+    with pytest.raises(SeqAttnError):  # CUDA graphs need CUDA and flashinfer
+        PagedAttention(cache, 2, cuda_graph_batch_sizes=[1])
+    free = cache.available_pages_count
+    for kwargs in ({"cuda_graph_batch_sizes": [1.5]}, {"max_pages": 2.0}, {"cascade_groups": True}):
+        with pytest.raises(ArgumentTypeError):
+            PagedAttention(cache, 2, **kwargs)
+    with pytest.raises(InvalidArgumentError):
+        PagedAttention(cache, 2, cuda_graph_batch_sizes=[])
+    assert cache.available_pages_count == free  # no scratch page taken by a refusal
+    with pytest.raises(InvalidArgumentError):  # an eager object has no buckets
+        PagedAttention(cache, 2).plan(
+            CacheDescriptor(cache).pack_for_flashinfer([]), cuda_graph=True
+        )
 
 
 # ------------------------------------------------------------------ reference counts

@@ -6,7 +6,7 @@ paged kernels take.
 """
 
 from .allocator import PageAllocator
-from .attention import CUDAGraphDecodeAttention, PagedAttention
+from .attention import PagedAttention
 from .descriptor import CacheDescriptor, SequenceData
 from .errors import (
     ArgumentTypeError,
@@ -31,7 +31,6 @@ from .storage import PagedKVCacheManager
 
 __all__ = [
     "ArgumentTypeError",
-    "CUDAGraphDecodeAttention",
     "CacheDescriptor",
     "DuplicateSequenceError",
     "FlashInferPackedData",

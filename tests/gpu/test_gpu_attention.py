@@ -11,7 +11,6 @@ import torch
 
 from seqattn import (
     CacheDescriptor,
-    CUDAGraphDecodeAttention,
     PagedAttention,
     PagedKVCacheManager,
     StaleBatchError,
@@ -133,7 +132,7 @@ def test_cuda_graph_replay_equals_eager():
     m = Model()
     ids = list(range(6))
     m.step(ids, [5 + 31 * i for i in ids])
-    graph_attn = CUDAGraphDecodeAttention(m.cache, HQ, batch_sizes=(4, 8))
+    graph_attn = PagedAttention(m.cache, HQ, backend="flashinfer", cuda_graph_batch_sizes=(4, 8))
     layers = m.cache.num_layers
     static_q = torch.zeros(8, HQ, D, dtype=torch.float16, device="cuda")
     static_kv = torch.zeros(2, 8, HKV, D, dtype=torch.float16, device="cuda")
@@ -141,14 +140,13 @@ def test_cuda_graph_replay_equals_eager():
 
     def layers_step():
         for layer in range(layers):
-            graph_attn.append_kv(static_kv[0], static_kv[1], layer)
-            static_out[layer] = graph_attn.run(static_q, layer)
+            static_out[layer] = graph_attn.forward(static_q, static_kv[0], static_kv[1], layer)
 
     graph = None
     for _ in range(20):  # 20 steps: several sequences cross a page boundary
         m.desc.allocate_decoding(ids)
         packed = m.desc.pack_for_flashinfer(ids, append_lens=[1] * 6, device="cuda")
-        assert graph_attn.plan(packed) == 8
+        assert graph_attn.plan(packed, cuda_graph=True) == 8
         static_q.copy_(m.randn(8, HQ, D))
         static_kv.copy_(m.randn(2, 8, HKV, D))
         if graph is None:
@@ -213,7 +211,7 @@ def test_stale_and_foreign_batches_are_refused_before_any_kernel():
     m.step([21], [3])  # the same page, now 21's
     before = m.cache.kv_data.clone()
     k = m.randn(3, HKV, D)
-    graphs = CUDAGraphDecodeAttention(m.cache, HQ, batch_sizes=(1,))
+    graphs = PagedAttention(m.cache, HQ, backend="flashinfer", cuda_graph_batch_sizes=(1,))
     other = Model()
     other.step([1], [3])
     foreign = other.desc.pack_for_flashinfer([1], append_lens=[3], device="cuda")
@@ -223,7 +221,7 @@ def test_stale_and_foreign_batches_are_refused_before_any_kernel():
         with pytest.raises(StaleBatchError):
             m.flashinfer.plan(packed)
         with pytest.raises(StaleBatchError):
-            graphs.plan(packed)
+            graphs.plan(packed, cuda_graph=True)
     torch.cuda.synchronize()
     assert torch.equal(m.cache.kv_data, before)
     graphs.close()

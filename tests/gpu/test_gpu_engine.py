@@ -84,17 +84,17 @@ def test_enabling_graphs_again_never_replays_graphs_of_old_buffers():
     runner = PagedCausalLM(tiny_llama(), num_pages=64, page_size=16)
     free = runner.cache.available_pages_count
     assert runner.enable_cuda_graphs((4, 8))
-    first = runner._graph_decode
-    assert runner.enable_cuda_graphs((8, 4)) and runner._graph_decode is first  # same buckets
+    first = runner._graphs
+    assert runner.enable_cuda_graphs((8, 4)) and runner._graphs is first  # same buckets
     runner.descriptor.allocate([0], [3])
     runner.forward([0], [[5, 6, 7]])
     runner.descriptor.allocate_decoding([0])
     runner.decode([0], [8])
-    assert runner._graphs
+    assert first.captured
     assert runner.enable_cuda_graphs((2, 16))  # new buckets: the old graphs go
-    assert runner._graph_decode is not first and not runner._graphs
+    assert runner._graphs is not first and not first.captured
     Engine(runner, cuda_graphs=False)  # turns them off
-    assert runner._graph_decode is None and runner.graph_batch_limit() == 0
+    assert runner._graphs is None and runner.graph_batch_limit() == 0
     runner.descriptor.release([0])
     assert runner.cache.available_pages_count == free  # every scratch page given back
 

@@ -8,7 +8,6 @@ import torch
 
 from seqattn import (
     CacheDescriptor,
-    CUDAGraphDecodeAttention,
     PagedAttention,
     PagedKVCacheManager,
 )
@@ -101,7 +100,9 @@ def test_flashinfer_cascade_matches_plain_and_torch(lens):
 def test_cuda_graph_cascade_replay_equals_eager():
     flashinfer_or_skip()
     s = SharedPrompt()
-    dec = CUDAGraphDecodeAttention(s.cache, HQ, batch_sizes=(8,), cascade_groups=2)
+    dec = PagedAttention(
+        s.cache, HQ, backend="flashinfer", cuda_graph_batch_sizes=(8,), cascade_groups=2
+    )
     eager = PagedAttention(s.cache, HQ, backend="flashinfer")
     static_q = torch.zeros(8, HQ, D, dtype=torch.float16, device="cuda")
     static_kv = torch.zeros(2, 8, HKV, D, dtype=torch.float16, device="cuda")
@@ -109,8 +110,7 @@ def test_cuda_graph_cascade_replay_equals_eager():
 
     def layers_step():
         for layer in range(2):
-            dec.append_kv(static_kv[0], static_kv[1], layer)
-            static_out[layer] = dec.run(static_q, layer)
+            static_out[layer] = dec.forward(static_q, static_kv[0], static_kv[1], layer)
 
     graph, ids = None, list(s.ids)
     for step in range(12):  # pages fill up; at step 6 a row leaves (the bucket pads)
@@ -119,7 +119,7 @@ def test_cuda_graph_cascade_replay_equals_eager():
             ids.remove(51)
         s.desc.allocate_decoding(ids, token_ids=[3] * len(ids))
         packed = s.desc.pack_for_flashinfer(ids, [1] * len(ids), device="cuda", shared_prefix=True)
-        assert dec.plan(packed) == 8
+        assert dec.plan(packed, cuda_graph=True) == 8
         assert dec.cascade is not None and dec.cascade.shared.kv_lens.tolist() == [96]
         static_q.copy_(s.randn(8, HQ, D))
         static_kv.copy_(s.randn(2, 8, HKV, D))

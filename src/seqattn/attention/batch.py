@@ -95,15 +95,23 @@ class AttentionBatch:
                 packed.kv_last_page_len.cpu().numpy(),
                 page_size,
             ).astype(np.int32)
-        if qo_lens is None:
-            if packed.append_indptr is None:
+        if qo_lens is None and packed.append_indptr is None:
+            raise InvalidLengthError(
+                "pass qo_lens, or pack the batch with append_lens (the query tokens)"
+            )
+        if qo_lens is None and packed.stamp is not None:  # packed: appends checked then
+            qo_indptr = packed.append_indptr.cpu().numpy()  # type: ignore[union-attr]
+            if (qo_indptr[1:] == qo_indptr[:-1]).any():
                 raise InvalidLengthError(
-                    "pass qo_lens, or pack the batch with append_lens (the query tokens)"
+                    f"every sequence needs a query token; the step appends "
+                    f"{np.diff(qo_indptr)[:8].tolist()} (pass qo_lens)"
                 )
-            qo_lens = np.diff(packed.append_indptr.cpu().numpy())
-        qo_indptr = checked_indptr(
-            qo_lens, "query lengths", kv_lens, 1, "allocate the query tokens first"
-        )
+        else:
+            if qo_lens is None:  # a batch built by hand: its append lengths, checked here
+                qo_lens = np.diff(packed.append_indptr.cpu().numpy())  # type: ignore[union-attr]
+            qo_indptr = checked_indptr(
+                qo_lens, "query lengths", kv_lens, 1, "allocate the query tokens first"
+            )
         return cls(packed, qo_indptr, kv_lens, causal, scale, window_left, cap)
 
 

@@ -12,15 +12,16 @@ plain batch would.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from attrs import define
 
 from .._arrays import concat_ranges, indptr_of
+from ..errors import SeqAttnError
 from ..packed_data import FlashInferPackedData
-from ..shared_prefix import SharedPrefix
+from ..shared_prefix import SharedPrefix, find_shared_prefixes
 from .batch import AttentionBatch, host_tensor
 
 QueryRows = Union[slice, torch.Tensor]
@@ -121,6 +122,61 @@ def split_for_cascade(
         )  # fmt: skip
     device = packed.kv_page_indices.device
     return CascadeSplit(shared, suffix, _query_rows(tokens, device), tokens, saved, fused)
+
+
+def choose_split(
+    batch: AttentionBatch, cascade: Optional[bool], page_size: int, min_saved_tokens: int
+) -> Optional[CascadeSplit]:
+    """The cascade split ``plan(cascade=...)`` asks for: None (plain attention) when
+    ``cascade`` is False, or None and the batch was packed without shared prefixes or
+    saves fewer than ``min_saved_tokens``; with True, whenever rows share a page."""
+    packed = batch.packed
+    if cascade is False or (cascade is None and packed.shared_prefix is None):
+        return None
+    if batch.window_left >= 0:
+        if cascade:
+            raise SeqAttnError("cascade attention does not combine with window_left")
+        return None
+    prefix = packed.shared_prefix
+    if prefix is None:  # cascade=True on a batch packed without its groups
+        if packed.kv_page_indices.device.type != "cpu":
+            raise SeqAttnError(
+                "cascade=True needs the batch packed with shared_prefix=True "
+                "(or its kv_page_indices on the host)"
+            )
+        starts = _host_array(packed.kv_page_indptr)[:-1]
+        prefix = find_shared_prefixes(packed.kv_page_indices.numpy(), starts,
+                                      batch.kv_lens // page_size)  # fmt: skip
+    return split_for_cascade(batch, prefix, page_size, 1 if cascade else min_saved_tokens)
+
+
+def run_cascade(
+    levels: tuple[Any, Any], split: CascadeSplit, q: torch.Tensor, layer: int,
+    out: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Both levels of ``split`` for one layer, merged: ``(out, lse)`` shaped like plain
+    attention's. ``levels``: the backends planned with the suffix (or fused) batch and
+    with the shared batch."""
+    suffix_level, shared_level = levels
+    rows = split.query_rows
+    shared_q = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)
+    if split.fused is not None:  # one batch: the rows' suffixes, then the groups
+        both, both_lse = suffix_level.run(torch.cat([q, shared_q]), layer, True, None)
+        n = q.shape[0]
+        result, lse, shared, shared_lse = both[:n], both_lse[:n], both[n:], both_lse[n:]
+    else:
+        result, lse = suffix_level.run(q, layer, True, out)
+        shared, shared_lse = shared_level.run(shared_q, layer, True, None)
+    if isinstance(rows, slice):  # fold the shared level into its rows, in place
+        suffix_level.merge(result[rows], lse[rows], shared, shared_lse)
+    else:
+        picked, picked_lse = result.index_select(0, rows), lse.index_select(0, rows)
+        suffix_level.merge(picked, picked_lse, shared, shared_lse)
+        result.index_copy_(0, rows, picked)
+        lse.index_copy_(0, rows, picked_lse)
+    if out is not None and out.data_ptr() != result.data_ptr():
+        result = out.copy_(result)
+    return result, lse
 
 
 @define(frozen=True)

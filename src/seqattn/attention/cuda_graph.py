@@ -1,25 +1,24 @@
-"""Decode attention for CUDA graphs: fixed-capacity buffers, one wrapper per batch-size bucket.
+"""CUDA graphs as a way of running decode attention: fixed buffers per batch-size bucket.
 
 A CUDA graph replays recorded kernels on recorded addresses, so everything a captured
-decode step reads must live in buffers that never move and never change size. This
-module keeps, per bucket of batch sizes, the page-table buffers flashinfer's decode
-kernel and append kernel read; :meth:`CUDAGraphDecodeAttention.plan` fills them for a
-step (padding the batch to its bucket with rows that point at a scratch page).
+decode step reads must live in buffers that never move and never change size.
+:class:`GraphBuckets` keeps, per bucket of batch sizes, the page-table buffers
+flashinfer's decode and append kernels read; ``PagedAttention.plan(step,
+cuda_graph=True)`` fills them for a step (padding the batch to its bucket with rows
+that point at a scratch page), with the very options an eager plan uses.
 
 Inside a captured region you may:
-    - call :meth:`~CUDAGraphDecodeAttention.append_kv` and
-      :meth:`~CUDAGraphDecodeAttention.run` for the bucket that was planned, on tensors
-      with exactly ``bucket`` rows that stay allocated (the graph's static inputs);
+    - call ``PagedAttention.forward`` (or ``run``) for the bucket that was planned, on
+      tensors with exactly ``bucket`` rows that stay allocated (the graph's static
+      inputs);
     - run the rest of the model on those static tensors (matmuls, norms, RoPE, ...).
 You may not, inside the region:
-    - call :meth:`plan`, ``CacheDescriptor`` methods or ``pack_for_flashinfer``: they
-      do host work and host-to-device copies that must happen before every replay;
+    - call ``plan``, ``CacheDescriptor`` methods or ``pack_for_flashinfer``: they do
+      host work and host-to-device copies that must happen before every replay;
     - read values back to the host (``.item()``, ``.cpu()``, printing) or run ops whose
       output size depends on data (boolean masks, ``nonzero``, ``unique``);
     - change the batch size: capture one graph per bucket, and replay the graph of the
-      bucket that :meth:`plan` returned for this step.
-Each step: ``bucket = dec.plan(packed)``, copy the step's inputs into that bucket's
-static tensors, ``graphs[bucket].replay()``, read the first ``batch_size`` output rows.
+      bucket that ``plan`` returned for this step.
 
 With ``cascade_groups > 0``, every step runs as cascade attention (pack the batch with
 ``shared_prefix=True``): rows that start with the same pages read them once per group
@@ -30,27 +29,17 @@ whatever the groups of a step are (a step without groups runs the same graph).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from .._checks import exact_bool, exact_int, int_array, shown
-from ..errors import (
-    ArgumentTypeError,
-    InvalidArgumentError,
-    InvalidLengthError,
-    SeqAttnError,
-    TensorSpecError,
-)
-from ..packed_data import FlashInferPackedData
+from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
 from ..storage import PagedKVCacheManager
-from .batch import AttentionBatch, checked_qo_heads, host_tensor, query_dtype
+from .batch import AttentionBatch, host_tensor
 from .cascade import CascadeSplit, pad_shared_level, split_for_cascade
-from .flashinfer_backend import decode_tensor_cores, flashinfer_for, kv_scales
-
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+from .flashinfer_backend import flashinfer_for, kv_scales
 
 
 class _Bucket:
@@ -109,65 +98,39 @@ class _SharedLevel:
             )
 
 
-class CUDAGraphDecodeAttention:
-    """Decode attention (one query token per sequence) whose per-layer work can be captured.
-
-    Args:
-        cache: a CUDA :class:`PagedKVCacheManager`.
-        num_qo_heads: query heads.
-        batch_sizes: the buckets; a step of ``B`` sequences runs in the smallest bucket
-            ``>= B``.
-        max_pages: most pages one step's batch may hold (capacity of the index buffers);
-            default: the whole pool.
-        workspace_bytes: flashinfer's float workspace, shared by the buckets.
-        cascade_groups: run every step as cascade attention with up to this many
-            groups of rows sharing leading pages (0: plain decode).
-
-    Holds one page of the pool (the scratch page padded rows append into and read)
-    until :meth:`close`.
-    """
+class GraphBuckets:
+    """The buckets of a flashinfer ``PagedAttention`` built with
+    ``cuda_graph_batch_sizes``; a step of ``B`` sequences runs in the smallest bucket
+    ``>= B``. Holds one page of the pool (the scratch page padded rows append into and
+    read) until :meth:`close`."""
 
     def __init__(
         self,
         cache: PagedKVCacheManager,
         num_qo_heads: int,
-        *,
-        batch_sizes: Sequence[int] = DEFAULT_BUCKETS,
-        max_pages: Optional[int] = None,
-        workspace_bytes: int = 128 * 1024 * 1024,
-        decode_use_tensor_cores: Optional[bool] = None,
-        cascade_groups: int = 0,
+        batch_sizes: list[int],
+        max_pages: int,
+        workspace: torch.Tensor,
+        use_tensor_cores: bool,
+        cascade_groups: int,
     ) -> None:
-        if not isinstance(cache, PagedKVCacheManager):
-            raise ArgumentTypeError(f"cache must be a PagedKVCacheManager, got {shown(cache)}")
-        num_qo_heads = checked_qo_heads(num_qo_heads, cache.num_heads)
-        sizes = int_array(batch_sizes, "batch_sizes", low=1, high=2**20)
-        if sizes.size == 0:
-            raise InvalidArgumentError("batch_sizes must name at least one bucket")
-        pages = cache.num_pages if max_pages is None else exact_int(max_pages, "max_pages", low=1)
-        exact_int(workspace_bytes, "workspace_bytes", low=1)
-        exact_bool(decode_use_tensor_cores, "decode_use_tensor_cores", optional=True)
-        cascade_groups = exact_int(cascade_groups, "cascade_groups", low=0)
         fi = flashinfer_for(cache)
         self.cache = cache
         self.num_qo_heads = num_qo_heads
         self._fi = fi
         self._scales = kv_scales(cache)
-        self.batch_sizes = sorted(set(sizes.tolist()))
-        tensor_cores = decode_tensor_cores(num_qo_heads, cache.num_heads, decode_use_tensor_cores)
-        workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=cache.device)
+        self.batch_sizes = batch_sizes
         self._buckets = {
-            b: _Bucket(fi, b, pages, workspace, cache, tensor_cores) for b in self.batch_sizes
+            b: _Bucket(fi, b, max_pages, workspace, cache, use_tensor_cores) for b in batch_sizes
         }
         self.cascade_groups = cascade_groups
-        if self.cascade_groups:
+        if cascade_groups:
             for size, bucket in self._buckets.items():
-                bucket.shared = _SharedLevel(fi, size, self.cascade_groups, pages, workspace, cache)
+                bucket.shared = _SharedLevel(fi, size, cascade_groups, max_pages, workspace, cache)
         self.cascade: Optional[CascadeSplit] = None  # the planned step's split
         self.scratch_page = int(cache.allocator.allocate(1)[0])
         self._scratch = torch.tensor([self.scratch_page], dtype=torch.int32, device=cache.device)
         self.bucket: Optional[_Bucket] = None
-        self.batch_size = 0
 
     def bucket_for(self, batch_size: int) -> int:
         """The padded batch size a step of ``batch_size`` sequences runs with."""
@@ -179,31 +142,19 @@ class CUDAGraphDecodeAttention:
             )
         return self.batch_sizes[i]
 
-    def plan(
-        self,
-        packed: FlashInferPackedData,
-        *,
-        sm_scale: Optional[float] = None,
-        window_left: int = -1,
-        logits_soft_cap: Optional[float] = None,
-        q_dtype: Optional[torch.dtype] = None,
-    ) -> int:
+    def plan(self, batch: AttentionBatch, options: dict[str, Any]) -> int:
         """Fill the step's bucket (outside any graph); returns the bucket size.
 
-        ``packed`` is the decode batch after ``allocate_decoding``: each sequence's
-        query is its newest token, whose K/V :meth:`append_kv` writes.
+        ``batch`` is a decode batch (one query per row: its newest token).
         """
-        cache = self.cache
-        if not isinstance(packed, FlashInferPackedData):
-            raise ArgumentTypeError(f"expected a FlashInferPackedData, got {shown(packed)}")
-        dtype = query_dtype(q_dtype, cache.dtype)
-        batch = AttentionBatch.build(
-            packed, cache, np.ones(packed.batch_size, np.int64),
-            sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap,
-        )  # fmt: skip
-        real = batch.batch_size
+        if not batch.decode_only:
+            raise InvalidLengthError(
+                "a CUDA-graph step decodes: one query token per sequence, got query "
+                f"lengths {np.diff(batch.qo_indptr)[:8].tolist()}"
+            )
+        cache, real = self.cache, batch.batch_size
         bucket = self._buckets[self.bucket_for(real)]
-        split = self._split(batch, packed)
+        split = self._split(batch)
         table = batch if split is None else split.suffix  # the pages the decode kernel reads
         pad = bucket.size - real
         kv_indptr = table.packed.kv_page_indptr.cpu().numpy()
@@ -221,32 +172,27 @@ class CUDAGraphDecodeAttention:
         if bucket.planned is not None:
             bucket.planned.synchronize()  # its last schedule copy must land before a new one
         bucket.positions.copy_(host_tensor(positions, pin=True), non_blocking=True)
-        options = dict(
-            logits_soft_cap=batch.logits_soft_cap or None, q_data_type=dtype,
-            kv_data_type=cache.dtype, o_data_type=dtype, sm_scale=batch.sm_scale,
-        )  # fmt: skip
         heads = (self.num_qo_heads, cache.num_heads, cache.head_dim, cache.page_size)
         bucket.wrapper.plan(
             host_tensor(indptr.astype(np.int32), pin=True), indices,
-            host_tensor(last.astype(np.int32), pin=True), *heads,
-            window_left=batch.window_left, **options,
+            host_tensor(last.astype(np.int32), pin=True), *heads, **options,
         )  # fmt: skip
         if bucket.shared is not None:
             self._plan_shared(bucket, bucket.shared, split, heads, options)
         bucket.planned = torch.cuda.Event()
         bucket.planned.record()
-        self.bucket, self.batch_size, self.cascade = bucket, real, split
+        self.bucket, self.cascade = bucket, split
         return bucket.size
 
-    def _split(self, batch: AttentionBatch, packed: FlashInferPackedData) -> Optional[CascadeSplit]:
+    def _split(self, batch: AttentionBatch) -> Optional[CascadeSplit]:
         if not self.cascade_groups:
             return None
         if batch.window_left >= 0:
             raise SeqAttnError("cascade attention does not combine with window_left")
-        if packed.shared_prefix is None:
+        prefix = batch.packed.shared_prefix
+        if prefix is None:
             return None
-        page_size = self.cache.page_size
-        return split_for_cascade(batch, packed.shared_prefix, page_size, 1, self.cascade_groups)
+        return split_for_cascade(batch, prefix, self.cache.page_size, 1, self.cascade_groups)
 
     def _plan_shared(
         self,
@@ -265,34 +211,29 @@ class CUDAGraphDecodeAttention:
         level.q_rows.copy_(rows[: bucket.size])
         level.out_rows.copy_(rows[bucket.size :])
         level.buffers(bucket.size, self.num_qo_heads, self.cache.head_dim, options["q_data_type"])
+        shared = {**options, "window_left": -1}
         level.wrapper.plan(
             host_tensor(padded.qo_indptr, pin=True), host_tensor(padded.kv_indptr, pin=True),
             indices, host_tensor(padded.last_page_len, pin=True), *heads,
-            causal=False, **options,
+            causal=False, **shared,
         )  # fmt: skip
 
-    def append_kv(self, keys: torch.Tensor, values: torch.Tensor, layer: int = 0) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, layer: int) -> None:
         """Write the step's new K/V (``[bucket, num_kv_heads, head_dim]``) of one layer."""
-        bucket = self._planned(keys.shape[0], "keys")
-        cache = self.cache
-        cache.check_kv(keys, values)
-        self._fi.page.append_paged_kv_cache(
-            cache.to_storage_dtype(keys, cache.k_scale),
-            cache.to_storage_dtype(values, cache.v_scale),
-            bucket.batch_indices, bucket.positions, cache.get_memory_tensors(layer),
-            bucket.indices, bucket.indptr, bucket.last_page_len,
-            kv_layout=cache.kv_layout,
+        bucket = self.planned(keys.shape[0], "keys")
+        self.cache.check_kv(keys, values)
+        self.cache.write_pages(
+            layer, keys, values, bucket.batch_indices, bucket.positions, bucket.indices,
+            bucket.indptr, bucket.last_page_len,
         )  # fmt: skip
 
-    def run(
-        self, q: torch.Tensor, layer: int = 0, *, out: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+    def run(self, q: torch.Tensor, layer: int, out: Optional[torch.Tensor]) -> torch.Tensor:
         """Decode attention of one layer: ``q [bucket, num_qo_heads, head_dim]`` -> same shape."""
-        bucket = self._planned(q.shape[0], "q")
+        bucket = self.planned(q.shape[0], "q")
         kv = self.cache.get_memory_tensors(layer)
         level = bucket.shared
         if level is None:
-            return bucket.wrapper.run(q, kv, out=out, **self._scales)
+            return bucket.wrapper.run(q, kv, out=out, **self._scales)  # type: ignore[no-any-return]
         assert level.outputs is not None
         merged, merged_lse, shared, shared_lse = level.outputs
         size = bucket.size
@@ -307,34 +248,36 @@ class CUDAGraphDecodeAttention:
         merged.index_copy_(0, level.out_rows, picked)
         return merged[:size] if out is None else out.copy_(merged[:size])
 
-    def capture(self, step: Callable[[], Any], *, warmup: int = 2) -> torch.cuda.CUDAGraph:
-        """Capture ``step`` (append_kv/run on static tensors) for the planned bucket.
-
-        ``step`` runs ``warmup`` times on a side stream first, as capture requires;
-        it must be idempotent (re-appending the same K/V is).
-        """
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return graph
-
     def close(self) -> None:
         """Give the scratch page back to the pool."""
         if self.scratch_page >= 0:
             self.cache.allocator.unref([self.scratch_page])
             self.scratch_page = -1
 
-    def _planned(self, rows: int, name: str) -> _Bucket:
+    def planned(self, rows: int, name: str) -> _Bucket:
+        """The planned bucket, after checking that ``rows`` fills it."""
         if self.bucket is None:
-            raise SeqAttnError("call plan() before append_kv() / run()")
+            raise SeqAttnError("call plan(..., cuda_graph=True) before forward() / run()")
         if rows != self.bucket.size:
             raise TensorSpecError(
                 f"{name} must have {self.bucket.size} rows (the planned bucket), got {rows}"
             )
         return self.bucket
+
+
+def capture(step: Callable[[], Any], *, warmup: int = 2) -> torch.cuda.CUDAGraph:
+    """Capture ``step`` (forward/run calls on static tensors, after a CUDA-graph plan).
+
+    ``step`` runs ``warmup`` times on a side stream first, as capture requires; it must
+    be idempotent (re-appending the same K/V is).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

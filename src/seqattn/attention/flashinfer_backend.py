@@ -115,14 +115,7 @@ class FlashInferAttentionBackend:
         indices = packed.kv_page_indices.to(cache.device, non_blocking=True)
         indptr = _host(packed.kv_page_indptr)
         last = _host(packed.kv_last_page_len)
-        options = dict(
-            window_left=batch.window_left,
-            logits_soft_cap=batch.logits_soft_cap or None,
-            q_data_type=q_dtype,
-            kv_data_type=cache.dtype,
-            o_data_type=q_dtype,
-            sm_scale=batch.sm_scale,
-        )
+        options = plan_options(batch, q_dtype, cache.dtype)
         heads = (self.num_qo_heads, cache.num_heads, cache.head_dim, cache.page_size)
         if batch.decode_only:
             pair = self._decode
@@ -160,6 +153,18 @@ class FlashInferAttentionBackend:
     ) -> None:
         """Fold attention over other keys (``other``, ``other_lse``) into ``out``, ``lse``."""
         self.fi.merge_state_in_place(out, lse, other, other_lse)
+
+
+def plan_options(batch: AttentionBatch, q_dtype: torch.dtype, kv_dtype: torch.dtype) -> dict:
+    """The keyword options of every wrapper's ``plan()`` for ``batch`` (eager or graph)."""
+    return dict(
+        window_left=batch.window_left,
+        logits_soft_cap=batch.logits_soft_cap or None,
+        q_data_type=q_dtype,
+        kv_data_type=kv_dtype,
+        o_data_type=q_dtype,
+        sm_scale=batch.sm_scale,
+    )
 
 
 def kv_scales(cache: PagedKVCacheManager) -> dict[str, float]:

@@ -1,20 +1,22 @@
-"""One object that turns a packed batch into attention output, for every layer."""
+"""One object that turns a step into attention output, for every layer: eager or from
+CUDA graphs."""
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 
-from .._checks import exact_bool, exact_int, one_of, shown
+from .._checks import exact_bool, exact_int, int_array, one_of, shown
 from .._flashinfer import flashinfer_or_none
-from ..errors import ArgumentTypeError, SeqAttnError, TensorSpecError
+from ..errors import ArgumentTypeError, InvalidArgumentError, SeqAttnError, TensorSpecError
 from ..packed_data import FlashInferPackedData
-from ..shared_prefix import SharedPrefix, find_shared_prefixes
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch, checked_qo_heads, query_dtype
-from .cascade import CascadeSplit, QueryRows, split_for_cascade
-from .flashinfer_backend import FlashInferAttentionBackend
+from .cascade import CascadeSplit, choose_split, run_cascade
+from .cuda_graph import GraphBuckets, capture
+from .flashinfer_backend import FlashInferAttentionBackend, decode_tensor_cores, plan_options
 from .torch_backend import TorchAttentionBackend
 
 BACKENDS = ("auto", "flashinfer", "torch")
@@ -22,11 +24,15 @@ Backend = Union[FlashInferAttentionBackend, TorchAttentionBackend]
 
 
 class PagedAttention:
-    """Attention over a :class:`PagedKVCacheManager`: plan once per step, run per layer.
+    """Attention over a :class:`PagedKVCacheManager`: plan once per step, then per layer
+    one call that appends the layer's new K/V and attends (:meth:`forward`).
 
     The same calls run on flashinfer (CUDA) and on plain torch (any device). Prefill,
     chunked prefill over an existing prefix, decode and mixed batches all go through
-    one :meth:`plan`; the query tokens of each sequence are its newest tokens.
+    one :meth:`plan`; the query tokens of each sequence are its newest tokens. With
+    ``cuda_graph_batch_sizes``, a decode step can also be planned into fixed buffers
+    (``plan(step, cuda_graph=True)``) and its per-layer calls captured in a CUDA graph
+    (:meth:`capture`): the same object, options and append, run another way.
 
     Args:
         cache: the paged K/V storage (its ``num_heads`` are the KV heads).
@@ -42,6 +48,12 @@ class PagedAttention:
         cascade_min_saved_tokens: with ``plan(cascade=None)``, cascade attention is used
             when reading shared prefixes once saves at least this many K/V tokens per
             layer (below it, the extra kernels cost more than they save).
+        cuda_graph_batch_sizes: the CUDA-graph buckets (flashinfer only); a graph step
+            of ``B`` sequences runs padded to the smallest bucket ``>= B``. Holds one
+            page of the pool (padded rows write there) until :meth:`close`.
+        max_pages: most pages one graph step may hold (default: the whole pool).
+        cascade_groups: run every graph step as cascade attention with up to this many
+            groups of rows sharing leading pages (0: plain decode).
 
     Example:
         >>> import torch
@@ -49,11 +61,11 @@ class PagedAttention:
         >>> cache = PagedKVCacheManager(16, 4, 2, 8, torch.float32, "cpu", num_layers=1)
         >>> desc, attn = CacheDescriptor(cache), PagedAttention(cache, num_qo_heads=4)
         >>> desc.allocate([0, 1], [5, 3])
-        >>> packed = desc.pack_for_flashinfer([0, 1], append_lens=[5, 3])
+        >>> step = desc.pack_for_flashinfer([0, 1], append_lens=[5, 3])
+        >>> attn.plan(step)                        # queries: the 5 + 3 appended tokens
+        8
         >>> k = v = torch.randn(8, 2, 8)
-        >>> cache.append_kv(k, v, packed)
-        >>> attn.plan(packed)                      # queries: the 5 + 3 appended tokens
-        >>> attn.run(torch.randn(8, 4, 8), layer=0).shape
+        >>> attn.forward(torch.randn(8, 4, 8), k, v, layer=0).shape
         torch.Size([8, 4, 8])
     """
 
@@ -67,6 +79,9 @@ class PagedAttention:
         decode_use_tensor_cores: Optional[bool] = None,
         cascade_min_saved_tokens: int = 8192,
         workspace: Optional[torch.Tensor] = None,
+        cuda_graph_batch_sizes: Optional[Sequence[int]] = None,
+        max_pages: Optional[int] = None,
+        cascade_groups: int = 0,
     ) -> None:
         if not isinstance(cache, PagedKVCacheManager):
             raise ArgumentTypeError(f"cache must be a PagedKVCacheManager, got {shown(cache)}")
@@ -77,25 +92,33 @@ class PagedAttention:
         exact_int(cascade_min_saved_tokens, "cascade_min_saved_tokens", low=0)
         if workspace is not None and not isinstance(workspace, torch.Tensor):
             raise ArgumentTypeError(f"workspace must be None or a tensor, got {shown(workspace)}")
+        buckets = _checked_buckets(cuda_graph_batch_sizes, max_pages, cascade_groups, cache)
         self.cache = cache
         self.num_qo_heads = num_qo_heads
         if backend == "auto":
             usable = cache.device.type == "cuda" and flashinfer_or_none() is not None
             backend = "flashinfer" if usable else "torch"
+        if buckets is not None and backend != "flashinfer":
+            raise InvalidArgumentError("cuda_graph_batch_sizes needs the flashinfer backend")
         self.impl: Backend
         if backend == "flashinfer":
             self.impl = FlashInferAttentionBackend(
-                cache, num_qo_heads,
-                workspace_bytes=workspace_bytes,
-                decode_use_tensor_cores=decode_use_tensor_cores,
-                workspace=workspace,
+                cache, num_qo_heads, workspace_bytes=workspace_bytes,
+                decode_use_tensor_cores=decode_use_tensor_cores, workspace=workspace,
             )  # fmt: skip
         else:
             self.impl = TorchAttentionBackend(cache, num_qo_heads)
+        self.graphs: Optional[GraphBuckets] = None
+        if buckets is not None:
+            assert isinstance(self.impl, FlashInferAttentionBackend)
+            cores = decode_tensor_cores(num_qo_heads, cache.num_heads, decode_use_tensor_cores)
+            self.graphs = GraphBuckets(cache, num_qo_heads, *buckets[:2], self.impl.workspace,
+                                       cores, buckets[2])  # fmt: skip
         self._shared_impl: Optional[Backend] = None  # the shared level of cascade steps
         self.cascade_min_saved_tokens = cascade_min_saved_tokens
         self.batch: Optional[AttentionBatch] = None
         self.cascade: Optional[CascadeSplit] = None
+        self._graph_step = False
         self._q_dtype: Optional[torch.dtype] = None
         self._q_shape = torch.Size()
 
@@ -120,11 +143,13 @@ class PagedAttention:
         logits_soft_cap: Optional[float] = None,
         q_dtype: Optional[torch.dtype] = None,
         cascade: Optional[bool] = None,
-    ) -> None:
-        """Prepare attention for one step's batch; call once, then :meth:`run` per layer.
+        cuda_graph: bool = False,
+    ) -> int:
+        """Prepare attention for one step; call once, then :meth:`forward` (or
+        :meth:`run`) per layer. Returns the query rows each layer's call takes.
 
         Args:
-            packed: the batch's page table, packed after allocating this step's tokens
+            packed: the step, packed after allocating its tokens
                 (``CacheDescriptor.pack_for_flashinfer(ids, append_lens, device=...)``).
             qo_lens: query tokens per sequence, ``[batch_size]``; default: the packed
                 ``append_lens`` (queries are the tokens this step appends).
@@ -132,33 +157,74 @@ class PagedAttention:
             sm_scale: default ``1 / sqrt(head_dim)``.
             window_left: keys at most this far left of a query are visible; -1: all.
             logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits; None: off.
-            q_dtype: dtype of ``q`` in :meth:`run`; default: the cache's dtype (for an
-                fp8 cache, float16).
+            q_dtype: dtype of ``q``; default: the cache's dtype (float16 for fp8).
             cascade: read the pages that rows share at their start once per group
                 (cascade attention; same result up to rounding). None: when the batch
                 was packed with ``shared_prefix=True`` and it saves at least
                 ``cascade_min_saved_tokens``. True: whenever rows share a page (found
                 from the page table if it was not packed so; needs it on the host then).
                 Not combined with ``window_left``.
+            cuda_graph: plan a decode step into its bucket's fixed buffers (needs
+                ``cuda_graph_batch_sizes``); each layer's call then takes ``bucket``
+                rows, the first ``batch_size`` of them real. Cascade as the
+                constructor's ``cascade_groups`` says.
         """
         cache = self.cache
         exact_bool(cascade, "cascade", optional=True)
+        cuda_graph = bool(exact_bool(cuda_graph, "cuda_graph"))
+        if cuda_graph and self.graphs is None:
+            raise InvalidArgumentError("cuda_graph=True needs cuda_graph_batch_sizes")
         q_dtype = query_dtype(q_dtype, cache.dtype)
         batch = AttentionBatch.build(
             packed, cache, qo_lens, causal=causal, sm_scale=sm_scale,
             window_left=window_left, logits_soft_cap=logits_soft_cap,
         )  # fmt: skip
-        split = self._split(batch, cascade)
-        # the last plan stays in force until this one is checked: only now switch
-        self.batch, self.cascade, self._q_dtype = batch, split, q_dtype
-        self._q_shape = torch.Size((batch.num_query_tokens, self.num_qo_heads, cache.head_dim))
-        if split is None:
-            self.impl.plan(batch, q_dtype)
-        elif split.fused is not None:
-            self.impl.plan(split.fused, q_dtype)
+        if self.graphs is not None and cuda_graph:
+            rows = self.graphs.plan(batch, plan_options(batch, q_dtype, cache.dtype))
+            split = self.graphs.cascade
         else:
-            self.impl.plan(split.suffix, q_dtype)
-            self._shared_backend().plan(split.shared, q_dtype)
+            split = choose_split(batch, cascade, cache.page_size, self.cascade_min_saved_tokens)
+            rows = batch.num_query_tokens
+            if split is None:
+                self.impl.plan(batch, q_dtype)
+            elif split.fused is not None:
+                self.impl.plan(split.fused, q_dtype)
+            else:
+                self.impl.plan(split.suffix, q_dtype)
+                self._shared_backend().plan(split.shared, q_dtype)
+        # the last plan stayed in force until this one was checked: only now switch
+        self.batch, self.cascade, self._q_dtype = batch, split, q_dtype
+        self._graph_step = cuda_graph
+        self._q_shape = torch.Size((rows, self.num_qo_heads, cache.head_dim))
+        return rows
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int = 0,
+        *,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Append one layer's new K/V for the planned step, then attend.
+
+        Args:
+            q: ``shape: [rows, num_qo_heads, head_dim]`` (``rows`` as :meth:`plan`
+                returned), the planned dtype, on the cache's device.
+            k, v: ``shape: [rows, num_kv_heads, head_dim]``, the cache's dtype (or a
+                float dtype an fp8 cache quantizes); row ``i`` is the token of query ``i``.
+            layer: which layer's pages to write and read.
+            out: optional output buffer shaped like ``q``.
+        """
+        if self._graph_step:
+            assert self.graphs is not None
+            self.graphs.append(k, v, layer)
+        elif self.batch is not None:
+            self.cache.append_kv(k, v, self.batch.packed, layer=layer)
+        result = self.run(q, layer, out=out)
+        assert isinstance(result, torch.Tensor)
+        return result
 
     def run(
         self,
@@ -168,15 +234,15 @@ class PagedAttention:
         return_lse: bool = False,
         out: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Attention output of one layer for the planned batch.
+        """Attention output of one layer for the planned step (its K/V appended already).
 
         Args:
-            q: ``shape: [num_query_tokens, num_qo_heads, head_dim]``, the planned dtype,
-                on the cache's device; rows grouped by sequence in batch order.
-            layer: which layer's pages to read (append its K/V first).
+            q: ``shape: [rows, num_qo_heads, head_dim]``, the planned dtype, on the
+                cache's device; rows grouped by sequence in batch order.
+            layer: which layer's pages to read.
             return_lse: also return the log-sum-exp of the logits, in base 2 (as
-                flashinfer), ``shape: [num_query_tokens, num_qo_heads], dtype: float32``
-                (float64 for float64 queries on the torch backend).
+                flashinfer), ``shape: [rows, num_qo_heads], dtype: float32`` (float64
+                for float64 queries on the torch backend); not for CUDA-graph steps.
             out: optional output buffer with the shape, dtype and device of ``q``.
 
         Returns:
@@ -200,74 +266,30 @@ class PagedAttention:
         if not fits:
             self._explain("q", q)
             self._explain("out", out)
-        if type(return_lse) is not bool:
+        if type(return_lse) is not bool or (return_lse and self._graph_step):
             exact_bool(return_lse, "return_lse")
+            raise InvalidArgumentError("return_lse is not available for a CUDA-graph step")
+        if self._graph_step:
+            assert self.graphs is not None
+            return self.graphs.run(q, layer, out)
         if self.cascade is None:
             result, lse = self.impl.run(q, layer, return_lse, out)
         else:
-            result, lse = self._run_cascade(q, layer, out)
+            result, lse = run_cascade((self.impl, self._shared_impl), self.cascade, q, layer, out)
         return (result, lse) if return_lse else result  # type: ignore[return-value]
 
-    def _run_cascade(
-        self, q: torch.Tensor, layer: int, out: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        split = self.cascade
-        assert split is not None
-        rows = split.query_rows
-        shared_q = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)
-        if split.fused is not None:  # one batch: the rows' suffixes, then the groups
-            both, both_lse = self.impl.run(torch.cat([q, shared_q]), layer, True, None)
-            assert both_lse is not None
-            n = q.shape[0]
-            result, lse = both[:n], both_lse[:n]
-            shared, shared_lse = both[n:], both_lse[n:]
-        else:
-            assert self._shared_impl is not None
-            result, lse = self.impl.run(q, layer, True, out)  # type: ignore[assignment]
-            shared, shared_lse = self._shared_impl.run(shared_q, layer, True, None)  # type: ignore[assignment]
-        self._merge_rows(result, lse, shared, shared_lse, rows)
-        if out is not None and out.data_ptr() != result.data_ptr():
-            result = out.copy_(result)
-        return result, lse
+    def capture(self, step: Callable[[], Any], *, warmup: int = 2) -> torch.cuda.CUDAGraph:
+        """Capture ``step`` (this object's :meth:`forward` calls on static tensors, and
+        any model code around them) for the planned CUDA-graph bucket; see
+        :func:`~seqattn.attention.cuda_graph.capture`."""
+        if not self._graph_step:
+            raise SeqAttnError("capture() follows plan(..., cuda_graph=True)")
+        return capture(step, warmup=warmup)
 
-    def _merge_rows(
-        self,
-        result: torch.Tensor,
-        lse: torch.Tensor,
-        shared: torch.Tensor,
-        shared_lse: torch.Tensor,
-        rows: QueryRows,
-    ) -> None:
-        """Fold the shared level's output into the query rows it covers, in place."""
-        if isinstance(rows, slice):
-            self.impl.merge(result[rows], lse[rows], shared, shared_lse)
-        else:
-            picked, picked_lse = result.index_select(0, rows), lse.index_select(0, rows)
-            self.impl.merge(picked, picked_lse, shared, shared_lse)
-            result.index_copy_(0, rows, picked)
-            lse.index_copy_(0, rows, picked_lse)
-
-    def _split(self, batch: AttentionBatch, cascade: Optional[bool]) -> Optional[CascadeSplit]:
-        if cascade is False or (cascade is None and batch.packed.shared_prefix is None):
-            return None
-        if batch.window_left >= 0:
-            if cascade:
-                raise SeqAttnError("cascade attention does not combine with window_left")
-            return None
-        prefix = batch.packed.shared_prefix or self._find_shared_prefix(batch)
-        least = 1 if cascade else self.cascade_min_saved_tokens
-        return split_for_cascade(batch, prefix, self.cache.page_size, least)
-
-    def _find_shared_prefix(self, batch: AttentionBatch) -> SharedPrefix:
-        packed = batch.packed
-        if packed.kv_page_indices.device.type != "cpu":
-            raise SeqAttnError(
-                "cascade=True needs the batch packed with shared_prefix=True "
-                "(or its kv_page_indices on the host)"
-            )
-        indptr = packed.kv_page_indptr.cpu().numpy()
-        full = batch.kv_lens // self.cache.page_size
-        return find_shared_prefixes(packed.kv_page_indices.numpy(), indptr[:-1], full)
+    def close(self) -> None:
+        """Give the CUDA-graph scratch page back to the pool (graphs stop working)."""
+        if self.graphs is not None:
+            self.graphs.close()
 
     def _shared_backend(self) -> Backend:
         if self._shared_impl is None:
@@ -287,13 +309,25 @@ class PagedAttention:
             return
         if not isinstance(t, torch.Tensor):
             raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {shown(t)}")
-        if t.shape != self._q_shape:
-            raise TensorSpecError(
-                f"{name} must have shape {list(self._q_shape)}, got {list(t.shape)}"
-            )
-        if t.dtype != self._q_dtype:
-            raise TensorSpecError(
-                f"{name} must have the planned dtype {self._q_dtype}, got {t.dtype}"
-            )
-        if t.device != self.cache.device:
-            raise TensorSpecError(f"{name} must be on {self.cache.device}, got {t.device}")
+        planned = [
+            ("shape", list(self._q_shape), list(t.shape)),
+            ("dtype", self._q_dtype, t.dtype),
+            ("device", self.cache.device, t.device),
+        ]
+        for what, want, got in planned:  # fmt: skip
+            if want != got:
+                raise TensorSpecError(f"{name} must have the planned {what} {want}, got {got}")
+
+
+def _checked_buckets(
+    sizes: object, max_pages: object, cascade_groups: object, cache: PagedKVCacheManager
+) -> Optional[tuple[list[int], int, int]]:
+    """``(sorted distinct bucket sizes, max_pages, cascade_groups)``, or None without graphs."""
+    groups = exact_int(cascade_groups, "cascade_groups", low=0)
+    pages = cache.num_pages if max_pages is None else exact_int(max_pages, "max_pages", low=1)
+    if sizes is None:
+        return None
+    buckets = int_array(sizes, "cuda_graph_batch_sizes", low=1, high=2**20)
+    if buckets.size == 0:
+        raise InvalidArgumentError("cuda_graph_batch_sizes must name at least one bucket")
+    return sorted(set(buckets.tolist())), pages, groups

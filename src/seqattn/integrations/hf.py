@@ -19,11 +19,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .._arrays import concat_ranges
 from .._checks import INT64_MAX, exact_bool, exact_int, id_list, int_array, shown
 from .._flashinfer import flashinfer_or_none
-from .._transfer import upload
-from ..attention import CUDAGraphDecodeAttention, PagedAttention
+from ..attention import PagedAttention
 from ..attention.paged_attention import BACKENDS
 from ..descriptor import CacheDescriptor
 from ..errors import (
@@ -57,7 +55,7 @@ def paged_attention_forward(
     scaling: Optional[float] = None,
     dropout: float = 0.0,
     sliding_window: Optional[int] = None,
-    seqattn_step: Optional[_LayerCall] = None,
+    seqattn_step: Optional[StepContext] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface, backed by the step's paged cache.
@@ -79,9 +77,21 @@ def paged_attention_forward(
     return seqattn_step.attend(module.layer_idx, query, key, value, scaling, sliding_window), None
 
 
-class _LayerCall:
-    """Where the registered attention function hands a layer's call: the new K/V go to
-    the cache, then the queries attend."""
+class StepContext:
+    """One forward's attention: each layer's (window, scale) variant, planned once for
+    the step and then called per layer (append the new K/V, attend). ``planned``: one
+    attention planned already for every layer (a CUDA-graph step)."""
+
+    def __init__(
+        self,
+        runner: PagedCausalLM,
+        step: Optional[FlashInferPackedData],
+        planned: Optional[PagedAttention] = None,
+    ) -> None:
+        self.runner = runner
+        self.step = step
+        self._every_layer = planned
+        self._planned: dict[tuple[int, Optional[float]], PagedAttention] = {}
 
     def attend(
         self,
@@ -96,98 +106,62 @@ class _LayerCall:
         # HF's window W: a query at p sees keys in (p - W, p]; flashinfer's window_left
         # counts the keys left of the query: W - 1
         window = -1 if sliding_window is None else int(sliding_window) - 1
-        return self.append_and_run(layer, q, k, v, window, scaling).unsqueeze(0)
-
-    def append_and_run(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        window: int,
-        scaling: Optional[float],
-    ) -> torch.Tensor:
-        """``q [tokens, qo_heads, head_dim]``, ``k``/``v [tokens, kv_heads, head_dim]``
-        -> the attention output shaped like ``q``."""
-        raise NotImplementedError
+        attention = self._every_layer or self._planned.get((window, scaling))
+        if attention is None:
+            attention = self.runner.attention_for(window, scaling)
+            assert self.step is not None, "an eager step plans each variant it meets"
+            attention.plan(self.step, window_left=window, sm_scale=scaling, q_dtype=q.dtype)
+            self._planned[(window, scaling)] = attention
+        return attention.forward(q, k, v, layer).unsqueeze(0)
 
 
-class StepContext(_LayerCall):
-    """One eager forward's batch: where each layer's new K/V go and how attention is
-    planned."""
+class _DecodeGraphs:
+    """Decode steps replayed from CUDA graphs: the runner's one attention variant with
+    buckets, and per bucket a captured forward with its static inputs and logits."""
 
-    def __init__(self, runner: PagedCausalLM, packed: FlashInferPackedData) -> None:
+    def __init__(self, runner: PagedCausalLM, attention: PagedAttention, plan: dict) -> None:
         self.runner = runner
-        self.packed = packed
-        self._planned: dict[tuple[int, Optional[float]], PagedAttention] = {}
+        self.attention = attention
+        self.plan_options = plan  # window_left, sm_scale of the model's one variant
+        # per bucket: graph, static input ids, position ids, kept rows, logits
+        self.captured: dict[int, tuple[Any, ...]] = {}
 
-    def append_and_run(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        window: int,
-        scaling: Optional[float],
-    ) -> torch.Tensor:
-        self.runner.cache.append_kv(k, v, self.packed, layer=layer)
-        out = self._attention(window, scaling, q.dtype).run(q, layer)
-        assert isinstance(out, torch.Tensor)
-        return out
+    def replay(self, step: FlashInferPackedData, tokens: torch.Tensor) -> torch.Tensor:
+        """The logits of a decode ``step`` whose ``[n]`` input tokens are on the device."""
+        runner, n = self.runner, step.batch_size
+        bucket = self.attention.plan(step, cuda_graph=True, q_dtype=runner.cache.dtype,
+                                     **self.plan_options)  # fmt: skip
+        if bucket not in self.captured:
+            self.captured[bucket] = self._capture(bucket)
+        graph, input_ids, position_ids, _, logits = self.captured[bucket]
+        # padding rows keep whatever valid token and position their row last held
+        input_ids[0, :n].copy_(tokens)
+        position_ids[0, :n].copy_(step.append_positions)
+        graph.replay()
+        return logits[:n]
 
-    def _attention(
-        self, window: int, scaling: Optional[float], dtype: torch.dtype
-    ) -> PagedAttention:
-        """Planned once per step for each (window, scale) the model's layers use."""
-        planned = self._planned.get((window, scaling))
-        if planned is None:
-            planned = self.runner.attention_for(window, scaling)
-            planned.plan(self.packed, window_left=window, sm_scale=scaling, q_dtype=dtype)
-            self._planned[(window, scaling)] = planned
-        return planned
-
-
-class GraphStepContext(_LayerCall):
-    """Attention inside a captured decode step: the planned bucket's fixed buffers."""
-
-    def __init__(self, decode: CUDAGraphDecodeAttention) -> None:
-        self.decode = decode
-
-    def append_and_run(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        window: int,
-        scaling: Optional[float],
-    ) -> torch.Tensor:
-        del window, scaling  # one variant for all layers, planned per step (_replay)
-        self.decode.append_kv(k, v, layer)
-        return self.decode.run(q, layer)
-
-
-class _CapturedStep:
-    """A decode step of one bucket: its graph and static inputs and logits."""
-
-    def __init__(self, runner: PagedCausalLM, bucket: int, decode: CUDAGraphDecodeAttention):
-        device = runner.device
-        self.input_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
-        self.position_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
-        # the graph reads these by address: they must live as long as the graph does
-        self.rows = torch.arange(bucket, device=device)
-        context = GraphStepContext(decode)
+    def _capture(self, bucket: int) -> tuple[Any, ...]:
+        runner, device = self.runner, self.runner.device
+        input_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
+        position_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
+        rows = torch.arange(bucket, device=device)  # the graph reads these by address
+        context = StepContext(runner, None, self.attention)
         outputs: list[torch.Tensor] = []
 
         def forward() -> None:
             with torch.inference_mode():
                 outputs.append(runner.model(
-                    input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False,
-                    logits_to_keep=self.rows, seqattn_step=context,
+                    input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=rows, seqattn_step=context,
                 ).logits[0])  # fmt: skip
 
-        self.graph = decode.capture(forward)
-        self.logits = outputs[-1]  # the captured call's output: replays write it
+        graph = self.attention.capture(forward)
+        return graph, input_ids, position_ids, rows, outputs[-1]  # replays write the last
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.runner.device)  # no replay may still read what is freed
+        self.captured.clear()
+        self.attention.close()
 
 
 class PagedCausalLM:
@@ -254,9 +228,7 @@ class PagedCausalLM:
         self.descriptor = CacheDescriptor(self.cache, prefix_caching=prefix_caching)
         self.backend = backend
         self._attention: dict[tuple[int, Optional[float]], PagedAttention] = {}
-        self._graph_decode: Optional[CUDAGraphDecodeAttention] = None
-        self._graphs: dict[int, _CapturedStep] = {}
-        self._graph_plan: dict[str, Any] = {}
+        self._graphs: Optional[_DecodeGraphs] = None
 
     @property
     def device(self) -> torch.device:
@@ -266,7 +238,7 @@ class PagedCausalLM:
     def reserved_pages(self) -> int:
         """Pages of the pool the runner holds for itself: the scratch page that padded
         CUDA-graph decode rows write into, while graphs are on; 0 otherwise."""
-        return 0 if self._graph_decode is None else 1
+        return 0 if self._graphs is None else 1
 
     def attention_for(self, window: int, scaling: Optional[float]) -> PagedAttention:
         """The attention object of one (window, scale) variant, made once."""
@@ -309,12 +281,8 @@ class PagedCausalLM:
         seq_ids = self._batch_ids(seq_ids)
         rows = self._token_rows(tokens, len(seq_ids))
         lens = np.array([row.size for row in rows], dtype=np.int64)
-        ends = self.descriptor.seq_lens(seq_ids).astype(np.int64)
-        self._check_allocated(seq_ids, ends, lens)
-        flat = np.concatenate(rows)
-        # tokens, positions and each sequence's last row go up in one asynchronous copy
-        inputs = self._upload(flat, concat_ranges(ends - lens, lens), np.cumsum(lens) - 1)
-        return self._run(seq_ids, lens, inputs[0], inputs[1], inputs[2])
+        self._check_allocated(seq_ids, lens)
+        return self._run(seq_ids, lens, np.concatenate(rows))
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], tokens: Union[list[int], torch.Tensor]) -> torch.Tensor:
@@ -354,30 +322,30 @@ class PagedCausalLM:
             tokens = self._token_row(tokens, "tokens")
             if tokens.size != n:
                 raise InvalidLengthError(f"pass one token per sequence ({n}), got {tokens.size}")
-        lens = self.descriptor.seq_lens(seq_ids).astype(np.int64)
-        self._check_allocated(seq_ids, lens, np.ones(n, np.int64))
-        positions = lens - 1
-        if 0 < n <= self.graph_batch_limit():
-            return self._replay(seq_ids, tokens, positions)
-        if isinstance(tokens, torch.Tensor):
-            positions_t, rows = self._upload(positions, np.arange(n))
-            return self._run(seq_ids, np.ones(n, np.int64), tokens, positions_t, rows)
-        inputs = self._upload(np.asarray(tokens, dtype=np.int64), positions, np.arange(n))
-        return self._run(seq_ids, np.ones(n, np.int64), *inputs)
+        ones = np.ones(n, np.int64)
+        self._check_allocated(seq_ids, ones)
+        return self._run(seq_ids, ones, tokens, graphs=n <= self.graph_batch_limit())
 
     def _run(
         self,
         seq_ids: list[int],
         lens: np.ndarray,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        last_rows: torch.Tensor,
+        tokens: Union[np.ndarray, torch.Tensor],
+        graphs: bool = False,
     ) -> torch.Tensor:
-        """The eager forward of one flat row of new tokens (tensors on the model's device)."""
-        packed = self.descriptor.pack_for_flashinfer(seq_ids, lens.tolist(), device=self.device)
+        """The forward of one flat row of new tokens (``[sum(lens)]``, on the host or the
+        device): the step is packed once, the host tokens going up with it."""
+        on_host = not isinstance(tokens, torch.Tensor)
+        step = self.descriptor.pack_for_flashinfer(
+            seq_ids, lens, device=self.device, inputs=[tokens] if on_host else ()
+        )
+        input_ids = step.inputs[0] if on_host else tokens
+        if graphs:
+            assert self._graphs is not None
+            return self._graphs.replay(step, input_ids)  # type: ignore[arg-type]
         output = self.model(
-            input_ids=tokens[None], position_ids=positions[None], use_cache=False,
-            logits_to_keep=last_rows, seqattn_step=StepContext(self, packed),
+            input_ids=input_ids[None], position_ids=step.append_positions[None],  # type: ignore[index]
+            use_cache=False, logits_to_keep=step.last_rows, seqattn_step=StepContext(self, step),
         )  # fmt: skip
         return output.logits[0]
 
@@ -426,8 +394,9 @@ class PagedCausalLM:
                 f"{tokens.dtype} of shape {list(tokens.shape)} on {tokens.device}"
             )
 
-    def _check_allocated(self, seq_ids: list[int], lens: np.ndarray, new: np.ndarray) -> None:
+    def _check_allocated(self, seq_ids: list[int], new: np.ndarray) -> None:
         """Each sequence already holds its new tokens (allocated before the forward)."""
+        lens = self.descriptor.seq_lens(seq_ids)
         short = np.flatnonzero(lens < new)
         if short.size:
             i = int(short[0])
@@ -435,10 +404,6 @@ class PagedCausalLM:
                 f"sequence {seq_ids[i]} holds {int(lens[i])} tokens, fewer than the "
                 f"{int(new[i])} new ones passed: allocate them first"
             )
-
-    def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        """int64 host arrays on the model's device, through one pinned, non-blocking copy."""
-        return upload(self.device, list(arrays), dtype=torch.int64)[0]
 
     # --------------------------------------------------------------- CUDA graphs
     def enable_cuda_graphs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> bool:
@@ -452,59 +417,34 @@ class PagedCausalLM:
         if not usable or len(variants) != 1 or flashinfer_or_none() is None:
             self.disable_cuda_graphs()
             return False
-        current = self._graph_decode
-        if current is not None and current.batch_sizes == sorted(set(batch_sizes)):
+        current = self._graphs
+        if current is not None and current.attention.graphs.batch_sizes == sorted(set(batch_sizes)):  # type: ignore[union-attr]
             return True
         # graphs captured on the old buckets' buffers must never replay with new plans
         self.disable_cuda_graphs()
         window, scaling = variants.pop()
         heads = self.config.num_attention_heads
-        self._graph_decode = CUDAGraphDecodeAttention(self.cache, heads, batch_sizes=batch_sizes)
-        self._graph_plan = dict(window_left=window, sm_scale=scaling)
+        workspace = next(iter(self._attention.values()), None)
+        attention = PagedAttention(
+            self.cache, heads, backend="flashinfer", cuda_graph_batch_sizes=batch_sizes,
+            workspace=None if workspace is None else workspace.workspace,
+        )  # fmt: skip
+        self._attention[(window, scaling)] = attention  # eager steps plan the same object
+        self._graphs = _DecodeGraphs(self, attention, dict(window_left=window, sm_scale=scaling))
         return True
 
     def disable_cuda_graphs(self) -> None:
         """Decode eagerly from now on; frees the captured graphs, their buffers and
         their scratch page."""
-        if self._graph_decode is None:
-            return
-        torch.cuda.synchronize(self.device)  # no replay may still read what is freed
-        self._graphs.clear()
-        self._graph_decode.close()
-        self._graph_decode = None
+        if self._graphs is not None:
+            self._graphs.close()
+            self._attention = {k: a for k, a in self._attention.items() if a.graphs is None}
+            self._graphs = None
 
     def graph_batch_limit(self) -> int:
         """The largest decode batch a graph takes (0: graphs off)."""
-        decode = self._graph_decode
-        return 0 if decode is None else decode.batch_sizes[-1]
-
-    def _replay(
-        self,
-        seq_ids: list[int],
-        tokens: Union[list[int], torch.Tensor],
-        positions: np.ndarray,
-    ) -> torch.Tensor:
-        """A decode step replayed from its bucket's graph (captured on first use)."""
-        decode = self._graph_decode
-        assert decode is not None
-        n = len(seq_ids)
-        packed = self.descriptor.pack_for_flashinfer(seq_ids, [1] * n, device=self.device)
-        bucket = decode.plan(packed, q_dtype=self.cache.dtype, **self._graph_plan)
-        step = self._graphs.get(bucket)
-        if step is None:
-            step = self._graphs[bucket] = _CapturedStep(self, bucket, decode)
-        # padding rows read position 0 and whatever valid token id their row holds
-        padded = np.zeros(bucket, dtype=np.int64)
-        padded[:n] = positions
-        if isinstance(tokens, torch.Tensor):
-            step.input_ids[0, :n].copy_(tokens)
-            (position_ids,) = self._upload(padded)
-        else:
-            ids, position_ids = self._upload(np.asarray(tokens, dtype=np.int64), padded)
-            step.input_ids[0, :n].copy_(ids)
-        step.position_ids[0].copy_(position_ids)
-        step.graph.replay()
-        return step.logits[:n]
+        graphs = None if self._graphs is None else self._graphs.attention.graphs
+        return 0 if graphs is None else graphs.batch_sizes[-1]
 
 
 def attention_variants(model: Any) -> set[tuple[int, Optional[float]]]:

@@ -1,14 +1,11 @@
-"""``seqattn demo``: serve a batch of requests behind a shared system prompt and check the
-tokens against transformers' own greedy ``generate``.
+"""``seqattn demo``: serve a batch of requests behind a shared system prompt on seqattn's
+engine and check every token against transformers' own greedy ``generate``.
 
-With no arguments it runs on the CPU with a small seeded random-weight Llama-style model
-(no download). ``--config PATH`` takes an HF ``config.json`` (random weights),
-``--model PATH`` loads real weights (an HF directory, a ``.gguf`` file, or a directory
-holding one) and, when the model comes with a tokenizer, answers a few chat questions.
-``--device cuda`` runs flashinfer.
-
-A user's mistake (a bad option, file, config or device) ends with a short message on
-stderr and exit status 2, never a traceback.
+By default a small seeded random-weight Llama on the CPU (no download); ``--config`` takes
+an HF ``config.json`` (random weights), ``--model`` real weights (an HF directory, a
+``.gguf`` file or a directory holding one; with a tokenizer, it answers chat questions);
+``--device cuda`` runs flashinfer. A user's mistake (option, file, config, device) ends in
+one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -37,17 +34,12 @@ DEMO_CONFIG = dict(
     model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1024,
 )  # fmt: skip
-# what a real chat model is asked, one question per request (cycled past eight)
-QUESTIONS = (
-    "What is the capital of France?",
-    "Name the three primary colors.",
-    "How many legs does a spider have?",
-    "What is the boiling point of water in Celsius?",
-    "Who wrote Romeo and Juliet?",
-    "What gas do plants take in from the air?",
-    "What is the largest planet in our solar system?",
-    "Translate 'thank you' into Spanish.",
-)
+QUESTIONS = (  # what a real chat model is asked, one question per request (cycled past eight)
+    "What is the capital of France?", "Name the three primary colors.",
+    "How many legs does a spider have?", "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?", "What gas do plants take in from the air?",
+    "What is the largest planet in our solar system?", "Translate 'thank you' into Spanish.",
+)  # fmt: skip
 SUPPORTED = ", ".join(SUPPORTED_MODEL_TYPES)
 FIRST_PROMPT_TOKEN = 3  # random prompts avoid the ids that families keep for special tokens
 PAGE_SIZE = 16
@@ -96,13 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"seqattn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
-        "demo",
+    demo = commands.add_parser("demo",
         help="serve requests on seqattn's engine and check them against transformers",
         description="Serve requests on seqattn's engine (continuous batching, prefix caching, "
         "paged attention) and check every token against transformers' greedy generate. "
         "Without --config or --model: a small random-weight Llama on the CPU, no download.",
-    )
+    )  # fmt: skip
     source = demo.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, metavar="JSON", help=f"an HF config.json "
                         f"({SUPPORTED}); the model gets random weights")  # fmt: skip
@@ -160,14 +151,17 @@ def run_demo(args: argparse.Namespace) -> int:
     if tokenizer is not None:
         prompts = [encode_question(tokenizer, q) for q in questions]
         requests = f"{args.requests} chat requests, up to {n} new tokens each"
-    else:
-        prompts = random_prompts(config.vocab_size, args)
+    else:  # a shared random system prompt, then 8, 12, 16, ... random tokens per request
+        gen = torch.Generator().manual_seed(args.seed)
+        lengths = [args.system_tokens] + [8 + 4 * i for i in range(args.requests)]
+        system, *own = [torch.randint(FIRST_PROMPT_TOKEN, config.vocab_size, (k,),
+                                      generator=gen).tolist() for k in lengths]  # fmt: skip
+        prompts = [system + tokens for tokens in own]
         requests = (f"{args.requests} requests sharing a {args.system_tokens}-token system "
                     f"prompt, {n} new tokens each")  # fmt: skip
     backend = attention_backend(args.device)
     pages = len(prompts) * -(-(max(len(p) for p in prompts) + n) // PAGE_SIZE) + 8
     runner = PagedCausalLM(model, num_pages=pages, page_size=PAGE_SIZE, backend=backend)
-    engine = Engine(runner, max_step_tokens=256)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"seqattn demo: {config.model_type} ({params:.1f}M parameters, "
           f"{config.num_hidden_layers} layers, {config.num_attention_heads}/"
@@ -182,23 +176,12 @@ def run_demo(args: argparse.Namespace) -> int:
               "page)")  # fmt: skip
     # a real model stops at its end-of-sequence tokens, as HF generate does with it
     sampling = sampling_params(n, eos_token_ids(model) if args.model is not None else ())
-    outputs, seconds = serve(engine, prompts, sampling)
-    report(engine, outputs, seconds)
+    outputs = serve(Engine(runner, max_step_tokens=256), prompts, sampling)
     if tokenizer is not None:  # each question and the model's answer, one line each
         for question, output in zip(questions, outputs, strict=True):
             answer = " ".join(tokenizer.decode(output, skip_special_tokens=True).split())
             print(f"  > {question}\n    {answer}")
     return check_parity(model, prompts, outputs, n)
-
-
-def random_prompts(vocab: int, args: argparse.Namespace) -> list[list[int]]:
-    """A shared random system prompt, then 8, 12, 16, ... random tokens per request."""
-    gen = torch.Generator().manual_seed(args.seed)
-    lengths = [args.system_tokens] + [8 + 4 * i for i in range(args.requests)]
-    system, *own = [
-        torch.randint(FIRST_PROMPT_TOKEN, vocab, (k,), generator=gen).tolist() for k in lengths
-    ]
-    return [system + tokens for tokens in own]
 
 
 def encode_question(tokenizer: Any, question: str) -> list[int]:
@@ -229,36 +212,27 @@ def attention_backend(device: torch.device) -> str:
 
 # --------------------------------------------------------------------------- loading
 def load_model(args: argparse.Namespace) -> tuple[Any, Optional[Any]]:
-    """(model, tokenizer or None): random weights from the demo config or ``--config``,
-    or real ones from ``--model``; float32 on the CPU, bfloat16 on CUDA."""
-    device = args.device
+    """``(model, tokenizer or None)`` in float32 on the CPU, bfloat16 on CUDA: real weights
+    from ``--model``, else seeded random ones from ``--config`` or the demo config.
+
+    Random weights are refused beyond the memory free on the device: a config that leaves
+    sizes out gets transformers' defaults (6.7B parameters for Llama), which a small
+    machine would answer by killing the process."""
+    import transformers
+
+    device, path = args.device, args.config
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.model is not None:
         model, tokenizer = load_pretrained(args.model, dtype)
         generation = model.generation_config
         if generation.pad_token_id is None:  # else generate() warns that it borrows the EOS id
             generation.pad_token_id = next(iter(eos_token_ids(model)), 0)
-    else:
-        model, tokenizer = random_model(args.config, args.seed, dtype, device), None
-        model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
-        model.generation_config.pad_token_id = 0
-    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]  # transformers' .to
-
-
-def random_model(path: Optional[Path], seed: int, dtype: torch.dtype, device: torch.device) -> Any:
-    """A seeded random-weight model from the demo config or the config.json at ``path``.
-
-    Refused when its weights exceed the memory free on ``device``: a config that leaves
-    sizes out gets transformers' defaults (6.7B parameters for Llama), which a small
-    machine would answer by killing the process."""
-    import transformers
-
+        return model.to(device).eval(), tokenizer
     values = dict(DEMO_CONFIG) if path is None else read_config(path)
     source = "the demo config" if path is None else str(path)
     model_type = values.pop("model_type")
-    config = _guarded(
-        f"{source}: invalid config", transformers.AutoConfig.for_model, model_type, **values
-    )
+    config = _guarded(f"{source}: invalid config", transformers.AutoConfig.for_model,
+                      model_type, **values)  # fmt: skip
     check_sizes(config, source)
     build = transformers.AutoModelForCausalLM.from_config
     with torch.device("meta"):  # no memory: a shape check, and the size of the weights
@@ -271,21 +245,22 @@ def random_model(path: Optional[Path], seed: int, dtype: torch.dtype, device: to
                         f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free "
                         f"on {device} (sizes a config leaves out take transformers' "
                         "defaults)")  # fmt: skip
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed)
     with device:  # built where it runs: the memory just checked, and no host copy first
-        return _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
+        model = _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    model.generation_config.pad_token_id = 0
+    return model.eval(), None
 
 
 def free_memory(device: torch.device) -> Optional[int]:
     """Bytes free on ``device``; None where unknown (a CPU without ``/proc/meminfo``)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    kib = [int(line.split()[1]) for line in lines if line.startswith("MemAvailable:")]
-    return kib[0] * 1024 if kib else None
+        return next(int(s.split()[1]) * 1024 for s in lines if s.startswith("MemAvailable:"))
+    return None
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -294,10 +269,9 @@ def read_config(path: Path) -> dict[str, Any]:
         raise DemoError(f"{path}: no such file")
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DemoError(f"{path}: not valid JSON ({error})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DemoError(f"{path}: cannot read it ({error})") from None
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError included
+        what = "not valid JSON" if isinstance(error, json.JSONDecodeError) else "cannot read it"
+        raise DemoError(f"{path}: {what} ({error})") from None
     if not isinstance(values, dict):
         raise DemoError(f"{path}: expected a JSON object, got {type(values).__name__}")
     check_model_type(values.get("model_type"), str(path))
@@ -327,11 +301,9 @@ def check_sizes(config: Any, source: str) -> None:
 
 
 def _guarded(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-    """``call(*args, **kwargs)``; any exception becomes a one-line DemoError.
-
-    Used only where transformers turns a user's file into a config or model: it raises
-    many types there (ValueError, TypeError, KeyError, RuntimeError, huggingface_hub's
-    validation errors), and each means the file is wrong, not seqattn."""
+    """``call(*args, **kwargs)``, where transformers turns a user's file into a config or
+    model: any exception it raises there (ValueError, KeyError, huggingface_hub's
+    validation errors, ...) means the file is wrong, and becomes a one-line DemoError."""
     try:
         return call(*args, **kwargs)
     except Exception as error:
@@ -380,10 +352,8 @@ def load_pretrained(path: Path, dtype: torch.dtype) -> tuple[Any, Optional[Any]]
         kwargs["gguf_file"] = gguf_file
     else:
         read_config(directory / "config.json")  # refuses bad JSON or an unsupported family
-    config = _guarded(
-        f"{path}: cannot read its config", transformers.AutoConfig.from_pretrained,
-        directory, **kwargs,
-    )  # fmt: skip
+    config = _guarded(f"{path}: cannot read its config",
+                      transformers.AutoConfig.from_pretrained, directory, **kwargs)  # fmt: skip
     check_model_type(getattr(config, "model_type", None), str(path))
     check_sizes(config, str(path))
     load = transformers.AutoModelForCausalLM.from_pretrained
@@ -397,52 +367,46 @@ def load_pretrained(path: Path, dtype: torch.dtype) -> tuple[Any, Optional[Any]]
 
 
 # --------------------------------------------------------------------------- serving
-def serve(engine: Engine, prompts: list[list[int]], params: Any) -> tuple[list[list[int]], float]:
-    """All requests through the engine, with a progress bar; (outputs, seconds).
+def serve(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Every request's output, served with a progress bar, then a report of the engine.
 
     They arrive together: the engine computes the shared system prompt once, for the
     first, and starts the others from the prefix cache once it is there."""
     from tqdm import tqdm
 
-    n = params.max_new_tokens
-    start = time.perf_counter()
+    n, start = params.max_new_tokens, time.perf_counter()
     requests = [engine.requests[engine.add_request(p, params)] for p in prompts]
     # disable=None: no bar unless stderr is a terminal, so a piped log gets no redraws
     with tqdm(total=len(prompts) * n, desc="  generating", unit="tok", disable=None) as bar:
         while engine.has_work:
             engine.step()  # a request that stopped early counts as complete
             bar.update(sum(n if r.finish_reason else len(r.output) for r in requests) - bar.n)
-    return [r.output for r in requests], time.perf_counter() - start
-
-
-def report(engine: Engine, outputs: list[list[int]], seconds: float) -> None:
-    cache, stats = engine.runner.cache, engine.descriptor.prefix_stats
+    seconds, outputs = time.perf_counter() - start, [r.output for r in requests]
+    cache, stats, counts = engine.runner.cache, engine.descriptor.prefix_stats, engine.stats
     free, tokens = cache.allocator.free_pages_count, sum(len(o) for o in outputs)
     print(f"  {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s, "
-          f"{engine.stats.steps} steps, {engine.stats.preemptions} preemptions")  # fmt: skip
+          f"{counts.steps} steps, {counts.preemptions} preemptions")  # fmt: skip
     print(f"  pages: {cache.num_pages - free} held ({stats.cached_pages} cached for reuse), "
           f"{free} free of {cache.num_pages}")  # fmt: skip
     print(f"  prefix cache: hit rate {stats.hit_rate:.1%} ({stats.hit_tokens} of "
-          f"{stats.lookup_tokens} prompt tokens), {engine.stats.computed_prompt_tokens} "
+          f"{stats.lookup_tokens} prompt tokens), {counts.computed_prompt_tokens} "
           f"prompt tokens computed")  # fmt: skip
+    return outputs
 
 
 def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]], n: int) -> int:
-    """Compare with transformers' greedy generate (eager attention); 0 when equal.
-
-    ``generate`` uses the model's generation config, so it stops at the same
-    end-of-sequence tokens as the engine (none for the random-weight models)."""
+    """Print how the outputs compare with transformers' greedy generate (eager attention,
+    the model's generation config: the same EOS tokens); 1 if they differ in float32."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     references = []
     try:
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device=model.device)
-            with torch.inference_mode():
-                ref = model.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
-                )
-            references.append(ref[0, len(prompt) :].tolist())
+        with torch.inference_mode():
+            for prompt in prompts:
+                ids = torch.tensor([prompt], device=model.device)
+                ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                     do_sample=False)  # fmt: skip
+                references.append(ref[0, len(prompt) :].tolist())
     finally:
         model.set_attn_implementation(previous)
     same, total, first = token_agreement(references, outputs)
@@ -458,9 +422,9 @@ def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]],
 def token_agreement(
     references: list[list[int]], outputs: list[list[int]]
 ) -> tuple[int, int, Optional[int]]:
-    """Per request, reference tokens against generated ones: ``(tokens equal, reference
-    tokens, earliest position where any request differs or ends early)``; the position
-    is None when every request is identical."""
+    """``(tokens equal, reference tokens, earliest position where any request differs or
+    ends early)``, comparing each request's reference tokens with its generated ones; the
+    position is None when every request is identical."""
     same = total = 0
     first: Optional[int] = None
     for reference, output in zip(references, outputs, strict=True):

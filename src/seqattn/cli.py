@@ -1,12 +1,7 @@
-"""``seqattn demo``: serve a batch of requests behind a shared system prompt on seqattn's
-engine and check every token against transformers' own greedy ``generate``.
-
-By default a small seeded random-weight Llama on the CPU (no download); ``--config`` takes
-an HF ``config.json`` (random weights), ``--model`` real weights (an HF directory, a
-``.gguf`` file or a directory holding one; with a tokenizer, it answers chat questions);
-``--device cuda`` runs flashinfer. A user's mistake (option, file, config, device) ends in
-one line on stderr and exit status 2, never a traceback.
-"""
+"""``seqattn demo``: serve requests behind a shared system prompt on seqattn's engine and
+check every token against transformers' greedy ``generate`` (options: ``seqattn demo -h``).
+A user's mistake (option, file, config, device) ends in one line on stderr and exit status
+2, never a traceback."""
 
 from __future__ import annotations
 
@@ -17,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,20 +44,15 @@ class DemoError(SeqAttnError):
     """A user's mistake the demo reports in one line (exit status 2)."""
 
 
-# ----------------------------------------------------------------------------- parsing
-def int_at_least(low: int, expected: str) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low``, else "expected {expected}, got ..."."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-        return value
-
-    return parse
+def int_at_least(low: int, expected: str, text: str) -> int:
+    """argparse type (through ``partial``): an integer >= ``low``, described as ``expected``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return value
 
 
 def device_arg(text: str) -> torch.device:
@@ -103,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "accelerate); with a tokenizer, it answers chat questions")  # fmt: skip
     demo.add_argument("--device", type=device_arg, default=torch.device("cpu"), help="cpu "
                       "(default) or cuda[:N] (flashinfer attention when installed)")  # fmt: skip
-    positive = int_at_least(1, "a positive integer")
-    non_negative = int_at_least(0, "an integer >= 0")
+    positive = partial(int_at_least, 1, "a positive integer")
+    non_negative = partial(int_at_least, 0, "an integer >= 0")
     demo.add_argument("--requests", type=positive, default=8, metavar="N",
                       help="requests served together (default: 8)")  # fmt: skip
     demo.add_argument("--system-tokens", type=non_negative, default=96, metavar="N",
@@ -138,7 +128,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
 
 
-# ------------------------------------------------------------------------------ demo
 def run_demo(args: argparse.Namespace) -> int:
     """Load the model, serve the requests, report, and compare with HF ``generate``."""
     if not sys.stderr.isatty():  # transformers' loading bars redraw with carriage returns
@@ -198,9 +187,8 @@ def encode_question(tokenizer: Any, question: str) -> list[int]:
 def sampling_params(max_new_tokens: int, stop_ids: tuple[int, ...]) -> SamplingParams:
     """Greedy parameters: stop at ``stop_ids`` (the model's EOS, which the engine also
     reads itself); with none, ignore EOS and generate exactly ``max_new_tokens``."""
-    return SamplingParams(
-        max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, ignore_eos=not stop_ids
-    )
+    return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
+                          ignore_eos=not stop_ids)  # fmt: skip
 
 
 def attention_backend(device: torch.device) -> str:
@@ -210,14 +198,10 @@ def attention_backend(device: torch.device) -> str:
     return "flashinfer" if usable else "torch"
 
 
-# --------------------------------------------------------------------------- loading
 def load_model(args: argparse.Namespace) -> tuple[Any, Optional[Any]]:
-    """``(model, tokenizer or None)`` in float32 on the CPU, bfloat16 on CUDA: real weights
-    from ``--model``, else seeded random ones from ``--config`` or the demo config.
-
-    Random weights are refused beyond the memory free on the device: a config that leaves
-    sizes out gets transformers' defaults (6.7B parameters for Llama), which a small
-    machine would answer by killing the process."""
+    """``(model, tokenizer or None)``, float32 on the CPU, bfloat16 on CUDA: real weights from
+    ``--model``, else seeded random ones from ``--config`` or the demo config, refused beyond
+    the memory free (sizes a config leaves out take transformers' defaults: 6.7B for Llama)."""
     import transformers
 
     device, path = args.device, args.config
@@ -233,7 +217,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Optional[Any]]:
     model_type = values.pop("model_type")
     config = _guarded(f"{source}: invalid config", transformers.AutoConfig.for_model,
                       model_type, **values)  # fmt: skip
-    check_sizes(config, source)
+    check_config(source, model_type, config)
     build = transformers.AutoModelForCausalLM.from_config
     with torch.device("meta"):  # no memory: a shape check, and the size of the weights
         shell = _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
@@ -274,22 +258,20 @@ def read_config(path: Path) -> dict[str, Any]:
         raise DemoError(f"{path}: {what} ({error})") from None
     if not isinstance(values, dict):
         raise DemoError(f"{path}: expected a JSON object, got {type(values).__name__}")
-    check_model_type(values.get("model_type"), str(path))
+    check_config(str(path), values.get("model_type"))
     return values
 
 
-def check_model_type(model_type: Any, source: str) -> None:
-    """Refuse a missing or unsupported ``model_type``, naming the supported ones."""
+def check_config(source: str, model_type: Any, config: Any = None) -> None:
+    """Refuse a missing or unsupported ``model_type`` and, given ``config``, sizes the cache
+    cannot be built from (transformers accepts some nonsense, e.g. a negative layer count)."""
     if model_type is None:
         raise DemoError(f'{source}: no "model_type"; seqattn runs {SUPPORTED}')
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise DemoError(f"{source}: model_type {model_type!r} is not supported; "
                         f"seqattn runs {SUPPORTED}")  # fmt: skip
-
-
-def check_sizes(config: Any, source: str) -> None:
-    """Refuse sizes the cache cannot be built from (transformers accepts some nonsense,
-    e.g. a negative layer count, and fails later or not at all)."""
+    if config is None:
+        return
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "vocab_size"):  # fmt: skip
         value = getattr(config, name, None)
@@ -301,9 +283,8 @@ def check_sizes(config: Any, source: str) -> None:
 
 
 def _guarded(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-    """``call(*args, **kwargs)``, where transformers turns a user's file into a config or
-    model: any exception it raises there (ValueError, KeyError, huggingface_hub's
-    validation errors, ...) means the file is wrong, and becomes a one-line DemoError."""
+    """``call(*args, **kwargs)``, transformers turning a user's file into a config or model:
+    whatever it raises there means the file is wrong, and becomes a one-line DemoError."""
     try:
         return call(*args, **kwargs)
     except Exception as error:
@@ -315,8 +296,7 @@ def _guarded(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
 
 def resolve_model_path(path: Path) -> tuple[Path, Optional[str]]:
     """``(directory, gguf file name or None)`` for ``--model PATH``: a ``.gguf`` file, a
-    directory with one, or an HF directory with ``config.json`` and weights (preferred
-    when a directory has both)."""
+    directory with one, or (first) an HF directory with ``config.json`` and weights."""
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise DemoError(f"{path}: expected a directory or a .gguf file")
@@ -354,8 +334,7 @@ def load_pretrained(path: Path, dtype: torch.dtype) -> tuple[Any, Optional[Any]]
         read_config(directory / "config.json")  # refuses bad JSON or an unsupported family
     config = _guarded(f"{path}: cannot read its config",
                       transformers.AutoConfig.from_pretrained, directory, **kwargs)  # fmt: skip
-    check_model_type(getattr(config, "model_type", None), str(path))
-    check_sizes(config, str(path))
+    check_config(str(path), getattr(config, "model_type", None), config)
     load = transformers.AutoModelForCausalLM.from_pretrained
     model = _guarded(f"{path}: cannot load the model", load, directory, dtype=dtype, **kwargs)
     tokenizer = None
@@ -366,12 +345,9 @@ def load_pretrained(path: Path, dtype: torch.dtype) -> tuple[Any, Optional[Any]]
     return model, tokenizer
 
 
-# --------------------------------------------------------------------------- serving
 def serve(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """Every request's output, served with a progress bar, then a report of the engine.
-
-    They arrive together: the engine computes the shared system prompt once, for the
-    first, and starts the others from the prefix cache once it is there."""
+    """Every request's output, served with a progress bar, then the engine's report. They
+    arrive together: the shared system prompt is computed once, the others then hit it."""
     from tqdm import tqdm
 
     n, start = params.max_new_tokens, time.perf_counter()
@@ -397,18 +373,14 @@ def serve(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> l
 def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]], n: int) -> int:
     """Print how the outputs compare with transformers' greedy generate (eager attention,
     the model's generation config: the same EOS tokens); 1 if they differ in float32."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation("eager")  # the demo's last use of the model
     references = []
-    try:
-        with torch.inference_mode():
-            for prompt in prompts:
-                ids = torch.tensor([prompt], device=model.device)
-                ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                     do_sample=False)  # fmt: skip
-                references.append(ref[0, len(prompt) :].tolist())
-    finally:
-        model.set_attn_implementation(previous)
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=model.device)
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 do_sample=False)  # fmt: skip
+            references.append(ref[0, len(prompt) :].tolist())
     same, total, first = token_agreement(references, outputs)
     if first is None:
         print(f"parity: identical to transformers' greedy generate ({total} of {total} "
@@ -419,21 +391,15 @@ def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]],
     return 1 if model.dtype == torch.float32 else 0
 
 
-def token_agreement(
-    references: list[list[int]], outputs: list[list[int]]
-) -> tuple[int, int, Optional[int]]:
+def token_agreement(references: list[list[int]], outputs: list[list[int]],
+                    ) -> tuple[int, int, Optional[int]]:  # fmt: skip
     """``(tokens equal, reference tokens, earliest position where any request differs or
-    ends early)``, comparing each request's reference tokens with its generated ones; the
-    position is None when every request is identical."""
-    same = total = 0
-    first: Optional[int] = None
-    for reference, output in zip(references, outputs, strict=True):
-        equal = [a == b for a, b in zip(reference, output, strict=False)]
-        same, total = same + sum(equal), total + len(reference)
-        if not all(equal) or len(reference) != len(output):
-            where = equal.index(False) if not all(equal) else len(equal)
-            first = where if first is None else min(first, where)
-    return same, total, first
+    ends early, None when every request is identical)``, request by request."""
+    pairs = list(zip(references, outputs, strict=True))
+    same = sum(a == b for ref, out in pairs for a, b in zip(ref, out, strict=False))
+    diverged = [next((i for i, (a, b) in enumerate(zip(ref, out, strict=False)) if a != b),
+                     min(len(ref), len(out))) for ref, out in pairs if ref != out]  # fmt: skip
+    return same, sum(len(ref) for ref, _ in pairs), min(diverged, default=None)
 
 
 if __name__ == "__main__":

@@ -73,9 +73,8 @@ def device_arg(text: str) -> torch.device:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``seqattn`` command line: ``--version`` and the ``demo`` subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="seqattn", description="seqattn: a sequence-level view of a paged KV cache."
-    )
+    parser = argparse.ArgumentParser(prog="seqattn", description="seqattn: a sequence-level "
+                                     "view of a paged KV cache.")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"seqattn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo",
@@ -130,10 +129,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Load the model, serve the requests, report, and compare with HF ``generate``."""
-    if not sys.stderr.isatty():  # transformers' loading bars redraw with carriage returns
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
     model, tokenizer = load_model(args)
     config, n = model.config, args.max_new_tokens
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
@@ -175,13 +170,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def encode_question(tokenizer: Any, question: str) -> list[int]:
     """A user turn through the chat template (a plain Q/A prompt without one)."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": question}]
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
-    return list(tokenizer(f"Question: {question}\nAnswer:")["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(f"Question: {question}\nAnswer:")["input_ids"])
+    turn = [{"role": "user", "content": question}]
+    return list(tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])  # fmt: skip
 
 
 def sampling_params(max_new_tokens: int, stop_ids: tuple[int, ...]) -> SamplingParams:
@@ -200,29 +193,53 @@ def attention_backend(device: torch.device) -> str:
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Optional[Any]]:
     """``(model, tokenizer or None)``, float32 on the CPU, bfloat16 on CUDA: real weights from
-    ``--model``, else seeded random ones from ``--config`` or the demo config, refused beyond
-    the memory free (sizes a config leaves out take transformers' defaults: 6.7B for Llama)."""
+    ``--model`` (its tokenizer when usable), else seeded random ones from ``--config`` or the
+    demo config, refused beyond the memory free (sizes a config leaves out take
+    transformers' defaults: 6.7B parameters for Llama, which would get the process killed)."""
     import transformers
 
-    device, path = args.device, args.config
+    if not sys.stderr.isatty():  # transformers' loading bars redraw with carriage returns
+        transformers.utils.logging.disable_progress_bar()
+    device, path = args.device, args.model or args.config
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    source = "the demo config" if path is None else str(path)
     if args.model is not None:
-        model, tokenizer = load_pretrained(args.model, dtype)
-        generation = model.generation_config
+        directory, gguf_file = resolve_model_path(path)
+        kwargs = {} if gguf_file is None else {"gguf_file": gguf_file}
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if gguf_file is not None and missing:  # transformers reads GGUF only with these two
+            raise DemoError(f"{path}: loading a .gguf file needs {' and '.join(missing)}: "
+                            f"pip install {' '.join(missing)}")  # fmt: skip
+        if gguf_file is None:  # refuses bad JSON or an unsupported family by name
+            read_config(directory / "config.json")
+        config = _guarded(f"{path}: cannot read its config",
+                          transformers.AutoConfig.from_pretrained, directory, **kwargs)  # fmt: skip
+    else:
+        values = dict(DEMO_CONFIG) if path is None else read_config(path)
+        config = _guarded(f"{source}: invalid config", transformers.AutoConfig.for_model,
+                          values.pop("model_type"), **values)  # fmt: skip
+    check_config(source, getattr(config, "model_type", None), config)
+    if args.model is not None:
+        load = transformers.AutoModelForCausalLM.from_pretrained
+        model = _guarded(f"{path}: cannot load the model", load, directory, dtype=dtype, **kwargs)
+        tokenizer, generation = None, model.generation_config
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        if gguf_file is not None or any((directory / name).is_file() for name in names):
+            with contextlib.suppress(Exception):  # without a usable one: random token prompts
+                tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
         if generation.pad_token_id is None:  # else generate() warns that it borrows the EOS id
             generation.pad_token_id = next(iter(eos_token_ids(model)), 0)
         return model.to(device).eval(), tokenizer
-    values = dict(DEMO_CONFIG) if path is None else read_config(path)
-    source = "the demo config" if path is None else str(path)
-    model_type = values.pop("model_type")
-    config = _guarded(f"{source}: invalid config", transformers.AutoConfig.for_model,
-                      model_type, **values)  # fmt: skip
-    check_config(source, model_type, config)
     build = transformers.AutoModelForCausalLM.from_config
     with torch.device("meta"):  # no memory: a shape check, and the size of the weights
         shell = _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
     need = sum(p.numel() * p.element_size() for p in shell.parameters())
-    free = free_memory(device)
+    if device.type == "cuda":
+        free: Optional[int] = torch.cuda.mem_get_info(device)[0]
+    else:  # MemAvailable; None where unknown (a CPU without /proc/meminfo)
+        meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").is_file() else ""
+        kib = [int(s.split()[1]) for s in meminfo.splitlines() if s.startswith("MemAvailable:")]
+        free = kib[0] * 1024 if kib else None
     if free is not None and need > free:
         params = sum(p.numel() for p in shell.parameters()) / 1e6
         raise DemoError(f"{source}: the model's {params:,.0f}M parameters take "
@@ -235,16 +252,6 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Optional[Any]]:
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     model.generation_config.pad_token_id = 0
     return model.eval(), None
-
-
-def free_memory(device: torch.device) -> Optional[int]:
-    """Bytes free on ``device``; None where unknown (a CPU without ``/proc/meminfo``)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/meminfo").read_text().splitlines()
-        return next(int(s.split()[1]) * 1024 for s in lines if s.startswith("MemAvailable:"))
-    return None
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -317,34 +324,6 @@ def resolve_model_path(path: Path) -> tuple[Path, Optional[str]]:
     return path, ggufs[0]
 
 
-def load_pretrained(path: Path, dtype: torch.dtype) -> tuple[Any, Optional[Any]]:
-    """Real weights and their tokenizer (None without a usable one: the demo then runs
-    on random token prompts) from ``--model PATH``."""
-    import transformers
-
-    directory, gguf_file = resolve_model_path(path)
-    kwargs: dict[str, Any] = {}
-    if gguf_file is not None:  # transformers reads GGUF only with these two installed
-        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise DemoError(f"{path}: loading a .gguf file needs {' and '.join(missing)}: "
-                            f"pip install {' '.join(missing)}")  # fmt: skip
-        kwargs["gguf_file"] = gguf_file
-    else:
-        read_config(directory / "config.json")  # refuses bad JSON or an unsupported family
-    config = _guarded(f"{path}: cannot read its config",
-                      transformers.AutoConfig.from_pretrained, directory, **kwargs)  # fmt: skip
-    check_config(str(path), getattr(config, "model_type", None), config)
-    load = transformers.AutoModelForCausalLM.from_pretrained
-    model = _guarded(f"{path}: cannot load the model", load, directory, dtype=dtype, **kwargs)
-    tokenizer = None
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if gguf_file is not None or any((directory / name).is_file() for name in names):
-        with contextlib.suppress(Exception):  # weights without a usable tokenizer still run
-            tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
-    return model, tokenizer
-
-
 def serve(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
     """Every request's output, served with a progress bar, then the engine's report. They
     arrive together: the shared system prompt is computed once, the others then hit it."""
@@ -374,13 +353,11 @@ def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]],
     """Print how the outputs compare with transformers' greedy generate (eager attention,
     the model's generation config: the same EOS tokens); 1 if they differ in float32."""
     model.set_attn_implementation("eager")  # the demo's last use of the model
-    references = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device=model.device)
-            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                 do_sample=False)  # fmt: skip
-            references.append(ref[0, len(prompt) :].tolist())
+    with torch.inference_mode():  # an explicit mask: a prompt may hold the pad (EOS) id
+        ids = [torch.tensor([prompt], device=model.device) for prompt in prompts]
+        references = [model.generate(i, attention_mask=torch.ones_like(i), do_sample=False,
+                                     max_new_tokens=n)[0, i.shape[1] :].tolist()
+                      for i in ids]  # fmt: skip
     same, total, first = token_agreement(references, outputs)
     if first is None:
         print(f"parity: identical to transformers' greedy generate ({total} of {total} "
@@ -391,11 +368,10 @@ def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]],
     return 1 if model.dtype == torch.float32 else 0
 
 
-def token_agreement(references: list[list[int]], outputs: list[list[int]],
-                    ) -> tuple[int, int, Optional[int]]:  # fmt: skip
+def token_agreement(refs: list[list[int]], outs: list[list[int]]) -> tuple[int, int, Optional[int]]:
     """``(tokens equal, reference tokens, earliest position where any request differs or
     ends early, None when every request is identical)``, request by request."""
-    pairs = list(zip(references, outputs, strict=True))
+    pairs = list(zip(refs, outs, strict=True))
     same = sum(a == b for ref, out in pairs for a, b in zip(ref, out, strict=False))
     diverged = [next((i for i, (a, b) in enumerate(zip(ref, out, strict=False)) if a != b),
                      min(len(ref), len(out))) for ref, out in pairs if ref != out]  # fmt: skip

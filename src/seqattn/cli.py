@@ -25,10 +25,9 @@ from .engine.intake import eos_token_ids
 from .errors import SeqAttnError
 from .integrations.hf import SUPPORTED_MODEL_TYPES, PagedCausalLM
 
-DEMO_CONFIG = dict(
-    model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1024,
-)  # fmt: skip
+DEMO_CONFIG = dict(model_type="llama", hidden_size=256, intermediate_size=688,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=2048, max_position_embeddings=1024)  # fmt: skip
 QUESTIONS = (  # what a real chat model is asked, one question per request (cycled past eight)
     "What is the capital of France?", "Name the three primary colors.",
     "How many legs does a spider have?", "What is the boiling point of water in Celsius?",
@@ -178,8 +177,7 @@ def encode_question(tokenizer: Any, question: str) -> list[int]:
 
 
 def sampling_params(max_new_tokens: int, stop_ids: tuple[int, ...]) -> SamplingParams:
-    """Greedy parameters: stop at ``stop_ids`` (the model's EOS, which the engine also
-    reads itself); with none, ignore EOS and generate exactly ``max_new_tokens``."""
+    """Greedy: stop at ``stop_ids`` (a real model's EOS), or with none, ignore EOS."""
     return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
                           ignore_eos=not stop_ids)  # fmt: skip
 
@@ -193,9 +191,8 @@ def attention_backend(device: torch.device) -> str:
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Optional[Any]]:
     """``(model, tokenizer or None)``, float32 on the CPU, bfloat16 on CUDA: real weights from
-    ``--model`` (its tokenizer when usable), else seeded random ones from ``--config`` or the
-    demo config, refused beyond the memory free (sizes a config leaves out take
-    transformers' defaults: 6.7B parameters for Llama, which would get the process killed)."""
+    ``--model``, else seeded random ones from ``--config`` or the demo config, refused beyond
+    the memory free (a config's missing sizes take transformers' defaults: Llama 6.7B)."""
     import transformers
 
     if not sys.stderr.isatty():  # transformers' loading bars redraw with carriage returns
@@ -251,7 +248,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Optional[Any]]:
         model = _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     model.generation_config.pad_token_id = 0
-    return model.eval(), None
+    return model.to(device).eval(), None
 
 
 def read_config(path: Path) -> dict[str, Any]:

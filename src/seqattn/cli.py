@@ -1,87 +1,50 @@
-"""``seqattn demo``: serve a batch of requests behind a shared system prompt and check the
-tokens against transformers' own greedy ``generate``.
-
-With no arguments it runs on the CPU with a small seeded random-weight Llama-style model
-(no download). ``--config PATH`` takes an HF ``config.json`` (random weights),
-``--model PATH`` loads real weights (an HF directory, a ``.gguf`` file, or a directory
-holding one) and, when the model comes with a tokenizer, answers a few chat questions.
-``--device cuda`` runs flashinfer.
-
-A user's mistake (a bad option, file, config or device) ends with a short message on
-stderr and exit status 2, never a traceback.
-"""
+"""``seqattn demo``: serve requests behind a shared system prompt on seqattn's engine and
+check every token against transformers' greedy ``generate`` (options: ``seqattn demo -h``).
+A user's mistake (option, file, config, device) ends in one line on stderr and exit status
+2, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from . import __version__
+from ._flashinfer import flashinfer_or_none
+from .engine import Engine, SamplingParams
+from .engine.intake import eos_token_ids
 from .errors import SeqAttnError
+from .integrations.hf import SUPPORTED_MODEL_TYPES, PagedCausalLM
 
-DEMO_CONFIG = dict(
-    model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1024,
+DEMO_CONFIG = dict(model_type="llama", hidden_size=256, intermediate_size=688,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=2048, max_position_embeddings=1024)  # fmt: skip
+QUESTIONS = (  # what a real chat model is asked, one question per request (cycled past eight)
+    "What is the capital of France?", "Name the three primary colors.",
+    "How many legs does a spider have?", "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?", "What gas do plants take in from the air?",
+    "What is the largest planet in our solar system?", "Translate 'thank you' into Spanish.",
 )  # fmt: skip
-# what a real chat model is asked, one question per request (cycled past eight)
-QUESTIONS = (
-    "What is the capital of France?",
-    "Name the three primary colors.",
-    "How many legs does a spider have?",
-    "What is the boiling point of water in Celsius?",
-    "Who wrote Romeo and Juliet?",
-    "What gas do plants take in from the air?",
-    "What is the largest planet in our solar system?",
-    "Translate 'thank you' into Spanish.",
-)
-# sizes a model must have for the demo to build its cache (transformers accepts some
-# nonsense, e.g. a negative layer count, and fails later or not at all)
-POSITIVE_SIZES = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-)  # fmt: skip
+SUPPORTED = ", ".join(SUPPORTED_MODEL_TYPES)
 FIRST_PROMPT_TOKEN = 3  # random prompts avoid the ids that families keep for special tokens
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
-COMPILE_NOTE = (
-    "  flashinfer compiles its kernels for this GPU on first use (cached afterwards): "
-    "the first step can take a few minutes"
-)
-NO_FLASHINFER_NOTE = (
-    "  flashinfer is not installed, so attention runs in plain torch (pip install "
-    "flashinfer-python, or a wheel for your torch and CUDA from flashinfer's install page)"
-)
 PAGE_SIZE = 16
-DEMO_DESCRIPTION = (
-    "Serve requests on seqattn's engine (continuous batching, prefix caching, paged "
-    "attention) and check every token against transformers' greedy generate. Without "
-    "--config or --model: a small random-weight Llama on the CPU, no download."
-)
 
 
-class DemoError(Exception):
+class DemoError(SeqAttnError):
     """A user's mistake the demo reports in one line (exit status 2)."""
 
 
-# ----------------------------------------------------------------------------- parsing
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _bounded_int(text, 1, "a positive integer")
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _bounded_int(text, 0, "an integer >= 0")
-
-
-def _bounded_int(text: str, low: int, expected: str) -> int:
+def int_at_least(low: int, expected: str, text: str) -> int:
+    """argparse type (through ``partial``): an integer >= ``low``, described as ``expected``."""
     try:
         value = int(text)
     except ValueError:
@@ -99,100 +62,59 @@ def device_arg(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda") from None
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"device {text!r} is not supported; use cpu or cuda")
-    if device.type == "cuda":
-        _check_cuda(text, device)
-    return device
-
-
-def _check_cuda(text: str, device: torch.device) -> None:
-    if not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU found"
         raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available ({why}); use cpu")
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} GPU(s)")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``seqattn`` command line: ``--version`` and the ``demo`` subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="seqattn", description="seqattn: a sequence-level view of a paged KV cache."
-    )
+    parser = argparse.ArgumentParser(prog="seqattn", description="seqattn: a sequence-level "
+                                     "view of a paged KV cache.")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"seqattn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    summary = "serve requests on seqattn's engine and check them against transformers"
-    demo = commands.add_parser("demo", help=summary, description=DEMO_DESCRIPTION)
-    add_demo_options(demo)
-    return parser
-
-
-def add_demo_options(demo: argparse.ArgumentParser) -> None:
-    """The ``demo`` subcommand's options, each with its help text."""
+    demo = commands.add_parser("demo",
+        help="serve requests on seqattn's engine and check them against transformers",
+        description="Serve requests on seqattn's engine (continuous batching, prefix caching, "
+        "paged attention) and check every token against transformers' greedy generate. "
+        "Without --config or --model: a small random-weight Llama on the CPU, no download.",
+    )  # fmt: skip
     source = demo.add_mutually_exclusive_group()
-    supported = ", ".join(_supported())
-    source.add_argument(
-        "--config",
-        type=Path,
-        metavar="JSON",
-        help=f"an HF config.json ({supported}); the model gets random weights",
-    )
-    source.add_argument(
-        "--model",
-        type=Path,
-        metavar="PATH",
-        help="real weights: an HF directory (config.json and *.safetensors), "
-        "a .gguf file or a directory with one (needs: pip install gguf "
-        "accelerate); with a tokenizer, it answers chat questions",
-    )
-    demo.add_argument(
-        "--device",
-        type=device_arg,
-        default=torch.device("cpu"),
-        help="cpu (default) or cuda[:N] (flashinfer attention when installed)",
-    )
-    demo.add_argument(
-        "--requests",
-        type=positive_int,
-        default=8,
-        metavar="N",
-        help="requests served together (default: 8)",
-    )
-    demo.add_argument(
-        "--system-tokens",
-        type=non_negative_int,
-        default=96,
-        metavar="N",
-        help="random prompts: length of the system prompt all requests share "
-        "(default: 96; chat prompts use the chat template's)",
-    )
-    demo.add_argument(
-        "--max-new-tokens",
-        type=positive_int,
-        default=32,
-        metavar="N",
-        help="tokens to generate per request (default: 32); a real model stops "
-        "earlier at its end-of-sequence token",
-    )
-    demo.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+    source.add_argument("--config", type=Path, metavar="JSON", help=f"an HF config.json "
+                        f"({SUPPORTED}); the model gets random weights")  # fmt: skip
+    source.add_argument("--model", type=Path, metavar="PATH",
+                        help="real weights: an HF directory (config.json and *.safetensors), a "
+                        ".gguf file or a directory with one (needs: pip install gguf "
+                        "accelerate); with a tokenizer, it answers chat questions")  # fmt: skip
+    demo.add_argument("--device", type=device_arg, default=torch.device("cpu"), help="cpu "
+                      "(default) or cuda[:N] (flashinfer attention when installed)")  # fmt: skip
+    positive = partial(int_at_least, 1, "a positive integer")
+    non_negative = partial(int_at_least, 0, "an integer >= 0")
+    demo.add_argument("--requests", type=positive, default=8, metavar="N",
+                      help="requests served together (default: 8)")  # fmt: skip
+    demo.add_argument("--system-tokens", type=non_negative, default=96, metavar="N",
+                      help="random prompts: length of the system prompt all requests share "
+                      "(default: 96; chat prompts use the chat template's)")  # fmt: skip
+    demo.add_argument("--max-new-tokens", type=positive, default=32, metavar="N",
+                      help="tokens to generate per request (default: 32); a real model stops "
+                      "earlier at its end-of-sequence token")  # fmt: skip
+    demo.add_argument("--seed", type=non_negative, default=0, metavar="N",
                       help="seed of the random weights and prompts (default: 0)")  # fmt: skip
-
-
-def _supported() -> tuple[str, ...]:
-    from .integrations.hf import SUPPORTED_MODEL_TYPES
-
-    return SUPPORTED_MODEL_TYPES
+    return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the command line; the exit status (2 for a user's mistake)."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, --version, or a usage error already printed
         return stop.code if isinstance(stop.code, int) else 2
     try:
         return run_demo(args)
-    except (DemoError, SeqAttnError) as error:
+    except SeqAttnError as error:  # DemoError, or the library refusing what it was given
         print(f"seqattn demo: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -204,182 +126,129 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
 
 
-# ------------------------------------------------------------------------------ demo
 def run_demo(args: argparse.Namespace) -> int:
     """Load the model, serve the requests, report, and compare with HF ``generate``."""
-    from .engine import Engine
-
-    quiet_progress_bars_when_piped()
-    model, tokenizer = load_model(args, args.device)
+    model, tokenizer = load_model(args)
+    config, n = model.config, args.max_new_tokens
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
     if tokenizer is not None:
         prompts = [encode_question(tokenizer, q) for q in questions]
-    else:
-        prompts = random_prompts(model.config.vocab_size, args)
-    # a real model stops at its end-of-sequence tokens, as HF generate does with it
-    stop_ids = eos_token_ids(model) if args.model is not None else ()
-    engine = Engine(make_runner(model, prompts, args.max_new_tokens), max_step_tokens=256)
-    backend = engine.runner.attention_for(-1, None).backend
-    print(f"seqattn demo: {describe(model)} on {args.device} ({backend} attention), "
-          f"{describe_requests(args, tokenizer is not None)}")  # fmt: skip
-    if backend == "flashinfer":
-        print(COMPILE_NOTE, flush=True)  # the first step would otherwise look hung
+        requests = f"{args.requests} chat requests, up to {n} new tokens each"
+    else:  # a shared random system prompt, then 8, 12, 16, ... random tokens per request
+        gen = torch.Generator().manual_seed(args.seed)
+        lengths = [args.system_tokens] + [8 + 4 * i for i in range(args.requests)]
+        system, *own = [torch.randint(FIRST_PROMPT_TOKEN, config.vocab_size, (k,),
+                                      generator=gen).tolist() for k in lengths]  # fmt: skip
+        prompts = [system + tokens for tokens in own]
+        requests = (f"{args.requests} requests sharing a {args.system_tokens}-token system "
+                    f"prompt, {n} new tokens each")  # fmt: skip
+    backend = attention_backend(args.device)
+    pages = len(prompts) * -(-(max(len(p) for p in prompts) + n) // PAGE_SIZE) + 8
+    runner = PagedCausalLM(model, num_pages=pages, page_size=PAGE_SIZE, backend=backend)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"seqattn demo: {config.model_type} ({params:.1f}M parameters, "
+          f"{config.num_hidden_layers} layers, {config.num_attention_heads}/"
+          f"{config.num_key_value_heads} heads) on {args.device} ({backend} attention), "
+          f"{requests}")  # fmt: skip
+    if backend == "flashinfer":  # the first step would otherwise look hung
+        print("  flashinfer compiles its kernels for this GPU on first use (cached afterwards):"
+              " the first step can take a few minutes", flush=True)  # fmt: skip
     elif args.device.type == "cuda":
-        print(NO_FLASHINFER_NOTE)
-    params = sampling_params(args.max_new_tokens, stop_ids)
-    outputs, seconds = serve(engine, prompts, params)
-    report(engine, outputs, seconds)
-    if tokenizer is not None:
-        print_answers(tokenizer, questions, outputs)
-    return check_parity(model, prompts, outputs, args.max_new_tokens)
-
-
-def quiet_progress_bars_when_piped() -> None:
-    """transformers' loading bars redraw with carriage returns: keep them out of logs."""
-    if not sys.stderr.isatty():
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-
-
-def random_prompts(vocab: int, args: argparse.Namespace) -> list[list[int]]:
-    """A shared random system prompt, then 8, 12, 16, ... random tokens per request."""
-    gen = torch.Generator().manual_seed(args.seed)
-    system = torch.randint(FIRST_PROMPT_TOKEN, vocab, (args.system_tokens,), generator=gen)
-    return [
-        system.tolist()
-        + torch.randint(FIRST_PROMPT_TOKEN, vocab, (8 + 4 * i,), generator=gen).tolist()
-        for i in range(args.requests)
-    ]
+        print("  flashinfer is not installed, so attention runs in plain torch (pip install "
+              "flashinfer-python, or a wheel for your torch and CUDA from flashinfer's install "
+              "page)")  # fmt: skip
+    # a real model stops at its end-of-sequence tokens, as HF generate does with it
+    sampling = sampling_params(n, eos_token_ids(model) if args.model is not None else ())
+    outputs = serve(Engine(runner, max_step_tokens=256), prompts, sampling)
+    if tokenizer is not None:  # each question and the model's answer, one line each
+        for question, output in zip(questions, outputs, strict=True):
+            answer = " ".join(tokenizer.decode(output, skip_special_tokens=True).split())
+            print(f"  > {question}\n    {answer}")
+    return check_parity(model, prompts, outputs, n)
 
 
 def encode_question(tokenizer: Any, question: str) -> list[int]:
     """A user turn through the chat template (a plain Q/A prompt without one)."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": question}]
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
-    return list(tokenizer(f"Question: {question}\nAnswer:")["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(f"Question: {question}\nAnswer:")["input_ids"])
+    turn = [{"role": "user", "content": question}]
+    return list(tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])  # fmt: skip
 
 
-def eos_token_ids(model: Any) -> tuple[int, ...]:
-    """The end-of-sequence ids HF ``generate`` stops at (its generation config's), as
-    the engine reads them."""
-    from .engine.intake import eos_token_ids as engine_eos  # imports torch models: lazily
-
-    return engine_eos(model)
-
-
-def sampling_params(max_new_tokens: int, stop_ids: tuple[int, ...]) -> Any:
-    """Greedy parameters: stop at ``stop_ids`` (the model's EOS, which the engine also
-    reads itself); with none, ignore EOS and generate exactly ``max_new_tokens``."""
-    from .engine import SamplingParams
-
-    return SamplingParams(
-        max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, ignore_eos=not stop_ids
-    )
-
-
-def make_runner(model: Any, prompts: list[list[int]], max_new_tokens: int) -> Any:
-    """A :class:`PagedCausalLM` with pages for every request at its longest, and a few more."""
-    from .integrations.hf import PagedCausalLM
-
-    per_request = -(-(max(len(p) for p in prompts) + max_new_tokens) // PAGE_SIZE)
-    return PagedCausalLM(
-        model, num_pages=len(prompts) * per_request + 8, page_size=PAGE_SIZE,
-        backend=attention_backend(model.device),
-    )  # fmt: skip
+def sampling_params(max_new_tokens: int, stop_ids: tuple[int, ...]) -> SamplingParams:
+    """Greedy: stop at ``stop_ids`` (a real model's EOS), or with none, ignore EOS."""
+    return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
+                          ignore_eos=not stop_ids)  # fmt: skip
 
 
 def attention_backend(device: torch.device) -> str:
-    """flashinfer on CUDA where it imports, else torch.
-
-    Named rather than left to ``"auto"``: the engine's CUDA graphs need flashinfer and
-    would otherwise ask for it on a GPU without it."""
-    from ._flashinfer import flashinfer_or_none
-
+    """flashinfer on CUDA where it imports, else torch: named rather than left to
+    ``"auto"``, as the engine's CUDA graphs need flashinfer and would ask for it."""
     usable = device.type == "cuda" and flashinfer_or_none() is not None
     return "flashinfer" if usable else "torch"
 
 
-def describe_requests(args: argparse.Namespace, chat: bool) -> str:
-    if chat:
-        return f"{args.requests} chat requests, up to {args.max_new_tokens} new tokens each"
-    return (f"{args.requests} requests sharing a {args.system_tokens}-token system prompt, "
-            f"{args.max_new_tokens} new tokens each")  # fmt: skip
-
-
-# --------------------------------------------------------------------------- loading
-def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Optional[Any]]:
-    """(model, tokenizer or None): random weights from the demo config or ``--config``,
-    or real ones from ``--model``; float32 on the CPU, bfloat16 on CUDA."""
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    if args.model is not None:
-        model, tokenizer = load_pretrained(args.model, dtype)
-        _default_pad_token(model)
-    else:
-        model, tokenizer = random_model(args.config, args.seed, dtype, device), None
-        model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
-        model.generation_config.pad_token_id = 0
-    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]  # transformers' .to
-
-
-def _default_pad_token(model: Any) -> None:
-    config = model.generation_config
-    if config.pad_token_id is None:  # else generate() warns that it borrows the EOS id
-        eos = eos_token_ids(model)
-        config.pad_token_id = eos[0] if eos else 0
-
-
-def random_model(path: Optional[Path], seed: int, dtype: torch.dtype, device: torch.device) -> Any:
-    """A seeded random-weight model from the demo config or the config.json at ``path``."""
+def load_model(args: argparse.Namespace) -> tuple[Any, Optional[Any]]:
+    """``(model, tokenizer or None)``, float32 on the CPU, bfloat16 on CUDA: real weights from
+    ``--model``, else seeded random ones from ``--config`` or the demo config, refused beyond
+    the memory free (a config's missing sizes take transformers' defaults: Llama 6.7B)."""
     import transformers
 
-    values = dict(DEMO_CONFIG) if path is None else read_config(path)
+    if not sys.stderr.isatty():  # transformers' loading bars redraw with carriage returns
+        transformers.utils.logging.disable_progress_bar()
+    device, path = args.device, args.model or args.config
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     source = "the demo config" if path is None else str(path)
-    model_type = values.pop("model_type")
-    config = _guarded(
-        f"{source}: invalid config", transformers.AutoConfig.for_model, model_type, **values
-    )
-    check_sizes(config, source)
+    if args.model is not None:
+        directory, gguf_file = resolve_model_path(path)
+        kwargs = {} if gguf_file is None else {"gguf_file": gguf_file}
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if gguf_file is not None and missing:  # transformers reads GGUF only with these two
+            raise DemoError(f"{path}: loading a .gguf file needs {' and '.join(missing)}: "
+                            f"pip install {' '.join(missing)}")  # fmt: skip
+        if gguf_file is None:  # refuses bad JSON or an unsupported family by name
+            read_config(directory / "config.json")
+        config = _guarded(f"{path}: cannot read its config",
+                          transformers.AutoConfig.from_pretrained, directory, **kwargs)  # fmt: skip
+    else:
+        values = dict(DEMO_CONFIG) if path is None else read_config(path)
+        config = _guarded(f"{source}: invalid config", transformers.AutoConfig.for_model,
+                          values.pop("model_type"), **values)  # fmt: skip
+    check_config(source, getattr(config, "model_type", None), config)
+    if args.model is not None:
+        load = transformers.AutoModelForCausalLM.from_pretrained
+        model = _guarded(f"{path}: cannot load the model", load, directory, dtype=dtype, **kwargs)
+        tokenizer, generation = None, model.generation_config
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        if gguf_file is not None or any((directory / name).is_file() for name in names):
+            with contextlib.suppress(Exception):  # without a usable one: random token prompts
+                tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+        if generation.pad_token_id is None:  # else generate() warns that it borrows the EOS id
+            generation.pad_token_id = next(iter(eos_token_ids(model)), 0)
+        return model.to(device).eval(), tokenizer
     build = transformers.AutoModelForCausalLM.from_config
     with torch.device("meta"):  # no memory: a shape check, and the size of the weights
         shell = _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
-    check_fits(shell, device, source)
-    torch.manual_seed(seed)
-    with device:  # built where it runs: the memory just checked, and no host copy first
-        return _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
-
-
-def check_fits(shell: Any, device: torch.device, source: str) -> None:
-    """Refuse weights larger than the memory free on ``device``.
-
-    A config that leaves sizes out gets transformers' defaults: for Llama, 6.7B
-    parameters, which a small machine would answer by killing the process."""
     need = sum(p.numel() * p.element_size() for p in shell.parameters())
-    free = free_memory(device)
+    if device.type == "cuda":
+        free: Optional[int] = torch.cuda.mem_get_info(device)[0]
+    else:  # MemAvailable; None where unknown (a CPU without /proc/meminfo)
+        meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").is_file() else ""
+        kib = [int(s.split()[1]) for s in meminfo.splitlines() if s.startswith("MemAvailable:")]
+        free = kib[0] * 1024 if kib else None
     if free is not None and need > free:
         params = sum(p.numel() for p in shell.parameters()) / 1e6
         raise DemoError(f"{source}: the model's {params:,.0f}M parameters take "
                         f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free "
                         f"on {device} (sizes a config leaves out take transformers' "
                         "defaults)")  # fmt: skip
-
-
-def free_memory(device: torch.device) -> Optional[int]:
-    """Bytes free on ``device``; None where unknown (a CPU without ``/proc/meminfo``)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
+    torch.manual_seed(args.seed)
+    with device:  # built where it runs: the memory just checked, and no host copy first
+        model = _guarded(f"{source}: cannot build the model", build, config, dtype=dtype)
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    model.generation_config.pad_token_id = 0
+    return model.to(device).eval(), None
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -388,29 +257,27 @@ def read_config(path: Path) -> dict[str, Any]:
         raise DemoError(f"{path}: no such file")
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DemoError(f"{path}: not valid JSON ({error})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DemoError(f"{path}: cannot read it ({error})") from None
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError included
+        what = "not valid JSON" if isinstance(error, json.JSONDecodeError) else "cannot read it"
+        raise DemoError(f"{path}: {what} ({error})") from None
     if not isinstance(values, dict):
         raise DemoError(f"{path}: expected a JSON object, got {type(values).__name__}")
-    check_model_type(values.get("model_type"), str(path))
+    check_config(str(path), values.get("model_type"))
     return values
 
 
-def check_model_type(model_type: Any, source: str) -> None:
-    """Refuse a missing or unsupported ``model_type``, naming the supported ones."""
-    supported = ", ".join(_supported())
+def check_config(source: str, model_type: Any, config: Any = None) -> None:
+    """Refuse a missing or unsupported ``model_type`` and, given ``config``, sizes the cache
+    cannot be built from (transformers accepts some nonsense, e.g. a negative layer count)."""
     if model_type is None:
-        raise DemoError(f'{source}: no "model_type"; seqattn runs {supported}')
-    if model_type not in _supported():
+        raise DemoError(f'{source}: no "model_type"; seqattn runs {SUPPORTED}')
+    if model_type not in SUPPORTED_MODEL_TYPES:
         raise DemoError(f"{source}: model_type {model_type!r} is not supported; "
-                        f"seqattn runs {supported}")  # fmt: skip
-
-
-def check_sizes(config: Any, source: str) -> None:
-    """Refuse sizes the cache cannot be built from (transformers lets some through)."""
-    for name in POSITIVE_SIZES:
+                        f"seqattn runs {SUPPORTED}")  # fmt: skip
+    if config is None:
+        return
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size"):  # fmt: skip
         value = getattr(config, name, None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise DemoError(f"{source}: {name} must be a positive integer, got {value!r}")
@@ -420,11 +287,8 @@ def check_sizes(config: Any, source: str) -> None:
 
 
 def _guarded(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-    """``call(*args, **kwargs)``; any exception becomes a one-line DemoError.
-
-    Used only where transformers turns a user's file into a config or model: it raises
-    many types there (ValueError, TypeError, KeyError, RuntimeError, huggingface_hub's
-    validation errors), and each means the file is wrong, not seqattn."""
+    """``call(*args, **kwargs)``, transformers turning a user's file into a config or model:
+    whatever it raises there means the file is wrong, and becomes a one-line DemoError."""
     try:
         return call(*args, **kwargs)
     except Exception as error:
@@ -435,10 +299,8 @@ def _guarded(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def resolve_model_path(path: Path) -> tuple[Path, Optional[str]]:
-    """``(directory, gguf file name or None)`` for ``--model PATH``.
-
-    PATH is a ``.gguf`` file, a directory with one, or an HF directory with
-    ``config.json`` and weights (preferred when a directory has both)."""
+    """``(directory, gguf file name or None)`` for ``--model PATH``: a ``.gguf`` file, a
+    directory with one, or (first) an HF directory with ``config.json`` and weights."""
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise DemoError(f"{path}: expected a directory or a .gguf file")
@@ -446,7 +308,7 @@ def resolve_model_path(path: Path) -> tuple[Path, Optional[str]]:
     if not path.is_dir():
         raise DemoError(f"{path}: no such file or directory")
     if (path / "config.json").is_file():
-        if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        if not any(any(path.glob(p)) for p in ("*.safetensors", "pytorch_model*.bin")):
             raise DemoError(f"{path}: config.json but no weights (*.safetensors or "
                             "pytorch_model*.bin)")  # fmt: skip
         return path, None
@@ -459,120 +321,40 @@ def resolve_model_path(path: Path) -> tuple[Path, Optional[str]]:
     return path, ggufs[0]
 
 
-def load_pretrained(path: Path, dtype: torch.dtype) -> tuple[Any, Optional[Any]]:
-    """Real weights and their tokenizer (None without one) from ``--model PATH``."""
-    import transformers
-
-    directory, gguf_file = resolve_model_path(path)
-    kwargs: dict[str, Any] = {}
-    if gguf_file is not None:
-        check_gguf_packages(path)
-        kwargs["gguf_file"] = gguf_file
-    else:
-        check_model_type(read_config(directory / "config.json").get("model_type"), str(path))
-    config = _guarded(
-        f"{path}: cannot read its config", transformers.AutoConfig.from_pretrained,
-        directory, **kwargs,
-    )  # fmt: skip
-    check_model_type(getattr(config, "model_type", None), str(path))
-    check_sizes(config, str(path))
-    load = transformers.AutoModelForCausalLM.from_pretrained
-    model = _guarded(f"{path}: cannot load the model", load, directory, dtype=dtype, **kwargs)
-    return model, load_tokenizer(directory, gguf_file)
-
-
-def check_gguf_packages(path: Path) -> None:
-    """transformers reads GGUF files only with ``gguf`` and ``accelerate`` installed."""
-    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise DemoError(f"{path}: loading a .gguf file needs {' and '.join(missing)}: "
-                        f"pip install {' '.join(missing)}")  # fmt: skip
-
-
-def load_tokenizer(directory: Path, gguf_file: Optional[str]) -> Optional[Any]:
-    """The model's tokenizer, or None (the demo then uses random token prompts)."""
-    import transformers
-
-    if gguf_file is None and not any((directory / n).is_file() for n in TOKENIZER_FILES):
-        return None
-    kwargs = {} if gguf_file is None else {"gguf_file": gguf_file}
-    try:
-        return transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
-    except Exception:  # weights without a usable tokenizer still run, on token prompts
-        return None
-
-
-# --------------------------------------------------------------------------- serving
-def describe(model: Any) -> str:
-    config = model.config
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    return (f"{config.model_type} ({params:.1f}M parameters, {config.num_hidden_layers} layers, "
-            f"{config.num_attention_heads}/{config.num_key_value_heads} heads)")  # fmt: skip
-
-
-def serve(engine: Any, prompts: list[list[int]], params: Any) -> tuple[list[list[int]], float]:
-    """All requests through the engine, with a progress bar; (outputs, seconds).
-
-    They arrive together: the engine computes the shared system prompt once, for the
-    first, and starts the others from the prefix cache once it is there."""
+def serve(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Every request's output, served with a progress bar, then the engine's report. They
+    arrive together: the shared system prompt is computed once, the others then hit it."""
     from tqdm import tqdm
 
-    total = len(prompts) * params.max_new_tokens
-    start = time.perf_counter()
-    ids = [engine.add_request(p, params) for p in prompts]
+    n, start = params.max_new_tokens, time.perf_counter()
+    requests = [engine.requests[engine.add_request(p, params)] for p in prompts]
     # disable=None: no bar unless stderr is a terminal, so a piped log gets no redraws
-    with tqdm(total=total, desc="  generating", unit="tok", disable=None) as bar:
+    with tqdm(total=len(prompts) * n, desc="  generating", unit="tok", disable=None) as bar:
         while engine.has_work:
-            engine.step()
-            bar.update(progress(engine, ids, params.max_new_tokens) - bar.n)
-    return [engine.requests[i].output for i in ids], time.perf_counter() - start
-
-
-def progress(engine: Any, ids: list[int], max_new_tokens: int) -> int:
-    """Tokens generated, counting a request that stopped early as complete."""
-    requests = [engine.requests[i] for i in ids]
-    return sum(max_new_tokens if r.finish_reason else len(r.output) for r in requests)
-
-
-def report(engine: Any, outputs: list[list[int]], seconds: float) -> None:
-    cache = engine.runner.cache
-    stats = engine.descriptor.prefix_stats
-    tokens = sum(len(o) for o in outputs)
+            engine.step()  # a request that stopped early counts as complete
+            bar.update(sum(n if r.finish_reason else len(r.output) for r in requests) - bar.n)
+    seconds, outputs = time.perf_counter() - start, [r.output for r in requests]
+    cache, stats, counts = engine.runner.cache, engine.descriptor.prefix_stats, engine.stats
+    free, tokens = cache.allocator.free_pages_count, sum(len(o) for o in outputs)
     print(f"  {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s, "
-          f"{engine.stats.steps} steps, {engine.stats.preemptions} preemptions")  # fmt: skip
-    print(f"  pages: {cache.num_pages - cache.allocator.free_pages_count} held "
-          f"({stats.cached_pages} cached for reuse), {cache.allocator.free_pages_count} free "
-          f"of {cache.num_pages}")  # fmt: skip
+          f"{counts.steps} steps, {counts.preemptions} preemptions")  # fmt: skip
+    print(f"  pages: {cache.num_pages - free} held ({stats.cached_pages} cached for reuse), "
+          f"{free} free of {cache.num_pages}")  # fmt: skip
     print(f"  prefix cache: hit rate {stats.hit_rate:.1%} ({stats.hit_tokens} of "
-          f"{stats.lookup_tokens} prompt tokens), {engine.stats.computed_prompt_tokens} "
+          f"{stats.lookup_tokens} prompt tokens), {counts.computed_prompt_tokens} "
           f"prompt tokens computed")  # fmt: skip
-
-
-def print_answers(tokenizer: Any, questions: list[str], outputs: list[list[int]]) -> None:
-    """Each question and the model's answer, on one line each."""
-    for question, output in zip(questions, outputs, strict=True):
-        answer = " ".join(tokenizer.decode(output, skip_special_tokens=True).split())
-        print(f"  > {question}\n    {answer}")
+    return outputs
 
 
 def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]], n: int) -> int:
-    """Compare with transformers' greedy generate (eager attention); 0 when equal.
-
-    ``generate`` uses the model's generation config, so it stops at the same
-    end-of-sequence tokens as the engine (none for the random-weight models)."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    references = []
-    try:
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device=model.device)
-            with torch.inference_mode():
-                ref = model.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
-                )
-            references.append(ref[0, len(prompt) :].tolist())
-    finally:
-        model.set_attn_implementation(previous)
+    """Print how the outputs compare with transformers' greedy generate (eager attention,
+    the model's generation config: the same EOS tokens); 1 if they differ in float32."""
+    model.set_attn_implementation("eager")  # the demo's last use of the model
+    with torch.inference_mode():  # an explicit mask: a prompt may hold the pad (EOS) id
+        ids = [torch.tensor([prompt], device=model.device) for prompt in prompts]
+        references = [model.generate(i, attention_mask=torch.ones_like(i), do_sample=False,
+                                     max_new_tokens=n)[0, i.shape[1] :].tolist()
+                      for i in ids]  # fmt: skip
     same, total, first = token_agreement(references, outputs)
     if first is None:
         print(f"parity: identical to transformers' greedy generate ({total} of {total} "
@@ -583,21 +365,14 @@ def check_parity(model: Any, prompts: list[list[int]], outputs: list[list[int]],
     return 1 if model.dtype == torch.float32 else 0
 
 
-def token_agreement(
-    references: list[list[int]], outputs: list[list[int]]
-) -> tuple[int, int, Optional[int]]:
-    """Per request, reference tokens against generated ones: ``(tokens equal, reference
-    tokens, earliest position where any request differs or ends early)``; the position
-    is None when every request is identical."""
-    same = total = 0
-    first: Optional[int] = None
-    for reference, output in zip(references, outputs, strict=True):
-        equal = [a == b for a, b in zip(reference, output, strict=False)]
-        same, total = same + sum(equal), total + len(reference)
-        if not all(equal) or len(reference) != len(output):
-            where = equal.index(False) if not all(equal) else len(equal)
-            first = where if first is None else min(first, where)
-    return same, total, first
+def token_agreement(refs: list[list[int]], outs: list[list[int]]) -> tuple[int, int, Optional[int]]:
+    """``(tokens equal, reference tokens, earliest position where any request differs or
+    ends early, None when every request is identical)``, request by request."""
+    pairs = list(zip(refs, outs, strict=True))
+    same = sum(a == b for ref, out in pairs for a, b in zip(ref, out, strict=False))
+    diverged = [next((i for i, (a, b) in enumerate(zip(ref, out, strict=False)) if a != b),
+                     min(len(ref), len(out))) for ref, out in pairs if ref != out]  # fmt: skip
+    return same, sum(len(ref) for ref, _ in pairs), min(diverged, default=None)
 
 
 if __name__ == "__main__":

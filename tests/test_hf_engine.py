@@ -120,6 +120,49 @@ def test_preemption_when_pages_run_out() -> None:
     engine.descriptor.check_integrity()
 
 
+CONTENDED = [
+    # two 32-token prompts of 8 pages each: 12 pages each by the end, 16 in the pool
+    pytest.param(16, [list(range(1, 33)), list(range(40, 72))], 16, 1, id="2x32-in-16-pages"),
+    # 14 pages of prompts (5, 13, 9 and 1 tokens) and 6 new tokens each, 8 in the pool
+    pytest.param(8, PROMPTS, 6, 0, id="4-prompts-in-8-pages"),
+]
+
+
+@pytest.mark.parametrize(("num_pages", "prompts", "new_tokens", "most"), CONTENDED)
+def test_requests_are_admitted_when_their_pages_fit_and_preempted_only_when_short(
+    num_pages: int, prompts: list[list[int]], new_tokens: int, most: int
+) -> None:
+    """A request starts only once its prompt's pages fit beside what the running ones
+    need next; a running request is preempted only at a step whose decode rows lack
+    pages (the engine once admitted on any free page and preempted one of two 32-token
+    requests 15 times, 11 of them at steps where no decode row was short)."""
+    model = tiny_model("llama")
+    engine = engine_for(model, num_pages=num_pages, page_size=4)
+    scheduler, desc, pool = engine.scheduler, engine.descriptor, engine.runner.cache
+    preempt, short = scheduler._preempt, []
+
+    def checked_preempt(need: int) -> None:  # what the running requests lack, seen here
+        rows = [r.id for r in engine.running if r.pending == 1 and not r.finishes_when_read]
+        short.append(desc.pages_needed(rows, [1] * len(rows)) > pool.available_pages_count)
+        preempt(need)
+
+    scheduler._preempt = checked_preempt
+    params = SamplingParams(max_new_tokens=new_tokens)
+    outputs = engine.generate(prompts, params)
+    assert engine.stats.preemptions == len(short) <= most
+    assert all(short), short  # every preemption: a decode row had no page
+    log = scheduler.preemption_log
+    assert len(log) == len(short)
+    assert all(p.pages_needed > p.pages_available for p in log), log
+    assert max(r.preemptions for r in engine.requests.values()) <= 1
+    roomy = engine_for(model, num_pages=64, page_size=4)
+    assert outputs == roomy.generate(prompts, params)
+    assert roomy.stats.preemptions == 0
+    assert outputs == [hf_greedy(model, p, new_tokens) for p in prompts]
+    assert pool.available_pages_count == pool.num_pages
+    desc.check_integrity()
+
+
 def test_sampling_is_reproducible_with_a_seed() -> None:
     model = tiny_model("llama")
     params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9)

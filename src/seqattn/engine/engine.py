@@ -11,9 +11,10 @@ running request) and prefill chunks (up to a token budget), samples the next tok
 every request whose inputs are all in, and finishes requests on a stop token, the
 model's end-of-sequence token (``generation_config.eos_token_id``, as transformers'
 ``generate``; ``SamplingParams.ignore_eos`` turns it off) or at ``max_new_tokens``.
-When the pool runs short, the newest running request is preempted:
-its pages go back (its full pages stay in the prefix cache) and it is recomputed later
-from its prompt plus what it generated so far.
+A waiting request is admitted once its pages fit beside the running requests' next
+step; when the running requests grow short of pages, the newest is preempted: its pages
+go back (its full pages stay in the prefix cache) and it is recomputed later from its
+prompt plus what it generated so far.
 """
 
 from __future__ import annotations

@@ -32,16 +32,21 @@ class Pool(Protocol):
 class Scheduler:
     """Queues requests, admits them while their pages fit, and plans each step.
 
-    Admission: waiting requests start, in order, while any page is free (or nothing
-    runs). A request that could share full pages a running request has not computed yet
-    waits until it has (it then reads them from the prefix cache); the requests behind
-    it go first.
+    Admission: the first waiting request starts once its prompt's pages
+    (:meth:`CacheDescriptor.pages_to_start`, which counts its prefix-cache hit) fit
+    beside what the running requests need for their next step (their pending tokens: a
+    decode token, or the rest of a prompt); the requests behind it wait their turn. With
+    nothing running it starts regardless, so that pages held outside the engine surface
+    as a ``NoPageError`` instead of an endless wait. A request that could share full
+    pages a running request has not computed yet waits until it has (it then reads them
+    from the prefix cache); the requests behind it go first.
 
     Each step: decode rows first (one token each), then prefill chunks within the token
-    budget. When their pages do not fit, the newest running request is preempted: its
-    pages go back (its full pages stay in the prefix cache) and it waits, first in line,
-    to restart from its prompt plus what it generated so far. Each preemption is
-    recorded (:attr:`preemption_log`).
+    budget, cut to the pages left. Only when the decode rows do not fit, or no row can
+    run at all, is the newest running request preempted: its pages go back (its full
+    pages stay in the prefix cache) and it waits, first in line, to restart from its
+    prompt plus what it generated so far. Each preemption is recorded
+    (:attr:`preemption_log`).
 
     Args:
         descriptor: the runner's cache descriptor (sequences, pages, prefix cache).
@@ -87,7 +92,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------- admission
     def admit(self) -> None:
-        """Start waiting requests, in order, while pages are free (see the class)."""
+        """Start waiting requests, in order, while their pages fit (see the class)."""
         held = []
         try:
             while self.waiting and len(self.running) < self.max_batch_size:
@@ -95,7 +100,7 @@ class Scheduler:
                 if self._prefix_in_flight(request):
                     held.append(self.waiting.popleft())
                     continue
-                if self.pool.available_pages_count == 0 and self.running:
+                if self.running and not self._fits(request):
                     break
                 computed = self.descriptor.start_sequence(request.id, request.tokens)
                 self.waiting.popleft()  # only once it is started: an error leaves it queued
@@ -103,6 +108,13 @@ class Scheduler:
                 self.running.append(request)
         finally:
             self.waiting.extendleft(reversed(held))
+
+    def _fits(self, request: Request) -> bool:
+        """Whether starting ``request`` leaves the running requests the pages of their
+        pending tokens."""
+        reserved = self._pages([(r, r.pending) for r in self.running])
+        start = self.descriptor.pages_to_start(request.tokens)
+        return reserved + start <= self.pool.available_pages_count
 
     def _prefix_in_flight(self, request: Request) -> bool:
         """Whether a running request is computing full pages that ``request`` could share."""
@@ -165,11 +177,29 @@ class Scheduler:
         return rows
 
     def _rows(self) -> tuple[list[Row], int]:
-        """The rows wanted, and 0 if their pages fit, else the pages they need."""
+        """The rows that fit the pages available, and 0; or, when the decode rows do not
+        fit or no row fits, the rows wanted and the pages they need."""
         wanted = self._wanted()
-        need = self._pages([row for row in wanted if row[0].pending == 1])
-        need += self._pages([row for row in wanted if row[0].pending > 1])
-        return wanted, 0 if need <= self.pool.available_pages_count else need
+        split = next((i for i, (r, _) in enumerate(wanted) if r.pending > 1), len(wanted))
+        decode, prefill = wanted[:split], wanted[split:]
+        free = self.pool.available_pages_count
+        used = self._pages(decode)
+        if used <= free:
+            rows = decode + self._fitting_chunks(prefill, free - used)
+            if rows or not wanted:
+                return rows, 0
+        return wanted, used + sum(self._pages([row]) for row in prefill)
+
+    def _fitting_chunks(self, prefill: list[Row], free: int) -> list[Row]:
+        """Prefill rows cut to ``free`` pages (and the room left in their last pages)."""
+        rows = []
+        for request, n in prefill:
+            n = min(n, -request.computed % self.page_size + free * self.page_size)
+            pages = self._pages([(request, n)]) if n else free + 1
+            if pages <= free:
+                rows.append((request, n))
+                free -= pages
+        return rows
 
     def _pages(self, rows: list[Row]) -> int:
         """Free pages that allocating ``rows`` would take."""

@@ -223,6 +223,7 @@ class Engine:
         return [self.requests[i].output for i in ids]
 
     def _queue(self, tokens: list[int], params: SamplingParams) -> int:
+        """Queue a request of checked ``tokens``; returns its id."""
         request = Request(self._next_id, tokens, params, self.eos_token_ids)
         request.arrival = time.perf_counter()
         self._next_id += 1
@@ -298,14 +299,18 @@ class Engine:
         except BaseException:
             self.scheduler.undo(rows)
             raise
+        self._count(launched, rows, prompt_tokens)
+        return launched
+
+    def _count(self, launched: _Launched, rows: list[Row], prompt_tokens: int) -> None:
+        """Advance the requests and the stats by a launched step."""
         for request, n in rows:
             request.computed += n
-        for request in ready_requests:
+        for request in launched.requests:
             request.unread += 1
         self.stats.steps += 1
-        self.stats.decoded_ahead += fed_on_device
+        self.stats.decoded_ahead += launched.fed_on_device
         self.stats.computed_prompt_tokens += prompt_tokens
-        return launched
 
     def _forward(self, rows: list[Row], fed_on_device: bool) -> torch.Tensor:
         """The model's logits for ``rows``: ``[len(rows), vocab_size]``."""
@@ -328,6 +333,7 @@ class Engine:
         return sampled.tokens[self._on_device(index)]
 
     def _on_device(self, index: np.ndarray) -> torch.Tensor:
+        """An index array as a long tensor on the runner's device."""
         return upload(self.device, [index], dtype=torch.long)[0][0]
 
     def _read_sampled(self) -> None:

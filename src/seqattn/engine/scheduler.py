@@ -82,6 +82,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
+        """Whether requests wait or run."""
         return bool(self.waiting or self.running)
 
     def can_decode_ahead(self) -> bool:

@@ -15,7 +15,7 @@ from seqattn import (  # noqa: E402
     InvalidLengthError,
     SeqAttnError,
 )
-from seqattn.engine import Engine, SamplingParams  # noqa: E402
+from seqattn.engine import Engine, SamplingParams, Status  # noqa: E402
 from seqattn.integrations.hf import PagedCausalLM  # noqa: E402
 
 FAMILIES = {
@@ -118,6 +118,97 @@ def test_preemption_when_pages_run_out() -> None:
     assert engine.stats.preemptions > 0
     assert outputs == [hf_greedy(model, p, 14) for p in prompts]
     engine.descriptor.check_integrity()
+
+
+CONTENDED = [
+    # two 32-token prompts of 8 pages each: 12 pages each by the end, 16 in the pool
+    pytest.param(16, [list(range(1, 33)), list(range(40, 72))], 16, 1, id="2x32-in-16-pages"),
+    # 14 pages of prompts (5, 13, 9 and 1 tokens) and 6 new tokens each, 8 in the pool
+    pytest.param(8, PROMPTS, 6, 0, id="4-prompts-in-8-pages"),
+]
+
+
+@pytest.mark.parametrize(("num_pages", "prompts", "new_tokens", "most"), CONTENDED)
+def test_requests_are_admitted_when_their_pages_fit_and_preempted_only_when_short(
+    num_pages: int, prompts: list[list[int]], new_tokens: int, most: int
+) -> None:
+    """A request starts only once its prompt's pages fit beside what the running ones
+    need next; a running request is preempted only at a step whose decode rows lack
+    pages (the engine once admitted on any free page and preempted one of two 32-token
+    requests 15 times, 11 of them at steps where no decode row was short)."""
+    model = tiny_model("llama")
+    engine = engine_for(model, num_pages=num_pages, page_size=4)
+    scheduler, desc, pool = engine.scheduler, engine.descriptor, engine.runner.cache
+    preempt, short = scheduler._preempt, []
+
+    def checked_preempt(need: int) -> None:  # what the running requests lack, seen here
+        rows = [r.id for r in engine.running if r.pending == 1 and not r.finishes_when_read]
+        short.append(desc.pages_needed(rows, [1] * len(rows)) > pool.available_pages_count)
+        preempt(need)
+
+    scheduler._preempt = checked_preempt
+    params = SamplingParams(max_new_tokens=new_tokens)
+    outputs = engine.generate(prompts, params)
+    assert engine.stats.preemptions == len(short) <= most
+    assert all(short), short  # every preemption: a decode row had no page
+    log = scheduler.preemption_log
+    assert len(log) == len(short)
+    assert all(p.pages_needed > p.pages_available for p in log), log
+    assert max(r.preemptions for r in engine.requests.values()) <= 1
+    roomy = engine_for(model, num_pages=64, page_size=4)
+    assert outputs == roomy.generate(prompts, params)
+    assert roomy.stats.preemptions == 0
+    assert outputs == [hf_greedy(model, p, new_tokens) for p in prompts]
+    assert pool.available_pages_count == pool.num_pages
+    desc.check_integrity()
+
+
+def test_a_prompt_sharing_a_running_requests_pages_is_admitted_for_its_own_pages() -> None:
+    """Admission counts the prefix-cache hit: a prompt whose first 7 pages a running
+    request holds needs 1 page of its own, and starts though its 8 would not fit."""
+    model = tiny_model("llama")
+    engine = engine_for(model, num_pages=16, page_size=4)
+    prompt, params = list(range(1, 33)), SamplingParams(max_new_tokens=12)
+    first = engine.add_request(prompt, params)
+    for _ in range(5):  # the prompt's 8 pages, and a 9th for the tokens generated since
+        engine.step()
+    assert engine.runner.cache.available_pages_count == 7
+    second = engine.add_request(prompt, params)
+    engine.step()
+    assert [r.id for r in engine.running] == [first, second] and not engine.waiting
+    assert engine.stats.computed_prompt_tokens == 32 + 4  # the second computes 1 page
+    while engine.has_work:
+        engine.step()
+    expected = hf_greedy(model, prompt, 12)
+    assert [engine.requests[i].output for i in (first, second)] == [expected, expected]
+    assert engine.stats.preemptions == 0
+
+
+def test_a_prefill_chunk_waits_for_pages_while_decode_rows_run() -> None:
+    """When decode rows take the last pages, a prefill chunk is cut to the pages left (or
+    waits) rather than preempting anyone; a preemption comes only once a decode row
+    lacks a page."""
+    model = tiny_model("llama")
+    engine = engine_for(model, num_pages=11, page_size=4, max_step_tokens=2)
+    long_run, params = [1, 2, 3, 4], SamplingParams(max_new_tokens=36)  # 10 pages
+    decoding = engine.add_request(long_run, params)
+    for _ in range(14):
+        engine.step()
+    prompt = list(range(10, 30))
+    prefilling = engine.requests[engine.add_request(prompt, SamplingParams(max_new_tokens=2))]
+    waited = 0  # steps the second request ran while its prompt had tokens left but fed none
+    while engine.has_work:
+        before = prefilling.computed if prefilling.status is Status.RUNNING else None
+        engine.step()
+        running = prefilling.status is Status.RUNNING
+        waited += running and prefilling.computed == before and prefilling.pending > 1
+    assert waited > 0
+    assert engine.stats.preemptions == len(engine.scheduler.preemption_log) == 1
+    (preemption,) = engine.scheduler.preemption_log
+    assert preemption.request_id == prefilling.id
+    assert preemption.pages_needed > preemption.pages_available
+    assert engine.requests[decoding].output == hf_greedy(model, long_run, 36)
+    assert prefilling.output == hf_greedy(model, prompt, 2)
 
 
 def test_sampling_is_reproducible_with_a_seed() -> None:

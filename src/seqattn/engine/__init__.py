@@ -3,5 +3,16 @@
 from .engine import Engine, EngineStats
 from .request import Request, Status
 from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .stats import Preemption
 
-__all__ = ["Engine", "EngineStats", "Request", "SamplingParams", "Status", "sample"]
+__all__ = [
+    "Engine",
+    "EngineStats",
+    "Preemption",
+    "Request",
+    "SamplingParams",
+    "Scheduler",
+    "Status",
+    "sample",
+]

@@ -1,14 +1,20 @@
 """A small generation engine on seqattn's public API: continuous batching with chunked
 prefill, prefix caching and preemption.
 
+Three parts: the :class:`~seqattn.engine.scheduler.Scheduler` chooses each step's rows
+and holds their pages, the :class:`Engine` (here) launches the runner on them, reads the
+sampled tokens back and finishes requests, and the runner
+(:class:`~seqattn.integrations.hf.PagedCausalLM`) runs the model.
+
 Each :meth:`Engine.step` runs one forward over a batch that mixes decode tokens (one per
 running request) and prefill chunks (up to a token budget), samples the next token of
 every request whose inputs are all in, and finishes requests on a stop token, the
 model's end-of-sequence token (``generation_config.eos_token_id``, as transformers'
 ``generate``; ``SamplingParams.ignore_eos`` turns it off) or at ``max_new_tokens``.
-When the pool runs short, the newest running request is preempted:
-its pages go back (its full pages stay in the prefix cache) and it is recomputed later
-from its prompt plus what it generated so far.
+A waiting request is admitted once its pages fit beside the running requests' next
+step; when the running requests grow short of pages, the newest is preempted: its pages
+go back (its full pages stay in the prefix cache) and it is recomputed later from its
+prompt plus what it generated so far.
 """
 
 from __future__ import annotations
@@ -20,27 +26,18 @@ from typing import Optional
 
 import numpy as np
 import torch
-from attrs import define
 
 from .._checks import INT64_MAX, INT64_MIN, exact_bool, exact_int, shown
 from .._transfer import upload
-from ..errors import ArgumentTypeError, NoPageError
+from ..errors import ArgumentTypeError
 from ..integrations.hf import PagedCausalLM
 from .intake import check_params, checked_prompt, eos_token_ids
 from .request import Request, Status
 from .sampling import SamplingParams, sample
+from .scheduler import Row, Scheduler
+from .stats import EngineStats
 
-
-@define
-class EngineStats:
-    """Counters since the engine started."""
-
-    steps: int = 0
-    prompt_tokens: int = 0
-    computed_prompt_tokens: int = 0  # prompt (and recomputed) tokens that ran the model
-    generated_tokens: int = 0
-    preemptions: int = 0
-    decoded_ahead: int = 0  # decode steps launched before the previous samples were read
+__all__ = ["Engine", "EngineStats"]
 
 
 class _Launched:
@@ -141,25 +138,31 @@ class Engine:
         self.eos_token_ids = eos_token_ids(runner.model)
         self.runner = runner
         self.descriptor = runner.descriptor
+        self.device = runner.device
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
-        self.generator = torch.Generator(device=runner.device).manual_seed(seed)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.requests: dict[int, Request] = {}
         self.stats = EngineStats()
+        self.scheduler = Scheduler(self.descriptor, runner.cache, self.stats,
+                                   max_batch_size=max_batch_size,
+                                   max_step_tokens=max_step_tokens)  # fmt: skip
         self._next_id = 0
         self._sampled: Optional[_Launched] = None  # the last step, its samples unread
         self._finished: list[Request] = []  # finished since step() last returned
+        self.cuda_graphs = self._set_cuda_graphs(cuda_graphs)
+
+    def _set_cuda_graphs(self, wanted: bool) -> bool:
+        """Turn the runner's CUDA-graph decode on (one graph per batch-size bucket) or
+        off; whether it is on."""
+        if not wanted:
+            self.runner.disable_cuda_graphs()
+            return False
         # a decoding request holds a page of its own: more than the pool's pages never
         # decode together, and a bucket's buffers are sized by its batch
-        largest = min(max_batch_size, runner.cache.num_pages)
+        largest = min(self.max_batch_size, self.scheduler.num_pages)
         buckets = tuple(1 << i for i in range((largest - 1).bit_length() + 1))
-        if cuda_graphs:
-            self.cuda_graphs = runner.enable_cuda_graphs(buckets)
-        else:
-            runner.disable_cuda_graphs()
-            self.cuda_graphs = False
+        return self.runner.enable_cuda_graphs(buckets)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int], params: SamplingParams) -> int:
@@ -187,7 +190,18 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._sampled)
+        """Whether requests are queued or running, or a step's samples are unread."""
+        return self.scheduler.has_work or self._sampled is not None
+
+    @property
+    def waiting(self) -> deque[Request]:
+        """Requests not holding pages (new or preempted), in admission order."""
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        """Requests holding a sequence in the cache, oldest first."""
+        return self.scheduler.running
 
     def generate(self, prompts: Iterable[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """Run ``prompts`` to completion; their generated tokens, in order.
@@ -209,11 +223,12 @@ class Engine:
         return [self.requests[i].output for i in ids]
 
     def _queue(self, tokens: list[int], params: SamplingParams) -> int:
+        """Queue a request of checked ``tokens``; returns its id."""
         request = Request(self._next_id, tokens, params, self.eos_token_ids)
         request.arrival = time.perf_counter()
         self._next_id += 1
         self.requests[request.id] = request
-        self.waiting.append(request)
+        self.scheduler.add(request)
         self.stats.prompt_tokens += len(request.prompt)
         return request.id
 
@@ -240,30 +255,30 @@ class Engine:
                 descriptor directly); nothing was allocated. Requests that could never
                 fit the pool are refused earlier, by :meth:`add_request`.
         """
-        if self._sampled is not None and not self._can_decode_ahead():
+        if self._sampled is not None and not self.scheduler.can_decode_ahead():
             self._read_sampled()
-        self._admit()
-        rows = self._allocate()
+        self.scheduler.admit()
+        rows = self._schedule()
         launched = self._launch(rows) if rows else None
         if self._sampled is not None:  # decoded ahead: now read what the last step sampled
             self._read_sampled()
-        if launched is not None:
-            live = [r.id for r in launched.rows if r.status is Status.RUNNING]
-            if launched.fed_on_device:  # the tokens this step fed are known only now
-                tokens = [self.requests[i].output[-1] for i in live]
-                self.descriptor.record_decode_tokens(live, tokens)
-            self.descriptor.commit(live)  # every token these sequences hold has its KV now
+        if launched is not None:  # the tokens it fed from the device are known only now
+            self.scheduler.launched(launched.rows, launched.fed_on_device)
             self._sampled = launched
         finished, self._finished = self._finished, []
         return finished
 
-    def _can_decode_ahead(self) -> bool:
-        """Whether the next step can run before the host knows the last samples: every
-        running request decodes and no waiting one could be admitted."""
-        admissible = self.waiting and len(self.running) < self.max_batch_size
-        return not admissible and all(r.unread for r in self.running)
+    def _schedule(self) -> list[Row]:
+        """The next step's rows, their pages allocated; when they are short of pages,
+        the unread samples are read first (requests that finish free theirs) before
+        the scheduler preempts."""
+        while True:
+            rows = self.scheduler.schedule(can_preempt=self._sampled is None)
+            if rows is not None:
+                return rows
+            self._read_sampled()
 
-    def _launch(self, rows: list[tuple[Request, int]]) -> _Launched:
+    def _launch(self, rows: list[Row]) -> _Launched:
         """Run the model on ``rows`` and sample (on the device) every row that is ready.
 
         Requests and stats change only once the forward and the sampler have run; if
@@ -282,18 +297,22 @@ class Engine:
             tokens = sample(logits, [r.params for r in ready_requests], self.generator)
             launched = _Launched(requests, ready_requests, tokens, fed_on_device)
         except BaseException:
-            self._undo(rows)
+            self.scheduler.undo(rows)
             raise
-        for request, n in rows:
-            request.computed += n
-        for request in ready_requests:
-            request.unread += 1
-        self.stats.steps += 1
-        self.stats.decoded_ahead += fed_on_device
-        self.stats.computed_prompt_tokens += prompt_tokens
+        self._count(launched, rows, prompt_tokens)
         return launched
 
-    def _forward(self, rows: list[tuple[Request, int]], fed_on_device: bool) -> torch.Tensor:
+    def _count(self, launched: _Launched, rows: list[Row], prompt_tokens: int) -> None:
+        """Advance the requests and the stats by a launched step."""
+        for request, n in rows:
+            request.computed += n
+        for request in launched.requests:
+            request.unread += 1
+        self.stats.steps += 1
+        self.stats.decoded_ahead += launched.fed_on_device
+        self.stats.computed_prompt_tokens += prompt_tokens
+
+    def _forward(self, rows: list[Row], fed_on_device: bool) -> torch.Tensor:
         """The model's logits for ``rows``: ``[len(rows), vocab_size]``."""
         requests = [r for r, _ in rows]
         ids = [r.id for r in requests]
@@ -302,15 +321,6 @@ class Engine:
         if all(r.pending == 1 for r in requests):  # not a prefill chunk cut to one token
             return self.runner.decode(ids, [r.last_token for r in requests])
         return self.runner.forward(ids, [r.next_inputs(n) for r, n in rows])
-
-    def _undo(self, rows: list[tuple[Request, int]]) -> None:
-        """Give back what a failed step allocated: each row's sequence again holds the
-        tokens whose KV it has (``request.computed``)."""
-        desc = self.descriptor
-        for request, _ in rows:
-            held = desc.seq_len(request.id) if request.id in desc else 0
-            if held > request.computed:
-                desc.truncate(request.id, request.computed)
 
     def _sampled_inputs(self, requests: list[Request]) -> torch.Tensor:
         """The previous step's samples of ``requests``, in their order, on the device."""
@@ -323,7 +333,8 @@ class Engine:
         return sampled.tokens[self._on_device(index)]
 
     def _on_device(self, index: np.ndarray) -> torch.Tensor:
-        return upload(self.runner.device, [index], dtype=torch.long)[0][0]
+        """An index array as a long tensor on the runner's device."""
+        return upload(self.device, [index], dtype=torch.long)[0][0]
 
     def _read_sampled(self) -> None:
         """Bring the last launched step's tokens to the host and finish requests."""
@@ -340,113 +351,5 @@ class Engine:
             self.stats.generated_tokens += 1
             if request.finish_if_done():
                 finished.append(request)
-        self._release(finished)
+        self.scheduler.release(finished)
         self._finished += finished
-
-    # ----------------------------------------------------------------- scheduling
-    def _admit(self) -> None:
-        """Start waiting requests (sharing their cached prefixes) while there is room.
-
-        A request whose prompt shares full pages with a running request that has not
-        computed them yet waits until it has (then it reads them from the prefix cache
-        instead of computing them again); the requests behind it go first.
-        """
-        held = []
-        try:
-            while self.waiting and len(self.running) < self.max_batch_size:
-                request = self.waiting[0]
-                if self.runner.cache.available_pages_count == 0 and self.running:
-                    break
-                if self._prefix_in_flight(request):
-                    held.append(self.waiting.popleft())
-                    continue
-                computed = self.descriptor.start_sequence(request.id, request.tokens)
-                self.waiting.popleft()  # only once it is started: an error leaves it queued
-                request.computed, request.status = computed, Status.RUNNING
-                self.running.append(request)
-        finally:
-            self.waiting.extendleft(reversed(held))
-
-    def _prefix_in_flight(self, request: Request) -> bool:
-        """Whether a running request is computing full pages that ``request`` could share."""
-        ps = self.runner.cache.page_size
-        tokens = request.tokens
-        for other in self.running:
-            theirs = other.tokens
-            limit = min(len(tokens) - 1, len(theirs)) // ps  # pages the cache could give
-            if limit * ps <= other.computed:
-                continue  # nothing left to compute that could be shared
-            shared = 0
-            while shared < limit and (
-                tokens[shared * ps : (shared + 1) * ps] == theirs[shared * ps : (shared + 1) * ps]
-            ):
-                shared += 1
-            if shared * ps > other.computed:
-                return True
-        return False
-
-    def _schedule(self) -> list[tuple[Request, int]]:
-        """Decode rows first (one token each), then prefill chunks within the budget."""
-        budget = self.max_step_tokens
-        rows = []
-        for request in sorted(self.running, key=lambda r: r.pending > 1):
-            if request.finishes_when_read:
-                continue  # its last token is sampled already
-            n = min(request.pending, budget)
-            if n == 0:
-                break
-            rows.append((request, n))
-            budget -= n
-        return rows
-
-    def _allocate(self) -> list[tuple[Request, int]]:
-        """Pages for the next batch, preempting the newest requests until they fit."""
-        while True:
-            rows = self._schedule()
-            decode = [r.id for r, n in rows if r.pending == 1]
-            prefill = [(r.id, n) for r, n in rows if r.pending > 1]
-            prefill_ids, prefill_lens = [i for i, _ in prefill], [n for _, n in prefill]
-            need = self.descriptor.pages_needed(decode, [1] * len(decode))
-            need += self.descriptor.pages_needed(prefill_ids, prefill_lens)
-            if need <= self.runner.cache.available_pages_count:
-                break
-            if self._sampled is not None:  # finish what can finish before preempting
-                self._read_sampled()
-                continue
-            if len(self.running) == 1:
-                cache = self.runner.cache
-                raise NoPageError(
-                    f"request {self.running[0].id} alone needs {need} more pages for its "
-                    f"next step, but {cache.available_pages_count} of the pool's "
-                    f"{cache.num_pages} are available; give the engine more pages"
-                )
-            self._preempt(self.running[-1])
-        try:
-            if decode:
-                requests = [self.requests[i] for i in decode]
-                # a token sampled ahead is told to the prefix cache once read (see step)
-                last = None if requests[0].unread else [r.last_token for r in requests]
-                self.descriptor.allocate_decoding(decode, token_ids=last)
-            if prefill:
-                self.descriptor.allocate(prefill_ids, prefill_lens)
-        except BaseException:
-            self._undo(rows)
-            raise
-        return rows
-
-    def _preempt(self, request: Request) -> None:
-        """Give the request's pages back; it restarts later from its tokens so far."""
-        self.running.remove(request)
-        self.descriptor.release([request.id])
-        request.status, request.computed = Status.WAITING, 0
-        request.preemptions += 1
-        self.stats.preemptions += 1
-        self.waiting.appendleft(request)
-
-    def _release(self, finished: list[Request]) -> None:
-        """End finished requests (a row sampled ahead may still run on their pages: the
-        pages' next users write them later in stream order)."""
-        if finished:
-            self.descriptor.release([r.id for r in finished])
-            done = {r.id for r in finished}
-            self.running = [r for r in self.running if r.id not in done]

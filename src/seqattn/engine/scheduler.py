@@ -1,0 +1,263 @@
+"""Which requests run at each step, and how many tokens each feeds: the waiting and
+running queues, admission, each step's rows and their pages, preemption, and the end
+of finished requests. The scheduler runs no model and reads no sampled token: the
+engine does (:class:`~seqattn.engine.Engine`)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional, Protocol
+
+from ..descriptor import CacheDescriptor
+from ..errors import NoPageError
+from .request import Request, Status
+from .stats import EngineStats, Preemption
+
+Row = tuple[Request, int]  # a request and the tokens it feeds in one step
+
+
+class Pool(Protocol):
+    """The page pool's counts the scheduler reads (a ``PagedKVCacheManager``)."""
+
+    @property
+    def available_pages_count(self) -> int: ...
+
+    @property
+    def num_pages(self) -> int: ...
+
+    @property
+    def page_size(self) -> int: ...
+
+
+class Scheduler:
+    """Queues requests, admits them while their pages fit, and plans each step.
+
+    Admission: the first waiting request starts once its prompt's pages
+    (:meth:`CacheDescriptor.pages_to_start`, which counts its prefix-cache hit) fit
+    beside what the running requests need for their next step (their pending tokens: a
+    decode token, or the rest of a prompt); the requests behind it wait their turn. With
+    nothing running it starts regardless, so that pages held outside the engine surface
+    as a ``NoPageError`` instead of an endless wait. A request that could share full
+    pages a running request has not computed yet waits until it has (it then reads them
+    from the prefix cache); the requests behind it go first.
+
+    Each step: decode rows first (one token each), then prefill chunks within the token
+    budget, cut to the pages left. Only when the decode rows do not fit, or no row can
+    run at all, is the newest running request preempted: its pages go back (its full
+    pages stay in the prefix cache) and it waits, first in line, to restart from its
+    prompt plus what it generated so far. Each preemption is recorded
+    (:attr:`preemption_log`).
+
+    Args:
+        descriptor: the runner's cache descriptor (sequences, pages, prefix cache).
+        pool: the runner's page pool, for its page counts.
+        stats: the engine's counters (preemptions are counted here).
+        max_batch_size: running requests at most.
+        max_step_tokens: tokens one step may feed.
+    """
+
+    def __init__(
+        self,
+        descriptor: CacheDescriptor,
+        pool: Pool,
+        stats: EngineStats,
+        *,
+        max_batch_size: int,
+        max_step_tokens: int,
+    ) -> None:
+        self.descriptor = descriptor
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.num_pages = pool.num_pages
+        self.stats = stats
+        self.max_batch_size = max_batch_size
+        self.max_step_tokens = max_step_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemption_log: list[Preemption] = []
+
+    def add(self, request: Request) -> None:
+        """Queue a new request last."""
+        self.waiting.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        """Whether requests wait or run."""
+        return bool(self.waiting or self.running)
+
+    def can_decode_ahead(self) -> bool:
+        """Whether the next step can run before the host knows the last samples: every
+        running request decodes and no waiting one could be admitted."""
+        admissible = self.waiting and len(self.running) < self.max_batch_size
+        return not admissible and all(r.unread for r in self.running)
+
+    # ----------------------------------------------------------------- admission
+    def admit(self) -> None:
+        """Start waiting requests, in order, while their pages fit (see the class)."""
+        held = []
+        try:
+            while self.waiting and len(self.running) < self.max_batch_size:
+                request = self.waiting[0]
+                if self._prefix_in_flight(request):
+                    held.append(self.waiting.popleft())
+                    continue
+                if self.running and not self._fits(request):
+                    break
+                computed = self.descriptor.start_sequence(request.id, request.tokens)
+                self.waiting.popleft()  # only once it is started: an error leaves it queued
+                request.computed, request.status = computed, Status.RUNNING
+                self.running.append(request)
+        finally:
+            self.waiting.extendleft(reversed(held))
+
+    def _fits(self, request: Request) -> bool:
+        """Whether starting ``request`` leaves the running requests the pages of their
+        pending tokens."""
+        reserved = self._pages([(r, r.pending) for r in self.running])
+        start = self.descriptor.pages_to_start(request.tokens)
+        return reserved + start <= self.pool.available_pages_count
+
+    def _prefix_in_flight(self, request: Request) -> bool:
+        """Whether a running request is computing full pages that ``request`` could share."""
+        ps = self.page_size
+        tokens = request.tokens
+        for other in self.running:
+            theirs = other.tokens
+            limit = min(len(tokens) - 1, len(theirs)) // ps  # pages the cache could give
+            if limit * ps <= other.computed:
+                continue  # nothing left to compute that could be shared
+            shared = 0
+            while shared < limit and (
+                tokens[shared * ps : (shared + 1) * ps] == theirs[shared * ps : (shared + 1) * ps]
+            ):
+                shared += 1
+            if shared * ps > other.computed:
+                return True
+        return False
+
+    # ---------------------------------------------------------------------- steps
+    def schedule(self, can_preempt: bool) -> Optional[list[Row]]:
+        """The next step's rows, with their pages allocated.
+
+        When the running requests are short of pages: None if not ``can_preempt`` (the
+        engine then reads its unread samples, which may finish requests, and asks
+        again); otherwise the newest running request is preempted until they fit.
+
+        Raises:
+            NoPageError: the one running request cannot grow (pages are held outside
+                the engine); nothing was allocated.
+        """
+        while True:
+            rows, need = self._rows()
+            if not need:
+                break
+            if not can_preempt:
+                return None
+            if len(self.running) == 1:
+                raise NoPageError(
+                    f"request {self.running[0].id} alone needs {need} more pages for its "
+                    f"next step, but {self.pool.available_pages_count} of the pool's "
+                    f"{self.num_pages} are available; give the engine more pages"
+                )
+            self._preempt(need)
+        self._allocate(rows)
+        return rows
+
+    def _wanted(self) -> list[Row]:
+        """Decode rows first (one token each), then prefill chunks within the budget."""
+        budget = self.max_step_tokens
+        rows = []
+        for request in sorted(self.running, key=lambda r: r.pending > 1):
+            if request.finishes_when_read:
+                continue  # its last token is sampled already
+            n = min(request.pending, budget)
+            if n == 0:
+                break
+            rows.append((request, n))
+            budget -= n
+        return rows
+
+    def _rows(self) -> tuple[list[Row], int]:
+        """The rows that fit the pages available, and 0; or, when the decode rows do not
+        fit or no row fits, the rows wanted and the pages they need."""
+        wanted = self._wanted()
+        split = next((i for i, (r, _) in enumerate(wanted) if r.pending > 1), len(wanted))
+        decode, prefill = wanted[:split], wanted[split:]
+        free = self.pool.available_pages_count
+        used = self._pages(decode)
+        if used <= free:
+            rows = decode + self._fitting_chunks(prefill, free - used)
+            if rows or not wanted:
+                return rows, 0
+        return wanted, used + sum(self._pages([row]) for row in prefill)
+
+    def _fitting_chunks(self, prefill: list[Row], free: int) -> list[Row]:
+        """Prefill rows cut to ``free`` pages (and the room left in their last pages)."""
+        rows = []
+        for request, n in prefill:
+            n = min(n, -request.computed % self.page_size + free * self.page_size)
+            pages = self._pages([(request, n)]) if n else free + 1
+            if pages <= free:
+                rows.append((request, n))
+                free -= pages
+        return rows
+
+    def _pages(self, rows: list[Row]) -> int:
+        """Free pages that allocating ``rows`` would take."""
+        if not rows:
+            return 0
+        return self.descriptor.pages_needed([r.id for r, _ in rows], [n for _, n in rows])
+
+    def _allocate(self, rows: list[Row]) -> None:
+        """Allocate the rows' pages; if that raises, nothing stays allocated."""
+        decode = [r for r, _ in rows if r.pending == 1]
+        prefill = [(r.id, n) for r, n in rows if r.pending > 1]
+        try:
+            if decode:
+                # a token sampled ahead is told to the prefix cache once read (see step)
+                last = None if decode[0].unread else [r.last_token for r in decode]
+                self.descriptor.allocate_decoding([r.id for r in decode], token_ids=last)
+            if prefill:
+                self.descriptor.allocate([i for i, _ in prefill], [n for _, n in prefill])
+        except BaseException:
+            self.undo(rows)
+            raise
+
+    def _preempt(self, need: int) -> None:
+        """Give the newest running request's pages back; it restarts later from its
+        tokens so far. ``need``: the pages the step's rows lacked room for."""
+        request = self.running.pop()
+        available = self.pool.available_pages_count
+        self.descriptor.release([request.id])
+        request.status, request.computed = Status.WAITING, 0
+        request.preemptions += 1
+        self.stats.preemptions += 1
+        self.preemption_log.append(Preemption(self.stats.steps, request.id, need, available))
+        self.waiting.appendleft(request)
+
+    # ------------------------------------------------------------ after a launch
+    def launched(self, requests: list[Request], fed_on_device: bool) -> None:
+        """Tell the cache about a launched step's rows: the tokens fed from the device
+        (known once read) and that every token they hold has its KV now."""
+        live = [r for r in requests if r.status is Status.RUNNING]
+        ids = [r.id for r in live]
+        if fed_on_device:
+            self.descriptor.record_decode_tokens(ids, [r.output[-1] for r in live])
+        self.descriptor.commit(ids)
+
+    def undo(self, rows: list[Row]) -> None:
+        """Give back what a failed step allocated: each row's sequence again holds the
+        tokens whose KV it has (``request.computed``)."""
+        desc = self.descriptor
+        for request, _ in rows:
+            held = desc.seq_len(request.id) if request.id in desc else 0
+            if held > request.computed:
+                desc.truncate(request.id, request.computed)
+
+    def release(self, finished: list[Request]) -> None:
+        """End finished requests (a row sampled ahead may still run on their pages: the
+        pages' next users write them later in stream order)."""
+        if finished:
+            self.descriptor.release([r.id for r in finished])
+            done = {r.id for r in finished}
+            self.running = [r for r in self.running if r.id not in done]

@@ -180,7 +180,7 @@ class HeadwiseAttention:
             )
         rows, version, shape = planned
         self.cache.check_written(layer)
-        if version != self.cache._versions[layer]:
+        if version != self.cache.versions[layer]:
             raise SeqAttnError(
                 f"layer {layer} changed after it was planned (append, compress, "
                 "truncate_head or release): plan it again"
@@ -215,7 +215,7 @@ class HeadwiseAttention:
         for batch in batches:
             if batch.owner is not cache:
                 raise SeqAttnError("this batch was packed by another HeadwiseKVCache")
-            if batch.version != cache._versions[batch.layer]:
+            if batch.version != cache.versions[batch.layer]:
                 raise SeqAttnError(
                     f"the batch of layer {batch.layer} is stale: the layer changed after it "
                     "was packed (append, compress, truncate_head or release)"

@@ -26,18 +26,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._checks import exact_bool, exact_int, id_list, shown
+from .._checks import exact_bool, exact_int, id_list
 from ..descriptor import CacheDescriptor
-from ..errors import ArgumentTypeError, SeqAttnError
 from ..head_ids import HeadIDGenerator
 from ..packed_data import Device
 from ..storage import PagedKVCacheManager
 from . import compression
 from .batch import HeadwiseBatch, HeadwiseStep
 from .builder import StepBuilder
-from .checks import KVSpec, check_queries_held, check_room, checked_lens
+from .checks import KVSpec, check_queries_held, check_room, checked_lens, step_batch
 from .positions import HeadPositions
 from .queries import HeadwiseQueries
+from .versions import LayerVersions
 
 
 class HeadwiseKVCache(HeadwiseQueries):
@@ -47,8 +47,7 @@ class HeadwiseKVCache(HeadwiseQueries):
     subset of those positions (all of them until it is compressed). Tokens keep their
     original positions (keys are stored already rotated) and new tokens always take the
     sequence's next position. Every mutating call checks everything first and is all or
-    nothing. Read-only queries (lengths, positions, memory) come from
-    :class:`~seqattn.headwise.queries.HeadwiseQueries`.
+    nothing. Lookups and memory accounting: :class:`~seqattn.headwise.queries.HeadwiseQueries`.
 
     A model step appends the same tokens to every layer: :meth:`begin_step` does the
     page bookkeeping of all layers at once, then the forward pass calls :meth:`write`
@@ -127,20 +126,12 @@ class HeadwiseKVCache(HeadwiseQueries):
         self._row_ids = HeadIDGenerator(self.num_layers * self.num_kv_heads)
         self.descriptor = CacheDescriptor(self.storage)
         self.positions = HeadPositions(self.num_layers, self.num_kv_heads)
-        self._builder = StepBuilder(
-            self.descriptor, self.num_layers, self.num_kv_heads, self.device
-        )
+        self._builder = StepBuilder(self.descriptor, self.num_layers, self.num_kv_heads)
         # with one head per page the NHD and HND layouts are the same memory
         self.kv_pages = self.storage.get_kv_cache(0).view(num_pages, 2, page_size, head_dim)
         self._kv = KVSpec(self.num_kv_heads, self.head_dim, dtype, self.device)
         self._all_layers = tuple(range(self.num_layers))
-        # per layer, the version its batches were packed at; a change to the layer's
-        # pages (append, compress, release) moves it on, which makes them stale
-        self._versions = [0] * self.num_layers
-        self._clock = 0
-        # the layers whose step tokens are allocated but not written yet (their pages
-        # hold stale data until then), each with the step's sequences that took tokens
-        self._unwritten: dict[int, frozenset[int]] = {}
+        self.versions = LayerVersions(self.num_layers)
 
     # ------------------------------------------------------------------ sequences
     def add_sequences(self, seq_ids: Iterable[int]) -> None:
@@ -167,17 +158,11 @@ class HeadwiseKVCache(HeadwiseQueries):
         """
         ids = id_list(seq_ids)
         self.positions.slots(ids)  # checks every id before releasing any
-        pending = frozenset().union(*self._unwritten.values())
-        if pending and not pending <= set(ids):
-            raise SeqAttnError(
-                f"layers {sorted(self._unwritten)} of the open step are not written: "
-                f"write them, or release all of that step's sequences "
-                f"{sorted(pending)[:8]} together"
-            )
+        self.versions.check_release(ids)
         self.descriptor.release(self._all_row_ids(ids))
         self.positions.remove(ids)
-        self._unwritten.clear()
-        self._changed(self._all_layers)
+        self.versions.released()
+        self._after_change()
 
     # ---------------------------------------------------------------------- steps
     def begin_step(
@@ -186,13 +171,12 @@ class HeadwiseKVCache(HeadwiseQueries):
         """Take the pages of one model step's new tokens in every layer, and pack them.
 
         Allocates ``append_lens[b]`` tokens (default one: a decode step) in every KV head
-        of every layer for sequence ``seq_ids[b]``, at its next positions, and packs each
-        layer's batch (on a GPU, all layers' index arrays go up in one copy). Then, per
-        layer: :meth:`write` its K/V, and ``HeadwiseAttention`` (``plan_step`` once,
-        ``run``) attends. The step is valid for a layer until the layer changes again.
-        Until a layer is written, calls that would change or read it (``append``,
-        ``compress``, ``truncate_head``, ``pack``, ``run``, another ``begin_step``) are
-        refused, and so is ``release`` unless it ends every sequence of the step.
+        of every layer for sequence ``seq_ids[b]`` and packs each layer's batch (on a GPU
+        in one copy). Then per layer :meth:`write` its K/V, and ``HeadwiseAttention``
+        attends. The step is valid for a layer until the layer changes again. Until a
+        layer is written, calls that would change or read it (``append``, ``compress``,
+        ``truncate_head``, ``pack``, ``run``, another ``begin_step``) are refused, and so
+        is ``release`` unless it ends every sequence of the step.
 
         Returns:
             the :class:`HeadwiseStep`, whose ``batches[layer]`` is the layer's batch.
@@ -207,18 +191,13 @@ class HeadwiseKVCache(HeadwiseQueries):
         lens = None if append_lens is None else checked_lens(append_lens, len(ids))
         if lens is not None:  # a decode step's room is checked by the allocation itself
             check_room(self.positions, self._builder, self._all_layers, ids, slots, lens)
-        if self._unwritten:
-            raise SeqAttnError(
-                f"layers {sorted(self._unwritten)} of the last step are not written yet: "
-                "write them before beginning another step"
-            )
+        self.versions.check_all_written()
         return self._open(self._all_layers, ids, slots, lens)
 
     def write(self, step: HeadwiseStep, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one layer's K/V of the step's new tokens into the pages taken for them.
 
-        Only the append kernel runs. Token ``j`` of sequence ``b`` lands at its position
-        in every KV head of the layer.
+        Only the append kernel runs: token ``j`` of sequence ``b`` lands at its position.
 
         Args:
             step: from :meth:`begin_step` of this cache, not stale for ``layer``.
@@ -232,12 +211,12 @@ class HeadwiseKVCache(HeadwiseQueries):
             TensorSpecError: a bad layer or tensor. SeqAttnError: a stale step or one
             of another cache. Nothing written.
         """
-        batch = self._step_batch(step, layer)
+        batch = step_batch(self, step, layer)
         self._kv.check(k, v, batch.rows.num_tokens)
         if batch.rows.num_tokens:
             rows = batch.rows
             self.storage.append_kv(rows.to_rows(k), rows.to_rows(v), batch.append_packed)
-        self._unwritten.pop(batch.layer, None)
+        self.versions.written(batch.layer)
 
     def append(
         self,
@@ -274,17 +253,14 @@ class HeadwiseKVCache(HeadwiseQueries):
         self._kv.check(k, v, int(lens.sum()))
         self.check_written(layer)
         check_room(self.positions, self._builder, (layer,), ids, slots, lens)
-        before = (self._clock, self._versions[layer])
+        before = self.versions[layer]
         step = self._open((layer,), ids, slots, lens)
         try:
             self.write(step, layer, k, v)
         except BaseException:  # give back what the step took
-            self._builder.undo(
-                self._builder.row_ids((layer,), ids), np.repeat(lens, self.num_kv_heads)
-            )
+            self._builder.undo((layer,), ids, lens)
             self.positions.advance((layer,), slots, -lens)
-            self._clock, self._versions[layer] = before
-            self._unwritten.pop(layer, None)
+            self.versions.restore(layer, before)
             raise
         return step.batches[0]
 
@@ -307,10 +283,7 @@ class HeadwiseKVCache(HeadwiseQueries):
         self.check_written(layer)
         counts = np.ones(len(ids), dtype=np.int64) if lens is None else lens
         check_queries_held(self.positions, layer, ids, slots, counts)
-        row_ids = self._builder.row_ids((layer,), ids)
-        version = self._versions[layer]
-        _, (batch,) = self._builder.pack((layer,), tuple(ids), row_ids, lens, version, self)
-        return batch
+        return self._builder.pack((layer,), ids, lens, self.versions[layer], self).batches[0]
 
     # ---------------------------------------------------------------- compression
     def compress(
@@ -336,23 +309,17 @@ class HeadwiseKVCache(HeadwiseQueries):
             or repeated (or positions not held). UnknownSequenceError. SeqAttnError: the
             layer's step tokens are not written yet. Nothing changed.
         """
-        self._changed((compression.compress(self, layer, seq_id, keep, by_position),))
+        self.versions.changed((compression.compress(self, layer, seq_id, keep, by_position),))
+        self._after_change()
 
     def truncate_head(self, layer: int, seq_id: int, head: int, new_len: int) -> None:
-        """Keep only the first ``new_len`` tokens one head holds (its oldest ones).
-
-        Raises:
-            InvalidLengthError: ``head`` or ``new_len`` out of range; nothing changed.
-        """
+        """Keep only the first ``new_len`` tokens one head holds (its oldest ones); errors
+        as :meth:`compress` (InvalidLengthError for ``new_len`` out of range)."""
         compression.truncate_head(self, layer, seq_id, head, new_len)
 
     def check_written(self, layer: int) -> None:
         """Raise SeqAttnError if ``layer`` holds tokens of a step not written yet."""
-        if layer in self._unwritten:
-            raise SeqAttnError(
-                f"layer {layer} holds the open step's tokens, whose K/V are not written "
-                f"yet: call write(step, {layer}, k, v) first"
-            )
+        self.versions.check_written(layer)
 
     # ------------------------------------------------------------------ internals
     def _open(
@@ -360,39 +327,13 @@ class HeadwiseKVCache(HeadwiseQueries):
     ) -> HeadwiseStep:
         """Allocate and pack ``lens`` tokens (default one) per sequence in every head of
         ``layers`` (NoPageError: nothing changed); they stay unwritten until :meth:`write`."""
-        version = self._clock + 1
-        row_ids = self._builder.row_ids(layers, ids)
-        rows, batches = self._builder.open(layers, tuple(ids), row_ids, lens, version, self)
-        new = batches[0].append_lens
-        self.positions.advance(layers, slots, new)
-        self._changed(layers, version)
-        took = frozenset(s for s, n in zip(ids, new.tolist(), strict=True) if n)
-        if took:
-            self._unwritten.update(dict.fromkeys(layers, took))
-        return HeadwiseStep(batches[0].seq_ids, new, rows, tuple(batches))
-
-    def _step_batch(self, step: HeadwiseStep, layer: int) -> HeadwiseBatch:
-        """The step's batch of ``layer``, after checking that it is this cache's and current."""
-        if not isinstance(step, HeadwiseStep):
-            raise ArgumentTypeError(f"step must be a HeadwiseStep, got {shown(step)}")
-        if step.batches[0].owner is not self:
-            raise SeqAttnError("this step was begun on another HeadwiseKVCache")
-        layer = self.checked_layer(layer)
-        batch = step.batches[layer - step.batches[0].layer]  # begin_step's: from layer 0
-        if batch.version != self._versions[layer]:
-            raise SeqAttnError(
-                f"the step is stale for layer {layer}: the layer changed after begin_step "
-                "(append, compress, truncate_head or release); begin a new step"
-            )
-        return batch
-
-    def _changed(self, layers: Sequence[int], version: Optional[int] = None) -> None:
-        """Record that ``layers`` changed (at ``version``, that of batches packed for the
-        change itself), which makes earlier batches of them stale."""
-        self._clock = self._clock + 1 if version is None else version
-        for layer in layers:
-            self._versions[layer] = self._clock
+        step = self._builder.open(layers, ids, lens, self.versions.next, self)
+        self.positions.advance(layers, slots, step.append_lens)
+        self.versions.changed(layers)
+        took = [s for s, n in zip(ids, step.append_lens.tolist(), strict=True) if n]
+        self.versions.opened(layers, took)
         self._after_change()
+        return step
 
     def _after_change(self) -> None:
         if self.check_invariants:

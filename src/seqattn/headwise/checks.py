@@ -7,17 +7,27 @@ saying what was expected and what came.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from attrs import define, field
 
 from .._checks import int_array, shown
-from ..errors import ArgumentTypeError, InvalidLengthError, NoPageError, TensorSpecError
+from ..errors import (
+    ArgumentTypeError,
+    InvalidLengthError,
+    NoPageError,
+    SeqAttnError,
+    TensorSpecError,
+)
 from ..page_table import MAX_LENGTH
+from .batch import HeadwiseBatch, HeadwiseStep
 from .builder import StepBuilder
 from .positions import HeadPositions
+
+if TYPE_CHECKING:
+    from .cache import HeadwiseKVCache
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 QUANTIZABLE = (torch.float16, torch.bfloat16, torch.float32)
@@ -140,3 +150,20 @@ def check_queries_held(
             f"newest {counts[b]} positions, the queries' own (see head_positions): "
             "attend with fewer query tokens"
         )
+
+
+def step_batch(cache: HeadwiseKVCache, step: HeadwiseStep, layer: int) -> HeadwiseBatch:
+    """The batch of ``layer`` in ``step``, checked to be of ``cache`` and current
+    (ArgumentTypeError, IndexOutOfRangeError, SeqAttnError)."""
+    if not isinstance(step, HeadwiseStep):
+        raise ArgumentTypeError(f"step must be a HeadwiseStep, got {shown(step)}")
+    if step.batches[0].owner is not cache:
+        raise SeqAttnError("this step was begun on another HeadwiseKVCache")
+    layer = cache.checked_layer(layer)
+    batch = step.batches[layer - step.batches[0].layer]  # begin_step's: from layer 0
+    if batch.version != cache.versions[layer]:
+        raise SeqAttnError(
+            f"the step is stale for layer {layer}: the layer changed after begin_step "
+            "(append, compress, truncate_head or release); begin a new step"
+        )
+    return batch

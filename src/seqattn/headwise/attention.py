@@ -43,7 +43,19 @@ class HeadwiseAttention:
             for decode steps (default: as :class:`PagedAttention` decides for the group
             size ``num_qo_heads // num_kv_heads``).
 
-    See :class:`HeadwiseKVCache` for an example.
+    Example (a decode step over every layer; :class:`HeadwiseKVCache` has more):
+        >>> import torch
+        >>> cache = HeadwiseKVCache(32, 4, num_layers=2, num_kv_heads=2, head_dim=8,
+        ...                         dtype=torch.float32, device="cpu")
+        >>> attn = HeadwiseAttention(cache, num_qo_heads=4, backend="torch")
+        >>> cache.add_sequences([0, 1])
+        >>> step = cache.begin_step([0, 1])       # one token each, in every layer
+        >>> attn.plan_step(step)
+        >>> for layer in range(2):
+        ...     cache.write(step, layer, torch.randn(2, 2, 8), torch.randn(2, 2, 8))
+        ...     out, lse = attn.run(torch.randn(2, 4, 8), layer, return_lse=True)
+        >>> out.shape, lse.shape  # [nnz, num_qo_heads, head_dim], [nnz, num_qo_heads]
+        (torch.Size([2, 4, 8]), torch.Size([2, 4]))
     """
 
     def __init__(

@@ -169,12 +169,7 @@ class StepBuilder:
             positions = lengths - 1
         else:
             positions = append_rows_positions(indptr_of(arrays.per_row), lengths)[1]
-        # each layer's indptr from 0: [layers, requests + 1]
-        requests = arrays.append_indptr.size - 1
-        bounds = indptr[::requests] if requests else np.zeros(len(layers) + 1, np.int32)
-        layer_indptr = np.empty((len(layers), requests + 1), dtype=np.int32)
-        layer_indptr[:, :-1] = indptr[:-1].reshape(len(layers), requests) - bounds[:-1, None]
-        layer_indptr[:, -1] = np.diff(bounds)
+        layer_indptr, bounds = _per_layer(indptr, len(layers), arrays.append_indptr.size - 1)
         parts = _Parts(
             indices, layer_indptr, last, lengths, positions, bounds, arrays, self.num_kv_heads,
             whole.stamp,
@@ -189,6 +184,20 @@ class StepBuilder:
             for layer, p, w in zip(layers, plan, write, strict=True)
         )
         return HeadwiseStep(ids, lens, rows, batches)
+
+
+def _per_layer(indptr: np.ndarray, layers: int, requests: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole step's indptr cut into layers of ``requests`` requests each.
+
+    Returns:
+        ``(layer_indptr, bounds)``: each layer's indptr from 0, ``[layers, requests + 1]``,
+        and where each layer's page ids start in the whole, ``[layers + 1]``, int32.
+    """
+    bounds = indptr[::requests] if requests else np.zeros(layers + 1, np.int32)
+    layer_indptr = np.empty((layers, requests + 1), dtype=np.int32)
+    layer_indptr[:, :-1] = indptr[:-1].reshape(layers, requests) - bounds[:-1, None]
+    layer_indptr[:, -1] = np.diff(bounds)
+    return layer_indptr, bounds
 
 
 @define(slots=True)

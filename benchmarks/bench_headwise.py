@@ -381,14 +381,14 @@ class NullKernels:
 
 
 def without_append_kernel(storage: PagedKVCacheManager) -> None:
-    """Make ``storage.append_kv`` check its arguments and resolve the batch's device
-    tensors as it does, but write nothing (on the CPU the write is a torch scatter of
-    many small ops, where a GPU launches one kernel)."""
+    """Make ``storage.append_kv`` check its arguments as it does, but write nothing (on
+    the CPU the write is a torch scatter of many small ops, where a GPU launches one
+    kernel). Both sides pack their batches on the cache's device already."""
 
     def append_kv(keys, values, packed, append_indptr_cpu=None, *, layer=0) -> None:
+        del packed, append_indptr_cpu
         storage.get_kv_cache(layer)
         storage.check_kv(keys, values)
-        packed.to_device(storage.device)
 
     storage.append_kv = append_kv  # type: ignore[method-assign]
 

@@ -35,7 +35,7 @@ from seqattn import (
 )
 from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache, adakv_select, snapkv_scores
 from seqattn.headwise.batch import head_rows, row_order
-from seqattn.headwise.compaction import compaction_moves
+from seqattn.headwise.compression import compaction_moves
 
 ROOT = Path(__file__).resolve().parents[1]
 

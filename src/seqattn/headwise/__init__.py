@@ -4,9 +4,11 @@ For per-head KV compression (SnapKV, PyramidKV, AdaKV, HeadKV): each KV head of 
 layer keeps its own tokens in its own pages from one shared pool, so dropped tokens
 free memory, and attention runs as a batch of single-KV-head sequences.
 
-- :class:`HeadwiseKVCache`: sequences, per-step bookkeeping for every layer
-  (``begin_step``, then ``write`` per layer) or per-layer ``append``, per-head
-  compression, memory accounting.
+- :class:`HeadwiseKVCache` (``cache.py``): sequences and the one write path: a step
+  takes pages in every layer (``begin_step``), then ``write`` per layer; ``append`` is
+  a step of one layer. Per-head compression (``compression.py``), lookups and memory
+  accounting (``queries.py``), argument checks (``checks.py``), batch versions
+  (``versions.py``), packing (``builder.py``, ``batch.py``), positions (``positions.py``).
 - :class:`HeadwiseAttention`: plan every layer once per step (``plan_step``), run per layer.
 - :func:`snapkv_scores`, :func:`adakv_select`: choose what each head keeps.
 """

@@ -43,7 +43,19 @@ class HeadwiseAttention:
             for decode steps (default: as :class:`PagedAttention` decides for the group
             size ``num_qo_heads // num_kv_heads``).
 
-    See :class:`HeadwiseKVCache` for an example.
+    Example (a decode step over every layer; :class:`HeadwiseKVCache` has more):
+        >>> import torch
+        >>> cache = HeadwiseKVCache(32, 4, num_layers=2, num_kv_heads=2, head_dim=8,
+        ...                         dtype=torch.float32, device="cpu")
+        >>> attn = HeadwiseAttention(cache, num_qo_heads=4, backend="torch")
+        >>> cache.add_sequences([0, 1])
+        >>> step = cache.begin_step([0, 1])       # one token each, in every layer
+        >>> attn.plan_step(step)
+        >>> for layer in range(2):
+        ...     cache.write(step, layer, torch.randn(2, 2, 8), torch.randn(2, 2, 8))
+        ...     out, lse = attn.run(torch.randn(2, 4, 8), layer, return_lse=True)
+        >>> out.shape, lse.shape  # [nnz, num_qo_heads, head_dim], [nnz, num_qo_heads]
+        (torch.Size([2, 4, 8]), torch.Size([2, 4]))
     """
 
     def __init__(
@@ -173,18 +185,37 @@ class HeadwiseAttention:
             TensorSpecError: a bad ``q`` or ``out``.
         """
         layer = self.cache.checked_layer(layer)
+        rows = self._current_rows(layer)
+        self._check_q_out(q, out, self._planned[layer][2])
+        direct = out is not None and rows.is_view  # the kernel writes into out itself
+        kernel_out = rows.to_rows(out) if direct else None  # type: ignore[arg-type]
+        result = self._layers[layer].run(rows.to_rows(q), 0, return_lse=return_lse, out=kernel_out)
+        o, lse = result if return_lse else (result, None)
+        o = out if direct else rows.from_rows(o, out)  # type: ignore[arg-type]
+        if lse is None:
+            return o  # type: ignore[return-value]
+        return o, rows.from_rows(lse)  # type: ignore[return-value]
+
+    def _current_rows(self, layer: int) -> HeadRows:
+        """The query rows ``layer`` was planned with, if the plan is current (SeqAttnError)."""
         planned = self._planned.get(layer)
         if planned is None:
             raise SeqAttnError(
                 f"plan layer {layer} (HeadwiseAttention.plan or plan_step) before run()"
             )
-        rows, version, shape = planned
+        rows, version, _ = planned
         self.cache.check_written(layer)
-        if version != self.cache._versions[layer]:
+        if version != self.cache.versions[layer]:
             raise SeqAttnError(
                 f"layer {layer} changed after it was planned (append, compress, "
                 "truncate_head or release): plan it again"
             )
+        return rows
+
+    @staticmethod
+    def _check_q_out(q: torch.Tensor, out: Optional[torch.Tensor], shape: torch.Size) -> None:
+        """Raise ArgumentTypeError or TensorSpecError unless ``q`` has the planned ``shape``
+        and ``out`` (if given) is contiguous and shaped, typed and placed like ``q``."""
         if not isinstance(q, torch.Tensor):
             raise ArgumentTypeError(f"q must be a torch.Tensor, got {shown(q)}")
         if q.shape != shape:
@@ -199,14 +230,6 @@ class HeadwiseAttention:
                 f"out must be contiguous, shaped {list(shape)} and match q's dtype {q.dtype} "
                 f"and device {q.device}; got {list(out.shape)}, {out.dtype}, {out.device}"
             )
-        direct = out is not None and rows.is_view  # the kernel writes into out itself
-        kernel_out = rows.to_rows(out) if direct else None  # type: ignore[arg-type]
-        result = self._layers[layer].run(rows.to_rows(q), 0, return_lse=return_lse, out=kernel_out)
-        o, lse = result if return_lse else (result, None)
-        o = out if direct else rows.from_rows(o, out)  # type: ignore[arg-type]
-        if lse is None:
-            return o  # type: ignore[return-value]
-        return o, rows.from_rows(lse)  # type: ignore[return-value]
 
     def _plan(
         self, batches: Sequence[HeadwiseBatch], qo_lens: Optional[object], options: dict
@@ -215,29 +238,32 @@ class HeadwiseAttention:
         for batch in batches:
             if batch.owner is not cache:
                 raise SeqAttnError("this batch was packed by another HeadwiseKVCache")
-            if batch.version != cache._versions[batch.layer]:
+            if batch.version != cache.versions[batch.layer]:
                 raise SeqAttnError(
                     f"the batch of layer {batch.layer} is stale: the layer changed after it "
                     "was packed (append, compress, truncate_head or release)"
                 )
-        first = batches[0]
-        rows, per_head = first.rows, None
-        if qo_lens is not None:
-            lens = self._query_lens(qo_lens, first.append_lens)
-            rows = self._query_rows(lens)
-            per_head = np.repeat(lens, cache.num_kv_heads)
-        elif first.append_lens.size and first.append_lens.min() == 0:
-            missing = [
-                s for s, n in zip(first.seq_ids, first.append_lens.tolist(), strict=True) if n == 0
-            ]
-            raise InvalidLengthError(
-                f"sequences {missing[:8]} append no token in this step, so have no query: "
-                "leave them out of the batch to attend"
-            )
+        rows, per_head = self._queries(batches[0], qo_lens)
         shape = torch.Size((rows.num_tokens, self.num_qo_heads, cache.head_dim))
         for batch in batches:
             self.layer_attention(batch.layer).plan(batch.packed, per_head, **options)
             self._planned[batch.layer] = (rows, batch.version, shape)
+
+    def _queries(
+        self, batch: HeadwiseBatch, qo_lens: Optional[object]
+    ) -> tuple[HeadRows, Optional[np.ndarray]]:
+        """The query rows, and the query tokens per request (None: the appended ones)."""
+        if qo_lens is not None:
+            lens = self._query_lens(qo_lens, batch.append_lens)
+            return self._query_rows(lens), np.repeat(lens, self.cache.num_kv_heads)
+        if batch.append_lens.size and batch.append_lens.min() == 0:
+            appended = batch.append_lens.tolist()
+            missing = [s for s, n in zip(batch.seq_ids, appended, strict=True) if n == 0]
+            raise InvalidLengthError(
+                f"sequences {missing[:8]} append no token in this step, so have no query: "
+                "leave them out of the batch to attend"
+            )
+        return batch.rows, None
 
     def _query_lens(self, qo_lens: object, append_lens: np.ndarray) -> np.ndarray:
         lens = int_array(qo_lens, "qo_lens", error=InvalidLengthError)

@@ -191,12 +191,14 @@ class HeadwiseBatch:
 class HeadwiseStep:
     """One model step's pages in every layer, from :meth:`HeadwiseKVCache.begin_step`.
 
+    (``HeadwiseKVCache.append`` makes and writes a step of its one layer internally.)
+
     Attributes:
         seq_ids: the sequences, in batch order.
         append_lens: tokens each sequence appends, ``shape: [batch_size], dtype: int64``.
         rows: maps the model's ``[nnz, num_kv_heads, head_dim]`` K/V to the requests'
             rows (the same in every layer).
-        batches: one :class:`HeadwiseBatch` per layer, in layer order.
+        batches: one :class:`HeadwiseBatch` per layer, in layer order (``batches[layer]``).
     """
 
     seq_ids: tuple[int, ...]

@@ -20,7 +20,7 @@ from .._arrays import indptr_of
 from .._transfer import upload
 from ..descriptor import CacheDescriptor
 from ..packed_data import BatchStamp, FlashInferPackedData, append_rows_positions
-from .batch import HeadRows, HeadwiseBatch, head_rows, row_order
+from .batch import HeadRows, HeadwiseBatch, HeadwiseStep, head_rows, row_order
 
 
 @define(slots=True)
@@ -45,22 +45,18 @@ class StepBuilder:
     a contiguous, sequence-major slice.
 
     Args:
-        descriptor: the page table, over a single-head storage.
+        descriptor: the page table, over a single-head storage; the packed batches go to
+            its storage's device (page indices and append metadata).
         num_layers: layers of the model.
         num_kv_heads: KV heads per sequence and layer.
-        device: where the packed batches go (page indices and append metadata).
     """
 
-    def __init__(
-        self,
-        descriptor: CacheDescriptor,
-        num_layers: int,
-        num_kv_heads: int,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, descriptor: CacheDescriptor, num_layers: int, num_kv_heads: int) -> None:
         self.descriptor = descriptor
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
+        device = descriptor.cache_manager.device
+        # None: pack on the host (a CUDA device gets one upload per step)
         self.device: Optional[torch.device] = device if device.type == "cuda" else None
         self._decode: dict[tuple[int, int], _BatchArrays] = {}  # by (batch size, layers)
         self._ids: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}  # by layers
@@ -87,18 +83,18 @@ class StepBuilder:
     def open(
         self,
         layers: Sequence[int],
-        seq_ids: tuple[int, ...],
-        row_ids: list[int],
+        seq_ids: list[int],
         lens: Optional[np.ndarray],
         version: int,
         owner: object,
-    ) -> tuple[HeadRows, list[HeadwiseBatch]]:
+    ) -> HeadwiseStep:
         """Allocate ``lens`` tokens per sequence (default one) in every head of ``layers``,
         all or nothing, and pack them; see :meth:`pack`.
 
         Raises:
             NoPageError: the pool lacks pages (nothing changed).
         """
+        row_ids = self.row_ids(layers, seq_ids)
         arrays = self._arrays(len(seq_ids), len(layers), lens)
         if arrays.decode:
             self.descriptor.allocate_decoding(row_ids)  # the page table's O(batch) path
@@ -107,26 +103,28 @@ class StepBuilder:
         try:
             return self._pack(layers, seq_ids, row_ids, arrays, version, owner)
         except BaseException:
-            self.undo(row_ids, arrays.per_row)
+            self.undo(layers, seq_ids, arrays.lens)
             raise
 
     def pack(
         self,
         layers: Sequence[int],
-        seq_ids: tuple[int, ...],
-        row_ids: list[int],
+        seq_ids: list[int],
         lens: Optional[np.ndarray],
         version: int,
         owner: object,
-    ) -> tuple[HeadRows, list[HeadwiseBatch]]:
-        """Each layer's batch, whose newest ``lens`` tokens per sequence (held by every
-        head) are the appended ones, and the row mapping the layers share."""
+    ) -> HeadwiseStep:
+        """The batches of ``layers`` (``batches[i]`` of ``layers[i]``, made at ``version`` of
+        the cache ``owner``) whose newest ``lens`` tokens per sequence (default one; held
+        by every head) are the appended ones, the queries by default."""
         arrays = self._arrays(len(seq_ids), len(layers), lens)
-        return self._pack(layers, seq_ids, row_ids, arrays, version, owner)
+        return self._pack(layers, seq_ids, self.row_ids(layers, seq_ids), arrays, version, owner)
 
-    def undo(self, row_ids: list[int], per_row: np.ndarray) -> None:
-        """Give back what an allocation of ``per_row`` tokens per row took."""
-        desc = self.descriptor
+    def undo(self, layers: Sequence[int], seq_ids: list[int], lens: np.ndarray) -> None:
+        """Give back what an allocation of ``lens`` tokens per sequence in every head of
+        ``layers`` took."""
+        desc, row_ids = self.descriptor, self.row_ids(layers, seq_ids)
+        per_row = np.tile(np.repeat(lens, self.num_kv_heads), len(layers))
         now = desc.seq_lens(row_ids)
         for i in np.flatnonzero(per_row).tolist():
             desc.truncate(row_ids[i], int(now[i] - per_row[i]))
@@ -155,12 +153,12 @@ class StepBuilder:
     def _pack(
         self,
         layers: Sequence[int],
-        seq_ids: tuple[int, ...],
+        seq_ids: list[int],
         row_ids: list[int],
         arrays: _BatchArrays,
         version: int,
         owner: object,
-    ) -> tuple[HeadRows, list[HeadwiseBatch]]:
+    ) -> HeadwiseStep:
         # on the host: a repeating batch's indices are spliced from the last step's
         whole = self.descriptor.pack_for_flashinfer(row_ids)
         indices = whole.kv_page_indices.numpy()
@@ -171,12 +169,7 @@ class StepBuilder:
             positions = lengths - 1
         else:
             positions = append_rows_positions(indptr_of(arrays.per_row), lengths)[1]
-        # each layer's indptr from 0: [layers, requests + 1]
-        requests = arrays.append_indptr.size - 1
-        bounds = indptr[::requests] if requests else np.zeros(len(layers) + 1, np.int32)
-        layer_indptr = np.empty((len(layers), requests + 1), dtype=np.int32)
-        layer_indptr[:, :-1] = indptr[:-1].reshape(len(layers), requests) - bounds[:-1, None]
-        layer_indptr[:, -1] = np.diff(bounds)
+        layer_indptr, bounds = _per_layer(indptr, len(layers), arrays.append_indptr.size - 1)
         parts = _Parts(
             indices, layer_indptr, last, lengths, positions, bounds, arrays, self.num_kv_heads,
             whole.stamp,
@@ -185,12 +178,26 @@ class StepBuilder:
             rows, plan, write = parts.on_host()
         else:
             rows, plan, write = parts.on_device(self.device)
-        heads = self.num_kv_heads
-        batches = [
-            HeadwiseBatch(layer, seq_ids, arrays.lens, p, heads, rows, w, version, owner)
+        ids, lens, heads = tuple(seq_ids), arrays.lens, self.num_kv_heads
+        batches = tuple(
+            HeadwiseBatch(layer, ids, lens, p, heads, rows, w, version, owner)
             for layer, p, w in zip(layers, plan, write, strict=True)
-        ]
-        return rows, batches
+        )
+        return HeadwiseStep(ids, lens, rows, batches)
+
+
+def _per_layer(indptr: np.ndarray, layers: int, requests: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole step's indptr cut into layers of ``requests`` requests each.
+
+    Returns:
+        ``(layer_indptr, bounds)``: each layer's indptr from 0, ``[layers, requests + 1]``,
+        and where each layer's page ids start in the whole, ``[layers + 1]``, int32.
+    """
+    bounds = indptr[::requests] if requests else np.zeros(layers + 1, np.int32)
+    layer_indptr = np.empty((layers, requests + 1), dtype=np.int32)
+    layer_indptr[:, :-1] = indptr[:-1].reshape(layers, requests) - bounds[:-1, None]
+    layer_indptr[:, -1] = np.diff(bounds)
+    return layer_indptr, bounds
 
 
 @define(slots=True)

@@ -179,7 +179,7 @@ class CacheDescriptor:
         """
         target = None if device is None else as_device(device)
         shared = bool(exact_bool(shared_prefix, "shared_prefix"))
-        arrays = [int_array(a, "inputs", low=-(2**31), high=2**31 - 1) for a in inputs]
+        arrays = [int_array(a, "inputs", low=-(2**31), high=2**31 - 1) for a in inputs or ()]
         return self._packer.pack(self.table.slots(seq_ids), append_lens, target, shared, arrays)
 
     # ---------------------------------------------------------------- prefix caching

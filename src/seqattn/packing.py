@@ -33,7 +33,7 @@ class _Snapshot:
     """The last packed batch: enough to splice the next one from it."""
 
     slots: np.ndarray
-    layouts: np.ndarray  # the rows' row_layouts then
+    clock: int  # the table's clock then
     counts: np.ndarray
     indptr: np.ndarray
     indices: np.ndarray
@@ -46,7 +46,7 @@ class BatchPacker:
         self.table = table
         self._snapshot: Optional[_Snapshot] = None
         self._mirror: Optional[_DeviceArena] = None
-        self._shared: Optional[tuple[np.ndarray, np.ndarray, SharedPrefix]] = None
+        self._shared: Optional[tuple[np.ndarray, int, SharedPrefix]] = None
 
     def pack(
         self,
@@ -105,27 +105,33 @@ class BatchPacker:
         """Groups of rows with common leading pages; the last answer while the rows only
         grew (new pages are never shared, so growth cannot change the groups)."""
         table, last = self.table, self._shared
-        layouts = table.row_layouts[slots]
-        if last is not None and np.array_equal(last[0], slots) and np.array_equal(last[1], layouts):
+        if last is not None and np.array_equal(last[0], slots) and self._grew_only(slots, last[1]):
             return last[2]
         found = find_shared_prefixes(table.arena, table.starts(slots), lens // table.page_size)
-        self._shared = (slots, layouts, found)
+        self._shared = (slots, table.clock, found)
         return found
+
+    def _grew_only(self, slots: np.ndarray, since: int) -> bool:
+        """Whether ``slots`` changed since clock ``since`` at most by growing at their ends."""
+        table = self.table
+        return table.layout_clock <= since or not (table.row_layouts[slots] > since).any()
 
     def _host_indices(
         self, slots: np.ndarray, counts: np.ndarray, indptr: np.ndarray
     ) -> np.ndarray:
         table, snap = self.table, self._snapshot
-        layouts = table.row_layouts[slots]
-        if (
-            snap is None
-            or not (snap.slots is slots or np.array_equal(snap.slots, slots))
-            or not np.array_equal(snap.layouts, layouts)
-        ):
+        if snap is None or not (snap.slots is slots or np.array_equal(snap.slots, slots)):
             indices = table.pages_of_slots(slots)
-        else:  # the rows only grew at their ends since the snapshot: splice their new pages
+        elif snap.clock == table.clock:  # nothing changed
+            indices = snap.indices
+        elif (grown := table.last_growth)[0] == table.clock == snap.clock + 1 and grown[1] is slots:
+            # the one change since is a decode step of this batch: the table knows its pages
+            indices = _insert_after_rows(snap, indptr, grown[2], None, grown[3])
+        elif self._grew_only(slots, snap.clock):  # splice the pages the rows gained
             indices = _splice(snap, slots, counts, indptr, table)
-        self._snapshot = _Snapshot(slots, layouts, counts, indptr, indices)
+        else:
+            indices = table.pages_of_slots(slots)
+        self._snapshot = _Snapshot(slots, table.clock, counts, indptr, indices)
         return indices
 
     def _device_arena(self, device: torch.device) -> _DeviceArena:
@@ -195,15 +201,16 @@ def _insert_after_rows(
 
 class _DeviceArena:
     """A device copy of a page table's arena, brought up to date row by row: a row whose
-    layout changed since it was last sent goes up whole, a row that grew sends its new
-    page ids, and the rest send nothing."""
+    layout changed or that moved in the arena since it was last sent goes up whole, a
+    row that grew sends its new page ids, and the rest send nothing."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.arena = torch.zeros(0, dtype=torch.int32, device=device)
         self.arange = torch.arange(1024, device=device)
-        # on cpu, per slot: the row_layouts value and page count last sent
+        # on cpu, per slot: the row_layouts value, arena start and page count last sent
         self.sent_layout = np.zeros(0, dtype=np.int64)
+        self.sent_start = np.zeros(0, dtype=np.int64)
         self.sent_count = np.zeros(0, dtype=np.int64)
 
     def gather(
@@ -223,16 +230,20 @@ class _DeviceArena:
         if table.arena.size != self.arena.shape[0]:  # a new arena: every row goes up again
             self.arena = torch.zeros(table.arena.size, dtype=torch.int32, device=self.device)
             self.sent_layout = np.full(table.slot_capacity, -1, dtype=np.int64)
+            self.sent_start = np.zeros(table.slot_capacity, dtype=np.int64)
             self.sent_count = np.zeros(table.slot_capacity, dtype=np.int64)
         elif self.sent_layout.size < table.slot_capacity:
             grow = table.slot_capacity - self.sent_layout.size
             self.sent_layout = np.concatenate([self.sent_layout, np.full(grow, -1, np.int64)])
+            self.sent_start = np.concatenate([self.sent_start, np.zeros(grow, np.int64)])
             self.sent_count = np.concatenate([self.sent_count, np.zeros(grow, np.int64)])
         starts = table.starts(slots)
         layouts = table.row_layouts[slots]
-        sent = np.where(layouts == self.sent_layout[slots], self.sent_count[slots], 0)
+        same = (layouts == self.sent_layout[slots]) & (starts == self.sent_start[slots])
+        sent = np.where(same, self.sent_count[slots], 0)  # a row changed or moved: all
         written = concat_ranges(starts + sent, np.maximum(counts - sent, 0))
-        self.sent_layout[slots], self.sent_count[slots] = layouts, counts
+        self.sent_layout[slots], self.sent_start[slots] = layouts, starts
+        self.sent_count[slots] = counts
         # how far row b's page ids sit in the arena from their place in the batch
         shift = starts - indptr[:-1]
         parts = [written, table.arena[written], shift, counts, *to_device]

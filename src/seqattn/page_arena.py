@@ -20,8 +20,7 @@ class PageArena:
     Example:
         >>> import numpy as np
         >>> arena = PageArena()
-        >>> arena.reserve(np.array([0]), np.array([3])).tolist()   # slot 0 got a region
-        [0]
+        >>> arena.reserve(np.array([0]), np.array([3]))   # slot 0 gets a region
         >>> arena.write(arena.start[[0, 0, 0]] + np.arange(3), np.array([7, 8, 9]))
         >>> arena.pages(np.array([0]), np.array([2])).tolist()
         [7, 8]
@@ -51,25 +50,25 @@ class PageArena:
 
     def reserve(
         self, slots: np.ndarray, needed: np.ndarray, held: Optional[np.ndarray] = None
-    ) -> np.ndarray:
+    ) -> None:
         """Room for ``needed[i]`` page ids in each of ``slots``, whose first ``held[i]``
-        ids (default: none) move along; returns the slots whose ids moved (all live
-        slots when the array was compacted)."""
+        ids (default: none) move along (a region that moves, or the whole array when it
+        is compacted, changes :attr:`start`)."""
         short = self.room[slots] < needed
         if not short.any():
-            return slots[:0]
+            return
         moving = slots[short]
         held = np.zeros(moving.size, np.int64) if held is None else held[short]
         rooms = np.maximum(2 * needed[short], 4)
         total = int(rooms.sum())
-        compacted = self.top + total > self.ids.size and self._compact(extra=total)
+        if self.top + total > self.ids.size:
+            self._compact(extra=total)
         starts = self.top + np.cumsum(rooms) - rooms
         if held.any():
             self.ids[concat_ranges(starts, held)] = self.pages(moving, held)
         self._live_room += total - int(self.room[moving].sum())
         self.start[moving], self.room[moving] = starts, rooms
         self.top += total
-        return np.flatnonzero(self.room) if compacted else moving
 
     def free(self, slots: np.ndarray) -> None:
         """The regions of ``slots`` are unused from now on."""
@@ -85,7 +84,7 @@ class PageArena:
         assert (ends[:-1] <= starts[1:]).all(), "arena regions overlap"
         assert ends.size == 0 or ends[-1] <= self.top <= self.ids.size, "region past the top"
 
-    def _compact(self, extra: int) -> bool:
+    def _compact(self, extra: int) -> None:
         """Pack live regions to the front, growing the array so ``extra`` more ids fit."""
         size = self.ids.size
         while self._live_room + extra > size // 2:
@@ -97,4 +96,3 @@ class PageArena:
         ids = np.zeros(size, dtype=np.int32)
         ids[concat_ranges(starts, rooms)] = self.ids[concat_ranges(self.start[live], rooms)]
         self.ids, self.start[live], self.top = ids, starts, int(rooms.sum())
-        return True

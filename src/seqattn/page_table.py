@@ -22,6 +22,7 @@ from .page_arena import PageArena
 from .slot_map import SeqIds, SlotMap, check_distinct
 
 MAX_LENGTH = int(np.iinfo(np.int32).max)  # lengths are int32, as flashinfer's
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 Lengths = TypeVar("Lengths", int, np.ndarray)
@@ -43,10 +44,12 @@ class SequencePageTable:
     Every change to a sequence stamps its slot with the table's next :attr:`clock`
     value: :attr:`row_versions` for any change (tokens added, pages cut or swapped,
     its end), :attr:`row_layouts` for changes other than pages added at its end (its
-    page ids moved in the arena, were cut or swapped, or the slot was reused). That is
+    pages were cut or swapped, or the slot was reused; where its page ids sit in the
+    arena, :meth:`starts`, is not a change of the sequence). That is
     the one way to ask what changed since a stamp: a batch packed earlier can tell
     whether its own rows changed (:meth:`stamp`), and a packer or device copy which
-    rows it must read again, whatever happened to other sequences.
+    rows it must read again, whatever happened to other sequences (:attr:`clock` and
+    :attr:`layout_clock` answer "nothing" in one compare).
     """
 
     def __init__(self, allocator: PageAllocator, page_size: int) -> None:
@@ -58,6 +61,10 @@ class SequencePageTable:
         self.row_versions = np.zeros(16, dtype=np.int64)  # clock of each slot's last change
         self.row_layouts = np.zeros(16, dtype=np.int64)  # ... last change but growth at the end
         self.clock = 0  # moves on at every change to any sequence
+        self.layout_clock = 0  # the clock of the latest change but growth at the end
+        # the latest change when it was a decode step: (clock after it, its slots, the
+        # rows that gained a page, those pages), so a packer splices without searching
+        self.last_growth: tuple[int, np.ndarray, np.ndarray, np.ndarray] = (-1, *[_NONE] * 3)
         self._pages = PageArena()  # where each slot's page ids live
 
     # ----------------------------------------------------------------- lookups
@@ -172,6 +179,7 @@ class SequencePageTable:
         old_len += 1
         self._length[slots] = old_len
         self._touch(slots)
+        self.last_growth = (self.clock, slots, full, pages)
 
     def truncate(self, slot: int, new_len: int) -> tuple[int, int] | None:
         """Cut a sequence to ``new_len`` tokens and free the pages past it.
@@ -309,10 +317,9 @@ class SequencePageTable:
         self.clock += 1
         self.row_versions[slots] = self.clock
         if layout:
-            self.row_layouts[slots] = self.clock
+            self.row_layouts[slots] = self.layout_clock = self.clock
 
     def _ensure_room(self, slots: np.ndarray, pages_needed: np.ndarray) -> None:
-        held = pages_for(self._length[slots], self.page_size)
-        moved = self._pages.reserve(slots, pages_needed, held)
-        if moved.size:  # their page ids sit elsewhere now
-            self._touch(moved, layout=True)
+        if (self._pages.room[slots] >= pages_needed).all():  # the common case: room enough
+            return
+        self._pages.reserve(slots, pages_needed, pages_for(self._length[slots], self.page_size))

@@ -25,6 +25,7 @@ from seqattn import (
     PageStateError,
     SeqAttnError,
     StaleBatchError,
+    TensorSpecError,
     UnknownSequenceError,
 )
 from tests.conftest import NOT_INTEGERS, make_cache
@@ -332,3 +333,31 @@ def test_prefix_caching_off_is_a_value_error() -> None:
     desc = CacheDescriptor(make_cache())
     desc.allocate([1], [4])
     refused(desc, InvalidArgumentError, ValueError, lambda: desc.pin_prefix(1))
+
+
+def test_forward_checks_q_k_v_and_the_step_before_it_appends(desc) -> None:
+    """``PagedAttention.forward`` appends and attends in one call: a bad query, a k/v of
+    another token count or a stale step is refused before any K/V is written; a good
+    call equals ``append_kv`` + ``run`` on a twin cache."""
+    cache = desc.cache_manager
+    attn = PagedAttention(cache, 4, backend="torch")
+    desc.allocate([50], [2])
+    step = desc.pack_for_flashinfer([50], append_lens=[2])
+    assert attn.plan(step) == 2
+    q, k = torch.randn(2, 4, 4), torch.randn(2, 2, 4)
+    refused(desc, TensorSpecError, ValueError, lambda: attn.forward(q[:1], k, k, 0))
+    refused(desc, TensorSpecError, ValueError, lambda: attn.forward(q, k[:1], k[:1], 0))
+    refused(desc, ArgumentTypeError, TypeError, lambda: attn.forward(q, k, k, True))
+    out = attn.forward(q, k, k, 0)
+    twin = CacheDescriptor(make_cache(num_pages=16, page_size=4))
+    twin.allocate([50], [2])
+    twin_step = twin.pack_for_flashinfer([50], append_lens=[2])
+    twin.cache_manager.append_kv(k, k, twin_step)
+    plain = PagedAttention(twin.cache_manager, 4, backend="torch")
+    plain.plan(twin_step)
+    assert torch.equal(out, plain.run(q, 0))
+    desc.allocate_decoding([50])  # the planned step is stale now
+    refused(desc, StaleBatchError, ValueError, lambda: attn.forward(q, k, k, 0))
+    attn.plan(desc.pack_for_flashinfer([50]), qo_lens=[1])  # no append lengths: nothing to write
+    with pytest.raises(SeqAttnError, match="append_lens"):
+        attn.forward(q[:1], k[:1], k[:1], 0)

@@ -101,9 +101,10 @@ class PagedKVCacheManager:
             (self.num_layers, self.num_pages, 2, *inner, self.head_dim), dtype, self.device
         )
         self.allocator = PageAllocator(self.num_pages)
-        # views made once: the combined tensor and the (K, V) pair of every layer
+        # views made once: the combined tensor and the (K, V) pair of every layer (what
+        # attention reads, by layer index, after checking it)
         self._layers = list(self.kv_data.unbind(0))
-        self._kv_pairs = [(kv[:, 0], kv[:, 1]) for kv in self._layers]
+        self.kv_pairs = [(kv[:, 0], kv[:, 1]) for kv in self._layers]
         self._head_shape = torch.Size((self.num_heads, self.head_dim))
         kernel = self.head_dim in FLASHINFER_APPEND_HEAD_DIMS and dtype in FLASHINFER_APPEND_DTYPES
         self._fi = flashinfer_or_none() if kernel and self.device.type == "cuda" else None
@@ -157,7 +158,7 @@ class PagedKVCacheManager:
         ``[num_pages, page_size, num_heads, head_dim]`` (NHD) or
         ``[num_pages, num_heads, page_size, head_dim]`` (HND)."""
         self.get_kv_cache(layer)  # validates the index
-        return self._kv_pairs[layer]
+        return self.kv_pairs[layer]
 
     @property
     def key_cache(self) -> torch.Tensor:
@@ -231,7 +232,7 @@ class PagedKVCacheManager:
             flashinfer_data.check_current(self.allocator, self.num_pages, "append_kv")
         nnz = keys.shape[0]
         if nnz:
-            self.write_pages(layer, keys, values, *self._append_metadata(
+            self.write_pages(layer, keys, values, *self.append_metadata(
                 flashinfer_data, append_indptr_cpu, nnz))  # fmt: skip
 
     def write_pages(
@@ -258,7 +259,7 @@ class PagedKVCacheManager:
         )
         if self.use_flashinfer and self._fi is not None:
             self._fi.page.append_paged_kv_cache(
-                keys, values, rows, positions, self._kv_pairs[layer], indices, indptr,
+                keys, values, rows, positions, self.kv_pairs[layer], indices, indptr,
                 last_page_len, kv_layout=self.kv_layout,
             )  # fmt: skip
             return
@@ -274,12 +275,13 @@ class PagedKVCacheManager:
             kv[page, 1, :, slot] = values
 
     # ---------------------------------------------------------------------- internals
-    def _append_metadata(
+    def append_metadata(
         self, packed: FlashInferPackedData, append_indptr_cpu: Optional[torch.Tensor], nnz: int
     ) -> tuple[torch.Tensor, ...]:
-        """Rows, positions, indices, indptr and last page lengths on this device: the
-        step's own when it was packed with its append lengths, else derived here (a
-        batch built by hand, or explicit ``append_indptr_cpu``, as the seed passes)."""
+        """What :meth:`write_pages` takes to append ``nnz`` tokens of ``packed``: rows,
+        positions, indices, indptr and last page lengths on this device; the step's own
+        when it was packed with its append lengths, else derived here (a batch built by
+        hand, or explicit ``append_indptr_cpu``, as the seed passes)."""
         positions, rows = packed.append_positions, packed.append_batch_indices
         if append_indptr_cpu is None and positions is not None and rows is not None:
             if positions.shape[0] != nnz:
@@ -299,11 +301,11 @@ class PagedKVCacheManager:
                 both = both.pin_memory().to(self.device, non_blocking=True)
             rows, positions = both[:nnz], both[nnz:]
         indptr, last = packed.device_indptr, packed.device_last_page_len
-        if indptr is None or last is None:  # built by hand: moved here, each call
-            indptr = packed.kv_page_indptr.to(self.device, non_blocking=True)
-            last = packed.kv_last_page_len.to(self.device, non_blocking=True)
-        indices = packed.kv_page_indices.to(self.device, non_blocking=True)
-        return rows, positions, indices, indptr, last
+        if indptr is not None and last is not None:  # packed: all on the device already
+            return rows, positions, packed.kv_page_indices, indptr, last
+        # built by hand: moved here, each call
+        moved = (packed.kv_page_indices, packed.kv_page_indptr, packed.kv_last_page_len)
+        return (rows, positions, *(t.to(self.device, non_blocking=True) for t in moved))
 
     def check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Raise TensorSpecError unless keys/values fit ``[nnz, num_heads, head_dim]`` here."""

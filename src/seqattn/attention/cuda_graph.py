@@ -230,7 +230,7 @@ class GraphBuckets:
     def run(self, q: torch.Tensor, layer: int, out: Optional[torch.Tensor]) -> torch.Tensor:
         """Decode attention of one layer: ``q [bucket, num_qo_heads, head_dim]`` -> same shape."""
         bucket = self.planned(q.shape[0], "q")
-        kv = self.cache.get_memory_tensors(layer)
+        kv = self.cache.kv_pairs[layer]
         level = bucket.shared
         if level is None:
             return bucket.wrapper.run(q, kv, out=out, **self._scales)  # type: ignore[no-any-return]

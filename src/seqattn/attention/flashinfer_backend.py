@@ -142,7 +142,7 @@ class FlashInferAttentionBackend:
         self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         # the (K, V) views, not the combined tensor: spares flashinfer an unbind per call
-        kv = self.cache.get_memory_tensors(layer)
+        kv = self.cache.kv_pairs[layer]
         result = self._active.run(q, kv, out=out, return_lse=return_lse, **self._scales)
         if return_lse:
             return result[0], result[1]

@@ -119,6 +119,7 @@ class PagedAttention:
         self.batch: Optional[AttentionBatch] = None
         self.cascade: Optional[CascadeSplit] = None
         self._graph_step = False
+        self._append: Optional[tuple[torch.Tensor, ...]] = None  # write_pages' metadata
         self._q_dtype: Optional[torch.dtype] = None
         self._q_shape = torch.Size()
 
@@ -194,19 +195,14 @@ class PagedAttention:
                 self._shared_backend().plan(split.shared, q_dtype)
         # the last plan stayed in force until this one was checked: only now switch
         self.batch, self.cascade, self._q_dtype = batch, split, q_dtype
+        nnz = -1 if packed.append_positions is None else packed.append_positions.shape[0]
+        self._append = None if nnz < 0 or cuda_graph else cache.append_metadata(packed, None, nnz)
         self._graph_step = cuda_graph
         self._q_shape = torch.Size((rows, self.num_qo_heads, cache.head_dim))
         return rows
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layer: int = 0,
-        *,
-        out: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0, *,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
         """Append one layer's new K/V for the planned step, then attend.
 
         Args:
@@ -217,12 +213,30 @@ class PagedAttention:
             layer: which layer's pages to write and read.
             out: optional output buffer shaped like ``q``.
         """
+        if self.batch is None:
+            raise SeqAttnError("call plan() before forward()")
+        cache = self.cache
+        if type(layer) is not int or not 0 <= layer < cache.num_layers:
+            cache.checked_layer(layer)
+        self._check_current()
+        check_queries(q, out, self._q_shape, self._q_dtype, cache.device)  # before any write
         if self._graph_step:
             assert self.graphs is not None
             self.graphs.append(k, v, layer)
-        elif self.batch is not None:
-            self.cache.append_kv(k, v, self.batch.packed, layer=layer)
-        result = self.run(q, layer, out=out)
+        elif self._append is None:
+            raise SeqAttnError(
+                "forward() appends the step's new tokens: plan a step packed with "
+                "append_lens (or call append_kv, then run)"
+            )
+        else:  # the step's append metadata, resolved at plan
+            cache.check_kv(k, v)
+            if k.shape[0] != self._append[0].shape[0]:
+                raise TensorSpecError(
+                    f"k and v must hold the step's {self._append[0].shape[0]} new tokens, "
+                    f"got {k.shape[0]}"
+                )
+            cache.write_pages(layer, k, v, *self._append)
+        result = self._attend(q, layer, False, out)
         assert isinstance(result, torch.Tensor)
         return result
 
@@ -251,24 +265,19 @@ class PagedAttention:
         if self.batch is None:
             raise SeqAttnError("call plan() before run()")
         cache = self.cache
-        stamp = self.batch.packed.stamp  # current unless the table changed since (one compare)
-        if stamp is None or stamp.checked_at != stamp.table.clock:
-            self.batch.packed.check_current(cache.allocator, cache.num_pages, "run")
+        self._check_current()
         if type(layer) is not int or not 0 <= layer < cache.num_layers:
             cache.checked_layer(layer)
-        try:  # the common case in a few attribute reads: this runs per layer per step
-            shape, dtype, device = self._q_shape, self._q_dtype, cache.device
-            fits = q.shape == shape and q.dtype == dtype and q.device == device
-            if out is not None:
-                fits = fits and out.shape == shape and out.dtype == dtype and out.device == device
-        except AttributeError:
-            fits = False
-        if not fits:
-            self._explain("q", q)
-            self._explain("out", out)
+        check_queries(q, out, self._q_shape, self._q_dtype, cache.device)
         if type(return_lse) is not bool or (return_lse and self._graph_step):
             exact_bool(return_lse, "return_lse")
             raise InvalidArgumentError("return_lse is not available for a CUDA-graph step")
+        return self._attend(q, layer, return_lse, out)
+
+    def _attend(
+        self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The planned attention of one layer, after the caller's checks."""
         if self._graph_step:
             assert self.graphs is not None
             return self.graphs.run(q, layer, out)
@@ -277,6 +286,14 @@ class PagedAttention:
         else:
             result, lse = run_cascade((self.impl, self._shared_impl), self.cascade, q, layer, out)
         return (result, lse) if return_lse else result  # type: ignore[return-value]
+
+    def _check_current(self) -> None:
+        """Raise StaleBatchError unless the planned step is current (one compare while
+        its table did not change)."""
+        packed = self.batch.packed  # type: ignore[union-attr]
+        stamp = packed.stamp
+        if stamp is None or stamp.checked_at != stamp.table.clock:
+            packed.check_current(self.cache.allocator, self.cache.num_pages, "run")
 
     def capture(self, step: Callable[[], Any], *, warmup: int = 2) -> torch.cuda.CUDAGraph:
         """Capture ``step`` (this object's :meth:`forward` calls on static tensors, and
@@ -292,29 +309,38 @@ class PagedAttention:
             self.graphs.close()
 
     def _shared_backend(self) -> Backend:
+        """The shared level's backend of cascade steps (its own wrappers, one workspace)."""
+        impl = self.impl
+        if self._shared_impl is None and isinstance(impl, FlashInferAttentionBackend):
+            self._shared_impl = FlashInferAttentionBackend(
+                self.cache, self.num_qo_heads, workspace=impl.workspace
+            )
         if self._shared_impl is None:
-            impl = self.impl
-            if isinstance(impl, FlashInferAttentionBackend):
-                self._shared_impl = FlashInferAttentionBackend(
-                    self.cache, self.num_qo_heads, workspace=impl.workspace
-                )
-            else:
-                self._shared_impl = TorchAttentionBackend(self.cache, self.num_qo_heads)
+            self._shared_impl = TorchAttentionBackend(self.cache, self.num_qo_heads)
         return self._shared_impl
 
-    def _explain(self, name: str, t: Optional[torch.Tensor]) -> None:
-        """Raise saying how ``t`` differs from what was planned (nothing for a fitting
-        tensor, or no ``out``)."""
+
+def check_queries(
+    q: object, out: object, shape: torch.Size, dtype: Optional[torch.dtype], device: torch.device
+) -> None:
+    """Raise unless ``q`` (and ``out``, unless None) have the planned shape, dtype and
+    device, saying how they differ."""
+    try:  # the common case in a few attribute reads: this runs per layer per step
+        fits = q.shape == shape and q.dtype == dtype and q.device == device  # type: ignore[attr-defined]
+        if out is not None:
+            fits = fits and out.shape == shape and out.dtype == dtype and out.device == device  # type: ignore[attr-defined]
+    except AttributeError:
+        fits = False
+    if fits:
+        return
+    for name, t in (("q", q), ("out", out)):
         if t is None and name == "out":
-            return
+            continue
         if not isinstance(t, torch.Tensor):
             raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {shown(t)}")
-        planned = [
-            ("shape", list(self._q_shape), list(t.shape)),
-            ("dtype", self._q_dtype, t.dtype),
-            ("device", self.cache.device, t.device),
-        ]
-        for what, want, got in planned:  # fmt: skip
+        planned = [("shape", list(shape), list(t.shape)), ("dtype", dtype, t.dtype),
+                   ("device", device, t.device)]  # fmt: skip
+        for what, want, got in planned:
             if want != got:
                 raise TensorSpecError(f"{name} must have the planned {what} {want}, got {got}")
 

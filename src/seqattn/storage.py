@@ -253,10 +253,11 @@ class PagedKVCacheManager:
         On CUDA with flashinfer importable this calls
         ``flashinfer.page.append_paged_kv_cache``; otherwise a pure torch scatter.
         """
-        keys, values = (
-            stored(keys, self.dtype, self.k_scale),
-            stored(values, self.dtype, self.v_scale),
-        )
+        if keys.dtype != self.dtype:  # an fp8 cache quantizes (only then a call per tensor)
+            keys, values = (
+                stored(keys, self.dtype, self.k_scale),
+                stored(values, self.dtype, self.v_scale),
+            )
         if self.use_flashinfer and self._fi is not None:
             self._fi.page.append_paged_kv_cache(
                 keys, values, rows, positions, self.kv_pairs[layer], indices, indptr,

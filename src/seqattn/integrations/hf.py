@@ -1,10 +1,6 @@
-"""HuggingFace transformers decoder models on seqattn's paged cache and attention.
-
-transformers (5.x) looks an attention function up by ``config._attn_implementation``
-and calls it per layer with the layer's rotated queries and keys and the new values;
-every keyword given to the model's forward reaches it. seqattn registers one such
-function (``"seqattn"``): it appends the keys and values to the paged cache and runs
-:class:`PagedAttention` over each sequence's pages. No model code is forked.
+"""HuggingFace transformers decoder models on seqattn's paged cache and attention:
+:class:`PagedCausalLM` runs a model's forward over one step (the attention function it
+registers lives in :mod:`.hf_attention`). No model code is forked.
 
 A step's batch is flattened into one row: ``input_ids`` and ``position_ids`` of shape
 ``[1, num_new_tokens]``, rows grouped by sequence; ``use_cache=False`` (the paged cache
@@ -28,91 +24,14 @@ from ..errors import (
     ArgumentTypeError,
     InvalidArgumentError,
     InvalidLengthError,
-    SeqAttnError,
     TensorSpecError,
 )
 from ..packed_data import FlashInferPackedData
 from ..page_table import check_distinct
 from ..storage import PagedKVCacheManager
+from .hf_attention import ATTENTION_NAME, StepContext, register
 
-ATTENTION_NAME = "seqattn"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def register() -> None:
-    """Make ``attn_implementation="seqattn"`` known to transformers (idempotent)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
-
-
-def paged_attention_forward(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    scaling: Optional[float] = None,
-    dropout: float = 0.0,
-    sliding_window: Optional[int] = None,
-    seqattn_step: Optional[StepContext] = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function interface, backed by the step's paged cache.
-
-    Args:
-        query: ``[1, num_qo_heads, num_new_tokens, head_dim]``, rotated.
-        key, value: ``[1, num_kv_heads, num_new_tokens, head_dim]``, this step's tokens.
-        seqattn_step: the step's context (passed as a model kwarg by PagedCausalLM).
-
-    Returns:
-        ``([1, num_new_tokens, num_qo_heads, head_dim], None)``.
-    """
-    del attention_mask, dropout, kwargs  # masks come from the page tables; inference only
-    if seqattn_step is None:
-        raise SeqAttnError(
-            "the 'seqattn' attention runs inside PagedCausalLM.forward (it needs the step's "
-            "page tables); call the model through seqattn.integrations.hf.PagedCausalLM"
-        )
-    return seqattn_step.attend(module.layer_idx, query, key, value, scaling, sliding_window), None
-
-
-class StepContext:
-    """One forward's attention: each layer's (window, scale) variant, planned once for
-    the step and then called per layer (append the new K/V, attend). ``planned``: one
-    attention planned already for every layer (a CUDA-graph step)."""
-
-    def __init__(
-        self,
-        runner: PagedCausalLM,
-        step: Optional[FlashInferPackedData],
-        planned: Optional[PagedAttention] = None,
-    ) -> None:
-        self.runner = runner
-        self.step = step
-        self._every_layer = planned
-        self._planned: dict[tuple[int, Optional[float]], PagedAttention] = {}
-
-    def attend(
-        self,
-        layer: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        scaling: Optional[float],
-        sliding_window: Optional[int],
-    ) -> torch.Tensor:
-        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-        # HF's window W: a query at p sees keys in (p - W, p]; flashinfer's window_left
-        # counts the keys left of the query: W - 1
-        window = -1 if sliding_window is None else int(sliding_window) - 1
-        attention = self._every_layer or self._planned.get((window, scaling))
-        if attention is None:
-            attention = self.runner.attention_for(window, scaling)
-            assert self.step is not None, "an eager step plans each variant it meets"
-            attention.plan(self.step, window_left=window, sm_scale=scaling, q_dtype=q.dtype)
-            self._planned[(window, scaling)] = attention
-        return attention.forward(q, k, v, layer).unsqueeze(0)
 
 
 class _DecodeGraphs:
@@ -145,7 +64,7 @@ class _DecodeGraphs:
         input_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
         position_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
         rows = torch.arange(bucket, device=device)  # the graph reads these by address
-        context = StepContext(runner, None, self.attention)
+        context = StepContext(None, planned=self.attention)
         outputs: list[torch.Tensor] = []
 
         def forward() -> None:
@@ -343,9 +262,10 @@ class PagedCausalLM:
         if graphs:
             assert self._graphs is not None
             return self._graphs.replay(step, input_ids)  # type: ignore[arg-type]
+        context = StepContext(step, self.attention_for)
         output = self.model(
             input_ids=input_ids[None], position_ids=step.append_positions[None],  # type: ignore[index]
-            use_cache=False, logits_to_keep=step.last_rows, seqattn_step=StepContext(self, step),
+            use_cache=False, logits_to_keep=step.last_rows, seqattn_step=context,
         )  # fmt: skip
         return output.logits[0]
 

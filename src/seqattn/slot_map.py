@@ -22,6 +22,11 @@ SeqIds = Sequence[int]
 class SlotMap:
     """The slot of every live sequence id.
 
+    Args:
+        where: what an unknown id is not, in messages ("allocated": the sequence table's;
+            "in the head-wise cache").
+        hint: added to the message of an unknown id in a batch lookup.
+
     Example:
         >>> slots = SlotMap()
         >>> slots.add(7), slots.add(3)
@@ -32,7 +37,8 @@ class SlotMap:
         ([0], 0)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, where: str = "allocated", hint: str = "") -> None:
+        self._where, self._hint = where, hint
         self._slot_of: dict[int, int] = {}
         self._free: list[int] = []
         self.used = 0  # slots handed out so far: every slot is below it
@@ -63,7 +69,7 @@ class SlotMap:
             return self._slot_of[seq_id]  # type: ignore[index]
         except KeyError:
             raise UnknownSequenceError(
-                f"sequence id {seq_id!r} is not allocated (live: {self.some_ids()})"
+                f"sequence id {seq_id!r} is not {self._where} (live: {self.some_ids()})"
             ) from None
 
     def slots(self, seq_ids: SeqIds) -> np.ndarray:
@@ -79,7 +85,8 @@ class SlotMap:
         except KeyError:
             missing = [i for i in ids if i not in slot_of][:8]
             raise UnknownSequenceError(
-                f"sequence ids {missing} are not allocated (live: {self.some_ids()})"
+                f"sequence ids {missing} are not {self._where} (live: {self.some_ids()})"
+                f"{self._hint}"
             ) from None
         check_distinct(ids)
         self._memo = (list(ids), slots)

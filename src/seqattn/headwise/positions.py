@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .._checks import id_list, is_int, new_id, shown
-from ..errors import ArgumentTypeError, SequenceExistsError, UnknownSequenceError
-from ..page_table import check_distinct
+from .._checks import id_list, new_id
+from ..errors import SequenceExistsError
+from ..slot_map import SlotMap, check_distinct
 
 
 class HeadPositions:
@@ -39,8 +39,7 @@ class HeadPositions:
     def __init__(self, num_layers: int, num_kv_heads: int) -> None:
         self.num_layers = int(num_layers)
         self.num_kv_heads = int(num_kv_heads)
-        self._slot_of: dict[int, int] = {}
-        self._free_slots: list[int] = []
+        self._ids = SlotMap("in the head-wise cache", "; add_sequences first")
         # on cpu, one row per slot: logical length per layer, tail start per (layer, head)
         self._length = np.zeros((8, self.num_layers), dtype=np.int64)
         self._tail_from = np.zeros((8, self.num_layers, self.num_kv_heads), dtype=np.int64)
@@ -49,37 +48,20 @@ class HeadPositions:
 
     # ----------------------------------------------------------------- lookups
     def __contains__(self, seq_id: object) -> bool:
-        return is_int(seq_id) and seq_id in self._slot_of
+        return seq_id in self._ids
 
     @property
     def seq_ids(self) -> list[int]:
         """Live sequence ids, oldest first."""
-        return list(self._slot_of)
+        return self._ids.ids
 
     def slot(self, seq_id: int) -> int:
-        """The slot of one live sequence; raises UnknownSequenceError (ArgumentTypeError
-        for an id that is not an integer)."""
-        if not is_int(seq_id):
-            raise ArgumentTypeError(f"a sequence id must be an integer, got {shown(seq_id)}")
-        try:
-            return self._slot_of[seq_id]
-        except KeyError:
-            raise UnknownSequenceError(
-                f"sequence id {seq_id!r} is not in the head-wise cache (live: {self._some()})"
-            ) from None
+        """The slot of one live sequence (:meth:`SlotMap.slot`)."""
+        return self._ids.slot(seq_id)
 
     def slots(self, seq_ids: Sequence[int]) -> np.ndarray:
-        """Slots of distinct live sequences, ``[len(seq_ids)]`` int64."""
-        seq_ids = id_list(seq_ids)
-        slot_of = self._slot_of
-        missing = [i for i in seq_ids if i not in slot_of]
-        if missing:
-            raise UnknownSequenceError(
-                f"sequence ids {missing[:8]} are not in the head-wise cache "
-                f"(live: {self._some()}); add_sequences first"
-            )
-        check_distinct(seq_ids)
-        return np.fromiter((slot_of[i] for i in seq_ids), dtype=np.int64, count=len(seq_ids))
+        """Slots of distinct live sequences (:meth:`SlotMap.slots`; read-only)."""
+        return self._ids.slots(seq_ids)
 
     def length(self, layer: int, slot: int) -> int:
         """Logical length of a sequence in one layer: every token appended there."""
@@ -95,7 +77,7 @@ class HeadPositions:
 
     def all_lengths(self) -> np.ndarray:
         """Logical lengths of every live sequence, ``[live, num_layers]`` int64."""
-        return self._length[list(self._slot_of.values())]
+        return self._length[self._ids.live()]
 
     def held(self, layer: int, slot: int) -> np.ndarray:
         """Tokens each head holds, ``[num_kv_heads]`` int64."""
@@ -124,19 +106,15 @@ class HeadPositions:
         """Start sequences (length 0 everywhere); checks all ids first."""
         seq_ids = [new_id(i) for i in id_list(seq_ids)]
         check_distinct(seq_ids)
-        live = [i for i in seq_ids if i in self._slot_of]
+        live = [i for i in seq_ids if i in self._ids]
         if live:
             raise SequenceExistsError(f"sequence ids {live[:8]} are already in the cache")
         for seq_id in seq_ids:
-            self._slot_of[seq_id] = self._new_slot()
+            self._new_slot(self._ids.add(seq_id))
 
     def remove(self, seq_ids: Sequence[int]) -> None:
         """End sequences (their ids must be live and distinct)."""
-        seq_ids = id_list(seq_ids)
-        slots = self.slots(seq_ids)
-        for seq_id in seq_ids:
-            del self._slot_of[seq_id]
-        self._free_slots += slots.tolist()
+        self._ids.remove(seq_ids)
 
     def advance(self, layers: Sequence[int], slots: np.ndarray, counts: np.ndarray) -> None:
         """``counts[i]`` new tokens for ``slots[i]`` in each of ``layers`` (appended to
@@ -162,11 +140,9 @@ class HeadPositions:
             )
 
     # ---------------------------------------------------------------- internals
-    def _new_slot(self) -> int:
-        if self._free_slots:
-            slot = self._free_slots.pop()
-        else:
-            slot = len(self._pinned)
+    def _new_slot(self, slot: int) -> None:
+        """Empty rows for ``slot`` (new, or reused after a release)."""
+        if slot == len(self._pinned):
             self._pinned.append([])
             if slot == self._length.shape[0]:  # double the rows, amortized O(1)
                 self._length = np.concatenate([self._length, np.zeros_like(self._length)])
@@ -175,8 +151,3 @@ class HeadPositions:
         self._pinned[slot] = [[empty] * self.num_kv_heads for _ in range(self.num_layers)]
         self._length[slot] = 0
         self._tail_from[slot] = 0
-        return slot
-
-    def _some(self) -> str:
-        ids = list(self._slot_of)
-        return f"{ids[:8]}{' ...' if len(ids) > 8 else ''} ({len(ids)} in all)"

@@ -24,6 +24,7 @@ from .engine import Engine, SamplingParams
 from .engine.intake import eos_token_ids
 from .errors import SeqAttnError
 from .integrations.hf import SUPPORTED_MODEL_TYPES, PagedCausalLM
+from .page_table import pages_for
 
 DEMO_CONFIG = dict(model_type="llama", hidden_size=256, intermediate_size=688,
                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -143,7 +144,7 @@ def run_demo(args: argparse.Namespace) -> int:
         requests = (f"{args.requests} requests sharing a {args.system_tokens}-token system "
                     f"prompt, {n} new tokens each")  # fmt: skip
     backend = attention_backend(args.device)
-    pages = len(prompts) * -(-(max(len(p) for p in prompts) + n) // PAGE_SIZE) + 8
+    pages = len(prompts) * pages_for(max(len(p) for p in prompts) + n, PAGE_SIZE) + 8
     runner = PagedCausalLM(model, num_pages=pages, page_size=PAGE_SIZE, backend=backend)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"seqattn demo: {config.model_type} ({params:.1f}M parameters, "

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import InvalidArgumentError, InvalidLengthError, SeqAttnError, SequenceExistsError
-from .page_table import SequencePageTable
+from .page_table import SequencePageTable, pages_for
 from .prefix_cache import CachedPage, PrefixCache, Salt, as_salt, token_array
 
 _NEVER = np.iinfo(np.int64).max
@@ -91,7 +91,7 @@ class PrefixTracker:
         chain = self.cache.match(tokens, salt, limit, record=False)
         hits = np.array([entry.page for entry in chain], dtype=np.int64)
         sole = int((self.table.allocator.refcount[hits] == 1).sum()) if hits.size else 0
-        return -(-tokens.size // ps) - hits.size + sole
+        return pages_for(tokens.size, ps) - hits.size + sole
 
     def record_decode(self, slots: np.ndarray, tokens: list[int]) -> None:
         """Note the token each of ``slots`` just grew by (after ``grow_by_one``)."""
@@ -210,7 +210,7 @@ class NoPrefixCaching:
 
     def pages_to_start(self, token_ids: object, salt: Salt) -> int:
         as_salt(salt)
-        return -(-len(token_list(token_ids)) // self.table.page_size)
+        return pages_for(len(token_list(token_ids)), self.table.page_size)
 
     def record_decode(self, *args: object) -> None:
         """Nothing is cached: nothing to note (commit, release, truncate, fork alike)."""

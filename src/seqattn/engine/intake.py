@@ -8,6 +8,7 @@ from typing import Any
 from .._checks import int_array, is_int, shown
 from ..errors import ArgumentTypeError, InvalidArgumentError, InvalidLengthError
 from ..integrations.hf import PagedCausalLM
+from ..page_table import pages_for
 from .sampling import SamplingParams
 
 
@@ -53,7 +54,7 @@ def check_fits(runner: PagedCausalLM, prompt_len: int, max_new_tokens: int, what
     # the last sampled token is never fed back: the sequence holds one token less
     held = prompt_len + max_new_tokens - 1
     cache = runner.cache
-    need = -(-held // cache.page_size)
+    need = pages_for(held, cache.page_size)
     usable = cache.num_pages - runner.reserved_pages
     if need > usable:
         raise InvalidArgumentError(

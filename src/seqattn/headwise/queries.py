@@ -15,6 +15,7 @@ import torch
 from .._checks import checked_index
 from ..descriptor import CacheDescriptor
 from ..head_ids import HeadIDGenerator
+from ..page_table import pages_for
 from ..storage import PagedKVCacheManager
 from .positions import HeadPositions
 
@@ -113,13 +114,13 @@ class HeadwiseQueries:
 
     def head_pages(self, layer: int, seq_id: int) -> np.ndarray:
         """Pages each KV head of the sequence holds in ``layer``, ``[num_kv_heads]`` int64."""
-        return -(-self.head_lens(layer, seq_id) // self.page_size)
+        return pages_for(self.head_lens(layer, seq_id), self.page_size)
 
     def pages_held(self) -> np.ndarray:
         """Pages held by each layer and KV head over all live sequences,
         ``[num_layers, num_kv_heads]`` int64."""
         lens = self.descriptor.seq_lens(self._all_row_ids(self.seq_ids)).astype(np.int64)
-        pages = -(-lens // self.page_size)
+        pages = pages_for(lens, self.page_size)
         return pages.reshape(-1, self.num_layers, self.num_kv_heads).sum(axis=0)
 
     def memory_bytes(self) -> int:
@@ -130,7 +131,7 @@ class HeadwiseQueries:
         """Bytes a full paged cache (every token of every head kept, same page size)
         would hold for the live sequences at their logical lengths."""
         lengths = self.positions.all_lengths()  # [live sequences, num_layers]
-        pages = int((-(-lengths // self.page_size)).sum())
+        pages = int(pages_for(lengths, self.page_size).sum())
         return pages * self.num_kv_heads * self.page_bytes
 
     def bytes_saved(self) -> int:
@@ -169,7 +170,7 @@ class HeadwiseQueries:
         pages = []
         for row_id, n in zip(row_ids, lens.tolist(), strict=True):
             own = self.descriptor.page_indices(row_id)
-            assert len(own) == -(-n // self.page_size), "pages != ceil(held / page_size)"
+            assert len(own) == pages_for(n, self.page_size), "pages != ceil(held / page_size)"
             pages += own
         return pages
 

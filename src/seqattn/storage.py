@@ -111,7 +111,7 @@ class PagedKVCacheManager:
         # whether appends call flashinfer (CUDA, a head_dim and dtype it supports,
         # importable); set it False to scatter with torch instead
         self.use_flashinfer = self._fi is not None
-        self._accepted_dtypes = (dtype, *QUANTIZABLE_DTYPES) if dtype in FP8_DTYPES else (dtype,)
+        self._accepted_dtypes = accepted_kv_dtypes(dtype)
 
     # ------------------------------------------------------------ page pool (seed API)
     def allocate(self, num_pages: int) -> list[int]:
@@ -324,6 +324,12 @@ class PagedKVCacheManager:
         except AttributeError:
             pass
         explain_kv(self, keys, values)
+
+
+def accepted_kv_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes new K/V may have for a cache of ``dtype``: its own, or for a float8
+    cache also float16/bfloat16/float32 (quantized on append)."""
+    return (dtype, *QUANTIZABLE_DTYPES) if dtype in FP8_DTYPES else (dtype,)
 
 
 def stored(t: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:

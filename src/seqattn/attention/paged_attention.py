@@ -218,9 +218,7 @@ class PagedAttention:
         cache = self.cache
         if type(layer) is not int or not 0 <= layer < cache.num_layers:
             cache.checked_layer(layer)
-        stamp = self.batch.packed.stamp  # current unless the table changed since (one compare)
-        if stamp is None or stamp.checked_at != stamp.table.clock:
-            self._check_current()
+        self._check_current()
         check_queries(q, out, self._q_shape, self._q_dtype, cache.device)  # before any write
         if self._graph_step:
             assert self.graphs is not None

@@ -22,15 +22,13 @@ from ..errors import (
     TensorSpecError,
 )
 from ..page_table import MAX_LENGTH
+from ..storage import accepted_kv_dtypes
 from .batch import HeadwiseBatch, HeadwiseStep
 from .builder import StepBuilder
 from .positions import HeadPositions
 
 if TYPE_CHECKING:
     from .cache import HeadwiseKVCache
-
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-QUANTIZABLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @define(slots=True, frozen=True)
@@ -57,7 +55,7 @@ class KVSpec:
 
     @accepted.default
     def _accepted(self) -> tuple[torch.dtype, ...]:
-        return (self.dtype, *QUANTIZABLE) if self.dtype in FP8_DTYPES else (self.dtype,)
+        return accepted_kv_dtypes(self.dtype)
 
     def check(self, k: torch.Tensor, v: torch.Tensor, nnz: int) -> None:
         """Raise ArgumentTypeError or TensorSpecError unless ``k`` and ``v`` fit ``nnz`` tokens."""

@@ -9,6 +9,7 @@ import torch
 
 from ._checks import checked_index, exact_int, real_number, shown
 from ._flashinfer import flashinfer_or_none
+from ._transfer import upload
 from .allocator import PageAllocator, PageIds, checked_page_ids
 from .errors import (
     ArgumentTypeError,
@@ -297,10 +298,7 @@ class PagedKVCacheManager:
         else:
             given = packed.append_indptr if append_indptr_cpu is None else append_indptr_cpu
             host = derived_append(packed, given, nnz, self.page_size)
-            both = torch.from_numpy(np.concatenate(host))
-            if self.device.type == "cuda":
-                both = both.pin_memory().to(self.device, non_blocking=True)
-            rows, positions = both[:nnz], both[nnz:]
+            rows, positions = upload(self.device, list(host))[0]
         indptr, last = packed.device_indptr, packed.device_last_page_len
         if indptr is not None and last is not None:  # packed: all on the device already
             return rows, positions, packed.kv_page_indices, indptr, last

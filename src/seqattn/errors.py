@@ -63,3 +63,8 @@ class TensorSpecError(SeqAttnError, ValueError):
 
 class FlashInferUnavailableError(SeqAttnError, ImportError):
     """flashinfer is not installed, or fails to import."""
+
+
+class RankMismatchError(SeqAttnError, RuntimeError):
+    """The ranks of one tensor-parallel group disagree: built with different settings,
+    or their page tables differ at a step (they no longer run the same bookkeeping)."""

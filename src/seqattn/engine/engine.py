@@ -295,6 +295,8 @@ class Engine:
             if len(ready) < len(requests):  # some rows were prefill chunks: no token yet
                 logits = logits[self._on_device(np.array(ready, dtype=np.int64))]
             tokens = sample(logits, [r.params for r in ready_requests], self.generator)
+            if self.runner.ranks is not None:  # tensor-parallel: every rank takes rank 0's
+                self.runner.ranks.broadcast(tokens)
             launched = _Launched(requests, ready_requests, tokens, fed_on_device)
         except BaseException:
             self.scheduler.undo(rows)

@@ -28,8 +28,10 @@ from ..errors import (
 )
 from ..packed_data import FlashInferPackedData
 from ..page_table import check_distinct
+from ..parallel import step_fingerprint
 from ..storage import PagedKVCacheManager
 from .hf_attention import ATTENTION_NAME, StepContext, register
+from .hf_parallel import model_ranks
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -94,12 +96,27 @@ class PagedCausalLM:
         prefix_caching: share cached prompt prefixes between sequences.
         backend: attention backend, as :class:`PagedAttention`: ``"auto"`` (flashinfer on
             CUDA), ``"flashinfer"`` or ``"torch"``.
+        check_ranks: for a model sharded by transformers' tensor parallelism, compare a
+            fingerprint of every step's page table across the ranks (one all-reduce of
+            two integers per step) and raise :class:`~seqattn.errors.RankMismatchError`
+            naming the first step where they differ.
+
+    Tensor parallelism: a model loaded with transformers' ``tp_plan`` (e.g. by
+    :func:`~seqattn.integrations.hf_parallel.load_tensor_parallel` under ``torchrun``)
+    runs as it is: this rank's cache holds its share of the KV heads
+    (``ranks.shard(num_key_value_heads)``), and every rank must make the same calls in
+    the same order, as :class:`~seqattn.engine.Engine` does (it broadcasts rank 0's
+    samples). Every rank is checked to be built alike before any page is allocated.
 
     Raises:
         ArgumentTypeError: ``model`` is not a torch module with a config, or an argument
             of the wrong type (``num_pages=2.5``, ``prefix_caching=1``, ``backend=None``).
         InvalidArgumentError: an unsupported model family, a model without a language
-            model head (e.g. ``LlamaModel``), a size < 1, or an unknown backend.
+            model head (e.g. ``LlamaModel``), a size < 1, an unknown backend; sharded:
+            a rank count that does not divide the heads, or a process group whose
+            backend cannot run collectives on the model's device.
+        RankMismatchError: sharded, and the ranks were built differently (model config,
+            pages, page size, dtype, flags).
         Every check runs before the model is switched to seqattn's attention.
 
     Example:
@@ -123,19 +140,28 @@ class PagedCausalLM:
         page_size: int = 16,
         prefix_caching: bool = True,
         backend: str = "auto",
+        check_ranks: bool = False,
     ) -> None:
         check_model(model)
+        param = next(model.parameters())
+        self.ranks = model_ranks(model, param.device)  # None unless sharded
+        if self.ranks is not None:  # a collective: before anything one rank could refuse
+            settings = dict(num_pages=num_pages, page_size=page_size, backend=backend,
+                            prefix_caching=prefix_caching, check_ranks=check_ranks)  # fmt: skip
+            self.ranks.check_same(rank_settings(model, **settings))
         num_pages = exact_int(num_pages, "num_pages", low=1, high=INT64_MAX)
         page_size = exact_int(page_size, "page_size", low=1, high=INT64_MAX)
         prefix_caching = bool(exact_bool(prefix_caching, "prefix_caching"))
+        self.check_ranks = bool(exact_bool(check_ranks, "check_ranks"))
         check_backend(backend)
         config = model.config
-        param = next(model.parameters())
+        size = 1 if self.ranks is None else self.ranks.size
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.num_qo_heads = heads // size  # this rank's share: what each layer's q_proj makes
         # the pool first: if its sizes are refused, the model is still as it came
         self.cache = PagedKVCacheManager(
-            num_pages, page_size, config.num_key_value_heads, head_dim, param.dtype,
+            num_pages, page_size, config.num_key_value_heads // size, head_dim, param.dtype,
             param.device, num_layers=config.num_hidden_layers,
         )  # fmt: skip
         register()
@@ -163,7 +189,7 @@ class PagedCausalLM:
         """The attention object of one (window, scale) variant, made once."""
         key = (window, scaling)
         if key not in self._attention:
-            heads = self.config.num_attention_heads
+            heads = self.num_qo_heads
             first = next(iter(self._attention.values()), None)  # layers run one at a time:
             workspace = None if first is None else first.workspace  # one workspace serves all
             self._attention[key] = PagedAttention(
@@ -259,6 +285,9 @@ class PagedCausalLM:
             seq_ids, lens, device=self.device, inputs=[tokens] if on_host else ()
         )
         input_ids = step.inputs[0] if on_host else tokens
+        if self.check_ranks and self.ranks is not None:
+            pages = self.descriptor.table.pages_of_slots(step.stamp.slots)  # type: ignore[union-attr]
+            self.ranks.check_step(step_fingerprint(seq_ids, step.kv_seq_lens.numpy(), pages))  # type: ignore[union-attr]
         if graphs:
             assert self._graphs is not None
             return self._graphs.replay(step, input_ids)  # type: ignore[arg-type]
@@ -343,7 +372,7 @@ class PagedCausalLM:
         # graphs captured on the old buckets' buffers must never replay with new plans
         self.disable_cuda_graphs()
         window, scaling = variants.pop()
-        heads = self.config.num_attention_heads
+        heads = self.num_qo_heads
         workspace = next(iter(self._attention.values()), None)
         attention = PagedAttention(
             self.cache, heads, backend="flashinfer", cuda_graph_batch_sizes=batch_sizes,
@@ -365,6 +394,14 @@ class PagedCausalLM:
         """The largest decode batch a graph takes (0: graphs off)."""
         graphs = None if self._graphs is None else self._graphs.attention.graphs
         return 0 if graphs is None else graphs.batch_sizes[-1]
+
+
+def rank_settings(model: Any, **settings: Any) -> dict[str, str]:
+    """What must be equal on every rank of a sharded model, as text: each entry of its
+    config (less the path it was read from), its dtype, and the runner's settings."""
+    config = {f"config.{k}": v for k, v in model.config.to_dict().items() if k[0] != "_"}
+    dtype = next(model.parameters()).dtype
+    return {k: repr(v) for k, v in {**config, "dtype": dtype, **settings}.items()}
 
 
 def attention_variants(model: Any) -> set[tuple[int, Optional[float]]]:

@@ -1,0 +1,79 @@
+"""One rank of tests/test_tensor_parallel.py, run by ``torchrun --nproc-per-node 2``
+(gloo, CPU, float32): serves the same requests on a tensor-parallel engine, then
+provokes each error a group refuses, and writes what happened to ``OUT/rank<r>.json``.
+
+Usage: ``torchrun --standalone --nproc-per-node 2 tests/tensor_parallel_worker.py DIR``,
+where ``DIR`` holds the models the test saved (``DIR/<family>``, ``DIR/one_kv_head``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PROMPTS = [list(range(5, 18)), [*range(5, 15), 40, 41], [7, 8, 9, 10, 11], [100, 3]]
+FAMILIES = ("llama", "qwen3")
+
+
+def serve(model: Any, num_pages: int, seed: int = 0, temperature: float = 0.0) -> dict:
+    """Tokens, preemptions and prefix hits of the prompts on one engine."""
+    from seqattn.engine import Engine, SamplingParams
+    from seqattn.integrations.hf import PagedCausalLM
+
+    runner = PagedCausalLM(model, num_pages=num_pages, page_size=4, check_ranks=True)
+    engine = Engine(runner, max_step_tokens=8, seed=seed)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=temperature)
+    outputs = engine.generate(PROMPTS, params)
+    stats = runner.descriptor.prefix_stats
+    return dict(outputs=outputs, preemptions=engine.stats.preemptions,
+                hit_tokens=stats.hit_tokens, kv_heads=runner.cache.num_heads)  # fmt: skip
+
+
+def refusal(call: Callable[[], Any]) -> list[str]:
+    """``[error type, message]`` of what ``call`` raised (``["none", ""]`` if nothing)."""
+    try:
+        call()
+    except Exception as error:  # the test asserts the type
+        return [type(error).__name__, str(error)]
+    return ["none", ""]
+
+
+def main(models: Path) -> None:
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from seqattn.integrations.hf import PagedCausalLM
+    from seqattn.integrations.hf_parallel import load_tensor_parallel
+    from seqattn.parallel import RankGroup
+
+    dist.init_process_group("gloo")
+    rank, result = dist.get_rank(), {}
+    for family in FAMILIES:
+        model = load_tensor_parallel(models / family, dtype=torch.float32)
+        result[family] = [serve(model, pages) for pages in (64, 14)]
+    # sampling: each rank seeds its own generator differently; rank 0's samples rule
+    result["sampled"] = serve(model, 64, seed=rank, temperature=1.0)["outputs"]
+    result["pages_differ"] = refusal(lambda: PagedCausalLM(model, num_pages=64 + rank))
+    runner = PagedCausalLM(model, num_pages=32, page_size=4, check_ranks=True)
+    runner.descriptor.allocate([0], [2])
+    runner.forward([0], [[1, 2]])  # step 1: the ranks agree
+    runner.descriptor.allocate([1], [3 + rank])  # rank 1 strays: one token more
+    free = runner.cache.allocator.free_pages_count
+    result["diverged"] = refusal(lambda: runner.forward([1], [[4, 5, 6]]))
+    result["pages_kept"] = free == runner.cache.allocator.free_pages_count
+    one_kv = models / "one_kv_head"
+    result["load_uneven"] = refusal(lambda: load_tensor_parallel(one_kv, dtype=torch.float32))
+    uneven = AutoModelForCausalLM.from_pretrained(one_kv, tp_plan="auto", dtype=torch.float32)
+    result["run_uneven"] = refusal(lambda: PagedCausalLM(uneven, num_pages=8))
+    cuda = torch.device("cuda", 0)  # a device object only: gloo cannot serve it
+    result["wrong_backend"] = refusal(lambda: RankGroup(dist.group.WORLD, cuda))
+    (models / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

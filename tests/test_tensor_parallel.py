@@ -1,0 +1,114 @@
+"""Tensor parallelism on the CPU: two gloo ranks under ``torchrun`` serve the same
+requests as one process, token for token (float32; Llama and Qwen3 with grouped KV
+heads; prefix caching and preemption on), sample rank 0's tokens whatever their own
+seeds, and refuse a group they cannot serve before any page is allocated.
+
+The ranks run ``tests/tensor_parallel_worker.py`` once for the whole module (about
+15 s); each test reads what they wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from seqattn.engine import Engine, SamplingParams  # noqa: E402
+from seqattn.integrations.hf import PagedCausalLM  # noqa: E402
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from tensor_parallel_worker import FAMILIES, PROMPTS  # noqa: E402
+
+CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config"}
+MODELS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def tiny(family: str, kv_heads: int = 2) -> torch.nn.Module:
+    config = getattr(transformers, CONFIGS[family])(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, head_dim=16, vocab_size=128, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return getattr(transformers, MODELS[family])(config).eval()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """The saved models and what each of the two ranks reported."""
+    models = tmp_path_factory.mktemp("tp")
+    for family in FAMILIES:
+        tiny(family).save_pretrained(models / family)
+    tiny("llama", kv_heads=1).save_pretrained(models / "one_kv_head")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE)]),
+               OMP_NUM_THREADS="1")  # fmt: skip
+    worker = str(HERE / "tensor_parallel_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", worker, str(models)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return models, [json.loads((models / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def serve_whole(path: Path, num_pages: int) -> tuple[list[list[int]], int]:
+    """The prompts on one process, the model loaded whole."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = Engine(PagedCausalLM(model, num_pages=num_pages, page_size=4), max_step_tokens=8)
+    outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    return outputs, engine.stats.preemptions
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_ranks_generate_the_tokens_of_one_process(ranks, family: str) -> None:
+    models, reports = ranks
+    for served, num_pages in zip(reports[0][family], (64, 14), strict=True):
+        outputs, preemptions = serve_whole(models / family, num_pages)
+        assert served["outputs"] == outputs
+        assert served["preemptions"] == preemptions
+        assert served["kv_heads"] == 1  # two KV heads over two ranks
+    assert reports[0][family] == reports[1][family]  # same tokens, pages and hits
+    roomy, tight = reports[0][family]
+    assert roomy["hit_tokens"] > 0 and tight["preemptions"] > 0  # both paths ran
+
+
+def test_ranks_sample_rank_zeros_tokens(ranks) -> None:
+    _, (first, second) = ranks
+    assert first["sampled"] == second["sampled"]  # their generators were seeded 0 and 1
+
+
+def test_ranks_built_differently_are_refused(ranks) -> None:
+    _, reports = ranks
+    for report in reports:
+        kind, message = report["pages_differ"]
+        assert kind == "RankMismatchError"
+        assert "rank 0 and rank 1" in message and "64" in message and "65" in message
+
+
+def test_divergent_page_tables_are_caught_at_their_step(ranks) -> None:
+    _, reports = ranks
+    for report in reports:
+        kind, message = report["diverged"]
+        assert kind == "RankMismatchError" and "diverged at step 2" in message
+        assert report["pages_kept"]
+
+
+def test_heads_that_do_not_split_are_refused(ranks) -> None:
+    _, reports = ranks
+    for report in reports:
+        for case in ("load_uneven", "run_uneven"):
+            kind, message = report[case]
+            assert kind == "InvalidArgumentError", report[case]
+            assert "1 KV heads do not divide by 2" in message
+
+
+def test_a_backend_that_cannot_serve_the_device_is_refused(ranks) -> None:
+    _, reports = ranks
+    kind, message = reports[0]["wrong_backend"]
+    assert kind == "InvalidArgumentError" and "needs 'nccl'" in message

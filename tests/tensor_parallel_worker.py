@@ -1,6 +1,7 @@
 """One rank of tests/test_tensor_parallel.py, run by ``torchrun --nproc-per-node 2``
-(gloo, CPU, float32): serves the same requests on a tensor-parallel engine, then
-provokes each error a group refuses, and writes what happened to ``OUT/rank<r>.json``.
+(float32; gloo on the CPU, or NCCL and one GPU per rank with ``SEQATTN_TP_DEVICE=cuda``,
+attention in torch): serves the same requests on a tensor-parallel engine, then
+provokes each error a group refuses, and writes what happened to ``DIR/rank<r>.json``.
 
 Usage: ``torchrun --standalone --nproc-per-node 2 tests/tensor_parallel_worker.py DIR``,
 where ``DIR`` holds the models the test saved (``DIR/<family>``, ``DIR/one_kv_head``).
@@ -9,6 +10,7 @@ where ``DIR`` holds the models the test saved (``DIR/<family>``, ``DIR/one_kv_he
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 PROMPTS = [list(range(5, 18)), [*range(5, 15), 40, 41], [7, 8, 9, 10, 11], [100, 3]]
 FAMILIES = ("llama", "qwen3")
+DEVICE = os.environ.get("SEQATTN_TP_DEVICE", "cpu")
 
 
 def serve(model: Any, num_pages: int, seed: int = 0, temperature: float = 0.0) -> dict:
@@ -23,7 +26,8 @@ def serve(model: Any, num_pages: int, seed: int = 0, temperature: float = 0.0) -
     from seqattn.engine import Engine, SamplingParams
     from seqattn.integrations.hf import PagedCausalLM
 
-    runner = PagedCausalLM(model, num_pages=num_pages, page_size=4, check_ranks=True)
+    runner = PagedCausalLM(model, num_pages=num_pages, page_size=4, backend="torch",
+                           check_ranks=True)  # fmt: skip
     engine = Engine(runner, max_step_tokens=8, seed=seed)
     params = SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=temperature)
     outputs = engine.generate(PROMPTS, params)
@@ -50,7 +54,9 @@ def main(models: Path) -> None:
     from seqattn.integrations.hf_parallel import load_tensor_parallel
     from seqattn.parallel import RankGroup
 
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     rank, result = dist.get_rank(), {}
     for family in FAMILIES:
         model = load_tensor_parallel(models / family, dtype=torch.float32)
@@ -58,7 +64,7 @@ def main(models: Path) -> None:
     # sampling: each rank seeds its own generator differently; rank 0's samples rule
     result["sampled"] = serve(model, 64, seed=rank, temperature=1.0)["outputs"]
     result["pages_differ"] = refusal(lambda: PagedCausalLM(model, num_pages=64 + rank))
-    runner = PagedCausalLM(model, num_pages=32, page_size=4, check_ranks=True)
+    runner = PagedCausalLM(model, num_pages=32, page_size=4, backend="torch", check_ranks=True)
     runner.descriptor.allocate([0], [2])
     runner.forward([0], [[1, 2]])  # step 1: the ranks agree
     runner.descriptor.allocate([1], [3 + rank])  # rank 1 strays: one token more
@@ -69,8 +75,8 @@ def main(models: Path) -> None:
     result["load_uneven"] = refusal(lambda: load_tensor_parallel(one_kv, dtype=torch.float32))
     uneven = AutoModelForCausalLM.from_pretrained(one_kv, tp_plan="auto", dtype=torch.float32)
     result["run_uneven"] = refusal(lambda: PagedCausalLM(uneven, num_pages=8))
-    cuda = torch.device("cuda", 0)  # a device object only: gloo cannot serve it
-    result["wrong_backend"] = refusal(lambda: RankGroup(dist.group.WORLD, cuda))
+    other = torch.device("cpu" if DEVICE == "cuda" else "cuda")  # the backend cannot serve
+    result["wrong_backend"] = refusal(lambda: RankGroup(dist.group.WORLD, other))
     (models / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

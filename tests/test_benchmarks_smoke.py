@@ -41,3 +41,16 @@ def test_generate_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> None:
     assert "tokens identical to HF generate: 100.0%; earliest divergence: none" in out
     judged = out.split("eager: HF forward on its tokens: ")[1].split("\n")[0]
     assert judged == "top-1 100.0%; largest gap to the top logit 0.000"
+
+
+def test_tensor_parallel_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys) -> None:
+    """Two gloo ranks against one, a 2-layer model: float32 tokens agree across runs."""
+    pytest.importorskip("transformers")
+    argv = ["bench_tensor_parallel.py", "--device", "cpu", "--tiny", "--requests", "4"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--prompt-len", "32", "--new-tokens", "8",
+                                      "--model-dir", str(tmp_path)])  # fmt: skip
+    runpy.run_path("benchmarks/bench_tensor_parallel.py", run_name="__main__")
+    out = capsys.readouterr().out
+    assert "| TP=1 | no |" in out and "| TP=2 | no |" in out
+    assert out.count("tokens equal to TP=1: 100.0%") == 2
+    assert out.count("top-1 100.0%, largest gap 0.000") == 2

@@ -4,7 +4,8 @@ heads; prefix caching and preemption on), sample rank 0's tokens whatever their 
 seeds, and refuse a group they cannot serve before any page is allocated.
 
 The ranks run ``tests/tensor_parallel_worker.py`` once for the whole module (about
-15 s); each test reads what they wrote.
+15 s); each test reads what they wrote. ``tests/gpu/test_tensor_parallel_gpu.py`` runs
+the same checks over NCCL on two GPUs.
 """
 
 from __future__ import annotations
@@ -40,36 +41,45 @@ def tiny(family: str, kv_heads: int = 2) -> torch.nn.Module:
     return getattr(transformers, MODELS[family])(config).eval()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    """The saved models and what each of the two ranks reported."""
-    models = tmp_path_factory.mktemp("tp")
+def run_ranks(models: Path, device: str) -> list[dict]:
+    """Save the models, run the two ranks on ``device``, and return their reports."""
     for family in FAMILIES:
         tiny(family).save_pretrained(models / family)
     tiny("llama", kv_heads=1).save_pretrained(models / "one_kv_head")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE)]),
-               OMP_NUM_THREADS="1")  # fmt: skip
+               OMP_NUM_THREADS="1", SEQATTN_TP_DEVICE=device, NCCL_NVLS_ENABLE="0")  # fmt: skip
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # weights go where transformers finds a GPU
     worker = str(HERE / "tensor_parallel_worker.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", worker, str(models)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return models, [json.loads((models / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((models / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def serve_whole(path: Path, num_pages: int) -> tuple[list[list[int]], int]:
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """The saved models and what each of the two ranks reported."""
+    models = tmp_path_factory.mktemp("tp")
+    return models, run_ranks(models, "cpu")
+
+
+def serve_whole(path: Path, num_pages: int, device: str = "cpu") -> tuple[list[list[int]], int]:
     """The prompts on one process, the model loaded whole."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    engine = Engine(PagedCausalLM(model, num_pages=num_pages, page_size=4), max_step_tokens=8)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = load(path, dtype=torch.float32).to(device).eval()
+    runner = PagedCausalLM(model, num_pages=num_pages, page_size=4, backend="torch")
+    engine = Engine(runner, max_step_tokens=8)
     outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, ignore_eos=True))
     return outputs, engine.stats.preemptions
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_two_ranks_generate_the_tokens_of_one_process(ranks, family: str) -> None:
-    models, reports = ranks
+def check_tokens(models: Path, reports: list[dict], family: str, device: str) -> None:
+    """Both ranks served ``family``'s prompts as one process does, prefix hits and
+    preemptions included."""
     for served, num_pages in zip(reports[0][family], (64, 14), strict=True):
-        outputs, preemptions = serve_whole(models / family, num_pages)
+        outputs, preemptions = serve_whole(models / family, num_pages, device)
         assert served["outputs"] == outputs
         assert served["preemptions"] == preemptions
         assert served["kv_heads"] == 1  # two KV heads over two ranks
@@ -78,37 +88,36 @@ def test_two_ranks_generate_the_tokens_of_one_process(ranks, family: str) -> Non
     assert roomy["hit_tokens"] > 0 and tight["preemptions"] > 0  # both paths ran
 
 
+def check_refusals(reports: list[dict], wanted_backend: str) -> None:
+    """Every rank refused each group it cannot serve, with the error that names why."""
+    for report in reports:
+        kind, message = report["pages_differ"]
+        assert kind == "RankMismatchError"
+        assert "rank 0 and rank 1" in message and "64" in message and "65" in message
+        kind, message = report["diverged"]
+        assert kind == "RankMismatchError" and "diverged at step 2" in message
+        assert report["pages_kept"]
+        for case in ("load_uneven", "run_uneven"):
+            kind, message = report[case]
+            assert kind == "InvalidArgumentError", report[case]
+            assert "1 KV heads do not divide by 2" in message
+    kind, message = reports[0]["wrong_backend"]
+    assert kind == "InvalidArgumentError" and f"needs {wanted_backend!r}" in message
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_ranks_generate_the_tokens_of_one_process(ranks, family: str) -> None:
+    models, reports = ranks
+    check_tokens(models, reports, family, "cpu")
+
+
 def test_ranks_sample_rank_zeros_tokens(ranks) -> None:
     _, (first, second) = ranks
     assert first["sampled"] == second["sampled"]  # their generators were seeded 0 and 1
 
 
-def test_ranks_built_differently_are_refused(ranks) -> None:
+def test_ranks_that_differ_or_cannot_split_the_heads_are_refused(ranks) -> None:
+    """Built differently, diverging at a step, heads that do not split, and a CUDA
+    device on a gloo group."""
     _, reports = ranks
-    for report in reports:
-        kind, message = report["pages_differ"]
-        assert kind == "RankMismatchError"
-        assert "rank 0 and rank 1" in message and "64" in message and "65" in message
-
-
-def test_divergent_page_tables_are_caught_at_their_step(ranks) -> None:
-    _, reports = ranks
-    for report in reports:
-        kind, message = report["diverged"]
-        assert kind == "RankMismatchError" and "diverged at step 2" in message
-        assert report["pages_kept"]
-
-
-def test_heads_that_do_not_split_are_refused(ranks) -> None:
-    _, reports = ranks
-    for report in reports:
-        for case in ("load_uneven", "run_uneven"):
-            kind, message = report[case]
-            assert kind == "InvalidArgumentError", report[case]
-            assert "1 KV heads do not divide by 2" in message
-
-
-def test_a_backend_that_cannot_serve_the_device_is_refused(ranks) -> None:
-    _, reports = ranks
-    kind, message = reports[0]["wrong_backend"]
-    assert kind == "InvalidArgumentError" and "needs 'nccl'" in message
+    check_refusals(reports, "nccl")

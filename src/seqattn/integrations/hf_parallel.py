@@ -31,6 +31,7 @@ Example (a group of one rank: the model loads whole)::
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -83,8 +84,9 @@ def model_ranks(model: Any, device: torch.device) -> Optional[RankGroup]:
 def load_tensor_parallel(path: Any, *, dtype: torch.dtype, **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained(path)`` sharded over every rank of the
     default process group by the model's own ``tp_plan`` (run under ``torchrun``; each
-    rank's weights land on ``cuda:LOCAL_RANK``, or the CPU without CUDA). The head
-    counts are checked against the world size before any weight is read.
+    rank's weights land on ``cuda:LOCAL_RANK``, or the CPU without CUDA; a group of one,
+    or no group, loads the model whole there). The head counts are checked against the
+    world size before any weight is read.
 
     Raises:
         InvalidArgumentError: the world size does not split the heads evenly.
@@ -94,8 +96,11 @@ def load_tensor_parallel(path: Any, *, dtype: torch.dtype, **kwargs: Any) -> Any
     size = dist.get_world_size() if dist.is_initialized() else 1
     config = transformers.AutoConfig.from_pretrained(path, **kwargs)
     check_heads(config, size)
-    plan: dict[str, Any] = {}
-    if size > 1:
+    if size == 1:  # transformers' own device choice for a sharded model, by hand
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        cuda = torch.device("cuda", local)
+        plan: dict[str, Any] = {"device_map": cuda} if torch.cuda.is_available() else {}
+    else:
         try:  # transformers >= 5.17 takes the plan in a DistributedConfig
             from transformers.distributed import DistributedConfig
 

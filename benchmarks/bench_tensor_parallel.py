@@ -1,0 +1,175 @@
+"""Tensor-parallel serving: seqattn's engine on two GPUs (TP=2) against one (TP=1).
+
+Workload (issue 16): a random-weight Llama of 8.0B parameters (32 layers, hidden 4096,
+intermediate 14336, 32 query / 8 KV heads, vocab 128256), bf16; 64 requests of 512
+random prompt tokens, 256 generated each, greedy. The weights are saved once (seeded)
+and loaded by transformers' ``tp_plan`` in both runs, so both serve the same model:
+TP=1 in one process on GPU 0, TP=2 in two processes under ``torchrun`` (NCCL, NVLink
+multicast off). Each run serves the requests twice (a warm-up at the run's shapes that
+also captures the CUDA graphs, then the timed run) and reports the wall time, generated
+tokens/s, the median decode step and TTFT; its tokens are judged by transformers' own
+forward over them (sdpa, the same sharded weights: teacher forcing, as
+``bench_generate.py`` does): the share that is that forward's top-1.
+
+``python benchmarks/bench_tensor_parallel.py`` on a machine with two GPUs;
+``--device cpu --tiny`` is the CPU smoke run (gloo, float32, a 2-layer model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+)  # fmt: skip
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)  # fmt: skip
+
+
+def save_model(args: argparse.Namespace) -> Path:
+    """The seeded random model's checkpoint (written once; reused if already there)."""
+    import transformers
+
+    path = Path(args.model_dir or tempfile.gettempdir()) / f"seqattn-tp-{args.size}"
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**(TINY if args.tiny else MODEL_8B))
+    with torch.device("cuda" if args.device == "cuda" else "cpu"):
+        model = transformers.LlamaForCausalLM(config).to(dtype_of(args))
+    model.save_pretrained(path)
+    del model
+    return path
+
+
+def dtype_of(args: argparse.Namespace) -> torch.dtype:
+    return torch.bfloat16 if args.device == "cuda" else torch.float32
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of one run: load the shards, serve twice, judge, and (rank 0) write
+    the figures to ``args.out``."""
+    import torch.distributed as dist
+    from bench_generate import run_seqattn, teacher_forced
+
+    from seqattn.integrations.hf_parallel import load_tensor_parallel
+
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    t0 = time.perf_counter()
+    model = load_tensor_parallel(args.model, dtype=dtype_of(args))
+    model.generation_config.eos_token_id = None
+    loaded = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, model.config.vocab_size, (args.requests, args.prompt_len),
+                            generator=gen).tolist()  # fmt: skip
+    graphs = args.device == "cuda" and not args.no_graphs
+    result = run_seqattn(model, prompts, args, graphs=graphs)
+    top1, gap = teacher_forced(model, prompts, result["outputs"], args.device)
+    if dist.get_rank() == 0:
+        memory = torch.cuda.max_memory_allocated() / 2**30 if graphs else float("nan")
+        figures = dict(wall=result["wall"], decode_step=result["decode_step"],
+                       ttft=result["ttft"], steps=result["steps"], top1=top1, gap=gap,
+                       load_s=loaded, memory_gib=memory, syncs=result["syncs"],
+                       outputs=result["outputs"], graphs=graphs)  # fmt: skip
+        Path(args.out).write_text(json.dumps(figures))
+    dist.destroy_process_group()
+
+
+def launch(args: argparse.Namespace, model: Path, ranks: int) -> dict[str, Any]:
+    """One run under ``torchrun --nproc-per-node ranks``; rank 0's figures. A run with
+    CUDA graphs that fails or hangs is run again without them (and says so)."""
+    try:
+        return launch_once(args, model, ranks, graphs=not args.no_graphs)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+        if args.no_graphs or args.device != "cuda":
+            raise
+        print(f"TP={ranks} with CUDA graphs failed ({type(error).__name__}); again eager",
+              flush=True)  # fmt: skip
+        return launch_once(args, model, ranks, graphs=False)
+
+
+def launch_once(args: argparse.Namespace, model: Path, ranks: int, graphs: bool) -> dict:
+    """One run under ``torchrun``, as :func:`launch`."""
+    out = Path(tempfile.mkdtemp()) / "figures.json"
+    here = Path(__file__).parent
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+               PYTHONPATH=os.pathsep.join([str(here), str(here.parent / "src"),
+                                           os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    if args.device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    sizes = [f"--requests={args.requests}", f"--prompt-len={args.prompt_len}",
+             f"--new-tokens={args.new_tokens}", f"--step-tokens={args.step_tokens}"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={ranks}", __file__, "--worker", "--model", str(model),
+               "--out", str(out), "--device", args.device, "--backend", args.backend,
+               *sizes, *([] if graphs else ["--no-graphs"])]  # fmt: skip
+    subprocess.run(command, env=env, check=True, timeout=args.timeout)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke run)")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--step-tokens", type=int, default=8192, help="engine token budget")
+    parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
+    parser.add_argument("--ranks", default="1,2", help="the runs' rank counts")
+    parser.add_argument("--no-graphs", action="store_true", help="decode eagerly")
+    parser.add_argument("--timeout", type=float, default=420, help="seconds a run may take")
+    parser.add_argument("--model-dir", help="where the checkpoint goes (default: the temp dir)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.quick, args.tiny = False, args.tiny  # what bench_generate's helpers read
+    if args.worker:
+        return worker(args)
+    args.size = "tiny" if args.tiny else "8b"
+    t0 = time.perf_counter()
+    model = save_model(args)
+    print(f"checkpoint {model} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    runs = {n: launch(args, model, n) for n in map(int, args.ranks.split(","))}
+    report(args, runs)
+
+
+def report(args: argparse.Namespace, runs: dict[int, dict[str, Any]]) -> None:
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    tokens = args.requests * args.new_tokens
+    base = runs[min(runs)]
+    print(f"\n{name} x {max(runs)}; Llama {args.size}, {dtype_of(args)}; {args.requests} "
+          f"requests x {args.prompt_len} prompt tokens, {args.new_tokens} generated each, "
+          "greedy")  # fmt: skip
+    for ranks, r in runs.items():
+        same = sum(a == b for x, y in zip(r["outputs"], base["outputs"], strict=True)
+                   for a, b in zip(x, y, strict=True))  # fmt: skip
+        print(f"TP={ranks}: weights loaded in {r['load_s']:.1f} s; peak GPU memory "
+              f"{r['memory_gib']:.1f} GiB per rank; host syncs {r['syncs']}; tokens equal "
+              f"to TP={min(runs)}: {same / tokens:.1%}; HF forward on its tokens: top-1 "
+              f"{r['top1']:.1%}, largest gap {r['gap']:.3f}")  # fmt: skip
+    print("\n| run | CUDA graphs | wall s | generated tok/s | median decode step ms | "
+          "TTFT s | decode step speed-up |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for ranks, r in runs.items():
+        print(f"| TP={ranks} | {'yes' if r['graphs'] else 'no'} | {r['wall']:.2f} | "
+              f"{tokens / r['wall']:,.0f} | {r['decode_step'] * 1e3:.2f} | {r['ttft']:.3f} | "
+              f"{base['decode_step'] / r['decode_step']:.2f}x |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

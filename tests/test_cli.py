@@ -256,3 +256,43 @@ def test_demo_answers_chat_questions_and_stops_at_eos(tmp_path, capsys) -> None:
     tokens = int(out.split(" tokens in ")[0].split()[-1])
     assert tokens <= 3 + 8  # the first request stopped at its EOS, the third token
     assert out.strip().splitlines()[-1].startswith("parity: identical")
+
+
+def torchrun_demo(ranks: int, *argv: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node ranks -m seqattn demo ...`` on the CPU."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={ranks}", "-m", "seqattn", "demo", *argv]  # fmt: skip
+    env = dict(__import__("os").environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_demo_under_torchrun_is_tensor_parallel(tmp_path) -> None:
+    """Two gloo ranks: rank 0 alone prints, each rank's heads and pages are reported,
+    and the tokens are transformers' own on the whole model (float32)."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY, "num_hidden_layers": 2}))
+    done = torchrun_demo(2, "--config", str(config), "--requests", "3", "--max-new-tokens", "5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("seqattn demo: tensor-parallel over 2 ranks (gloo), llama")
+    assert sum(line.startswith("seqattn demo") for line in lines) == 1  # rank 0 alone
+    assert any(line.startswith("  rank 0: KV heads 0-0 of 2, query heads 2 of 4") for line in lines)
+    assert any(line.startswith("  rank 1: KV heads 1-1 of 2") for line in lines)
+    assert (
+        lines[-1]
+        == "parity: identical to transformers' greedy generate (15 of 15 tokens, every request)"
+    )
+
+
+def test_demo_under_torchrun_refuses_heads_that_do_not_split(tmp_path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY, "num_hidden_layers": 1}))
+    done = torchrun_demo(3, "--config", str(config), "--requests", "1", "--max-new-tokens", "2")
+    assert done.returncode != 0 and done.stdout == ""
+    assert ("seqattn demo: error: tensor parallelism over 3 ranks needs whole heads on every "
+            "rank") in done.stderr  # fmt: skip
+    assert (
+        "4 query and 2 KV heads do not divide by 3 (use a size that divides both, e.g. 2)"
+        in done.stderr
+    )
+    assert "[rank0]: Traceback" not in done.stderr  # torchrun's own summary may follow

@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from ._flashinfer import flashinfer_or_none
+from .cli_parallel import DemoRanks
 from .engine import Engine, SamplingParams
 from .engine.intake import eos_token_ids
 from .errors import SeqAttnError
@@ -116,7 +117,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return run_demo(args)
     except SeqAttnError as error:  # DemoError, or the library refusing what it was given
-        print(f"seqattn demo: error: {error}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if DemoRanks.launched() else "0"
+        who = "" if rank == "0" else f" (rank {rank})"
+        print(f"seqattn demo{who}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("seqattn demo: interrupted", file=sys.stderr)
@@ -128,8 +131,25 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Load the model, serve the requests, report, and compare with HF ``generate``."""
-    model, tokenizer = load_model(args)
+    """The demo in this process, or as one rank of a ``torchrun`` launch of several."""
+    if not DemoRanks.launched():
+        return serve_demo(args, None)
+    ranks = DemoRanks(args.device)
+    args.device = ranks.device
+    try:
+        with ranks.quiet():
+            return serve_demo(args, ranks)
+    finally:
+        ranks.close()
+
+
+def serve_demo(args: argparse.Namespace, ranks: Optional[DemoRanks]) -> int:
+    """Load the model (this rank's shard of it), serve the requests, report, and compare
+    with HF ``generate`` on the whole model."""
+    whole, tokenizer = load_model(args)
+    model = whole if ranks is None else ranks.shard(whole, hf_directory(args))
+    if ranks is not None and ranks.rank != 0:
+        whole = None  # only rank 0 checks parity
     config, n = model.config, args.max_new_tokens
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
     if tokenizer is not None:
@@ -146,8 +166,9 @@ def run_demo(args: argparse.Namespace) -> int:
     backend = attention_backend(args.device)
     pages = len(prompts) * pages_for(max(len(p) for p in prompts) + n, PAGE_SIZE) + 8
     runner = PagedCausalLM(model, num_pages=pages, page_size=PAGE_SIZE, backend=backend)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"seqattn demo: {config.model_type} ({params:.1f}M parameters, "
+    params = sum(p.numel() for p in (whole or model).parameters()) / 1e6
+    where = "" if ranks is None else f"tensor-parallel over {ranks.size} ranks ({ranks.backend}), "
+    print(f"seqattn demo: {where}{config.model_type} ({params:.1f}M parameters, "
           f"{config.num_hidden_layers} layers, {config.num_attention_heads}/"
           f"{config.num_key_value_heads} heads) on {args.device} ({backend} attention), "
           f"{requests}")  # fmt: skip
@@ -161,11 +182,21 @@ def run_demo(args: argparse.Namespace) -> int:
     # a real model stops at its end-of-sequence tokens, as HF generate does with it
     sampling = sampling_params(n, eos_token_ids(model) if args.model is not None else ())
     outputs = serve(Engine(runner, max_step_tokens=256), prompts, sampling)
+    if ranks is not None:
+        ranks.report(runner)
     if tokenizer is not None:  # each question and the model's answer, one line each
         for question, output in zip(questions, outputs, strict=True):
             answer = " ".join(tokenizer.decode(output, skip_special_tokens=True).split())
             print(f"  > {question}\n    {answer}")
-    return check_parity(model, prompts, outputs, n)
+    return 0 if whole is None else check_parity(whole, prompts, outputs, n)
+
+
+def hf_directory(args: argparse.Namespace) -> Optional[Path]:
+    """``--model``'s directory when it holds HF weights (not a .gguf file)."""
+    if args.model is None:
+        return None
+    directory, gguf_file = resolve_model_path(args.model)
+    return directory if gguf_file is None else None
 
 
 def encode_question(tokenizer: Any, question: str) -> list[int]:

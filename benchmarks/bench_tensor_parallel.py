@@ -85,6 +85,7 @@ def worker(args: argparse.Namespace) -> None:
                        load_s=loaded, memory_gib=memory, syncs=result["syncs"],
                        outputs=result["outputs"], graphs=graphs)  # fmt: skip
         Path(args.out).write_text(json.dumps(figures))
+    dist.barrier()  # no rank leaves while another still works
     dist.destroy_process_group()
 
 

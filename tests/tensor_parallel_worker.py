@@ -78,6 +78,7 @@ def main(models: Path) -> None:
     other = torch.device("cpu" if DEVICE == "cuda" else "cuda")  # the backend cannot serve
     result["wrong_backend"] = refusal(lambda: RankGroup(dist.group.WORLD, other))
     (models / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # no rank leaves while another still works
     dist.destroy_process_group()
 
 

@@ -136,11 +136,13 @@ def run_demo(args: argparse.Namespace) -> int:
         return serve_demo(args, None)
     ranks = DemoRanks(args.device)
     args.device = ranks.device
+    status = None
     try:
         with ranks.quiet():
-            return serve_demo(args, ranks)
+            status = serve_demo(args, ranks)
+        return status
     finally:
-        ranks.close()
+        ranks.close(finished=status is not None)
 
 
 def serve_demo(args: argparse.Namespace, ranks: Optional[DemoRanks]) -> int:

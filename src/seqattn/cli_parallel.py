@@ -89,8 +89,12 @@ class DemoRanks:
         dist.all_gather_object(lines, line)
         print("\n".join(str(text) for text in lines))
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        """Leave the group: once every rank is done (rank 0's parity check takes
+        longest), or at once after an error, when the others may never arrive."""
         if dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
         if self._quiet is not None:
             self._quiet.close()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import runpy
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +44,17 @@ def test_generate_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> None:
     assert "tokens identical to HF generate: 100.0%; earliest divergence: none" in out
     judged = out.split("eager: HF forward on its tokens: ")[1].split("\n")[0]
     assert judged == "top-1 100.0%; largest gap to the top logit 0.000"
+
+
+def test_migration_benchmark_runs_on_the_cpu() -> None:
+    """Two gloo ranks spawned by the script (a subprocess: spawned ranks re-import it)."""
+    root = Path(__file__).resolve().parents[1]
+    argv = ["--device", "cpu", "--tokens", "100", "--layers", "2", "--quick"]
+    run = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_migration.py"), *argv],
+        capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root / "src")},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "received KV identical to the sent (bit for bit)" in run.stdout
+    assert "| 100 tokens, 2 layers x 8 KV heads x 128, float32, page 16:" in run.stdout

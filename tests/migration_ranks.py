@@ -1,4 +1,5 @@
-"""The two ranks of tests/test_migration.py's distributed scenarios (gloo, CPU).
+"""The two ranks of tests/test_migration.py's distributed scenarios (gloo on the CPU;
+tests/gpu/test_migration_gpu.py runs the same over NCCL, one GPU per rank).
 
 Spawned by the test (``torch.multiprocessing``); each rank runs every scenario in order
 and saves what it saw to ``<outdir>/rank<r>.pt``, which the test reads and asserts on.
@@ -8,6 +9,7 @@ A scenario's expected errors are recorded (their class and builtin), not raised.
 from __future__ import annotations
 
 import datetime
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ LAYERS, HEADS, HEAD_DIM, PS = 2, 2, 4, 4
 LENGTHS = {1: 0, 2: 1, 3: 3, 4: 4, 5: 5, 6: 13}  # seq id -> length (page boundaries)
 SHARED = 8  # sequence 6 shares its first 8 tokens (2 pages) with rank 1's sequence 100
 PLAIN = 20  # a sequence allocated without token ids
+DEVICE = torch.device("cpu")  # each rank's, set by run()
 
 
 def tokens_of(seq_id: int) -> list[int]:
@@ -29,9 +32,14 @@ def tokens_of(seq_id: int) -> list[int]:
     return [(7 * i + 11 * seq_id) % 97 for i in range(LENGTHS[seq_id])]
 
 
-def make(num_pages: int = 64, layout: str = "NHD", head_dim: int = HEAD_DIM) -> CacheDescriptor:
+def make(
+    num_pages: int = 64,
+    layout: str = "NHD",
+    head_dim: int = HEAD_DIM,
+    dtype: torch.dtype = torch.float32,
+) -> CacheDescriptor:
     cache = PagedKVCacheManager(
-        num_pages, PS, HEADS, head_dim, torch.float32, "cpu", layout, num_layers=LAYERS
+        num_pages, PS, HEADS, head_dim, dtype, DEVICE, layout, num_layers=LAYERS
     )
     return CacheDescriptor(cache, prefix_caching=True, check_invariants=True)
 
@@ -50,8 +58,10 @@ def fill(desc: CacheDescriptor, seq_id: int, n: int, seed: int) -> None:
     packed = desc.pack_for_flashinfer([seq_id], [n])
     gen = torch.Generator().manual_seed(seed)
     for layer in range(cache.num_layers):
-        k, v = torch.randn(2, n, cache.num_heads, cache.head_dim, generator=gen)
-        cache.append_kv(k.to(cache.dtype), v.to(cache.dtype), packed, layer=layer)
+        kv = torch.randn(2, n, cache.num_heads, cache.head_dim, generator=gen)
+        # float8 caches quantize float32 on append
+        k, v = kv.to(DEVICE, torch.float32 if cache.dtype.itemsize == 1 else cache.dtype)
+        cache.append_kv(k, v, packed, layer=layer)
 
 
 def state(desc: CacheDescriptor) -> tuple:
@@ -89,13 +99,17 @@ def sender(outdir: Path) -> dict[str, Any]:
     for seq_id in [*LENGTHS, PLAIN]:  # scenario 1: every sequence moves
         send_sequence(desc, seq_id, 1)
         kv = export_sequence(desc, seq_id)
-        out["pages"][seq_id], out["tokens"][seq_id] = kv.pages, kv.token_ids
+        out["pages"][seq_id], out["tokens"][seq_id] = kv.pages.cpu(), kv.token_ids
     out["kept"] = sorted(desc.seq_ids)  # the sender keeps its sequences
     out["no_pages"] = refused(desc, lambda: send_sequence(desc, 6, 1))
     out["unknown"] = refused(desc, lambda: send_sequence(desc, 999, 1))
     out["live"] = refused(desc, lambda: send_sequence(desc, 3, 1))
     out["shape"] = refused(desc, lambda: send_sequence(desc, 3, 1))
     send_sequence(desc, 6, 1)  # after refusals the two sides are still in step
+    fp8 = make(dtype=torch.float8_e4m3fn)  # travels as bytes
+    fill(fp8, 1, 13, seed=8)
+    send_sequence(fp8, 1, 1)
+    out["fp8"] = export_sequence(fp8, 1).pages.view(torch.uint8).cpu()
     return out
 
 
@@ -108,7 +122,7 @@ def receiver(outdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"pages": {}, "tokens": {}}
     for seq_id in [*LENGTHS, PLAIN]:
         kv = export_sequence(desc, 1000 + seq_id)
-        out["pages"][seq_id], out["tokens"][seq_id] = kv.pages, kv.token_ids
+        out["pages"][seq_id], out["tokens"][seq_id] = kv.pages.cpu(), kv.token_ids
     out["page_ids"] = {s: desc.page_indices(1000 + s) for s in [*LENGTHS, PLAIN]}
     out["cached_pages"] = desc.page_indices(100)  # sequence 6 shares the first two
     out["used"] = free_before - desc.cache_manager.available_pages_count
@@ -120,14 +134,29 @@ def receiver(outdir: Path) -> dict[str, Any]:
     other = make(head_dim=2 * HEAD_DIM)
     out["shape"] = refused(other, lambda: recv_sequence(other, 1, 0))
     recv_sequence(desc, 2006, 0)
-    out["again"] = export_sequence(desc, 2006).pages
+    out["again"] = export_sequence(desc, 2006).pages.cpu()
+    fp8 = make(dtype=torch.float8_e4m3fn)
+    recv_sequence(fp8, 1, 0)
+    out["fp8"] = export_sequence(fp8, 1).pages.view(torch.uint8).cpu()
     return out
 
 
-def run(rank: int, port: int, outdir: str) -> None:
-    """One rank: join the gloo group, run its side of every scenario, save the results."""
+def free_port() -> int:
+    """A TCP port nothing listens on now (for the group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(rank: int, port: int, outdir: str, backend: str = "gloo") -> None:
+    """One rank: join the group, run its side of every scenario, save the results.
+    ``backend="nccl"``: rank r's caches live on cuda:r."""
+    global DEVICE
+    if backend == "nccl":
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
         timeout=datetime.timedelta(seconds=60),
     )  # fmt: skip
     try:

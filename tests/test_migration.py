@@ -5,7 +5,6 @@ destination's prefix cache is shared, and every refusal changes nothing anywhere
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +84,16 @@ def test_import_gives_the_same_kv_bit_for_bit(ps: int, layouts: tuple[str, str])
         assert torch.equal(back, kv.pages)  # whole pages, in the source's layout
     assert sorted(src.seq_ids) == list(range(len(lengths)))  # the source keeps them
     dst.check_integrity()
+
+
+def test_float8_pages_move_bit_for_bit() -> None:
+    src = make(dtype=torch.float8_e4m3fn, k_scale=0.5)
+    dst = make(dtype=torch.float8_e4m3fn, k_scale=0.5, layout="HND")
+    fill(src, 1, 11, seed=1)
+    kv = export_sequence(src, 1)
+    import_sequence(dst, 2, kv)
+    back = export_sequence(dst, 2).pages.transpose(-3, -2)
+    assert torch.equal(back.view(torch.uint8), kv.pages.view(torch.uint8))
 
 
 def test_export_is_a_copy_on_the_cache_device_and_immutable() -> None:
@@ -271,17 +280,11 @@ def test_a_sequence_kv_is_checked_when_made(fields, error, message) -> None:
 
 
 # ------------------------------------------------------------------ between ranks
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[dict, dict]:
     """Both ranks' results of every scenario (one spawn of two gloo processes)."""
     outdir = tmp_path_factory.mktemp("ranks")
-    mp.spawn(migration_ranks.run, args=(free_port(), str(outdir)), nprocs=2)
+    mp.spawn(migration_ranks.run, args=(migration_ranks.free_port(), str(outdir)), nprocs=2)
     return tuple(torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
 
@@ -297,6 +300,7 @@ def test_send_recv_gives_the_same_kv_bit_for_bit(ranks) -> None:
         assert (tokens is None) == (seq_id == migration_ranks.PLAIN)
         assert tokens is None or tokens.tolist() == theirs.tolist()
     assert torch.equal(received["again"].transpose(-3, -2)[:, 2:], sent["pages"][6][:, 2:])
+    assert torch.equal(received["fp8"], sent["fp8"])
 
 
 def test_recv_shares_the_receivers_prefix_cache(ranks) -> None:

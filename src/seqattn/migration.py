@@ -52,6 +52,9 @@ DTYPES = (
 # pages travel in chunks of whole layers of about this size, so that gathering one
 # chunk overlaps sending the one before (and scattering overlaps receiving)
 CHUNK_BYTES = 256 * 2**20
+# K/V are copied as the integers of their bits: exact for every dtype, and torch's CPU
+# index_copy_ has no float8 kernel
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 # ------------------------------------------------------------------ the exported data
@@ -260,8 +263,9 @@ def export_sequence(descriptor: CacheDescriptor, seq_id: int) -> SequenceKV:
     index = _index(descriptor.page_indices(seq_id), cache.device)
     recorded = descriptor.recorded_tokens(seq_id)
     tokens, salt = (None, None) if recorded is None else recorded
+    pages = _bits(cache.kv_data).index_select(1, index).view(cache.dtype)
     return SequenceKV(
-        length, cache.page_size, cache.kv_layout, cache.kv_data.index_select(1, index),
+        length, cache.page_size, cache.kv_layout, pages,
         tokens, salt, cache.k_scale, cache.v_scale,
     )  # fmt: skip
 
@@ -394,6 +398,11 @@ def _finish(
         raise
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its element size (the same bits)."""
+    return t.view(_BITS[t.element_size()])
+
+
 def _index(pages: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(pages, dtype=torch.int64).to(device)
 
@@ -409,7 +418,7 @@ def _write(
     if layout != cache.kv_layout:  # NHD <-> HND: swap each page's token and head dims
         pages = pages.transpose(-3, -2)
     last = first_layer + pages.shape[0]
-    cache.kv_data[first_layer:last].index_copy_(1, index, pages.to(cache.device))
+    _bits(cache.kv_data[first_layer:last]).index_copy_(1, index, _bits(pages.to(cache.device)))
 
 
 # ------------------------------------------------------------------ between ranks
@@ -683,10 +692,11 @@ def _send_pages(cache: PagedKVCacheManager, index: torch.Tensor, spec: _Spec, pe
         if i >= 2:
             works[i - 2].wait()  # its buffer is free again (on NCCL: for the stream)
         out = _chunk_view(buffers[i % 2], spec, end - first, n)
+        pages = _bits(cache.kv_data[first:end])
         if out.device == cache.device:
-            torch.index_select(cache.kv_data[first:end], 1, index, out=out)
+            torch.index_select(pages, 1, index, out=_bits(out))
         else:  # gloo with a CUDA cache: through the host
-            out.copy_(cache.kv_data[first:end].index_select(1, index))
+            _bits(out).copy_(pages.index_select(1, index))
         sent = buffers[i % 2][: out.numel() * out.element_size()]
         works.append(dist.isend(sent, peer.rank, group=peer.group))
     for work in works[-2:]:

@@ -83,11 +83,21 @@ def refused(desc: CacheDescriptor, call: Callable[[], None]) -> dict[str, Any]:
         call()
     except SeqAttnError as error:
         desc.check_integrity()
-        builtin = next(b for b in (TypeError, KeyError, ValueError, RuntimeError)
+        builtin = next(b for b in (TypeError, KeyError, IndexError, ValueError, RuntimeError)
                        if isinstance(error, b))  # fmt: skip
         return dict(error=type(error).__name__, builtin=builtin.__name__,
                     message=str(error), unchanged=same(before, state(desc)))  # fmt: skip
     return dict(error=None)
+
+
+def local_refusals(desc: CacheDescriptor, call: Callable[..., None]) -> list[str]:
+    """Arguments a rank checks before it talks to its peer: bad ranks and groups."""
+    bad = [(True, None), (1.0, None), (2, None), (-1, None), (dist.get_rank(), None), (1, "g")]
+    seen = []
+    for peer, group in bad:
+        outcome = refused(desc, lambda p=peer, g=group: call(desc, 1, p, g))
+        seen.append(f"{outcome['error']}/{outcome['builtin']}/{outcome['unchanged']}")
+    return seen
 
 
 def sender(outdir: Path) -> dict[str, Any]:
@@ -96,6 +106,7 @@ def sender(outdir: Path) -> dict[str, Any]:
         prefill(desc, seq_id, tokens_of(seq_id), seed=seq_id)
     fill(desc, PLAIN, 9, seed=PLAIN)
     out: dict[str, Any] = {"pages": {}, "tokens": {}}
+    out["local"] = local_refusals(desc, send_sequence)
     for seq_id in [*LENGTHS, PLAIN]:  # scenario 1: every sequence moves
         send_sequence(desc, seq_id, 1)
         kv = export_sequence(desc, seq_id)
@@ -116,10 +127,11 @@ def sender(outdir: Path) -> dict[str, Any]:
 def receiver(outdir: Path) -> dict[str, Any]:
     desc = make(layout="HND")  # the other layout: pages are converted on arrival
     prefill(desc, 100, [*tokens_of(6)[:SHARED], 1, 2, 3], seed=100)
+    local = local_refusals(desc, recv_sequence)
     free_before = desc.cache_manager.available_pages_count
     for seq_id in [*LENGTHS, PLAIN]:
         recv_sequence(desc, 1000 + seq_id, 0)
-    out: dict[str, Any] = {"pages": {}, "tokens": {}}
+    out: dict[str, Any] = {"pages": {}, "tokens": {}, "local": local}
     for seq_id in [*LENGTHS, PLAIN]:
         kv = export_sequence(desc, 1000 + seq_id)
         out["pages"][seq_id], out["tokens"][seq_id] = kv.pages.cpu(), kv.token_ids

@@ -329,6 +329,26 @@ def test_a_refusal_raises_on_both_ranks_and_changes_nothing(
         assert message in seen["message"] and seen["unchanged"]
 
 
+def test_bad_ranks_and_groups_are_refused_before_anything_travels(ranks) -> None:
+    expected = [
+        "ArgumentTypeError/TypeError/True", "ArgumentTypeError/TypeError/True",
+        "IndexOutOfRangeError/IndexError/True", "IndexOutOfRangeError/IndexError/True",
+        "InvalidArgumentError/ValueError/True", "ArgumentTypeError/TypeError/True",
+    ]  # fmt: skip
+    for side in ranks:
+        assert side["local"] == expected
+
+
+def test_moving_between_ranks_needs_torch_distributed() -> None:
+    desc = make()
+    fill(desc, 1, 5, seed=1)
+    for call in (migration.send_sequence, migration.recv_sequence):
+        assert_raises_unchanged(lambda c=call: snapshot(desc), InvalidArgumentError,
+                                lambda c=call: c(desc, 1, 1))  # fmt: skip
+    with pytest.raises(ArgumentTypeError, match="CacheDescriptor"):
+        migration.send_sequence(None, 1, 1)
+
+
 def test_disaggregated_serving_example_runs() -> None:
     """examples/disaggregated_serving.py in spawn mode: rank 1's decoded tokens equal a
     single-process run (the example asserts it, and says so)."""

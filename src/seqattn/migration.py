@@ -430,7 +430,6 @@ _ERRORS: tuple[type[SeqAttnError], ...] = (
     TensorSpecError, SequenceExistsError, UnknownSequenceError, NoPageError,
     IndexOutOfRangeError, DuplicateSequenceError, PageStateError, StaleBatchError,
 )  # fmt: skip
-_SALT_KINDS = (type(None), str, bytes)
 
 
 class _Peer:
@@ -573,20 +572,11 @@ def send_sequence(
     cache = descriptor.cache_manager
     peer = _peer(dst, "dst", group, cache)
     try:
-        length = descriptor.seq_len(seq_id)
-    except SeqAttnError as error:
+        head, spec, tokens, salt_data = _header(descriptor, seq_id)
+    except Exception as error:
         _refusal(peer, error, header=True)  # the receiver waits for a header: end that
         raise
-    recorded = descriptor.recorded_tokens(seq_id)
-    tokens, salt = (None, None) if recorded is None else recorded
-    spec = _Spec.of_cache(cache, length)
-    kind, salt_data = _salt_bytes(salt)
-    peer.send_ints([
-        _MAGIC, 0, 0, length, spec.page_size, spec.num_layers, spec.num_heads,
-        spec.head_dim, DTYPES.index(spec.dtype), KV_LAYOUTS.index(spec.kv_layout),
-        _float_bits(spec.k_scale), _float_bits(spec.v_scale), int(tokens is not None),
-        kind, len(salt_data), 0,
-    ])  # fmt: skip
+    peer.send_ints(head)
     if tokens is not None and tokens.size:
         peer.send(torch.from_numpy(tokens))
     peer.send_bytes(salt_data)
@@ -595,6 +585,27 @@ def send_sequence(
         _raise_refusal(peer, status, size, "the receiver", seq_id)
     pages = descriptor.page_indices(seq_id)[shared:]
     _send_pages(cache, _index(pages, cache.device), spec, peer)
+
+
+def _header(
+    descriptor: CacheDescriptor, seq_id: object
+) -> tuple[list[int], _Spec, Optional[np.ndarray], bytes]:
+    """The header of sequence ``seq_id``, its spec, token ids and salt bytes."""
+    length = descriptor.seq_len(seq_id)  # type: ignore[arg-type]
+    cache = descriptor.cache_manager
+    if cache.dtype not in DTYPES:
+        raise TensorSpecError(f"a cache of {cache.dtype} cannot move: its dtype has no code")
+    recorded = descriptor.recorded_tokens(seq_id)  # type: ignore[arg-type]
+    tokens, salt = (None, None) if recorded is None else recorded
+    spec = _Spec.of_cache(cache, length)
+    kind, salt_data = _salt_bytes(salt)
+    head = [
+        _MAGIC, 0, 0, length, spec.page_size, spec.num_layers, spec.num_heads,
+        spec.head_dim, DTYPES.index(spec.dtype), KV_LAYOUTS.index(spec.kv_layout),
+        _float_bits(spec.k_scale), _float_bits(spec.v_scale), int(tokens is not None),
+        kind, len(salt_data), 0,
+    ]  # fmt: skip
+    return head, spec, tokens, salt_data
 
 
 def recv_sequence(
@@ -627,8 +638,9 @@ def recv_sequence(
     _check_descriptor(descriptor)
     cache = descriptor.cache_manager
     peer = _peer(src, "src", group, cache)
-    spec, tokens, salt = _recv_header(peer, seq_id)
+    head, tokens, salt = _recv_header(peer, seq_id)
     try:
+        spec = _spec_of(head)
         _check_import(descriptor, seq_id, spec, tokens, salt)
         shared = _allocate(descriptor, seq_id, spec, tokens, salt)
     except Exception as error:
@@ -642,7 +654,7 @@ def recv_sequence(
     _finish(descriptor, seq_id, shared, write)
 
 
-def _recv_header(peer: _Peer, seq_id: object) -> tuple[_Spec, Optional[np.ndarray], Salt]:
+def _recv_header(peer: _Peer, seq_id: object) -> tuple[list[int], Optional[np.ndarray], Salt]:
     """The sender's header, token ids and salt; raises the sender's refusal."""
     head = peer.recv_ints(_HEADER)
     if head[0] != _MAGIC:
@@ -652,18 +664,24 @@ def _recv_header(peer: _Peer, seq_id: object) -> tuple[_Spec, Optional[np.ndarra
         )
     if head[1]:
         _raise_refusal(peer, head[1], head[2], "the sender", seq_id)
-    length, ps, layers, heads, head_dim, dtype, layout, k_bits, v_bits = head[3:12]
-    has_tokens, salt_kind, salt_size = head[12:15]
+    length, (has_tokens, salt_kind, salt_size) = head[3], head[12:15]
     tokens = None
     if has_tokens:
         tokens = peer.recv(length, torch.int64).cpu().numpy() if length else np.zeros(0, np.int64)
     salt_data = peer.recv_bytes(salt_size)
     salt: Salt = None if salt_kind == 0 else salt_data.decode() if salt_kind == 1 else salt_data
-    spec = _Spec(
+    return head, tokens, salt
+
+
+def _spec_of(head: list[int]) -> _Spec:
+    """The spec a header describes."""
+    length, ps, layers, heads, head_dim, dtype, layout, k_bits, v_bits = head[3:12]
+    if not (0 <= dtype < len(DTYPES) and 0 <= layout < len(KV_LAYOUTS)):
+        raise TensorSpecError(f"the sender's dtype code {dtype} or layout code {layout} is unknown")
+    return _Spec(
         length, ps, layers, heads, head_dim, DTYPES[dtype], KV_LAYOUTS[layout],
         _bits_float(k_bits), _bits_float(v_bits),
     )  # fmt: skip
-    return spec, tokens, salt
 
 
 def _chunks(spec: _Spec, num_pages: int) -> list[tuple[int, int]]:

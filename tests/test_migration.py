@@ -177,6 +177,18 @@ def test_an_import_that_fits_only_through_prefix_hits_succeeds() -> None:
     assert dst.seq_len(2) == 13 and dst.cache_manager.available_pages_count == 0
 
 
+def test_token_ids_travel_only_when_every_one_is_known() -> None:
+    src = make(prefix=True)
+    prefill(src, 1, list(range(6)), seed=1)
+    src.allocate_decoding([1], token_ids=[40])
+    assert export_sequence(src, 1).token_ids.tolist() == [*range(6), 40]
+    src.allocate_decoding([1])  # a token nobody named
+    assert export_sequence(src, 1).token_ids is None
+    dst = make(prefix=True)
+    import_sequence(dst, 1, export_sequence(src, 1))  # imported on fresh pages, uncached
+    assert dst.seq_len(1) == 8 and dst.recorded_tokens(1) is None
+
+
 def test_salt_travels_and_keeps_its_namespace() -> None:
     src, dst = make(prefix=True), make(prefix=True)
     tokens = list(range(9))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import runpy
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +57,17 @@ def test_tensor_parallel_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys
     assert "| TP=1 | no |" in out and "| TP=2 | no |" in out
     assert out.count("tokens equal to TP=1: 100.0%") == 2
     assert out.count("top-1 100.0%, largest gap 0.000") == 2
+
+
+def test_migration_benchmark_runs_on_the_cpu() -> None:
+    """Two gloo ranks spawned by the script (a subprocess: spawned ranks re-import it)."""
+    root = Path(__file__).resolve().parents[1]
+    argv = ["--device", "cpu", "--tokens", "100", "--layers", "2", "--quick"]
+    run = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_migration.py"), *argv],
+        capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root / "src")},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "received KV identical to the sent (bit for bit)" in run.stdout
+    assert "| 100 tokens, 2 layers x 8 KV heads x 128, float32, page 16:" in run.stdout

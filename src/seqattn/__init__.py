@@ -2,7 +2,8 @@
 
 Allocate, extend, fork, truncate and release *sequences*; seqattn handles pages,
 reference counts and prefix sharing, and packs the CSR page tables flashinfer's
-paged kernels take.
+paged kernels take. A sequence's KV moves to another cache, in one process or
+between ranks (:mod:`seqattn.migration`).
 """
 
 from .allocator import PageAllocator
@@ -25,6 +26,13 @@ from .errors import (
     UnknownSequenceError,
 )
 from .head_ids import HeadIDGenerator
+from .migration import (
+    SequenceKV,
+    export_sequence,
+    import_sequence,
+    recv_sequence,
+    send_sequence,
+)
 from .packed_data import FlashInferPackedData
 from .prefix_cache import PrefixCache, PrefixCacheStats
 from .shared_prefix import SharedPrefix
@@ -51,10 +59,15 @@ __all__ = [
     "SeqAttnError",
     "SequenceData",
     "SequenceExistsError",
+    "SequenceKV",
     "SharedPrefix",
     "StaleBatchError",
     "TensorSpecError",
     "UnknownSequenceError",
+    "export_sequence",
+    "import_sequence",
+    "recv_sequence",
+    "send_sequence",
 ]
 
 __version__ = "0.1.0"

@@ -93,6 +93,16 @@ class PrefixTracker:
         sole = int((self.table.allocator.refcount[hits] == 1).sum()) if hits.size else 0
         return pages_for(tokens.size, ps) - hits.size + sole
 
+    def recorded(self, slot: int) -> Optional[tuple[list[int], Salt]]:
+        """The token ids of every token ``slot`` holds and its salt, or None when some
+        are unknown (the sequence was allocated without them)."""
+        track, length = self._tracks.get(slot), self.table.length(slot)
+        if track is None or len(track.tokens) < length:
+            return None
+        if track.unknown_from is not None and track.unknown_from < length:
+            return None
+        return track.tokens[:length], track.salt
+
     def record_decode(self, slots: np.ndarray, tokens: list[int]) -> None:
         """Note the token each of ``slots`` just grew by (after ``grow_by_one``)."""
         tracks = self._tracks
@@ -216,6 +226,10 @@ class NoPrefixCaching:
         """Nothing is cached: nothing to note (commit, release, truncate, fork alike)."""
 
     commit = release = check_integrity = truncate = fork = record_decode  # type: ignore[assignment]
+
+    def recorded(self, slot: int) -> None:
+        """No tokens are kept without prefix caching."""
+        return None
 
     def pin(self, slot: int) -> CachedPage:
         raise InvalidArgumentError(

@@ -105,6 +105,7 @@ def run_seqattn(
     requests = [engine.requests[i] for i in ids]
     ttft = [r.first_token_time - r.arrival for r in requests]
     syncs = count_syncs(engine, prompts, args) if args.device == "cuda" else None
+    runner.disable_cuda_graphs()  # freed now: NCCL cannot tear down under captured graphs
     return dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
                 steps=engine.stats.steps, decode_step=statistics.median(decode_steps),
                 first_steps=first_steps, ttft_max=max(ttft),

@@ -18,8 +18,10 @@ forward over them (sdpa, the same sharded weights: teacher forcing, as
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +80,8 @@ def worker(args: argparse.Namespace) -> None:
     graphs = args.device == "cuda" and not args.no_graphs
     result = run_seqattn(model, prompts, args, graphs=graphs)
     top1, gap = teacher_forced(model, prompts, result["outputs"], args.device)
+    del model
+    gc.collect()  # the runner's graphs (reference cycles) go before the process group
     if dist.get_rank() == 0:
         memory = torch.cuda.max_memory_allocated() / 2**30 if graphs else float("nan")
         figures = dict(wall=result["wall"], decode_step=result["decode_step"],
@@ -117,7 +121,18 @@ def launch_once(args: argparse.Namespace, model: Path, ranks: int, graphs: bool)
                f"--nproc-per-node={ranks}", __file__, "--worker", "--model", str(model),
                "--out", str(out), "--device", args.device, "--backend", args.backend,
                *sizes, *([] if graphs else ["--no-graphs"])]  # fmt: skip
-    subprocess.run(command, env=env, check=True, timeout=args.timeout)
+    run = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        status = run.wait(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)  # torchrun and its ranks
+        if not out.is_file():
+            raise
+        hung = "hung leaving the process group after NCCL ran in CUDA graphs (pytorch#115388)"
+        print(f"TP={ranks}: its ranks {hung}, after writing their figures; killed", flush=True)
+        status = 0
+    if status != 0:
+        raise subprocess.CalledProcessError(status, command)
     return json.loads(out.read_text())
 
 

@@ -186,6 +186,7 @@ def serve_demo(args: argparse.Namespace, ranks: Optional[DemoRanks]) -> int:
     outputs = serve(Engine(runner, max_step_tokens=256), prompts, sampling)
     if ranks is not None:
         ranks.report(runner)
+        runner.disable_cuda_graphs()  # before the process group goes: NCCL ran inside them
     if tokenizer is not None:  # each question and the model's answer, one line each
         for question, output in zip(questions, outputs, strict=True):
             answer = " ".join(tokenizer.decode(output, skip_special_tokens=True).split())

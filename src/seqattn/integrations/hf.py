@@ -384,7 +384,9 @@ class PagedCausalLM:
 
     def disable_cuda_graphs(self) -> None:
         """Decode eagerly from now on; frees the captured graphs, their buffers and
-        their scratch page."""
+        their scratch page. A tensor-parallel runner's graphs hold NCCL collectives:
+        call this before ``torch.distributed.destroy_process_group``, which otherwise
+        can wait forever for them (pytorch#115388)."""
         if self._graphs is not None:
             self._graphs.close()
             self._attention = {k: a for k, a in self._attention.items() if a.graphs is None}

@@ -44,8 +44,8 @@ def test_import_into_a_cache_on_another_gpu() -> None:
     src = filled("cuda:0", torch.bfloat16, 333)
     dst = filled("cuda:1", torch.bfloat16, 7)
     kv = export_sequence(src, 1)
-    import_sequence(dst, 1, kv)
-    back = export_sequence(dst, 1).pages
+    import_sequence(dst, 2, kv)  # dst's own sequence 1 stays
+    back = export_sequence(dst, 2).pages
     assert back.device == torch.device("cuda", 1) and torch.equal(back.cpu(), kv.pages.cpu())
 
 

@@ -14,6 +14,7 @@ The source keeps its sequence: moving one is a copy followed by
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
 from typing import Optional
@@ -52,8 +53,9 @@ DTYPES = (
 # pages travel in chunks of whole layers of about this size, so that gathering one
 # chunk overlaps sending the one before (and scattering overlaps receiving)
 CHUNK_BYTES = 256 * 2**20
-# K/V are copied as the integers of their bits: exact for every dtype, and torch's CPU
-# index_copy_ has no float8 kernel
+# K/V are copied as the integers of their bits, whole pages at a time: exact for every
+# dtype (torch's CPU index_copy_ has no float8 kernel), and wide rows copy at the
+# memory's speed where a gather along the page dimension of each layer does not
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -263,7 +265,9 @@ def export_sequence(descriptor: CacheDescriptor, seq_id: int) -> SequenceKV:
     index = _index(descriptor.page_indices(seq_id), cache.device)
     recorded = descriptor.recorded_tokens(seq_id)
     tokens, salt = (None, None) if recorded is None else recorded
-    pages = _bits(cache.kv_data).index_select(1, index).view(cache.dtype)
+    pages = torch.empty((cache.num_layers, index.numel(), *cache.kv_data.shape[2:]),
+                        dtype=cache.dtype, device=cache.device)  # fmt: skip
+    _gather(cache.kv_data, index, pages)
     return SequenceKV(
         length, cache.page_size, cache.kv_layout, pages,
         tokens, salt, cache.k_scale, cache.v_scale,
@@ -403,6 +407,34 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS[t.element_size()])
 
 
+def _page_rows(pages: torch.Tensor) -> torch.Tensor:
+    """Contiguous ``[layers, n, *page]`` as ``[layers * n, row]``: each page's bits as
+    integers as wide as its size allows."""
+    row = math.prod(pages.shape[2:])
+    raw = pages.reshape(pages.shape[0] * pages.shape[1], row).view(torch.uint8)
+    width = next(w for w in (8, 4, 2, 1) if raw.shape[1] % w == 0)
+    return raw.view(_BITS[width])
+
+
+def _rows_of(layers: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The ``[layers * n]`` rows of :func:`_page_rows` that hold pages ``index`` (``[n]``
+    int64) of every layer of ``layers`` (``[layers, num_pages, *page]``)."""
+    first = torch.arange(layers.shape[0], device=index.device) * layers.shape[1]
+    return (first[:, None] + index[None, :]).reshape(-1)
+
+
+def _gather(layers: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = layers[:, index]``: pages ``index`` of every layer, in one row gather
+    (``layers`` and ``out`` contiguous, on one device)."""
+    torch.index_select(_page_rows(layers), 0, _rows_of(layers, index), out=_page_rows(out))
+
+
+def _scatter(layers: torch.Tensor, index: torch.Tensor, pages: torch.Tensor) -> None:
+    """``layers[:, index] = pages`` (``layers`` contiguous; ``pages`` on its device)."""
+    rows = _page_rows(pages.contiguous())
+    _page_rows(layers).index_copy_(0, _rows_of(layers, index), rows)
+
+
 def _index(pages: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(pages, dtype=torch.int64).to(device)
 
@@ -418,7 +450,7 @@ def _write(
     if layout != cache.kv_layout:  # NHD <-> HND: swap each page's token and head dims
         pages = pages.transpose(-3, -2)
     last = first_layer + pages.shape[0]
-    _bits(cache.kv_data[first_layer:last]).index_copy_(1, index, _bits(pages.to(cache.device)))
+    _scatter(cache.kv_data[first_layer:last], index, pages.to(cache.device))
 
 
 # ------------------------------------------------------------------ between ranks
@@ -710,11 +742,13 @@ def _send_pages(cache: PagedKVCacheManager, index: torch.Tensor, spec: _Spec, pe
         if i >= 2:
             works[i - 2].wait()  # its buffer is free again (on NCCL: for the stream)
         out = _chunk_view(buffers[i % 2], spec, end - first, n)
-        pages = _bits(cache.kv_data[first:end])
+        layers = cache.kv_data[first:end]
         if out.device == cache.device:
-            torch.index_select(pages, 1, index, out=_bits(out))
+            _gather(layers, index, out)
         else:  # gloo with a CUDA cache: through the host
-            _bits(out).copy_(pages.index_select(1, index))
+            gathered = torch.empty_like(out, device=cache.device)
+            _gather(layers, index, gathered)
+            out.copy_(gathered)
         sent = buffers[i % 2][: out.numel() * out.element_size()]
         works.append(dist.isend(sent, peer.rank, group=peer.group))
     for work in works[-2:]:

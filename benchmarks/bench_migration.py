@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from seqattn import CacheDescriptor, PagedKVCacheManager, migration
-from seqattn.migration import export_sequence, recv_sequence, send_sequence
+from seqattn import CacheDescriptor, PagedKVCacheManager, migration_p2p
+from seqattn.migration import export_sequence
+from seqattn.migration_p2p import recv_sequence, send_sequence
 
 SENDER, RECEIVER = 0, 1
 
@@ -50,7 +51,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cuda (NCCL, 2 GPUs) or cpu (gloo); default: cuda if 2")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--chunk-mib", type=int, default=migration.CHUNK_BYTES // 2**20,
+    parser.add_argument("--chunk-mib", type=int, default=migration_p2p.CHUNK_BYTES // 2**20,
                         help="pages travel in chunks of whole layers of about this")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     args = parser.parse_args(argv)
@@ -93,7 +94,7 @@ def make_cache(args: argparse.Namespace, device: torch.device) -> CacheDescripto
 
 
 def run(rank: int, args: argparse.Namespace, device: torch.device) -> None:
-    migration.CHUNK_BYTES = args.chunk_mib * 2**20
+    migration_p2p.CHUNK_BYTES = args.chunk_mib * 2**20
     desc = make_cache(args, device)
     cache = desc.cache_manager
     peer = RECEIVER if rank == SENDER else SENDER

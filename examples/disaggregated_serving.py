@@ -2,7 +2,7 @@
 
 Rank 0 prefills a few prompts on a tiny random Llama (seeded: both ranks build the same
 weights) through :class:`PagedCausalLM`, samples each prompt's first token, ships every
-sequence's KV to rank 1 (``seqattn.migration.send_sequence``) with that token, and
+sequence's KV to rank 1 (``seqattn.migration_p2p.send_sequence``) with that token, and
 releases it. Rank 1 receives them (``recv_sequence``: its own pages, checked before any
 page travels), decodes greedily, and checks its tokens against a single-process run:
 prefill and decode in one ``PagedCausalLM``.
@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from seqattn.integrations.hf import PagedCausalLM
-from seqattn.migration import recv_sequence, send_sequence
+from seqattn.migration_p2p import recv_sequence, send_sequence
 
 PREFILL, DECODE = 0, 1
 

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from seqattn import CacheDescriptor, PagedKVCacheManager, SeqAttnError
-from seqattn.migration import export_sequence, recv_sequence, send_sequence
+from seqattn.migration import export_sequence
+from seqattn.migration_p2p import recv_sequence, send_sequence
 
 LAYERS, HEADS, HEAD_DIM, PS = 2, 2, 4, 4
 LENGTHS = {1: 0, 2: 1, 3: 3, 4: 4, 5: 5, 6: 13}  # seq id -> length (page boundaries)

@@ -25,6 +25,7 @@ from seqattn import (
     TensorSpecError,
     UnknownSequenceError,
     migration,
+    migration_p2p,
 )
 from seqattn.migration import SequenceKV, export_sequence, import_sequence
 from tests import migration_ranks
@@ -259,7 +260,7 @@ def test_a_failure_after_allocating_gives_everything_back(monkeypatch) -> None:
     def broken(*args):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(migration, "_write", broken)
+    monkeypatch.setattr(migration, "write_sequence_pages", broken)
     before = snapshot(dst)
     with pytest.raises(RuntimeError, match="device lost"):
         import_sequence(dst, 2, kv)
@@ -354,11 +355,11 @@ def test_bad_ranks_and_groups_are_refused_before_anything_travels(ranks) -> None
 def test_moving_between_ranks_needs_torch_distributed() -> None:
     desc = make()
     fill(desc, 1, 5, seed=1)
-    for call in (migration.send_sequence, migration.recv_sequence):
+    for call in (migration_p2p.send_sequence, migration_p2p.recv_sequence):
         assert_raises_unchanged(lambda c=call: snapshot(desc), InvalidArgumentError,
                                 lambda c=call: c(desc, 1, 1))  # fmt: skip
     with pytest.raises(ArgumentTypeError, match="CacheDescriptor"):
-        migration.send_sequence(None, 1, 1)
+        migration_p2p.send_sequence(None, 1, 1)
 
 
 def test_disaggregated_serving_example_runs() -> None:

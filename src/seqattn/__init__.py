@@ -3,7 +3,7 @@
 Allocate, extend, fork, truncate and release *sequences*; seqattn handles pages,
 reference counts and prefix sharing, and packs the CSR page tables flashinfer's
 paged kernels take. A sequence's KV moves to another cache, in one process or
-between ranks (:mod:`seqattn.migration`).
+between ranks (:mod:`seqattn.migration`, :mod:`seqattn.migration_p2p`).
 """
 
 from .allocator import PageAllocator
@@ -26,13 +26,8 @@ from .errors import (
     UnknownSequenceError,
 )
 from .head_ids import HeadIDGenerator
-from .migration import (
-    SequenceKV,
-    export_sequence,
-    import_sequence,
-    recv_sequence,
-    send_sequence,
-)
+from .migration import SequenceKV, export_sequence, import_sequence
+from .migration_p2p import recv_sequence, send_sequence
 from .packed_data import FlashInferPackedData
 from .prefix_cache import PrefixCache, PrefixCacheStats
 from .shared_prefix import SharedPrefix

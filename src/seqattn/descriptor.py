@@ -212,14 +212,10 @@ class CacheDescriptor:
         return self._tracker.pages_to_start(token_ids, salt)
 
     def recorded_tokens(self, seq_id: int) -> Optional[tuple[np.ndarray, Salt]]:
-        """With prefix caching: the token ids of every token ``seq_id`` holds
-        (``shape: [seq_len], dtype: int64``, a copy) and the salt it was started with;
-        None where some are unknown (tokens allocated without their ids) or prefix
-        caching is off. What a copy of the sequence needs to share cached pages."""
-        recorded = self._tracker.recorded(self.table.slot(seq_id))
-        if recorded is None:
-            return None
-        return np.array(recorded[0], dtype=np.int64), recorded[1]
+        """The token ids of every token ``seq_id`` holds (``[seq_len]`` int64, a copy)
+        and its salt: what a copy of it needs to share cached pages. None without prefix
+        caching or where some are unknown (tokens allocated without their ids)."""
+        return self._tracker.recorded(self.table.slot(seq_id))
 
     def commit(self, seq_ids: SeqIds) -> None:
         """Publish the full pages of these sequences in the prefix cache.

@@ -1,12 +1,10 @@
-"""Moving a sequence's KV to another cache: a copy in one process, send/recv between ranks.
+"""Moving a sequence's KV to another cache in one process: a copy of its pages.
 
 :func:`export_sequence` gathers the pages of one sequence, every layer, into a
 :class:`SequenceKV` (with its length, and its token ids where the prefix cache knows
 them); :func:`import_sequence` starts a sequence from one in another descriptor, on pages
-of its own. :func:`send_sequence` / :func:`recv_sequence` do the same between two ranks
-of a ``torch.distributed`` group: the receiver checks that it can take the sequence
-before any page travels, and the pages go device to device over NCCL (through host
-memory over gloo).
+of its own. :mod:`seqattn.migration_p2p` does the same between two ranks of a
+``torch.distributed`` group, with the checks and page writes defined here.
 
 The source keeps its sequence: moving one is a copy followed by
 ``descriptor.release([seq_id])`` on the source.
@@ -15,31 +13,23 @@ The source keeps its sequence: moving one is a copy followed by
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable
 from typing import Optional
 
 import attrs
 import numpy as np
 import torch
-import torch.distributed as dist
 from attrs import field, frozen
 
 from ._checks import exact_int, new_id, one_of, real_number, shown
 from .descriptor import CacheDescriptor
 from .errors import (
     ArgumentTypeError,
-    DuplicateSequenceError,
-    IndexOutOfRangeError,
     InvalidArgumentError,
     InvalidLengthError,
     NoPageError,
-    PageStateError,
-    SeqAttnError,
     SequenceExistsError,
-    StaleBatchError,
     TensorSpecError,
-    UnknownSequenceError,
 )
 from .page_table import MAX_LENGTH, pages_for
 from .prefix_cache import Salt, as_salt, token_array
@@ -50,9 +40,6 @@ DTYPES = (
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
     torch.float8_e4m3fn, torch.float8_e5m2,
 )  # fmt: skip
-# pages travel in chunks of whole layers of about this size, so that gathering one
-# chunk overlaps sending the one before (and scattering overlaps receiving)
-CHUNK_BYTES = 256 * 2**20
 # K/V are copied as the integers of their bits, whole pages at a time: exact for every
 # dtype (torch's CPU index_copy_ has no float8 kernel), and wide rows copy at the
 # memory's speed where a gather along the page dimension of each layer does not
@@ -117,7 +104,7 @@ class SequenceKV:
     salt: Salt = None
     k_scale: float = field(default=1.0, converter=_scale)
     v_scale: float = field(default=1.0, converter=_scale)
-    _spec: Optional[_Spec] = field(init=False, default=None, repr=False)
+    _spec: Optional[PageSpec] = field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         as_salt(self.salt)  # a str, bytes or None
@@ -130,7 +117,7 @@ class SequenceKV:
         object.__setattr__(self, "_spec", scaled)
 
     @property
-    def spec(self) -> _Spec:
+    def spec(self) -> PageSpec:
         """Sizes, dtype and scales: what a destination cache must match."""
         assert self._spec is not None  # set when it is made
         return self._spec
@@ -162,7 +149,7 @@ class SequenceKV:
 
 
 @frozen
-class _Spec:
+class PageSpec:
     """What a sequence's pages are: sizes, dtype, layout and scales (the wire header's
     body, and what an importing cache checks)."""
 
@@ -194,14 +181,14 @@ class _Spec:
         return 2 * self.page_size * self.num_heads * self.head_dim * self.dtype.itemsize
 
     @classmethod
-    def of_cache(cls, cache: PagedKVCacheManager, length: int) -> _Spec:
+    def of_cache(cls, cache: PagedKVCacheManager, length: int) -> PageSpec:
         return cls(
             length, cache.page_size, cache.num_layers, cache.num_heads, cache.head_dim,
             cache.dtype, cache.kv_layout, cache.k_scale, cache.v_scale,
         )  # fmt: skip
 
 
-def _checked_pages(pages: object, length: int, page_size: int, layout: str) -> _Spec:
+def _checked_pages(pages: object, length: int, page_size: int, layout: str) -> PageSpec:
     """The spec of ``pages`` for a sequence of ``length`` tokens, or raise."""
     if not isinstance(pages, torch.Tensor):
         raise ArgumentTypeError(f"pages must be a torch.Tensor, got {shown(pages)}")
@@ -222,7 +209,7 @@ def _checked_pages(pages: object, length: int, page_size: int, layout: str) -> _
             f"{page_size}, got {shape[1]} pages"
         )
     heads = shape[4] if layout == "NHD" else shape[3]
-    return _Spec(length, page_size, shape[0], heads, shape[5], pages.dtype, layout, 1.0, 1.0)
+    return PageSpec(length, page_size, shape[0], heads, shape[5], pages.dtype, layout, 1.0, 1.0)
 
 
 # ------------------------------------------------------------------ in one process
@@ -259,15 +246,15 @@ def export_sequence(descriptor: CacheDescriptor, seq_id: int) -> SequenceKV:
         >>> dst.seq_len(7), torch.equal(export_sequence(dst, 7).pages, kv.pages)
         (6, True)
     """
-    _check_descriptor(descriptor)
+    check_descriptor(descriptor)
     length = descriptor.seq_len(seq_id)
     cache = descriptor.cache_manager
-    index = _index(descriptor.page_indices(seq_id), cache.device)
+    index = page_index(descriptor.page_indices(seq_id), cache.device)
     recorded = descriptor.recorded_tokens(seq_id)
     tokens, salt = (None, None) if recorded is None else recorded
     pages = torch.empty((cache.num_layers, index.numel(), *cache.kv_data.shape[2:]),
                         dtype=cache.dtype, device=cache.device)  # fmt: skip
-    _gather(cache.kv_data, index, pages)
+    gather_pages(cache.kv_data, index, pages)
     return SequenceKV(
         length, cache.page_size, cache.kv_layout, pages,
         tokens, salt, cache.k_scale, cache.v_scale,
@@ -310,29 +297,29 @@ def import_sequence(descriptor: CacheDescriptor, seq_id: int, kv: SequenceKV) ->
         Traceback (most recent call last):
         seqattn.errors.NoPageError: importing sequence 1 needs 3 free pages, the pool has 2
     """
-    _check_descriptor(descriptor)
+    check_descriptor(descriptor)
     if not isinstance(kv, SequenceKV):
         raise ArgumentTypeError(f"kv must be a SequenceKV (export_sequence), got {shown(kv)}")
     spec = kv.spec
-    _check_import(descriptor, seq_id, spec, kv.token_ids, kv.salt)
-    shared = _allocate(descriptor, seq_id, spec, kv.token_ids, kv.salt)
+    check_import(descriptor, seq_id, spec, kv.token_ids, kv.salt)
+    shared = start_import(descriptor, seq_id, spec, kv.token_ids, kv.salt)
     cache = descriptor.cache_manager
 
     def write(index: torch.Tensor) -> None:
-        _write(cache, 0, index, kv.pages[:, shared:], kv.kv_layout)
+        write_sequence_pages(cache, 0, index, kv.pages[:, shared:], kv.kv_layout)
 
-    _finish(descriptor, seq_id, shared, write)
+    finish_import(descriptor, seq_id, shared, write)
 
 
-def _check_descriptor(descriptor: object) -> None:
+def check_descriptor(descriptor: object) -> None:
     if not isinstance(descriptor, CacheDescriptor):
         raise ArgumentTypeError(f"descriptor must be a CacheDescriptor, got {shown(descriptor)}")
 
 
-def _check_import(
+def check_import(
     descriptor: CacheDescriptor,
     seq_id: object,
-    spec: _Spec,
+    spec: PageSpec,
     tokens: Optional[np.ndarray],
     salt: Salt,
 ) -> None:
@@ -341,7 +328,7 @@ def _check_import(
     if seq_id in descriptor:
         raise SequenceExistsError(f"cannot import sequence {seq_id}: it is live already")
     cache = descriptor.cache_manager
-    ours = _Spec.of_cache(cache, spec.length)
+    ours = PageSpec.of_cache(cache, spec.length)
     for name in ("page_size", "num_layers", "num_heads", "head_dim", "dtype"):
         expected, got = getattr(ours, name), getattr(spec, name)
         if expected != got:
@@ -364,10 +351,10 @@ def _check_import(
         )
 
 
-def _allocate(
+def start_import(
     descriptor: CacheDescriptor,
     seq_id: int,
-    spec: _Spec,
+    spec: PageSpec,
     tokens: Optional[np.ndarray],
     salt: Salt,
 ) -> int:
@@ -385,7 +372,7 @@ def _allocate(
     return cached // spec.page_size
 
 
-def _finish(
+def finish_import(
     descriptor: CacheDescriptor,
     seq_id: int,
     shared: int,
@@ -394,7 +381,8 @@ def _finish(
     """Write the KV of ``seq_id``'s own pages (past the ``shared`` cached ones), then
     publish its full pages as a prefill does; on any error the sequence is released."""
     try:
-        index = _index(descriptor.page_indices(seq_id)[shared:], descriptor.cache_manager.device)
+        pages = descriptor.page_indices(seq_id)[shared:]
+        index = page_index(pages, descriptor.cache_manager.device)
         write(index)
         descriptor.commit([seq_id])  # a no-op without prefix caching or token ids
     except BaseException:
@@ -423,7 +411,7 @@ def _rows_of(layers: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return (first[:, None] + index[None, :]).reshape(-1)
 
 
-def _gather(layers: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+def gather_pages(layers: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
     """``out[:] = layers[:, index]``: pages ``index`` of every layer, in one row gather
     (``layers`` and ``out`` contiguous, on one device)."""
     torch.index_select(_page_rows(layers), 0, _rows_of(layers, index), out=_page_rows(out))
@@ -435,11 +423,11 @@ def _scatter(layers: torch.Tensor, index: torch.Tensor, pages: torch.Tensor) -> 
     _page_rows(layers).index_copy_(0, _rows_of(layers, index), rows)
 
 
-def _index(pages: list[int], device: torch.device) -> torch.Tensor:
+def page_index(pages: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(pages, dtype=torch.int64).to(device)
 
 
-def _write(
+def write_sequence_pages(
     cache: PagedKVCacheManager, first_layer: int, index: torch.Tensor, pages: torch.Tensor,
     layout: str,
 ) -> None:  # fmt: skip
@@ -451,329 +439,3 @@ def _write(
         pages = pages.transpose(-3, -2)
     last = first_layer + pages.shape[0]
     _scatter(cache.kv_data[first_layer:last], index, pages.to(cache.device))
-
-
-# ------------------------------------------------------------------ between ranks
-# The header of a transfer, int64 slots (scales as the bits of a float64)
-_MAGIC = 0x5345514B56010000  # "SEQKV", protocol version 1
-_HEADER = 16
-_ERRORS: tuple[type[SeqAttnError], ...] = (
-    SeqAttnError, ArgumentTypeError, InvalidArgumentError, InvalidLengthError,
-    TensorSpecError, SequenceExistsError, UnknownSequenceError, NoPageError,
-    IndexOutOfRangeError, DuplicateSequenceError, PageStateError, StaleBatchError,
-)  # fmt: skip
-
-
-class _Peer:
-    """The other rank of a transfer: blocking sends and receives of tensors on the
-    device the group moves them on."""
-
-    def __init__(self, rank: int, group: Optional[dist.ProcessGroup], device: torch.device):
-        self.rank, self.group, self.device = rank, group, device
-
-    def send(self, tensor: torch.Tensor) -> None:
-        dist.send(tensor.to(self.device), self.rank, group=self.group)
-
-    def recv(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.empty(numel, dtype=dtype, device=self.device)
-        dist.recv(tensor, self.rank, group=self.group)
-        return tensor
-
-    def send_ints(self, values: list[int]) -> None:
-        self.send(torch.tensor(values, dtype=torch.int64))
-
-    def recv_ints(self, n: int) -> list[int]:
-        return self.recv(n, torch.int64).tolist()  # type: ignore[no-any-return]
-
-    def send_bytes(self, data: bytes) -> None:
-        if data:
-            self.send(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-
-    def recv_bytes(self, n: int) -> bytes:
-        return bytes(self.recv(n, torch.uint8).cpu().numpy()) if n else b""
-
-
-def _peer(rank: object, what: str, group: object, cache: PagedKVCacheManager) -> _Peer:
-    """The peer ``rank`` of ``group``, checked (a rank of the group, not this one), and
-    where tensors travel: the cache's CUDA device over NCCL, else the host."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise InvalidArgumentError(
-            "moving a sequence between ranks needs torch.distributed initialized "
-            "(dist.init_process_group); it is not"
-        )
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise ArgumentTypeError(f"group must be None or a ProcessGroup, got {shown(group)}")
-    peer = exact_int(rank, what, low=0, high=2**31 - 1, error=IndexOutOfRangeError)
-    ranks = dist.get_process_group_ranks(group) if group is not None else None
-    world = dist.get_world_size()
-    if (ranks is None and peer >= world) or (ranks is not None and peer not in ranks):
-        shown_ranks = f"[0, {world})" if ranks is None else str(ranks[:8])
-        raise IndexOutOfRangeError(f"{what} must be a rank in {shown_ranks}, got {peer}")
-    if peer == dist.get_rank():
-        raise InvalidArgumentError(f"{what} must be another rank than this one, got {peer}")
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and cache.device.type == "cuda":
-        return _Peer(peer, group, cache.device)  # NCCL: device to device, no host copy
-    if backend == "nccl":
-        raise InvalidArgumentError(
-            f"an NCCL group moves CUDA tensors, but this cache is on {cache.device}: "
-            "use a gloo group"
-        )
-    return _Peer(peer, group, torch.device("cpu"))
-
-
-def _float_bits(x: float) -> int:
-    return int(struct.unpack("<q", struct.pack("<d", x))[0])
-
-
-def _bits_float(bits: int) -> float:
-    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
-
-
-def _salt_bytes(salt: Salt) -> tuple[int, bytes]:
-    if salt is None:
-        return 0, b""
-    return (1, salt.encode()) if isinstance(salt, str) else (2, bytes(salt))
-
-
-def _refusal(peer: _Peer, error: BaseException, header: bool) -> None:
-    """Tell ``peer`` the transfer is off, and why: a header (sender) or reply (receiver)
-    carrying the error's code and message, then the message."""
-    kind = type(error)
-    code = next((i for i, cls in enumerate(_ERRORS) if kind is cls), None)
-    if code is None:
-        code = next((i for i, cls in enumerate(_ERRORS) if isinstance(error, cls)), 0)
-    text = str(error) if isinstance(error, SeqAttnError) else f"{kind.__name__}: {error}"
-    data = text.encode()[:4000]
-    if header:
-        peer.send_ints([_MAGIC, code + 1, len(data), *[0] * (_HEADER - 3)])
-    else:
-        peer.send_ints([code + 1, 0, len(data)])
-    peer.send_bytes(data)
-
-
-def _raise_refusal(peer: _Peer, code: int, size: int, who: str, seq_id: object) -> None:
-    message = peer.recv_bytes(size).decode(errors="replace")
-    cls = _ERRORS[code - 1] if 0 < code <= len(_ERRORS) else SeqAttnError
-    raise cls(f"rank {peer.rank} ({who}) refused to move sequence {seq_id}: {message}")
-
-
-def send_sequence(
-    descriptor: CacheDescriptor,
-    seq_id: int,
-    dst: int,
-    group: Optional[dist.ProcessGroup] = None,
-) -> None:
-    """Send sequence ``seq_id``'s KV and what rebuilding it takes to rank ``dst``, whose
-    :func:`recv_sequence` starts it there. The sequence stays here: to move it, call
-    ``descriptor.release([seq_id])`` after this returns.
-
-    The wire protocol (every message a tensor on the cache's CUDA device over NCCL, on
-    the host over gloo; ``->`` is this rank to ``dst``):
-
-    1. ``->`` header: 16 int64 (magic and version, status, message bytes, length,
-       page_size, layers, KV heads, head_dim, dtype code, layout code, k_scale and
-       v_scale as float64 bits, has token ids, salt kind, salt bytes, 0); then the
-       token ids (``[length]`` int64) if any and the salt (uint8) if any. A sender
-       that cannot send (an unknown ``seq_id``) says so here (status = its error's
-       code, then the message as uint8) and both sides raise.
-    2. ``<-`` reply: 3 int64 (status, pages its prefix cache holds already, message
-       bytes), then the message: the receiver checks everything and allocates its pages
-       before it replies, so a refusal (too few pages, a live id, another shape) leaves
-       both sides as they were, and both raise the receiver's error.
-    3. ``->`` the pages past those the receiver holds, as raw bytes (uint8, so float8
-       travels where NCCL lacks the dtype), in chunks of whole layers: ``[layers,
-       pages, *page]`` in this cache's layout, gathered on the device in a ring of two
-       buffers, so that gathering one chunk overlaps sending the last.
-
-    Args:
-        descriptor: holds the sequence.
-        seq_id: a live sequence.
-        dst: the receiving rank (a global rank, as ``dist.send`` takes).
-        group: the process group (None: the default group).
-
-    Raises:
-        ArgumentTypeError, IndexOutOfRangeError, InvalidArgumentError: a bad descriptor,
-            ``dst`` or ``group``, or torch.distributed not initialized (raised here
-            only: the receiver is not told).
-        UnknownSequenceError: ``seq_id`` is not live (the receiver raises it too).
-        SeqAttnError: the receiver refused; the error is of the receiver's kind
-            (e.g. NoPageError) and names its reason.
-    """
-    _check_descriptor(descriptor)
-    cache = descriptor.cache_manager
-    peer = _peer(dst, "dst", group, cache)
-    try:
-        head, spec, tokens, salt_data = _header(descriptor, seq_id)
-    except Exception as error:
-        _refusal(peer, error, header=True)  # the receiver waits for a header: end that
-        raise
-    peer.send_ints(head)
-    if tokens is not None and tokens.size:
-        peer.send(torch.from_numpy(tokens))
-    peer.send_bytes(salt_data)
-    status, shared, size = peer.recv_ints(3)
-    if status:
-        _raise_refusal(peer, status, size, "the receiver", seq_id)
-    pages = descriptor.page_indices(seq_id)[shared:]
-    _send_pages(cache, _index(pages, cache.device), spec, peer)
-
-
-def _header(
-    descriptor: CacheDescriptor, seq_id: object
-) -> tuple[list[int], _Spec, Optional[np.ndarray], bytes]:
-    """The header of sequence ``seq_id``, its spec, token ids and salt bytes."""
-    length = descriptor.seq_len(seq_id)  # type: ignore[arg-type]
-    cache = descriptor.cache_manager
-    if cache.dtype not in DTYPES:
-        raise TensorSpecError(f"a cache of {cache.dtype} cannot move: its dtype has no code")
-    recorded = descriptor.recorded_tokens(seq_id)  # type: ignore[arg-type]
-    tokens, salt = (None, None) if recorded is None else recorded
-    spec = _Spec.of_cache(cache, length)
-    kind, salt_data = _salt_bytes(salt)
-    head = [
-        _MAGIC, 0, 0, length, spec.page_size, spec.num_layers, spec.num_heads,
-        spec.head_dim, DTYPES.index(spec.dtype), KV_LAYOUTS.index(spec.kv_layout),
-        _float_bits(spec.k_scale), _float_bits(spec.v_scale), int(tokens is not None),
-        kind, len(salt_data), 0,
-    ]  # fmt: skip
-    return head, spec, tokens, salt_data
-
-
-def recv_sequence(
-    descriptor: CacheDescriptor,
-    seq_id: int,
-    src: int,
-    group: Optional[dist.ProcessGroup] = None,
-) -> None:
-    """Start sequence ``seq_id`` here with the KV rank ``src`` sends
-    (:func:`send_sequence`, whose docstring gives the protocol), as
-    :func:`import_sequence` would: checked before any page travels, on pages of this
-    descriptor's own, sharing its prefix cache's pages where the sender knows the
-    sequence's token ids.
-
-    Args:
-        descriptor: the destination.
-        seq_id: a new sequence id here (it may differ from the sender's).
-        src: the sending rank (a global rank).
-        group: the process group (None: the default group).
-
-    Raises:
-        ArgumentTypeError, IndexOutOfRangeError, InvalidArgumentError: a bad descriptor,
-            ``src`` or ``group``, or torch.distributed not initialized (raised here
-            only: the sender is not told).
-        As :func:`import_sequence`, after refusing the sender (which raises the same
-        error): nothing has changed on either side.
-        SeqAttnError: the sender could not send (of the sender's kind, e.g.
-            UnknownSequenceError).
-    """
-    _check_descriptor(descriptor)
-    cache = descriptor.cache_manager
-    peer = _peer(src, "src", group, cache)
-    head, tokens, salt = _recv_header(peer, seq_id)
-    try:
-        spec = _spec_of(head)
-        _check_import(descriptor, seq_id, spec, tokens, salt)
-        shared = _allocate(descriptor, seq_id, spec, tokens, salt)
-    except Exception as error:
-        _refusal(peer, error, header=False)
-        raise
-    peer.send_ints([0, shared, 0])
-
-    def write(index: torch.Tensor) -> None:
-        _recv_pages(cache, index, spec, peer)
-
-    _finish(descriptor, seq_id, shared, write)
-
-
-def _recv_header(peer: _Peer, seq_id: object) -> tuple[list[int], Optional[np.ndarray], Salt]:
-    """The sender's header, token ids and salt; raises the sender's refusal."""
-    head = peer.recv_ints(_HEADER)
-    if head[0] != _MAGIC:
-        raise InvalidArgumentError(
-            f"rank {peer.rank} sent no sequence header (magic {head[0]:#x}, expected "
-            f"{_MAGIC:#x}): are both sides seqattn send_sequence/recv_sequence?"
-        )
-    if head[1]:
-        _raise_refusal(peer, head[1], head[2], "the sender", seq_id)
-    length, (has_tokens, salt_kind, salt_size) = head[3], head[12:15]
-    tokens = None
-    if has_tokens:
-        tokens = peer.recv(length, torch.int64).cpu().numpy() if length else np.zeros(0, np.int64)
-    salt_data = peer.recv_bytes(salt_size)
-    salt: Salt = None if salt_kind == 0 else salt_data.decode() if salt_kind == 1 else salt_data
-    return head, tokens, salt
-
-
-def _spec_of(head: list[int]) -> _Spec:
-    """The spec a header describes."""
-    length, ps, layers, heads, head_dim, dtype, layout, k_bits, v_bits = head[3:12]
-    if not (0 <= dtype < len(DTYPES) and 0 <= layout < len(KV_LAYOUTS)):
-        raise TensorSpecError(f"the sender's dtype code {dtype} or layout code {layout} is unknown")
-    return _Spec(
-        length, ps, layers, heads, head_dim, DTYPES[dtype], KV_LAYOUTS[layout],
-        _bits_float(k_bits), _bits_float(v_bits),
-    )  # fmt: skip
-
-
-def _chunks(spec: _Spec, num_pages: int) -> list[tuple[int, int]]:
-    """Layer ranges ``(first, end)`` the pages travel in (both sides compute the same)."""
-    per_layer = max(num_pages * spec.page_bytes, 1)
-    step = max(1, CHUNK_BYTES // per_layer)
-    return [(i, min(i + step, spec.num_layers)) for i in range(0, spec.num_layers, step)]
-
-
-def _chunk_view(buffer: torch.Tensor, spec: _Spec, layers: int, num_pages: int) -> torch.Tensor:
-    """``[layers, num_pages, *page]`` of ``spec.dtype`` at the start of a uint8 buffer."""
-    size = layers * num_pages * spec.page_bytes
-    return buffer[:size].view(spec.dtype).view(layers, num_pages, *spec.page_shape)
-
-
-def _send_pages(cache: PagedKVCacheManager, index: torch.Tensor, spec: _Spec, peer: _Peer) -> None:
-    """Send pages ``index`` of every layer, chunk by chunk through two buffers."""
-    n = index.numel()
-    if n == 0:
-        return
-    chunks = _chunks(spec, n)
-    size = (chunks[0][1] - chunks[0][0]) * n * spec.page_bytes
-    buffers = [torch.empty(size, dtype=torch.uint8, device=peer.device) for _ in chunks[:2]]
-    works = []
-    for i, (first, end) in enumerate(chunks):
-        if i >= 2:
-            works[i - 2].wait()  # its buffer is free again (on NCCL: for the stream)
-        out = _chunk_view(buffers[i % 2], spec, end - first, n)
-        layers = cache.kv_data[first:end]
-        if out.device == cache.device:
-            _gather(layers, index, out)
-        else:  # gloo with a CUDA cache: through the host
-            gathered = torch.empty_like(out, device=cache.device)
-            _gather(layers, index, gathered)
-            out.copy_(gathered)
-        sent = buffers[i % 2][: out.numel() * out.element_size()]
-        works.append(dist.isend(sent, peer.rank, group=peer.group))
-    for work in works[-2:]:
-        work.wait()
-
-
-def _recv_pages(cache: PagedKVCacheManager, index: torch.Tensor, spec: _Spec, peer: _Peer) -> None:
-    """Receive pages into ``index`` of every layer, chunk by chunk through two buffers:
-    each chunk is scattered while the next one arrives."""
-    n = index.numel()
-    if n == 0:
-        return
-    chunks = _chunks(spec, n)
-    size = (chunks[0][1] - chunks[0][0]) * n * spec.page_bytes
-    buffers = [torch.empty(size, dtype=torch.uint8, device=peer.device) for _ in chunks[:2]]
-
-    def post(i: int) -> dist.Work:
-        first, end = chunks[i]
-        part = buffers[i % 2][: (end - first) * n * spec.page_bytes]
-        return dist.irecv(part, peer.rank, group=peer.group)
-
-    works = [post(i) for i in range(len(buffers))]
-    for i, (first, end) in enumerate(chunks):
-        works[i].wait()
-        _write(cache, first, index, _chunk_view(buffers[i % 2], spec, end - first, n),
-               spec.kv_layout)  # fmt: skip
-        if i + 2 < len(chunks):  # on NCCL it waits, on its stream, for the write above
-            works.append(post(i + 2))

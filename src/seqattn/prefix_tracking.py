@@ -93,15 +93,15 @@ class PrefixTracker:
         sole = int((self.table.allocator.refcount[hits] == 1).sum()) if hits.size else 0
         return pages_for(tokens.size, ps) - hits.size + sole
 
-    def recorded(self, slot: int) -> Optional[tuple[list[int], Salt]]:
-        """The token ids of every token ``slot`` holds and its salt, or None when some
-        are unknown (the sequence was allocated without them)."""
+    def recorded(self, slot: int) -> Optional[tuple[np.ndarray, Salt]]:
+        """The token ids of every token ``slot`` holds (int64, a copy) and its salt, or
+        None when some are unknown (the sequence was allocated without them)."""
         track, length = self._tracks.get(slot), self.table.length(slot)
         if track is None or len(track.tokens) < length:
             return None
         if track.unknown_from is not None and track.unknown_from < length:
             return None
-        return track.tokens[:length], track.salt
+        return np.array(track.tokens[:length], dtype=np.int64), track.salt
 
     def record_decode(self, slots: np.ndarray, tokens: list[int]) -> None:
         """Note the token each of ``slots`` just grew by (after ``grow_by_one``)."""

@@ -262,7 +262,7 @@ class PagedCausalLM:
         seq_ids = self._batch_ids(seq_ids)
         n = len(seq_ids)
         if isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu":
-            self._check_device_tokens(tokens, n)
+            check_device_tokens(tokens, n, self.device)
         else:
             tokens = self._token_row(tokens, "tokens")
             if tokens.size != n:
@@ -332,17 +332,6 @@ class PagedCausalLM:
             raise InvalidLengthError(f"every token row needs a token; rows {empty[:8]} are empty")
         return rows
 
-    def _check_device_tokens(self, tokens: torch.Tensor, n: int) -> None:
-        """dtype, shape and device of tokens on the device (values stay unread)."""
-        device, where = self.device, tokens.device
-        index_ok = None in (where.index, device.index) or where.index == device.index
-        same = where.type == device.type and index_ok
-        if tokens.dtype != torch.int64 or tuple(tokens.shape) != (n,) or not same:
-            raise TensorSpecError(
-                f"tokens on the device must be torch.int64 of shape [{n}] on {device}, got "
-                f"{tokens.dtype} of shape {list(tokens.shape)} on {tokens.device}"
-            )
-
     def _check_allocated(self, seq_ids: list[int], new: np.ndarray) -> None:
         """Each sequence already holds its new tokens (allocated before the forward)."""
         lens = self.descriptor.seq_lens(seq_ids)
@@ -396,6 +385,18 @@ class PagedCausalLM:
         """The largest decode batch a graph takes (0: graphs off)."""
         graphs = None if self._graphs is None else self._graphs.attention.graphs
         return 0 if graphs is None else graphs.batch_sizes[-1]
+
+
+def check_device_tokens(tokens: torch.Tensor, n: int, device: torch.device) -> None:
+    """dtype, shape and device of tokens on the device (values stay unread)."""
+    where = tokens.device
+    index_ok = None in (where.index, device.index) or where.index == device.index
+    same = where.type == device.type and index_ok
+    if tokens.dtype != torch.int64 or tuple(tokens.shape) != (n,) or not same:
+        raise TensorSpecError(
+            f"tokens on the device must be torch.int64 of shape [{n}] on {device}, got "
+            f"{tokens.dtype} of shape {list(tokens.shape)} on {tokens.device}"
+        )
 
 
 def rank_settings(model: Any, **settings: Any) -> dict[str, str]:

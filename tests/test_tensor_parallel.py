@@ -121,3 +121,21 @@ def test_ranks_that_differ_or_cannot_split_the_heads_are_refused(ranks) -> None:
     device on a gloo group."""
     _, reports = ranks
     check_refusals(reports, "nccl")
+
+
+def test_sharding_without_accelerate_says_what_to_install(monkeypatch, tmp_path) -> None:
+    import importlib.util
+
+    from seqattn import MissingDependencyError
+    from seqattn.integrations import hf_parallel
+
+    monkeypatch.setattr(hf_parallel.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(hf_parallel.dist, "get_world_size", lambda: 2)
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        return None if name == "accelerate" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(MissingDependencyError, match="pip install accelerate"):
+        hf_parallel.load_tensor_parallel(tmp_path, dtype=torch.float32)

@@ -65,6 +65,10 @@ class FlashInferUnavailableError(SeqAttnError, ImportError):
     """flashinfer is not installed, or fails to import."""
 
 
+class MissingDependencyError(SeqAttnError, ImportError):
+    """An optional package a call needs is not installed (the message names it)."""
+
+
 class RankMismatchError(SeqAttnError, RuntimeError):
     """The ranks of one tensor-parallel group disagree: built with different settings,
     or their page tables differ at a step (they no longer run the same bookkeeping)."""

@@ -31,13 +31,14 @@ Example (a group of one rank: the model loads whole)::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, MissingDependencyError
 from ..parallel import RankGroup
 
 
@@ -90,10 +91,17 @@ def load_tensor_parallel(path: Any, *, dtype: torch.dtype, **kwargs: Any) -> Any
 
     Raises:
         InvalidArgumentError: the world size does not split the heads evenly.
+        MissingDependencyError: sharded, and ``accelerate`` is not installed
+            (transformers' tensor-parallel loading needs it).
     """
     import transformers
 
     size = dist.get_world_size() if dist.is_initialized() else 1
+    if size > 1 and importlib.util.find_spec("accelerate") is None:
+        raise MissingDependencyError(
+            "transformers loads a model sharded by its tp_plan only with accelerate: "
+            "pip install accelerate (or seqattn[hf])"
+        )
     config = transformers.AutoConfig.from_pretrained(path, **kwargs)
     check_heads(config, size)
     if size == 1:  # transformers' own device choice for a sharded model, by hand

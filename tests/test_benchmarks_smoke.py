@@ -71,3 +71,19 @@ def test_migration_benchmark_runs_on_the_cpu() -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     assert "received KV identical to the sent (bit for bit)" in run.stdout
     assert "| 100 tokens, 2 layers x 8 KV heads x 128, float32, page 16:" in run.stdout
+
+
+def test_prefix_admission_benchmark_runs_on_the_cpu() -> None:
+    """Both sides (this tree and the revision before the fast hit path) admit the same
+    requests and hit the cache alike."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_prefix_admission.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )  # fmt: skip
+    if run.returncode != 0 and "not a git repository" in run.stderr + run.stdout:
+        pytest.skip("needs the git history (the earlier revision)")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| hit 4096 + 64: start + allocate + commit (prompt a list) |" in run.stdout
+    rates = run.stdout.split("hit rate: before ")[1].split(", after ")
+    assert rates[0] == rates[1].strip()  # the same cache decisions on both sides

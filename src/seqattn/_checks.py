@@ -164,14 +164,15 @@ def _as_numpy(values: object, what: str, error: type[SeqAttnError]) -> np.ndarra
         values = values.detach().cpu().numpy()  # type: ignore[attr-defined]
     if isinstance(values, np.ndarray):
         return _from_numpy(values, what, error)
-    items = list(values)  # type: ignore[call-overload]  # a generator is consumed once
+    # a generator is consumed once; a list is read as it is
+    items = values if type(values) is list else list(values)  # type: ignore[call-overload]
     types = set(map(type, items))
     if not types <= {int}:
         wrong = [v for v in items if not is_int(v)]
         if wrong:
             raise ArgumentTypeError(f"{what} must be integers, got {shown(wrong[0])}")
-    try:
-        return np.array(items, dtype=np.int64).reshape(len(items))
+    try:  # fromiter: the items are known to be ints, and it reads them faster
+        return np.fromiter(items, dtype=np.int64, count=len(items))
     except OverflowError:
         bad = [int(v) for v in items if not INT64_MIN <= int(v) <= INT64_MAX][:8]
         raise error(f"{what} must fit in int64 (|value| < 2**63), got {bad}") from None

@@ -171,12 +171,16 @@ class PageAllocator:
         self._refcount[pages] = 1
         return pages
 
-    def share(self, ids: np.ndarray) -> None:
-        """One more holder of each listed page (held already; ids checked by the caller)."""
+    def share(self, ids: np.ndarray, *, distinct: bool = False) -> None:
+        """One more holder of each listed page (held already; ids checked by the caller;
+        ``distinct``: no id is listed twice, the caller knows)."""
         if ids.size == 0:
             return
         before = self._refcount[ids]
-        np.add.at(self._refcount, ids, 1)
+        if distinct:
+            self._refcount[ids] = before + 1
+        else:
+            np.add.at(self._refcount, ids, 1)
         if self.reclaimer is not None:
             rising = ids[(before == 1) & self.reclaimer.watched[ids]]
             if rising.size:

@@ -23,7 +23,7 @@ from .prefix_cache import (
     PrefixCache,
     PrefixCacheStats,
     Salt,
-    blake2b_128,
+    default_hash,
 )
 from .prefix_tracking import NoPrefixCaching, PrefixTracker, token_list
 from .storage import PagedKVCacheManager
@@ -58,7 +58,7 @@ class CacheDescriptor:
         check_invariants: run :meth:`check_integrity` after every mutating call
             (slow; for tests and debugging).
         prefix_caching: keep a :class:`PrefixCache` over the pool (one per pool).
-        prefix_hash_fn: the prefix cache's key function (default 128-bit BLAKE2b).
+        prefix_hash_fn: the prefix cache's key function (default 128-bit xxh3).
 
     Example:
         >>> import torch
@@ -84,7 +84,7 @@ class CacheDescriptor:
         *,
         check_invariants: bool = False,
         prefix_caching: bool = False,
-        prefix_hash_fn: HashFn = blake2b_128,
+        prefix_hash_fn: HashFn = default_hash,
     ):
         if not isinstance(cache_manager, PagedKVCacheManager):
             raise ArgumentTypeError(

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import InvalidArgumentError, InvalidLengthError, SeqAttnError, SequenceExistsError
 from .page_table import SequencePageTable, pages_for
-from .prefix_cache import CachedPage, PrefixCache, Salt, as_salt, token_array
+from .prefix_cache import CachedPage, PrefixCache, Salt, as_salt, page_bytes, token_array
 
 _NEVER = np.iinfo(np.int64).max
 
@@ -63,16 +63,17 @@ class PrefixTracker:
         At most ``len(token_ids) - 1`` tokens come from the cache, so the caller always
         computes the last one (and gets its logits).
         """
-        tokens = token_list(token_ids)
+        given, token_ids = token_ids, token_array(token_ids)  # checked once
         as_salt(salt)  # checks its type before anything changes
         table, ps = self.table, self.table.page_size
         if seq_id in table:
             raise SequenceExistsError(f"cannot start sequence id {seq_id}: it is live")
         table.check_new(seq_id)
-        limit = max(len(tokens) - 1, 0) // ps  # the last prompt token is always computed
-        chain = self.cache.match(np.array(tokens, dtype=np.int64), salt, limit)
+        limit = max(token_ids.size - 1, 0) // ps  # the last prompt token is always computed
+        chain = self.cache.match(token_ids, salt, limit)
+        tokens = list(given) if type(given) is list else token_ids.tolist()  # checked ints
         pages = np.array([entry.page for entry in chain], dtype=np.int32)
-        table.allocator.share(pages)
+        table.allocator.share(pages, distinct=True)  # a chain holds each page once
         slot = table.adopt(seq_id, pages, pages.size * ps)
         track = _Track(tokens, salt)
         track.committed = len(chain)
@@ -85,7 +86,7 @@ class PrefixTracker:
         now: its pages less the cached ones it would share, where a cached page that no
         one else holds counts too (sharing it takes it off the evictable list).
         Changes nothing, not even the lookup counters."""
-        tokens = np.array(token_list(token_ids), dtype=np.int64)
+        tokens = token_array(token_ids)
         ps = self.table.page_size
         limit = max(tokens.size - 1, 0) // ps
         chain = self.cache.match(tokens, salt, limit, record=False)
@@ -176,10 +177,13 @@ class PrefixTracker:
         known = len(track.tokens)
         full = min(length, known) // ps
         if track.committed < full:
-            pages = table.page_ids(slot)
+            pages = table.page_ids(slot).tolist()
+            start = track.committed * ps
+            data = page_bytes(np.array(track.tokens[start : full * ps], dtype=np.int64))
+            width, salt = 8 * ps, as_salt(track.salt)
             for i in range(track.committed, full):
-                tokens = np.array(track.tokens[i * ps : (i + 1) * ps], dtype=np.int64)
-                entry = self.cache.insert(track.tip, tokens, int(pages[i]), track.salt)
+                page_data = data[(i * ps - start) * 8 : (i * ps - start) * 8 + width]
+                entry = self.cache.insert_checked(track.tip, page_data, pages[i], salt)
                 if entry is None:  # a hash collision: this prefix stays uncached
                     track.collided = True
                     break

@@ -5,6 +5,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Optional
 
+import numpy as np
+
 from .sampling import SamplingParams
 
 
@@ -34,6 +36,9 @@ class Request:
     ) -> None:
         self.id = request_id
         self.prompt = prompt
+        # the prompt as the cache is asked with it: an int64 array is checked in O(1)
+        # Python work, a list of ints one object at a time
+        self.prompt_ids = np.array(prompt, dtype=np.int64)
         self.params = params
         # tokens that end the request when produced: its stop ids and, unless it ignores
         # them, the model's end-of-sequence ids
@@ -53,6 +58,12 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def token_ids(self) -> np.ndarray:
+        """``tokens`` as ``[len(tokens)]`` int64."""
+        if not self.output:
+            return self.prompt_ids
+        return np.concatenate([self.prompt_ids, np.array(self.output, dtype=np.int64)])
 
     def next_inputs(self, n: int) -> list[int]:
         """The ``n`` tokens after those the cache holds (without copying the rest)."""

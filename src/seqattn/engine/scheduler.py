@@ -103,7 +103,7 @@ class Scheduler:
                     continue
                 if self.running and not self._fits(request):
                     break
-                computed = self.descriptor.start_sequence(request.id, request.tokens)
+                computed = self.descriptor.start_sequence(request.id, request.token_ids())
                 self.waiting.popleft()  # only once it is started: an error leaves it queued
                 request.computed, request.status = computed, Status.RUNNING
                 self.running.append(request)
@@ -114,7 +114,7 @@ class Scheduler:
         """Whether starting ``request`` leaves the running requests the pages of their
         pending tokens."""
         reserved = self._pages([(r, r.pending) for r in self.running])
-        start = self.descriptor.pages_to_start(request.tokens)
+        start = self.descriptor.pages_to_start(request.token_ids())
         return reserved + start <= self.pool.available_pages_count
 
     def _prefix_in_flight(self, request: Request) -> bool:

@@ -168,7 +168,7 @@ def serve_demo(args: argparse.Namespace, ranks: Optional[DemoRanks]) -> int:
     backend = attention_backend(args.device)
     pages = len(prompts) * pages_for(max(len(p) for p in prompts) + n, PAGE_SIZE) + 8
     runner = PagedCausalLM(model, num_pages=pages, page_size=PAGE_SIZE, backend=backend)
-    params = sum(p.numel() for p in (whole or model).parameters()) / 1e6
+    params = sum(p.numel() for p in (model if whole is None else whole).parameters()) / 1e6
     where = "" if ranks is None else f"tensor-parallel over {ranks.size} ranks ({ranks.backend}), "
     print(f"seqattn demo: {where}{config.model_type} ({params:.1f}M parameters, "
           f"{config.num_hidden_layers} layers, {config.num_attention_heads}/"

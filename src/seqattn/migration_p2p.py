@@ -327,6 +327,16 @@ def _chunk_view(buffer: torch.Tensor, spec: PageSpec, layers: int, num_pages: in
     return buffer[:size].view(spec.dtype).view(layers, num_pages, *spec.page_shape)
 
 
+def _ring(
+    spec: PageSpec, num_pages: int, device: torch.device
+) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+    """The chunks ``num_pages`` pages of every layer travel in, and the (at most two)
+    uint8 buffers a side cycles them through."""
+    chunks = _chunks(spec, num_pages)
+    size = (chunks[0][1] - chunks[0][0]) * num_pages * spec.page_bytes
+    return chunks, [torch.empty(size, dtype=torch.uint8, device=device) for _ in chunks[:2]]
+
+
 def _send_pages(
     cache: PagedKVCacheManager, index: torch.Tensor, spec: PageSpec, peer: _Peer
 ) -> None:
@@ -334,9 +344,7 @@ def _send_pages(
     n = index.numel()
     if n == 0:
         return
-    chunks = _chunks(spec, n)
-    size = (chunks[0][1] - chunks[0][0]) * n * spec.page_bytes
-    buffers = [torch.empty(size, dtype=torch.uint8, device=peer.device) for _ in chunks[:2]]
+    chunks, buffers = _ring(spec, n, peer.device)
     works = []
     for i, (first, end) in enumerate(chunks):
         if i >= 2:
@@ -363,9 +371,7 @@ def _recv_pages(
     n = index.numel()
     if n == 0:
         return
-    chunks = _chunks(spec, n)
-    size = (chunks[0][1] - chunks[0][0]) * n * spec.page_bytes
-    buffers = [torch.empty(size, dtype=torch.uint8, device=peer.device) for _ in chunks[:2]]
+    chunks, buffers = _ring(spec, n, peer.device)
 
     def post(i: int) -> dist.Work:
         first, end = chunks[i]

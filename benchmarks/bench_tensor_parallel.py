@@ -80,6 +80,9 @@ def worker(args: argparse.Namespace) -> None:
     graphs = args.device == "cuda" and not args.no_graphs
     result = run_seqattn(model, prompts, args, graphs=graphs)
     top1, gap = teacher_forced(model, prompts, result["outputs"], args.device)
+    hidden, dtype = model.config.hidden_size, dtype_of(args)
+    reduce_us = all_reduce_us(torch.empty(args.requests, hidden, dtype=dtype), args.device)
+    collectives = 2 * model.config.num_hidden_layers + 1  # o_proj, down_proj; the LM head
     del model
     gc.collect()  # the runner's graphs (reference cycles) go before the process group
     if dist.get_rank() == 0:
@@ -87,10 +90,34 @@ def worker(args: argparse.Namespace) -> None:
         figures = dict(wall=result["wall"], decode_step=result["decode_step"],
                        ttft=result["ttft"], steps=result["steps"], top1=top1, gap=gap,
                        load_s=loaded, memory_gib=memory, syncs=result["syncs"],
-                       outputs=result["outputs"], graphs=graphs)  # fmt: skip
+                       outputs=result["outputs"], graphs=graphs, reduce_us=reduce_us,
+                       collectives=collectives)  # fmt: skip
         Path(args.out).write_text(json.dumps(figures))
     dist.barrier()  # no rank leaves while another still works
     dist.destroy_process_group()
+
+
+def all_reduce_us(x: torch.Tensor, device: str, repeats: int = 50) -> float:
+    """Median microseconds of one all-reduce of ``x`` (a decode step's activations, the
+    size each row-parallel layer reduces) over the group: what a layer's collective
+    costs inside the step, outside any graph."""
+    import torch.distributed as dist
+
+    x = x.to(device).zero_()
+    times = []
+    for _ in range(repeats + 5):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dist.all_reduce(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            dist.all_reduce(x)
+            times.append((time.perf_counter() - t0) * 1e6)
+    return sorted(times[5:])[repeats // 2]
 
 
 def launch(args: argparse.Namespace, model: Path, ranks: int) -> dict[str, Any]:
@@ -178,6 +205,12 @@ def report(args: argparse.Namespace, runs: dict[int, dict[str, Any]]) -> None:
               f"{r['memory_gib']:.1f} GiB per rank; host syncs {r['syncs']}; tokens equal "
               f"to TP={min(runs)}: {same / tokens:.1%}; HF forward on its tokens: top-1 "
               f"{r['top1']:.1%}, largest gap {r['gap']:.3f}")  # fmt: skip
+        if ranks > 1:  # how much of a decode step the collectives alone would take
+            total = r["reduce_us"] * r["collectives"] / 1e3
+            step = r["decode_step"] * 1e3
+            print(f"TP={ranks}: one all-reduce of [{args.requests}, hidden] activations "
+                  f"{r['reduce_us']:.1f} us (eager, outside graphs); {r['collectives']} per "
+                  f"decode step: {total:.2f} ms of the {step:.2f} ms step")  # fmt: skip
     print("\n| run | CUDA graphs | wall s | generated tok/s | median decode step ms | "
           "TTFT s | decode step speed-up |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -57,6 +57,7 @@ def test_tensor_parallel_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys
     assert "| TP=1 | no |" in out and "| TP=2 | no |" in out
     assert out.count("tokens equal to TP=1: 100.0%") == 2
     assert out.count("top-1 100.0%, largest gap 0.000") == 2
+    assert "TP=2: one all-reduce of [4, hidden] activations" in out
 
 
 def test_migration_benchmark_runs_on_the_cpu() -> None:

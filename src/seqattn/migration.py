@@ -178,7 +178,7 @@ class PageSpec:
     @property
     def page_bytes(self) -> int:
         """Bytes of one page of one layer."""
-        return 2 * self.page_size * self.num_heads * self.head_dim * self.dtype.itemsize
+        return math.prod(self.page_shape) * self.dtype.itemsize
 
     @classmethod
     def of_cache(cls, cache: PagedKVCacheManager, length: int) -> PageSpec:
@@ -388,11 +388,6 @@ def finish_import(
     except BaseException:
         descriptor.release([seq_id])
         raise
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t`` viewed as integers of its element size (the same bits)."""
-    return t.view(_BITS[t.element_size()])
 
 
 def _page_rows(pages: torch.Tensor) -> torch.Tensor:

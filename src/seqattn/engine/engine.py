@@ -222,7 +222,7 @@ class Engine:
             self.step()
         return [self.requests[i].output for i in ids]
 
-    def _queue(self, tokens: list[int], params: SamplingParams) -> int:
+    def _queue(self, tokens: np.ndarray, params: SamplingParams) -> int:
         """Queue a request of checked ``tokens``; returns its id."""
         request = Request(self._next_id, tokens, params, self.eos_token_ids)
         request.arrival = time.perf_counter()

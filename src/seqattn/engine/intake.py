@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .._checks import int_array, is_int, shown
 from ..errors import ArgumentTypeError, InvalidArgumentError, InvalidLengthError
 from ..integrations.hf import PagedCausalLM
@@ -21,8 +23,9 @@ def check_params(params: object) -> None:
 
 def checked_prompt(
     prompt: object, params: SamplingParams, runner: PagedCausalLM, what: str
-) -> list[int]:
-    """The prompt's token ids, once the prompt and params pass every check.
+) -> np.ndarray:
+    """The prompt's token ids (``[prompt_len]`` int64), once the prompt and params pass
+    every check.
 
     Raises:
         ArgumentTypeError: ``params`` is not a SamplingParams, or the prompt is not a
@@ -42,7 +45,7 @@ def checked_prompt(
             f"{what}: token ids must lie in [0, {vocab}) (the model's vocabulary), got {bad}"
         )
     check_fits(runner, tokens.size, params.max_new_tokens, what)
-    return tokens.tolist()  # type: ignore[no-any-return]
+    return tokens
 
 
 def check_fits(runner: PagedCausalLM, prompt_len: int, max_new_tokens: int, what: str) -> None:

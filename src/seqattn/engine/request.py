@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -30,15 +30,16 @@ class Request:
     def __init__(
         self,
         request_id: int,
-        prompt: list[int],
+        prompt: Union[list[int], np.ndarray],
         params: SamplingParams,
         eos_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.id = request_id
-        self.prompt = prompt
         # the prompt as the cache is asked with it: an int64 array is checked in O(1)
-        # Python work, a list of ints one object at a time
+        # Python work, a list of ints one object at a time (a copy: the caller's array
+        # may change later)
         self.prompt_ids = np.array(prompt, dtype=np.int64)
+        self.prompt: list[int] = self.prompt_ids.tolist()
         self.params = params
         # tokens that end the request when produced: its stop ids and, unless it ignores
         # them, the model's end-of-sequence ids

@@ -11,8 +11,12 @@ each timed with CUDA events on the receiver, warm-up then the median of ``--iter
 - **raw NCCL**: ``dist.send`` / ``dist.recv`` of one contiguous tensor of the same bytes,
   what the link itself moves.
 
-The received KV is checked bit for bit against the sent. A markdown table is printed
-last; the row's ratio is seqattn's rate over the raw one.
+Two placements of the pages, a row each: *consecutive* (a fresh pool on both sides:
+each layer's pages are one run, which travels straight from cache to cache) and
+*scattered* (both pools' free lists shuffled first, seeded: the pages are gathered into
+and scattered from a ring of buffers). The received KV is checked bit for bit against
+the sent. A markdown table is printed last; a row's ratio is seqattn's rate over the
+raw one.
 
     torchrun --nproc-per-node 2 benchmarks/bench_migration.py
     python benchmarks/bench_migration.py              # spawns the two ranks itself
@@ -29,6 +33,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -53,6 +58,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--chunk-mib", type=int, default=migration_p2p.CHUNK_BYTES // 2**20,
                         help="pages travel in chunks of whole layers of about this")  # fmt: skip
+    parser.add_argument("--ring", type=int, default=migration_p2p.RING,
+                        help="buffers the scattered pages cycle through")  # fmt: skip
+    parser.add_argument("--pages", choices=("consecutive", "scattered", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     args = parser.parse_args(argv)
     if args.device is None:
@@ -85,17 +93,34 @@ class Timer:
         return begin.elapsed_time(end) / 1e3
 
 
-def make_cache(args: argparse.Namespace, device: torch.device) -> CacheDescriptor:
+def make_cache(args: argparse.Namespace, device: torch.device, scattered: bool) -> CacheDescriptor:
+    """An empty cache for the sequence (plus slack); ``scattered``: its free list
+    shuffled (seeded), so that no two of a sequence's pages are likely neighbours."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pages = -(-args.tokens // args.page_size) + 8
     cache = PagedKVCacheManager(pages, args.page_size, args.heads, args.head_dim, dtype, device,
                                 num_layers=args.layers)  # fmt: skip
-    return CacheDescriptor(cache)
+    desc = CacheDescriptor(cache)
+    if scattered:
+        ids = [10_000 + i for i in range(pages)]
+        desc.allocate(ids, [1] * pages)  # one page each
+        for i in torch.randperm(pages, generator=torch.Generator().manual_seed(0)).tolist():
+            desc.release([ids[i]])  # one by one: the free list takes this order
+    return desc
 
 
 def run(rank: int, args: argparse.Namespace, device: torch.device) -> None:
     migration_p2p.CHUNK_BYTES = args.chunk_mib * 2**20
-    desc = make_cache(args, device)
+    migration_p2p.RING = args.ring
+    kinds = ("consecutive", "scattered") if args.pages == "both" else (args.pages,)
+    rows = [move_one(rank, args, device, kind) for kind in kinds]
+    if rank == RECEIVER:
+        report(args, device, rows)
+
+
+def move_one(rank: int, args: argparse.Namespace, device: torch.device, kind: str) -> tuple:
+    """One placement's timings (on the receiver: its name, bytes, runs, times)."""
+    desc = make_cache(args, device, scattered=kind == "scattered")
     cache = desc.cache_manager
     peer = RECEIVER if rank == SENDER else SENDER
     if rank == SENDER:
@@ -104,55 +129,58 @@ def run(rank: int, args: argparse.Namespace, device: torch.device) -> None:
     nbytes = -(-args.tokens // args.page_size) * args.layers * cache.kv_data[0, 0].nbytes
     raw = torch.empty(nbytes, dtype=torch.uint8, device=device)
     timer, times = Timer(device), {"seqattn": [], "raw": []}
-    for i in range(args.warmup + args.iters):
+    last = args.warmup + args.iters
+    for i in range(last):
 
         def move(i: int = i) -> None:
             if rank == SENDER:
                 send_sequence(desc, 0, peer)
             else:
-                recv_sequence(desc, 1 + i, peer)
+                recv_sequence(desc, 1_000_000 + i, peer)
 
         def link() -> None:
             (dist.send if rank == SENDER else dist.recv)(raw, peer)
 
         spent = {"seqattn": timer(move), "raw": timer(link)}
-        if rank == RECEIVER and i + 1 < args.warmup + args.iters:
-            desc.release([1 + i])  # keep the last one, to check it
+        if rank == RECEIVER and i + 1 < last:
+            desc.release([1_000_000 + i])  # keep the last one, to check it
         if i >= args.warmup:
             for name, seconds in spent.items():
                 times[name].append(seconds)
-    check(rank, desc, args.warmup + args.iters, peer, device)
-    if rank == RECEIVER:
-        report(args, cache, nbytes, times)
+    seq_id = 0 if rank == SENDER else 1_000_000 + last - 1
+    check(rank, desc, seq_id, peer)
+    runs = 1 + int((np.diff(desc.page_indices(seq_id)) != 1).sum())
+    return kind, nbytes, runs, times
 
 
-def check(rank: int, desc: CacheDescriptor, last: int, peer: int, device: torch.device) -> None:
+def check(rank: int, desc: CacheDescriptor, seq_id: int, peer: int) -> None:
     """The receiver's copy equals the sender's KV, bit for bit."""
     if rank == SENDER:
-        dist.send(export_sequence(desc, 0).pages.contiguous(), peer)
+        dist.send(export_sequence(desc, seq_id).pages.contiguous(), peer)
         return
-    mine = export_sequence(desc, last).pages
+    mine = export_sequence(desc, seq_id).pages
     theirs = torch.empty_like(mine)
     dist.recv(theirs, peer)
     assert torch.equal(mine, theirs), "the received KV differs from the sent"
     print("received KV identical to the sent (bit for bit)", flush=True)
 
 
-def report(args: argparse.Namespace, cache: PagedKVCacheManager, nbytes: int, times: dict) -> None:
-    ours, link = statistics.median(times["seqattn"]), statistics.median(times["raw"])
-    rate = {name: nbytes / statistics.median(t) / 1e9 for name, t in times.items()}
-    where = torch.cuda.get_device_name(cache.device) if cache.device.type == "cuda" else "cpu"
-    what = (f"{args.tokens:,} tokens, {args.layers} layers x {args.heads} KV heads x "
-            f"{args.head_dim}, {str(cache.dtype).split('.')[-1]}, page {args.page_size}: "
-            f"{nbytes / 2**30:.2f} GiB")  # fmt: skip
-    backend = "NCCL" if cache.device.type == "cuda" else "gloo"
-    print(f"\nmoving one sequence between two ranks ({where}, {backend}), "
-          f"median of {args.iters}, chunks of {args.chunk_mib} MiB\n")  # fmt: skip
-    print("| move | seqattn send/recv (import included) | raw send/recv, same bytes | ratio |")
-    print("|---|---:|---:|---:|")
-    print(f"| {what} | {ours * 1e3:.2f} ms, {rate['seqattn']:.1f} GB/s | "
-          f"{link * 1e3:.2f} ms, {rate['raw']:.1f} GB/s | "
-          f"{rate['seqattn'] / rate['raw']:.2f}x |", flush=True)  # fmt: skip
+def report(args: argparse.Namespace, device: torch.device, rows: list[tuple]) -> None:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    dtype = "bf16" if device.type == "cuda" else "float32"
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    print(f"\nmoving one sequence of {args.tokens:,} tokens between two ranks ({where}, "
+          f"{backend}; {args.layers} layers x {args.heads} KV heads x {args.head_dim}, {dtype}, "
+          f"page {args.page_size}), median of {args.iters}; scattered pages through "
+          f"{args.ring} buffers of {args.chunk_mib} MiB chunks\n")  # fmt: skip
+    print("| pages (receiver's runs) | GiB | seqattn send/recv (import included) "
+          "| raw send/recv, same bytes | ratio |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|")
+    for kind, nbytes, runs, times in rows:
+        ours, link = statistics.median(times["seqattn"]), statistics.median(times["raw"])
+        print(f"| {kind} ({runs}) | {nbytes / 2**30:.2f} | {ours * 1e3:.2f} ms, "
+              f"{nbytes / ours / 1e9:.1f} GB/s | {link * 1e3:.2f} ms, {nbytes / link / 1e9:.1f} "
+              f"GB/s | {link / ours:.2f}x |", flush=True)  # fmt: skip
 
 
 def worker(rank: int, args: argparse.Namespace, init_method: str | None) -> None:

@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 import torch
 from bench_attention import copy_bandwidth
+from gpu_profile import format_breakdown, kernel_breakdown
 
 from seqattn.cli import token_agreement
 from seqattn.engine import Engine, SamplingParams
@@ -105,11 +106,31 @@ def run_seqattn(
     requests = [engine.requests[i] for i in ids]
     ttft = [r.first_token_time - r.arrival for r in requests]
     syncs = count_syncs(engine, prompts, args) if args.device == "cuda" else None
+    decode_step = statistics.median(decode_steps)
+    profile = None
+    if getattr(args, "profile", False) and args.device == "cuda":
+        profile = profile_decode(engine, prompts, decode_step, graphs)
     runner.disable_cuda_graphs()  # freed now: NCCL cannot tear down under captured graphs
     return dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
-                steps=engine.stats.steps, decode_step=statistics.median(decode_steps),
-                first_steps=first_steps, ttft_max=max(ttft),
-                syncs=syncs)  # fmt: skip
+                steps=engine.stats.steps, decode_step=decode_step,
+                first_steps=first_steps, ttft_max=max(ttft), syncs=syncs,
+                profile=profile)  # fmt: skip
+
+
+def profile_decode(engine: Engine, prompts: list[list[int]], step_s: float, graphs: bool) -> str:
+    """Kernel time by kind in 8 steady decode steps of the whole batch (after the
+    timed run, so it perturbs no figure)."""
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=16)) for p in prompts]
+    while any(not engine.requests[i].output for i in ids):
+        engine.step()  # prefill
+    engine.step()
+    try:
+        found = kernel_breakdown(engine.step, 8)
+    finally:
+        while engine.has_work:
+            engine.step()
+    title = f"decode step profile ({'CUDA graphs' if graphs else 'eager'})"
+    return format_breakdown(title, found, step_s * 1e3)
 
 
 def count_syncs(engine: Engine, prompts: list[list[int]], args: argparse.Namespace) -> str:
@@ -256,6 +277,7 @@ def main() -> None:
     )
     parser.add_argument("--dtype", help="model dtype (default bf16 on cuda, float32 on cpu)")
     parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
+    parser.add_argument("--profile", action="store_true", help="kernel time by kind per step")
     args = parser.parse_args()
     # --quick picks smaller sizes; sizes given explicitly win (they were once overridden)
     defaults = (8, 64, 32) if args.quick else (64, 512, 256)
@@ -296,6 +318,9 @@ def report(model: Any, prompts: list[list[int]], args: argparse.Namespace, resul
     print(f"bandwidth floor: {floor:.2f} s, {tokens / floor:,.0f} tok/s; seqattn reaches "
           f"{floor / ours['wall']:.1%} of it ({ours['steps']} engine steps)")  # fmt: skip
     per_step = floor / args.new_tokens
+    for r in results.values():
+        if r.get("profile"):
+            print(r["profile"])
     for label, r in results.items():
         if "decode_step" in r:
             print(

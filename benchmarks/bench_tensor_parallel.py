@@ -82,6 +82,11 @@ def worker(args: argparse.Namespace) -> None:
     top1, gap = teacher_forced(model, prompts, result["outputs"], args.device)
     hidden, dtype = model.config.hidden_size, dtype_of(args)
     reduce_us = all_reduce_us(torch.empty(args.requests, hidden, dtype=dtype), args.device)
+    reduce_graph = {}
+    if args.device == "cuda" and dist.get_world_size() > 1:
+        reduce_graph = all_reduce_in_graphs(
+            args.requests, hidden, dtype, 2 * model.config.num_hidden_layers + 1
+        )
     collectives = 2 * model.config.num_hidden_layers + 1  # o_proj, down_proj; the LM head
     del model
     gc.collect()  # the runner's graphs (reference cycles) go before the process group
@@ -91,7 +96,8 @@ def worker(args: argparse.Namespace) -> None:
                        ttft=result["ttft"], steps=result["steps"], top1=top1, gap=gap,
                        load_s=loaded, memory_gib=memory, syncs=result["syncs"],
                        outputs=result["outputs"], graphs=graphs, reduce_us=reduce_us,
-                       collectives=collectives)  # fmt: skip
+                       collectives=collectives, profile=result["profile"],
+                       reduce_graph=reduce_graph)  # fmt: skip
         Path(args.out).write_text(json.dumps(figures))
     dist.barrier()  # no rank leaves while another still works
     dist.destroy_process_group()
@@ -118,6 +124,72 @@ def all_reduce_us(x: torch.Tensor, device: str, repeats: int = 50) -> float:
             dist.all_reduce(x)
             times.append((time.perf_counter() - t0) * 1e6)
     return sorted(times[5:])[repeats // 2]
+
+
+def all_reduce_in_graphs(rows: int, hidden: int, dtype: torch.dtype, count: int) -> dict:
+    """Microseconds per all-reduce of ``[rows, hidden]`` when a decode step's ``count``
+    of them are captured in one CUDA graph, by NCCL and by torch's symmetric-memory
+    kernels (one-shot: each rank reads the others' buffers over NVLink; two-shot:
+    reduce-scatter then all-gather), each checked against NCCL's sum."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    x = torch.randn(rows, hidden, dtype=dtype, device="cuda") / 8
+    expected = x.clone()
+    dist.all_reduce(expected)
+    ways: dict[str, Any] = {"nccl": lambda t: dist.all_reduce(t)}
+    found: dict[str, Any] = {}
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buffer = symm_mem.empty(rows, hidden, dtype=dtype, device="cuda")
+        symm_mem.rendezvous(buffer, group.group_name)
+        ops, name = torch.ops.symm_mem, group.group_name
+
+        def one_shot(t: torch.Tensor) -> None:
+            ops.one_shot_all_reduce_out(buffer.copy_(t), "sum", name, t)
+
+        def two_shot(t: torch.Tensor) -> None:
+            ops.two_shot_all_reduce_(buffer.copy_(t), "sum", name)
+            t.copy_(buffer)
+
+        ways.update({"symm one-shot": one_shot, "symm two-shot": two_shot})
+    except Exception as error:  # an older torch, or no P2P: say so, keep NCCL's figure
+        found["symm"] = f"unavailable: {type(error).__name__}: {str(error)[:160]}"
+    for label, reduce in ways.items():
+        try:
+            found[label] = graph_us(reduce, x, expected, count)
+        except Exception as error:
+            found[label] = f"failed: {type(error).__name__}: {str(error)[:160]}"
+    return found
+
+
+def graph_us(reduce: Any, x: torch.Tensor, expected: torch.Tensor, count: int) -> Any:
+    """Median microseconds per call of ``reduce`` over ``count`` calls in one graph,
+    and whether its result equals ``expected``."""
+    work = x.clone()
+    reduce(work)  # eager once: lazy initialization, and the check
+    same = bool(torch.allclose(work.float(), expected.float(), atol=1e-2, rtol=1e-2))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            reduce(work.copy_(x))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(count):
+            reduce(work)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / count)
+    del graph
+    return dict(us=sorted(times)[10], correct=same)
 
 
 def launch(args: argparse.Namespace, model: Path, ranks: int) -> dict[str, Any]:
@@ -147,7 +219,8 @@ def launch_once(args: argparse.Namespace, model: Path, ranks: int, graphs: bool)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={ranks}", __file__, "--worker", "--model", str(model),
                "--out", str(out), "--device", args.device, "--backend", args.backend,
-               *sizes, *([] if graphs else ["--no-graphs"])]  # fmt: skip
+               *sizes, *([] if graphs else ["--no-graphs"]),
+               *(["--profile"] if args.profile else [])]  # fmt: skip
     run = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         status = run.wait(timeout=args.timeout)
@@ -174,6 +247,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
     parser.add_argument("--ranks", default="1,2", help="the runs' rank counts")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly")
+    parser.add_argument("--profile", action="store_true", help="kernel time by kind per step")
     parser.add_argument("--timeout", type=float, default=420, help="seconds a run may take")
     parser.add_argument("--model-dir", help="where the checkpoint goes (default: the temp dir)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -211,6 +285,10 @@ def report(args: argparse.Namespace, runs: dict[int, dict[str, Any]]) -> None:
             print(f"TP={ranks}: one all-reduce of [{args.requests}, hidden] activations "
                   f"{r['reduce_us']:.1f} us (eager, outside graphs); {r['collectives']} per "
                   f"decode step: {total:.2f} ms of the {step:.2f} ms step")  # fmt: skip
+            for way, got in r.get("reduce_graph", {}).items():
+                print(f"TP={ranks}: all-reduce in a CUDA graph of {r['collectives']}, {way}: {got}")
+        if r.get("profile"):
+            print(f"TP={ranks} {r['profile']}")
     print("\n| run | CUDA graphs | wall s | generated tok/s | median decode step ms | "
           "TTFT s | decode step speed-up |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|")

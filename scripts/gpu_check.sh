@@ -7,6 +7,7 @@
 # Usage: bash scripts/gpu_check.sh [--quick]   (logs go to $OUT, or /tmp/seqattn-gpu)
 #   BENCHES="attention prefix_cascade" picks benchmarks/bench_<name>.py (default: all);
 #   BENCHES=none skips them; TESTS=tests/gpu/test_x.py narrows the tests.
+#   Compiled kernels carried in .ficache/ are restored first (scripts/flashinfer_cache.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/seqattn-gpu}
@@ -16,6 +17,8 @@ quick=${1:-}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || { echo "installing .whl/*.whl failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1
+# kernels an earlier machine compiled (scripts/flashinfer_cache.py), when carried along
+[ -d .ficache ] && python3 scripts/flashinfer_cache.py restore .ficache
 export FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, flashinfer; print('torch', torch.__version__, 'flashinfer', flashinfer.__version__)"

@@ -36,7 +36,7 @@ def save(target: Path) -> None:
     with tarfile.open(fileobj=data, mode="w") as tar:
         for so in modules:
             tar.add(so, arcname=f"{so.parent.name}/{so.name}")
-    packed = lzma.compress(data.getvalue(), preset=6)
+    packed = lzma.compress(data.getvalue(), preset=3)
     target.mkdir(parents=True, exist_ok=True)
     for i in range(0, len(packed), PART):
         (target / f"fi-{_version()}.{i // PART:02d}").write_bytes(packed[i : i + PART])

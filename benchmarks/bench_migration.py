@@ -149,8 +149,45 @@ def move_one(rank: int, args: argparse.Namespace, device: torch.device, kind: st
                 times[name].append(seconds)
     seq_id = 0 if rank == SENDER else 1_000_000 + last - 1
     check(rank, desc, seq_id, peer)
+    if kind == "consecutive":  # where the time of a direct move goes
+        times.update(probes(rank, args, desc, raw, timer, peer))
     runs = 1 + int((np.diff(desc.page_indices(seq_id)) != 1).sum())
     return kind, nbytes, runs, times
+
+
+def probes(rank: int, args: argparse.Namespace, desc: CacheDescriptor, raw: torch.Tensor,
+           timer: Timer, peer: int) -> dict[str, list[float]]:  # fmt: skip
+    """Raw NCCL moves of the same bytes cut as a direct move cuts them (a message per
+    layer, one after another or as one batch), and a one-page sequence moved (what the
+    header and the reply alone cost)."""
+    layers = raw.view(args.layers, -1)
+    op = dist.isend if rank == SENDER else dist.irecv
+    small = 3_000_000
+    if rank == SENDER:
+        desc.allocate([small], [args.page_size])
+    found: dict[str, list[float]] = {"per layer": [], "batched": [], "one page": []}
+
+    def per_layer() -> None:
+        for work in [op(row, peer) for row in layers]:
+            work.wait()
+
+    def batched() -> None:
+        for work in dist.batch_isend_irecv([dist.P2POp(op, row, peer) for row in layers]):
+            work.wait()
+
+    def one_page(i: int) -> None:
+        if rank == SENDER:
+            send_sequence(desc, small, peer)
+        else:
+            recv_sequence(desc, small + 1 + i, peer)
+            desc.release([small + 1 + i])
+
+    for i in range(args.warmup + args.iters):
+        spent = [timer(per_layer), timer(batched), timer(lambda i=i: one_page(i))]
+        if i >= args.warmup:
+            for name, seconds in zip(found, spent, strict=True):
+                found[name].append(seconds)
+    return found
 
 
 def check(rank: int, desc: CacheDescriptor, seq_id: int, peer: int) -> None:
@@ -181,6 +218,10 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[tuple]) ->
         print(f"| {kind} ({runs}) | {nbytes / 2**30:.2f} | {ours * 1e3:.2f} ms, "
               f"{nbytes / ours / 1e9:.1f} GB/s | {link * 1e3:.2f} ms, {nbytes / link / 1e9:.1f} "
               f"GB/s | {link / ours:.2f}x |", flush=True)  # fmt: skip
+        extra = [f"{name} {statistics.median(t) * 1e3:.3f} ms" for name, t in times.items()
+                 if name not in ("seqattn", "raw")]  # fmt: skip
+        if extra:
+            print(f"raw NCCL cut per layer, and a one-page move: {'; '.join(extra)}")
 
 
 def worker(rank: int, args: argparse.Namespace, init_method: str | None) -> None:

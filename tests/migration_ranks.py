@@ -148,7 +148,7 @@ def direct_scenario(sender: bool) -> dict[str, Any]:
     migration_p2p.DIRECT_BYTES = 0
     calls = []
     passing = migration_p2p._pass_layers
-    migration_p2p._pass_layers = lambda *a: calls.append(1) or passing(*a)  # type: ignore[assignment]
+    migration_p2p._pass_layers = lambda *a, **k: calls.append(1) or passing(*a, **k)  # type: ignore[assignment]
     desc, out = make(), {"pages": {}, "page_ids": {}, "direct": []}
     for seq_id in (1, 2, 3):
         before = len(calls)

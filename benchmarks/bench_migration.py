@@ -11,10 +11,11 @@ each timed with CUDA events on the receiver, warm-up then the median of ``--iter
 - **raw NCCL**: ``dist.send`` / ``dist.recv`` of one contiguous tensor of the same bytes,
   what the link itself moves.
 
-Two placements of the pages, a row each: *consecutive* (a fresh pool on both sides:
-each layer's pages are one run, which travels straight from cache to cache) and
-*scattered* (both pools' free lists shuffled first, seeded: the pages are gathered into
-and scattered from a ring of buffers). The received KV is checked bit for bit against
+Two placements of the pages, a row each: *consecutive* (a fresh pool on both sides)
+and *scattered* (the sender's free list shuffled first, seeded; the receiver's after
+its first import is sorted again by the releases). Both travel the same way (gathered
+into a ring of buffers, scattered from it); a move of one page shows what the header
+and the reply alone cost. The received KV is checked bit for bit against
 the sent. A markdown table is printed last; a row's ratio is seqattn's rate over the
 raw one.
 
@@ -58,8 +59,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--chunk-mib", type=int, default=migration_p2p.CHUNK_BYTES // 2**20,
                         help="pages travel in chunks of whole layers of about this")  # fmt: skip
-    parser.add_argument("--ring", type=int, default=migration_p2p.RING,
-                        help="buffers the scattered pages cycle through")  # fmt: skip
     parser.add_argument("--pages", choices=("consecutive", "scattered", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     args = parser.parse_args(argv)
@@ -111,7 +110,6 @@ def make_cache(args: argparse.Namespace, device: torch.device, scattered: bool) 
 
 def run(rank: int, args: argparse.Namespace, device: torch.device) -> None:
     migration_p2p.CHUNK_BYTES = args.chunk_mib * 2**20
-    migration_p2p.RING = args.ring
     kinds = ("consecutive", "scattered") if args.pages == "both" else (args.pages,)
     rows = [move_one(rank, args, device, kind) for kind in kinds]
     if rank == RECEIVER:
@@ -149,31 +147,19 @@ def move_one(rank: int, args: argparse.Namespace, device: torch.device, kind: st
                 times[name].append(seconds)
     seq_id = 0 if rank == SENDER else 1_000_000 + last - 1
     check(rank, desc, seq_id, peer)
-    if kind == "consecutive":  # where the time of a direct move goes
-        times.update(probes(rank, args, desc, raw, timer, peer))
+    if kind == "consecutive":  # the fixed cost of a move
+        times.update(probes(rank, args, desc, timer, peer))
     runs = 1 + int((np.diff(desc.page_indices(seq_id)) != 1).sum())
     return kind, nbytes, runs, times
 
 
-def probes(rank: int, args: argparse.Namespace, desc: CacheDescriptor, raw: torch.Tensor,
-           timer: Timer, peer: int) -> dict[str, list[float]]:  # fmt: skip
-    """Raw NCCL moves of the same bytes cut as a direct move cuts them (a message per
-    layer, one after another or as one batch), and a one-page sequence moved (what the
-    header and the reply alone cost)."""
-    layers = raw.view(args.layers, -1)
-    op = dist.isend if rank == SENDER else dist.irecv
+def probes(rank: int, args: argparse.Namespace, desc: CacheDescriptor, timer: Timer,
+           peer: int) -> dict[str, list[float]]:  # fmt: skip
+    """A one-page sequence moved: what the header and the reply alone cost."""
     small = 3_000_000
     if rank == SENDER:
         desc.allocate([small], [args.page_size])
-    found: dict[str, list[float]] = {"per layer": [], "batched": [], "one page": []}
-
-    def per_layer() -> None:
-        for work in [op(row, peer) for row in layers]:
-            work.wait()
-
-    def batched() -> None:
-        for work in dist.batch_isend_irecv([dist.P2POp(op, row, peer) for row in layers]):
-            work.wait()
+    found: list[float] = []
 
     def one_page(i: int) -> None:
         if rank == SENDER:
@@ -183,11 +169,10 @@ def probes(rank: int, args: argparse.Namespace, desc: CacheDescriptor, raw: torc
             desc.release([small + 1 + i])
 
     for i in range(args.warmup + args.iters):
-        spent = [timer(per_layer), timer(batched), timer(lambda i=i: one_page(i))]
+        spent = timer(lambda i=i: one_page(i))
         if i >= args.warmup:
-            for name, seconds in zip(found, spent, strict=True):
-                found[name].append(seconds)
-    return found
+            found.append(spent)
+    return {"a one-page move": found}
 
 
 def check(rank: int, desc: CacheDescriptor, seq_id: int, peer: int) -> None:
@@ -208,8 +193,8 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[tuple]) ->
     backend = "NCCL" if device.type == "cuda" else "gloo"
     print(f"\nmoving one sequence of {args.tokens:,} tokens between two ranks ({where}, "
           f"{backend}; {args.layers} layers x {args.heads} KV heads x {args.head_dim}, {dtype}, "
-          f"page {args.page_size}), median of {args.iters}; scattered pages through "
-          f"{args.ring} buffers of {args.chunk_mib} MiB chunks\n")  # fmt: skip
+          f"page {args.page_size}), median of {args.iters}; chunks of {args.chunk_mib} "
+          "MiB\n")  # fmt: skip
     print("| pages (receiver's runs) | GiB | seqattn send/recv (import included) "
           "| raw send/recv, same bytes | ratio |")  # fmt: skip
     print("|---|---:|---:|---:|---:|")
@@ -221,7 +206,7 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[tuple]) ->
         extra = [f"{name} {statistics.median(t) * 1e3:.3f} ms" for name, t in times.items()
                  if name not in ("seqattn", "raw")]  # fmt: skip
         if extra:
-            print(f"raw NCCL cut per layer, and a one-page move: {'; '.join(extra)}")
+            print(f"fixed cost: {'; '.join(extra)}")
 
 
 def worker(rank: int, args: argparse.Namespace, init_method: str | None) -> None:

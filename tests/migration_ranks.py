@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from seqattn import CacheDescriptor, PagedKVCacheManager, SeqAttnError, migration_p2p
+from seqattn import CacheDescriptor, PagedKVCacheManager, SeqAttnError
 from seqattn.migration import export_sequence
 from seqattn.migration_p2p import recv_sequence, send_sequence
 
@@ -122,47 +122,6 @@ def sender(outdir: Path) -> dict[str, Any]:
     fill(fp8, 1, 13, seed=8)
     send_sequence(fp8, 1, 1)
     out["fp8"] = export_sequence(fp8, 1).pages.view(torch.uint8).cpu()
-    out["direct"] = direct_scenario(sender=True)
-    return out
-
-
-def hole(desc: CacheDescriptor) -> None:
-    """Leave one free page before a used one: the next sequence's pages (the freed
-    one first) are not consecutive ids."""
-    fill(desc, 900, PS, seed=0)
-    fill(desc, 901, PS, seed=0)
-    desc.release([900])
-
-
-def scattered(desc: CacheDescriptor, seq_id: int, n: int, seed: int) -> None:
-    """Fill ``seq_id`` (``n`` tokens) on pages that are not consecutive ids."""
-    hole(desc)
-    fill(desc, seq_id, n, seed)
-
-
-def direct_scenario(sender: bool) -> dict[str, Any]:
-    """Consecutive pages on both sides travel layer by layer, straight from cache to
-    cache (``DIRECT_BYTES`` 0 so that these small sequences qualify); pages scattered
-    on either side take the gather ring. Sequences 1 (consecutive on both sides), 2
-    (scattered on the sender), 3 (scattered on the receiver)."""
-    migration_p2p.DIRECT_BYTES = 0
-    calls = []
-    passing = migration_p2p._pass_layers
-    migration_p2p._pass_layers = lambda *a, **k: calls.append(1) or passing(*a, **k)  # type: ignore[assignment]
-    desc, out = make(), {"pages": {}, "page_ids": {}, "direct": []}
-    for seq_id in (1, 2, 3):
-        before = len(calls)
-        if sender:
-            (scattered if seq_id == 2 else fill)(desc, seq_id, 13, seed=seq_id)
-            send_sequence(desc, seq_id, 1)
-        else:
-            if seq_id == 3:
-                hole(desc)
-            recv_sequence(desc, seq_id, 0)
-        out["direct"].append(len(calls) > before)
-        out["pages"][seq_id] = export_sequence(desc, seq_id).pages.cpu()
-        out["page_ids"][seq_id] = desc.page_indices(seq_id)
-    migration_p2p._pass_layers = passing
     return out
 
 
@@ -192,7 +151,6 @@ def receiver(outdir: Path) -> dict[str, Any]:
     fp8 = make(dtype=torch.float8_e4m3fn)
     recv_sequence(fp8, 1, 0)
     out["fp8"] = export_sequence(fp8, 1).pages.view(torch.uint8).cpu()
-    out["direct"] = direct_scenario(sender=False)
     return out
 
 

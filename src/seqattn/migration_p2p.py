@@ -51,18 +51,10 @@ from .storage import KV_LAYOUTS, PagedKVCacheManager
 # pages travel in chunks of whole layers of about this size, so that gathering one
 # chunk overlaps sending the one before (and scattering overlaps receiving)
 CHUNK_BYTES = 256 * 2**20
-# buffers a side cycles the chunks through: while one is on the wire, the others are
-# being gathered (sender) or scattered (receiver)
-RING = 3
-# pages that are consecutive on both sides travel straight from and into the caches,
-# one message per layer, when a layer's share is at least this (smaller messages cost
-# more per byte than the gather they save)
-DIRECT_BYTES = 2**20
 
 # The header of a transfer, int64 slots (scales as the bits of a float64)
-_MAGIC = 0x5345514B56020000  # "SEQKV", protocol version 2
+_MAGIC = 0x5345514B56010000  # "SEQKV", protocol version 1
 _HEADER = 16
-_REPLY = 4
 _ERRORS: tuple[type[SeqAttnError], ...] = (
     SeqAttnError, ArgumentTypeError, InvalidArgumentError, InvalidLengthError,
     TensorSpecError, SequenceExistsError, UnknownSequenceError, NoPageError,
@@ -154,7 +146,7 @@ def _refusal(peer: _Peer, error: BaseException, header: bool) -> None:
     if header:
         peer.send_ints([_MAGIC, code + 1, len(data), *[0] * (_HEADER - 3)])
     else:
-        peer.send_ints([code + 1, 0, len(data), 0])
+        peer.send_ints([code + 1, 0, len(data)])
     peer.send_bytes(data)
 
 
@@ -179,22 +171,18 @@ def send_sequence(
 
     1. ``->`` header: 16 int64 (magic and version, status, message bytes, length,
        page_size, layers, KV heads, head_dim, dtype code, layout code, k_scale and
-       v_scale as float64 bits, has token ids, salt kind, salt bytes, whether the
-       sender's pages are consecutive ids in its cache); then the
+       v_scale as float64 bits, has token ids, salt kind, salt bytes, 0); then the
        token ids (``[length]`` int64) if any and the salt (uint8) if any. A sender
        that cannot send (an unknown ``seq_id``) says so here (status = its error's
        code, then the message as uint8) and both sides raise.
-    2. ``<-`` reply: 4 int64 (status, pages its prefix cache holds already, message
-       bytes, direct), then the message: the receiver checks everything and allocates
-       its pages before it replies, so a refusal (too few pages, a live id, another
-       shape) leaves both sides as they were, and both raise the receiver's error.
+    2. ``<-`` reply: 3 int64 (status, pages its prefix cache holds already, message
+       bytes), then the message: the receiver checks everything and allocates its pages
+       before it replies, so a refusal (too few pages, a live id, another shape) leaves
+       both sides as they were, and both raise the receiver's error.
     3. ``->`` the pages past those the receiver holds, as raw bytes (uint8, so float8
-       travels where NCCL lacks the dtype). *Direct* (both sides' pages consecutive,
-       one layout, the tensors on the wire's device, a layer's share at least
-       ``DIRECT_BYTES``): one message per layer, straight from this cache into the
-       receiver's. Otherwise in chunks of whole layers, ``[layers, pages, *page]`` in
-       this cache's layout, gathered on the device into a ring of ``RING`` buffers, so
-       that gathering one chunk overlaps sending another.
+       travels where NCCL lacks the dtype), in chunks of whole layers: ``[layers,
+       pages, *page]`` in this cache's layout, gathered on the device in a ring of two
+       buffers, so that gathering one chunk overlaps sending the last.
 
     Args:
         descriptor: holds the sequence.
@@ -218,20 +206,15 @@ def send_sequence(
     except Exception as error:
         _refusal(peer, error, header=True)  # the receiver waits for a header: end that
         raise
-    pages = descriptor.page_indices(seq_id)
-    head[15] = int(peer.device == cache.device and _consecutive(pages))
     peer.send_ints(head)
     if tokens is not None and tokens.size:
         peer.send(torch.from_numpy(tokens))
     peer.send_bytes(salt_data)
-    status, shared, size, direct = peer.recv_ints(_REPLY)
+    status, shared, size = peer.recv_ints(3)
     if status:
         _raise_refusal(peer, status, size, "the receiver", seq_id)
-    pages = pages[shared:]
-    if direct:
-        _pass_layers(cache, pages, peer, send=True)
-    else:
-        _send_pages(cache, page_index(pages, cache.device), spec, peer)
+    pages = descriptor.page_indices(seq_id)[shared:]
+    _send_pages(cache, page_index(pages, cache.device), spec, peer)
 
 
 def _header(
@@ -293,16 +276,10 @@ def recv_sequence(
     except Exception as error:
         _refusal(peer, error, header=False)
         raise
-    pages = descriptor.page_indices(seq_id)[shared:]
-    direct = bool(head[15]) and spec.kv_layout == cache.kv_layout and _consecutive(pages)
-    direct = direct and peer.device == cache.device and len(pages) * spec.page_bytes >= DIRECT_BYTES
-    peer.send_ints([0, shared, 0, int(direct)])
+    peer.send_ints([0, shared, 0])
 
     def write(index: torch.Tensor) -> None:
-        if direct:
-            _pass_layers(cache, pages, peer, send=False)
-        else:
-            _recv_pages(cache, index, spec, peer)
+        _recv_pages(cache, index, spec, peer)
 
     finish_import(descriptor, seq_id, shared, write)
 
@@ -337,27 +314,6 @@ def _spec_of(head: list[int]) -> PageSpec:
     )  # fmt: skip
 
 
-def _consecutive(pages: list[int]) -> bool:
-    """Whether ``pages`` are consecutive ids (then every layer holds them in one run)."""
-    return (
-        bool(pages)
-        and pages[-1] - pages[0] == len(pages) - 1
-        and bool((np.diff(np.asarray(pages, dtype=np.int64)) == 1).all())
-    )
-
-
-def _pass_layers(cache: PagedKVCacheManager, pages: list[int], peer: _Peer, send: bool) -> None:
-    """Send or receive the consecutive ``pages`` of every layer in place, one message
-    per layer, posted as one batch (NCCL runs the batch as one group): no gather, no
-    scatter."""
-    run = slice(pages[0], pages[0] + len(pages))
-    op = dist.isend if send else dist.irecv
-    ops = [dist.P2POp(op, layer[run].reshape(-1).view(torch.uint8), peer.rank, group=peer.group)
-           for layer in cache.kv_data]  # fmt: skip
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-
-
 def _chunks(spec: PageSpec, num_pages: int) -> list[tuple[int, int]]:
     """Layer ranges ``(first, end)`` the pages travel in (both sides compute the same)."""
     per_layer = max(num_pages * spec.page_bytes, 1)
@@ -374,27 +330,26 @@ def _chunk_view(buffer: torch.Tensor, spec: PageSpec, layers: int, num_pages: in
 def _ring(
     spec: PageSpec, num_pages: int, device: torch.device
 ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
-    """The chunks ``num_pages`` pages of every layer travel in, and the (at most
-    ``RING``) uint8 buffers a side cycles them through."""
+    """The chunks ``num_pages`` pages of every layer travel in, and the (at most two)
+    uint8 buffers a side cycles them through."""
     chunks = _chunks(spec, num_pages)
     size = (chunks[0][1] - chunks[0][0]) * num_pages * spec.page_bytes
-    return chunks, [torch.empty(size, dtype=torch.uint8, device=device) for _ in chunks[:RING]]
+    return chunks, [torch.empty(size, dtype=torch.uint8, device=device) for _ in chunks[:2]]
 
 
 def _send_pages(
     cache: PagedKVCacheManager, index: torch.Tensor, spec: PageSpec, peer: _Peer
 ) -> None:
-    """Send pages ``index`` of every layer, chunk by chunk through the ring."""
+    """Send pages ``index`` of every layer, chunk by chunk through two buffers."""
     n = index.numel()
     if n == 0:
         return
     chunks, buffers = _ring(spec, n, peer.device)
     works = []
     for i, (first, end) in enumerate(chunks):
-        if i >= len(buffers):
-            works[i - len(buffers)].wait()  # its buffer is free again (NCCL: for the stream)
-        buffer = buffers[i % len(buffers)]
-        out = _chunk_view(buffer, spec, end - first, n)
+        if i >= 2:
+            works[i - 2].wait()  # its buffer is free again (on NCCL: for the stream)
+        out = _chunk_view(buffers[i % 2], spec, end - first, n)
         layers = cache.kv_data[first:end]
         if out.device == cache.device:
             gather_pages(layers, index, out)
@@ -402,32 +357,31 @@ def _send_pages(
             gathered = torch.empty_like(out, device=cache.device)
             gather_pages(layers, index, gathered)
             out.copy_(gathered)
-        works.append(dist.isend(buffer[: out.numel() * out.element_size()], peer.rank,
-                                group=peer.group))  # fmt: skip
-    for work in works[-len(buffers) :]:
+        sent = buffers[i % 2][: out.numel() * out.element_size()]
+        works.append(dist.isend(sent, peer.rank, group=peer.group))
+    for work in works[-2:]:
         work.wait()
 
 
 def _recv_pages(
     cache: PagedKVCacheManager, index: torch.Tensor, spec: PageSpec, peer: _Peer
 ) -> None:
-    """Receive pages into ``index`` of every layer, chunk by chunk through the ring:
-    each chunk is scattered while the next ones arrive."""
+    """Receive pages into ``index`` of every layer, chunk by chunk through two buffers:
+    each chunk is scattered while the next one arrives."""
     n = index.numel()
     if n == 0:
         return
     chunks, buffers = _ring(spec, n, peer.device)
-    ring = len(buffers)
 
     def post(i: int) -> dist.Work:
         first, end = chunks[i]
-        part = buffers[i % ring][: (end - first) * n * spec.page_bytes]
+        part = buffers[i % 2][: (end - first) * n * spec.page_bytes]
         return dist.irecv(part, peer.rank, group=peer.group)
 
-    works = [post(i) for i in range(ring)]
+    works = [post(i) for i in range(len(buffers))]
     for i, (first, end) in enumerate(chunks):
         works[i].wait()
-        pages = _chunk_view(buffers[i % ring], spec, end - first, n)
-        write_sequence_pages(cache, first, index, pages, spec.kv_layout)
-        if i + ring < len(chunks):  # on NCCL it waits, on its stream, for the write above
-            works.append(post(i + ring))
+        write_sequence_pages(cache, first, index, _chunk_view(buffers[i % 2], spec, end - first, n),
+               spec.kv_layout)  # fmt: skip
+        if i + 2 < len(chunks):  # on NCCL it waits, on its stream, for the write above
+            works.append(post(i + 2))

@@ -22,7 +22,6 @@ import torch
 
 from .._checks import (
     INT64_MAX,
-    checked_index,
     exact_int,
     int_array,
     one_of,
@@ -30,7 +29,7 @@ from .._checks import (
     shown,
 )
 from ..errors import ArgumentTypeError, InvalidArgumentError, InvalidLengthError, TensorSpecError
-from .press import Press, PressInput
+from .press import Press, PressInput, checked_layer_args
 from .selection import POOLINGS, adakv_select, snapkv_head_scores, top_per_head
 
 
@@ -155,14 +154,13 @@ class PyramidKVPress(SnapKVPress):
         self.beta = real_number(beta, "beta", low=1.0)
 
     def layer_budget(self, layer: int, num_layers: int, tokens_per_head: int) -> int:
-        budgets = self.layer_budgets(num_layers, tokens_per_head)
-        return budgets[checked_index(layer, f"layer (of {len(budgets)})", len(budgets))]
+        layer, layers, average = checked_layer_args(layer, num_layers, tokens_per_head)
+        return self.layer_budgets(layers, average)[layer]
 
     def layer_budgets(self, num_layers: int, tokens_per_head: int) -> list[int]:
         """Tokens per KV head each layer keeps, ``num_layers`` ints, non-increasing,
         summing to ``num_layers * tokens_per_head``, each within 1 of the exact share."""
-        layers = exact_int(num_layers, "num_layers", low=1, high=2**16)
-        average = exact_int(tokens_per_head, "tokens_per_head", low=0, error=InvalidLengthError)
+        _, layers, average = checked_layer_args(0, num_layers, tokens_per_head)
         spread = average - self.window
         if layers == 1 or spread <= 0:
             return [average] * layers

@@ -250,7 +250,8 @@ def adakv_select(
             f"budget {budget} is below the {num_forced} tokens the window ({window}) and "
             f"min_per_head ({min_per_head}) force over {heads} heads"
         )
-    ranked.masked_fill_(forced, math.inf)  # forced tokens rank first
+    # forced tokens rank first, above scores of +inf too (a press's unforced window tokens)
+    ranked = ranked.clamp(max=torch.finfo(torch.float32).max).masked_fill(forced, math.inf)
     chosen = top_per_head(ranked.view(1, -1), [min(budget, int(held_lens.sum()))])[0]
     mask = np.zeros(heads * n, dtype=bool)
     mask[chosen] = True

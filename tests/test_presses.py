@@ -250,6 +250,20 @@ def test_pyramid_budgets_fall_and_average_the_request(num_layers, average, windo
         assert budgets[0] > budgets[-1]
 
 
+def test_pyramid_budgets_over_a_sweep_of_settings():
+    for window in (1, 4, 16):
+        for beta in (1, 1.5, 3, 20):
+            press = PyramidKVPress(window=window, beta=beta)
+            for num_layers in range(1, 13):
+                for average in range(0, 80, 3):
+                    budgets = press.layer_budgets(num_layers, average)
+                    exact = reference_pyramid(num_layers, average, window, beta)
+                    assert sum(budgets) == num_layers * average
+                    assert all(a >= b for a, b in pairwise(budgets))
+                    assert all(abs(b - x) < 1 for b, x in zip(budgets, exact, strict=True))
+                    assert min(budgets) >= min(window, average)
+
+
 def test_pyramid_equal_budgets_when_the_window_takes_all_or_beta_is_one():
     assert PyramidKVPress(window=64).layer_budgets(8, 64) == [64] * 8
     assert PyramidKVPress(window=64).layer_budgets(8, 10) == [10] * 8

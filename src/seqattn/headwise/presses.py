@@ -66,10 +66,11 @@ class SnapKVPress(ScorerPress):
     As kvpress's ``SnapKVPress``: defaults ``window=64, kernel=5``, average pooling
     (the paper's code offers max pooling too: ``pooling="max"``), the window left out of
     the pooling, pooling per query head then the mean over the group (kvpress, after
-    SnapKV issue 22; the paper keeps tokens per query head), and the window counted in
-    the budget. Unlike kvpress, the softmax runs over what each head holds now, so the
-    press also works after an earlier compression. :func:`~.selection.snapkv_scores` is
-    the older, whole-prompt scorer (max pooling over the window too).
+    SnapKV issue 22; the SnapKV code repeats the KV heads and keeps tokens per query
+    head), and the window counted in the budget. Unlike kvpress, the softmax runs over
+    what each head holds now, so the press also works after an earlier compression.
+    :func:`~.selection.snapkv_scores` is the older, whole-prompt scorer (max pooling
+    over the window too).
 
     Args:
         window: queries read, and newest tokens always kept (an ``int >= 1``).
@@ -118,19 +119,19 @@ class PyramidKVPress(SnapKVPress):
     tokens"); the rest of the request's budget ``B`` (tokens per head on average) is
     spread as an arithmetic sequence from ``2 (B - window) - (B - window) / beta`` in
     layer 0 down to ``(B - window) / beta`` in the last layer, so the layers average
-    exactly ``B`` (:meth:`layer_budgets`; each rounded down, the remainder given one
-    token each to the lowest layers, so the sum is exact and the sequence falls).
+    exactly ``B`` (:meth:`layer_budgets`: shares rounded by largest remainder, so they
+    sum to ``num_layers * B``, each within 1 of its exact value, never rising).
 
     Where kvpress's ``PyramidKVPress.get_layer_budget`` differs, this follows the paper
-    and its authors' code (KVCache-Factory's ``PyramidKVCluster``): kvpress spreads the
-    whole budget (the window inside each layer's share) and falls back to equal budgets
-    when the top layer would get less than the window; here the window is kept on top of
-    each layer's share, as in the paper. Not followed by either: the step is
-    ``(max - min) / (num_layers - 1)`` exactly (the authors' code steps by an integer
-    division), and the largest budget is not capped at the prompt length (the interface
-    does not see it): a layer whose budget exceeds what it holds keeps everything, so a
-    short prompt keeps fewer tokens than ``num_layers * B``, never more. ``B <= window``
-    or ``beta == 1`` gives every layer ``B``.
+    and its authors' code (Zefan-Cai/PyramidKV, now KVCache-Factory, ``PyramidKVCluster``):
+    kvpress spreads the whole budget (the window inside each layer's share) and falls
+    back to equal budgets when the top layer would get less than the window; the authors
+    keep the window in every layer on top of its share of ``B - window``, as here.
+    Followed by neither: the step is ``(max - min) / (num_layers - 1)`` exactly (kvpress
+    rounds each layer, the authors' code floors the step), and the largest budget is not
+    capped at the prompt length (``layer_budget`` does not see it): a layer whose budget
+    exceeds what it holds keeps everything, so a short prompt keeps fewer tokens than
+    ``num_layers * B``, never more. ``B <= window`` or ``beta == 1`` gives every layer ``B``.
 
     Args:
         window, kernel, pooling: as :class:`SnapKVPress`.
@@ -167,9 +168,13 @@ class PyramidKVPress(SnapKVPress):
         low = Fraction(spread) / Fraction(self.beta)
         high = 2 * spread - low
         step = (high - low) / (layers - 1)
-        budgets = [self.window + math.floor(high - layer * step) for layer in range(layers)]
-        extra = layers * average - sum(budgets)  # 0 <= extra < layers
-        return [b + (layer < extra) for layer, b in enumerate(budgets)]
+        exact = [self.window + high - layer * step for layer in range(layers)]
+        budgets = [math.floor(x) for x in exact]
+        extra = layers * average - sum(budgets)  # the remainders' sum: 0 <= extra < layers
+        ranked = sorted(range(layers), key=lambda layer: (budgets[layer] - exact[layer], layer))
+        for layer in ranked[:extra]:  # the largest remainders (the lower layer on ties)
+            budgets[layer] += 1
+        return budgets
 
 
 class AdaKVPress(Press):
@@ -183,10 +188,12 @@ class AdaKVPress(Press):
 
     As kvpress's ``AdaKVPress`` (the safeguard forces each head's best ``n_safe =
     int(n_kept * alpha_safeguard)``, then the top of the layer fills the budget exactly).
-    The paper's code instead keeps the window apart from the budget, counts each head's
-    share of the layer's top ``budget * heads`` scores and mixes it with an equal share,
-    ``alpha * equal + (1 - alpha) * share`` (rounded per head). :meth:`layer_budget` is
-    the scorer's, so ``AdaKVPress(PyramidKVPress())`` is Ada-PyramidKV.
+    The authors' code (FFY0/AdaKV, ``AdaptiveSnapKVCluster``) instead keeps the window
+    apart from the budget, counts each head's share of the layer's top ``budget * heads``
+    scores and mixes it with an equal share, ``alpha * equal + (1 - alpha) * share``
+    (rounded per head, so the layer's total may miss the budget by a few tokens).
+    :meth:`layer_budget` is the scorer's: ``AdaKVPress(PyramidKVPress())`` is
+    Ada-PyramidKV.
 
     Args:
         scorer: a :class:`ScorerPress` (e.g. :class:`SnapKVPress`) giving the scores
@@ -258,7 +265,10 @@ def view_lens(view: PressInput, needs_queries: bool = False) -> np.ndarray:
         raise TensorSpecError(f"keys must be [num_kv_heads, max(lens), head_dim], got {got}")
     heads, length, dim = keys.shape
     lens = _lens(view.lens, heads, length)
-    counts = [int(p.numel()) for p in view.positions]
+    try:
+        counts = [len(held) for held in view.positions]
+    except TypeError:
+        counts = shown(view.positions)  # type: ignore[assignment]
     if counts != lens.tolist():
         raise InvalidLengthError(f"positions must hold lens {lens.tolist()} each, got {counts}")
     if needs_queries:

@@ -11,20 +11,33 @@ free memory, and attention runs as a batch of single-KV-head sequences.
   (``versions.py``), packing (``builder.py``, ``batch.py``), positions (``positions.py``).
 - :class:`HeadwiseAttention`: plan every layer once per step (``plan_step``), run per layer.
 - :func:`snapkv_scores`, :func:`adakv_select`: choose what each head keeps.
+- Presses (``press.py``, ``presses.py``): a policy per (sequence, layer) behind one
+  interface (:class:`Press`, :class:`PressInput`): :class:`StreamingLLMPress`,
+  :class:`SnapKVPress`, :class:`PyramidKVPress`, :class:`AdaKVPress`.
 """
 
 from .attention import HeadwiseAttention
 from .batch import HeadwiseBatch, HeadwiseStep
 from .cache import HeadwiseKVCache
 from .positions import HeadPositions
+from .press import Press, PressInput, StreamingLLMPress, tokens_per_head
+from .presses import AdaKVPress, PyramidKVPress, ScorerPress, SnapKVPress
 from .selection import adakv_select, snapkv_scores
 
 __all__ = [
+    "AdaKVPress",
     "HeadPositions",
     "HeadwiseAttention",
     "HeadwiseBatch",
     "HeadwiseKVCache",
     "HeadwiseStep",
+    "Press",
+    "PressInput",
+    "PyramidKVPress",
+    "ScorerPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
     "adakv_select",
     "snapkv_scores",
+    "tokens_per_head",
 ]

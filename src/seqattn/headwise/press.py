@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._checks import exact_int
+from .._checks import checked_index, exact_int
 from ..errors import ArgumentTypeError, InvalidLengthError
 
 
@@ -75,8 +75,9 @@ class Press(ABC):
     def layer_budget(self, layer: int, num_layers: int, tokens_per_head: int) -> int:
         """Tokens per KV head on average that ``layer`` keeps, for a request whose
         budget is ``tokens_per_head`` on average over every layer. Default: the same in
-        every layer."""
-        return tokens_per_head
+        every layer. Raises IndexOutOfRangeError, InvalidLengthError, ArgumentTypeError
+        (via :func:`checked_layer_args`)."""
+        return checked_layer_args(layer, num_layers, tokens_per_head)[2]
 
     @abstractmethod
     def select(self, view: PressInput, budget: int) -> list[np.ndarray]:
@@ -97,6 +98,16 @@ def tokens_per_head(budget: object, seq_len: int) -> int:
             f"budget must be a token count (int) or a fraction (float), got {type(budget).__name__}"
         )
     return exact_int(budget, "budget", low=1)
+
+
+def checked_layer_args(layer: object, num_layers: object, tokens_per_head: object) -> tuple:
+    """``(layer, num_layers, tokens_per_head)`` as ints: ``num_layers`` in ``[1, 2**16]``,
+    ``layer`` in ``[0, num_layers)`` (IndexOutOfRangeError), ``tokens_per_head >= 0``
+    (InvalidLengthError); ArgumentTypeError for a value that is not an integer."""
+    layers = exact_int(num_layers, "num_layers", low=1, high=2**16)
+    index = checked_index(layer, f"layer (of {layers})", layers)
+    average = exact_int(tokens_per_head, "tokens_per_head", low=0, error=InvalidLengthError)
+    return index, layers, average
 
 
 class StreamingLLMPress(Press):

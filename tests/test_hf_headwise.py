@@ -271,3 +271,31 @@ def test_without_compression_tokens_equal_hf_generate(family) -> None:
         assert out == expected[0].tolist()
     assert all(np.array_equal(head, np.arange(len(PROMPTS[0])))
                for layer in events[0][0][1] for head in layer)  # fmt: skip
+
+
+def test_a_new_turn_after_compression_equals_the_reference() -> None:
+    """Prompt, press, decode, then a second prompt (pressed when it ends) and decode:
+    the second prompt's tokens attend over the kept tokens at their true positions."""
+    model = llama()
+    runner = HeadwiseCausalLM(model, num_pages=128, page_size=PS, backend="torch")
+    runner.add_sequences([0], press=ScoredPress(), budget=6)
+    tokens, events, logits = list(PROMPTS[1]), [], {}
+
+    def step(out: torch.Tensor) -> int:
+        logits[runner.seq_len(0) - 1] = out[0]
+        if runner.last_compressed:
+            events.append((runner.seq_len(0), runner.held_positions(0)))
+        return int(out[0].argmax())
+
+    nxt = step(runner.forward([0], [tokens]))
+    for turn in ([5, 6, 7, 8, 9], None):
+        for _ in range(3):
+            tokens.append(nxt)
+            nxt = step(runner.decode([0], [nxt]))
+        if turn is not None:
+            tokens += turn
+            nxt = step(runner.forward([0], [turn]))
+    assert [length for length, _ in events] == [21, 21 + 3 + 5]
+    ref = Reference(model).logits(tokens, events)
+    for position, row in logits.items():
+        torch.testing.assert_close(row, ref[position], atol=2e-4, rtol=1e-4)

@@ -350,7 +350,7 @@ def single_scale(model: Any) -> float:
     """The one softmax scale of the model's attention layers; InvalidArgumentError for a
     sliding-window layer or layers of different scales (one plan serves every layer)."""
     variants = attention_variants(model)
-    windows = sorted(w + 1 for w, _ in variants if w != -1)
+    windows = ", ".join(str(w + 1) for w in sorted({w for w, _ in variants if w != -1}))
     if windows:
         raise InvalidArgumentError(
             f"head-wise serving does not run sliding-window attention (this model has "

@@ -299,3 +299,19 @@ def test_a_new_turn_after_compression_equals_the_reference() -> None:
     ref = Reference(model).logits(tokens, events)
     for position, row in logits.items():
         torch.testing.assert_close(row, ref[position], atol=2e-4, rtol=1e-4)
+
+
+def test_the_library_reference_equals_this_one() -> None:
+    """seqattn.integrations.hf_reference (SDPA, what the demo's parity line uses) against
+    this file's reference (eager) on one served sequence."""
+    from seqattn.integrations.hf_reference import masked_reference_logits
+
+    model = llama()
+    runner = HeadwiseCausalLM(model, num_pages=128, page_size=PS, backend="torch")
+    settings = [dict(press=ScoredPress(), budget=5, compress_every=2)]
+    tokens, _, events = serve(runner, PROMPTS[:1], 4, chunk=6, settings=settings)
+    assert len(events[0]) == 3
+    ours = masked_reference_logits(model, tokens[0], events[0])
+    assert model.config._attn_implementation == "seqattn_headwise"  # restored
+    torch.testing.assert_close(ours, Reference(model).logits(tokens[0], events[0]),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip

@@ -64,6 +64,7 @@ class HeadwiseCausalLM:
     Attributes:
         cache: the :class:`~seqattn.headwise.HeadwiseKVCache` (lengths, positions each
             head holds, memory: ``memory_bytes()`` against ``full_cache_bytes()``).
+        requests: each live sequence's :class:`~.press_requests.PressRequest`.
         last_compressed: the sequences the last forward/decode compressed.
 
     A sequence starts with :meth:`add_sequences` (its press and budget), prefills with
@@ -73,6 +74,11 @@ class HeadwiseCausalLM:
     press that raises, a device error) leaves that step's sequences unusable; the other
     sequences go on, and :meth:`release` frees the failed ones. CUDA graphs and
     tensor-parallel models are not supported.
+
+    A press reads the rotated queries of the sequence's newest ``min(window,
+    seq_len)`` tokens, every layer's kept in a small ring per sequence
+    (:mod:`.query_window`), so a prompt's last chunk may be shorter than the window
+    and a decode step may press again.
 
     Raises:
         ArgumentTypeError: as :class:`~.hf.PagedCausalLM` (a model that is not a torch
@@ -293,8 +299,11 @@ class HeadwiseCausalLM:
         starts = np.array([self.cache.seq_len(s) for s in ids], dtype=np.int64)
         new_lens = dict(zip(ids, (starts + lens).tolist(), strict=True))
         budgets = {s: self.requests[s].tokens_per_head(new_lens[s]) for s in pressed}
+        rows = self.windows.step_rows(ids, starts, lens)
         step = self.cache.begin_step(ids, lens)  # NoPageError and co.: nothing changed
-        context = None
+        context = HeadwiseStepContext(self.cache, self.attention, step, self.windows, rows,
+                                      lambda layer: self._press(layer, budgets))  # fmt: skip
+        self.last_compressed = ()
         try:
             self.attention.plan_step(step, sm_scale=self.scale, q_dtype=self.cache.dtype)
             on_host = not isinstance(tokens, torch.Tensor)
@@ -302,15 +311,13 @@ class HeadwiseCausalLM:
             arrays = [*host, concat_ranges(starts, lens), np.cumsum(lens) - 1]
             inputs = upload(self.device, arrays, dtype=torch.int64)[0]
             input_ids = inputs[0] if on_host else tokens
-            rows = self.windows.step_rows(ids, starts, lens)
-            context = HeadwiseStepContext(self.cache, self.attention, step, self.windows, rows,
-                                          lambda layer: self._press(layer, budgets))  # fmt: skip
             output = self.model(
                 input_ids=input_ids[None], position_ids=inputs[-2][None], use_cache=False,  # type: ignore[index]
                 logits_to_keep=inputs[-1], seqattn_step=context,
             )  # fmt: skip
         except BaseException:
-            self._fail(ids, step, context)
+            self._failed.update(ids)  # refused from now on, until released
+            context.abandon()
             raise
         self.last_compressed = tuple(pressed)
         return output.logits[0]
@@ -319,17 +326,6 @@ class HeadwiseCausalLM:
         for seq_id, budget in budgets.items():
             request = self.requests[seq_id]
             compress_layer(self.cache, self.windows, layer, seq_id, request, budget, self.scale)
-
-    def _fail(self, ids: list[int], step: Any, context: Any) -> None:
-        """A step raised mid-forward: fill the layers it had not written (zeros), so the
-        cache serves the other sequences again, and mark its own sequences failed."""
-        self._failed.update(ids)
-        written = set() if context is None else context.written
-        shape = (step.num_tokens, self.cache.num_kv_heads, self.cache.head_dim)
-        zeros = torch.zeros(shape, dtype=self.cache.dtype, device=self.device)
-        for layer in range(self.cache.num_layers):
-            if layer not in written:
-                self.cache.write(step, layer, zeros, zeros)
 
 
 def ends_flags(ends_prompt: object, n: int) -> list[bool]:

@@ -97,3 +97,17 @@ class HeadwiseStepContext:
             self.windows.record(self.rows, layer, q)
         self.compress(layer)  # after run: this layer's cache is not read again this step
         return out.unsqueeze(0)  # type: ignore[union-attr]
+
+    def abandon(self) -> None:
+        """After an error mid-step: write zeros as the K/V of every layer not written
+        yet, so that the cache takes other steps again (the step's own sequences hold
+        garbage now and should be released)."""
+        step, cache = self.step, self.cache
+        shape = (step.num_tokens, cache.num_kv_heads, cache.head_dim)
+        try:
+            zeros = torch.zeros(shape, dtype=cache.dtype, device=cache.device)
+            for layer in range(cache.num_layers):
+                if layer not in self.written:
+                    cache.write(step, layer, zeros, zeros)
+        except Exception:  # the step's own error says more; the cache then refuses other
+            pass  # steps until the step's sequences are released, which it allows

@@ -79,3 +79,15 @@ def test_presses_are_looked_up_when_asked_for(monkeypatch) -> None:
     assert "snapkv" in available_presses() and isinstance(make_press("SnapKV"), SnapKVPress)
     with pytest.raises(TypeError, match="string"):
         make_press(None)
+
+
+def test_a_press_that_needs_settings_is_refused_in_one_line(monkeypatch, capsys) -> None:
+    class PyramidKVPress(press_module.StreamingLLMPress):
+        def __init__(self, levels: int) -> None:
+            super().__init__()
+
+    monkeypatch.setattr(press_module, "PyramidKVPress", PyramidKVPress, raising=False)
+    assert main(["demo", "--press", "pyramidkv", "--budget", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "press 'pyramidkv' (PyramidKVPress) needs settings" in err
+    assert len(err.strip().splitlines()) == 1

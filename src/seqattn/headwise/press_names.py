@@ -36,7 +36,8 @@ def make_press(name: object) -> Press:
 
     Raises:
         ArgumentTypeError: ``name`` is not a string.
-        InvalidArgumentError: an unknown name, or one whose class is not here (yet).
+        InvalidArgumentError: an unknown name, one whose class is not here (yet), or
+            a class that cannot be made without arguments.
     """
     if not isinstance(name, str):
         raise ArgumentTypeError(f"a press name must be a string, got {shown(name)}")
@@ -45,7 +46,12 @@ def make_press(name: object) -> Press:
         raise InvalidArgumentError(
             f"unknown press {name!r}, choose from {', '.join(available_presses())}"
         )
-    return cls()
+    try:
+        return cls()
+    except TypeError as error:  # a press whose settings have no defaults
+        raise InvalidArgumentError(
+            f"press {name!r} ({cls.__name__}) needs settings to be made: {error}"
+        ) from None
 
 
 def _press_class(name: str) -> type[Press] | None:

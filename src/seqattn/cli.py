@@ -21,6 +21,7 @@ import torch
 from . import __version__
 from ._flashinfer import flashinfer_or_none
 from .cli_parallel import DemoRanks
+from .cli_press import add_press_options, check_press_parity, press_option, serve_pressed
 from .engine import Engine, SamplingParams
 from .engine.intake import eos_token_ids
 from .errors import SeqAttnError
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "earlier at its end-of-sequence token")  # fmt: skip
     demo.add_argument("--seed", type=non_negative, default=0, metavar="N",
                       help="seed of the random weights and prompts (default: 0)")  # fmt: skip
+    add_press_options(demo)
     return parser
 
 
@@ -132,6 +134,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The demo in this process, or as one rank of a ``torchrun`` launch of several."""
+    args.pressing = press_option(args)  # refused here, before a model loads
+    if args.pressing is not None and DemoRanks.launched():
+        raise DemoError("--press serves in one process: run it without torchrun")
     if not DemoRanks.launched():
         return serve_demo(args, None)
     ranks = DemoRanks(args.device)
@@ -165,9 +170,9 @@ def serve_demo(args: argparse.Namespace, ranks: Optional[DemoRanks]) -> int:
         prompts = [system + tokens for tokens in own]
         requests = (f"{args.requests} requests sharing a {args.system_tokens}-token system "
                     f"prompt, {n} new tokens each")  # fmt: skip
+    if args.pressing is not None:
+        requests += f", {args.press} press keeping {args.budget} of each prompt per KV head"
     backend = attention_backend(args.device)
-    pages = len(prompts) * pages_for(max(len(p) for p in prompts) + n, PAGE_SIZE) + 8
-    runner = PagedCausalLM(model, num_pages=pages, page_size=PAGE_SIZE, backend=backend)
     params = sum(p.numel() for p in (model if whole is None else whole).parameters()) / 1e6
     where = "" if ranks is None else f"tensor-parallel over {ranks.size} ranks ({ranks.backend}), "
     print(f"seqattn demo: {where}{config.model_type} ({params:.1f}M parameters, "
@@ -183,7 +188,13 @@ def serve_demo(args: argparse.Namespace, ranks: Optional[DemoRanks]) -> int:
               "page)")  # fmt: skip
     # a real model stops at its end-of-sequence tokens, as HF generate does with it
     sampling = sampling_params(n, eos_token_ids(model) if args.model is not None else ())
-    outputs = serve(Engine(runner, max_step_tokens=256), prompts, sampling)
+    if args.pressing is not None:
+        run = serve_pressed(model, prompts, sampling, *args.pressing, backend)
+        outputs = run.outputs
+    else:
+        pages = len(prompts) * pages_for(max(len(p) for p in prompts) + n, PAGE_SIZE) + 8
+        runner = PagedCausalLM(model, num_pages=pages, page_size=PAGE_SIZE, backend=backend)
+        outputs = serve(Engine(runner, max_step_tokens=256), prompts, sampling)
     if ranks is not None:
         ranks.report(runner)
         runner.disable_cuda_graphs()  # before the process group goes: NCCL ran inside them
@@ -191,6 +202,8 @@ def serve_demo(args: argparse.Namespace, ranks: Optional[DemoRanks]) -> int:
         for question, output in zip(questions, outputs, strict=True):
             answer = " ".join(tokenizer.decode(output, skip_special_tokens=True).split())
             print(f"  > {question}\n    {answer}")
+    if args.pressing is not None:
+        return check_press_parity(model, prompts, run)
     return 0 if whole is None else check_parity(whole, prompts, outputs, n)
 
 

@@ -15,25 +15,26 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .._checks import INT64_MAX, exact_bool, exact_int, id_list, int_array, shown
+from .._checks import INT64_MAX, exact_bool, exact_int
 from .._flashinfer import flashinfer_or_none
 from ..attention import PagedAttention
-from ..attention.paged_attention import BACKENDS
 from ..descriptor import CacheDescriptor
-from ..errors import (
-    ArgumentTypeError,
-    InvalidArgumentError,
-    InvalidLengthError,
-    TensorSpecError,
-)
+from ..errors import InvalidLengthError
 from ..packed_data import FlashInferPackedData
-from ..page_table import check_distinct
 from ..parallel import step_fingerprint
 from ..storage import PagedKVCacheManager
 from .hf_attention import ATTENTION_NAME, StepContext, register
+from .hf_checks import (  # noqa: F401  (SUPPORTED_MODEL_TYPES: re-exported for the CLI)
+    SUPPORTED_MODEL_TYPES,
+    attention_variants,
+    batch_ids,
+    check_backend,
+    check_device_tokens,
+    check_model,
+    decode_tokens,
+    token_rows,
+)
 from .hf_parallel import model_ranks
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class _DecodeGraphs:
@@ -223,8 +224,8 @@ class PagedCausalLM:
             DuplicateSequenceError: an id listed twice.
             UnknownSequenceError: an id that is not live.
         """
-        seq_ids = self._batch_ids(seq_ids)
-        rows = self._token_rows(tokens, len(seq_ids))
+        seq_ids = batch_ids(seq_ids)
+        rows = token_rows(tokens, len(seq_ids), self.vocab_size)
         lens = np.array([row.size for row in rows], dtype=np.int64)
         self._check_allocated(seq_ids, lens)
         return self._run(seq_ids, lens, np.concatenate(rows))
@@ -259,14 +260,12 @@ class PagedCausalLM:
                 or an empty sequence.
             DuplicateSequenceError, UnknownSequenceError: as :meth:`forward`.
         """
-        seq_ids = self._batch_ids(seq_ids)
+        seq_ids = batch_ids(seq_ids)
         n = len(seq_ids)
         if isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu":
             check_device_tokens(tokens, n, self.device)
         else:
-            tokens = self._token_row(tokens, "tokens")
-            if tokens.size != n:
-                raise InvalidLengthError(f"pass one token per sequence ({n}), got {tokens.size}")
+            tokens = decode_tokens(tokens, n, self.vocab_size)
         ones = np.ones(n, np.int64)
         self._check_allocated(seq_ids, ones)
         return self._run(seq_ids, ones, tokens, graphs=n <= self.graph_batch_limit())
@@ -299,39 +298,6 @@ class PagedCausalLM:
         return output.logits[0]
 
     # --------------------------------------------------------------------- checks
-    def _batch_ids(self, seq_ids: object) -> list[int]:
-        """A step's sequence ids: integers, at least one, none twice."""
-        ids = id_list(seq_ids, "seq_ids")
-        if not ids:
-            raise InvalidLengthError("a forward needs at least one sequence, got none")
-        check_distinct(ids)
-        return ids
-
-    def _token_row(self, tokens: object, what: str) -> np.ndarray:
-        """``[n]`` int64 token ids, each inside the model's vocabulary."""
-        row = int_array(tokens, what)
-        if row.size and (int(row.min()) < 0 or int(row.max()) >= self.vocab_size):
-            bad = row[(row < 0) | (row >= self.vocab_size)][:8].tolist()
-            raise InvalidArgumentError(
-                f"{what}: token ids must lie in [0, {self.vocab_size}) (the model's "
-                f"vocabulary), got {bad}"
-            )
-        return row
-
-    def _token_rows(self, tokens: Any, n: int) -> list[np.ndarray]:
-        """One non-empty checked row per sequence."""
-        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
-            raise ArgumentTypeError(
-                f"tokens must be one sequence of token ids per sequence, got {shown(tokens)}"
-            )
-        rows = [self._token_row(row, f"tokens[{i}]") for i, row in enumerate(tokens)]
-        if len(rows) != n:
-            raise InvalidLengthError(f"pass one token row per sequence ({n}), got {len(rows)}")
-        empty = [i for i, row in enumerate(rows) if row.size == 0]
-        if empty:
-            raise InvalidLengthError(f"every token row needs a token; rows {empty[:8]} are empty")
-        return rows
-
     def _check_allocated(self, seq_ids: list[int], new: np.ndarray) -> None:
         """Each sequence already holds its new tokens (allocated before the forward)."""
         lens = self.descriptor.seq_lens(seq_ids)
@@ -387,75 +353,9 @@ class PagedCausalLM:
         return 0 if graphs is None else graphs.batch_sizes[-1]
 
 
-def check_device_tokens(tokens: torch.Tensor, n: int, device: torch.device) -> None:
-    """dtype, shape and device of tokens on the device (values stay unread)."""
-    where = tokens.device
-    index_ok = None in (where.index, device.index) or where.index == device.index
-    same = where.type == device.type and index_ok
-    if tokens.dtype != torch.int64 or tuple(tokens.shape) != (n,) or not same:
-        raise TensorSpecError(
-            f"tokens on the device must be torch.int64 of shape [{n}] on {device}, got "
-            f"{tokens.dtype} of shape {list(tokens.shape)} on {tokens.device}"
-        )
-
-
 def rank_settings(model: Any, **settings: Any) -> dict[str, str]:
     """What must be equal on every rank of a sharded model, as text: each entry of its
     config (less the path it was read from), its dtype, and the runner's settings."""
     config = {f"config.{k}": v for k, v in model.config.to_dict().items() if k[0] != "_"}
     dtype = next(model.parameters()).dtype
     return {k: repr(v) for k, v in {**config, "dtype": dtype, **settings}.items()}
-
-
-def attention_variants(model: Any) -> set[tuple[int, Optional[float]]]:
-    """The (window_left, scale) pairs the model's attention layers use."""
-    config = model.config
-    variants: set[tuple[int, Optional[float]]] = set()
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and hasattr(module, "scaling"):
-            window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
-            variants.add((-1 if window is None else int(window) - 1, float(module.scaling)))
-    return variants
-
-
-def check_model(model: Any) -> None:
-    """Raise unless ``model`` is a ``*ForCausalLM`` of a family seqattn runs.
-
-    Raises:
-        ArgumentTypeError: not a torch module with a ``config``.
-        InvalidArgumentError: an unsupported family, no language-model head (a base
-            model such as ``LlamaModel``), or no parameters.
-    """
-    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
-        raise ArgumentTypeError(
-            f"model must be a transformers *ForCausalLM (a torch module with a config), "
-            f"got {shown(model)}"
-        )
-    check_supported(model.config)
-    heads = getattr(model, "get_output_embeddings", None)
-    if heads is None or heads() is None:
-        raise InvalidArgumentError(
-            f"model must be a *ForCausalLM with a language-model head; "
-            f"{type(model).__name__} has none (a base model?)"
-        )
-    if next(model.parameters(), None) is None:
-        raise InvalidArgumentError(f"model {type(model).__name__} has no parameters")
-
-
-def check_backend(backend: object) -> None:
-    """Raise unless ``backend`` names an attention backend."""
-    if not isinstance(backend, str):
-        raise ArgumentTypeError(f"backend must be one of {BACKENDS}, got {shown(backend)}")
-    if backend not in BACKENDS:
-        raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def check_supported(config: Any) -> None:
-    """Raise InvalidArgumentError unless ``config`` is a decoder family seqattn runs
-    (Llama-like attention)."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise InvalidArgumentError(
-            f"model type {model_type!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )

@@ -13,8 +13,7 @@ pytest.importorskip("transformers")
 
 from seqattn import InvalidArgumentError
 from seqattn.cli import main
-from seqattn.headwise import press as press_module
-from seqattn.headwise.press_names import available_presses, make_press
+from seqattn.headwise.press_names import PRESSES, make_press
 
 SMALL = ["--requests", "3", "--system-tokens", "24", "--max-new-tokens", "5"]
 
@@ -66,28 +65,13 @@ def test_bad_press_options_give_one_line(args, message, capsys) -> None:
     assert len(err.strip().splitlines()) == 1
 
 
-def test_presses_are_looked_up_when_asked_for(monkeypatch) -> None:
-    assert "streamingllm" in available_presses()
-    with pytest.raises(InvalidArgumentError, match="unknown press 'snapkv', choose from"):
-        monkeypatch.delattr(press_module, "SnapKVPress", raising=False)
-        make_press("snapkv")
-
-    class SnapKVPress(press_module.StreamingLLMPress):
-        window = 4
-
-    monkeypatch.setattr(press_module, "SnapKVPress", SnapKVPress, raising=False)
-    assert "snapkv" in available_presses() and isinstance(make_press("SnapKV"), SnapKVPress)
+def test_every_press_is_made_by_name() -> None:
+    kinds = {name: type(make_press(name.upper())).__name__ for name in PRESSES}
+    assert kinds == {"streamingllm": "StreamingLLMPress", "snapkv": "SnapKVPress",
+                     "adakv": "AdaKVPress", "pyramidkv": "PyramidKVPress"}  # fmt: skip
+    with pytest.raises(
+        InvalidArgumentError, match="unknown press 'h2o', choose from streamingllm, snapkv"
+    ):
+        make_press("h2o")
     with pytest.raises(TypeError, match="string"):
         make_press(None)
-
-
-def test_a_press_that_needs_settings_is_refused_in_one_line(monkeypatch, capsys) -> None:
-    class PyramidKVPress(press_module.StreamingLLMPress):
-        def __init__(self, levels: int) -> None:
-            super().__init__()
-
-    monkeypatch.setattr(press_module, "PyramidKVPress", PyramidKVPress, raising=False)
-    assert main(["demo", "--press", "pyramidkv", "--budget", "0.5"]) == 2
-    err = capsys.readouterr().err
-    assert "press 'pyramidkv' (PyramidKVPress) needs settings" in err
-    assert len(err.strip().splitlines()) == 1

@@ -23,7 +23,7 @@ from attrs import define, field
 from .engine import SamplingParams
 from .errors import InvalidArgumentError
 from .headwise.press import Press
-from .headwise.press_names import PRESS_CLASSES, make_press
+from .headwise.press_names import PRESSES, make_press
 from .integrations.hf_headwise import HeadwiseCausalLM
 from .integrations.hf_reference import Compression, masked_reference_logits
 from .page_table import pages_for
@@ -36,7 +36,7 @@ def add_press_options(demo: argparse.ArgumentParser) -> None:
     """``--press`` and ``--budget`` on the demo's parser (checked by :func:`press_option`)."""
     demo.add_argument("--press", metavar="NAME", help="serve on head-wise caches, each "
                       "request's KV compressed after its prompt by this press "
-                      f"({', '.join(PRESS_CLASSES)}); needs --budget")  # fmt: skip
+                      f"({', '.join(PRESSES)}); needs --budget")  # fmt: skip
     demo.add_argument("--budget", metavar="FRACTION", help="with --press: the share of each "
                       "prompt a KV head keeps on average, in (0, 1]")  # fmt: skip
 

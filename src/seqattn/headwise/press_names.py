@@ -1,59 +1,40 @@
-"""Presses by name (``"streamingllm"``, ``"snapkv"``, ...), for command lines and configs.
-
-The names map to class names looked up in :mod:`seqattn.headwise.press` when asked
-for, so a name whose class this version lacks is refused like any unknown name.
+"""Presses by name (``"streamingllm"``, ``"snapkv"``, ``"adakv"``, ``"pyramidkv"``), for
+command lines and configs, each with its default settings (AdaKV scores with SnapKV).
 
 Example:
-    >>> type(make_press("streamingllm")).__name__
-    'StreamingLLMPress'
-    >>> "streamingllm" in available_presses()
-    True
+    >>> type(make_press("SnapKV")).__name__
+    'SnapKVPress'
+    >>> list(PRESSES)
+    ['streamingllm', 'snapkv', 'adakv', 'pyramidkv']
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .._checks import shown
 from ..errors import ArgumentTypeError, InvalidArgumentError
-from . import press as press_module
-from .press import Press
+from .press import Press, StreamingLLMPress
+from .presses import AdaKVPress, PyramidKVPress, SnapKVPress
 
-# name -> class in seqattn.headwise.press
-PRESS_CLASSES = {
-    "streamingllm": "StreamingLLMPress",
-    "snapkv": "SnapKVPress",
-    "adakv": "AdaKVPress",
-    "pyramidkv": "PyramidKVPress",
+PRESSES: dict[str, Callable[[], Press]] = {
+    "streamingllm": StreamingLLMPress,
+    "snapkv": SnapKVPress,
+    "adakv": lambda: AdaKVPress(SnapKVPress()),
+    "pyramidkv": PyramidKVPress,
 }
 
 
-def available_presses() -> list[str]:
-    """The names whose press class this version of seqattn has, in registry order."""
-    return [name for name, cls in PRESS_CLASSES.items() if _press_class(cls) is not None]
-
-
 def make_press(name: object) -> Press:
-    """A press of the named kind with its default settings.
+    """A press of the named kind (any case) with its default settings.
 
     Raises:
         ArgumentTypeError: ``name`` is not a string.
-        InvalidArgumentError: an unknown name, one whose class is not here (yet), or
-            a class that cannot be made without arguments.
+        InvalidArgumentError: an unknown name.
     """
     if not isinstance(name, str):
         raise ArgumentTypeError(f"a press name must be a string, got {shown(name)}")
-    cls = _press_class(PRESS_CLASSES.get(name.lower(), ""))
-    if cls is None:
-        raise InvalidArgumentError(
-            f"unknown press {name!r}, choose from {', '.join(available_presses())}"
-        )
-    try:
-        return cls()
-    except TypeError as error:  # a press whose settings have no defaults
-        raise InvalidArgumentError(
-            f"press {name!r} ({cls.__name__}) needs settings to be made: {error}"
-        ) from None
-
-
-def _press_class(name: str) -> type[Press] | None:
-    cls = getattr(press_module, name, None) if name else None
-    return cls if isinstance(cls, type) and issubclass(cls, Press) else None
+    make = PRESSES.get(name.lower())
+    if make is None:
+        raise InvalidArgumentError(f"unknown press {name!r}, choose from {', '.join(PRESSES)}")
+    return make()

@@ -157,6 +157,13 @@ class PrefixCache:
         tokens = token_array(token_ids)
         salt_bytes = as_salt(salt)
         max_pages = exact_int(max_pages, "max_pages", low=0)
+        return self.match_checked(tokens, salt_bytes, max_pages, record=record)
+
+    def match_checked(
+        self, tokens: np.ndarray, salt_bytes: bytes, max_pages: int, *, record: bool = True
+    ) -> list[CachedPage]:
+        """:meth:`match` of arguments known to be valid (int64 token ids from
+        :func:`token_array`, the salt as bytes): what a tracker that checked them calls."""
         chain: list[CachedPage] = []
         ps = self.page_size
         width = 8 * ps  # bytes of one page's tokens

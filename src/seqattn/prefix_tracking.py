@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import InvalidArgumentError, InvalidLengthError, SeqAttnError, SequenceExistsError
 from .page_table import SequencePageTable, pages_for
-from .prefix_cache import CachedPage, PrefixCache, Salt, as_salt, page_bytes, token_array
+from .prefix_cache import CachedPage, PrefixCache, Salt, as_salt, split_pages, token_array
 
 _NEVER = np.iinfo(np.int64).max
 
@@ -180,11 +180,9 @@ class PrefixTracker:
         full = min(length, known) // ps
         if track.committed < full:
             pages = table.page_ids(slot).tolist()
-            start = track.committed * ps
-            data = page_bytes(np.array(track.tokens[start : full * ps], dtype=np.int64))
-            width, salt = 8 * ps, as_salt(track.salt)
-            for i in range(track.committed, full):
-                page_data = data[(i * ps - start) * 8 : (i * ps - start) * 8 + width]
+            fresh = np.array(track.tokens[track.committed * ps : full * ps], dtype=np.int64)
+            salt = as_salt(track.salt)
+            for i, page_data in enumerate(split_pages(fresh, ps), track.committed):
                 entry = self.cache.insert_checked(track.tip, page_data, pages[i], salt)
                 if entry is None:  # a hash collision: this prefix stays uncached
                     track.collided = True

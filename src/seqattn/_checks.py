@@ -165,16 +165,21 @@ def new_id(value: object, what: str = "sequence id") -> int:
 def _as_numpy(values: object, what: str, error: type[SeqAttnError]) -> np.ndarray:
     """1-D int64 array; raises ArgumentTypeError for anything but integers, or ``error``
     for integers that do not fit in int64."""
+    if type(values) is list:  # the common cases first, past the ABC checks below
+        return _from_items(values, what, error)
+    if isinstance(values, np.ndarray):
+        return _from_numpy(values, what, error)
     if isinstance(values, (str, bytes, bytearray, *_UNORDERED)) or not _iterable(values):
         raise ArgumentTypeError(
             f"{what} must be a list, tuple, numpy array or tensor of integers, got {shown(values)}"
         )
     if hasattr(values, "detach"):  # a torch tensor, without importing torch here
-        values = values.detach().cpu().numpy()  # type: ignore[attr-defined]
-    if isinstance(values, np.ndarray):
-        return _from_numpy(values, what, error)
-    # a generator is consumed once; a list is read as it is
-    items = values if type(values) is list else list(values)  # type: ignore[call-overload]
+        return _from_numpy(values.detach().cpu().numpy(), what, error)  # type: ignore[attr-defined]
+    return _from_items(list(values), what, error)  # type: ignore[call-overload]
+
+
+def _from_items(items: list, what: str, error: type[SeqAttnError]) -> np.ndarray:
+    """``items`` (a list, read as it is; a generator was consumed into it) as int64."""
     packed = _pack_plain_ints(items)
     if packed is not None:
         return packed
@@ -209,9 +214,11 @@ def _from_numpy(arr: np.ndarray, what: str, error: type[SeqAttnError]) -> np.nda
         raise ArgumentTypeError(f"{what} must be 1-D, got an array of shape {list(arr.shape)}")
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+    kind = arr.dtype.kind  # "i" or "u": an integer dtype in one compare; issubdtype for
+    # the rest (bool is kind "b" and no integer; numpy counts timedelta64 as one)
+    if kind not in "iu" and not np.issubdtype(arr.dtype, np.integer):
         raise ArgumentTypeError(f"{what} must be integers, got an array of {arr.dtype}")
-    if arr.dtype == np.uint64 and int(arr.max()) > INT64_MAX:
+    if kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) > INT64_MAX:
         bad = arr[arr > INT64_MAX][:8].tolist()
         raise error(f"{what} must fit in int64 (|value| < 2**63), got {bad}")
     return arr.astype(np.int64, copy=False)

@@ -234,7 +234,7 @@ class PrefixCache:
         if self.watched[page]:
             return None  # the page is cached under another prefix already
         entry = CachedPage(key, int(page), parent, data, salt_bytes)
-        self.allocator.share(np.array([page]))
+        self.allocator.share_one(page)
         self.watched[page] = True
         self._by_key[key] = entry
         self._by_page[entry.page] = entry

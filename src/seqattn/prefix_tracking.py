@@ -29,7 +29,7 @@ class _Track:
 
     def __init__(self, tokens: array, salt: Salt) -> None:
         # token ids known so far (may run ahead of the length), int64: made from the
-        # checked prompt in one copy, and a decode step appends to it in place
+        # checked prompt's bytes (no work per token), and a decode step appends in place
         self.tokens = tokens
         self.salt = salt
         self.tip: Optional[CachedPage] = None  # the cache entry of page committed - 1
@@ -77,7 +77,7 @@ class PrefixTracker:
         pages = np.array([entry.page for entry in chain], dtype=np.int32)
         table.allocator.share(pages, distinct=True)  # a chain holds each page once
         slot = table.adopt(seq_id, pages, pages.size * ps)
-        track = _Track(array("q", token_ids.tobytes()), salt)  # int64 both, one copy
+        track = _Track(array("q", token_ids.tobytes()), salt)  # int64 both: a memcpy
         track.committed = len(chain)
         track.tip = chain[-1] if chain else None
         self._set(slot, track)

@@ -255,6 +255,24 @@ def test_one_bad_token_refuses_the_whole_prompt(cached_prompt, bad, error, built
     assert 7 not in desc
 
 
+PROMPT_ARRAYS = {
+    "float64": (np.array([*CACHED, 120], dtype=np.float64), ArgumentTypeError, TypeError),
+    "bool": (np.array([True] * 21), ArgumentTypeError, TypeError),
+    "2-D": (np.array([[*CACHED, 120]]), ArgumentTypeError, TypeError),
+    "float tensor": (torch.tensor([*CACHED, 120.0]), ArgumentTypeError, TypeError),
+    "past int64": (np.array([*CACHED, 2**63], dtype=np.uint64), InvalidArgumentError, ValueError),
+    "negative": (np.array([*CACHED, -1]), InvalidArgumentError, ValueError),
+}
+
+
+@pytest.mark.parametrize("kind", list(PROMPT_ARRAYS))
+def test_a_prompt_array_of_the_wrong_kind_is_refused(cached_prompt, kind) -> None:
+    desc, (prompt, error, builtin) = cached_prompt, PROMPT_ARRAYS[kind]
+    for call in (lambda: desc.start_sequence(7, prompt), lambda: desc.pages_to_start(prompt)):
+        assert "token ids" in str(refused(desc, error, builtin, call))
+    assert 7 not in desc
+
+
 def test_numpy_integer_tokens_stand_for_their_value(cached_prompt) -> None:
     """Numpy integer scalars (what iterating a numpy array gives) are accepted, as ints
     are: the prompt hits the cache as the same plain ints do."""

@@ -213,6 +213,91 @@ def test_page_and_token_ids_are_range_checked(desc) -> None:
             lambda: desc.allocate_decoding([1], token_ids=[True]))  # fmt: skip
 
 
+# -------------------------------------------------------------------------- prompts
+CACHED = list(range(100, 120))  # five full pages of 4, cached by ``cached_prompt``
+
+
+@pytest.fixture
+def cached_prompt(desc) -> CacheDescriptor:
+    """``desc`` with CACHED committed: a prompt that starts with it would share pages."""
+    desc.start_sequence(5, CACHED)
+    desc.allocate([5], [len(CACHED)])
+    desc.commit([5])
+    return desc
+
+
+BAD_TOKENS = [
+    (True, ArgumentTypeError, TypeError),  # not token 1
+    (False, ArgumentTypeError, TypeError),
+    (107.0, ArgumentTypeError, TypeError),  # not even a whole float
+    (np.float64(107), ArgumentTypeError, TypeError),
+    (np.bool_(True), ArgumentTypeError, TypeError),
+    (torch.tensor(107), ArgumentTypeError, TypeError),  # a 0-d tensor is no int
+    ("107", ArgumentTypeError, TypeError),
+    (None, ArgumentTypeError, TypeError),
+    (-1, InvalidArgumentError, ValueError),
+    (-(2**63), InvalidArgumentError, ValueError),
+    (2**63, InvalidArgumentError, ValueError),  # never wrapped to -2**63
+    (2**64 + 107, InvalidArgumentError, ValueError),  # never wrapped to 107
+]
+
+
+@pytest.mark.parametrize("bad, error, builtin", BAD_TOKENS, ids=repr)
+@pytest.mark.parametrize("where", [0, 7, -1])
+def test_one_bad_token_refuses_the_whole_prompt(cached_prompt, bad, error, builtin, where):
+    desc = cached_prompt
+    prompt = [*CACHED, 120, 121]  # would share the five cached pages
+    prompt[where] = bad
+    for call in (lambda: desc.start_sequence(7, prompt), lambda: desc.pages_to_start(prompt)):
+        message = str(refused(desc, error, builtin, call))
+        assert "token ids" in message  # what was expected, and what came:
+        assert (str(bad) if type(bad) is int else repr(bad)) in message
+    assert 7 not in desc
+
+
+PROMPT_ARRAYS = {
+    "float64": (np.array([*CACHED, 120], dtype=np.float64), ArgumentTypeError, TypeError),
+    "bool": (np.array([True] * 21), ArgumentTypeError, TypeError),
+    "2-D": (np.array([[*CACHED, 120]]), ArgumentTypeError, TypeError),
+    "float tensor": (torch.tensor([*CACHED, 120.0]), ArgumentTypeError, TypeError),
+    "past int64": (np.array([*CACHED, 2**63], dtype=np.uint64), InvalidArgumentError, ValueError),
+    "negative": (np.array([*CACHED, -1]), InvalidArgumentError, ValueError),
+}
+
+
+@pytest.mark.parametrize("kind", list(PROMPT_ARRAYS))
+def test_a_prompt_array_of_the_wrong_kind_is_refused(cached_prompt, kind) -> None:
+    desc, (prompt, error, builtin) = cached_prompt, PROMPT_ARRAYS[kind]
+    for call in (lambda: desc.start_sequence(7, prompt), lambda: desc.pages_to_start(prompt)):
+        assert "token ids" in str(refused(desc, error, builtin, call))
+    assert 7 not in desc
+
+
+def test_numpy_integer_tokens_stand_for_their_value(cached_prompt) -> None:
+    """Numpy integer scalars (what iterating a numpy array gives) are accepted, as ints
+    are: the prompt hits the cache as the same plain ints do."""
+    desc = cached_prompt
+    prompt = [*CACHED, 120, 121]
+    mixed = [np.int64(t) if i % 3 else np.uint16(t) for i, t in enumerate(prompt)]
+    assert desc.pages_to_start(mixed) == desc.pages_to_start(prompt)
+    assert desc.start_sequence(7, mixed) == desc.start_sequence(8, prompt) == len(CACHED)
+    assert desc.page_indices(7) == desc.page_indices(8)
+    assert desc.recorded_tokens(7)[0].tolist() == CACHED
+
+
+@pytest.mark.parametrize(
+    "tokens", [[0, 1, 2**63 - 1], [5] * 3, [2**62, 0, 7]], ids=["bounds", "same", "mixed"]
+)
+def test_every_kind_of_prompt_reads_the_same_ids(tokens) -> None:
+    from seqattn.prefix_cache import token_array
+
+    kinds = [tokens, tuple(tokens), iter(tokens), np.array(tokens, dtype=np.uint64),
+             np.array(tokens, dtype=np.int64), torch.tensor(tokens)]  # fmt: skip
+    for kind in kinds:
+        got = token_array(kind)
+        assert got.dtype == np.int64 and got.tolist() == tokens, type(kind)
+
+
 # -------------------------------------------------------------------------- numbers
 @pytest.mark.parametrize("bad", [2.5, 2.0, "3", True, None, np.float64(2)])
 def test_lengths_are_exact_integers(desc, bad) -> None:

@@ -125,6 +125,18 @@ def test_commit_swaps_duplicates_for_the_cached_page(pdesc: CacheDescriptor) -> 
     assert_kv_is(pdesc, 2, PROMPT)
 
 
+def test_a_swap_to_a_cached_page_nobody_held_takes_it_off_the_lru(pdesc: CacheDescriptor):
+    for seq in (1, 2):  # both compute all pages
+        assert pdesc.start_sequence(seq, PROMPT) == 0
+        write(pdesc, seq, PROMPT)
+    pdesc.commit([1])
+    pdesc.release([1])  # only the cache holds 1's three full pages: evictable
+    assert pdesc.prefix_stats.evictable_pages == 3
+    pdesc.commit([2])  # 2 swaps its duplicates for them: held again, not evictable
+    assert pdesc.prefix_stats.evictable_pages == 0
+    assert_kv_is(pdesc, 2, PROMPT)
+
+
 def test_nothing_is_cached_before_commit(pdesc: CacheDescriptor) -> None:
     pdesc.start_sequence(1, PROMPT)
     write(pdesc, 1, PROMPT)

@@ -17,6 +17,7 @@ and nothing has changed yet. The rules:
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Mapping
 from typing import Optional
 
@@ -134,10 +135,18 @@ def int_array(
         ``error``: a value outside ``[low, high]``.
     """
     arr = _as_numpy(values, what, error)
-    if arr.size and (int(arr.min()) < low or int(arr.max()) > high):
+    if arr.size and _outside(arr, low, high):
         bad = arr[(arr < low) | (arr > high)][:8].tolist()
         raise error(f"{what} must be integers in {_range(low, high)}, got {bad}")
     return arr
+
+
+def _outside(arr: np.ndarray, low: int, high: int) -> bool:
+    """Whether some of ``arr`` (int64, not empty) lies outside ``[low, high]``; a bound
+    at the end of int64 needs no pass (a prompt's ids are checked against 0 alone)."""
+    return (low > INT64_MIN and int(arr.min()) < low) or (
+        high < INT64_MAX and int(arr.max()) > high
+    )
 
 
 def id_list(values: object, what: str = "sequence ids") -> list[int]:
@@ -156,26 +165,48 @@ def new_id(value: object, what: str = "sequence id") -> int:
 def _as_numpy(values: object, what: str, error: type[SeqAttnError]) -> np.ndarray:
     """1-D int64 array; raises ArgumentTypeError for anything but integers, or ``error``
     for integers that do not fit in int64."""
+    if type(values) is list:  # the common cases first, past the ABC checks below
+        return _from_items(values, what, error)
+    if isinstance(values, np.ndarray):
+        return _from_numpy(values, what, error)
     if isinstance(values, (str, bytes, bytearray, *_UNORDERED)) or not _iterable(values):
         raise ArgumentTypeError(
             f"{what} must be a list, tuple, numpy array or tensor of integers, got {shown(values)}"
         )
     if hasattr(values, "detach"):  # a torch tensor, without importing torch here
-        values = values.detach().cpu().numpy()  # type: ignore[attr-defined]
-    if isinstance(values, np.ndarray):
-        return _from_numpy(values, what, error)
-    # a generator is consumed once; a list is read as it is
-    items = values if type(values) is list else list(values)  # type: ignore[call-overload]
-    types = set(map(type, items))
-    if not types <= {int}:
-        wrong = [v for v in items if not is_int(v)]
-        if wrong:
-            raise ArgumentTypeError(f"{what} must be integers, got {shown(wrong[0])}")
-    try:  # fromiter: the items are known to be ints, and it reads them faster
+        return _from_numpy(values.detach().cpu().numpy(), what, error)  # type: ignore[attr-defined]
+    return _from_items(list(values), what, error)  # type: ignore[call-overload]
+
+
+def _from_items(items: list, what: str, error: type[SeqAttnError]) -> np.ndarray:
+    """``items`` (a list, read as it is; a generator was consumed into it) as int64."""
+    packed = _pack_plain_ints(items)
+    if packed is not None:
+        return packed
+    wrong = [v for v in items if not is_int(v)]
+    if wrong:
+        raise ArgumentTypeError(f"{what} must be integers, got {shown(wrong[0])}")
+    try:  # numpy integers (and int subclasses) among them: fromiter reads each
         return np.fromiter(items, dtype=np.int64, count=len(items))
     except OverflowError:
         bad = [int(v) for v in items if not INT64_MIN <= int(v) <= INT64_MAX][:8]
         raise error(f"{what} must fit in int64 (|value| < 2**63), got {bad}") from None
+
+
+def _pack_plain_ints(items: list) -> Optional[np.ndarray]:
+    """``items`` as int64 when every one is a plain ``int`` that fits, else None (the
+    caller then finds the culprit). The common case, at C speed: one pass counts the
+    exact-``int`` types (a bool, float, numpy scalar or tensor is not ``int``), one
+    packs the values; ``struct`` refuses an int past int64 rather than wrapping it."""
+    count = len(items)
+    if list(map(type, items)).count(int) != count:
+        return None
+    arr = np.empty(count, dtype=np.int64)
+    try:
+        struct.pack_into(f"{count}q", arr, 0, *items)  # native int64, into arr's memory
+    except struct.error:
+        return None
+    return arr
 
 
 def _from_numpy(arr: np.ndarray, what: str, error: type[SeqAttnError]) -> np.ndarray:
@@ -183,9 +214,11 @@ def _from_numpy(arr: np.ndarray, what: str, error: type[SeqAttnError]) -> np.nda
         raise ArgumentTypeError(f"{what} must be 1-D, got an array of shape {list(arr.shape)}")
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+    kind = arr.dtype.kind  # "i" or "u": an integer dtype in one compare; issubdtype for
+    # the rest (bool is kind "b" and no integer; numpy counts timedelta64 as one)
+    if kind not in "iu" and not np.issubdtype(arr.dtype, np.integer):
         raise ArgumentTypeError(f"{what} must be integers, got an array of {arr.dtype}")
-    if arr.dtype == np.uint64 and int(arr.max()) > INT64_MAX:
+    if kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) > INT64_MAX:
         bad = arr[arr > INT64_MAX][:8].tolist()
         raise error(f"{what} must fit in int64 (|value| < 2**63), got {bad}")
     return arr.astype(np.int64, copy=False)

@@ -186,6 +186,16 @@ class PageAllocator:
             if rising.size:
                 self.reclaimer.on_shared(np.unique(rising))
 
+    def share_one(self, page: int) -> None:
+        """:meth:`share` of one page (held already, a checked Python int): scalar reads,
+        where arrays of one element would cost several microseconds (a prefix cache's
+        insert, a commit that swaps a page for its cached copy)."""
+        before = int(self._refcount[page])
+        self._refcount[page] = before + 1
+        reclaimer = self.reclaimer
+        if before == 1 and reclaimer is not None and reclaimer.watched[page]:
+            reclaimer.on_shared(np.array([page]))
+
     def drop(self, ids: np.ndarray) -> None:
         """One holder fewer per listing; pages that reach 0 become free."""
         if ids.size == 0:

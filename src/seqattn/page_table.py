@@ -114,8 +114,9 @@ class SequencePageTable:
         return self._pages.start[slots]
 
     def page_ids(self, slot: int) -> np.ndarray:
-        """The page ids of one slot in token order, int32 (a copy)."""
-        return self.pages_of_slots(np.array([slot]))
+        """The page ids of one slot in token order, int32 (a copy): one slice of the arena."""
+        start = int(self._pages.start[slot])
+        return self.arena[start : start + pages_for(int(self._length[slot]), self.page_size)].copy()
 
     def pages_of_slots(self, slots: np.ndarray) -> np.ndarray:
         """Page ids of several slots, concatenated in order, int32."""
@@ -242,7 +243,7 @@ class SequencePageTable:
         position = int(self._pages.start[slot]) + index
         old = self.arena[position : position + 1].copy()
         assert index < pages_for(int(self._length[slot]), self.page_size), "index past the end"
-        self.allocator.share(np.array([page]))
+        self.allocator.share_one(page)
         self._pages.write(np.array([position]), np.array([page], dtype=np.int32))
         self.allocator.drop(old)
         self._touch(slot, layout=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import islice
 from typing import Optional, Union
 
 import numpy as np
@@ -157,25 +158,36 @@ class PrefixCache:
         tokens = token_array(token_ids)
         salt_bytes = as_salt(salt)
         max_pages = exact_int(max_pages, "max_pages", low=0)
-        chain: list[CachedPage] = []
+        return self.match_checked(tokens, salt_bytes, max_pages, record=record)
+
+    def match_checked(
+        self, tokens: np.ndarray, salt_bytes: bytes, max_pages: int, *, record: bool = True
+    ) -> list[CachedPage]:
+        """:meth:`match` of arguments known to be valid (int64 token ids from
+        :func:`token_array`, the salt as bytes): what a tracker that checked them calls."""
         ps = self.page_size
-        width = 8 * ps  # bytes of one page's tokens
-        data = page_bytes(tokens[: min(max_pages, tokens.size // ps) * ps])
-        by_key, hash_fn = self._by_key, self.hash_fn
-        first = data[:width]
-        entry = by_key.get(self.page_key(self.root_key(salt_bytes), first)) if data else None
-        if entry is not None and entry.follows(None, first, salt_bytes):
-            chain.append(entry)  # the root page; below it, the parent check covers the salt
-            for start in range(width, len(data), width):  # the hot loop: bytes and dicts
-                page = data[start : start + width]
-                parent, entry = entry, by_key.get(hash_fn(entry.key + page))
-                if entry is None or entry.parent is not parent or entry.token_bytes != page:
-                    break
-                chain.append(entry)
+        whole = min(max_pages, tokens.size // ps) * ps  # the tokens of the pages looked up
+        chain = self._walk(split_pages(tokens[:whole], ps), salt_bytes)
         if record:
             self._counts["lookups"] += 1
             self._counts["lookup_tokens"] += int(tokens.size)
             self._counts["hit_tokens"] += len(chain) * ps
+        return chain
+
+    def _walk(self, pages: list[bytes], salt_bytes: bytes) -> list[CachedPage]:
+        """The cached entries of the longest prefix of ``pages`` (:func:`split_pages`)."""
+        if not pages:
+            return []
+        by_key, hash_fn = self._by_key, self.hash_fn
+        entry = by_key.get(self.page_key(self.root_key(salt_bytes), pages[0]))
+        if entry is None or not entry.follows(None, pages[0], salt_bytes):
+            return []
+        chain = [entry]  # the root page; below it, the parent check covers the salt
+        for page in islice(pages, 1, None):  # the hot loop: one hash, a dict, a memcmp
+            parent, entry = entry, by_key.get(hash_fn(entry.key + page))
+            if entry is None or entry.parent is not parent or entry.token_bytes != page:
+                break
+            chain.append(entry)
         return chain
 
     def entry_of(self, page: int) -> Optional[CachedPage]:
@@ -222,7 +234,7 @@ class PrefixCache:
         if self.watched[page]:
             return None  # the page is cached under another prefix already
         entry = CachedPage(key, int(page), parent, data, salt_bytes)
-        self.allocator.share(np.array([page]))
+        self.allocator.share_one(page)
         self.watched[page] = True
         self._by_key[key] = entry
         self._by_page[entry.page] = entry
@@ -350,6 +362,13 @@ class PrefixCache:
 def page_bytes(tokens: np.ndarray) -> bytes:
     """Tokens (int64) as the bytes that pages are keyed and compared by."""
     return tokens.astype("<i8", copy=False).tobytes()
+
+
+def split_pages(tokens: np.ndarray, page_size: int) -> list[bytes]:
+    """Whole pages of ``tokens`` (int64), each as its :func:`page_bytes`: numpy cuts them
+    in one call (a void dtype one page wide lists as bytes), not a slice per page."""
+    page = np.dtype((np.void, 8 * page_size))
+    return np.ascontiguousarray(tokens, dtype="<i8").view(page).tolist()
 
 
 def token_array(token_ids: object) -> np.ndarray:

@@ -10,13 +10,14 @@ is swapped for that page and returns to the pool.
 
 from __future__ import annotations
 
+from array import array
 from typing import Optional
 
 import numpy as np
 
 from .errors import InvalidArgumentError, InvalidLengthError, SeqAttnError, SequenceExistsError
 from .page_table import SequencePageTable, pages_for
-from .prefix_cache import CachedPage, PrefixCache, Salt, as_salt, page_bytes, token_array
+from .prefix_cache import CachedPage, PrefixCache, Salt, as_salt, split_pages, token_array
 
 _NEVER = np.iinfo(np.int64).max
 
@@ -26,8 +27,10 @@ class _Track:
 
     __slots__ = ("collided", "committed", "salt", "tip", "tokens", "unknown_from")
 
-    def __init__(self, tokens: list[int], salt: Salt) -> None:
-        self.tokens = tokens  # token ids known so far (may run ahead of the length)
+    def __init__(self, tokens: array, salt: Salt) -> None:
+        # token ids known so far (may run ahead of the length), int64: made from the
+        # checked prompt's bytes (no work per token), and a decode step appends in place
+        self.tokens = tokens
         self.salt = salt
         self.tip: Optional[CachedPage] = None  # the cache entry of page committed - 1
         self.committed = 0  # leading pages that are cached (inserted or matched)
@@ -41,7 +44,7 @@ class _Track:
         return self.collided or self.unknown_from is not None
 
     def copy(self) -> _Track:
-        twin = _Track(list(self.tokens), self.salt)
+        twin = _Track(self.tokens[:], self.salt)
         twin.tip, twin.committed = self.tip, self.committed
         twin.unknown_from, twin.collided = self.unknown_from, self.collided
         return twin
@@ -63,19 +66,18 @@ class PrefixTracker:
         At most ``len(token_ids) - 1`` tokens come from the cache, so the caller always
         computes the last one (and gets its logits).
         """
-        given, token_ids = token_ids, token_array(token_ids)  # checked once
-        as_salt(salt)  # checks its type before anything changes
+        token_ids = token_array(token_ids)  # checked once
+        salt_bytes = as_salt(salt)  # checks its type before anything changes
         table, ps = self.table, self.table.page_size
         if seq_id in table:
             raise SequenceExistsError(f"cannot start sequence id {seq_id}: it is live")
         table.check_new(seq_id)
         limit = max(token_ids.size - 1, 0) // ps  # the last prompt token is always computed
-        chain = self.cache.match(token_ids, salt, limit)
-        tokens = list(given) if type(given) is list else token_ids.tolist()  # checked ints
+        chain = self.cache.match_checked(token_ids, salt_bytes, limit)
         pages = np.array([entry.page for entry in chain], dtype=np.int32)
         table.allocator.share(pages, distinct=True)  # a chain holds each page once
         slot = table.adopt(seq_id, pages, pages.size * ps)
-        track = _Track(tokens, salt)
+        track = _Track(array("q", token_ids.tobytes()), salt)  # int64 both: a memcpy
         track.committed = len(chain)
         track.tip = chain[-1] if chain else None
         self._set(slot, track)
@@ -89,7 +91,7 @@ class PrefixTracker:
         tokens = token_array(token_ids)
         ps = self.table.page_size
         limit = max(tokens.size - 1, 0) // ps
-        chain = self.cache.match(tokens, salt, limit, record=False)
+        chain = self.cache.match_checked(tokens, as_salt(salt), limit, record=False)
         hits = np.array([entry.page for entry in chain], dtype=np.int64)
         sole = int((self.table.allocator.refcount[hits] == 1).sum()) if hits.size else 0
         return pages_for(tokens.size, ps) - hits.size + sole
@@ -166,7 +168,7 @@ class PrefixTracker:
             for i in range(track.committed - 1, -1, -1):
                 assert node is not None and node.alive, "a committed page is not cached"
                 assert node.page == pages[i], "a committed page is not the sequence's page"
-                assert node.tokens.tolist() == track.tokens[i * ps : (i + 1) * ps], (
+                assert node.tokens.tolist() == track.tokens[i * ps : (i + 1) * ps].tolist(), (
                     "a cached page holds other tokens than the sequence"
                 )
                 node = node.parent
@@ -178,11 +180,9 @@ class PrefixTracker:
         full = min(length, known) // ps
         if track.committed < full:
             pages = table.page_ids(slot).tolist()
-            start = track.committed * ps
-            data = page_bytes(np.array(track.tokens[start : full * ps], dtype=np.int64))
-            width, salt = 8 * ps, as_salt(track.salt)
-            for i in range(track.committed, full):
-                page_data = data[(i * ps - start) * 8 : (i * ps - start) * 8 + width]
+            fresh = np.array(track.tokens[track.committed * ps : full * ps], dtype=np.int64)
+            salt = as_salt(track.salt)
+            for i, page_data in enumerate(split_pages(fresh, ps), track.committed):
                 entry = self.cache.insert_checked(track.tip, page_data, pages[i], salt)
                 if entry is None:  # a hash collision: this prefix stays uncached
                     track.collided = True

@@ -20,6 +20,8 @@ on the same K/V:
     through the step API: ``begin_step`` (every layer's bookkeeping, one upload) and
     ``plan_step`` once per step, then ``write`` + ``run`` per layer.
 (d) the same with flashinfer's tensor-core decode kernel (``decode_use_tensor_cores``).
+(e) the same with seqattn's Triton decode kernel (``backend="triton"``), which needs no
+    host-side plan per layer (where triton is installed).
 
 Measured: "attention" is the layers' ``run()`` calls after planning (CUDA events);
 "decode step" is a whole step's attention side for every layer: bookkeeping, append of
@@ -51,6 +53,7 @@ import numpy as np
 import torch
 
 from seqattn import CacheDescriptor, PagedAttention, PagedKVCacheManager
+from seqattn.attention.triton_decode import triton_or_none
 from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache
 
 FAKE_KEY_NORM = 400.0  # |fake key|: logits of about -100 against the step's queries
@@ -72,6 +75,7 @@ class Config:
     mean_fraction: float = 0.25
     sigma: float = 1.0
     min_tokens: int = 32
+    no_tensor_cores: bool = False  # (d) runs as (c): spares compiling that kernel
 
     @property
     def backend(self) -> str:
@@ -175,7 +179,8 @@ class Headwise:
     """(c) and (d): the head-wise cache, bookkeeping and plans once per step for all
     layers, then per layer the append kernel and attention."""
 
-    def __init__(self, cfg: Config, keeps: list, extra_tokens: int, tensor_cores: bool) -> None:
+    def __init__(self, cfg: Config, keeps: list, extra_tokens: int, tensor_cores: bool,
+                 backend: Optional[str] = None) -> None:  # fmt: skip
         kept = sum(-(-k.size // cfg.page_size) for lay in keeps for seq in lay for k in seq)
         slack = cfg.layers * cfg.batch * cfg.hkv * (-(-extra_tokens // cfg.page_size) + 1)
         staging = cfg.hkv * -(-cfg.context // cfg.page_size)  # one prompt before compressing
@@ -184,8 +189,9 @@ class Headwise:
             cfg.dtype, cfg.device,
         )  # fmt: skip
         self.attn = HeadwiseAttention(
-            self.cache, cfg.hq, backend=cfg.backend, decode_use_tensor_cores=tensor_cores
-        )
+            self.cache, cfg.hq, backend=backend or cfg.backend,
+            decode_use_tensor_cores=tensor_cores,
+        )  # fmt: skip
         self.ids = list(range(cfg.batch))
         self.cache.add_sequences(self.ids)
         self.keeps, self.context = keeps, cfg.context
@@ -288,6 +294,7 @@ LABELS = [
     "masked full cache (kvpress-style, lower bound)",
     "head-wise paged",
     "head-wise paged, tensor-core decode",
+    "head-wise paged, Triton decode (no plan)",
 ]
 
 
@@ -306,7 +313,9 @@ def build(cfg: Config, steps: int, host_time: bool) -> tuple[list[Side], torch.T
         sides.append(FullCache(cfg, steps))
     sides.append(Headwise(cfg, keeps, steps, tensor_cores=False))
     if not host_time:
-        sides.append(Headwise(cfg, keeps, steps, tensor_cores=True))
+        sides.append(Headwise(cfg, keeps, steps, tensor_cores=not cfg.no_tensor_cores))
+        if cfg.device.type == "cuda" and triton_or_none() is not None:
+            sides.append(Headwise(cfg, keeps, steps, tensor_cores=False, backend="triton"))
     q = randn(cfg.batch, cfg.hq, cfg.head_dim)
     fake = fake_keys(q, cfg.hkv)
     for layer in range(cfg.layers):
@@ -329,8 +338,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument(
         "--host-time", action="store_true", help="CPU: host time per step, kernels stubbed"
     )
+    parser.add_argument("--no-tensor-cores", action="store_true",
+                        help="(d) as (c): no tensor-core kernel to compile")  # fmt: skip
     args = parser.parse_args(argv)
     cfg = make_config(args)
+    cfg.no_tensor_cores = args.no_tensor_cores
     torch.manual_seed(0)
     # one checked step, then warm-up + reps of one synchronized step and of one burst
     steps = 1 + (cfg.reps + 1) * (1 + (0 if args.host_time else cfg.burst))
@@ -448,7 +460,7 @@ def report(cfg: Config, kernel_t, step_t, burst_t, memory, diff: float, differs:
     print(f"| method | attention, {cfg.layers} layers, ms | x full | step, synced, ms | x full "
           "| step, back to back, ms | x full | KV memory MiB | x full |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for i, label in enumerate(LABELS):
+    for i, label in enumerate(LABELS[: len(memory)]):
         print(
             f"| {label} | {kernel_t[i] * 1e3:.3f} | {kernel_t[i] / kernel_t[0]:.2f}x "
             f"| {step_t[i] * 1e3:.3f} | {step_t[i] / step_t[0]:.2f}x "

@@ -18,9 +18,10 @@ from .cascade import CascadeSplit, choose_split, run_cascade
 from .cuda_graph import GraphBuckets, capture
 from .flashinfer_backend import FlashInferAttentionBackend, decode_tensor_cores, plan_options
 from .torch_backend import TorchAttentionBackend
+from .triton_decode import TritonDecodeBackend, check_triton
 
-BACKENDS = ("auto", "flashinfer", "torch")
-Backend = Union[FlashInferAttentionBackend, TorchAttentionBackend]
+BACKENDS = ("auto", "flashinfer", "torch", "triton")
+Backend = Union[FlashInferAttentionBackend, TorchAttentionBackend, TritonDecodeBackend]
 
 
 class PagedAttention:
@@ -38,7 +39,10 @@ class PagedAttention:
         cache: the paged K/V storage (its ``num_heads`` are the KV heads).
         num_qo_heads: query heads; a multiple of the KV heads (GQA/MQA/MHA).
         backend: ``"flashinfer"``, ``"torch"``, or ``"auto"``: flashinfer for a CUDA cache
-            when it imports, torch otherwise.
+            when it imports, torch otherwise. ``"triton"``: decode steps by seqattn's
+            Triton kernel, which needs no host-side plan (:mod:`.triton_decode`; fp16 or
+            bf16, power-of-two head_dim; no cascade, window or soft cap in decode),
+            every other step by flashinfer.
         workspace_bytes: flashinfer's float workspace (shared by its wrappers).
         workspace: a flashinfer float workspace to use instead of allocating one, e.g.
             another ``PagedAttention``'s (``attention.workspace``): runs on one stream
@@ -100,12 +104,16 @@ class PagedAttention:
             backend = "flashinfer" if usable else "torch"
         if buckets is not None and backend != "flashinfer":
             raise InvalidArgumentError("cuda_graph_batch_sizes needs the flashinfer backend")
+        if backend == "triton":
+            check_triton(cache)
         self.impl: Backend
-        if backend == "flashinfer":
+        if backend in ("flashinfer", "triton"):
             self.impl = FlashInferAttentionBackend(
                 cache, num_qo_heads, workspace_bytes=workspace_bytes,
                 decode_use_tensor_cores=decode_use_tensor_cores, workspace=workspace,
             )  # fmt: skip
+            if backend == "triton":  # decode steps by Triton, the rest by flashinfer
+                self.impl = TritonDecodeBackend(cache, num_qo_heads, self.impl)
         else:
             self.impl = TorchAttentionBackend(cache, num_qo_heads)
         self.graphs: Optional[GraphBuckets] = None
@@ -125,7 +133,7 @@ class PagedAttention:
 
     @property
     def backend(self) -> str:
-        """``"flashinfer"`` or ``"torch"``."""
+        """``"flashinfer"``, ``"torch"`` or ``"triton"``."""
         return self.impl.name
 
     @property
@@ -184,7 +192,9 @@ class PagedAttention:
             rows = self.graphs.plan(batch, plan_options(batch, q_dtype, cache.dtype))
             split = self.graphs.cascade
         else:
-            split = choose_split(batch, cascade, cache.page_size, self.cascade_min_saved_tokens)
+            split = None
+            if self.impl.name != "triton":  # Triton decodes every row whole
+                split = choose_split(batch, cascade, cache.page_size, self.cascade_min_saved_tokens)
             rows = batch.num_query_tokens
             if split is None:
                 self.impl.plan(batch, q_dtype)

@@ -1,0 +1,212 @@
+"""Paged decode attention in Triton: no host-side plan, so a step's host cost stays flat.
+
+flashinfer's ``plan()`` splits each decode batch's work on the host (about 0.3 ms on an
+H200 host). That is cheap once per step, but a head-wise cache has its own page lengths
+in every layer, so every layer needs its own plan and the host, not the GPU, sets the
+pace. This kernel reads the page table from the device as it is and splits each
+request's pages evenly over a fixed number of programs ("split-K", flash-decoding): a
+decode batch needs no planning at all.
+
+Two launches per layer: ``_partial`` gives each (request, KV head, split) the softmax
+of its query group over its share of the pages (online softmax, base 2), then
+``_merge`` combines the splits per query head. Decode only (one query per request);
+other batches go to flashinfer (:class:`TritonDecodeBackend`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from ..errors import InvalidArgumentError
+from ..storage import PagedKVCacheManager
+from .batch import AttentionBatch
+
+LOG2E = 1.4426950408889634
+_kernels: Optional[tuple[Any, Any]] = None
+
+
+def triton_or_none() -> Any:
+    """The ``triton`` module, or None where it is not installed."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton
+
+
+def check_triton(cache: PagedKVCacheManager) -> None:
+    """Raise InvalidArgumentError unless the Triton decode backend can serve ``cache``."""
+    head_dim = cache.head_dim
+    if triton_or_none() is None or cache.device.type != "cuda":
+        raise InvalidArgumentError(
+            f"the triton backend needs triton and a CUDA cache; the cache is on {cache.device}"
+            + ("" if triton_or_none() is not None else " and triton is not installed")
+        )
+    if (
+        cache.dtype not in (torch.float16, torch.bfloat16)
+        or head_dim < 16
+        or head_dim & (head_dim - 1)
+    ):
+        raise InvalidArgumentError(
+            f"the triton backend takes float16/bfloat16 caches with a power-of-two head_dim "
+            f">= 16; got {cache.dtype}, head_dim {head_dim}"
+        )
+
+
+def _build() -> tuple[Any, Any]:
+    """Compile-on-first-use kernels (triton imported here only: the CPU needs none)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _partial(q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, last_ptr, o_ptr, lse_ptr,
+                 scale_log2, sq_b, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h,
+                 GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                 PS: tl.constexpr, PAGES: tl.constexpr, SPLITS: tl.constexpr):  # fmt: skip
+        b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        heads = tl.num_programs(1) * GROUP
+        p0 = tl.load(indptr_ptr + b)
+        n_pages = tl.load(indptr_ptr + b + 1) - p0
+        kv_len = (n_pages - 1) * PS + tl.load(last_ptr + b)
+        share = tl.cdiv(n_pages, SPLITS)
+        first = s * share
+        end = tl.minimum(first + share, n_pages)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        t = tl.arange(0, PAGES * PS)
+        q_rows = q_ptr + b * sq_b + (h * GROUP + g)[:, None] * sq_h + d[None, :]
+        q = tl.load(q_rows, mask=(g < GROUP)[:, None], other=0.0)
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for start in range(first, end, PAGES):
+            slot = start + t // PS
+            token = slot * PS + t % PS
+            valid = (slot < end) & (token < kv_len)
+            page = tl.load(indices_ptr + p0 + slot, mask=slot < end, other=0).to(tl.int64)
+            k = tl.load(k_ptr + page[:, None] * sk_p + (t % PS)[:, None] * sk_t + h * sk_h
+                        + d[None, :], mask=valid[:, None], other=0.0)  # fmt: skip
+            scores = tl.dot(q, tl.trans(k)) * scale_log2
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            total = total * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + page[:, None] * sv_p + (t % PS)[:, None] * sv_t + h * sv_h
+                        + d[None, :], mask=valid[:, None], other=0.0)  # fmt: skip
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        seen = total > 0  # an empty split (more splits than pages) adds nothing
+        out = tl.where(seen[:, None], acc / tl.where(seen, total, 1.0)[:, None], 0.0)
+        lse = tl.where(seen, m + tl.log2(tl.where(seen, total, 1.0)), float("-inf"))
+        row = (b * heads + h * GROUP + g) * SPLITS + s
+        tl.store(o_ptr + row[:, None] * D + d[None, :], out, mask=(g < GROUP)[:, None])
+        tl.store(lse_ptr + row, lse, mask=g < GROUP)
+
+    @triton.jit
+    def _merge(o_ptr, lse_ptr, out_ptr, lse_out_ptr, so_b, so_h,
+               D: tl.constexpr, SPLITS: tl.constexpr, WITH_LSE: tl.constexpr):  # fmt: skip
+        b, h = tl.program_id(0), tl.program_id(1)
+        row = b * tl.num_programs(1) + h
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        lse = tl.load(lse_ptr + row * SPLITS + s)
+        top = tl.max(lse, 0)
+        w = tl.exp2(lse - top)
+        parts = tl.load(o_ptr + (row * SPLITS + s)[:, None] * D + d[None, :])
+        total = tl.sum(w, 0)
+        out = tl.sum(parts * w[:, None], 0) / total
+        tl.store(out_ptr + b * so_b + h * so_h + d, out.to(out_ptr.dtype.element_ty))
+        if WITH_LSE:
+            tl.store(lse_out_ptr + row, top + tl.log2(total))
+
+    return _partial, _merge
+
+
+class TritonDecodeBackend:
+    """Decode batches by the Triton kernels above; any other batch by ``fallback``.
+
+    Args:
+        cache: the paged cache (fp16 or bf16, ``head_dim`` a power of two >= 16).
+        num_qo_heads: query heads.
+        fallback: the backend for batches that are not decode-only (flashinfer).
+        sm_count: the device's multiprocessors (sets how many splits fill it).
+    """
+
+    name = "triton"
+    PAGES_PER_BLOCK = 4  # pages each loop iteration reads (64 tokens at page 16)
+
+    def __init__(self, cache: PagedKVCacheManager, num_qo_heads: int, fallback: Any) -> None:
+        self.cache = cache
+        self.num_qo_heads = num_qo_heads
+        self.group = num_qo_heads // cache.num_heads
+        self.fallback = fallback
+        self.workspace = getattr(fallback, "workspace", None)
+        self.sm_count = torch.cuda.get_device_properties(cache.device).multi_processor_count
+        self._decode: Optional[tuple[Any, ...]] = None  # indptr, indices, last, splits, scale
+
+    def plan(self, batch: AttentionBatch, q_dtype: torch.dtype) -> None:
+        if not batch.decode_only or batch.window_left >= 0 or batch.logits_soft_cap:
+            self._decode = None
+            self.fallback.plan(batch, q_dtype)
+            return
+        packed, device = batch.packed, self.cache.device
+        indptr = packed.device_indptr
+        if indptr is None:
+            indptr = packed.kv_page_indptr.to(device, non_blocking=True)
+        last = packed.device_last_page_len
+        if last is None:
+            last = packed.kv_last_page_len.to(device, non_blocking=True)
+        indices = packed.kv_page_indices.to(device, non_blocking=True)
+        longest = int(batch.kv_lens.max()) if batch.batch_size else 1
+        self._decode = (indptr, indices, last, self._splits(batch.batch_size, longest),
+                        batch.sm_scale * LOG2E)  # fmt: skip
+
+    def _splits(self, batch_size: int, longest: int) -> int:
+        """Splits per (request, KV head): enough programs for two waves over the device,
+        no more than the longest request's blocks (a power of two: one kernel each)."""
+        programs = max(batch_size * self.cache.num_heads, 1)
+        blocks = -(-longest // (self.PAGES_PER_BLOCK * self.cache.page_size))
+        want = min(-(-2 * self.sm_count // programs), blocks, 64)
+        return 1 << max(0, math.ceil(math.log2(max(want, 1))))
+
+    def run(
+        self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self._decode is None:
+            return self.fallback.run(q, layer, return_lse, out)  # type: ignore[no-any-return]
+        global _kernels
+        if _kernels is None:
+            _kernels = _build()
+        partial, merge = _kernels
+        indptr, indices, last, splits, scale = self._decode
+        cache, n = self.cache, q.shape[0]
+        k, v = cache.kv_pairs[layer]  # [pages, page_size, heads, D] (NHD) or its HND view
+        if cache.kv_layout == "HND":  # index by (page, token, head) either way
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        d = cache.head_dim
+        parts = torch.empty(n * self.num_qo_heads * splits, d, dtype=torch.float32, device=q.device)
+        lse_parts = torch.empty(
+            n * self.num_qo_heads * splits, dtype=torch.float32, device=q.device
+        )
+        partial[(n, cache.num_heads, splits)](
+            q, k, v, indptr, indices, last, parts, lse_parts, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), GROUP=self.group,
+            G_PAD=max(16, 1 << (self.group - 1).bit_length()), D=d, PS=cache.page_size,
+            PAGES=self.PAGES_PER_BLOCK, SPLITS=splits,
+        )  # fmt: skip
+        result = torch.empty_like(q) if out is None else out
+        lse = (
+            torch.empty(n, self.num_qo_heads, dtype=torch.float32, device=q.device)
+            if return_lse
+            else parts
+        )
+        merge[(n, self.num_qo_heads)](
+            parts, lse_parts, result, lse, result.stride(0), result.stride(1),
+            D=d, SPLITS=splits, WITH_LSE=return_lse,
+        )  # fmt: skip
+        return result, (lse if return_lse else None)

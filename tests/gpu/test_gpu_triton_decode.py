@@ -1,0 +1,90 @@
+"""The Triton decode backend against the torch backend (float32 math over the same
+pages), on full paged caches and on head-wise ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqattn import CacheDescriptor, PagedAttention, PagedKVCacheManager
+from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache
+from tests.gpu.conftest import flashinfer_or_skip
+
+pytestmark = pytest.mark.gpu
+
+
+def triton_or_skip() -> None:
+    flashinfer_or_skip()  # prefill steps fall back to it
+    pytest.importorskip("triton", reason="needs triton")
+
+
+@pytest.mark.parametrize(
+    "dtype, layout, kv_heads, group, head_dim, lens",
+    [
+        (torch.float16, "NHD", 8, 4, 128, [1, 15, 16, 17, 700, 3000]),
+        (torch.bfloat16, "HND", 2, 8, 64, [33, 4096]),
+        (torch.float16, "NHD", 4, 1, 256, [5, 64, 65]),
+        (torch.bfloat16, "NHD", 1, 2, 128, [1] * 40 + [5000]),
+    ],
+)
+def test_decode_equals_the_torch_backend(dtype, layout, kv_heads, group, head_dim, lens) -> None:
+    triton_or_skip()
+    pages = sum(-(-n // 16) for n in lens) + 4
+    cache = PagedKVCacheManager(pages, 16, kv_heads, head_dim, dtype, "cuda", layout,
+                                num_layers=2)  # fmt: skip
+    cache.kv_data.normal_(generator=torch.Generator("cuda").manual_seed(0))
+    desc = CacheDescriptor(cache)
+    ids = list(range(len(lens)))
+    desc.allocate(ids, lens)
+    step = desc.pack_for_flashinfer(ids, [1] * len(ids), device="cuda")
+    q = torch.randn(len(ids), kv_heads * group, head_dim, dtype=dtype, device="cuda")
+    results = {}
+    for backend in ("triton", "torch"):
+        attention = PagedAttention(cache, kv_heads * group, backend=backend)
+        attention.plan(step, sm_scale=0.07)
+        results[backend] = attention.run(q, layer=1, return_lse=True)
+    (out, lse), (ref, ref_lse) = results["triton"], results["torch"]
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_prefill_steps_fall_back_to_flashinfer() -> None:
+    triton_or_skip()
+    cache = PagedKVCacheManager(32, 16, 2, 64, torch.float16, "cuda", num_layers=1)
+    cache.kv_data.normal_()
+    desc = CacheDescriptor(cache)
+    desc.allocate([0, 1], [40, 9])
+    step = desc.pack_for_flashinfer([0, 1], [40, 9], device="cuda")
+    q = torch.randn(49, 8, 64, dtype=torch.float16, device="cuda")
+    outs = []
+    for backend in ("triton", "flashinfer"):
+        attention = PagedAttention(cache, 8, backend=backend)
+        attention.plan(step)
+        outs.append(attention.run(q, 0))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_headwise_decode_on_triton_equals_flashinfer() -> None:
+    triton_or_skip()
+    cache = HeadwiseKVCache(2048, 16, num_layers=3, num_kv_heads=4, head_dim=128,
+                            dtype=torch.float16, device="cuda")  # fmt: skip
+    gen = torch.Generator("cuda").manual_seed(1)
+    ids, lens = [0, 1, 2], [300, 1000, 37]
+    cache.add_sequences(ids)
+    for layer in range(3):
+        for seq, n in zip(ids, lens, strict=True):
+            k, v = torch.randn(2, n, 4, 128, generator=gen, device="cuda").half()
+            cache.append(layer, [seq], k, v, [n])
+            keep = [torch.arange(0, n, 2 + h + layer) for h in range(4)]  # heads differ
+            cache.compress(layer, seq, keep)
+    attentions = {b: HeadwiseAttention(cache, 16, backend=b) for b in ("triton", "flashinfer")}
+    for _ in range(3):  # decode steps: a token in every layer, each layer its own lengths
+        step = cache.begin_step(ids)
+        for attention in attentions.values():
+            attention.plan_step(step)
+        for layer in range(3):
+            k, v = torch.randn(2, 3, 4, 128, generator=gen, device="cuda").half()
+            cache.write(step, layer, k, v)
+            q = torch.randn(3, 16, 128, generator=gen, device="cuda").half()
+            got, want = (attentions[b].run(q, layer) for b in ("triton", "flashinfer"))
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)

@@ -3,8 +3,8 @@
 A fresh GPU machine spends minutes compiling flashinfer's kernels (GPU.md). flashinfer
 loads a module without compiling it when ``<package>/data/aot/<name>/<name>.so``
 exists, so the ``.so`` files one run compiled (``~/.cache/flashinfer/<version>/<arch>/
-cached_ops/<name>/<name>.so``) can be packed into a few parts that come back under
-``$OUT``, carried with the next call, and unpacked there:
+cached_ops/<name>/<name>.so``), with those restored earlier, can be packed into a few
+parts that come back under ``$OUT``, carried with the next call, and unpacked there:
 
     python3 scripts/flashinfer_cache.py save $OUT/fi      # parts of 15 MiB, xz
     python3 scripts/flashinfer_cache.py restore .ficache  # into the installed package
@@ -30,8 +30,12 @@ def _version() -> str:
 
 
 def save(target: Path) -> None:
+    import flashinfer
+
     cache = Path.home() / ".cache" / "flashinfer" / _version()
-    modules = sorted(cache.glob("*/cached_ops/*/*.so"))
+    restored = Path(flashinfer.__file__).parent / "data" / "aot"  # what restore() put there
+    found = {so.name: so for so in [*restored.glob("*/*.so"), *cache.glob("*/cached_ops/*/*.so")]}
+    modules = sorted(found.values(), key=lambda so: so.name)
     data = io.BytesIO()
     with tarfile.open(fileobj=data, mode="w") as tar:
         for so in modules:

@@ -302,9 +302,10 @@ class PagedKVCacheManager:
         indptr, last = packed.device_indptr, packed.device_last_page_len
         if indptr is not None and last is not None:  # packed: all on the device already
             return rows, positions, packed.kv_page_indices, indptr, last
-        # built by hand: moved here, each call
-        moved = (packed.kv_page_indices, packed.kv_page_indptr, packed.kv_last_page_len)
-        return (rows, positions, *(t.to(self.device, non_blocking=True) for t in moved))
+        # packed without a device, or built by hand: moved here, each call
+        moved = (rows, positions, packed.kv_page_indices, packed.kv_page_indptr,
+                 packed.kv_last_page_len)  # fmt: skip
+        return tuple(t.to(self.device, non_blocking=True) for t in moved)
 
     def check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Raise TensorSpecError unless keys/values fit ``[nnz, num_heads, head_dim]`` here."""

@@ -135,3 +135,21 @@ def test_float32_cuda_cache_appends_with_torch():
     host = desc.pack_for_flashinfer([0, 1])
     got_k, got_v = read_back(cache, host, 1)
     assert torch.equal(got_k, k[5:]) and torch.equal(got_v, v[5:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_step_packed_on_the_host_appends_to_a_cuda_cache(dtype):
+    """pack_for_flashinfer(ids, append_lens) without a device (the seed's call) feeds
+    append_kv on a CUDA cache: its rows and positions go up with the page table."""
+    if dtype == torch.float16:
+        flashinfer_or_skip()
+    cache = PagedKVCacheManager(16, 4, 2, 64, dtype, "cuda")
+    desc = CacheDescriptor(cache)
+    desc.allocate([0, 1], [5, 3])
+    packed = desc.pack_for_flashinfer([0, 1], append_lens=[5, 3])  # host tensors
+    k, v = torch.randn(2, 8, 2, 64, device="cuda").to(dtype).unbind(0)
+    cache.append_kv(k, v, packed)
+    got_k, got_v = read_back(cache, packed, 0)
+    assert torch.equal(got_k, k[:5]) and torch.equal(got_v, v[:5])
+    got_k, _ = read_back(cache, packed, 1)
+    assert torch.equal(got_k, k[5:])

@@ -300,12 +300,13 @@ class PagedKVCacheManager:
             host = derived_append(packed, given, nnz, self.page_size)
             rows, positions = upload(self.device, list(host))[0]
         indptr, last = packed.device_indptr, packed.device_last_page_len
-        if indptr is not None and last is not None:  # packed: all on the device already
-            return rows, positions, packed.kv_page_indices, indptr, last
-        # packed without a device, or built by hand: moved here, each call
-        moved = (rows, positions, packed.kv_page_indices, packed.kv_page_indptr,
-                 packed.kv_last_page_len)  # fmt: skip
-        return tuple(t.to(self.device, non_blocking=True) for t in moved)
+        if indptr is None or last is None:  # built by hand
+            indptr, last = packed.kv_page_indptr, packed.kv_last_page_len
+        metadata = (rows, positions, packed.kv_page_indices, indptr, last)
+        if all(t.device == self.device for t in metadata):  # packed for this device
+            return metadata
+        # packed on the host (no device given) or built by hand: moved here, each call
+        return tuple(t.to(self.device, non_blocking=True) for t in metadata)
 
     def check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Raise TensorSpecError unless keys/values fit ``[nnz, num_heads, head_dim]`` here."""

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .._checks import INT64_MAX, exact_bool, exact_int, id_list, int_array, shown
+from .._checks import INT64_MAX, exact_bool, exact_int, shown
 from .._flashinfer import flashinfer_or_none
 from ..attention import PagedAttention
 from ..attention.paged_attention import BACKENDS
@@ -24,13 +24,12 @@ from ..errors import (
     ArgumentTypeError,
     InvalidArgumentError,
     InvalidLengthError,
-    TensorSpecError,
 )
 from ..packed_data import FlashInferPackedData
-from ..page_table import check_distinct
 from ..parallel import step_fingerprint
 from ..storage import PagedKVCacheManager
 from .hf_attention import ATTENTION_NAME, StepContext, register
+from .hf_inputs import batch_ids, check_allocated, check_device_tokens, token_row, token_rows
 from .hf_parallel import model_ranks
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -223,10 +222,10 @@ class PagedCausalLM:
             DuplicateSequenceError: an id listed twice.
             UnknownSequenceError: an id that is not live.
         """
-        seq_ids = self._batch_ids(seq_ids)
-        rows = self._token_rows(tokens, len(seq_ids))
+        seq_ids = batch_ids(seq_ids)
+        rows = token_rows(tokens, len(seq_ids), self.vocab_size)
         lens = np.array([row.size for row in rows], dtype=np.int64)
-        self._check_allocated(seq_ids, lens)
+        check_allocated(self.descriptor, seq_ids, lens)
         return self._run(seq_ids, lens, np.concatenate(rows))
 
     @torch.inference_mode()
@@ -259,16 +258,16 @@ class PagedCausalLM:
                 or an empty sequence.
             DuplicateSequenceError, UnknownSequenceError: as :meth:`forward`.
         """
-        seq_ids = self._batch_ids(seq_ids)
+        seq_ids = batch_ids(seq_ids)
         n = len(seq_ids)
         if isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu":
             check_device_tokens(tokens, n, self.device)
         else:
-            tokens = self._token_row(tokens, "tokens")
+            tokens = token_row(tokens, "tokens", self.vocab_size)
             if tokens.size != n:
                 raise InvalidLengthError(f"pass one token per sequence ({n}), got {tokens.size}")
         ones = np.ones(n, np.int64)
-        self._check_allocated(seq_ids, ones)
+        check_allocated(self.descriptor, seq_ids, ones)
         return self._run(seq_ids, ones, tokens, graphs=n <= self.graph_batch_limit())
 
     def _run(
@@ -297,51 +296,6 @@ class PagedCausalLM:
             use_cache=False, logits_to_keep=step.last_rows, seqattn_step=context,
         )  # fmt: skip
         return output.logits[0]
-
-    # --------------------------------------------------------------------- checks
-    def _batch_ids(self, seq_ids: object) -> list[int]:
-        """A step's sequence ids: integers, at least one, none twice."""
-        ids = id_list(seq_ids, "seq_ids")
-        if not ids:
-            raise InvalidLengthError("a forward needs at least one sequence, got none")
-        check_distinct(ids)
-        return ids
-
-    def _token_row(self, tokens: object, what: str) -> np.ndarray:
-        """``[n]`` int64 token ids, each inside the model's vocabulary."""
-        row = int_array(tokens, what)
-        if row.size and (int(row.min()) < 0 or int(row.max()) >= self.vocab_size):
-            bad = row[(row < 0) | (row >= self.vocab_size)][:8].tolist()
-            raise InvalidArgumentError(
-                f"{what}: token ids must lie in [0, {self.vocab_size}) (the model's "
-                f"vocabulary), got {bad}"
-            )
-        return row
-
-    def _token_rows(self, tokens: Any, n: int) -> list[np.ndarray]:
-        """One non-empty checked row per sequence."""
-        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
-            raise ArgumentTypeError(
-                f"tokens must be one sequence of token ids per sequence, got {shown(tokens)}"
-            )
-        rows = [self._token_row(row, f"tokens[{i}]") for i, row in enumerate(tokens)]
-        if len(rows) != n:
-            raise InvalidLengthError(f"pass one token row per sequence ({n}), got {len(rows)}")
-        empty = [i for i, row in enumerate(rows) if row.size == 0]
-        if empty:
-            raise InvalidLengthError(f"every token row needs a token; rows {empty[:8]} are empty")
-        return rows
-
-    def _check_allocated(self, seq_ids: list[int], new: np.ndarray) -> None:
-        """Each sequence already holds its new tokens (allocated before the forward)."""
-        lens = self.descriptor.seq_lens(seq_ids)
-        short = np.flatnonzero(lens < new)
-        if short.size:
-            i = int(short[0])
-            raise InvalidLengthError(
-                f"sequence {seq_ids[i]} holds {int(lens[i])} tokens, fewer than the "
-                f"{int(new[i])} new ones passed: allocate them first"
-            )
 
     # --------------------------------------------------------------- CUDA graphs
     def enable_cuda_graphs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> bool:
@@ -385,18 +339,6 @@ class PagedCausalLM:
         """The largest decode batch a graph takes (0: graphs off)."""
         graphs = None if self._graphs is None else self._graphs.attention.graphs
         return 0 if graphs is None else graphs.batch_sizes[-1]
-
-
-def check_device_tokens(tokens: torch.Tensor, n: int, device: torch.device) -> None:
-    """dtype, shape and device of tokens on the device (values stay unread)."""
-    where = tokens.device
-    index_ok = None in (where.index, device.index) or where.index == device.index
-    same = where.type == device.type and index_ok
-    if tokens.dtype != torch.int64 or tuple(tokens.shape) != (n,) or not same:
-        raise TensorSpecError(
-            f"tokens on the device must be torch.int64 of shape [{n}] on {device}, got "
-            f"{tokens.dtype} of shape {list(tokens.shape)} on {tokens.device}"
-        )
 
 
 def rank_settings(model: Any, **settings: Any) -> dict[str, str]:

@@ -169,3 +169,15 @@ def test_the_engine_switches_its_runner_and_keeps_it_by_default() -> None:
     assert runner.compiled is not None and runner.compiled.mode == "default"
     runner.enable_compile("max-autotune-no-cudagraphs")
     assert runner.compiled.mode == "max-autotune-no-cudagraphs"
+
+
+def test_runners_made_one_after_another_each_compile(fresh_dynamo) -> None:
+    """Dynamo stops compiling a code object after ``recompile_limit`` variants and runs
+    it eagerly: each runner compiles a code object of its own, so a second runner of
+    another model (another guard) is compiled too, not silently run eagerly."""
+    params = SamplingParams(max_new_tokens=3)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for family in ("llama", "qwen3"):
+            runner = PagedCausalLM(tiny_model(family), num_pages=64, page_size=4, compile=True)
+            Engine(runner).generate(PROMPTS[:2], params)
+            assert runner.compiled is not None and runner.compiled.compiles == 1, family

@@ -25,7 +25,10 @@ it (dynamo's tracing still runs). ``torch.compiler.save_cache_artifacts()`` /
 
 from __future__ import annotations
 
+import itertools
+import sys
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Optional
@@ -147,6 +150,14 @@ class CompiledDecode:
     """A model's decode forward compiled by ``torch.compile`` (inductor), batch
     dimension dynamic.
 
+    Each instance compiles a copy of :func:`decode_forward` of its own, so that runners
+    made one after another in a process (tests, benchmarks) do not share dynamo's state:
+    it stops compiling a code object after ``torch._dynamo.config.recompile_limit`` (8)
+    variants, running it eagerly from then on, and it makes a size or float that
+    differed between two calls of a frame symbolic in the next compile (another model's
+    head_dim or scale would). Graphs identical to earlier ones come from inductor's
+    caches, in seconds.
+
     Args:
         model: the ``*ForCausalLM``, already on seqattn's attention.
         kv_data: the cache's storage, ``PagedKVCacheManager.kv_data``.
@@ -167,20 +178,12 @@ class CompiledDecode:
         self.options = list_mode_options(mode)
         self.compiles = 0
         self.compile_seconds = 0.0
-        self._compiled = torch.compile(self._forward, backend=self._inductor)
+        self._compiled = torch.compile(own_code(decode_forward), backend=self._inductor)
 
     def _inductor(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         """inductor with the mode's options, counting what it compiles."""
         self.compiles += 1
         return torch._inductor.compile(graph, example_inputs, options=self.options)
-
-    def _forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, kv_cache: torch.Tensor
-    ) -> torch.Tensor:
-        return self.model(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False,
-            logits_to_keep=0, seqattn_kv=kv_cache,  # a decode row is its sequence's last
-        ).logits[0]  # fmt: skip
 
     def __call__(
         self, context: StepContext, input_ids: torch.Tensor, position_ids: torch.Tensor
@@ -198,7 +201,7 @@ class CompiledDecode:
             torch._dynamo.mark_dynamic(position_ids, 1)
         compiles, start = self.compiles, time.perf_counter()
         with current_step(context, self.kv_data):
-            logits = self._compiled(input_ids, position_ids, self.kv_data)
+            logits = self._compiled(self.model, input_ids, position_ids, self.kv_data)
         if self.compiles != compiles:
             self.compile_seconds += time.perf_counter() - start
         return logits  # type: ignore[no-any-return]
@@ -212,6 +215,34 @@ class CompiledDecode:
         with torch.inference_mode():
             ids, where = (t.to(torch.long, copy=True)[None] for t in (tokens, positions))
         return self(context, ids, where)
+
+
+def decode_forward(
+    model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, kv_cache: torch.Tensor
+) -> torch.Tensor:
+    """What is compiled: the model's forward over a decode step, logits
+    ``[rows, vocab_size]``; every row is its sequence's last, so all are kept."""
+    return model(  # type: ignore[no-any-return]
+        input_ids=input_ids, position_ids=position_ids, use_cache=False,
+        logits_to_keep=0, seqattn_kv=kv_cache,
+    ).logits[0]  # fmt: skip
+
+
+def own_code(function: types.FunctionType) -> types.FunctionType:
+    """A copy of ``function`` with a code object and a name of its own: dynamo keeps
+    compiled code per code object, and what it learned of a frame's shapes (automatic
+    dynamic: a size or float attribute that changed becomes symbolic) per file, line
+    and name; a runner must not learn from another runner's model."""
+    name = f"{function.__name__}_{next(_COPIES)}"
+    names = {"co_name": name}
+    if sys.version_info >= (3, 11):  # code objects know their qualified name since 3.11
+        names["co_qualname"] = name
+    code = function.__code__.replace(**names)  # type: ignore[arg-type]
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__,
+                              function.__closure__)  # fmt: skip
+
+
+_COPIES = itertools.count()
 
 
 def checked_compile(

@@ -14,6 +14,12 @@ specializes size 1, a second graph), and CUDA graphs capture the compiled forwar
 batch bucket as they capture the eager one. Prefill and mixed steps stay eager: their
 token counts change every step, and they are few (one per prompt chunk).
 
+Off by default (``PagedCausalLM(compile=True)`` or ``Engine(compile=True)`` turn it on):
+the compile costs seconds to minutes in the first decode step of every process, on
+the CPU it gains nothing measurable (a tiny model's step is host-bound, a larger one's
+matmul-bound), and on CUDA its gain over CUDA graphs of the eager forward is still to
+be measured (``benchmarks/bench_generate.py`` prints both).
+
 Compile time is paid in the first decode step of each graph (tens of seconds for a
 billion-parameter model; see :attr:`CompiledDecode.compile_seconds`). Inductor keeps
 compiled kernels and graphs on disk (its FX graph and AOTAutograd caches, on by

@@ -81,11 +81,10 @@ class Engine:
             (powers of two up to ``max_batch_size``, or up to the pool's page count if
             that is smaller: no more requests can decode at once), where the runner can:
             CUDA, flashinfer, one attention variant for all layers; ignored otherwise.
-        compile: run decode steps through ``torch.compile`` (True), eagerly (False), or
-            as the runner was built (None, the default; ``PagedCausalLM(compile=...)``,
-            itself off by default). With CUDA graphs, the graphs replay the compiled
-            forward. The first decode step of each compiled graph pays the compile
-            (``runner.compile_seconds``).
+        compile: decode through ``torch.compile`` (True), eagerly (False), or as the
+            runner was built (None, the default; ``PagedCausalLM`` compiles only when
+            asked). CUDA graphs then replay the compiled forward; the first decode step
+            of each compiled graph pays the compile (``runner.compile_seconds``).
 
     Requests end at a stop token of their :class:`SamplingParams`, at the model's
     end-of-sequence token(s) (``runner.model.generation_config.eos_token_id``, read here
@@ -105,6 +104,8 @@ class Engine:
             config that is not an integer.
         InvalidArgumentError: ``max_batch_size`` or ``max_step_tokens`` < 1, or a seed
             outside torch's range ``[-2**63, 2**64)``.
+        MissingDependencyError: ``compile=True`` where inductor has no compiler (a C++
+            compiler on the CPU, triton on CUDA); the runner is left as it was.
 
     Example:
         >>> import torch

@@ -220,12 +220,13 @@ class PagedCausalLM:
         the constructor checks ``compile_mode``; nothing changes if that raises."""
         checked = str(checked_compile(True, mode, self.device, self.ranks is not None))
         if self.compiled is None or self.compiled.mode != checked:
-            self.disable_compile()
+            if self._graphs is not None:
+                self._graphs.forget()  # they replay the other forward
             self.compiled = CompiledDecode(self.model, self.cache.kv_data, checked)
 
     def disable_compile(self) -> None:
         """Run decode steps eagerly from now on (graphs captured so far are dropped)."""
-        if self._graphs is not None:
+        if self.compiled is not None and self._graphs is not None:
             self._graphs.forget()
         self.compiled = None
 

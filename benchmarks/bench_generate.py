@@ -5,7 +5,10 @@ Workload (issue 8): a random-weight Llama (16 layers, hidden 2048, intermediate 
 256 generated tokens each, greedy, no stop token. The same model weights and prompts go
 through:
 
-- seqattn: ``Engine`` over ``PagedCausalLM`` (flashinfer attention on the paged cache);
+- seqattn: ``Engine`` over ``PagedCausalLM`` (flashinfer attention on the paged cache),
+  three ways on CUDA: decode steps compiled by ``torch.compile`` and replayed from CUDA
+  graphs, CUDA graphs of the eager forward, and eager (``--compile`` adds the compiled
+  row on the CPU; ``--skip compile`` drops it on CUDA; the compile time is printed);
 - HF ``generate_batch`` (continuous batching, ``attn_implementation="paged|sdpa"``);
 - HF ``generate`` with sdpa (one left-padded batch).
 
@@ -76,17 +79,20 @@ def sync(device: str) -> None:
 
 
 def run_seqattn(
-    model: Any, prompts: list[list[int]], args: argparse.Namespace, graphs: bool
-) -> dict:
+    model: Any, prompts: list[list[int]], args: argparse.Namespace, graphs: bool,
+    compile: bool = False,
+) -> dict:  # fmt: skip
     page_size = 16
     per_request = -(-(args.prompt_len + args.new_tokens) // page_size) + 1
     runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size,
-                           backend=args.backend)  # fmt: skip
+                           backend=args.backend, compile=compile,
+                           compile_mode=args.compile_mode)  # fmt: skip
     engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens,
                     cuda_graphs=graphs)  # fmt: skip
     params = SamplingParams(max_new_tokens=args.new_tokens)
-    # warm-up at the run's shapes: kernels, GEMM plans, allocator caches, and the CUDA
-    # graph of the full batch (enough new tokens that all requests decode together)
+    # warm-up at the run's shapes: kernels, GEMM plans, allocator caches, the compiled
+    # decode and the CUDA graph of the full batch (enough new tokens that all requests
+    # decode together)
     engine.generate(prompts, SamplingParams(max_new_tokens=8))
     runner.descriptor.prefix_cache.clear()
     sync(args.device)
@@ -111,10 +117,12 @@ def run_seqattn(
     if getattr(args, "profile", False) and args.device == "cuda":
         profile = profile_decode(engine, prompts, decode_step, graphs)
     runner.disable_cuda_graphs()  # freed now: NCCL cannot tear down under captured graphs
+    compiled = runner.compiled
+    compiling = None if compiled is None else (compiled.compile_seconds, compiled.compiles)
     return dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
                 steps=engine.stats.steps, decode_step=decode_step,
                 first_steps=first_steps, ttft_max=max(ttft), syncs=syncs,
-                profile=profile)  # fmt: skip
+                profile=profile, compiling=compiling)  # fmt: skip
 
 
 def profile_decode(engine: Engine, prompts: list[list[int]], step_s: float, graphs: bool) -> str:
@@ -129,7 +137,8 @@ def profile_decode(engine: Engine, prompts: list[list[int]], step_s: float, grap
     finally:
         while engine.has_work:
             engine.step()
-    title = f"decode step profile ({'CUDA graphs' if graphs else 'eager'})"
+    compiled = " compiled" if engine.runner.compiled is not None else ""
+    title = f"decode step profile ({'CUDA graphs' if graphs else 'eager'}{compiled})"
     return format_breakdown(title, found, step_s * 1e3)
 
 
@@ -273,8 +282,15 @@ def main() -> None:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated: graphs,generate_batch,generate",
+        help="comma-separated: compile,graphs,generate_batch,generate",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also the compiled decode on the CPU (always on CUDA)",
+    )
+    parser.add_argument("--compile-mode", default="default",
+                        help="default or max-autotune-no-cudagraphs")  # fmt: skip
     parser.add_argument("--dtype", help="model dtype (default bf16 on cuda, float32 on cpu)")
     parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
     parser.add_argument("--profile", action="store_true", help="kernel time by kind per step")
@@ -290,12 +306,16 @@ def main() -> None:
                             generator=gen).tolist()  # fmt: skip
     copy_bw = copy_bandwidth() if args.device == "cuda" else float("nan")
     results = {}
-    if args.device == "cuda" and "graphs" not in args.skip:
+    skip = set(args.skip.split(","))
+    graphs = args.device == "cuda" and "graphs" not in skip
+    if (args.device == "cuda" or args.compile) and "compile" not in skip:
+        label = "seqattn engine, compiled + CUDA graphs" if graphs else "seqattn engine, compiled"
+        results[label] = run_seqattn(model, prompts, args, graphs=graphs, compile=True)
+    if graphs:
         results["seqattn engine, CUDA graphs"] = run_seqattn(model, prompts, args, graphs=True)
     results["seqattn engine, eager"] = run_seqattn(model, prompts, args, graphs=False)
     if args.device == "cuda":
         torch.cuda.empty_cache()  # the engine's KV pool goes back before HF sizes its own
-    skip = set(args.skip.split(","))
     if "generate_batch" not in skip:
         results["HF generate_batch (paged|sdpa)"] = run_hf_generate_batch(model, prompts, args)
     if "generate" not in skip:
@@ -314,13 +334,18 @@ def report(model: Any, prompts: list[list[int]], args: argparse.Namespace, resul
           f"{model.dtype}; {args.requests} requests x {args.prompt_len} prompt tokens, "
           f"{args.new_tokens} generated each, greedy")  # fmt: skip
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
-    ours = next(iter(results.values()))  # the fastest seqattn path run: graphs when on CUDA
+    ours = next(iter(results.values()))  # the fastest seqattn path run: compiled + graphs on CUDA
     print(f"bandwidth floor: {floor:.2f} s, {tokens / floor:,.0f} tok/s; seqattn reaches "
           f"{floor / ours['wall']:.1%} of it ({ours['steps']} engine steps)")  # fmt: skip
     per_step = floor / args.new_tokens
     for r in results.values():
         if r.get("profile"):
             print(r["profile"])
+    for label, r in results.items():
+        if r.get("compiling"):
+            seconds, count = r["compiling"]
+            print(f"{label}: torch.compile {seconds:.1f} s, graphs compiled: {count} (mode "
+                  f"{args.compile_mode}; inductor's cache: TORCHINDUCTOR_CACHE_DIR)")  # fmt: skip
     for label, r in results.items():
         if "decode_step" in r:
             print(

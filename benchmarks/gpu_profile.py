@@ -17,8 +17,14 @@ import torch
 
 KINDS = (
     ("collective", ("nccl", "allreduce", "all_reduce", "one_shot", "two_shot", "symm")),
+    # inductor's fused pointwise / reduction kernels (torch.compile), before the kinds
+    # below: their names list the ops fused ("..._to_copy_..._paged_attention_...")
+    ("fused (inductor)", ("triton_poi", "triton_per", "triton_red")),
     ("attention", ("flashinfer", "batchdecode", "batchprefill", "paged", "prefill", "decode")),
-    ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "wgmma")),
+    (
+        "matmul",
+        ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "wgmma", "triton_tem"),
+    ),
     ("copy", ("memcpy", "memset", "copy")),
 )
 

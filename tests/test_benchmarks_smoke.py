@@ -46,6 +46,34 @@ def test_generate_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> None:
     assert judged == "top-1 100.0%; largest gap to the top logit 0.000"
 
 
+def test_generate_benchmark_compiles_on_the_cpu(monkeypatch, capsys) -> None:
+    """``--compile``: the compiled engine's row beside the eager one, its compile time,
+    and float32 tokens equal to HF's."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from seqattn.errors import MissingDependencyError
+    from seqattn.integrations.compiled import check_compiler
+
+    try:
+        check_compiler(torch.device("cpu"))
+    except MissingDependencyError as error:
+        pytest.skip(f"inductor cannot compile here: {error}")
+    torch._dynamo.reset()  # compiled code outlives runners: count this run's graphs only
+    argv = ["bench_generate.py", "--device", "cpu", "--quick", "--tiny", "--requests", "4"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--prompt-len", "32", "--new-tokens", "8",
+                                      "--compile", "--skip", "generate_batch"])  # fmt: skip
+    monkeypatch.syspath_prepend("benchmarks")
+    runpy.run_path("benchmarks/bench_generate.py", run_name="__main__")
+    out = capsys.readouterr().out
+    for path in ("seqattn engine, compiled", "seqattn engine, eager", "HF generate (sdpa)"):
+        assert f"| {path} |" in out
+    assert "seqattn engine, compiled: torch.compile " in out
+    assert "graphs compiled: 1 (mode default" in out  # all 4 requests decode together
+    compiled = "seqattn engine, compiled: tokens identical to HF generate: "
+    assert f"{compiled}100.0%; earliest divergence: none" in out
+
+
 def test_tensor_parallel_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys) -> None:
     """Two gloo ranks against one, a 2-layer model: float32 tokens agree across runs."""
     pytest.importorskip("transformers")

@@ -39,10 +39,8 @@ class PagedAttention:
         cache: the paged K/V storage (its ``num_heads`` are the KV heads).
         num_qo_heads: query heads; a multiple of the KV heads (GQA/MQA/MHA).
         backend: ``"flashinfer"``, ``"torch"``, or ``"auto"``: flashinfer for a CUDA cache
-            when it imports, torch otherwise. ``"triton"``: decode steps by seqattn's
-            Triton kernel, which needs no host-side plan (:mod:`.triton_decode`; fp16 or
-            bf16, power-of-two head_dim; no cascade, window or soft cap in decode),
-            every other step by flashinfer.
+            when it imports, torch otherwise. ``"triton"``: decode steps by a kernel that
+            needs no host-side plan (:mod:`.triton_decode`), the rest by flashinfer.
         workspace_bytes: flashinfer's float workspace (shared by its wrappers).
         workspace: a flashinfer float workspace to use instead of allocating one, e.g.
             another ``PagedAttention``'s (``attention.workspace``): runs on one stream
@@ -192,9 +190,8 @@ class PagedAttention:
             rows = self.graphs.plan(batch, plan_options(batch, q_dtype, cache.dtype))
             split = self.graphs.cascade
         else:
-            split = None
-            if self.impl.name != "triton":  # Triton decodes every row whole
-                split = choose_split(batch, cascade, cache.page_size, self.cascade_min_saved_tokens)
+            split = choose_split(batch, cascade, cache.page_size, self.cascade_min_saved_tokens)
+            split = None if self.impl.name == "triton" else split  # it decodes rows whole
             rows = batch.num_query_tokens
             if split is None:
                 self.impl.plan(batch, q_dtype)
@@ -320,13 +317,11 @@ class PagedAttention:
 
     def _shared_backend(self) -> Backend:
         """The shared level's backend of cascade steps (its own wrappers, one workspace)."""
-        impl = self.impl
+        impl, cache, heads = self.impl, self.cache, self.num_qo_heads
         if self._shared_impl is None and isinstance(impl, FlashInferAttentionBackend):
-            self._shared_impl = FlashInferAttentionBackend(
-                self.cache, self.num_qo_heads, workspace=impl.workspace
-            )
+            self._shared_impl = FlashInferAttentionBackend(cache, heads, workspace=impl.workspace)
         if self._shared_impl is None:
-            self._shared_impl = TorchAttentionBackend(self.cache, self.num_qo_heads)
+            self._shared_impl = TorchAttentionBackend(cache, heads)
         return self._shared_impl
 
 

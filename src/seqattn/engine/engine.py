@@ -81,6 +81,10 @@ class Engine:
             (powers of two up to ``max_batch_size``, or up to the pool's page count if
             that is smaller: no more requests can decode at once), where the runner can:
             CUDA, flashinfer, one attention variant for all layers; ignored otherwise.
+        compile: decode through ``torch.compile`` (True), eagerly (False), or as the
+            runner was built (None, the default; ``PagedCausalLM`` compiles only when
+            asked). CUDA graphs then replay the compiled forward; the first decode step
+            of each compiled graph pays the compile (``runner.compile_seconds``).
 
     Requests end at a stop token of their :class:`SamplingParams`, at the model's
     end-of-sequence token(s) (``runner.model.generation_config.eos_token_id``, read here
@@ -95,10 +99,13 @@ class Engine:
 
     Raises:
         ArgumentTypeError: ``runner`` is not a :class:`PagedCausalLM`, a setting of the
-            wrong type (``max_batch_size=1.5``, ``seed="0"``, ``cuda_graphs=1``), or an
-            end-of-sequence id in the model's generation config that is not an integer.
+            wrong type (``max_batch_size=1.5``, ``seed="0"``, ``cuda_graphs=1``,
+            ``compile="yes"``), or an end-of-sequence id in the model's generation
+            config that is not an integer.
         InvalidArgumentError: ``max_batch_size`` or ``max_step_tokens`` < 1, or a seed
             outside torch's range ``[-2**63, 2**64)``.
+        MissingDependencyError: ``compile=True`` where inductor has no compiler (a C++
+            compiler on the CPU, triton on CUDA); the runner is left as it was.
 
     Example:
         >>> import torch
@@ -125,6 +132,7 @@ class Engine:
         max_step_tokens: int = 512,
         seed: int = 0,
         cuda_graphs: bool = True,
+        compile: Optional[bool] = None,
     ) -> None:
         if not isinstance(runner, PagedCausalLM):
             raise ArgumentTypeError(  # a module's repr spans many lines: its type says it
@@ -135,7 +143,12 @@ class Engine:
         max_step_tokens = exact_int(max_step_tokens, "max_step_tokens", low=1, high=INT64_MAX)
         seed = exact_int(seed, "seed", low=INT64_MIN, high=2**64 - 1)  # torch's range
         cuda_graphs = exact_bool(cuda_graphs, "cuda_graphs")
+        compile = exact_bool(compile, "compile", optional=True)
         self.eos_token_ids = eos_token_ids(runner.model)
+        if compile:  # first: it raises when inductor has no compiler, before any change
+            runner.enable_compile(runner.compiled.mode if runner.compiled else "default")
+        elif compile is not None:
+            runner.disable_compile()
         self.runner = runner
         self.descriptor = runner.descriptor
         self.device = runner.device

@@ -19,15 +19,16 @@ from .._checks import INT64_MAX, exact_bool, exact_int
 from .._flashinfer import flashinfer_or_none
 from ..attention import PagedAttention
 from ..descriptor import CacheDescriptor
-from ..errors import InvalidLengthError
 from ..packed_data import FlashInferPackedData
 from ..parallel import step_fingerprint
 from ..storage import PagedKVCacheManager
+from .compiled import CompiledDecode, checked_compile
 from .hf_attention import ATTENTION_NAME, StepContext, register
 from .hf_checks import (  # noqa: F401  (SUPPORTED_MODEL_TYPES: re-exported for the CLI)
     SUPPORTED_MODEL_TYPES,
     attention_variants,
     batch_ids,
+    check_allocated,
     check_backend,
     check_device_tokens,
     check_model,
@@ -69,9 +70,13 @@ class _DecodeGraphs:
         rows = torch.arange(bucket, device=device)  # the graph reads these by address
         context = StepContext(None, planned=self.attention)
         outputs: list[torch.Tensor] = []
+        compiled = runner.compiled  # the graph replays whichever forward it captured
 
         def forward() -> None:
             with torch.inference_mode():
+                if compiled is not None:
+                    outputs.append(compiled(context, input_ids, position_ids))
+                    return
                 outputs.append(runner.model(
                     input_ids=input_ids, position_ids=position_ids, use_cache=False,
                     logits_to_keep=rows, seqattn_step=context,
@@ -80,9 +85,13 @@ class _DecodeGraphs:
         graph = self.attention.capture(forward)
         return graph, input_ids, position_ids, rows, outputs[-1]  # replays write the last
 
-    def close(self) -> None:
+    def forget(self) -> None:
+        """Drop the captured graphs (the buckets' buffers stay)."""
         torch.cuda.synchronize(self.runner.device)  # no replay may still read what is freed
         self.captured.clear()
+
+    def close(self) -> None:
+        self.forget()
         self.attention.close()
 
 
@@ -101,6 +110,13 @@ class PagedCausalLM:
             fingerprint of every step's page table across the ranks (one all-reduce of
             two integers per step) and raise :class:`~seqattn.errors.RankMismatchError`
             naming the first step where they differ.
+        compile: run decode steps through ``torch.compile`` (inductor), with seqattn's
+            append + attention as the custom op ``seqattn::paged_attention``; prefill
+            stays eager. The first decode step pays the compile (see
+            :attr:`compile_seconds`); CUDA graphs then capture the compiled forward.
+            Off by default: see :mod:`seqattn.integrations.compiled`.
+        compile_mode: ``"default"`` or ``"max-autotune-no-cudagraphs"`` (inductor's
+            modes that make no CUDA graphs of their own).
 
     Tensor parallelism: a model loaded with transformers' ``tp_plan`` (e.g. by
     :func:`~seqattn.integrations.hf_parallel.load_tensor_parallel` under ``torchrun``)
@@ -111,11 +127,14 @@ class PagedCausalLM:
 
     Raises:
         ArgumentTypeError: ``model`` is not a torch module with a config, or an argument
-            of the wrong type (``num_pages=2.5``, ``prefix_caching=1``, ``backend=None``).
+            of the wrong type (``num_pages=2.5``, ``prefix_caching=1``, ``backend=None``,
+            ``compile="yes"``).
         InvalidArgumentError: an unsupported model family, a model without a language
-            model head (e.g. ``LlamaModel``), a size < 1, an unknown backend; sharded:
-            a rank count that does not divide the heads, or a process group whose
-            backend cannot run collectives on the model's device.
+            model head (e.g. ``LlamaModel``), a size < 1, an unknown backend or compile
+            mode; sharded: a rank count that does not divide the heads, a process group
+            whose backend cannot run collectives on the model's device, or compile.
+        MissingDependencyError: ``compile=True`` without a C++ compiler (CPU) or triton
+            (CUDA) for inductor.
         RankMismatchError: sharded, and the ranks were built differently (model config,
             pages, page size, dtype, flags).
         Every check runs before the model is switched to seqattn's attention.
@@ -142,19 +161,23 @@ class PagedCausalLM:
         prefix_caching: bool = True,
         backend: str = "auto",
         check_ranks: bool = False,
+        compile: bool = False,
+        compile_mode: str = "default",
     ) -> None:
         check_model(model)
         param = next(model.parameters())
         self.ranks = model_ranks(model, param.device)  # None unless sharded
         if self.ranks is not None:  # a collective: before anything one rank could refuse
             settings = dict(num_pages=num_pages, page_size=page_size, backend=backend,
-                            prefix_caching=prefix_caching, check_ranks=check_ranks)  # fmt: skip
+                            prefix_caching=prefix_caching, check_ranks=check_ranks,
+                            compile=compile, compile_mode=compile_mode)  # fmt: skip
             self.ranks.check_same(rank_settings(model, **settings))
         num_pages = exact_int(num_pages, "num_pages", low=1, high=INT64_MAX)
         page_size = exact_int(page_size, "page_size", low=1, high=INT64_MAX)
         prefix_caching = bool(exact_bool(prefix_caching, "prefix_caching"))
         self.check_ranks = bool(exact_bool(check_ranks, "check_ranks"))
         check_backend(backend)
+        mode = checked_compile(compile, compile_mode, param.device, self.ranks is not None)
         config = model.config
         size = 1 if self.ranks is None else self.ranks.size
         heads = config.num_attention_heads
@@ -175,6 +198,8 @@ class PagedCausalLM:
         self.backend = backend
         self._attention: dict[tuple[int, Optional[float]], PagedAttention] = {}
         self._graphs: Optional[_DecodeGraphs] = None
+        # decode steps through torch.compile (None: eager); see .compiled
+        self.compiled = None if mode is None else CompiledDecode(model, self.cache.kv_data, mode)
 
     @property
     def device(self) -> torch.device:
@@ -185,6 +210,27 @@ class PagedCausalLM:
         """Pages of the pool the runner holds for itself: the scratch page that padded
         CUDA-graph decode rows write into, while graphs are on; 0 otherwise."""
         return 0 if self._graphs is None else 1
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling decode steps so far (0.0 when not compiling)."""
+        return 0.0 if self.compiled is None else self.compiled.compile_seconds
+
+    def enable_compile(self, mode: str = "default") -> None:
+        """Compile decode steps from now on (as ``compile=True``); CUDA graphs captured
+        so far are dropped, to be captured again with the compiled forward. Checked as
+        the constructor checks ``compile_mode``; nothing changes if that raises."""
+        checked = str(checked_compile(True, mode, self.device, self.ranks is not None))
+        if self.compiled is None or self.compiled.mode != checked:
+            if self._graphs is not None:
+                self._graphs.forget()  # they replay the other forward
+            self.compiled = CompiledDecode(self.model, self.cache.kv_data, checked)
+
+    def disable_compile(self) -> None:
+        """Run decode steps eagerly from now on (graphs captured so far are dropped)."""
+        if self.compiled is not None and self._graphs is not None:
+            self._graphs.forget()
+        self.compiled = None
 
     def attention_for(self, window: int, scaling: Optional[float]) -> PagedAttention:
         """The attention object of one (window, scale) variant, made once."""
@@ -227,7 +273,7 @@ class PagedCausalLM:
         seq_ids = batch_ids(seq_ids)
         rows = token_rows(tokens, len(seq_ids), self.vocab_size)
         lens = np.array([row.size for row in rows], dtype=np.int64)
-        self._check_allocated(seq_ids, lens)
+        check_allocated(self.descriptor, seq_ids, lens)
         return self._run(seq_ids, lens, np.concatenate(rows))
 
     @torch.inference_mode()
@@ -267,15 +313,15 @@ class PagedCausalLM:
         else:
             tokens = decode_tokens(tokens, n, self.vocab_size)
         ones = np.ones(n, np.int64)
-        self._check_allocated(seq_ids, ones)
-        return self._run(seq_ids, ones, tokens, graphs=n <= self.graph_batch_limit())
+        check_allocated(self.descriptor, seq_ids, ones)
+        return self._run(seq_ids, ones, tokens, decode=True)
 
     def _run(
         self,
         seq_ids: list[int],
         lens: np.ndarray,
         tokens: Union[np.ndarray, torch.Tensor],
-        graphs: bool = False,
+        decode: bool = False,
     ) -> torch.Tensor:
         """The forward of one flat row of new tokens (``[sum(lens)]``, on the host or the
         device): the step is packed once, the host tokens going up with it."""
@@ -287,27 +333,17 @@ class PagedCausalLM:
         if self.check_ranks and self.ranks is not None:
             pages = self.descriptor.table.pages_of_slots(step.stamp.slots)  # type: ignore[union-attr]
             self.ranks.check_step(step_fingerprint(seq_ids, step.kv_seq_lens.numpy(), pages))  # type: ignore[union-attr]
-        if graphs:
+        if decode and len(seq_ids) <= self.graph_batch_limit():
             assert self._graphs is not None
             return self._graphs.replay(step, input_ids)  # type: ignore[arg-type]
         context = StepContext(step, self.attention_for)
+        if decode and self.compiled is not None:
+            return self.compiled.decode(context, input_ids, step.append_positions)  # type: ignore[arg-type]
         output = self.model(
             input_ids=input_ids[None], position_ids=step.append_positions[None],  # type: ignore[index]
             use_cache=False, logits_to_keep=step.last_rows, seqattn_step=context,
         )  # fmt: skip
         return output.logits[0]
-
-    # --------------------------------------------------------------------- checks
-    def _check_allocated(self, seq_ids: list[int], new: np.ndarray) -> None:
-        """Each sequence already holds its new tokens (allocated before the forward)."""
-        lens = self.descriptor.seq_lens(seq_ids)
-        short = np.flatnonzero(lens < new)
-        if short.size:
-            i = int(short[0])
-            raise InvalidLengthError(
-                f"sequence {seq_ids[i]} holds {int(lens[i])} tokens, fewer than the "
-                f"{int(new[i])} new ones passed: allocate them first"
-            )
 
     # --------------------------------------------------------------- CUDA graphs
     def enable_cuda_graphs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> bool:

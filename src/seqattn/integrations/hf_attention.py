@@ -18,6 +18,7 @@ import torch
 from ..attention import PagedAttention
 from ..errors import SeqAttnError
 from ..packed_data import FlashInferPackedData
+from .compiled import compiled_attention
 
 ATTENTION_NAME = "seqattn"
 
@@ -39,6 +40,7 @@ def paged_attention_forward(
     dropout: float = 0.0,
     sliding_window: Optional[int] = None,
     seqattn_step: Optional[StepContext] = None,
+    seqattn_kv: Optional[torch.Tensor] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface, backed by the step's paged cache.
@@ -47,11 +49,17 @@ def paged_attention_forward(
         query: ``[1, num_qo_heads, num_new_tokens, head_dim]``, rotated.
         key, value: ``[1, num_kv_heads, num_new_tokens, head_dim]``, this step's tokens.
         seqattn_step: the step's context (passed as a model kwarg by PagedCausalLM).
+        seqattn_kv: the cache's storage, passed instead in a compiled forward: the
+            layer then calls the custom op ``seqattn::paged_attention`` (:mod:`.compiled`).
 
     Returns:
         ``([1, num_new_tokens, num_qo_heads, head_dim], None)``.
     """
     del attention_mask, dropout, kwargs  # masks come from the page tables; inference only
+    if seqattn_kv is not None:  # compiled: an op the compiler does not trace into
+        out = compiled_attention(module.layer_idx, query, key, value, seqattn_kv, scaling,
+                                 sliding_window)  # fmt: skip
+        return out, None
     if seqattn_step is None:
         raise SeqAttnError(
             "the 'seqattn' attention runs inside PagedCausalLM.forward (it needs the step's "
@@ -87,6 +95,19 @@ class StepContext:
         sliding_window: Optional[int],
     ) -> torch.Tensor:
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+        return self.attend_rows(layer, q, k, v, scaling, sliding_window).unsqueeze(0)
+
+    def attend_rows(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scaling: Optional[float],
+        sliding_window: Optional[int],
+    ) -> torch.Tensor:
+        """Append and attend one layer: ``q [rows, num_qo_heads, head_dim]``, ``k``,
+        ``v [rows, num_kv_heads, head_dim]`` -> ``[rows, num_qo_heads, head_dim]``."""
         # HF's window W: a query at p sees keys in (p - W, p]; flashinfer's window_left
         # counts the keys left of the query: W - 1
         window = -1 if sliding_window is None else int(sliding_window) - 1
@@ -96,4 +117,4 @@ class StepContext:
             attention = self.attention_for(window, scaling)
             attention.plan(self.step, window_left=window, sm_scale=scaling, q_dtype=q.dtype)
             self._planned[(window, scaling)] = attention
-        return attention.forward(q, k, v, layer).unsqueeze(0)
+        return attention.forward(q, k, v, layer)

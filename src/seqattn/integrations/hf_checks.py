@@ -127,3 +127,16 @@ def check_device_tokens(tokens: torch.Tensor, n: int, device: torch.device) -> N
             f"tokens on the device must be torch.int64 of shape [{n}] on {device}, got "
             f"{tokens.dtype} of shape {list(tokens.shape)} on {tokens.device}"
         )
+
+
+def check_allocated(descriptor: Any, seq_ids: list[int], new: np.ndarray) -> None:
+    """Each sequence of ``descriptor`` (a ``CacheDescriptor``) already holds its
+    ``new[i]`` new tokens (allocated before the forward); else InvalidLengthError."""
+    lens = descriptor.seq_lens(seq_ids)
+    short = np.flatnonzero(lens < new)
+    if short.size:
+        i = int(short[0])
+        raise InvalidLengthError(
+            f"sequence {seq_ids[i]} holds {int(lens[i])} tokens, fewer than the "
+            f"{int(new[i])} new ones passed: allocate them first"
+        )

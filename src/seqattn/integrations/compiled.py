@@ -1,0 +1,304 @@
+"""Decode steps through ``torch.compile``: seqattn's append + attention as one custom op.
+
+Inductor fuses the model's many small kernels (RMSNorm's mean/pow/mul, rotary, SiLU *
+mul, residual adds, copies) into a few, but it must not trace into seqattn's Python:
+page tables, plans and flashinfer wrappers are host-side state. So the attention of one
+layer is one opaque operator, ``torch.ops.seqattn.paged_attention``, that takes tensors
+and ints only; its body finds the step's planned attention through a module-level
+"current step" that :class:`CompiledDecode` sets around each forward (one forward at a
+time per process: it is not thread-safe, nor is a CUDA-graph capture).
+
+What is compiled: decode steps only (one new token per sequence), with the batch
+dimension dynamic, so one compiled graph serves every batch size from 2 up (inductor
+specializes size 1, a second graph), and CUDA graphs capture the compiled forward per
+batch bucket as they capture the eager one. Prefill and mixed steps stay eager: their
+token counts change every step, and they are few (one per prompt chunk).
+
+Off by default (``PagedCausalLM(compile=True)`` or ``Engine(compile=True)`` turn it on):
+the compile costs seconds to minutes in the first decode step of every process, on
+the CPU it gains nothing measurable (a tiny model's step is host-bound, a larger one's
+matmul-bound), and on CUDA its gain over CUDA graphs of the eager forward is still to
+be measured (``benchmarks/bench_generate.py`` prints both).
+
+Compile time is paid in the first decode step of each graph (tens of seconds for a
+billion-parameter model; see :attr:`CompiledDecode.compile_seconds`). Inductor keeps
+compiled kernels and graphs on disk (its FX graph and AOTAutograd caches, on by
+default, in ``TORCHINDUCTOR_CACHE_DIR``, default ``/tmp/torchinductor_<user>``): a
+second process with the same model shapes, torch and seqattn versions skips most of
+it (dynamo's tracing still runs). ``torch.compiler.save_cache_artifacts()`` /
+``load_cache_artifacts()`` carry those caches to another machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from .._checks import exact_bool, shown
+from ..errors import ArgumentTypeError, InvalidArgumentError, MissingDependencyError, SeqAttnError
+
+if TYPE_CHECKING:
+    from .hf_attention import StepContext
+
+OP_NAME = "seqattn::paged_attention"
+# modes whose inductor makes no CUDA graphs of its own: seqattn captures the compiled
+# forward itself, per batch bucket, with the attention planned into fixed buffers
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+class _Current:
+    """The forward now running: its attention context and the KV storage it writes."""
+
+    context: Optional[StepContext] = None
+    kv_data: Optional[torch.Tensor] = None
+
+
+_current = _Current()
+
+
+@contextmanager
+def current_step(context: StepContext, kv_data: torch.Tensor) -> Iterator[None]:
+    """Make ``context`` the step that ``seqattn::paged_attention`` calls attend in."""
+    if _current.context is not None:
+        raise SeqAttnError("a compiled seqattn forward is already running (one at a time)")
+    _current.context, _current.kv_data = context, kv_data
+    try:
+        yield
+    finally:
+        _current.context = _current.kv_data = None
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=("kv_cache",))
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    sliding_window: Optional[int],
+    scaling: Optional[float],
+) -> torch.Tensor:
+    """Append one layer's new K/V to the paged cache and attend, for the current step.
+
+    Args:
+        q: ``shape: [rows, num_qo_heads, head_dim]``, the model's dtype, rotated.
+        k, v: ``shape: [rows, num_kv_heads, head_dim]``, this step's new tokens.
+        kv_cache: the cache's whole storage (``PagedKVCacheManager.kv_data``,
+            ``[num_layers, num_pages, 2, ...]``), written in place: declared so that the
+            compiler orders the writes, and passed whole, not as the layer's view,
+            because views of one storage as graph inputs, one of them written, make
+            AOTAutograd rebuild them from a synthetic base every call.
+        layer: the layer's index.
+        sliding_window, scaling: as transformers passes them to an attention function.
+
+    Returns:
+        ``shape: [rows, num_qo_heads, head_dim]``, the dtype of ``q``.
+    """
+    context, kv_data = _current.context, _current.kv_data
+    if context is None or kv_data is None:
+        raise SeqAttnError(
+            f"{OP_NAME} runs inside PagedCausalLM's compiled decode (it needs the step's "
+            "planned attention); call the model through PagedCausalLM"
+        )
+    if kv_cache.data_ptr() != kv_data.data_ptr():
+        # a copy: the writes below would land in the cache and then be overwritten by
+        # the copy written back; refuse instead of losing them
+        raise SeqAttnError(f"{OP_NAME} was given a copy of the KV cache, not the cache itself")
+    return context.attend_rows(layer, q, k, v, scaling, sliding_window)
+
+
+@paged_attention.register_fake
+def _paged_attention_shape(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    sliding_window: Optional[int],
+    scaling: Optional[float],
+) -> torch.Tensor:
+    del k, v, kv_cache, layer, sliding_window, scaling  # the output is shaped like q
+    return torch.empty_like(q)
+
+
+def compiled_attention(
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    scaling: Optional[float],
+    sliding_window: Optional[int],
+) -> torch.Tensor:
+    """The attention function's route in a compiled forward (traced by the compiler:
+    the layout changes fuse with rotary, the op stays opaque).
+
+    Args:
+        query: ``[1, num_qo_heads, rows, head_dim]``; key, value:
+            ``[1, num_kv_heads, rows, head_dim]``, as transformers passes them.
+
+    Returns:
+        ``[1, rows, num_qo_heads, head_dim]``.
+    """
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    out = torch.ops.seqattn.paged_attention(q, k, v, kv_cache, layer, sliding_window, scaling)
+    return out.unsqueeze(0)
+
+
+class CompiledDecode:
+    """A model's decode forward compiled by ``torch.compile`` (inductor), batch
+    dimension dynamic.
+
+    Each instance compiles a copy of :func:`decode_forward` of its own, so that runners
+    made one after another in a process (tests, benchmarks) do not share dynamo's state:
+    it stops compiling a code object after ``torch._dynamo.config.recompile_limit`` (8)
+    variants, running it eagerly from then on, and it makes a size or float that
+    differed between two calls of a frame symbolic in the next compile (another model's
+    head_dim or scale would). Graphs identical to earlier ones come from inductor's
+    caches, in seconds.
+
+    Args:
+        model: the ``*ForCausalLM``, already on seqattn's attention.
+        kv_data: the cache's storage, ``PagedKVCacheManager.kv_data``.
+        mode: one of :data:`COMPILE_MODES`.
+
+    Attributes:
+        compiles: graphs inductor compiled so far (a recompile adds one).
+        compile_seconds: wall time of the calls that compiled (tracing, inductor, and
+            the first run of the graph).
+    """
+
+    def __init__(self, model: Any, kv_data: torch.Tensor, mode: str) -> None:
+        from torch._inductor import list_mode_options
+
+        self.model = model
+        self.kv_data = kv_data
+        self.mode = mode
+        self.options = list_mode_options(mode)
+        self.compiles = 0
+        self.compile_seconds = 0.0
+        self._compiled = torch.compile(own_code(decode_forward), backend=self._inductor)
+
+    def _inductor(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        """inductor with the mode's options, counting what it compiles."""
+        self.compiles += 1
+        return torch._inductor.compile(graph, example_inputs, options=self.options)
+
+    def __call__(
+        self, context: StepContext, input_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``[rows, vocab_size]`` of a decode step.
+
+        Args:
+            context: the step's attention (planned per variant, or for every layer).
+            input_ids, position_ids: ``shape: [1, rows], dtype: torch.int64``, on the
+                model's device; tensors made under inference mode (torch guards on a
+                tensor's dispatch keys: a normal tensor would compile another graph).
+        """
+        if input_ids.shape[1] > 1:  # size 1 is its own graph whatever is marked
+            torch._dynamo.mark_dynamic(input_ids, 1)
+            torch._dynamo.mark_dynamic(position_ids, 1)
+        compiles, start = self.compiles, time.perf_counter()
+        with current_step(context, self.kv_data):
+            logits = self._compiled(self.model, input_ids, position_ids, self.kv_data)
+        if self.compiles != compiles:
+            self.compile_seconds += time.perf_counter() - start
+        return logits  # type: ignore[no-any-return]
+
+    def decode(
+        self, context: StepContext, tokens: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """As calling it, from a step's ``[rows]`` tokens and positions of any integer
+        dtype and origin: they are copied into fresh int64 ``[1, rows]`` tensors (packed
+        steps hand over int32 views of one shared buffer, at offsets that change)."""
+        with torch.inference_mode():
+            ids, where = (t.to(torch.long, copy=True)[None] for t in (tokens, positions))
+        return self(context, ids, where)
+
+
+def decode_forward(
+    model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, kv_cache: torch.Tensor
+) -> torch.Tensor:
+    """What is compiled: the model's forward over a decode step, logits
+    ``[rows, vocab_size]``; every row is its sequence's last, so all are kept."""
+    return model(  # type: ignore[no-any-return]
+        input_ids=input_ids, position_ids=position_ids, use_cache=False,
+        logits_to_keep=0, seqattn_kv=kv_cache,
+    ).logits[0]  # fmt: skip
+
+
+def own_code(function: types.FunctionType) -> types.FunctionType:
+    """A copy of ``function`` with a code object and a name of its own: dynamo keeps
+    compiled code per code object, and what it learned of a frame's shapes (automatic
+    dynamic: a size or float attribute that changed becomes symbolic) per file, line
+    and name; a runner must not learn from another runner's model."""
+    name = f"{function.__name__}_{next(_COPIES)}"
+    names = {"co_name": name}
+    if sys.version_info >= (3, 11):  # code objects know their qualified name since 3.11
+        names["co_qualname"] = name
+    code = function.__code__.replace(**names)  # type: ignore[arg-type]
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__,
+                              function.__closure__)  # fmt: skip
+
+
+_COPIES = itertools.count()
+
+
+def checked_compile(
+    compile: object, mode: object, device: torch.device, sharded: bool
+) -> Optional[str]:
+    """The compile mode a runner asked for (None: eager), after checking the arguments
+    and that inductor can build kernels on ``device``.
+
+    Raises:
+        ArgumentTypeError: ``compile`` not a bool, ``mode`` not a str.
+        InvalidArgumentError: a mode not in :data:`COMPILE_MODES` (``"reduce-overhead"``
+            and ``"max-autotune"`` make CUDA graphs of their own, which seqattn's graphs
+            already are), or compiling a tensor-parallel model (not supported).
+        MissingDependencyError: no C++ compiler (CPU) or no triton (CUDA) for inductor.
+    """
+    wanted = exact_bool(compile, "compile")
+    if not isinstance(mode, str):
+        raise ArgumentTypeError(f"compile_mode must be one of {COMPILE_MODES}, got {shown(mode)}")
+    if mode not in COMPILE_MODES:
+        raise InvalidArgumentError(
+            f"compile_mode must be one of {COMPILE_MODES} (modes that make no CUDA graphs of "
+            f"their own: seqattn captures the compiled decode itself), got {mode!r}"
+        )
+    if not wanted:
+        return None
+    if sharded:
+        raise InvalidArgumentError("compile=True is not supported with tensor parallelism")
+    check_compiler(device)
+    return mode
+
+
+def check_compiler(device: torch.device) -> None:
+    """Raise MissingDependencyError unless inductor can build kernels for ``device``: a
+    C++ compiler for the CPU, triton for CUDA (found, not yet run: a broken toolchain
+    still fails at the first compile)."""
+    detail = ""
+    try:
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            missing, found = "triton (pip install triton, matching your torch)", has_triton()
+        else:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            missing = "a C++ compiler (g++ or clang++; the CXX variable names another)"
+            found = bool(get_cpp_compiler())  # raises when it finds none
+    except Exception as error:  # private helpers: whatever they raise means "not usable"
+        found, detail = False, f" ({error})"
+    if not found:
+        raise MissingDependencyError(
+            f"compile=True needs {missing} for torch.compile on {device.type}{detail}; "
+            "or run with compile=False"
+        )

@@ -27,12 +27,14 @@ from hypothesis import strategies as st
 
 from seqattn import (
     CacheDescriptor,
+    InvalidArgumentError,
     InvalidLengthError,
     PagedAttention,
     PagedKVCacheManager,
     SeqAttnError,
     TensorSpecError,
 )
+from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # (atol, rtol) for the output, by the dtype of q (the dtype the output comes back in)
@@ -610,6 +612,15 @@ def test_flashinfer_backend_on_cpu_cache_says_what_is_needed():
         PagedAttention(cache, 4, backend="flashinfer")
     message = str(err.value)
     assert "pip install flashinfer" in message or "CUDA" in message, message
+
+
+def test_triton_backend_on_a_cpu_cache_is_refused_with_what_it_needs():
+    cache = PagedKVCacheManager(8, 4, 2, 64, torch.float16, "cpu")
+    with pytest.raises(InvalidArgumentError, match="the triton backend needs triton and a CUDA"):
+        PagedAttention(cache, 4, backend="triton")
+    headwise = HeadwiseKVCache(8, 4, 1, 2, 64, torch.float16, "cpu")
+    with pytest.raises(ValueError, match="CUDA cache; the cache is on cpu"):
+        HeadwiseAttention(headwise, 4, backend="triton")
 
 
 def test_backend_selection_and_head_checks():

@@ -86,7 +86,7 @@ def run_seqattn(
     per_request = -(-(args.prompt_len + args.new_tokens) // page_size) + 1
     runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size,
                            backend=args.backend, compile=compile,
-                           compile_mode=args.compile_mode)  # fmt: skip
+                           compile_mode=getattr(args, "compile_mode", "default"))  # fmt: skip
     engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens,
                     cuda_graphs=graphs)  # fmt: skip
     params = SamplingParams(max_new_tokens=args.new_tokens)

@@ -20,6 +20,17 @@ def test_benchmark_runs_on_the_cpu(script: str, monkeypatch, capsys) -> None:
     assert float(out.split("max |diff| ")[1].split()[0]) < 1e-5  # cascade == plain
 
 
+def test_headwise_end_to_end_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> None:
+    """Both sides prefill, press and decode a tiny model; the head-wise side holds less."""
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(sys, "argv", ["bench_headwise_e2e.py", "--device", "cpu", "--tiny"])
+    runpy.run_path("benchmarks/bench_headwise_e2e.py", run_name="__main__")
+    out = capsys.readouterr().out
+    assert "| full cache, CUDA graphs |" in out and "| head-wise, AdaKV |" in out
+    kv = float(out.split("KV ")[-1].rstrip().rstrip("x"))
+    assert 0 < kv < 0.5  # 25% budgets, pages rounded up per head
+
+
 def test_headwise_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys, "argv", ["bench_headwise.py", "--device", "cpu"])
     runpy.run_path("benchmarks/bench_headwise.py", run_name="__main__")

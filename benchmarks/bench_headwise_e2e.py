@@ -1,0 +1,193 @@
+"""A model decoding on head-wise caches pressed by AdaKV, against the full paged cache.
+
+Workload (issue 17): a random-weight Llama shaped like Llama-3-8B (32 layers, hidden
+4096, 32 query / 8 KV heads, vocab 128256), bf16; 16 requests with 16k-token prompts,
+prefilled in chunks, then 256 greedy decode steps of the whole batch. Two sides over the
+same model and prompts, one after the other:
+
+- **full cache**: ``PagedCausalLM`` (flashinfer), decode steps replayed from CUDA graphs;
+- **head-wise, AdaKV**: ``HeadwiseCausalLM`` with ``AdaKVPress(SnapKVPress())`` at an
+  average budget of ``--budget`` (25%) of each prompt per KV head, pressed when the
+  prompt ends; decode eager (a press changes page lists inside a step), on flashinfer or
+  ``--backend triton`` (no host-side plan per layer).
+
+Reported per side: generated tok/s over the decode steps, the mean decode step, KV
+memory held after the prompts, and how many 16k-token requests the GPU memory left after
+the weights would hold at that per-request footprint. The two sides' greedy tokens are
+compared for scale only (the head-wise side sees a quarter of the keys).
+
+    python benchmarks/bench_headwise_e2e.py                 # one H200: a few minutes
+    python benchmarks/bench_headwise_e2e.py --device cpu --tiny   # smoke run (torch)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from seqattn.headwise import AdaKVPress, SnapKVPress
+from seqattn.integrations.hf import PagedCausalLM
+from seqattn.integrations.hf_headwise import HeadwiseCausalLM
+
+MODEL_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=32768,
+)  # fmt: skip
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)  # fmt: skip
+PAGE = 16
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke run)")
+    parser.add_argument("--requests", type=int, default=None, help="default 16 (tiny: 3)")
+    parser.add_argument("--context", type=int, default=None, help="default 16384 (tiny: 96)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (tiny: 4)")
+    parser.add_argument("--chunk", type=int, default=4096, help="prefill tokens per forward")
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--backend", default="auto", help="head-wise attention: auto, triton")
+    args = parser.parse_args()
+    small = (3, 96, 4) if args.tiny else (16, 16384, 256)
+    for name, value in zip(("requests", "context", "new_tokens"), small, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def build(args: argparse.Namespace) -> Any:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**(TINY if args.tiny else MODEL_8B))
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with torch.device(args.device):
+        model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    return model
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def prefill(runner: Any, ids: list[int], prompts: list[list[int]], chunk: int) -> torch.Tensor:
+    """Each prompt in chunks of ``chunk`` tokens, one request at a time (so a head-wise
+    request holds its whole prompt only until its press); the last logits of each."""
+    last = []
+    for seq_id, prompt in zip(ids, prompts, strict=True):
+        for start in range(0, len(prompt), chunk):
+            rows = [prompt[start : start + chunk]]
+            if isinstance(runner, PagedCausalLM):
+                runner.descriptor.allocate([seq_id], [len(rows[0])])
+                logits = runner.forward([seq_id], rows)
+            else:
+                ends = start + chunk >= len(prompt)
+                logits = runner.forward([seq_id], rows, ends_prompt=ends)
+        last.append(logits[0])
+    return torch.stack(last)
+
+
+def decode(runner: Any, ids: list[int], logits: torch.Tensor, steps: int, device: str) -> dict:
+    """Greedy decode of the whole batch, each step's tokens fed to the next on the device
+    (no host sync inside the loop); the tokens and the mean step over the loop."""
+    tokens, out = logits.argmax(-1), []
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        if isinstance(runner, PagedCausalLM):
+            runner.descriptor.allocate_decoding(ids)
+        tokens = runner.decode(ids, tokens).argmax(-1)
+        out.append(tokens)
+    sync(device)
+    wall = time.perf_counter() - start
+    return dict(tokens=torch.stack(out, 1).tolist(), step=wall / steps, wall=wall)
+
+
+def side(args: argparse.Namespace, model: Any, prompts: list[list[int]], headwise: bool) -> dict:
+    ids = list(range(len(prompts)))
+    per_request = -(-(args.context + args.new_tokens) // PAGE) + 1
+    if headwise:
+        layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+        kept = -(-int(args.budget * per_request * PAGE) // PAGE) + 2  # a head's pages, rounded
+        # one prompt whole (a request is pressed when its prompt ends), the rest pressed
+        pages = layers * heads * (per_request + len(prompts) * kept)
+        runner: Any = HeadwiseCausalLM(model, num_pages=pages, page_size=PAGE,
+                                       backend=args.backend)  # fmt: skip
+        runner.add_sequences(ids, press=AdaKVPress(SnapKVPress()), budget=args.budget)
+    else:
+        runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 16, page_size=PAGE)
+        runner.enable_cuda_graphs((1, 2, 4, 8, 16, 32))
+    sync(args.device)
+    start = time.perf_counter()
+    logits = prefill(runner, ids, prompts, args.chunk)
+    sync(args.device)
+    prefill_s = time.perf_counter() - start
+    held = kv_bytes(runner, ids)
+    result = decode(runner, ids, logits, args.new_tokens, args.device)
+    result.update(prefill_s=prefill_s, held=held, per_request=held / len(prompts))
+    if headwise:
+        runner.release(ids)
+    else:
+        runner.disable_cuda_graphs()
+        runner.descriptor.release(ids)
+    return result
+
+
+def kv_bytes(runner: Any, ids: list[int]) -> int:
+    """Bytes of KV the sequences hold now (the pages they hold)."""
+    if isinstance(runner, HeadwiseCausalLM):
+        return runner.cache.memory_bytes()
+    cache = runner.cache
+    page = cache.kv_data[0, 0].numel() * cache.kv_data.element_size() * cache.num_layers
+    return sum(len(runner.descriptor.page_indices(i)) for i in ids) * page
+
+
+def report(args: argparse.Namespace, model: Any, full: dict, pressed: dict) -> None:
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    tokens = args.requests * args.new_tokens
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else 0
+    spare = max(total - weights - 4 * 2**30, 0)  # 4 GiB for activations and workspaces
+    same = sum(a == b for x, y in zip(full["tokens"], pressed["tokens"], strict=True)
+               for a, b in zip(x, y, strict=True))  # fmt: skip
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    print(
+        f"\n{name}; Llama {params:.2f}B, {model.config.num_hidden_layers} layers, "
+        f"{model.dtype}; {args.requests} requests x {args.context} prompt tokens, "
+        f"{args.new_tokens} decoded each; AdaKV (SnapKV scores) at {args.budget:.0%}, "
+        f"head-wise backend {args.backend}; greedy tokens equal: {same / tokens:.1%}\n"
+    )
+    print("| side | prefill s | decode tok/s | decode step ms | KV held GiB | "
+          "16k requests that fit |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, r in (("full cache, CUDA graphs", full), ("head-wise, AdaKV", pressed)):
+        fit = int(spare // max(r["per_request"], 1)) if spare else 0
+        print(f"| {label} | {r['prefill_s']:.1f} | {tokens / r['wall']:,.0f} | "
+              f"{r['step'] * 1e3:.2f} | {r['held'] / 2**30:.2f} | {fit} |")  # fmt: skip
+    print(
+        f"\nhead-wise against full: decode step {pressed['step'] / full['step']:.2f}x, "
+        f"KV {pressed['held'] / full['held']:.2f}x"
+    )
+
+
+def main() -> None:
+    args = parse()
+    model = build(args)
+    model.generation_config.eos_token_id = None
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, model.config.vocab_size, (args.requests, args.context),
+                            generator=gen).tolist()  # fmt: skip
+    full = side(args, model, prompts, headwise=False)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    pressed = side(args, model, prompts, headwise=True)
+    report(args, model, full, pressed)
+
+
+if __name__ == "__main__":
+    main()

@@ -137,7 +137,13 @@ class TritonDecodeBackend:
     """
 
     name = "triton"
-    PAGES_PER_BLOCK = 4  # pages each loop iteration reads (64 tokens at page 16)
+    # launch settings (benchmarks/tune_triton_decode.py times others): pages each loop
+    # iteration reads (64 tokens at page 16), programs per multiprocessor the splits aim
+    # for, and Triton's warps and pipeline stages (its defaults)
+    PAGES_PER_BLOCK = 4
+    WAVES = 2
+    NUM_WARPS = 4
+    NUM_STAGES = 3
 
     def __init__(self, cache: PagedKVCacheManager, num_qo_heads: int, fallback: Any) -> None:
         self.cache = cache
@@ -166,11 +172,11 @@ class TritonDecodeBackend:
                         batch.sm_scale * LOG2E)  # fmt: skip
 
     def _splits(self, batch_size: int, longest: int) -> int:
-        """Splits per (request, KV head): enough programs for two waves over the device,
+        """Splits per (request, KV head): enough programs for ``WAVES`` per multiprocessor,
         no more than the longest request's blocks (a power of two: one kernel each)."""
         programs = max(batch_size * self.cache.num_heads, 1)
         blocks = -(-longest // (self.PAGES_PER_BLOCK * self.cache.page_size))
-        want = min(-(-2 * self.sm_count // programs), blocks, 64)
+        want = min(-(-self.WAVES * self.sm_count // programs), blocks, 64)
         return 1 << max(0, math.ceil(math.log2(max(want, 1))))
 
     def run(
@@ -197,7 +203,8 @@ class TritonDecodeBackend:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), GROUP=self.group,
             G_PAD=max(16, 1 << (self.group - 1).bit_length()), D=d, PS=cache.page_size,
-            PAGES=self.PAGES_PER_BLOCK, SPLITS=splits,
+            PAGES=self.PAGES_PER_BLOCK, SPLITS=splits, num_warps=self.NUM_WARPS,
+            num_stages=self.NUM_STAGES,
         )  # fmt: skip
         result = torch.empty_like(q) if out is None else out
         lse = (

@@ -1,0 +1,104 @@
+"""Time the Triton decode kernel's launch settings against flashinfer on one layer.
+
+The shape is one layer of ``bench_headwise.py``'s head-wise step: B=16 sequences x 8 KV
+heads as 128 single-KV-head requests of 4 query heads each (GQA 32/8), head_dim 128,
+fp16, page 16, each holding about a quarter of a 16k context (lognormal lengths around
+4,096, seeded). For every combination of ``PAGES_PER_BLOCK``, ``WAVES``, ``NUM_WARPS``
+and ``NUM_STAGES`` (:class:`~seqattn.attention.triton_decode.TritonDecodeBackend`) the
+kernel's run is timed with CUDA events (median of ``--reps``) and checked against
+flashinfer's output; the table lists the fastest first, with the KV read rate.
+
+    python benchmarks/tune_triton_decode.py [--rows 128] [--tokens 4096]
+
+Needs CUDA, triton and flashinfer; elsewhere it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import numpy as np
+import torch
+
+from seqattn import CacheDescriptor, PagedAttention, PagedKVCacheManager
+from seqattn.attention.triton_decode import TritonDecodeBackend, triton_or_none
+
+
+def timed(fn, reps: int) -> float:
+    """Median milliseconds of ``fn`` (CUDA events, after a warm-up)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=128, help="single-KV-head requests")
+    parser.add_argument("--tokens", type=int, default=4096, help="median tokens per row")
+    parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or triton_or_none() is None:
+        print("tune_triton_decode: needs CUDA and triton; skipped")
+        return
+    rng = np.random.default_rng(0)
+    lens = np.clip(rng.lognormal(np.log(args.tokens), 0.5, args.rows), 16, 8 * args.tokens)
+    lens = lens.astype(np.int64).tolist()
+    pages = sum(-(-n // 16) for n in lens) + 8
+    cache = PagedKVCacheManager(pages, 16, 1, 128, torch.float16, "cuda")
+    cache.kv_data.normal_(generator=torch.Generator("cuda").manual_seed(0))
+    desc = CacheDescriptor(cache)
+    ids = list(range(args.rows))
+    desc.allocate(ids, lens)
+    step = desc.pack_for_flashinfer(ids, [1] * args.rows, device="cuda")
+    q = torch.randn(args.rows, args.group, 128, dtype=torch.float16, device="cuda")
+    kv_bytes = sum(lens) * 2 * 128 * 2
+
+    reference = PagedAttention(cache, args.group, backend="flashinfer")
+    reference.plan(step)
+    want = reference.run(q, 0)
+    flashinfer_ms = timed(lambda: reference.run(q, 0), args.reps)
+    rows = []
+    grid = itertools.product((2, 4, 8), (2, 4, 8), (4, 8), (2, 3))
+    for pages_per_block, waves, warps, stages in grid:
+        settings = dict(PAGES_PER_BLOCK=pages_per_block, WAVES=waves, NUM_WARPS=warps,
+                        NUM_STAGES=stages)  # fmt: skip
+        for name, value in settings.items():
+            setattr(TritonDecodeBackend, name, value)
+        attention = PagedAttention(cache, args.group, backend="triton")
+        attention.plan(step)
+        try:
+            got = attention.run(q, 0)
+            ms = timed(lambda a=attention: a.run(q, 0), args.reps)
+        except Exception as error:  # a setting the compiler refuses (shared memory)
+            print(f"{settings}: {type(error).__name__}: {str(error)[:120]}")
+            continue
+        diff = (got.float() - want.float()).abs().max().item()
+        splits = attention.impl._decode[3]  # type: ignore[union-attr]
+        rows.append((ms, settings, splits, diff))
+    rows.sort(key=lambda row: row[0])
+    name = torch.cuda.get_device_name()
+    print(f"\n{name}; {args.rows} requests x {args.group} query heads, head_dim 128, fp16, "
+          f"page 16, {sum(lens):,} tokens ({kv_bytes / 2**30:.2f} GiB of KV)")  # fmt: skip
+    print(f"flashinfer: {flashinfer_ms:.3f} ms, {kv_bytes / flashinfer_ms / 1e6:.0f} GB/s\n")
+    print("| pages per block | waves | warps | stages | splits | ms | GB/s | x flashinfer "
+          "| max diff |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for ms, s, splits, diff in rows[:12]:
+        print(f"| {s['PAGES_PER_BLOCK']} | {s['WAVES']} | {s['NUM_WARPS']} | {s['NUM_STAGES']} "
+              f"| {splits} | {ms:.3f} | {kv_bytes / ms / 1e6:.0f} | {ms / flashinfer_ms:.2f}x "
+              f"| {diff:.1e} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

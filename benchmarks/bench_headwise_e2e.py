@@ -27,17 +27,12 @@ import time
 from typing import Any
 
 import torch
+from bench_tensor_parallel import MODEL_8B, TINY
 
 from seqattn.headwise import AdaKVPress, SnapKVPress
 from seqattn.integrations.hf import PagedCausalLM
 from seqattn.integrations.hf_headwise import HeadwiseCausalLM
 
-MODEL_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=32768,
-)  # fmt: skip
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)  # fmt: skip
 PAGE = 16
 
 
@@ -63,7 +58,9 @@ def build(args: argparse.Namespace) -> Any:
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**(TINY if args.tiny else MODEL_8B))
+    # the TP benchmark's 8B shape, with room for 16k-token positions
+    shape = TINY if args.tiny else {**MODEL_8B, "max_position_embeddings": 32768}
+    config = transformers.LlamaConfig(**shape)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     with torch.device(args.device):
         model = transformers.LlamaForCausalLM(config).to(dtype).eval()

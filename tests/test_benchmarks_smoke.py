@@ -24,6 +24,7 @@ def test_headwise_end_to_end_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> N
     """Both sides prefill, press and decode a tiny model; the head-wise side holds less."""
     pytest.importorskip("transformers")
     monkeypatch.setattr(sys, "argv", ["bench_headwise_e2e.py", "--device", "cpu", "--tiny"])
+    monkeypatch.syspath_prepend("benchmarks")  # as a script run sees it: bench_tensor_parallel
     runpy.run_path("benchmarks/bench_headwise_e2e.py", run_name="__main__")
     out = capsys.readouterr().out
     assert "| full cache, CUDA graphs |" in out and "| head-wise, AdaKV |" in out

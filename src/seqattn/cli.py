@@ -25,7 +25,8 @@ from .cli_press import add_press_options, check_press_parity, press_option, serv
 from .engine import Engine, SamplingParams
 from .engine.intake import eos_token_ids
 from .errors import SeqAttnError
-from .integrations.hf import SUPPORTED_MODEL_TYPES, PagedCausalLM
+from .integrations.hf import PagedCausalLM
+from .integrations.hf_checks import SUPPORTED_MODEL_TYPES
 from .page_table import pages_for
 
 DEMO_CONFIG = dict(model_type="llama", hidden_size=256, intermediate_size=688,

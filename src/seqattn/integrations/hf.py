@@ -24,8 +24,7 @@ from ..parallel import step_fingerprint
 from ..storage import PagedKVCacheManager
 from .compiled import CompiledDecode, checked_compile
 from .hf_attention import ATTENTION_NAME, StepContext, register
-from .hf_checks import (  # noqa: F401  (SUPPORTED_MODEL_TYPES: re-exported for the CLI)
-    SUPPORTED_MODEL_TYPES,
+from .hf_checks import (
     attention_variants,
     batch_ids,
     check_allocated,
@@ -33,6 +32,7 @@ from .hf_checks import (  # noqa: F401  (SUPPORTED_MODEL_TYPES: re-exported for 
     check_device_tokens,
     check_model,
     decode_tokens,
+    head_dim_of,
     token_rows,
 )
 from .hf_parallel import model_ranks
@@ -181,7 +181,7 @@ class PagedCausalLM:
         config = model.config
         size = 1 if self.ranks is None else self.ranks.size
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        head_dim = head_dim_of(config)
         self.num_qo_heads = heads // size  # this rank's share: what each layer's q_proj makes
         # the pool first: if its sizes are refused, the model is still as it came
         self.cache = PagedKVCacheManager(

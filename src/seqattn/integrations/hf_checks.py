@@ -54,6 +54,14 @@ def check_supported(config: Any) -> None:
         )
 
 
+def head_dim_of(config: Any) -> int:
+    """The attention head size: the config's ``head_dim`` (Qwen3 sets its own), else
+    ``hidden_size // num_attention_heads``."""
+    return int(
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
+
+
 def check_backend(backend: object) -> None:
     """Raise unless ``backend`` names an attention backend."""
     if not isinstance(backend, str):

@@ -41,6 +41,7 @@ from .hf_checks import (
     check_device_tokens,
     check_model,
     decode_tokens,
+    head_dim_of,
     token_rows,
 )
 from .hf_headwise_attention import HEADWISE_ATTENTION_NAME, HeadwiseStepContext, register_headwise
@@ -115,7 +116,7 @@ class HeadwiseCausalLM:
         self.scale = single_scale(model)
         param, config = next(model.parameters()), model.config
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        head_dim = head_dim_of(config)
         layers = config.num_hidden_layers
         # cache and attention first: if either is refused, the model is still as it came
         self.cache = HeadwiseKVCache(num_pages, page_size, layers, config.num_key_value_heads,

@@ -122,16 +122,25 @@ def check_room(
         raise InvalidLengthError(
             f"append_lens {lens.tolist()[:8]} would take a sequence past {MAX_LENGTH} tokens"
         )
-    table = builder.descriptor.table
-    held = table.lengths(table.slots(builder.row_ids(layers, ids)))
-    added = np.tile(np.repeat(lens, builder.num_kv_heads), len(layers))
-    need = table.pages_needed(held, held + added)
+    need = pages_to_append(builder, layers, ids, lens)
     free = builder.descriptor.cache_manager.available_pages_count
     if need > free:
         raise NoPageError(
             f"append_lens {lens.tolist()[:8]} need {need} pages in {len(layers)} layers, "
             f"but {free} are available"
         )
+
+
+def pages_to_append(
+    builder: StepBuilder, layers: Sequence[int], ids: list[int], lens: np.ndarray
+) -> int:
+    """Free pages that ``lens[b]`` new tokens in every KV head of ``layers`` of sequence
+    ``ids[b]`` would take: each head fills its own last page first (heads a press
+    compressed hold fewer tokens, so their pages differ)."""
+    table = builder.descriptor.table
+    held = table.lengths(table.slots(builder.row_ids(layers, ids)))
+    added = np.tile(np.repeat(lens, builder.num_kv_heads), len(layers))
+    return int(table.pages_needed(held, held + added))
 
 
 def check_queries_held(

@@ -21,7 +21,8 @@ CPU, float32, fixed seeds, tiny Llama and Qwen3 configs with GQA (4 query heads,
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from collections import deque
+from typing import Any
 
 import numpy as np
 import pytest
@@ -261,30 +262,43 @@ def test_a_request_whose_whole_prompt_cannot_fit_is_refused() -> None:
 
 
 class FailingOnce(StreamingLLMPress):
-    """Raises the first time it is asked to choose."""
+    """Raises at its ``fail_at``-th choice (one per layer each time it presses)."""
 
-    failed: Optional[bool] = None
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(sinks=2)
+        self.calls, self.fail_at = 0, fail_at
 
     def select(self, view: Any, budget: int) -> list[np.ndarray]:
-        if not self.failed:
-            self.failed = True
+        self.calls += 1
+        if self.calls == self.fail_at:
             raise RuntimeError("boom")
         return super().select(view, budget)
 
 
-def test_a_step_that_fails_inside_the_model_is_undone_and_retried() -> None:
-    """A press that raises: the step's error propagates, the failed request starts
-    again from its tokens, and the run ends as a clean one."""
+@pytest.mark.parametrize("fail_at", [1, 5])  # at the prompt's end; in a decode run ahead
+def test_a_step_that_fails_inside_the_model_is_undone_and_retried(fail_at: int) -> None:
+    """A press that raises: the step's error propagates, its requests wait to be
+    recomputed from their tokens so far (as after a preemption), and the engine goes on.
+    Their outputs then equal hand runs that re-prefill the tokens before the failure."""
     model = tiny("llama")
-    engine = headwise_engine(model, max_step_tokens=8)
-    ids = [engine.add_request(PROMPTS[0], GREEDY, press=FailingOnce(sinks=2), budget=6),
-           engine.add_request(PROMPTS[1], GREEDY)]  # fmt: skip
+    engine = headwise_engine(model)
+    settings = [dict(press=FailingOnce(fail_at), budget=6, compress_every=1), {}]
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    ids = [engine.add_request(prompts[i], GREEDY, **settings[i]) for i in (0, 1)]
     with pytest.raises(RuntimeError, match="boom"):
         while engine.has_work:
             engine.step()
+    requests = [engine.requests[i] for i in ids]
+    assert engine.waiting == deque(requests) and engine.runner.failed == frozenset()
+    # failing in a decode run ahead, each holds a sample not read yet: kept, not rerun
+    assert [r.unread for r in requests] == ([0, 0] if fail_at == 1 else [1, 1])
+    restart = [len(r.output) + r.unread for r in requests]
     while engine.has_work:
         engine.step()
-    expected = [by_hand(model, PROMPTS[0], 7, dict(press=StreamingLLMPress(sinks=2), budget=6)),
-                by_hand(model, PROMPTS[1], 7, {})]  # fmt: skip
-    assert [engine.requests[i].output for i in ids] == expected
+    settings[0]["press"] = StreamingLLMPress(sinks=2)
+    for i, request_id in enumerate(ids):
+        output, start = engine.requests[request_id].output, restart[i]
+        assert output[:start] == by_hand(model, prompts[i], start, settings[i])
+        rest = by_hand(model, prompts[i] + output[:start], 7 - start, settings[i])
+        assert output[start:] == rest, f"request {i}"
     check_all_pages_back(engine)

@@ -97,12 +97,14 @@ class HeadwiseStore:
     def allocate(self, decode: list[Request], prefill: list[tuple[int, int]]) -> None:
         pass  # the step takes its pages (see the class)
 
-    def undo(self, request: Request) -> int:
+    def undo(self, request: Request) -> bool:
         if request.id not in self.runner.failed:
-            return request.computed  # the step was refused before it changed anything
-        # the model's forward raised with the sequence half-written: start it again
+            return True  # the step was refused before it changed anything
+        # the model's forward raised with the sequence half-written: give it back (the
+        # scheduler requeues the request; it may have a sample not read yet, which its
+        # recompute needs)
         self.release([request.id])
-        return self.start(request)
+        return False
 
     def release(self, seq_ids: list[int]) -> None:
         self.runner.release(seq_ids)

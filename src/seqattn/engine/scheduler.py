@@ -229,10 +229,15 @@ class Scheduler:
 
     def undo(self, rows: list[Row]) -> None:
         """Give back what a failed step allocated: each row's sequence again holds the
-        tokens whose KV it has (``request.computed``; on a head-wise cache, a sequence
-        the model's forward left half-written starts again from none)."""
-        for request, _ in rows:
-            request.computed = self.store.undo(request)
+        tokens whose KV it has (``request.computed``). A sequence the store cannot keep
+        (a head-wise one the model's forward left half-written) is released instead, and
+        its request waits, first in line, to be recomputed as after a preemption (not
+        counted as one)."""
+        lost = [request for request, _ in rows if not self.store.undo(request)]
+        for request in reversed(lost):
+            self.running.remove(request)
+            request.status, request.computed = Status.WAITING, 0
+            self.waiting.appendleft(request)
 
     def release(self, finished: list[Request]) -> None:
         """End finished requests (a row sampled ahead may still run on their pages: the

@@ -70,8 +70,9 @@ class SequenceStore(Protocol):
         """Take the pages of a step's decode rows and ``(id, tokens)`` prefill rows."""
         ...
 
-    def undo(self, request: Request) -> int:
-        """After a failed step: give back what it took; the tokens the sequence holds."""
+    def undo(self, request: Request) -> bool:
+        """After a failed step: give back what it took, so that the sequence holds
+        ``request.computed`` tokens again; False if it was released instead."""
         ...
 
     def release(self, seq_ids: list[int]) -> None: ...
@@ -131,12 +132,12 @@ class PagedStore:
         if prefill:
             self.descriptor.allocate([i for i, _ in prefill], [n for _, n in prefill])
 
-    def undo(self, request: Request) -> int:
+    def undo(self, request: Request) -> bool:
         desc = self.descriptor
         held = desc.seq_len(request.id) if request.id in desc else 0
         if held > request.computed:
             desc.truncate(request.id, request.computed)
-        return request.computed
+        return True
 
     def release(self, seq_ids: list[int]) -> None:
         self.descriptor.release(seq_ids)

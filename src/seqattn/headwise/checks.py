@@ -122,7 +122,7 @@ def check_room(
         raise InvalidLengthError(
             f"append_lens {lens.tolist()[:8]} would take a sequence past {MAX_LENGTH} tokens"
         )
-    need = pages_to_append(builder, layers, ids, lens)
+    need = pages_to_append(builder, builder.row_ids(layers, ids), lens, len(layers))
     free = builder.descriptor.cache_manager.available_pages_count
     if need > free:
         raise NoPageError(
@@ -132,14 +132,15 @@ def check_room(
 
 
 def pages_to_append(
-    builder: StepBuilder, layers: Sequence[int], ids: list[int], lens: np.ndarray
+    builder: StepBuilder, row_ids: list[int], lens: np.ndarray, num_layers: int
 ) -> int:
-    """Free pages that ``lens[b]`` new tokens in every KV head of ``layers`` of sequence
-    ``ids[b]`` would take: each head fills its own last page first (heads a press
-    compressed hold fewer tokens, so their pages differ)."""
+    """Free pages that ``lens[b]`` new tokens of sequence ``b`` would take in each of its
+    page lists ``row_ids`` (``builder.row_ids(layers, ids)``, ``num_layers`` layers):
+    each head fills its own last page first (heads a press compressed hold fewer
+    tokens, so their pages differ)."""
     table = builder.descriptor.table
-    held = table.lengths(table.slots(builder.row_ids(layers, ids)))
-    added = np.tile(np.repeat(lens, builder.num_kv_heads), len(layers))
+    held = table.lengths(table.slots(row_ids))
+    added = np.tile(np.repeat(lens, builder.num_kv_heads), num_layers)
     return int(table.pages_needed(held, held + added))
 
 

@@ -133,7 +133,8 @@ class HeadwiseQueries:
         ids = id_list(seq_ids)
         self.positions.slots(ids)  # live, each once
         counts = checked_lens(lens, len(ids))
-        return pages_to_append(self._builder, self._all_layers, ids, counts)
+        rows = self._builder.fresh_row_ids(self._all_layers, ids)
+        return pages_to_append(self._builder, rows, counts, self.num_layers)
 
     def head_pages(self, layer: int, seq_id: int) -> np.ndarray:
         """Pages each KV head of the sequence holds in ``layer``, ``[num_kv_heads]`` int64."""

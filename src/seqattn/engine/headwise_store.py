@@ -17,6 +17,31 @@ restarts later from its prompt plus the tokens it generated so far, all of them 
 new prompt, pressed once when that recompute ends. Its KV afterwards is therefore
 that of a request whose prompt was ``prompt + outputs``, not what it held before (a
 press chooses from what it sees).
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from seqattn.engine import Engine, SamplingParams
+    >>> from seqattn.headwise import SnapKVPress, StreamingLLMPress
+    >>> from seqattn.integrations.hf_headwise import HeadwiseCausalLM
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    >>> engine = Engine(HeadwiseCausalLM(LlamaForCausalLM(config).eval(), num_pages=128,
+    ...                                  page_size=4))
+    >>> params = SamplingParams(max_new_tokens=4, ignore_eos=True)  # random weights
+    >>> a = engine.add_request(list(range(1, 17)), params, press=SnapKVPress(window=4),
+    ...                        budget=0.5)                          # half of each head
+    >>> b = engine.add_request(list(range(3, 20)), params, press=StreamingLLMPress(sinks=2),
+    ...                        budget=6, compress_every=2)          # 6 tokens a head
+    >>> c = engine.add_request([5, 6, 7], params)                   # keeps every token
+    >>> while engine.has_work:
+    ...     finished = engine.step()
+    >>> [len(engine.requests[i].output) for i in (a, b, c)]
+    [4, 4, 4]
+    >>> engine.runner.cache.available_pages_count                   # all given back
+    128
 """
 
 from __future__ import annotations

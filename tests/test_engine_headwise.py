@@ -183,10 +183,11 @@ def preempting_engine(model: torch.nn.Module) -> tuple[Engine, list[int], list[d
     return engine, ids, settings
 
 
-def test_a_small_pool_makes_requests_wait_and_preempts_them() -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_small_pool_makes_requests_wait_and_preempts_them(family: str) -> None:
     """Each stretch of a preempted request's outputs equals the hand run that prefills
     its prompt plus the outputs before the stretch as one prompt."""
-    model = tiny("llama")
+    model = tiny(family)
     engine, ids, settings = preempting_engine(model)
     seen = record_preemptions(engine)
     waited = False

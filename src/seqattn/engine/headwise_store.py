@@ -14,7 +14,8 @@ not stay the KV of one run of tokens, and every request computes its prompt itse
 
 Preemption: a preempted request's sequence is released (every layer and head); it
 restarts later from its prompt plus the tokens it generated so far, all of them one
-new prompt, pressed once when that recompute ends. Its KV afterwards is therefore
+new prompt, pressed once when that recompute ends (``compress_every`` counts its
+decode steps from there again). Its KV afterwards is therefore
 that of a request whose prompt was ``prompt + outputs``, not what it held before (a
 press chooses from what it sees).
 

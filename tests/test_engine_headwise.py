@@ -303,3 +303,28 @@ def test_a_step_that_fails_inside_the_model_is_undone_and_retried(fail_at: int) 
         rest = by_hand(model, prompts[i] + output[:start], 7 - start, settings[i])
         assert output[start:] == rest, f"request {i}"
     check_all_pages_back(engine)
+
+
+def test_a_mixed_step_refuses_bad_rows_and_changes_nothing() -> None:
+    runner = HeadwiseCausalLM(tiny("llama"), num_pages=64, page_size=PS)
+    runner.add_sequences([0, 1])
+    runner.forward([0], [PROMPTS[2]])
+    runner.forward([1], [PROMPTS[2][:3]], ends_prompt=False)
+    free, lens = runner.cache.available_pages_count, [runner.seq_len(s) for s in (0, 1)]
+    bad = [
+        (SeqAttnError, ValueError, ([0], [5], [0], [[1, 2]])),  # one id in both parts
+        (SeqAttnError, ValueError, ([1], [5], [0], [[1, 2]])),  # 1's prompt is open
+        (SeqAttnError, ValueError, ([], [], [], [])),  # no row at all
+        (SeqAttnError, ValueError, ([0], [5, 6], [1], [[1, 2]])),  # two tokens for one
+        (ArgumentTypeError, TypeError, ([0], [5], [1], [[1.5, 2]])),
+        (SeqAttnError, ValueError, ([0], [5], [1], [[1, VOCAB]])),  # outside the vocabulary
+    ]
+    for error, builtin, args in bad:
+        with pytest.raises(error) as info:
+            runner.step(*args)
+        assert isinstance(info.value, builtin), args
+        assert runner.cache.available_pages_count == free
+        assert [runner.seq_len(s) for s in (0, 1)] == lens
+    with pytest.raises(SeqAttnError):
+        runner.step([0], [5], [1], [[1, 2]], ends_prompt=[True, False])  # one flag per row
+    assert runner.step([0], [5], [1], [[1, 2]], ends_prompt=[True]).shape == (2, VOCAB)

@@ -763,3 +763,37 @@ def test_benchmark_runs_on_cpu(capsys):
     _load(ROOT / "benchmarks" / "bench_headwise.py").main(["--device", "cpu"])
     text = capsys.readouterr().out
     assert "| head-wise paged" in text and "masked full cache" in text
+
+
+@pytest.mark.parametrize("held", [0, 1, 3, 4, 5])
+@pytest.mark.parametrize("new", [1, 3, 4, 5, 9])
+def test_pages_needed_is_what_begin_step_takes(held: int, new: int) -> None:
+    """Across page boundaries, with heads a compression left at different lengths."""
+    cache = HeadwiseKVCache(256, 4, num_layers=2, num_kv_heads=2, head_dim=8,
+                            dtype=torch.float32, device="cpu")  # fmt: skip
+    cache.add_sequences([3, 8])
+    k = torch.randn(9, 2, 8)
+    if held:
+        cache.append(0, [3], k[:held], k[:held], append_lens=[held])
+        cache.append(1, [3], k[:held], k[:held], append_lens=[held])
+        cache.compress(1, 3, keep=[list(range(held - 1)), None])  # head 0 drops one
+    need = cache.pages_needed([3, 8], [new, 2])
+    free = cache.available_pages_count
+    cache.begin_step([3, 8], append_lens=[new, 2])
+    assert need == free - cache.available_pages_count
+
+
+def test_pages_needed_refuses_bad_input() -> None:
+    cache = HeadwiseKVCache(16, 4, num_layers=1, num_kv_heads=2, head_dim=8,
+                            dtype=torch.float32, device="cpu")  # fmt: skip
+    cache.add_sequences([1])
+    with pytest.raises(UnknownSequenceError):
+        cache.pages_needed([2], [1])
+    with pytest.raises(DuplicateSequenceError):
+        cache.pages_needed([1, 1], [1, 1])
+    with pytest.raises(InvalidLengthError):
+        cache.pages_needed([1], [-1])
+    with pytest.raises(InvalidLengthError):
+        cache.pages_needed([1], [1, 2])
+    assert cache.pages_needed([1], [100]) == 50  # a question, not a promise: no room check
+    assert cache.available_pages_count == 16

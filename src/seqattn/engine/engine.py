@@ -2,9 +2,13 @@
 prefill, prefix caching and preemption.
 
 Three parts: the :class:`~seqattn.engine.scheduler.Scheduler` chooses each step's rows
-and holds their pages, the :class:`Engine` (here) launches the runner on them, reads the
-sampled tokens back and finishes requests, and the runner
-(:class:`~seqattn.integrations.hf.PagedCausalLM`) runs the model.
+and holds their pages (through the runner's :class:`~seqattn.engine.store.SequenceStore`),
+the :class:`Engine` (here) launches the runner on them, reads the sampled tokens back and
+finishes requests, and the runner runs the model: a
+:class:`~seqattn.integrations.hf.PagedCausalLM` (paged cache, prefix caching), or a
+:class:`~seqattn.integrations.hf_headwise.HeadwiseCausalLM` (head-wise cache, a press
+per request: ``add_request(..., press=, budget=, compress_every=)``; see
+:mod:`~seqattn.engine.headwise_store` for its admission and preemption).
 
 Each :meth:`Engine.step` runs one forward over a batch that mixes decode tokens (one per
 running request) and prefill chunks (up to a token budget), samples the next token of
@@ -13,8 +17,8 @@ model's end-of-sequence token (``generation_config.eos_token_id``, as transforme
 ``generate``; ``SamplingParams.ignore_eos`` turns it off) or at ``max_new_tokens``.
 A waiting request is admitted once its pages fit beside the running requests' next
 step; when the running requests grow short of pages, the newest is preempted: its pages
-go back (its full pages stay in the prefix cache) and it is recomputed later from its
-prompt plus what it generated so far.
+go back (on a paged cache its full pages stay in the prefix cache) and it is recomputed
+later from its prompt plus what it generated so far.
 """
 
 from __future__ import annotations
@@ -30,14 +34,21 @@ import torch
 from .._checks import INT64_MAX, INT64_MIN, exact_bool, exact_int, shown
 from .._transfer import upload
 from ..errors import ArgumentTypeError
-from ..integrations.hf import PagedCausalLM
-from .intake import check_params, checked_prompt, eos_token_ids
+from ..integrations.press_requests import PressRequest
+from .intake import check_params, checked_compression, checked_prompt, eos_token_ids
 from .request import Request, Status
+from .runners import Runner, check_compile, set_compile, set_cuda_graphs, store_for
 from .sampling import SamplingParams, sample
 from .scheduler import Row, Scheduler
 from .stats import EngineStats
+from .store import PagedStore
 
 __all__ = ["Engine", "EngineStats"]
+
+
+def on_device(device: torch.device, index: np.ndarray) -> torch.Tensor:
+    """An index array as a long tensor on ``device``."""
+    return upload(device, [index], dtype=torch.long)[0][0]
 
 
 class _Launched:
@@ -62,6 +73,15 @@ class _Launched:
         if self._copied is not None:
             self._copied.record()
 
+    def tokens_of(self, requests: list[Request]) -> torch.Tensor:
+        """The samples of ``requests`` (each one of this step's), in their order, on the
+        device: ``[len(requests)]`` int64."""
+        if [r.id for r in requests] == [r.id for r in self.requests]:
+            return self.tokens  # the steady state: the same batch again
+        where = {r.id: i for i, r in enumerate(self.requests)}
+        index = np.array([where[r.id] for r in requests], dtype=np.int64)
+        return self.tokens[on_device(self.tokens.device, index)]
+
     def host_tokens(self) -> list[int]:
         """The sampled tokens (waits for their copy, and so for the step, to finish)."""
         if self._copied is not None:
@@ -70,17 +90,20 @@ class _Launched:
 
 
 class Engine:
-    """Serve generation requests with a :class:`PagedCausalLM`.
+    """Serve generation requests with a :class:`PagedCausalLM` or a
+    :class:`HeadwiseCausalLM` (a press per request).
 
     Args:
-        runner: the model on seqattn's cache.
+        runner: the model on seqattn's cache (paged, or head-wise: then without prefix
+            caching, CUDA graphs or compiling; see :mod:`~seqattn.engine.runners`).
         max_batch_size: running requests at most.
         max_step_tokens: tokens one forward may process (prefill chunks are cut to fit).
         seed: seeds the sampler's generator (sampling is reproducible for a seed).
         cuda_graphs: replay decode steps from CUDA graphs, one per batch-size bucket
             (powers of two up to ``max_batch_size``, or up to the pool's page count if
             that is smaller: no more requests can decode at once), where the runner can:
-            CUDA, flashinfer, one attention variant for all layers; ignored otherwise.
+            CUDA, flashinfer, one attention variant for all layers; ignored otherwise
+            (always for a HeadwiseCausalLM, whose presses change pages mid-step).
         compile: decode through ``torch.compile`` (True), eagerly (False), or as the
             runner was built (None, the default; ``PagedCausalLM`` compiles only when
             asked). CUDA graphs then replay the compiled forward; the first decode step
@@ -98,12 +121,13 @@ class Engine:
     stats as they were.
 
     Raises:
-        ArgumentTypeError: ``runner`` is not a :class:`PagedCausalLM`, a setting of the
+        ArgumentTypeError: ``runner`` is neither runner, a setting of the
             wrong type (``max_batch_size=1.5``, ``seed="0"``, ``cuda_graphs=1``,
             ``compile="yes"``), or an end-of-sequence id in the model's generation
             config that is not an integer.
-        InvalidArgumentError: ``max_batch_size`` or ``max_step_tokens`` < 1, or a seed
-            outside torch's range ``[-2**63, 2**64)``.
+        InvalidArgumentError: ``max_batch_size`` or ``max_step_tokens`` < 1, a seed
+            outside torch's range ``[-2**63, 2**64)``, ``compile=True`` for a
+            HeadwiseCausalLM.
         MissingDependencyError: ``compile=True`` where inductor has no compiler (a C++
             compiler on the CPU, triton on CUDA); the runner is left as it was.
 
@@ -126,7 +150,7 @@ class Engine:
 
     def __init__(
         self,
-        runner: PagedCausalLM,
+        runner: Runner,
         *,
         max_batch_size: int = 64,
         max_step_tokens: int = 512,
@@ -134,61 +158,57 @@ class Engine:
         cuda_graphs: bool = True,
         compile: Optional[bool] = None,
     ) -> None:
-        if not isinstance(runner, PagedCausalLM):
-            raise ArgumentTypeError(  # a module's repr spans many lines: its type says it
-                f"runner must be a PagedCausalLM (PagedCausalLM(model, num_pages=...)), "
-                f"got a {type(runner).__name__}"
-            )
+        store = store_for(runner)
         max_batch_size = exact_int(max_batch_size, "max_batch_size", low=1, high=INT64_MAX)
         max_step_tokens = exact_int(max_step_tokens, "max_step_tokens", low=1, high=INT64_MAX)
         seed = exact_int(seed, "seed", low=INT64_MIN, high=2**64 - 1)  # torch's range
         cuda_graphs = exact_bool(cuda_graphs, "cuda_graphs")
         compile = exact_bool(compile, "compile", optional=True)
+        check_compile(runner, compile)
         self.eos_token_ids = eos_token_ids(runner.model)
-        if compile:  # first: it raises when inductor has no compiler, before any change
-            runner.enable_compile(runner.compiled.mode if runner.compiled else "default")
-        elif compile is not None:
-            runner.disable_compile()
-        self.runner = runner
-        self.descriptor = runner.descriptor
+        set_compile(runner, compile)  # first: it raises when inductor has no compiler
+        self.runner, self.store = runner, store
+        self.descriptor = store.descriptor if isinstance(store, PagedStore) else None
         self.device = runner.device
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.requests: dict[int, Request] = {}
         self.stats = EngineStats()
-        self.scheduler = Scheduler(self.descriptor, runner.cache, self.stats,
-                                   max_batch_size=max_batch_size,
+        self.scheduler = Scheduler(store, self.stats, max_batch_size=max_batch_size,
                                    max_step_tokens=max_step_tokens)  # fmt: skip
         self._next_id = 0
         self._sampled: Optional[_Launched] = None  # the last step, its samples unread
         self._finished: list[Request] = []  # finished since step() last returned
-        self.cuda_graphs = self._set_cuda_graphs(cuda_graphs)
-
-    def _set_cuda_graphs(self, wanted: bool) -> bool:
-        """Turn the runner's CUDA-graph decode on (one graph per batch-size bucket) or
-        off; whether it is on."""
-        if not wanted:
-            self.runner.disable_cuda_graphs()
-            return False
-        # a decoding request holds a page of its own: more than the pool's pages never
-        # decode together, and a bucket's buffers are sized by its batch
-        largest = min(self.max_batch_size, self.scheduler.num_pages)
-        buckets = tuple(1 << i for i in range((largest - 1).bit_length() + 1))
-        return self.runner.enable_cuda_graphs(buckets)
+        self.cuda_graphs = set_cuda_graphs(runner, cuda_graphs, max_batch_size, store.num_pages)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt: Sequence[int], params: SamplingParams) -> int:
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        press: object = None,
+        budget: object = None,
+        compress_every: object = None,
+    ) -> int:
         """Queue a request; returns its id. Nothing is queued unless every check passes.
 
         Args:
             prompt: ``[prompt_len]`` token ids, ``prompt_len >= 1``, each in
                 ``[0, vocab_size)``: a list, tuple, numpy array or tensor of integers.
             params: how the request generates.
+            press, budget, compress_every: its KV compression on a HeadwiseCausalLM, as
+                ``HeadwiseCausalLM.add_sequences`` takes them (a ``Press`` and a budget:
+                tokens per head, an int, or a fraction of the length, a float in (0, 1];
+                press again every ``compress_every`` decode steps). None: keep every token.
 
         Raises:
             ArgumentTypeError: ``params`` is not a :class:`SamplingParams`, or the prompt
-                is not a 1-D sequence of integers.
+                is not a 1-D sequence of integers; a press that is not a ``Press``.
+            InvalidArgumentError, InvalidLengthError: bad press settings (a press without
+                a budget, a budget of 0 or 1.5, ``compress_every=0``), or any on a
+                PagedCausalLM.
             InvalidLengthError: an empty prompt.
             InvalidArgumentError: a token id outside the model's vocabulary (which on a
                 GPU would end the process with a device-side assert), or a request that
@@ -198,8 +218,9 @@ class Engine:
                 ``NoPageError`` says "not now, free pages and retry", and no retry
                 could ever serve this request.
         """
-        tokens = checked_prompt(prompt, params, self.runner, "prompt")
-        return self._queue(tokens, params)
+        tokens = checked_prompt(prompt, params, self.runner.vocab_size, self.store, "prompt")
+        return self._queue(tokens, params, checked_compression(self.store, press, budget,
+                                                               compress_every))  # fmt: skip
 
     @property
     def has_work(self) -> bool:
@@ -216,28 +237,40 @@ class Engine:
         """Requests holding a sequence in the cache, oldest first."""
         return self.scheduler.running
 
-    def generate(self, prompts: Iterable[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Iterable[Sequence[int]],
+        params: SamplingParams,
+        *,
+        press: object = None,
+        budget: object = None,
+        compress_every: object = None,
+    ) -> list[list[int]]:
         """Run ``prompts`` to completion; their generated tokens, in order.
 
-        Every prompt and the params are checked (as :meth:`add_request`) before any is
-        queued: a bad one raises and queues none. If a step raises (see :meth:`step`),
+        ``press``, ``budget``, ``compress_every``: for every prompt, as
+        :meth:`add_request`. Every prompt and setting is checked before any is queued:
+        a bad one raises and queues none. If a step raises (see :meth:`step`),
         the error propagates and the queued requests stay in the engine, which
         :meth:`step` can go on serving.
         """
         check_params(params)
+        compression = checked_compression(self.store, press, budget, compress_every)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
             raise ArgumentTypeError(f"prompts must be a list of prompts, got {shown(prompts)}")
-        checked = [
-            checked_prompt(p, params, self.runner, f"prompts[{i}]") for i, p in enumerate(prompts)
-        ]
-        ids = [self._queue(tokens, params) for tokens in checked]
+        vocab = self.runner.vocab_size
+        checked = [checked_prompt(p, params, vocab, self.store, f"prompts[{i}]")
+                   for i, p in enumerate(prompts)]  # fmt: skip
+        ids = [self._queue(tokens, params, compression) for tokens in checked]
         while self.has_work:
             self.step()
         return [self.requests[i].output for i in ids]
 
-    def _queue(self, tokens: np.ndarray, params: SamplingParams) -> int:
-        """Queue a request of checked ``tokens``; returns its id."""
-        request = Request(self._next_id, tokens, params, self.eos_token_ids)
+    def _queue(
+        self, tokens: np.ndarray, params: SamplingParams, compression: Optional[PressRequest]
+    ) -> int:
+        """Queue a request of checked ``tokens`` and press settings; returns its id."""
+        request = Request(self._next_id, tokens, params, self.eos_token_ids, compression)
         request.arrival = time.perf_counter()
         self._next_id += 1
         self.requests[request.id] = request
@@ -306,10 +339,11 @@ class Engine:
         try:
             logits = self._forward(rows, fed_on_device)
             if len(ready) < len(requests):  # some rows were prefill chunks: no token yet
-                logits = logits[self._on_device(np.array(ready, dtype=np.int64))]
+                logits = logits[on_device(self.device, np.array(ready, dtype=np.int64))]
             tokens = sample(logits, [r.params for r in ready_requests], self.generator)
-            if self.runner.ranks is not None:  # tensor-parallel: every rank takes rank 0's
-                self.runner.ranks.broadcast(tokens)
+            ranks = getattr(self.runner, "ranks", None)  # a HeadwiseCausalLM has none
+            if ranks is not None:  # tensor-parallel: every rank takes rank 0's
+                ranks.broadcast(tokens)
             launched = _Launched(requests, ready_requests, tokens, fed_on_device)
         except BaseException:
             self.scheduler.undo(rows)
@@ -329,27 +363,11 @@ class Engine:
 
     def _forward(self, rows: list[Row], fed_on_device: bool) -> torch.Tensor:
         """The model's logits for ``rows``: ``[len(rows), vocab_size]``."""
-        requests = [r for r, _ in rows]
-        ids = [r.id for r in requests]
         if fed_on_device:  # the inputs are the previous step's samples, still on the device
-            return self.runner.decode(ids, self._sampled_inputs(requests))
-        if all(r.pending == 1 for r in requests):  # not a prefill chunk cut to one token
-            return self.runner.decode(ids, [r.last_token for r in requests])
-        return self.runner.forward(ids, [r.next_inputs(n) for r, n in rows])
-
-    def _sampled_inputs(self, requests: list[Request]) -> torch.Tensor:
-        """The previous step's samples of ``requests``, in their order, on the device."""
-        sampled = self._sampled
-        assert sampled is not None
-        if [r.id for r in requests] == [r.id for r in sampled.requests]:
-            return sampled.tokens  # the steady state: the same batch again
-        where = {r.id: i for i, r in enumerate(sampled.requests)}
-        index = np.array([where[r.id] for r in requests], dtype=np.int64)
-        return sampled.tokens[self._on_device(index)]
-
-    def _on_device(self, index: np.ndarray) -> torch.Tensor:
-        """An index array as a long tensor on the runner's device."""
-        return upload(self.device, [index], dtype=torch.long)[0][0]
+            assert self._sampled is not None
+            requests = [r for r, _ in rows]
+            return self.runner.decode([r.id for r in requests], self._sampled.tokens_of(requests))
+        return self.store.forward(rows)  # the runner's calls for rows on the host
 
     def _read_sampled(self) -> None:
         """Bring the last launched step's tokens to the host and finish requests."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ..integrations.press_requests import PressRequest
 
 
 class Status(Enum):
@@ -23,7 +26,9 @@ class Request:
     rest are the request's next inputs (the whole prompt at first, one sampled token
     while decoding). ``eos_token_ids`` are the model's end-of-sequence ids: producing one
     ends the request (the token is kept; finish reason ``"stop"``) unless
-    ``params.ignore_eos``. The engine makes requests from checked input
+    ``params.ignore_eos``. ``compression``: its press settings on a head-wise cache
+    (press, budget, compress_every; checked), or None to keep every token. The engine
+    makes requests from checked input
     (:meth:`Engine.add_request`); this class trusts its arguments.
     """
 
@@ -33,6 +38,7 @@ class Request:
         prompt: Union[list[int], np.ndarray],
         params: SamplingParams,
         eos_token_ids: tuple[int, ...] = (),
+        compression: Optional[PressRequest] = None,
     ) -> None:
         self.id = request_id
         # the prompt as the cache is asked with it: an int64 array is checked in O(1)
@@ -41,6 +47,7 @@ class Request:
         self.prompt_ids = np.array(prompt, dtype=np.int64)
         self.prompt: list[int] = self.prompt_ids.tolist()
         self.params = params
+        self.compression = compression
         # tokens that end the request when produced: its stop ids and, unless it ignores
         # them, the model's end-of-sequence ids
         stops = set(params.stop_token_ids)

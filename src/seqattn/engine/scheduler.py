@@ -6,51 +6,40 @@ engine does (:class:`~seqattn.engine.Engine`)."""
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional, Protocol
+from typing import Optional
 
-from ..descriptor import CacheDescriptor
 from ..errors import NoPageError
 from .request import Request, Status
 from .stats import EngineStats, Preemption
+from .store import Row, SequenceStore
 
-Row = tuple[Request, int]  # a request and the tokens it feeds in one step
-
-
-class Pool(Protocol):
-    """The page pool's counts the scheduler reads (a ``PagedKVCacheManager``)."""
-
-    @property
-    def available_pages_count(self) -> int: ...
-
-    @property
-    def num_pages(self) -> int: ...
-
-    @property
-    def page_size(self) -> int: ...
+__all__ = ["Row", "Scheduler"]
 
 
 class Scheduler:
     """Queues requests, admits them while their pages fit, and plans each step.
 
     Admission: the first waiting request starts once its prompt's pages
-    (:meth:`CacheDescriptor.pages_to_start`, which counts its prefix-cache hit) fit
+    (:meth:`~.store.SequenceStore.pages_to_start`: on a paged cache less its prefix-cache
+    hit, on a head-wise one its whole prompt in every layer and head) fit
     beside what the running requests need for their next step (their pending tokens: a
     decode token, or the rest of a prompt); the requests behind it wait their turn. With
     nothing running it starts regardless, so that pages held outside the engine surface
     as a ``NoPageError`` instead of an endless wait. A request that could share full
     pages a running request has not computed yet waits until it has (it then reads them
-    from the prefix cache); the requests behind it go first.
+    from the prefix cache); the requests behind it go first. The scheduler holds pages
+    only through its :class:`~.store.SequenceStore`.
 
     Each step: decode rows first (one token each), then prefill chunks within the token
     budget, cut to the pages left. Only when the decode rows do not fit, or no row can
-    run at all, is the newest running request preempted: its pages go back (its full
-    pages stay in the prefix cache) and it waits, first in line, to restart from its
+    run at all, is the newest running request preempted: its pages go back (on a paged
+    cache its full pages stay in the prefix cache) and it waits, first in line, to restart from its
     prompt plus what it generated so far. Each preemption is recorded
     (:attr:`preemption_log`).
 
     Args:
-        descriptor: the runner's cache descriptor (sequences, pages, prefix cache).
-        pool: the runner's page pool, for its page counts.
+        store: the runner's sequences and page counts (:class:`~.store.PagedStore`,
+            :class:`~.headwise_store.HeadwiseStore`).
         stats: the engine's counters (preemptions are counted here).
         max_batch_size: running requests at most.
         max_step_tokens: tokens one step may feed.
@@ -58,17 +47,15 @@ class Scheduler:
 
     def __init__(
         self,
-        descriptor: CacheDescriptor,
-        pool: Pool,
+        store: SequenceStore,
         stats: EngineStats,
         *,
         max_batch_size: int,
         max_step_tokens: int,
     ) -> None:
-        self.descriptor = descriptor
-        self.pool = pool
-        self.page_size = pool.page_size
-        self.num_pages = pool.num_pages
+        self.store = store
+        self.page_size = store.page_size
+        self.num_pages = store.num_pages
         self.stats = stats
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
@@ -103,7 +90,7 @@ class Scheduler:
                     continue
                 if self.running and not self._fits(request):
                     break
-                computed = self.descriptor.start_sequence(request.id, request.token_ids())
+                computed = self.store.start(request)
                 self.waiting.popleft()  # only once it is started: an error leaves it queued
                 request.computed, request.status = computed, Status.RUNNING
                 self.running.append(request)
@@ -114,11 +101,13 @@ class Scheduler:
         """Whether starting ``request`` leaves the running requests the pages of their
         pending tokens."""
         reserved = self._pages([(r, r.pending) for r in self.running])
-        start = self.descriptor.pages_to_start(request.token_ids())
-        return reserved + start <= self.pool.available_pages_count
+        start = self.store.pages_to_start(request.token_ids())
+        return reserved + start <= self.store.available_pages_count
 
     def _prefix_in_flight(self, request: Request) -> bool:
         """Whether a running request is computing full pages that ``request`` could share."""
+        if not self.store.prefix_cached:
+            return False
         ps = self.page_size
         tokens = request.tokens
         for other in self.running:
@@ -156,7 +145,7 @@ class Scheduler:
             if len(self.running) == 1:
                 raise NoPageError(
                     f"request {self.running[0].id} alone needs {need} more pages for its "
-                    f"next step, but {self.pool.available_pages_count} of the pool's "
+                    f"next step, but {self.store.available_pages_count} of the pool's "
                     f"{self.num_pages} are available; give the engine more pages"
                 )
             self._preempt(need)
@@ -183,7 +172,7 @@ class Scheduler:
         wanted = self._wanted()
         split = next((i for i, (r, _) in enumerate(wanted) if r.pending > 1), len(wanted))
         decode, prefill = wanted[:split], wanted[split:]
-        free = self.pool.available_pages_count
+        free = self.store.available_pages_count
         used = self._pages(decode)
         if used <= free:
             rows = decode + self._fitting_chunks(prefill, free - used)
@@ -195,7 +184,7 @@ class Scheduler:
         """Prefill rows cut to ``free`` pages (and the room left in their last pages)."""
         rows = []
         for request, n in prefill:
-            n = min(n, -request.computed % self.page_size + free * self.page_size)
+            n = self.store.chunk_room(request, n, free)
             pages = self._pages([(request, n)]) if n else free + 1
             if pages <= free:
                 rows.append((request, n))
@@ -206,19 +195,14 @@ class Scheduler:
         """Free pages that allocating ``rows`` would take."""
         if not rows:
             return 0
-        return self.descriptor.pages_needed([r.id for r, _ in rows], [n for _, n in rows])
+        return self.store.pages_needed([r.id for r, _ in rows], [n for _, n in rows])
 
     def _allocate(self, rows: list[Row]) -> None:
         """Allocate the rows' pages; if that raises, nothing stays allocated."""
         decode = [r for r, _ in rows if r.pending == 1]
         prefill = [(r.id, n) for r, n in rows if r.pending > 1]
         try:
-            if decode:
-                # a token sampled ahead is told to the prefix cache once read (see step)
-                last = None if decode[0].unread else [r.last_token for r in decode]
-                self.descriptor.allocate_decoding([r.id for r in decode], token_ids=last)
-            if prefill:
-                self.descriptor.allocate([i for i, _ in prefill], [n for _, n in prefill])
+            self.store.allocate(decode, prefill)
         except BaseException:
             self.undo(rows)
             raise
@@ -227,8 +211,8 @@ class Scheduler:
         """Give the newest running request's pages back; it restarts later from its
         tokens so far. ``need``: the pages the step's rows lacked room for."""
         request = self.running.pop()
-        available = self.pool.available_pages_count
-        self.descriptor.release([request.id])
+        available = self.store.available_pages_count
+        self.store.release([request.id])
         request.status, request.computed = Status.WAITING, 0
         request.preemptions += 1
         self.stats.preemptions += 1
@@ -241,23 +225,24 @@ class Scheduler:
         (known once read) and that every token they hold has its KV now."""
         live = [r for r in requests if r.status is Status.RUNNING]
         ids = [r.id for r in live]
-        if fed_on_device:
-            self.descriptor.record_decode_tokens(ids, [r.output[-1] for r in live])
-        self.descriptor.commit(ids)
+        self.store.launched(ids, [r.output[-1] for r in live] if fed_on_device else None)
 
     def undo(self, rows: list[Row]) -> None:
         """Give back what a failed step allocated: each row's sequence again holds the
-        tokens whose KV it has (``request.computed``)."""
-        desc = self.descriptor
-        for request, _ in rows:
-            held = desc.seq_len(request.id) if request.id in desc else 0
-            if held > request.computed:
-                desc.truncate(request.id, request.computed)
+        tokens whose KV it has (``request.computed``). A sequence the store cannot keep
+        (a head-wise one the model's forward left half-written) is released instead, and
+        its request waits, first in line, to be recomputed as after a preemption (not
+        counted as one)."""
+        lost = [request for request, _ in rows if not self.store.undo(request)]
+        for request in reversed(lost):
+            self.running.remove(request)
+            request.status, request.computed = Status.WAITING, 0
+            self.waiting.appendleft(request)
 
     def release(self, finished: list[Request]) -> None:
         """End finished requests (a row sampled ahead may still run on their pages: the
         pages' next users write them later in stream order)."""
         if finished:
-            self.descriptor.release([r.id for r in finished])
+            self.store.release([r.id for r in finished])
             done = {r.id for r in finished}
             self.running = [r for r in self.running if r.id not in done]

@@ -71,14 +71,22 @@ class StepBuilder:
         cached = self._ids.get(key)
         if cached is not None and cached[0] == seq_ids:
             return cached[1]
+        ids = self.fresh_row_ids(key, seq_ids)
+        self._ids[key] = (list(seq_ids), ids)
+        return ids
+
+    def fresh_row_ids(self, layers: Sequence[int], seq_ids: list[int]) -> list[int]:
+        """:meth:`row_ids` without its cache (for questions between steps, which must not
+        evict the steady batch's list)."""
         # HeadIDGenerator(num_layers * num_kv_heads).get_head_id(s, layer * heads + h),
         # without a call per id
         heads, per_seq = self.num_kv_heads, self.num_layers * self.num_kv_heads
-        ids = [
-            s * per_seq + layer * heads + h for layer in key for s in seq_ids for h in range(heads)
+        return [
+            s * per_seq + layer * heads + h
+            for layer in layers
+            for s in seq_ids
+            for h in range(heads)
         ]
-        self._ids[key] = (list(seq_ids), ids)
-        return ids
 
     def open(
         self,

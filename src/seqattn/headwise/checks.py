@@ -122,16 +122,26 @@ def check_room(
         raise InvalidLengthError(
             f"append_lens {lens.tolist()[:8]} would take a sequence past {MAX_LENGTH} tokens"
         )
-    table = builder.descriptor.table
-    held = table.lengths(table.slots(builder.row_ids(layers, ids)))
-    added = np.tile(np.repeat(lens, builder.num_kv_heads), len(layers))
-    need = table.pages_needed(held, held + added)
+    need = pages_to_append(builder, builder.row_ids(layers, ids), lens, len(layers))
     free = builder.descriptor.cache_manager.available_pages_count
     if need > free:
         raise NoPageError(
             f"append_lens {lens.tolist()[:8]} need {need} pages in {len(layers)} layers, "
             f"but {free} are available"
         )
+
+
+def pages_to_append(
+    builder: StepBuilder, row_ids: list[int], lens: np.ndarray, num_layers: int
+) -> int:
+    """Free pages that ``lens[b]`` new tokens of sequence ``b`` would take in each of its
+    page lists ``row_ids`` (``builder.row_ids(layers, ids)``, ``num_layers`` layers):
+    each head fills its own last page first (heads a press compressed hold fewer
+    tokens, so their pages differ)."""
+    table = builder.descriptor.table
+    held = table.lengths(table.slots(row_ids))
+    added = np.tile(np.repeat(lens, builder.num_kv_heads), num_layers)
+    return int(table.pages_needed(held, held + added))
 
 
 def check_queries_held(

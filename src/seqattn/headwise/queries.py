@@ -7,16 +7,19 @@ head id ``l * num_kv_heads + h`` of ``s``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .._checks import checked_index
+from .._checks import checked_index, id_list
 from ..descriptor import CacheDescriptor
 from ..head_ids import HeadIDGenerator
 from ..page_table import pages_for
 from ..storage import PagedKVCacheManager
+from .builder import StepBuilder
+from .checks import checked_lens, pages_to_append
 from .positions import HeadPositions
 
 
@@ -36,6 +39,8 @@ class HeadwiseQueries:
     positions: HeadPositions
     kv_pages: torch.Tensor
     _row_ids: HeadIDGenerator
+    _builder: StepBuilder
+    _all_layers: tuple[int, ...]
 
     # ---------------------------------------------------------------- sequences
     @property
@@ -111,6 +116,25 @@ class HeadwiseQueries:
     def available_pages_count(self) -> int:
         """Free pages in the shared pool."""
         return self.storage.available_pages_count
+
+    def pages_needed(self, seq_ids: Sequence[int], lens: Sequence[int]) -> int:
+        """Free pages that appending ``lens[b]`` tokens to sequence ``seq_ids[b]`` in every
+        layer and KV head would take (what :meth:`begin_step` allocates): a scheduler
+        asks before a step so that it admits only what fits.
+
+        Args:
+            seq_ids: live sequences, each once, ``[batch]`` integers.
+            lens: new tokens per sequence, ``[batch]`` integers >= 0.
+
+        Raises:
+            UnknownSequenceError, DuplicateSequenceError: an id not live, or twice.
+            InvalidLengthError: a length < 0, or not one per sequence.
+        """
+        ids = id_list(seq_ids)
+        self.positions.slots(ids)  # live, each once
+        counts = checked_lens(lens, len(ids))
+        rows = self._builder.fresh_row_ids(self._all_layers, ids)
+        return pages_to_append(self._builder, rows, counts, self.num_layers)
 
     def head_pages(self, layer: int, seq_id: int) -> np.ndarray:
         """Pages each KV head of the sequence holds in ``layer``, ``[num_kv_heads]`` int64."""

@@ -40,12 +40,20 @@ from .hf_checks import (
     check_backend,
     check_device_tokens,
     check_model,
-    decode_tokens,
     head_dim_of,
     token_rows,
 )
+from .hf_checks import (
+    decode_tokens as checked_decode_tokens,
+)
 from .hf_headwise_attention import HEADWISE_ATTENTION_NAME, HeadwiseStepContext, register_headwise
-from .press_requests import PressRequest, compress_layer, press_request
+from .press_requests import (
+    PressRequest,
+    after_step,
+    check_prompts_ended,
+    compress_layer,
+    press_request,
+)
 from .query_window import QueryWindows
 
 
@@ -194,7 +202,6 @@ class HeadwiseCausalLM:
             self._failed.discard(seq_id)
 
     # ---------------------------------------------------------------------- steps
-    @torch.inference_mode()
     def forward(
         self, seq_ids: Sequence[int], tokens: Any, *, ends_prompt: Any = True
     ) -> torch.Tensor:
@@ -223,19 +230,8 @@ class HeadwiseCausalLM:
             NoPageError: the pool lacks pages for the tokens in every layer and head.
             Nothing changed.
         """
-        ids = self._batch(seq_ids)
-        rows = token_rows(tokens, len(ids), self.vocab_size)
-        ends = ends_flags(ends_prompt, len(ids))
-        lens = np.array([row.size for row in rows], dtype=np.int64)
-        pressed = [s for s, end in zip(ids, ends, strict=True) if end and self.requests[s].press]
-        logits = self._run(ids, lens, np.concatenate(rows), pressed)
-        for seq_id, end in zip(ids, ends, strict=True):
-            self.requests[seq_id].prompt_open = not end
-        for seq_id in pressed:
-            self.requests[seq_id].decoded = 0
-        return logits
+        return self.step([], [], seq_ids, tokens, ends_prompt=ends_prompt)
 
-    @torch.inference_mode()
     def decode(self, seq_ids: Sequence[int], tokens: Any) -> torch.Tensor:
         """One decode step: one new token per sequence, at its next position.
 
@@ -253,24 +249,58 @@ class HeadwiseCausalLM:
                 forward passed ``ends_prompt=False``) or that has none yet. The rest as
                 :meth:`forward` (TensorSpecError for a bad device tensor). Nothing changed.
         """
-        ids = self._batch(seq_ids)
-        n = len(ids)
-        if isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu":
-            check_device_tokens(tokens, n, self.device)
+        return self.step(seq_ids, tokens, [], [])
+
+    @torch.inference_mode()
+    def step(
+        self,
+        decode_ids: Sequence[int],
+        decode_tokens: Any,
+        prompt_ids: Sequence[int],
+        prompt_tokens: Any,
+        *,
+        ends_prompt: Any = True,
+    ) -> torch.Tensor:
+        """:meth:`decode` of ``decode_ids`` and :meth:`forward` of ``prompt_ids`` in one
+        model call (an engine's mixed step). Decode rows count towards
+        ``compress_every`` (and press when it is due); a prompt row whose
+        ``ends_prompt`` flag is set presses its sequence.
+
+        Args:
+            decode_ids, decode_tokens: ``[d]`` ids (maybe none) and tokens, as :meth:`decode`.
+            prompt_ids, prompt_tokens: ``[p]`` ids (maybe none, none in ``decode_ids``)
+                and rows, and ``ends_prompt`` (a bool, or ``[p]``), as :meth:`forward`.
+
+        Returns:
+            ``shape: [d + p, vocab_size]``: the logits of each sequence's last new
+            token, decode rows first, in the order given.
+
+        Raises:
+            As :meth:`forward` and :meth:`decode` (InvalidLengthError: no id at all).
+            Nothing changed.
+        """
+        dec_ids, pre_ids = id_list(decode_ids, "decode_ids"), id_list(prompt_ids, "prompt_ids")
+        ids = self._batch(dec_ids + pre_ids)
+        d = len(dec_ids)
+        if isinstance(decode_tokens, torch.Tensor) and decode_tokens.device.type != "cpu":
+            check_device_tokens(decode_tokens, d, self.device)
+            dec = decode_tokens
         else:
-            tokens = decode_tokens(tokens, n, self.vocab_size)
-        open_ = [s for s in ids if self.requests[s].prompt_open]
-        if open_:
-            raise InvalidArgumentError(
-                f"sequences {open_[:8]} have no finished prompt to decode after: end it "
-                "with forward(..., ends_prompt=True)"
-            )
-        pressed = [s for s in ids if self.requests[s].compresses_in_decode()]
-        logits = self._run(ids, np.ones(n, dtype=np.int64), tokens, pressed)
-        for seq_id in ids:
-            request = self.requests[seq_id]
-            request.decoded = 0 if seq_id in pressed else request.decoded + 1
+            dec = checked_decode_tokens(decode_tokens, d, self.vocab_size) if d else _NO_TOKENS
+        rows = token_rows(prompt_tokens, len(pre_ids), self.vocab_size) if pre_ids else []
+        ends = ends_flags(ends_prompt, len(pre_ids))
+        check_prompts_ended(self.requests, dec_ids)
+        pressed = [s for s in dec_ids if self.requests[s].compresses_in_decode()]
+        pressed += [s for s, e in zip(pre_ids, ends, strict=True) if e and self.requests[s].press]
+        lens = np.array([1] * d + [row.size for row in rows], dtype=np.int64)
+        logits = self._run(ids, lens, _joined(dec, rows, self.device), pressed)
+        after_step(self.requests, dec_ids, dict(zip(pre_ids, ends, strict=True)), pressed)
         return logits
+
+    @property
+    def failed(self) -> frozenset[int]:
+        """Sequences of a step that raised mid-forward: refused until released."""
+        return frozenset(self._failed)
 
     def _batch(self, seq_ids: object) -> list[int]:
         """A step's ids: integers, at least one, none twice, each live and not failed."""
@@ -327,6 +357,22 @@ class HeadwiseCausalLM:
         for seq_id, budget in budgets.items():
             request = self.requests[seq_id]
             compress_layer(self.cache, self.windows, layer, seq_id, request, budget, self.scale)
+
+
+_NO_TOKENS = np.zeros(0, dtype=np.int64)
+
+
+def _joined(
+    decode: Union[np.ndarray, torch.Tensor], rows: list[np.ndarray], device: torch.device
+) -> Union[np.ndarray, torch.Tensor]:
+    """A step's flat ``[sum(lens)]`` token row: the decode tokens, then each prompt row
+    (on the device when the decode tokens are)."""
+    if not rows:
+        return decode
+    if isinstance(decode, torch.Tensor):
+        tail = torch.as_tensor(np.concatenate(rows), device=device)
+        return torch.cat([decode.to(torch.int64), tail])
+    return np.concatenate([decode, *rows])
 
 
 def ends_flags(ends_prompt: object, n: int) -> list[bool]:

@@ -85,6 +85,34 @@ def press_request(press: object, budget: object, compress_every: object) -> Pres
     return PressRequest(press, budget, every)  # type: ignore[arg-type]
 
 
+def check_prompts_ended(requests: dict[int, PressRequest], decode_ids: list[int]) -> None:
+    """Raise InvalidArgumentError if a sequence to decode has its prompt still open."""
+    open_ = [s for s in decode_ids if requests[s].prompt_open]
+    if open_:
+        raise InvalidArgumentError(
+            f"sequences {open_[:8]} have no finished prompt to decode after: end it "
+            "with forward(..., ends_prompt=True)"
+        )
+
+
+def after_step(
+    requests: dict[int, PressRequest],
+    decode_ids: list[int],
+    prompt_ends: dict[int, bool],
+    pressed: list[int],
+) -> None:
+    """Advance each sequence's schedule by a step that ran: a decode row counts towards
+    ``compress_every`` (from 0 again once pressed); a prompt row opens or closes its
+    prompt (``prompt_ends``: whether it was the prompt's last chunk)."""
+    for seq_id in decode_ids:
+        request = requests[seq_id]
+        request.decoded = 0 if seq_id in pressed else request.decoded + 1
+    for seq_id, end in prompt_ends.items():
+        requests[seq_id].prompt_open = not end
+        if seq_id in pressed:
+            requests[seq_id].decoded = 0
+
+
 def compress_layer(
     cache: HeadwiseKVCache,
     windows: QueryWindows,

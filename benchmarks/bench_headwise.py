@@ -53,8 +53,10 @@ import numpy as np
 import torch
 
 from seqattn import CacheDescriptor, PagedAttention, PagedKVCacheManager
+from seqattn.attention.cuda_graph import capture
 from seqattn.attention.triton_decode import triton_or_none
 from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache
+from seqattn.headwise.graph import HeadwiseGraphs
 
 FAKE_KEY_NORM = 400.0  # |fake key|: logits of about -100 against the step's queries
 
@@ -130,35 +132,70 @@ def choose_keeps(cfg: Config, seed: int = 0) -> list[list[list[np.ndarray]]]:
 
 
 # ------------------------------------------------------------------------------ sides
-class FullCache:
-    """(a) and (b): a multi-head paged cache with ``PagedAttention``, planned once per step."""
+class Graphs:
+    """A side's CUDA graphs by name, each captured on first use, then replayed."""
 
-    def __init__(self, cfg: Config, extra_tokens: int) -> None:
-        pages_per_seq = -(-(cfg.context + extra_tokens) // cfg.page_size)
-        self.cache = PagedKVCacheManager(
-            cfg.batch * pages_per_seq, cfg.page_size, cfg.hkv, cfg.head_dim, cfg.dtype,
-            cfg.device, num_layers=cfg.layers,
-        )  # fmt: skip
-        self.desc = CacheDescriptor(self.cache)
-        self.attn = PagedAttention(self.cache, cfg.hq, backend=cfg.backend)
-        self.ids = list(range(cfg.batch))
-        self.desc.allocate(self.ids, [cfg.context] * cfg.batch)
-        self.prompt = self.desc.pack_for_flashinfer(self.ids, [cfg.context] * cfg.batch)
+    def __init__(self) -> None:
+        self.captured: dict[str, torch.cuda.CUDAGraph] = {}
+
+    def replay(self, name: str, body: Callable[[], object]) -> None:
+        if name not in self.captured:
+            self.captured[name] = capture(body)
+        self.captured[name].replay()
+
+
+class FullCache:
+    """(a) and (b): a multi-head paged cache with ``PagedAttention``, planned once per step;
+    (f) with ``graphs``: every layer's append + attention replayed from one CUDA graph."""
+
+    def __init__(self, cfg: Config, extra_tokens: int, share: Optional[FullCache] = None) -> None:
+        self.owner = share is None  # a side with graphs shares the eager side's cache
+        if share is None:
+            pages_per_seq = -(-(cfg.context + extra_tokens) // cfg.page_size)
+            self.cache = PagedKVCacheManager(
+                cfg.batch * pages_per_seq + 1, cfg.page_size, cfg.hkv, cfg.head_dim,
+                cfg.dtype, cfg.device, num_layers=cfg.layers,
+            )  # fmt: skip
+            self.desc = CacheDescriptor(self.cache)
+            self.ids = list(range(cfg.batch))
+            self.desc.allocate(self.ids, [cfg.context] * cfg.batch)
+            self.prompt = self.desc.pack_for_flashinfer(self.ids, [cfg.context] * cfg.batch)
+        else:
+            self.cache, self.desc, self.ids = share.cache, share.desc, share.ids
+        buckets = None if share is None else [cfg.batch]
+        self.attn = PagedAttention(self.cache, cfg.hq, backend=cfg.backend,
+                                   cuda_graph_batch_sizes=buckets)  # fmt: skip
+        self.graphs: Optional[Graphs] = None if share is None else Graphs()
         self.out = torch.empty(cfg.layers, cfg.batch, cfg.hq, cfg.head_dim,
                                dtype=cfg.dtype, device=cfg.device)  # fmt: skip
 
     def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.cache.append_kv(k, v, self.prompt, layer=layer)
+        if self.owner:
+            self.cache.append_kv(k, v, self.prompt, layer=layer)
 
     def step(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> None:
         self.desc.allocate_decoding(self.ids)
         packed = self.desc.pack_for_flashinfer(self.ids, [1] * len(self.ids), device=self.device)
+        if self.graphs is not None:
+            self.attn.plan(packed, cuda_graph=True)
+            self.graphs.replay("step", lambda: self._layers(q, k1, v1))
+            return
         self.attn.plan(packed)
         for layer in range(self.cache.num_layers):
             self.cache.append_kv(k1, v1, packed, layer=layer)
             self.attn.run(q, layer, out=self.out[layer])
 
+    def _layers(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> None:
+        for layer in range(self.cache.num_layers):
+            self.attn.forward(q, k1, v1, layer, out=self.out[layer])
+
     def kernels(self, q: torch.Tensor) -> None:
+        if self.graphs is not None:
+            self.graphs.replay("kernels", lambda: self._kernels(q))
+            return
+        self._kernels(q)
+
+    def _kernels(self, q: torch.Tensor) -> None:
         for layer in range(self.cache.num_layers):
             self.attn.run(q, layer, out=self.out[layer])
 
@@ -180,20 +217,29 @@ class Headwise:
     layers, then per layer the append kernel and attention."""
 
     def __init__(self, cfg: Config, keeps: list, extra_tokens: int, tensor_cores: bool,
-                 backend: Optional[str] = None) -> None:  # fmt: skip
-        kept = sum(-(-k.size // cfg.page_size) for lay in keeps for seq in lay for k in seq)
-        slack = cfg.layers * cfg.batch * cfg.hkv * (-(-extra_tokens // cfg.page_size) + 1)
-        staging = cfg.hkv * -(-cfg.context // cfg.page_size)  # one prompt before compressing
-        self.cache = HeadwiseKVCache(
-            kept + slack + staging, cfg.page_size, cfg.layers, cfg.hkv, cfg.head_dim,
-            cfg.dtype, cfg.device,
-        )  # fmt: skip
+                 backend: Optional[str] = None,
+                 share: Optional[Headwise] = None) -> None:  # fmt: skip
+        self.owner = share is None  # a side with graphs shares the Triton side's cache
+        if share is None:
+            kept = sum(-(-k.size // cfg.page_size) for lay in keeps for seq in lay for k in seq)
+            slack = cfg.layers * cfg.batch * cfg.hkv * (-(-extra_tokens // cfg.page_size) + 1)
+            staging = cfg.hkv * -(-cfg.context // cfg.page_size)  # one prompt, uncompressed
+            self.cache = HeadwiseKVCache(
+                kept + slack + staging + 1, cfg.page_size, cfg.layers, cfg.hkv, cfg.head_dim,
+                cfg.dtype, cfg.device,
+            )  # fmt: skip
+            self.ids = list(range(cfg.batch))
+            self.cache.add_sequences(self.ids)
+        else:
+            self.cache, self.ids = share.cache, share.ids
         self.attn = HeadwiseAttention(
             self.cache, cfg.hq, backend=backend or cfg.backend,
             decode_use_tensor_cores=tensor_cores,
         )  # fmt: skip
-        self.ids = list(range(cfg.batch))
-        self.cache.add_sequences(self.ids)
+        self.graphs: Optional[Graphs] = None
+        if share is not None:  # (g): the Triton kernel over every layer's tables at once
+            self.graphs = Graphs()
+            self.buffers = HeadwiseGraphs(self.cache, cfg.hq, [cfg.batch])
         self.keeps, self.context = keeps, cfg.context
         self.out = torch.empty(cfg.layers, cfg.batch, cfg.hq, cfg.head_dim,
                                dtype=cfg.dtype, device=cfg.device)  # fmt: skip
@@ -202,7 +248,7 @@ class Headwise:
         """Each prompt in turn: append all of it, then keep the budgets (as SnapKV does
         right after prefill), so at most one full prompt is ever held."""
         n = self.context
-        for seq in self.ids:
+        for seq in self.ids if self.owner else ():
             rows = slice(seq * n, (seq + 1) * n)
             self.cache.append(layer, [seq], k[rows], v[rows], [n])
             self.cache.compress(layer, seq, self.keeps[layer][seq])
@@ -210,12 +256,28 @@ class Headwise:
     def step(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> None:
         cache, attn = self.cache, self.attn
         step = cache.begin_step(self.ids)
+        if self.graphs is not None:
+            self.buffers.prepare(step)
+            self.graphs.replay("step", lambda: self._graph_layers(q, k1, v1))
+            return
         attn.plan_step(step)
         for layer in range(cache.num_layers):  # the model's forward pass
             cache.write(step, layer, k1, v1)
             attn.run(q, layer, out=self.out[layer])
 
+    def _graph_kernels(self, q: torch.Tensor) -> None:
+        for layer in range(self.cache.num_layers):
+            self.buffers.run(q, layer, out=self.out[layer])
+
+    def _graph_layers(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> None:
+        for layer in range(self.cache.num_layers):
+            self.buffers.write(layer, k1, v1)
+            self.buffers.run(q, layer, out=self.out[layer])
+
     def kernels(self, q: torch.Tensor) -> None:
+        if self.graphs is not None:
+            self.graphs.replay("kernels", lambda: self._graph_kernels(q))
+            return
         for layer in range(self.cache.num_layers):
             self.attn.run(q, layer, out=self.out[layer])
 
@@ -295,6 +357,8 @@ LABELS = [
     "head-wise paged",
     "head-wise paged, tensor-core decode",
     "head-wise paged, Triton decode (no plan)",
+    "full cache, CUDA graph",
+    "head-wise paged, Triton decode, CUDA graph",
 ]
 
 
@@ -315,7 +379,9 @@ def build(cfg: Config, steps: int, host_time: bool) -> tuple[list[Side], torch.T
     if not host_time:
         sides.append(Headwise(cfg, keeps, steps, tensor_cores=not cfg.no_tensor_cores))
         if cfg.device.type == "cuda" and triton_or_none() is not None:
-            sides.append(Headwise(cfg, keeps, steps, tensor_cores=False, backend="triton"))
+            triton = Headwise(cfg, keeps, steps, tensor_cores=False, backend="triton")
+            sides += [triton, FullCache(cfg, steps, share=sides[0])]
+            sides.append(Headwise(cfg, keeps, steps, False, backend="triton", share=triton))
     q = randn(cfg.batch, cfg.hq, cfg.head_dim)
     fake = fake_keys(q, cfg.hkv)
     for layer in range(cfg.layers):
@@ -344,8 +410,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfg = make_config(args)
     cfg.no_tensor_cores = args.no_tensor_cores
     torch.manual_seed(0)
-    # one checked step, then warm-up + reps of one synchronized step and of one burst
-    steps = 1 + (cfg.reps + 1) * (1 + (0 if args.host_time else cfg.burst))
+    # one checked step, then warm-up + reps of one synchronized step and of one burst;
+    # twice that for caches two sides share (eager and CUDA graph)
+    steps = 2 * (1 + (cfg.reps + 1) * (1 + (0 if args.host_time else cfg.burst)))
     sides, q = build(cfg, steps, args.host_time)
     gen = torch.Generator(device=cfg.device).manual_seed(1)
     kv1 = torch.randn(2, cfg.batch, cfg.hkv, cfg.head_dim, generator=gen, device=cfg.device)
@@ -361,7 +428,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         profile(lambda: headwise.step(q, k1, v1), cfg.device)
         return
     masked_out, full_out = sides[1].out.float(), sides[0].out.float()
-    diff = max((masked_out - s.out.float()).abs().max().item() for s in sides[2:])
+    diff = max((masked_out - s.out.float()).abs().max().item() for s in sides[2:]
+               if isinstance(s, Headwise))  # fmt: skip
     differs = (full_out - headwise.out.float()).abs().max().item()
     clock = Clock(cfg.device)
     kernel_t = interleaved(clock, [lambda s=s: s.kernels(q) for s in sides], cfg.reps)
@@ -466,6 +534,12 @@ def report(cfg: Config, kernel_t, step_t, burst_t, memory, diff: float, differs:
             f"| {step_t[i] * 1e3:.3f} | {step_t[i] / step_t[0]:.2f}x "
             f"| {burst_t[i] * 1e3:.3f} | {burst_t[i] / burst_t[0]:.2f}x "
             f"| {memory[i] / 2**20:.1f} | {memory[i] / memory[0]:.2f}x |"
+        )
+    if len(memory) == len(LABELS):  # both with CUDA graphs
+        print(
+            f"\nhead-wise (Triton, CUDA graph) against the full cache with a CUDA graph: "
+            f"attention {kernel_t[6] / kernel_t[5]:.2f}x, step synced "
+            f"{step_t[6] / step_t[5]:.2f}x, back to back {burst_t[6] / burst_t[5]:.2f}x"
         )
 
 

@@ -8,12 +8,14 @@ same model and prompts, one after the other:
 - **full cache**: ``PagedCausalLM`` (flashinfer), decode steps replayed from CUDA graphs;
 - **head-wise, AdaKV**: ``HeadwiseCausalLM`` with ``AdaKVPress(SnapKVPress())`` at an
   average budget of ``--budget`` (25%) of each prompt per KV head, pressed when the
-  prompt ends; decode eager (a press changes page lists inside a step), on flashinfer or
-  ``--backend triton`` (no host-side plan per layer).
+  prompt ends (prefill on flashinfer); decode steps replayed from CUDA graphs (the Triton
+  decode kernel, every layer's page tables uploaded at once; no press runs in them), or
+  eager with ``--no-graphs`` (``--backend triton`` for the Triton kernel eagerly).
 
 Reported per side: generated tok/s over the decode steps, the mean decode step, KV
-memory held after the prompts, and how many 16k-token requests the GPU memory left after
-the weights would hold at that per-request footprint. The two sides' greedy tokens are
+memory held after the prompts, how many 16k-token requests the GPU memory left after
+the weights would hold at that per-request footprint, and the host syncs torch reports
+(sync debug mode) in a few more decode steps. The two sides' greedy tokens are
 compared for scale only (the head-wise side sees a quarter of the keys).
 
     python benchmarks/bench_headwise_e2e.py                 # one H200: a few minutes
@@ -46,6 +48,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=4096, help="prefill tokens per forward")
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--backend", default="auto", help="head-wise attention: auto, triton")
+    parser.add_argument("--no-graphs", action="store_true", help="head-wise decode eagerly")
     args = parser.parse_args()
     small = (3, 96, 4) if args.tiny else (16, 16384, 256)
     for name, value in zip(("requests", "context", "new_tokens"), small, strict=True):
@@ -91,23 +94,47 @@ def prefill(runner: Any, ids: list[int], prompts: list[list[int]], chunk: int) -
 
 def decode(runner: Any, ids: list[int], logits: torch.Tensor, steps: int, device: str) -> dict:
     """Greedy decode of the whole batch, each step's tokens fed to the next on the device
-    (no host sync inside the loop); the tokens and the mean step over the loop."""
+    (no host sync inside the loop); the tokens and the mean step over the loop, then
+    the host syncs of 4 more steps."""
     tokens, out = logits.argmax(-1), []
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(runner, PagedCausalLM):
+            runner.descriptor.allocate_decoding(ids)
+        return runner.decode(ids, tokens).argmax(-1)
+
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        if isinstance(runner, PagedCausalLM):
-            runner.descriptor.allocate_decoding(ids)
-        tokens = runner.decode(ids, tokens).argmax(-1)
+        tokens = step(tokens)
         out.append(tokens)
     sync(device)
     wall = time.perf_counter() - start
-    return dict(tokens=torch.stack(out, 1).tolist(), step=wall / steps, wall=wall)
+    syncs = count_syncs(lambda: step(tokens), 4) if device == "cuda" else "not checked"
+    return dict(tokens=torch.stack(out, 1).tolist(), step=wall / steps, wall=wall, syncs=syncs)
+
+
+def count_syncs(step: Any, steps: int) -> str:
+    """Host syncs torch's sync debug mode reports over ``steps`` calls of ``step``."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sources = [f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in caught
+               if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]  # fmt: skip
+    where = f" ({'; '.join(sorted(set(sources)))})" if sources else ""
+    return f"{len(sources) / steps:.1f} per step{where}"
 
 
 def side(args: argparse.Namespace, model: Any, prompts: list[list[int]], headwise: bool) -> dict:
     ids = list(range(len(prompts)))
-    per_request = -(-(args.context + args.new_tokens) // PAGE) + 1
+    per_request = -(-(args.context + args.new_tokens + 4) // PAGE) + 1  # 4: counting syncs
     if headwise:
         layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
         kept = -(-int(args.budget * per_request * PAGE) // PAGE) + 2  # a head's pages, rounded
@@ -116,9 +143,10 @@ def side(args: argparse.Namespace, model: Any, prompts: list[list[int]], headwis
         runner: Any = HeadwiseCausalLM(model, num_pages=pages, page_size=PAGE,
                                        backend=args.backend)  # fmt: skip
         runner.add_sequences(ids, press=AdaKVPress(SnapKVPress()), budget=args.budget)
+        graphs = not args.no_graphs and runner.enable_cuda_graphs((1, 2, 4, 8, 16, 32))
     else:
         runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 16, page_size=PAGE)
-        runner.enable_cuda_graphs((1, 2, 4, 8, 16, 32))
+        graphs = runner.enable_cuda_graphs((1, 2, 4, 8, 16, 32))
     sync(args.device)
     start = time.perf_counter()
     logits = prefill(runner, ids, prompts, args.chunk)
@@ -126,9 +154,11 @@ def side(args: argparse.Namespace, model: Any, prompts: list[list[int]], headwis
     prefill_s = time.perf_counter() - start
     held = kv_bytes(runner, ids)
     result = decode(runner, ids, logits, args.new_tokens, args.device)
-    result.update(prefill_s=prefill_s, held=held, per_request=held / len(prompts))
+    result.update(prefill_s=prefill_s, held=held, per_request=held / len(prompts),
+                  graphs="CUDA graphs" if graphs else "eager")  # fmt: skip
     if headwise:
         runner.release(ids)
+        runner.disable_cuda_graphs()
     else:
         runner.disable_cuda_graphs()
         runner.descriptor.release(ids)
@@ -160,15 +190,19 @@ def report(args: argparse.Namespace, model: Any, full: dict, pressed: dict) -> N
         f"head-wise backend {args.backend}; greedy tokens equal: {same / tokens:.1%}\n"
     )
     print("| side | prefill s | decode tok/s | decode step ms | KV held GiB | "
-          "16k requests that fit |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
-    for label, r in (("full cache, CUDA graphs", full), ("head-wise, AdaKV", pressed)):
-        fit = int(spare // max(r["per_request"], 1)) if spare else 0
+          "16k requests that fit | host syncs |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---|")
+    fits = []
+    for label, r in (("full cache", full), ("head-wise, AdaKV", pressed)):
+        label = f"{label}, {r['graphs']}"
+        fits.append(int(spare // max(r["per_request"], 1)) if spare else 0)
         print(f"| {label} | {r['prefill_s']:.1f} | {tokens / r['wall']:,.0f} | "
-              f"{r['step'] * 1e3:.2f} | {r['held'] / 2**30:.2f} | {fit} |")  # fmt: skip
+              f"{r['step'] * 1e3:.2f} | {r['held'] / 2**30:.2f} | {fits[-1]} | "
+              f"{r['syncs']} |")  # fmt: skip
     print(
         f"\nhead-wise against full: decode step {pressed['step'] / full['step']:.2f}x, "
-        f"KV {pressed['held'] / full['held']:.2f}x"
+        f"KV {pressed['held'] / full['held']:.2f}x, requests that fit "
+        f"{fits[1] / max(fits[0], 1):.2f}x"
     )
 
 

@@ -1,4 +1,5 @@
-"""HeadwiseCausalLM on flashinfer, each press, against transformers' own masked forward.
+"""HeadwiseCausalLM on flashinfer (and with CUDA-graph decode steps, which run the Triton
+kernel), each press, against transformers' own masked forward.
 
 A tiny fp16 Llama on CUDA (head_dim 64, GQA 4/2): prompts of different lengths, a press
 per request, chunked prefill and a press again during decoding. Every logit row the
@@ -32,11 +33,15 @@ def tiny_llama():
         return transformers.LlamaForCausalLM(config).to(torch.float16).eval()
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("press", list(PRESSES))
-def test_each_press_on_flashinfer_matches_the_masked_reference(press) -> None:
+def test_each_press_on_flashinfer_matches_the_masked_reference(press, graphs) -> None:
     flashinfer_or_skip()
     model = tiny_llama()
     runner = HeadwiseCausalLM(model, num_pages=512, page_size=16, backend="flashinfer")
+    if graphs:  # decode steps without a press replay a graph (3 sequences, bucket 4)
+        pytest.importorskip("triton")
+        assert runner.enable_cuda_graphs((1, 2, 4))
     prompts = [[(5 * i + 7 * s) % 256 for i in range(n)] for s, n in enumerate((150, 97, 40))]
     settings = [dict(press=make_press(press), budget=0.4, compress_every=8),
                 dict(press=make_press(press), budget=48), {}]  # fmt: skip
@@ -53,5 +58,7 @@ def test_each_press_on_flashinfer_matches_the_masked_reference(press) -> None:
                     assert int(ref[position].argmax()) == seq_tokens[position + 1]
                     checked += 1
     assert checked >= 8
+    if graphs:
+        assert runner._graphs is not None and 4 in runner._graphs.captured
     runner.release([0, 1, 2])
-    assert runner.cache.available_pages_count == 512
+    assert runner.cache.available_pages_count == 512 - runner.reserved_pages

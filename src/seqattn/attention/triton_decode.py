@@ -19,6 +19,7 @@ import math
 from typing import Any, Optional
 
 import torch
+from attrs import define
 
 from ..errors import InvalidArgumentError
 from ..storage import PagedKVCacheManager
@@ -172,48 +173,95 @@ class TritonDecodeBackend:
                         batch.sm_scale * LOG2E)  # fmt: skip
 
     def _splits(self, batch_size: int, longest: int) -> int:
-        """Splits per (request, KV head): enough programs for ``WAVES`` per multiprocessor,
-        no more than the longest request's blocks (a power of two: one kernel each)."""
-        programs = max(batch_size * self.cache.num_heads, 1)
         blocks = -(-longest // (self.PAGES_PER_BLOCK * self.cache.page_size))
-        want = min(-(-self.WAVES * self.sm_count // programs), blocks, 64)
-        return 1 << max(0, math.ceil(math.log2(max(want, 1))))
+        return split_count(batch_size * self.cache.num_heads, blocks, self.sm_count)
 
     def run(
         self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self._decode is None:
             return self.fallback.run(q, layer, return_lse, out)  # type: ignore[no-any-return]
-        global _kernels
-        if _kernels is None:
-            _kernels = _build()
-        partial, merge = _kernels
         indptr, indices, last, splits, scale = self._decode
-        cache, n = self.cache, q.shape[0]
-        k, v = cache.kv_pairs[layer]  # [pages, page_size, heads, D] (NHD) or its HND view
-        if cache.kv_layout == "HND":  # index by (page, token, head) either way
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-        d = cache.head_dim
-        parts = torch.empty(n * self.num_qo_heads * splits, d, dtype=torch.float32, device=q.device)
-        lse_parts = torch.empty(
-            n * self.num_qo_heads * splits, dtype=torch.float32, device=q.device
-        )
-        partial[(n, cache.num_heads, splits)](
-            q, k, v, indptr, indices, last, parts, lse_parts, scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), GROUP=self.group,
-            G_PAD=max(16, 1 << (self.group - 1).bit_length()), D=d, PS=cache.page_size,
-            PAGES=self.PAGES_PER_BLOCK, SPLITS=splits, num_warps=self.NUM_WARPS,
-            num_stages=self.NUM_STAGES,
-        )  # fmt: skip
-        result = torch.empty_like(q) if out is None else out
-        lse = (
-            torch.empty(n, self.num_qo_heads, dtype=torch.float32, device=q.device)
-            if return_lse
-            else parts
-        )
-        merge[(n, self.num_qo_heads)](
-            parts, lse_parts, result, lse, result.stride(0), result.stride(1),
-            D=d, SPLITS=splits, WITH_LSE=return_lse,
-        )  # fmt: skip
-        return result, (lse if return_lse else None)
+        tables = DecodeTables(indptr, indices, last, splits, scale)
+        return decode(self.cache, layer, q, tables, out=out, return_lse=return_lse)
+
+
+@define(slots=True, frozen=True)
+class DecodeTables:
+    """What the decode kernels read, all on the cache's device.
+
+    Attributes:
+        indptr: ``[requests + 1]`` int32 or int64, each request's first entry in ``indices``.
+        indices: page ids, int32 or int64 (may run past the requests' last entry).
+        last: tokens on each request's last page, ``[requests]``, int32 or int64.
+        splits: programs per (request, KV head), a power of two.
+        scale_log2: the softmax scale times log2(e).
+    """
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    last: torch.Tensor
+    splits: int
+    scale_log2: float
+
+
+def decode(
+    cache: PagedKVCacheManager,
+    layer: int,
+    q: torch.Tensor,
+    tables: DecodeTables,
+    *,
+    out: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Decode attention of one query per request over ``layer``'s pages: two launches,
+    no host work beyond them (so it may be captured in a CUDA graph).
+
+    Args:
+        cache: the paged cache (as :func:`check_triton` accepts).
+        layer: its layer to read.
+        q: ``shape: [requests, num_qo_heads, head_dim]``, the cache's dtype, rows and
+            heads with unit stride in ``head_dim``.
+        tables: the requests' pages.
+        out: optional ``q``-shaped output (``q``'s dtype; any row and head strides).
+        return_lse: also return the log-sum-exp (base 2), ``[requests, num_qo_heads]``
+            float32.
+
+    Returns:
+        ``(out, lse or None)``.
+    """
+    global _kernels
+    if _kernels is None:
+        _kernels = _build()
+    partial, merge = _kernels
+    n, qo_heads, d = q.shape
+    heads, splits = cache.num_heads, tables.splits
+    group = qo_heads // heads
+    k, v = cache.kv_pairs[layer]  # [pages, page_size, heads, D] (NHD) or its HND view
+    if cache.kv_layout == "HND":  # index by (page, token, head) either way
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    parts = torch.empty(n * qo_heads * splits, d, dtype=torch.float32, device=q.device)
+    lse_parts = torch.empty(n * qo_heads * splits, dtype=torch.float32, device=q.device)
+    partial[(n, heads, splits)](
+        q, k, v, tables.indptr, tables.indices, tables.last, parts, lse_parts,
+        tables.scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), GROUP=group,
+        G_PAD=max(16, 1 << (group - 1).bit_length()), D=d, PS=cache.page_size,
+        PAGES=TritonDecodeBackend.PAGES_PER_BLOCK, SPLITS=splits,
+        num_warps=TritonDecodeBackend.NUM_WARPS, num_stages=TritonDecodeBackend.NUM_STAGES,
+    )  # fmt: skip
+    result = torch.empty_like(q) if out is None else out
+    lse = torch.empty(n, qo_heads, dtype=torch.float32, device=q.device) if return_lse else parts
+    merge[(n, qo_heads)](
+        parts, lse_parts, result, lse, result.stride(0), result.stride(1),
+        D=d, SPLITS=splits, WITH_LSE=return_lse,
+    )  # fmt: skip
+    return result, (lse if return_lse else None)
+
+
+def split_count(programs: int, blocks: int, sm_count: int) -> int:
+    """Splits per (request, KV head): enough for ``WAVES`` programs per multiprocessor
+    over ``programs`` (request, KV head) pairs, no more than ``blocks`` (the longest
+    request's loop iterations) nor 64; a power of two, so few kernel variants compile."""
+    want = min(-(-TritonDecodeBackend.WAVES * sm_count // max(programs, 1)), blocks, 64)
+    return 1 << max(0, math.ceil(math.log2(max(want, 1))))

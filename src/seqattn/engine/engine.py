@@ -102,8 +102,10 @@ class Engine:
         cuda_graphs: replay decode steps from CUDA graphs, one per batch-size bucket
             (powers of two up to ``max_batch_size``, or up to the pool's page count if
             that is smaller: no more requests can decode at once), where the runner can:
-            CUDA, flashinfer, one attention variant for all layers; ignored otherwise
-            (always for a HeadwiseCausalLM, whose presses change pages mid-step).
+            CUDA, flashinfer, one attention variant for all layers; for a
+            HeadwiseCausalLM, CUDA, triton and a float16/bfloat16 model, and only for
+            steps in which no press runs (a press changes pages mid-step); ignored
+            otherwise.
         compile: decode through ``torch.compile`` (True), eagerly (False), or as the
             runner was built (None, the default; ``PagedCausalLM`` compiles only when
             asked). CUDA graphs then replay the compiled forward; the first decode step

@@ -87,7 +87,7 @@ class HeadwiseStore:
 
     @property
     def usable_pages(self) -> int:
-        return self.num_pages  # no scratch page: no CUDA graphs
+        return self.num_pages - self.runner.reserved_pages  # a CUDA-graph scratch page
 
     def pages_to_hold(self, num_tokens: int) -> int:
         return self._rows * int(pages_for(num_tokens, self.page_size))

@@ -4,9 +4,9 @@ sequence store, compiled decode and CUDA graphs.
 - :class:`~seqattn.integrations.hf.PagedCausalLM`: a paged cache with prefix caching
   (:class:`~.store.PagedStore`); compiled decode and CUDA-graph decode where it can.
 - :class:`~seqattn.integrations.hf_headwise.HeadwiseCausalLM`: a head-wise cache, a press
-  per request (:class:`~.headwise_store.HeadwiseStore`); always eager, without CUDA
-  graphs (a press changes page lists and lengths inside a step, which a captured graph
-  could not follow).
+  per request (:class:`~.headwise_store.HeadwiseStore`); never compiled; CUDA-graph
+  decode where triton serves the cache, for steps in which no press runs (a press
+  changes page lists and lengths inside a step, which a captured graph cannot follow).
 """
 
 from __future__ import annotations
@@ -57,9 +57,7 @@ def set_compile(runner: Runner, compile: Optional[bool]) -> None:
 
 def set_cuda_graphs(runner: Runner, wanted: bool, max_batch_size: int, num_pages: int) -> bool:
     """Turn the runner's CUDA-graph decode on (one graph per batch-size bucket) or off;
-    whether it is on (never for a head-wise runner)."""
-    if not isinstance(runner, PagedCausalLM):
-        return False
+    whether it is on."""
     if not wanted:
         runner.disable_cuda_graphs()
         return False

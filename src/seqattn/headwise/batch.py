@@ -188,6 +188,23 @@ class HeadwiseBatch:
 
 
 @define(slots=True, frozen=True)
+class StepTables:
+    """A whole step's page table on the host: every layer's requests, layer after layer
+    (request ``layer * batch_size * num_kv_heads + b * num_kv_heads + h``); int32 numpy,
+    valid until the cache packs its next step.
+
+    Attributes:
+        indices: page ids, request after request.
+        indptr: ``[requests + 1]``, each request's first entry in ``indices``.
+        last: tokens on each request's last page, ``[requests]``.
+    """
+
+    indices: np.ndarray
+    indptr: np.ndarray
+    last: np.ndarray
+
+
+@define(slots=True, frozen=True)
 class HeadwiseStep:
     """One model step's pages in every layer, from :meth:`HeadwiseKVCache.begin_step`.
 
@@ -199,12 +216,15 @@ class HeadwiseStep:
         rows: maps the model's ``[nnz, num_kv_heads, head_dim]`` K/V to the requests'
             rows (the same in every layer).
         batches: one :class:`HeadwiseBatch` per layer, in layer order (``batches[layer]``).
+        tables: the page table of every layer at once, on the host (what a CUDA-graph
+            step uploads); None for a step made elsewhere.
     """
 
     seq_ids: tuple[int, ...]
     append_lens: np.ndarray
     rows: HeadRows = field(repr=False)
     batches: tuple[HeadwiseBatch, ...] = field(repr=False)
+    tables: Optional[StepTables] = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:

@@ -20,7 +20,7 @@ from .._arrays import indptr_of
 from .._transfer import upload
 from ..descriptor import CacheDescriptor
 from ..packed_data import BatchStamp, FlashInferPackedData, append_rows_positions
-from .batch import HeadRows, HeadwiseBatch, HeadwiseStep, head_rows, row_order
+from .batch import HeadRows, HeadwiseBatch, HeadwiseStep, StepTables, head_rows, row_order
 
 
 @define(slots=True)
@@ -191,7 +191,7 @@ class StepBuilder:
             HeadwiseBatch(layer, ids, lens, p, heads, rows, w, version, owner)
             for layer, p, w in zip(layers, plan, write, strict=True)
         )
-        return HeadwiseStep(ids, lens, rows, batches)
+        return HeadwiseStep(ids, lens, rows, batches, StepTables(indices, indptr, last))
 
 
 def _per_layer(indptr: np.ndarray, layers: int, requests: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,19 +14,22 @@ caller marks it: ``forward(..., ends_prompt=True)``, the default) and, with
 layer right after the layer's attention, so the step's own logits still see every
 token the cache held when the step began. Kept tokens keep their positions; new tokens
 take the sequence's next position (its logical length), as RoPE expects.
+
+A press reads the rotated queries of the sequence's newest ``min(window, seq_len)``
+tokens, every layer's kept in a small ring per sequence (:mod:`.query_window`), so a
+prompt's last chunk may be shorter than the window and a decode step may press again.
+Decode steps without a press may replay CUDA graphs (:mod:`.hf_headwise_graphs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Union
+from collections.abc import Collection, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-from .._arrays import concat_ranges
 from .._checks import INT64_MAX, exact_bool, exact_int, id_list, shown
-from .._transfer import upload
 from ..errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -43,10 +46,14 @@ from .hf_checks import (
     head_dim_of,
     token_rows,
 )
-from .hf_checks import (
-    decode_tokens as checked_decode_tokens,
+from .hf_checks import decode_tokens as checked_decode_tokens
+from .hf_headwise_attention import (
+    HEADWISE_ATTENTION_NAME,
+    HeadwiseStepContext,
+    eager_forward,
+    register_headwise,
 )
-from .hf_headwise_attention import HEADWISE_ATTENTION_NAME, HeadwiseStepContext, register_headwise
+from .hf_headwise_graphs import HeadwiseDecodeGraphs, decode_graphs
 from .press_requests import (
     PressRequest,
     after_step,
@@ -81,13 +88,8 @@ class HeadwiseCausalLM:
     generates with :meth:`decode` and ends with :meth:`release`. Every call checks its
     arguments before it changes anything. An error inside the model's forward (a
     press that raises, a device error) leaves that step's sequences unusable; the other
-    sequences go on, and :meth:`release` frees the failed ones. CUDA graphs and
-    tensor-parallel models are not supported.
-
-    A press reads the rotated queries of the sequence's newest ``min(window,
-    seq_len)`` tokens, every layer's kept in a small ring per sequence
-    (:mod:`.query_window`), so a prompt's last chunk may be shorter than the window
-    and a decode step may press again.
+    sequences go on, and :meth:`release` frees the failed ones. Decode steps may replay
+    CUDA graphs (:meth:`enable_cuda_graphs`); tensor-parallel models are not supported.
 
     Raises:
         ArgumentTypeError: as :class:`~.hf.PagedCausalLM` (a model that is not a torch
@@ -138,6 +140,7 @@ class HeadwiseCausalLM:
         self.requests: dict[int, PressRequest] = {}
         self.last_compressed: tuple[int, ...] = ()
         self._failed: set[int] = set()  # sequences of a step that raised mid-forward
+        self._graphs: Optional[HeadwiseDecodeGraphs] = None
 
     @property
     def device(self) -> torch.device:
@@ -280,7 +283,7 @@ class HeadwiseCausalLM:
             Nothing changed.
         """
         dec_ids, pre_ids = id_list(decode_ids, "decode_ids"), id_list(prompt_ids, "prompt_ids")
-        ids = self._batch(dec_ids + pre_ids)
+        ids = live_ids(dec_ids + pre_ids, self.requests, self._failed)
         d = len(dec_ids)
         if isinstance(decode_tokens, torch.Tensor) and decode_tokens.device.type != "cpu":
             check_device_tokens(decode_tokens, d, self.device)
@@ -302,22 +305,6 @@ class HeadwiseCausalLM:
         """Sequences of a step that raised mid-forward: refused until released."""
         return frozenset(self._failed)
 
-    def _batch(self, seq_ids: object) -> list[int]:
-        """A step's ids: integers, at least one, none twice, each live and not failed."""
-        ids = batch_ids(seq_ids)
-        unknown = [s for s in ids if s not in self.requests]
-        if unknown:
-            raise UnknownSequenceError(
-                f"sequences {unknown[:8]} are not live in this runner; add_sequences first"
-            )
-        failed = sorted(self._failed.intersection(ids))
-        if failed:
-            raise InvalidArgumentError(
-                f"sequences {failed[:8]} were in a step that failed inside the model's "
-                "forward and hold a half-written step: release them"
-            )
-        return ids
-
     def _run(
         self,
         ids: list[int],
@@ -326,7 +313,8 @@ class HeadwiseCausalLM:
         pressed: list[int],
     ) -> torch.Tensor:
         """One forward of ``lens[b]`` new tokens per sequence (a flat ``[sum(lens)]`` row,
-        on the host or the device); presses ``pressed`` after each layer's attention."""
+        on the host or the device); presses ``pressed`` after each layer's attention. A
+        decode step without a press replays a CUDA graph when graphs are on."""
         starts = np.array([self.cache.seq_len(s) for s in ids], dtype=np.int64)
         new_lens = dict(zip(ids, (starts + lens).tolist(), strict=True))
         budgets = {s: self.requests[s].tokens_per_head(new_lens[s]) for s in pressed}
@@ -335,23 +323,40 @@ class HeadwiseCausalLM:
         context = HeadwiseStepContext(self.cache, self.attention, step, self.windows, rows,
                                       lambda layer: self._press(layer, budgets))  # fmt: skip
         self.last_compressed = ()
+        graphs = self._graphs
         try:
-            self.attention.plan_step(step, sm_scale=self.scale, q_dtype=self.cache.dtype)
-            on_host = not isinstance(tokens, torch.Tensor)
-            host = [tokens] if on_host else []
-            arrays = [*host, concat_ranges(starts, lens), np.cumsum(lens) - 1]
-            inputs = upload(self.device, arrays, dtype=torch.int64)[0]
-            input_ids = inputs[0] if on_host else tokens
-            output = self.model(
-                input_ids=input_ids[None], position_ids=inputs[-2][None], use_cache=False,  # type: ignore[index]
-                logits_to_keep=inputs[-1], seqattn_step=context,
-            )  # fmt: skip
+            if graphs and not pressed and step.num_tokens == len(ids) <= graphs.batch_limit:
+                logits = graphs.replay(step, tokens, starts, rows)
+            else:
+                logits = eager_forward(self.model, context, tokens, starts, lens, self.scale)
         except BaseException:
             self._failed.update(ids)  # refused from now on, until released
             context.abandon()
             raise
         self.last_compressed = tuple(pressed)
-        return output.logits[0]
+        return logits
+
+    # --------------------------------------------------------------- CUDA graphs
+    def enable_cuda_graphs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> bool:
+        """Replay decode steps without a press from CUDA graphs, one per batch-size
+        bucket (captured on first use; attention by the Triton decode kernel). Needs a
+        CUDA model in float16/bfloat16 with a power-of-two head size and triton;
+        returns whether graphs are on. The same buckets again keep the graphs."""
+        current, self._graphs = self._graphs, None
+        self._graphs = decode_graphs(current, self.model, self.attention, self.windows,
+                                     batch_sizes, self.scale)  # fmt: skip
+        return self._graphs is not None
+
+    def disable_cuda_graphs(self) -> None:
+        """Decode eagerly from now on; frees the graphs and their scratch page."""
+        if self._graphs is not None:
+            self._graphs.close()
+            self._graphs = None
+
+    @property
+    def reserved_pages(self) -> int:
+        """Pages of the pool no sequence can take: the scratch page of CUDA graphs."""
+        return 0 if self._graphs is None else 1
 
     def _press(self, layer: int, budgets: dict[int, int]) -> None:
         for seq_id, budget in budgets.items():
@@ -360,6 +365,23 @@ class HeadwiseCausalLM:
 
 
 _NO_TOKENS = np.zeros(0, dtype=np.int64)
+
+
+def live_ids(seq_ids: object, live: Collection[int], failed: set[int]) -> list[int]:
+    """A step's ids: integers, at least one, none twice, each ``live`` and not ``failed``."""
+    ids = batch_ids(seq_ids)
+    unknown = [s for s in ids if s not in live]
+    if unknown:
+        raise UnknownSequenceError(
+            f"sequences {unknown[:8]} are not live in this runner; add_sequences first"
+        )
+    stuck = sorted(failed.intersection(ids))
+    if stuck:
+        raise InvalidArgumentError(
+            f"sequences {stuck[:8]} were in a step that failed inside the model's "
+            "forward and hold a half-written step: release them"
+        )
+    return ids
 
 
 def _joined(

@@ -11,12 +11,16 @@ free while the later layers run.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
+from .._arrays import concat_ranges
+from .._transfer import upload
 from ..errors import SeqAttnError
 from ..headwise import HeadwiseAttention, HeadwiseKVCache, HeadwiseStep
+from .hf_headwise_graphs import HeadwiseGraphContext
 from .query_window import QueryWindows, WindowRows
 
 HEADWISE_ATTENTION_NAME = "seqattn_headwise"
@@ -37,7 +41,7 @@ def headwise_attention_forward(
     attention_mask: Optional[torch.Tensor],
     scaling: Optional[float] = None,
     dropout: float = 0.0,
-    seqattn_step: Optional[HeadwiseStepContext] = None,
+    seqattn_step: Union[HeadwiseStepContext, HeadwiseGraphContext, None] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface, backed by a head-wise cache.
@@ -51,7 +55,7 @@ def headwise_attention_forward(
         ``([1, num_new_tokens, num_qo_heads, head_dim], None)``.
     """
     del attention_mask, dropout, scaling, kwargs  # the cache is the mask; planned scale
-    if not isinstance(seqattn_step, HeadwiseStepContext):
+    if not isinstance(seqattn_step, (HeadwiseStepContext, HeadwiseGraphContext)):
         raise SeqAttnError(
             "the 'seqattn_headwise' attention runs inside HeadwiseCausalLM.forward/decode "
             "(it needs the step's head-wise page tables); call the model through "
@@ -111,3 +115,38 @@ class HeadwiseStepContext:
                     cache.write(step, layer, zeros, zeros)
         except Exception:  # the step's own error says more; the cache then refuses other
             pass  # steps until the step's sequences are released, which it allows
+
+
+def eager_forward(
+    model: Any,
+    context: HeadwiseStepContext,
+    tokens: Union[np.ndarray, torch.Tensor],
+    starts: np.ndarray,
+    lens: np.ndarray,
+    sm_scale: float,
+) -> torch.Tensor:
+    """Plan ``context``'s step and run the model's forward over it.
+
+    Args:
+        model: on the ``"seqattn_headwise"`` attention.
+        context: the step, not planned yet.
+        tokens: the step's ``[sum(lens)]`` int64 tokens, a host array or on the device.
+        starts: each sequence's logical length before the step, ``[batch]`` int64 host.
+        lens: its new tokens, ``[batch]`` int64 host.
+        sm_scale: the model's softmax scale.
+
+    Returns:
+        the logits of each sequence's last new token, ``[batch, vocab]``.
+    """
+    cache = context.cache
+    context.attention.plan_step(context.step, sm_scale=sm_scale, q_dtype=cache.dtype)
+    on_host = not isinstance(tokens, torch.Tensor)
+    host = [tokens] if on_host else []
+    arrays = [*host, concat_ranges(starts, lens), np.cumsum(lens) - 1]
+    inputs = upload(cache.device, arrays, dtype=torch.int64)[0]
+    input_ids = inputs[0] if on_host else tokens
+    output = model(
+        input_ids=input_ids[None], position_ids=inputs[-2][None], use_cache=False,  # type: ignore[index]
+        logits_to_keep=inputs[-1], seqattn_step=context,
+    )  # fmt: skip
+    return output.logits[0]  # type: ignore[no-any-return]

@@ -126,6 +126,14 @@ class QueryWindows:
             rings = self._pools[window].rings
             rings[slots, layer, ring] = q.index_select(0, src).to(rings.dtype)
 
+    def record_layers(self, rows: WindowRows, queries: torch.Tensor) -> None:
+        """Copy every layer's step queries at once, ``queries`` ``[num_layers, rows,
+        num_qo_heads, head_dim]`` (rows beyond the step's are ignored): one indexed
+        copy per window length."""
+        for window, (src, slots, ring) in rows.per_window.items():
+            rings = self._pools[window].rings
+            rings[slots, :, ring] = queries.index_select(1, src).transpose(0, 1).to(rings.dtype)
+
     def read(self, seq_id: int, layer: int, seq_len: int) -> Optional[torch.Tensor]:
         """The queries of positions ``max(0, seq_len - window) .. seq_len - 1``, oldest
         first, ``[min(window, seq_len), num_qo_heads, head_dim]``; None if untracked."""

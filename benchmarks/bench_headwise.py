@@ -162,6 +162,8 @@ class FullCache:
             self.prompt = self.desc.pack_for_flashinfer(self.ids, [cfg.context] * cfg.batch)
         else:
             self.cache, self.desc, self.ids = share.cache, share.desc, share.ids
+            share.owner_only = False
+        self.owner_only = True  # no other side steps these sequences (until a twin does)
         buckets = None if share is None else [cfg.batch]
         self.attn = PagedAttention(self.cache, cfg.hq, backend=cfg.backend,
                                    cuda_graph_batch_sizes=buckets)  # fmt: skip
@@ -188,6 +190,12 @@ class FullCache:
     def _layers(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> None:
         for layer in range(self.cache.num_layers):
             self.attn.forward(q, k1, v1, layer, out=self.out[layer])
+
+    def ready(self) -> None:
+        """Plan the eager attention again for what the sequences hold now (outside any
+        timing): the side with graphs may have stepped the shared sequences since."""
+        if self.graphs is None and not self.owner_only:
+            self.attn.plan(self.desc.pack_for_flashinfer(self.ids, device=self.device))
 
     def kernels(self, q: torch.Tensor) -> None:
         if self.graphs is not None:
@@ -217,29 +225,24 @@ class Headwise:
     layers, then per layer the append kernel and attention."""
 
     def __init__(self, cfg: Config, keeps: list, extra_tokens: int, tensor_cores: bool,
-                 backend: Optional[str] = None,
-                 share: Optional[Headwise] = None) -> None:  # fmt: skip
-        self.owner = share is None  # a side with graphs shares the Triton side's cache
-        if share is None:
-            kept = sum(-(-k.size // cfg.page_size) for lay in keeps for seq in lay for k in seq)
-            slack = cfg.layers * cfg.batch * cfg.hkv * (-(-extra_tokens // cfg.page_size) + 1)
-            staging = cfg.hkv * -(-cfg.context // cfg.page_size)  # one prompt, uncompressed
-            self.cache = HeadwiseKVCache(
-                kept + slack + staging + 1, cfg.page_size, cfg.layers, cfg.hkv, cfg.head_dim,
-                cfg.dtype, cfg.device,
-            )  # fmt: skip
-            self.ids = list(range(cfg.batch))
-            self.cache.add_sequences(self.ids)
-        else:
-            self.cache, self.ids = share.cache, share.ids
+                 backend: Optional[str] = None, graphs: bool = False) -> None:  # fmt: skip
+        kept = sum(-(-k.size // cfg.page_size) for lay in keeps for seq in lay for k in seq)
+        slack = cfg.layers * cfg.batch * cfg.hkv * (-(-extra_tokens // cfg.page_size) + 1)
+        staging = cfg.hkv * -(-cfg.context // cfg.page_size)  # one prompt, uncompressed
+        self.cache = HeadwiseKVCache(
+            kept + slack + staging + 1, cfg.page_size, cfg.layers, cfg.hkv, cfg.head_dim,
+            cfg.dtype, cfg.device,
+        )  # fmt: skip
         self.attn = HeadwiseAttention(
             self.cache, cfg.hq, backend=backend or cfg.backend,
             decode_use_tensor_cores=tensor_cores,
         )  # fmt: skip
         self.graphs: Optional[Graphs] = None
-        if share is not None:  # (g): the Triton kernel over every layer's tables at once
+        if graphs:  # (g): the Triton kernel over every layer's tables, uploaded at once
             self.graphs = Graphs()
             self.buffers = HeadwiseGraphs(self.cache, cfg.hq, [cfg.batch])
+        self.ids = list(range(cfg.batch))
+        self.cache.add_sequences(self.ids)
         self.keeps, self.context = keeps, cfg.context
         self.out = torch.empty(cfg.layers, cfg.batch, cfg.hq, cfg.head_dim,
                                dtype=cfg.dtype, device=cfg.device)  # fmt: skip
@@ -248,7 +251,7 @@ class Headwise:
         """Each prompt in turn: append all of it, then keep the budgets (as SnapKV does
         right after prefill), so at most one full prompt is ever held."""
         n = self.context
-        for seq in self.ids if self.owner else ():
+        for seq in self.ids:
             rows = slice(seq * n, (seq + 1) * n)
             self.cache.append(layer, [seq], k[rows], v[rows], [n])
             self.cache.compress(layer, seq, self.keeps[layer][seq])
@@ -273,6 +276,9 @@ class Headwise:
         for layer in range(self.cache.num_layers):
             self.buffers.write(layer, k1, v1)
             self.buffers.run(q, layer, out=self.out[layer])
+
+    def ready(self) -> None:
+        """Nothing to do: no other side changes this cache."""
 
     def kernels(self, q: torch.Tensor) -> None:
         if self.graphs is not None:
@@ -338,11 +344,19 @@ class Clock:
         return start.elapsed_time(end) / 1e3
 
 
-def interleaved(clock: Clock, fns: list[Callable[[], None]], reps: int) -> list[float]:
-    """Median seconds of each of ``fns``, run in turn ``reps`` times after one warm-up."""
+def interleaved(
+    clock: Clock,
+    fns: list[Callable[[], None]],
+    reps: int,
+    before: Optional[list[Callable[[], None]]] = None,
+) -> list[float]:
+    """Median seconds of each of ``fns``, run in turn ``reps`` times after one warm-up
+    (each after its ``before``, untimed, when given)."""
     times: list[list[float]] = [[] for _ in fns]
     for rep in range(reps + 1):
-        for fn, out in zip(fns, times, strict=True):
+        for i, (fn, out) in enumerate(zip(fns, times, strict=True)):
+            if before is not None:
+                before[i]()
             t = clock(fn)
             if rep:
                 out.append(t)
@@ -379,9 +393,9 @@ def build(cfg: Config, steps: int, host_time: bool) -> tuple[list[Side], torch.T
     if not host_time:
         sides.append(Headwise(cfg, keeps, steps, tensor_cores=not cfg.no_tensor_cores))
         if cfg.device.type == "cuda" and triton_or_none() is not None:
-            triton = Headwise(cfg, keeps, steps, tensor_cores=False, backend="triton")
-            sides += [triton, FullCache(cfg, steps, share=sides[0])]
-            sides.append(Headwise(cfg, keeps, steps, False, backend="triton", share=triton))
+            sides.append(Headwise(cfg, keeps, steps, tensor_cores=False, backend="triton"))
+            sides.append(FullCache(cfg, steps, share=sides[0]))  # memory: one more won't fit
+            sides.append(Headwise(cfg, keeps, steps, False, backend="triton", graphs=True))
     q = randn(cfg.batch, cfg.hq, cfg.head_dim)
     fake = fake_keys(q, cfg.hkv)
     for layer in range(cfg.layers):
@@ -411,7 +425,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfg.no_tensor_cores = args.no_tensor_cores
     torch.manual_seed(0)
     # one checked step, then warm-up + reps of one synchronized step and of one burst;
-    # twice that for caches two sides share (eager and CUDA graph)
+    # twice that for the full cache, which two sides share (eager and CUDA graph)
     steps = 2 * (1 + (cfg.reps + 1) * (1 + (0 if args.host_time else cfg.burst)))
     sides, q = build(cfg, steps, args.host_time)
     gen = torch.Generator(device=cfg.device).manual_seed(1)
@@ -432,7 +446,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                if isinstance(s, Headwise))  # fmt: skip
     differs = (full_out - headwise.out.float()).abs().max().item()
     clock = Clock(cfg.device)
-    kernel_t = interleaved(clock, [lambda s=s: s.kernels(q) for s in sides], cfg.reps)
+    kernel_t = interleaved(clock, [lambda s=s: s.kernels(q) for s in sides], cfg.reps,
+                           [s.ready for s in sides])  # fmt: skip
     step_t = interleaved(clock, [lambda s=s: s.step(q, k1, v1) for s in sides], cfg.reps)
 
     def burst(side: Side) -> None:

@@ -63,7 +63,8 @@ class HeadwiseDecodeGraphs:
 
     def __init__(self, model: Any, graphs: HeadwiseGraphs, windows: QueryWindows) -> None:
         self.model, self.graphs, self.windows = model, graphs, windows
-        # per bucket: graph, input ids, position ids, logits, queries (all static)
+        # per bucket: graph, input ids, position ids, logits, queries, kept rows: all
+        # static, and all kept, as the graph reads them by address
         self.captured: dict[int, tuple[Any, ...]] = {}
 
     @property
@@ -90,7 +91,7 @@ class HeadwiseDecodeGraphs:
         bucket = self.graphs.prepare(step)
         if bucket not in self.captured:
             self.captured[bucket] = self._capture(bucket)
-        graph, input_ids, position_ids, logits, queries = self.captured[bucket]
+        graph, input_ids, position_ids, logits, queries, _ = self.captured[bucket]
         on_host = not isinstance(tokens, torch.Tensor)
         arrays = [tokens, positions] if on_host else [positions]
         inputs = upload(input_ids.device, arrays, dtype=torch.int64)[0]
@@ -121,7 +122,7 @@ class HeadwiseDecodeGraphs:
                 ).logits[0])  # fmt: skip
 
         graph = capture(forward)
-        return graph, input_ids, position_ids, outputs[-1], queries
+        return graph, input_ids, position_ids, outputs[-1], queries, rows
 
     def close(self) -> None:
         """Drop the graphs and give their scratch page back."""

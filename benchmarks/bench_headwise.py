@@ -195,7 +195,8 @@ class FullCache:
         """Plan the eager attention again for what the sequences hold now (outside any
         timing): the side with graphs may have stepped the shared sequences since."""
         if self.graphs is None and not self.owner_only:
-            self.attn.plan(self.desc.pack_for_flashinfer(self.ids, device=self.device))
+            packed = self.desc.pack_for_flashinfer(self.ids, device=self.device)
+            self.attn.plan(packed, [1] * len(self.ids))  # the newest token as the query
 
     def kernels(self, q: torch.Tensor) -> None:
         if self.graphs is not None:
@@ -258,7 +259,7 @@ class Headwise:
 
     def step(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> None:
         cache, attn = self.cache, self.attn
-        step = cache.begin_step(self.ids)
+        step = cache.begin_step(self.ids, on_device=self.graphs is None)
         if self.graphs is not None:
             self.buffers.prepare(step)
             self.graphs.replay("step", lambda: self._graph_layers(q, k1, v1))
@@ -414,7 +415,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--burst", type=int, default=8, help="steps per back-to-back timing")
     parser.add_argument("--quick", action="store_true", help="GPU: B=4, 4k context, 2 layers")
     parser.add_argument("--device", help="cuda (default when available) or cpu (tiny sizes)")
-    parser.add_argument("--profile", action="store_true", help="cProfile head-wise steps")
+    parser.add_argument("--profile", type=int, nargs="?", const=2, metavar="SIDE",
+                        help="cProfile steps of one side (default 2: head-wise paged)")  # fmt: skip
     parser.add_argument(
         "--host-time", action="store_true", help="CPU: host time per step, kernels stubbed"
     )
@@ -432,14 +434,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     kv1 = torch.randn(2, cfg.batch, cfg.hkv, cfg.head_dim, generator=gen, device=cfg.device)
     k1, v1 = kv1.to(cfg.dtype).unbind(0)
     if args.host_time:
-        host_time(cfg, sides, q, k1, v1, args.profile)
+        host_time(cfg, sides, q, k1, v1, args.profile is not None)
         return
 
     for side in sides:  # one step each; (b), (c) and (d) must agree
         side.step(q, k1, v1)
     headwise = sides[2]
-    if args.profile:
-        profile(lambda: headwise.step(q, k1, v1), cfg.device)
+    if args.profile is not None:
+        profile(lambda: sides[args.profile].step(q, k1, v1), cfg.device)
         return
     masked_out, full_out = sides[1].out.float(), sides[0].out.float()
     diff = max((masked_out - s.out.float()).abs().max().item() for s in sides[2:]

@@ -27,8 +27,8 @@ def test_headwise_end_to_end_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> N
     monkeypatch.syspath_prepend("benchmarks")  # as a script run sees it: bench_tensor_parallel
     runpy.run_path("benchmarks/bench_headwise_e2e.py", run_name="__main__")
     out = capsys.readouterr().out
-    assert "| full cache, CUDA graphs |" in out and "| head-wise, AdaKV |" in out
-    kv = float(out.split("KV ")[-1].rstrip().rstrip("x"))
+    assert "| full cache, eager |" in out and "| head-wise, AdaKV, eager |" in out
+    kv = float(out.split("KV ")[-1].split("x")[0])
     assert 0 < kv < 0.5  # 25% budgets, pages rounded up per head
 
 

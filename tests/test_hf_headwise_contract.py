@@ -207,3 +207,25 @@ def test_a_press_that_raises_leaves_only_its_step_unusable(runner) -> None:
     runner.release([0, 2])
     runner.cache.check_integrity()
     assert runner.cache.available_pages_count == 40
+
+
+def test_cuda_graph_settings_are_checked_and_stay_off_on_the_cpu(runner) -> None:
+    call = runner.enable_cuda_graphs
+    refused(runner, InvalidArgumentError, ValueError, lambda: call([0, 4]), "batch_sizes")
+    refused(runner, ArgumentTypeError, TypeError, lambda: call([1.5]), "batch_sizes")
+    refused(runner, InvalidArgumentError, ValueError, lambda: call([]), "at least one bucket")
+    assert call((1, 2)) is False and runner.reserved_pages == 0  # no triton kernel on a CPU
+    runner.decode([0], [1])  # eager, as before
+    runner.disable_cuda_graphs()
+
+
+def test_begin_step_takes_on_device_as_a_bool_only(runner) -> None:
+    cache = runner.cache
+    for bad in (1, "yes", None):
+        refused(runner, ArgumentTypeError, TypeError,
+                lambda bad=bad: cache.begin_step([0], on_device=bad), "on_device")  # fmt: skip
+    step = cache.begin_step([0], on_device=False)  # packed on the host: the same step
+    kv = torch.zeros(1, cache.num_kv_heads, cache.head_dim)
+    for layer in range(cache.num_layers):
+        cache.write(step, layer, kv, kv)
+    assert step.tables is not None and step.tables.indptr.size == cache.num_layers * 2 + 1

@@ -95,9 +95,11 @@ class StepBuilder:
         lens: Optional[np.ndarray],
         version: int,
         owner: object,
+        on_device: bool = True,
     ) -> HeadwiseStep:
         """Allocate ``lens`` tokens per sequence (default one) in every head of ``layers``,
-        all or nothing, and pack them; see :meth:`pack`.
+        all or nothing, and pack them (on the host only, unless ``on_device``); see
+        :meth:`pack`.
 
         Raises:
             NoPageError: the pool lacks pages (nothing changed).
@@ -109,7 +111,7 @@ class StepBuilder:
         else:
             self.descriptor.allocate(row_ids, arrays.per_row)  # type: ignore[arg-type]  # numpy is accepted
         try:
-            return self._pack(layers, seq_ids, row_ids, arrays, version, owner)
+            return self._pack(layers, seq_ids, row_ids, arrays, version, owner, on_device)
         except BaseException:
             self.undo(layers, seq_ids, arrays.lens)
             raise
@@ -166,6 +168,7 @@ class StepBuilder:
         arrays: _BatchArrays,
         version: int,
         owner: object,
+        on_device: bool = True,
     ) -> HeadwiseStep:
         # on the host: a repeating batch's indices are spliced from the last step's
         whole = self.descriptor.pack_for_flashinfer(row_ids)
@@ -182,7 +185,7 @@ class StepBuilder:
             indices, layer_indptr, last, lengths, positions, bounds, arrays, self.num_kv_heads,
             whole.stamp,
         )  # fmt: skip
-        if self.device is None:
+        if self.device is None or not on_device:
             rows, plan, write = parts.on_host()
         else:
             rows, plan, write = parts.on_device(self.device)

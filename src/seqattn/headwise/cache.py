@@ -165,9 +165,8 @@ class HeadwiseKVCache(HeadwiseQueries):
         self._after_change()
 
     # ---------------------------------------------------------------------- steps
-    def begin_step(
-        self, seq_ids: Sequence[int], append_lens: Optional[Sequence[int]] = None
-    ) -> HeadwiseStep:
+    def begin_step(self, seq_ids: Sequence[int], append_lens: Optional[Sequence[int]] = None,
+                   *, on_device: bool = True) -> HeadwiseStep:  # fmt: skip
         """Take the pages of one model step's new tokens in every layer, and pack them.
 
         Allocates ``append_lens[b]`` tokens (default one: a decode step) in every KV head
@@ -178,6 +177,9 @@ class HeadwiseKVCache(HeadwiseQueries):
         ``truncate_head``, ``pack``, ``run``, another ``begin_step``) are refused, and so
         is ``release`` unless it ends every sequence of the step.
 
+        ``on_device=False`` leaves the batches on the host: for a CUDA-graph step,
+        whose tables go up by :meth:`~seqattn.headwise.graph.HeadwiseGraphs.prepare`.
+
         Returns:
             the :class:`HeadwiseStep`, whose ``batches[layer]`` is the layer's batch.
 
@@ -186,13 +188,14 @@ class HeadwiseKVCache(HeadwiseQueries):
             DuplicateSequenceError, InvalidLengthError: bad ids or lengths. SeqAttnError:
             the last step has layers not written yet. Nothing changed.
         """
+        upload = bool(exact_bool(on_device, "on_device"))
         ids = id_list(seq_ids)
         slots = self.positions.slots(ids)
         lens = None if append_lens is None else checked_lens(append_lens, len(ids))
         if lens is not None:  # a decode step's room is checked by the allocation itself
             check_room(self.positions, self._builder, self._all_layers, ids, slots, lens)
         self.versions.check_all_written()
-        return self._open(self._all_layers, ids, slots, lens)
+        return self._open(self._all_layers, ids, slots, lens, upload)
 
     def write(self, step: HeadwiseStep, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one layer's K/V of the step's new tokens into the pages taken for them.
@@ -322,12 +325,11 @@ class HeadwiseKVCache(HeadwiseQueries):
         self.versions.check_written(layer)
 
     # ------------------------------------------------------------------ internals
-    def _open(
-        self, layers: tuple[int, ...], ids: list[int], slots: np.ndarray, lens: Optional[np.ndarray]
-    ) -> HeadwiseStep:
+    def _open(self, layers: tuple[int, ...], ids: list[int], slots: np.ndarray,
+              lens: Optional[np.ndarray], on_device: bool = True) -> HeadwiseStep:  # fmt: skip
         """Allocate and pack ``lens`` tokens (default one) per sequence in every head of
         ``layers`` (NoPageError: nothing changed); they stay unwritten until :meth:`write`."""
-        step = self._builder.open(layers, ids, lens, self.versions.next, self)
+        step = self._builder.open(layers, ids, lens, self.versions.next, self, on_device)
         self.positions.advance(layers, slots, step.append_lens)
         self.versions.changed(layers)
         took = [s for s, n in zip(ids, step.append_lens.tolist(), strict=True) if n]

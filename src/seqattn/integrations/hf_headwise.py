@@ -319,14 +319,15 @@ class HeadwiseCausalLM:
         new_lens = dict(zip(ids, (starts + lens).tolist(), strict=True))
         budgets = {s: self.requests[s].tokens_per_head(new_lens[s]) for s in pressed}
         rows = self.windows.step_rows(ids, starts, lens)
-        step = self.cache.begin_step(ids, lens)  # NoPageError and co.: nothing changed
+        replay = self._graphs is not None and not pressed and self._graphs.takes(lens)
+        # NoPageError and co.: nothing changed (a replay uploads its tables itself)
+        step = self.cache.begin_step(ids, lens, on_device=not replay)
         context = HeadwiseStepContext(self.cache, self.attention, step, self.windows, rows,
                                       lambda layer: self._press(layer, budgets))  # fmt: skip
         self.last_compressed = ()
-        graphs = self._graphs
         try:
-            if graphs and not pressed and step.num_tokens == len(ids) <= graphs.batch_limit:
-                logits = graphs.replay(step, tokens, starts, rows)
+            if replay:
+                logits = self._graphs.replay(step, tokens, starts, rows)  # type: ignore[union-attr]
             else:
                 logits = eager_forward(self.model, context, tokens, starts, lens, self.scale)
         except BaseException:
@@ -342,8 +343,7 @@ class HeadwiseCausalLM:
         bucket (captured on first use; attention by the Triton decode kernel). Needs a
         CUDA model in float16/bfloat16 with a power-of-two head size and triton;
         returns whether graphs are on. The same buckets again keep the graphs."""
-        current, self._graphs = self._graphs, None
-        self._graphs = decode_graphs(current, self.model, self.attention, self.windows,
+        self._graphs = decode_graphs(self._graphs, self.model, self.attention, self.windows,
                                      batch_sizes, self.scale)  # fmt: skip
         return self._graphs is not None
 

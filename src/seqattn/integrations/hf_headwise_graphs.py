@@ -67,10 +67,10 @@ class HeadwiseDecodeGraphs:
         # static, and all kept, as the graph reads them by address
         self.captured: dict[int, tuple[Any, ...]] = {}
 
-    @property
-    def batch_limit(self) -> int:
-        """The largest decode batch a graph takes."""
-        return self.graphs.batch_sizes[-1]
+    def takes(self, lens: np.ndarray) -> bool:
+        """Whether a step of ``lens`` new tokens per sequence replays a graph: one token
+        each, and no more sequences than the largest bucket."""
+        return int(lens.sum()) == lens.size <= self.graphs.batch_sizes[-1]
 
     def replay(
         self,
@@ -144,20 +144,20 @@ def decode_graphs(
     take the Triton kernel (not CUDA, not float16/bfloat16, no triton).
 
     Raises:
-        InvalidArgumentError: bad ``batch_sizes`` (``current`` kept).
+        ArgumentTypeError, InvalidArgumentError: bad ``batch_sizes`` (``current`` kept).
     """
     cache = attention.cache
+    sizes = sorted(set(int_array(batch_sizes, "batch_sizes", low=1, high=2**20).tolist()))
+    if not sizes:
+        raise InvalidArgumentError("batch_sizes must name at least one bucket")
     try:
         check_triton(cache.storage)
     except InvalidArgumentError:
         if current is not None:
             current.close()
         return None
-    sizes = sorted(set(int_array(batch_sizes, "batch_sizes", low=1, high=2**20).tolist()))
     if current is not None and current.graphs.batch_sizes == sizes:
         return current
-    if not sizes:
-        raise InvalidArgumentError("batch_sizes must name at least one bucket")
     if current is not None:
         current.close()
     graphs = HeadwiseGraphs(cache, attention.num_qo_heads, sizes, sm_scale=sm_scale)

@@ -140,9 +140,11 @@ class TritonDecodeBackend:
     name = "triton"
     # launch settings (benchmarks/tune_triton_decode.py times others): pages each loop
     # iteration reads (64 tokens at page 16), programs per multiprocessor the splits aim
-    # for, and Triton's warps and pipeline stages (its defaults)
+    # for, and Triton's warps and pipeline stages (its defaults). Many small splits
+    # balance skewed head lengths: on an H200, 128 heads of lognormal lengths (sigma 1,
+    # median 4,096) ran in 0.172 ms at 32 waves (64 splits; flashinfer 0.173 ms)
     PAGES_PER_BLOCK = 4
-    WAVES = 2
+    WAVES = 32
     NUM_WARPS = 4
     NUM_STAGES = 3
 

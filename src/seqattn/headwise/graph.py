@@ -153,6 +153,13 @@ class HeadwiseGraphs:
             self._buckets[size] = _Bucket(size, requests, cache.num_layers, splits, indices)
         self.scratch_page = int(cache.storage.allocator.allocate(1)[0])
         self._planned: Optional[_Bucket] = None
+        largest = self._buckets[self.batch_sizes[-1]].meta.numel()
+        self._staging: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.cuda.Event]]] = [
+            (torch.empty(largest, dtype=torch.int64, pin_memory=True),
+             torch.empty(indices.numel(), dtype=torch.int32, pin_memory=True), None)
+            for _ in range(2)
+        ]  # fmt: skip
+        self._turn = 0
 
     def bucket_for(self, batch_size: int) -> int:
         """The padded batch size a step of ``batch_size`` sequences runs with."""
@@ -184,13 +191,18 @@ class HeadwiseGraphs:
         indices, meta = padded_tables(
             tables, cache.num_layers, bucket.requests, self.scratch_page, cache.page_size
         )
-        pinned = torch.cuda.is_available()  # the CPU has no pinned memory (tests)
-        host_meta = torch.from_numpy(meta).pin_memory() if pinned else torch.from_numpy(meta)
-        host_indices = torch.from_numpy(indices)
-        if pinned:
-            host_indices = host_indices.pin_memory()
-        bucket.meta.copy_(host_meta, non_blocking=True)
-        bucket.indices[: indices.size].copy_(host_indices, non_blocking=True)
+        # two pinned buffers in turn: the copy two steps ago has landed before reuse
+        turn, self._turn = self._turn, self._turn ^ 1
+        host_meta, host_indices, copied = self._staging[turn]
+        if copied is not None:
+            copied.synchronize()
+        np.copyto(host_meta.numpy()[: meta.size], meta)
+        np.copyto(host_indices.numpy()[: indices.size], indices)
+        bucket.meta.copy_(host_meta[: meta.size], non_blocking=True)
+        bucket.indices[: indices.size].copy_(host_indices[: indices.size], non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self._staging[turn] = (host_meta, host_indices, copied)
         for layer in range(cache.num_layers):
             cache.versions.written(layer)
         self._planned = bucket

@@ -26,7 +26,7 @@ from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch
 
 LOG2E = 1.4426950408889634
-_kernels: Optional[tuple[Any, Any]] = None
+_kernels: Optional[tuple[Any, Any, Any]] = None
 
 
 def triton_or_none() -> Any:
@@ -57,7 +57,7 @@ def check_triton(cache: PagedKVCacheManager) -> None:
         )
 
 
-def _build() -> tuple[Any, Any]:
+def _build() -> tuple[Any, Any, Any]:
     """Compile-on-first-use kernels (triton imported here only: the CPU needs none)."""
     import triton
     import triton.language as tl
@@ -124,7 +124,43 @@ def _build() -> tuple[Any, Any]:
         if WITH_LSE:
             tl.store(lse_out_ptr + row, top + tl.log2(total))
 
-    return _partial, _merge
+    @triton.jit
+    def _append(rows_ptr, key_rows_ptr, value_rows_ptr, k_ptr, v_ptr, D: tl.constexpr):
+        r = tl.program_id(0)
+        d = tl.arange(0, D)
+        key_row = tl.load(key_rows_ptr + r).to(tl.int64)
+        value_row = tl.load(value_rows_ptr + r).to(tl.int64)
+        tl.store(rows_ptr + key_row * D + d, tl.load(k_ptr + r * D + d))
+        tl.store(rows_ptr + value_row * D + d, tl.load(v_ptr + r * D + d))
+
+    return _partial, _merge, _append
+
+
+def kernels() -> tuple[Any, Any, Any]:
+    """The compiled kernels ``(partial, merge, append)``, built on first use."""
+    global _kernels
+    if _kernels is None:
+        _kernels = _build()
+    return _kernels
+
+
+def append_rows(
+    rows: torch.Tensor,
+    key_rows: torch.Tensor,
+    value_rows: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """Write ``k[i]`` to ``rows[key_rows[i]]`` and ``v[i]`` to ``rows[value_rows[i]]``:
+    one launch, no host work (a CUDA graph may capture it).
+
+    Args:
+        rows: the cache's storage as rows of one head, ``[n_rows, head_dim]``, contiguous.
+        key_rows, value_rows: ``[n]`` integer row indices, on the device.
+        k, v: ``[n, head_dim]``, contiguous, ``rows``' dtype.
+    """
+    _append = kernels()[2]
+    _append[(k.shape[0],)](rows, key_rows, value_rows, k, v, D=rows.shape[1])
 
 
 class TritonDecodeBackend:
@@ -232,10 +268,7 @@ def decode(
     Returns:
         ``(out, lse or None)``.
     """
-    global _kernels
-    if _kernels is None:
-        _kernels = _build()
-    partial, merge = _kernels
+    partial, merge, _ = kernels()
     n, qo_heads, d = q.shape
     heads, splits = cache.num_heads, tables.splits
     group = qo_heads // heads

@@ -3,7 +3,7 @@
 A head-wise cache has its own page lengths in every layer, so an eager step plans
 and launches per layer and the host sets the pace. Here a decode step's page tables
 of *all* layers go up to fixed device buffers in one copy (:meth:`HeadwiseGraphs.prepare`),
-and per layer only kernels run that read them there: an indexed copy appends the new
+and per layer only kernels run that read them there: one Triton kernel appends the new
 K/V, and the Triton decode kernel (:mod:`seqattn.attention.triton_decode`, which needs
 no host plan) attends. Those calls may be captured once per bucket of batch sizes and
 replayed every step.
@@ -32,7 +32,14 @@ import numpy as np
 import torch
 
 from .._checks import int_array
-from ..attention.triton_decode import LOG2E, DecodeTables, check_triton, decode, split_count
+from ..attention.triton_decode import (
+    LOG2E,
+    DecodeTables,
+    append_rows,
+    check_triton,
+    decode,
+    split_count,
+)
 from ..errors import InvalidArgumentError, InvalidLengthError, SeqAttnError, TensorSpecError
 from .batch import HeadwiseStep, StepTables
 from .cache import HeadwiseKVCache
@@ -218,9 +225,10 @@ class HeadwiseGraphs:
                 f"{self.cache.head_dim}] {self.cache.dtype}; got {list(k.shape)} {k.dtype}, "
                 f"{list(v.shape)} {v.dtype}"
             )
-        rows = self.cache.kv_pages.view(-1, self.cache.head_dim)
-        rows.index_copy_(0, bucket.key_rows[layer], k.reshape(-1, self.cache.head_dim))
-        rows.index_copy_(0, bucket.value_rows[layer], v.reshape(-1, self.cache.head_dim))
+        dim = self.cache.head_dim
+        rows = self.cache.kv_pages.view(-1, dim)
+        keys, values = k.reshape(-1, dim).contiguous(), v.reshape(-1, dim).contiguous()
+        append_rows(rows, bucket.key_rows[layer], bucket.value_rows[layer], keys, values)
 
     def run(self, q: torch.Tensor, layer: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode attention of one layer: ``q [bucket, num_qo_heads, head_dim]`` (the

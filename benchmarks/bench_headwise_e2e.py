@@ -49,6 +49,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--backend", default="auto", help="head-wise attention: auto, triton")
     parser.add_argument("--no-graphs", action="store_true", help="head-wise decode eagerly")
+    parser.add_argument("--profile", action="store_true",
+                        help="head-wise side only: cProfile 8 decode steps")  # fmt: skip
     args = parser.parse_args()
     small = (3, 96, 4) if args.tiny else (16, 16384, 256)
     for name, value in zip(("requests", "context", "new_tokens"), small, strict=True):
@@ -114,6 +116,19 @@ def decode(runner: Any, ids: list[int], logits: torch.Tensor, steps: int, device
     return dict(tokens=torch.stack(out, 1).tolist(), step=wall / steps, wall=wall, syncs=syncs)
 
 
+def profile(run: Any) -> None:
+    """Where the host time of a few decode steps goes (after one untimed run)."""
+    import cProfile
+    import pstats
+
+    run()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
 def count_syncs(step: Any, steps: int) -> str:
     """Host syncs torch's sync debug mode reports over ``steps`` calls of ``step``."""
     import warnings
@@ -153,6 +168,8 @@ def side(args: argparse.Namespace, model: Any, prompts: list[list[int]], headwis
     sync(args.device)
     prefill_s = time.perf_counter() - start
     held = kv_bytes(runner, ids)
+    if args.profile:
+        profile(lambda: decode(runner, ids, logits, 8, args.device))
     result = decode(runner, ids, logits, args.new_tokens, args.device)
     result.update(prefill_s=prefill_s, held=held, per_request=held / len(prompts),
                   graphs="CUDA graphs" if graphs else "eager")  # fmt: skip
@@ -213,6 +230,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, model.config.vocab_size, (args.requests, args.context),
                             generator=gen).tolist()  # fmt: skip
+    if args.profile:
+        side(args, model, prompts, headwise=True)
+        return
     full = side(args, model, prompts, headwise=False)
     if args.device == "cuda":
         torch.cuda.empty_cache()

@@ -103,17 +103,11 @@ def test_prepare_refuses_a_prompt_step_and_changes_nothing() -> None:
 
 def test_engine_with_graphs_uses_them_and_equals_itself_without() -> None:
     pytest.importorskip("triton")
-    transformers = pytest.importorskip("transformers")
     from seqattn.engine import Engine, SamplingParams
     from seqattn.integrations.hf_headwise import HeadwiseCausalLM
+    from tests.gpu.test_gpu_hf_headwise import tiny_llama
 
-    config = transformers.LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(config).to(torch.float16).eval()
+    model = tiny_llama()  # fp16 Llama, GQA 4/2, vocab 256
     prompts = [[(3 * i + 11 * s) % 256 for i in range(n)] for s, n in enumerate((90, 33, 61))]
     params = SamplingParams(max_new_tokens=10)
     outputs = []

@@ -134,13 +134,7 @@ class GraphBuckets:
 
     def bucket_for(self, batch_size: int) -> int:
         """The padded batch size a step of ``batch_size`` sequences runs with."""
-        i = bisect.bisect_left(self.batch_sizes, batch_size)
-        if i == len(self.batch_sizes):
-            raise InvalidLengthError(
-                f"batch of {batch_size} exceeds the largest CUDA-graph bucket "
-                f"{self.batch_sizes[-1]}; add a bucket or run eagerly"
-            )
-        return self.batch_sizes[i]
+        return bucket_for(self.batch_sizes, batch_size)
 
     def plan(self, batch: AttentionBatch, options: dict[str, Any]) -> int:
         """Fill the step's bucket (outside any graph); returns the bucket size.
@@ -263,6 +257,18 @@ class GraphBuckets:
                 f"{name} must have {self.bucket.size} rows (the planned bucket), got {rows}"
             )
         return self.bucket
+
+
+def bucket_for(batch_sizes: list[int], batch_size: int) -> int:
+    """The smallest of the ascending ``batch_sizes`` that holds ``batch_size`` rows
+    (InvalidLengthError when none does)."""
+    i = bisect.bisect_left(batch_sizes, batch_size)
+    if i == len(batch_sizes):
+        raise InvalidLengthError(
+            f"a batch of {batch_size} exceeds the largest CUDA-graph bucket "
+            f"{batch_sizes[-1]}; add a bucket or run eagerly"
+        )
+    return batch_sizes[i]
 
 
 def capture(step: Callable[[], Any], *, warmup: int = 2) -> torch.cuda.CUDAGraph:

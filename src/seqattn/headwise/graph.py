@@ -24,7 +24,6 @@ Inside a captured region call only :meth:`HeadwiseGraphs.write` and
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from typing import Optional
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from .._checks import int_array
+from ..attention.cuda_graph import bucket_for
 from ..attention.triton_decode import (
     LOG2E,
     DecodeTables,
@@ -170,13 +170,7 @@ class HeadwiseGraphs:
 
     def bucket_for(self, batch_size: int) -> int:
         """The padded batch size a step of ``batch_size`` sequences runs with."""
-        i = bisect.bisect_left(self.batch_sizes, batch_size)
-        if i == len(self.batch_sizes):
-            raise InvalidLengthError(
-                f"a batch of {batch_size} exceeds the largest CUDA-graph bucket "
-                f"{self.batch_sizes[-1]}; add a bucket or run eagerly"
-            )
-        return self.batch_sizes[i]
+        return bucket_for(self.batch_sizes, batch_size)
 
     def prepare(self, step: HeadwiseStep) -> int:
         """Upload a decode step of every layer into its bucket (outside any graph).

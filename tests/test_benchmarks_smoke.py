@@ -32,6 +32,29 @@ def test_headwise_end_to_end_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> N
     assert 0 < kv < 0.5  # 25% budgets, pages rounded up per head
 
 
+def test_headwise_real_benchmark_runs_tiny(tmp_path, monkeypatch, capsys) -> None:
+    """The real-model benchmark on a random 2-layer Llama: a budget of 1.0 keeps every
+    token, so those presses decode the full cache's tokens; then the kept positions it
+    saved, given back as kvpress's, agree with themselves in every layer and head."""
+    pytest.importorskip("transformers")
+    saved = tmp_path / "positions.json"
+    argv = ["bench_headwise_real.py", "--tiny", "--budgets", "1.0,0.25"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--save-positions", str(saved)])
+    runpy.run_path("benchmarks/bench_headwise_real.py", run_name="__main__")
+    out = capsys.readouterr().out
+    table = out.split("| press | budget |")[1]  # the table comes last
+    assert "| full cache | - | 100.0% (16/16) | 8.0 (8, 8) | 1.000x |" in table
+    for press in ("streamingllm", "snapkv", "adakv"):  # PyramidKV's layers differ at 1.0
+        assert f"| {press} | 1 | 100.0% (16/16) | 8.0 (8, 8) | 1.000x |" in table
+        assert f"| {press} | 0.25 | " in table
+    monkeypatch.setattr(sys, "argv", [*argv, "--kvpress", str(saved)])
+    runpy.run_path("benchmarks/bench_headwise_real.py", run_name="__main__")
+    rows = capsys.readouterr().out.split("| mean Jaccard |")[1].strip().splitlines()[1:]
+    assert len(rows) == 9  # the full cache and 4 presses x 2 budgets
+    for row in rows[1:]:  # 2 prompts x 2 layers x 2 KV heads
+        assert row.endswith("| 100.0% (8/8) | 1.0000 |"), row
+
+
 def test_headwise_benchmark_runs_on_the_cpu(monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys, "argv", ["bench_headwise.py", "--device", "cpu"])
     runpy.run_path("benchmarks/bench_headwise.py", run_name="__main__")

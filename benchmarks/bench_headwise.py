@@ -162,8 +162,6 @@ class FullCache:
             self.prompt = self.desc.pack_for_flashinfer(self.ids, [cfg.context] * cfg.batch)
         else:
             self.cache, self.desc, self.ids = share.cache, share.desc, share.ids
-            share.owner_only = False
-        self.owner_only = True  # no other side steps these sequences (until a twin does)
         buckets = None if share is None else [cfg.batch]
         self.attn = PagedAttention(self.cache, cfg.hq, backend=cfg.backend,
                                    cuda_graph_batch_sizes=buckets)  # fmt: skip
@@ -193,8 +191,8 @@ class FullCache:
 
     def ready(self) -> None:
         """Plan the eager attention again for what the sequences hold now (outside any
-        timing): the side with graphs may have stepped the shared sequences since."""
-        if self.graphs is None and not self.owner_only:
+        timing): a side with graphs may have stepped the shared sequences since."""
+        if self.graphs is None:
             packed = self.desc.pack_for_flashinfer(self.ids, device=self.device)
             self.attn.plan(packed, [1] * len(self.ids))  # the newest token as the query
 

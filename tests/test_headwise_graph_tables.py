@@ -111,3 +111,26 @@ def test_record_layers_equals_recording_each_layer() -> None:
         for layer in range(L):
             got = all_layers.read(seq, layer, n)
             assert got is not None and torch.equal(got, one.read(seq, layer, n))
+
+
+def test_graph_buffers_check_their_arguments_before_the_device() -> None:
+    """HeadwiseGraphs refuses bad arguments on any device (the CPU has no Triton kernel,
+    which it says last), taking no scratch page."""
+    from seqattn.errors import ArgumentTypeError, InvalidArgumentError
+    from seqattn.headwise.graph import HeadwiseGraphs
+
+    cache = compressed_cache([5])
+    free = cache.available_pages_count
+    bad = [
+        (ArgumentTypeError, TypeError, lambda: HeadwiseGraphs(cache.storage, 4, [1]), "Headwise"),
+        (InvalidArgumentError, ValueError, lambda: HeadwiseGraphs(cache, 3, [1]), "multiple"),
+        (ArgumentTypeError, TypeError, lambda: HeadwiseGraphs(cache, 4.0, [1]), "num_qo_heads"),
+        (InvalidArgumentError, ValueError, lambda: HeadwiseGraphs(cache, 4, []), "one bucket"),
+        (InvalidArgumentError, ValueError, lambda: HeadwiseGraphs(cache, 4, [0]), "batch_sizes"),
+        (InvalidArgumentError, ValueError, lambda: HeadwiseGraphs(cache, 4, [2]), "CUDA"),
+    ]
+    for error, builtin, call, message in bad:
+        assert issubclass(error, builtin)
+        with pytest.raises(error, match=message):
+            call()
+        assert cache.available_pages_count == free

@@ -35,7 +35,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..errors import InvalidLengthError, SeqAttnError, TensorSpecError
+from .._checks import int_array
+from ..errors import InvalidArgumentError, InvalidLengthError, SeqAttnError, TensorSpecError
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch, host_tensor
 from .cascade import CascadeSplit, pad_shared_level, split_for_cascade
@@ -257,6 +258,18 @@ class GraphBuckets:
                 f"{name} must have {self.bucket.size} rows (the planned bucket), got {rows}"
             )
         return self.bucket
+
+
+def bucket_sizes(sizes: object, what: str) -> list[int]:
+    """CUDA-graph buckets: ``sizes`` sorted and distinct, each an integer in [1, 2**20].
+
+    Raises:
+        ArgumentTypeError: not integers. InvalidArgumentError: out of range, or none.
+    """
+    buckets = int_array(sizes, what, low=1, high=2**20)
+    if buckets.size == 0:
+        raise InvalidArgumentError(f"{what} must name at least one bucket")
+    return sorted(set(buckets.tolist()))
 
 
 def bucket_for(batch_sizes: list[int], batch_size: int) -> int:

@@ -8,14 +8,14 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .._checks import exact_bool, exact_int, int_array, one_of, shown
+from .._checks import exact_bool, exact_int, one_of, shown
 from .._flashinfer import flashinfer_or_none
 from ..errors import ArgumentTypeError, InvalidArgumentError, SeqAttnError, TensorSpecError
 from ..packed_data import FlashInferPackedData
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch, checked_qo_heads, query_dtype
 from .cascade import CascadeSplit, choose_split, run_cascade
-from .cuda_graph import GraphBuckets, capture
+from .cuda_graph import GraphBuckets, bucket_sizes, capture
 from .flashinfer_backend import FlashInferAttentionBackend, decode_tensor_cores, plan_options
 from .torch_backend import TorchAttentionBackend
 from .triton_decode import TritonDecodeBackend, check_triton
@@ -358,7 +358,4 @@ def _checked_buckets(
     pages = cache.num_pages if max_pages is None else exact_int(max_pages, "max_pages", low=1)
     if sizes is None:
         return None
-    buckets = int_array(sizes, "cuda_graph_batch_sizes", low=1, high=2**20)
-    if buckets.size == 0:
-        raise InvalidArgumentError("cuda_graph_batch_sizes must name at least one bucket")
-    return sorted(set(buckets.tolist())), pages, groups
+    return bucket_sizes(sizes, "cuda_graph_batch_sizes"), pages, groups

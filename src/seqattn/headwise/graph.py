@@ -30,8 +30,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._checks import int_array
-from ..attention.cuda_graph import bucket_for
+from .._checks import shown
+from ..attention.batch import checked_qo_heads
+from ..attention.cuda_graph import bucket_for, bucket_sizes
 from ..attention.triton_decode import (
     LOG2E,
     DecodeTables,
@@ -40,7 +41,7 @@ from ..attention.triton_decode import (
     decode,
     split_count,
 )
-from ..errors import InvalidArgumentError, InvalidLengthError, SeqAttnError, TensorSpecError
+from ..errors import ArgumentTypeError, InvalidLengthError, SeqAttnError, TensorSpecError
 from .batch import HeadwiseStep, StepTables
 from .cache import HeadwiseKVCache
 
@@ -135,18 +136,11 @@ class HeadwiseGraphs:
         sm_scale: Optional[float] = None,
     ) -> None:
         if not isinstance(cache, HeadwiseKVCache):
-            raise InvalidArgumentError(f"cache must be a HeadwiseKVCache, got {type(cache)}")
-        check_triton(cache.storage)
-        sizes = int_array(batch_sizes, "batch_sizes", low=1, high=2**20)
-        if sizes.size == 0:
-            raise InvalidArgumentError("batch_sizes must name at least one bucket")
-        if num_qo_heads % cache.num_kv_heads:
-            raise InvalidArgumentError(
-                f"num_qo_heads must be a multiple of num_kv_heads {cache.num_kv_heads}, "
-                f"got {num_qo_heads}"
-            )
-        self.cache, self.num_qo_heads = cache, num_qo_heads
-        self.batch_sizes = sorted(set(sizes.tolist()))
+            raise ArgumentTypeError(f"cache must be a HeadwiseKVCache, got {shown(cache)}")
+        self.num_qo_heads = checked_qo_heads(num_qo_heads, cache.num_kv_heads)
+        self.batch_sizes = bucket_sizes(batch_sizes, "batch_sizes")
+        check_triton(cache.storage)  # the arguments first, on any device
+        self.cache = cache
         scale = cache.head_dim**-0.5 if sm_scale is None else float(sm_scale)
         self.scale_log2 = scale * LOG2E
         device = cache.device

@@ -20,9 +20,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .._checks import int_array
 from .._transfer import upload
-from ..attention.cuda_graph import capture
+from ..attention.cuda_graph import bucket_sizes, capture
 from ..attention.triton_decode import check_triton
 from ..errors import InvalidArgumentError
 from ..headwise import HeadwiseAttention, HeadwiseStep
@@ -147,9 +146,7 @@ def decode_graphs(
         ArgumentTypeError, InvalidArgumentError: bad ``batch_sizes`` (``current`` kept).
     """
     cache = attention.cache
-    sizes = sorted(set(int_array(batch_sizes, "batch_sizes", low=1, high=2**20).tolist()))
-    if not sizes:
-        raise InvalidArgumentError("batch_sizes must name at least one bucket")
+    sizes = bucket_sizes(batch_sizes, "batch_sizes")
     try:
         check_triton(cache.storage)
     except InvalidArgumentError:

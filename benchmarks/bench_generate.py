@@ -80,12 +80,12 @@ def sync(device: str) -> None:
 
 def run_seqattn(
     model: Any, prompts: list[list[int]], args: argparse.Namespace, graphs: bool,
-    compile: bool = False,
+    compile: bool = False, backend: Optional[str] = None,
 ) -> dict:  # fmt: skip
     page_size = 16
     per_request = -(-(args.prompt_len + args.new_tokens) // page_size) + 1
     runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size,
-                           backend=args.backend, compile=compile,
+                           backend=backend or args.backend, compile=compile,
                            compile_mode=getattr(args, "compile_mode", "default"))  # fmt: skip
     engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens,
                     cuda_graphs=graphs)  # fmt: skip
@@ -293,6 +293,8 @@ def main() -> None:
                         help="default or max-autotune-no-cudagraphs")  # fmt: skip
     parser.add_argument("--dtype", help="model dtype (default bf16 on cuda, float32 on cpu)")
     parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
+    parser.add_argument("--triton", action="store_true",
+                        help="also the compiled run with seqattn's Triton decode kernel")
     parser.add_argument("--profile", action="store_true", help="kernel time by kind per step")
     args = parser.parse_args()
     # --quick picks smaller sizes; sizes given explicitly win (they were once overridden)
@@ -311,6 +313,10 @@ def main() -> None:
     if (args.device == "cuda" or args.compile) and "compile" not in skip:
         label = "seqattn engine, compiled + CUDA graphs" if graphs else "seqattn engine, compiled"
         results[label] = run_seqattn(model, prompts, args, graphs=graphs, compile=True)
+        if args.triton:
+            results[f"{label}, Triton decode"] = run_seqattn(
+                model, prompts, args, graphs=graphs, compile=True, backend="triton"
+            )
     if graphs:
         results["seqattn engine, CUDA graphs"] = run_seqattn(model, prompts, args, graphs=True)
     results["seqattn engine, eager"] = run_seqattn(model, prompts, args, graphs=False)

@@ -1,15 +1,17 @@
 """Time the Triton decode kernel's launch settings against flashinfer on one layer.
 
-The shape is one layer of ``bench_headwise.py``'s head-wise step: B=16 sequences x 8 KV
-heads as 128 single-KV-head requests of 4 query heads each (GQA 32/8), head_dim 128,
-fp16, page 16, each holding about a quarter of a 16k context (lognormal lengths around
-4,096, sigma ``--sigma``, seeded; bench_headwise's budgets are skewed as sigma 1). For
-every combination of ``PAGES_PER_BLOCK``, ``WAVES``, ``NUM_WARPS`` and ``NUM_STAGES``
-(:class:`~seqattn.attention.triton_decode.TritonDecodeBackend`) the kernel's run is
-timed with CUDA events (median of ``--reps``) and checked against flashinfer's output;
-the table lists the fastest first, with the KV read rate.
+The default shape is one layer of ``bench_headwise.py``'s head-wise step: B=16
+sequences x 8 KV heads as 128 single-KV-head requests of 4 query heads each (GQA 32/8),
+head_dim 128, fp16, page 16, each holding about a quarter of a 16k context (lognormal
+lengths around 4,096, sigma ``--sigma``, seeded; bench_headwise's budgets are skewed as
+sigma 1). ``--generate`` is one layer of ``bench_generate.py``'s decode instead: 64
+requests x 8 KV heads, head_dim 64, bf16, 640 tokens each (the middle of 512 + 256).
+For every combination of ``PAGES_PER_BLOCK``, ``WAVES``, ``MIN_BLOCKS``, ``NUM_WARPS``
+and ``NUM_STAGES`` (:class:`~seqattn.attention.triton_decode.TritonDecodeBackend`) the
+kernel's run is timed with CUDA events (median of ``--reps``) and checked against
+flashinfer's output; the table lists the fastest first, with the KV read rate.
 
-    python benchmarks/tune_triton_decode.py [--rows 128] [--tokens 4096]
+    python benchmarks/tune_triton_decode.py [--rows 128] [--tokens 4096] [--generate]
 
 Needs CUDA, triton and flashinfer; elsewhere it says so and exits.
 """
@@ -48,8 +50,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="median tokens per row")
     parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
     parser.add_argument("--sigma", type=float, default=1.0, help="lognormal spread of lengths")
+    parser.add_argument("--kv-heads", type=int, default=1, help="KV heads per request")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="bench_generate's decode: 64 x 8 KV heads, d64, bf16, 640 tokens",
+    )
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
+    if args.generate:
+        args.rows, args.kv_heads, args.head_dim, args.dtype = 64, 8, 64, "bfloat16"
+        args.tokens, args.sigma = 640, 0.0
     if not torch.cuda.is_available() or triton_or_none() is None:
         print("tune_triton_decode: needs CUDA and triton; skipped")
         return
@@ -57,27 +70,28 @@ def main() -> None:
     lens = np.clip(rng.lognormal(np.log(args.tokens), args.sigma, args.rows), 16, 8 * args.tokens)
     lens = lens.astype(np.int64).tolist()
     pages = sum(-(-n // 16) for n in lens) + 8
-    cache = PagedKVCacheManager(pages, 16, 1, 128, torch.float16, "cuda")
+    dtype, dim, heads = getattr(torch, args.dtype), args.head_dim, args.kv_heads
+    cache = PagedKVCacheManager(pages, 16, heads, dim, dtype, "cuda")
     cache.kv_data.normal_(generator=torch.Generator("cuda").manual_seed(0))
     desc = CacheDescriptor(cache)
     ids = list(range(args.rows))
     desc.allocate(ids, lens)
     step = desc.pack_for_flashinfer(ids, [1] * args.rows, device="cuda")
-    q = torch.randn(args.rows, args.group, 128, dtype=torch.float16, device="cuda")
-    kv_bytes = sum(lens) * 2 * 128 * 2
+    q = torch.randn(args.rows, heads * args.group, dim, dtype=dtype, device="cuda")
+    kv_bytes = sum(lens) * 2 * heads * dim * dtype.itemsize
 
-    reference = PagedAttention(cache, args.group, backend="flashinfer")
+    reference = PagedAttention(cache, heads * args.group, backend="flashinfer")
     reference.plan(step)
     want = reference.run(q, 0)
     flashinfer_ms = timed(lambda: reference.run(q, 0), args.reps)
     rows = []
-    grid = itertools.product((2, 4, 8), (2, 8, 32), (4, 8), (2, 3))
-    for pages_per_block, waves, warps, stages in grid:
-        settings = dict(PAGES_PER_BLOCK=pages_per_block, WAVES=waves, NUM_WARPS=warps,
-                        NUM_STAGES=stages)  # fmt: skip
+    grid = itertools.product((2, 4, 8), (8, 32), (1, 2, 4), (4, 8), (2, 3))
+    for pages_per_block, waves, min_blocks, warps, stages in grid:
+        settings = dict(PAGES_PER_BLOCK=pages_per_block, WAVES=waves, MIN_BLOCKS=min_blocks,
+                        NUM_WARPS=warps, NUM_STAGES=stages)  # fmt: skip
         for name, value in settings.items():
             setattr(TritonDecodeBackend, name, value)
-        attention = PagedAttention(cache, args.group, backend="triton")
+        attention = PagedAttention(cache, heads * args.group, backend="triton")
         attention.plan(step)
         try:
             got = attention.run(q, 0)
@@ -90,16 +104,17 @@ def main() -> None:
         rows.append((ms, settings, splits, diff))
     rows.sort(key=lambda row: row[0])
     name = torch.cuda.get_device_name()
-    print(f"\n{name}; {args.rows} requests x {args.group} query heads, head_dim 128, fp16, "
-          f"page 16, {sum(lens):,} tokens ({kv_bytes / 2**30:.2f} GiB of KV)")  # fmt: skip
+    print(f"\n{name}; {args.rows} requests x {heads} KV x {args.group} query heads, head_dim "
+          f"{dim}, {args.dtype}, page 16, {sum(lens):,} tokens ({kv_bytes / 2**30:.2f} GiB "
+          f"of KV)")  # fmt: skip
     print(f"flashinfer: {flashinfer_ms:.3f} ms, {kv_bytes / flashinfer_ms / 1e6:.0f} GB/s\n")
-    print("| pages per block | waves | warps | stages | splits | ms | GB/s | x flashinfer "
-          "| max diff |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| pages per block | waves | min blocks | warps | stages | splits | ms | GB/s "
+          "| x flashinfer | max diff |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for ms, s, splits, diff in rows[:12]:
-        print(f"| {s['PAGES_PER_BLOCK']} | {s['WAVES']} | {s['NUM_WARPS']} | {s['NUM_STAGES']} "
-              f"| {splits} | {ms:.3f} | {kv_bytes / ms / 1e6:.0f} | {ms / flashinfer_ms:.2f}x "
-              f"| {diff:.1e} |")  # fmt: skip
+        print(f"| {s['PAGES_PER_BLOCK']} | {s['WAVES']} | {s['MIN_BLOCKS']} | {s['NUM_WARPS']} "
+              f"| {s['NUM_STAGES']} | {splits} | {ms:.3f} | {kv_bytes / ms / 1e6:.0f} "
+              f"| {ms / flashinfer_ms:.2f}x | {diff:.1e} |")  # fmt: skip
 
 
 if __name__ == "__main__":

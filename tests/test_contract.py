@@ -374,6 +374,10 @@ def test_descriptor_and_attention_constructor_arguments() -> None:
             PagedAttention(cache, 2, **kwargs)
     with pytest.raises(InvalidArgumentError):
         PagedAttention(cache, 2, cuda_graph_batch_sizes=[])
+    with pytest.raises(InvalidArgumentError, match="triton without cascade_groups"):
+        PagedAttention(cache, 2, backend="triton", cuda_graph_batch_sizes=[1], cascade_groups=2)
+    with pytest.raises(InvalidArgumentError, match="got backend 'torch'"):
+        PagedAttention(cache, 2, backend="torch", cuda_graph_batch_sizes=[1])
     assert cache.available_pages_count == free  # no scratch page taken by a refusal
     with pytest.raises(InvalidArgumentError):  # an eager object has no buckets
         PagedAttention(cache, 2).plan(

@@ -127,12 +127,15 @@ def test_group_size_without_cuda_core_kernel_uses_tensor_cores():
     assert m.flashinfer.impl._active.use_tensor_cores
 
 
-def test_cuda_graph_replay_equals_eager():
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+def test_cuda_graph_replay_equals_eager(backend):
     flashinfer_or_skip()
+    if backend == "triton":
+        pytest.importorskip("triton", reason="needs triton")
     m = Model()
     ids = list(range(6))
     m.step(ids, [5 + 31 * i for i in ids])
-    graph_attn = PagedAttention(m.cache, HQ, backend="flashinfer", cuda_graph_batch_sizes=(4, 8))
+    graph_attn = PagedAttention(m.cache, HQ, backend=backend, cuda_graph_batch_sizes=(4, 8))
     layers = m.cache.num_layers
     static_q = torch.zeros(8, HQ, D, dtype=torch.float16, device="cuda")
     static_kv = torch.zeros(2, 8, HKV, D, dtype=torch.float16, device="cuda")

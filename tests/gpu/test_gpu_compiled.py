@@ -16,17 +16,21 @@ from tests.gpu.test_gpu_engine import tiny_llama
 pytestmark = pytest.mark.gpu
 
 
-def compiled_runner(model: torch.nn.Module, num_pages: int = 128) -> PagedCausalLM:
+def compiled_runner(
+    model: torch.nn.Module, num_pages: int = 128, backend: str = "auto"
+) -> PagedCausalLM:
     flashinfer_or_skip()
     torch._dynamo.reset()  # compiled code outlives runners: count this test's graphs
     try:
-        return PagedCausalLM(model, num_pages=num_pages, page_size=16, compile=True)
+        return PagedCausalLM(model, num_pages=num_pages, page_size=16, compile=True,
+                             backend=backend)  # fmt: skip
     except MissingDependencyError as error:
         pytest.skip(str(error))
 
 
-def test_compiled_graph_decode_logits_equal_eager_decode():
-    runner = compiled_runner(tiny_llama())
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_compiled_graph_decode_logits_equal_eager_decode(backend: str):
+    runner = compiled_runner(tiny_llama(), backend=backend)
     assert runner.enable_cuda_graphs((1, 4, 8))
     ids, prompts = [0, 1, 2, 3, 4], [list(range(5 + 7 * i, 25 + 9 * i)) for i in range(5)]
     runner.descriptor.allocate(ids, [len(p) for p in prompts])

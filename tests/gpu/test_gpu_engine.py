@@ -25,10 +25,15 @@ def tiny_llama():
     return model
 
 
-def test_graph_decode_logits_equal_eager_decode():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_graph_decode_logits_equal_eager_decode(backend: str):
     flashinfer_or_skip()
-    runner = PagedCausalLM(tiny_llama(), num_pages=128, page_size=16)
+    if backend == "triton":
+        pytest.importorskip("triton", reason="needs triton")
+    runner = PagedCausalLM(tiny_llama(), num_pages=128, page_size=16, backend=backend)
     assert runner.enable_cuda_graphs((4, 8))
+    graphs = runner._graphs.attention.graphs
+    assert all((b.wrapper is None) == (backend == "triton") for b in graphs._buckets.values())
     ids, prompts = [0, 1, 2, 3, 4], [list(range(5 + 7 * i, 25 + 9 * i)) for i in range(5)]
     runner.descriptor.allocate(ids, [len(p) for p in prompts])
     runner.forward(ids, prompts)
@@ -58,10 +63,13 @@ def test_engine_with_graphs_generates_like_the_eager_engine():
     assert same >= 0.8 * 6 * 16, f"only {same} of 96 tokens agree"
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_steady_decode_steps_make_no_host_sync(graphs: bool):
+@pytest.mark.parametrize("graphs, backend", [(False, "auto"), (True, "auto"), (True, "triton")])
+def test_steady_decode_steps_make_no_host_sync(graphs: bool, backend: str):
     flashinfer_or_skip()
-    engine = Engine(PagedCausalLM(tiny_llama(), num_pages=256, page_size=16), cuda_graphs=graphs)
+    if backend == "triton":
+        pytest.importorskip("triton", reason="needs triton")
+    runner = PagedCausalLM(tiny_llama(), num_pages=256, page_size=16, backend=backend)
+    engine = Engine(runner, cuda_graphs=graphs)
     ids = [engine.add_request(list(range(3 + i, 40 + i)), SamplingParams(24)) for i in range(6)]
     while any(not engine.requests[i].output for i in ids):
         engine.step()  # prefill (reads tokens on the host), first decode steps

@@ -41,14 +41,18 @@ from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch, host_tensor
 from .cascade import CascadeSplit, pad_shared_level, split_for_cascade
 from .flashinfer_backend import flashinfer_for, kv_scales
+from .triton_decode import LOG2E, DecodeTables, decode, split_count
 
 
 class _Bucket:
-    """The fixed buffers and wrapper of one padded batch size."""
+    """The fixed buffers and decode of one padded batch size: flashinfer's wrapper, or
+    the Triton kernel's split count (``splits > 0``, no wrapper)."""
 
     def __init__(self, fi: Any, size: int, max_pages: int, workspace: torch.Tensor,
-                 cache: PagedKVCacheManager, use_tensor_cores: bool) -> None:  # fmt: skip
+                 cache: PagedKVCacheManager, use_tensor_cores: bool,
+                 splits: int) -> None:  # fmt: skip
         device = cache.device
+        self.splits = splits
         self.size = size
         # on gpu, fixed for the bucket's lifetime (graphs record these addresses)
         self.indptr = torch.zeros(size + 1, dtype=torch.int32, device=device)
@@ -56,7 +60,7 @@ class _Bucket:
         self.last_page_len = torch.zeros(size, dtype=torch.int32, device=device)
         self.batch_indices = torch.arange(size, dtype=torch.int32, device=device)
         self.positions = torch.zeros(size, dtype=torch.int32, device=device)
-        self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+        self.wrapper = None if splits else fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, cache.kv_layout,
             use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
             paged_kv_indptr_buffer=self.indptr,
@@ -100,10 +104,11 @@ class _SharedLevel:
 
 
 class GraphBuckets:
-    """The buckets of a flashinfer ``PagedAttention`` built with
+    """The buckets of a flashinfer or triton ``PagedAttention`` built with
     ``cuda_graph_batch_sizes``; a step of ``B`` sequences runs in the smallest bucket
     ``>= B``. Holds one page of the pool (the scratch page padded rows append into and
-    read) until :meth:`close`."""
+    read) until :meth:`close`. With ``triton``, each bucket's decode is the Triton
+    kernel reading the bucket's page-table buffers (no cascade, window or soft cap)."""
 
     def __init__(
         self,
@@ -114,6 +119,7 @@ class GraphBuckets:
         workspace: torch.Tensor,
         use_tensor_cores: bool,
         cascade_groups: int,
+        triton: bool = False,
     ) -> None:
         fi = flashinfer_for(cache)
         self.cache = cache
@@ -121,9 +127,13 @@ class GraphBuckets:
         self._fi = fi
         self._scales = kv_scales(cache)
         self.batch_sizes = batch_sizes
+        sm_count = torch.cuda.get_device_properties(cache.device).multi_processor_count
         self._buckets = {
-            b: _Bucket(fi, b, max_pages, workspace, cache, use_tensor_cores) for b in batch_sizes
-        }
+            b: _Bucket(fi, b, max_pages, workspace, cache, use_tensor_cores,
+                       split_count(b * cache.num_heads, 64, sm_count) if triton else 0)
+            for b in batch_sizes
+        }  # fmt: skip
+        self._scale_log2 = 0.0  # the planned step's, for the Triton decode
         self.cascade_groups = cascade_groups
         if cascade_groups:
             for size, bucket in self._buckets.items():
@@ -149,6 +159,11 @@ class GraphBuckets:
             )
         cache, real = self.cache, batch.batch_size
         bucket = self._buckets[self.bucket_for(real)]
+        if bucket.splits and (batch.window_left >= 0 or batch.logits_soft_cap):
+            raise InvalidArgumentError(
+                "the triton backend's CUDA graphs decode without a window or soft cap; got "
+                f"window_left={batch.window_left}, logits_soft_cap={batch.logits_soft_cap}"
+            )
         split = self._split(batch)
         table = batch if split is None else split.suffix  # the pages the decode kernel reads
         pad = bucket.size - real
@@ -168,10 +183,15 @@ class GraphBuckets:
             bucket.planned.synchronize()  # its last schedule copy must land before a new one
         bucket.positions.copy_(host_tensor(positions, pin=True), non_blocking=True)
         heads = (self.num_qo_heads, cache.num_heads, cache.head_dim, cache.page_size)
-        bucket.wrapper.plan(
-            host_tensor(indptr.astype(np.int32), pin=True), indices,
-            host_tensor(last.astype(np.int32), pin=True), *heads, **options,
-        )  # fmt: skip
+        host_indptr = host_tensor(indptr.astype(np.int32), pin=True)
+        host_last = host_tensor(last.astype(np.int32), pin=True)
+        if bucket.wrapper is None:  # the Triton kernel reads the buffers as they are
+            bucket.indptr.copy_(host_indptr, non_blocking=True)
+            bucket.indices[: indices.shape[0]].copy_(indices)
+            bucket.last_page_len.copy_(host_last, non_blocking=True)
+            self._scale_log2 = batch.sm_scale * LOG2E
+        else:
+            bucket.wrapper.plan(host_indptr, indices, host_last, *heads, **options)
         if bucket.shared is not None:
             self._plan_shared(bucket, bucket.shared, split, heads, options)
         bucket.planned = torch.cuda.Event()
@@ -225,6 +245,10 @@ class GraphBuckets:
     def run(self, q: torch.Tensor, layer: int, out: Optional[torch.Tensor]) -> torch.Tensor:
         """Decode attention of one layer: ``q [bucket, num_qo_heads, head_dim]`` -> same shape."""
         bucket = self.planned(q.shape[0], "q")
+        if bucket.wrapper is None:
+            tables = DecodeTables(bucket.indptr, bucket.indices, bucket.last_page_len,
+                                  bucket.splits, self._scale_log2)  # fmt: skip
+            return decode(self.cache, layer, q, tables, out=out)[0]
         kv = self.cache.kv_pairs[layer]
         level = bucket.shared
         if level is None:

@@ -50,7 +50,8 @@ class PagedAttention:
         cascade_min_saved_tokens: with ``plan(cascade=None)``, cascade attention is used
             when reading shared prefixes once saves at least this many K/V tokens per
             layer (below it, the extra kernels cost more than they save).
-        cuda_graph_batch_sizes: the CUDA-graph buckets (flashinfer only); a graph step
+        cuda_graph_batch_sizes: the CUDA-graph buckets (flashinfer, or triton without
+            cascade groups, a window or a soft cap); a graph step
             of ``B`` sequences runs padded to the smallest bucket ``>= B``. Holds one
             page of the pool (padded rows write there) until :meth:`close`.
         max_pages: most pages one graph step may hold (default: the whole pool).
@@ -100,8 +101,14 @@ class PagedAttention:
         if backend == "auto":
             usable = cache.device.type == "cuda" and flashinfer_or_none() is not None
             backend = "flashinfer" if usable else "torch"
-        if buckets is not None and backend != "flashinfer":
-            raise InvalidArgumentError("cuda_graph_batch_sizes needs the flashinfer backend")
+        graphs_refused = backend not in ("flashinfer", "triton") or (
+            backend == "triton" and buckets is not None and buckets[2] > 0
+        )
+        if buckets is not None and graphs_refused:
+            raise InvalidArgumentError(
+                "cuda_graph_batch_sizes needs the flashinfer backend, or triton without "
+                f"cascade_groups; got backend {backend!r}, cascade_groups {buckets[2]}"
+            )
         if backend == "triton":
             check_triton(cache)
         self.impl: Backend
@@ -116,10 +123,11 @@ class PagedAttention:
             self.impl = TorchAttentionBackend(cache, num_qo_heads)
         self.graphs: Optional[GraphBuckets] = None
         if buckets is not None:
-            assert isinstance(self.impl, FlashInferAttentionBackend)
             cores = decode_tensor_cores(num_qo_heads, cache.num_heads, decode_use_tensor_cores)
-            self.graphs = GraphBuckets(cache, num_qo_heads, *buckets[:2], self.impl.workspace,
-                                       cores, buckets[2])  # fmt: skip
+            workspace = self.workspace
+            assert workspace is not None  # flashinfer's (triton falls back to it)
+            self.graphs = GraphBuckets(cache, num_qo_heads, *buckets[:2], workspace, cores,
+                                       buckets[2], backend == "triton")  # fmt: skip
         self._shared_impl: Optional[Backend] = None  # the shared level of cascade steps
         self.cascade_min_saved_tokens = cascade_min_saved_tokens
         self.batch: Optional[AttentionBatch] = None

@@ -4,13 +4,15 @@ flashinfer's ``plan()`` splits each decode batch's work on the host (about 0.3 m
 H200 host). That is cheap once per step, but a head-wise cache has its own page lengths
 in every layer, so every layer needs its own plan and the host, not the GPU, sets the
 pace. This kernel reads the page table from the device as it is and splits each
-request's pages evenly over a fixed number of programs ("split-K", flash-decoding): a
-decode batch needs no planning at all.
+request's pages evenly over up to a fixed number of programs ("split-K",
+flash-decoding): a decode batch needs no planning at all.
 
 Two launches per layer: ``_partial`` gives each (request, KV head, split) the softmax
 of its query group over its share of the pages (online softmax, base 2), then
-``_merge`` combines the splits per query head. Decode only (one query per request);
-other batches go to flashinfer (:class:`TritonDecodeBackend`).
+``_merge`` combines the splits per query head. A split reads at least ``MIN_BLOCKS``
+loop iterations of pages, so a short request uses fewer splits than the grid has, and
+only those are written and merged. Decode only (one query per request); other batches
+go to flashinfer (:class:`TritonDecodeBackend`).
 """
 
 from __future__ import annotations
@@ -66,13 +68,16 @@ def _build() -> tuple[Any, Any, Any]:
     def _partial(q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, last_ptr, o_ptr, lse_ptr,
                  scale_log2, sq_b, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h,
                  GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                 PS: tl.constexpr, PAGES: tl.constexpr, SPLITS: tl.constexpr):  # fmt: skip
+                 PS: tl.constexpr, PAGES: tl.constexpr, SPLITS: tl.constexpr,
+                 MIN_SHARE: tl.constexpr):  # fmt: skip
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         heads = tl.num_programs(1) * GROUP
         p0 = tl.load(indptr_ptr + b)
         n_pages = tl.load(indptr_ptr + b + 1) - p0
         kv_len = (n_pages - 1) * PS + tl.load(last_ptr + b)
-        share = tl.cdiv(n_pages, SPLITS)
+        # pages per split: whole loop iterations, at least MIN_SHARE, at most SPLITS
+        # splits (a short row uses few, and only those are written); _merge agrees
+        share = tl.maximum(tl.cdiv(tl.cdiv(n_pages, SPLITS), PAGES) * PAGES, MIN_SHARE)
         first = s * share
         end = tl.minimum(first + share, n_pages)
         g = tl.arange(0, G_PAD)
@@ -104,20 +109,26 @@ def _build() -> tuple[Any, Any, Any]:
         out = tl.where(seen[:, None], acc / tl.where(seen, total, 1.0)[:, None], 0.0)
         lse = tl.where(seen, m + tl.log2(tl.where(seen, total, 1.0)), float("-inf"))
         row = (b * heads + h * GROUP + g) * SPLITS + s
-        tl.store(o_ptr + row[:, None] * D + d[None, :], out, mask=(g < GROUP)[:, None])
-        tl.store(lse_ptr + row, lse, mask=g < GROUP)
+        keep = (g < GROUP) & (first < n_pages)  # splits past the row's pages write nothing
+        tl.store(o_ptr + row[:, None] * D + d[None, :], out, mask=keep[:, None])
+        tl.store(lse_ptr + row, lse, mask=keep)
 
     @triton.jit
-    def _merge(o_ptr, lse_ptr, out_ptr, lse_out_ptr, so_b, so_h,
-               D: tl.constexpr, SPLITS: tl.constexpr, WITH_LSE: tl.constexpr):  # fmt: skip
+    def _merge(o_ptr, lse_ptr, out_ptr, lse_out_ptr, indptr_ptr, so_b, so_h,
+               D: tl.constexpr, PAGES: tl.constexpr, SPLITS: tl.constexpr,
+               MIN_SHARE: tl.constexpr, WITH_LSE: tl.constexpr):  # fmt: skip
         b, h = tl.program_id(0), tl.program_id(1)
         row = b * tl.num_programs(1) + h
+        n_pages = tl.load(indptr_ptr + b + 1) - tl.load(indptr_ptr + b)
+        share = tl.maximum(tl.cdiv(tl.cdiv(n_pages, SPLITS), PAGES) * PAGES, MIN_SHARE)
+        used = tl.cdiv(n_pages, share)  # the splits _partial wrote
         s = tl.arange(0, SPLITS)
         d = tl.arange(0, D)
-        lse = tl.load(lse_ptr + row * SPLITS + s)
+        lse = tl.load(lse_ptr + row * SPLITS + s, mask=s < used, other=float("-inf"))
         top = tl.max(lse, 0)
         w = tl.exp2(lse - top)
-        parts = tl.load(o_ptr + (row * SPLITS + s)[:, None] * D + d[None, :])
+        parts = tl.load(o_ptr + (row * SPLITS + s)[:, None] * D + d[None, :],
+                        mask=(s < used)[:, None], other=0.0)  # fmt: skip
         total = tl.sum(w, 0)
         out = tl.sum(parts * w[:, None], 0) / total
         tl.store(out_ptr + b * so_b + h * so_h + d, out.to(out_ptr.dtype.element_ty))
@@ -176,11 +187,13 @@ class TritonDecodeBackend:
     name = "triton"
     # launch settings (benchmarks/tune_triton_decode.py times others): pages each loop
     # iteration reads (64 tokens at page 16), programs per multiprocessor the splits aim
-    # for, and Triton's warps and pipeline stages (its defaults). Many small splits
-    # balance skewed head lengths: on an H200, 128 heads of lognormal lengths (sigma 1,
-    # median 4,096) ran in 0.172 ms at 32 waves (64 splits; flashinfer 0.173 ms)
+    # for, the fewest loop iterations a split runs (shorter rows use fewer splits), and
+    # Triton's warps and pipeline stages (its defaults). Many small splits balance
+    # skewed head lengths: on an H200, 128 heads of lognormal lengths (sigma 1, median
+    # 4,096) ran in 0.172 ms at 32 waves (64 splits; flashinfer 0.173 ms)
     PAGES_PER_BLOCK = 4
     WAVES = 32
+    MIN_BLOCKS = 2
     NUM_WARPS = 4
     NUM_STAGES = 3
 
@@ -232,7 +245,8 @@ class DecodeTables:
         indptr: ``[requests + 1]`` int32 or int64, each request's first entry in ``indices``.
         indices: page ids, int32 or int64 (may run past the requests' last entry).
         last: tokens on each request's last page, ``[requests]``, int32 or int64.
-        splits: programs per (request, KV head), a power of two.
+        splits: at most this many programs per (request, KV head), a power of two
+            (shorter requests use fewer).
         scale_log2: the softmax scale times log2(e).
     """
 
@@ -272,6 +286,8 @@ def decode(
     n, qo_heads, d = q.shape
     heads, splits = cache.num_heads, tables.splits
     group = qo_heads // heads
+    pages = TritonDecodeBackend.PAGES_PER_BLOCK
+    min_share = pages * TritonDecodeBackend.MIN_BLOCKS
     k, v = cache.kv_pairs[layer]  # [pages, page_size, heads, D] (NHD) or its HND view
     if cache.kv_layout == "HND":  # index by (page, token, head) either way
         k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -282,14 +298,14 @@ def decode(
         tables.scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), GROUP=group,
         G_PAD=max(16, 1 << (group - 1).bit_length()), D=d, PS=cache.page_size,
-        PAGES=TritonDecodeBackend.PAGES_PER_BLOCK, SPLITS=splits,
+        PAGES=pages, SPLITS=splits, MIN_SHARE=min_share,
         num_warps=TritonDecodeBackend.NUM_WARPS, num_stages=TritonDecodeBackend.NUM_STAGES,
     )  # fmt: skip
     result = torch.empty_like(q) if out is None else out
     lse = torch.empty(n, qo_heads, dtype=torch.float32, device=q.device) if return_lse else parts
     merge[(n, qo_heads)](
-        parts, lse_parts, result, lse, result.stride(0), result.stride(1),
-        D=d, SPLITS=splits, WITH_LSE=return_lse,
+        parts, lse_parts, result, lse, tables.indptr, result.stride(0), result.stride(1),
+        D=d, PAGES=pages, SPLITS=splits, MIN_SHARE=min_share, WITH_LSE=return_lse,
     )  # fmt: skip
     return result, (lse if return_lse else None)
 

@@ -351,7 +351,8 @@ class PagedCausalLM:
         first use). Needs flashinfer and one attention variant for all layers (one
         window); returns whether graphs are on. Calling it again with the same buckets
         keeps the graphs captured so far; other buckets replace them. Without flashinfer
-        (``backend="auto"`` on a CUDA machine where it does not import) graphs stay off."""
+        (``backend="auto"`` on a CUDA machine where it does not import) graphs stay off.
+        With ``backend="triton"`` (and no window) the graphs decode by the Triton kernel."""
         variants = attention_variants(self.model)
         usable = self.device.type == "cuda" and self.backend != "torch"
         if not usable or len(variants) != 1 or flashinfer_or_none() is None:
@@ -365,8 +366,10 @@ class PagedCausalLM:
         window, scaling = variants.pop()
         heads = self.num_qo_heads
         workspace = next(iter(self._attention.values()), None)
+        # the Triton decode reads the buckets' page tables itself (no plan); it has no window
+        backend = "triton" if self.backend == "triton" and window < 0 else "flashinfer"
         attention = PagedAttention(
-            self.cache, heads, backend="flashinfer", cuda_graph_batch_sizes=batch_sizes,
+            self.cache, heads, backend=backend, cuda_graph_batch_sizes=batch_sizes,
             workspace=None if workspace is None else workspace.workspace,
         )  # fmt: skip
         self._attention[(window, scaling)] = attention  # eager steps plan the same object

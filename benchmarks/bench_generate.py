@@ -293,8 +293,11 @@ def main() -> None:
                         help="default or max-autotune-no-cudagraphs")  # fmt: skip
     parser.add_argument("--dtype", help="model dtype (default bf16 on cuda, float32 on cpu)")
     parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
-    parser.add_argument("--triton", action="store_true",
-                        help="also the compiled run with seqattn's Triton decode kernel")
+    parser.add_argument(
+        "--triton",
+        action="store_true",
+        help="also the compiled run with seqattn's Triton decode kernel",
+    )
     parser.add_argument("--profile", action="store_true", help="kernel time by kind per step")
     args = parser.parse_args()
     # --quick picks smaller sizes; sizes given explicitly win (they were once overridden)

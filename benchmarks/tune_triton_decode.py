@@ -4,11 +4,13 @@ The default shape is one layer of ``bench_headwise.py``'s head-wise step: B=16
 sequences x 8 KV heads as 128 single-KV-head requests of 4 query heads each (GQA 32/8),
 head_dim 128, fp16, page 16, each holding about a quarter of a 16k context (lognormal
 lengths around 4,096, sigma ``--sigma``, seeded; bench_headwise's budgets are skewed as
-sigma 1). ``--generate`` is one layer of ``bench_generate.py``'s decode instead: 64
-requests x 8 KV heads, head_dim 64, bf16, 640 tokens each (the middle of 512 + 256).
-For every combination of ``PAGES_PER_BLOCK``, ``WAVES``, ``MIN_BLOCKS``, ``NUM_WARPS``
-and ``NUM_STAGES`` (:class:`~seqattn.attention.triton_decode.TritonDecodeBackend`) the
-kernel's run is timed with CUDA events (median of ``--reps``) and checked against
+sigma 1), the rows' pages interleaved in the pool as a compressed cache leaves them
+(``--contiguous``: each row's in one run). ``--generate`` is one layer of
+``bench_generate.py``'s decode instead: 64 requests x 8 KV heads, head_dim 64, bf16,
+640 tokens each (the middle of 512 + 256). For every combination of
+``PAGES_PER_BLOCK``, ``WAVES``, ``MIN_BLOCKS``, ``NUM_WARPS`` and ``NUM_STAGES``
+(:class:`~seqattn.attention.triton_decode.TritonDecodeBackend`) the kernel's run is
+timed with CUDA events (median of ``--reps`` bursts of 10 runs) and checked against
 flashinfer's output; the table lists the fastest first, with the KV read rate.
 
     python benchmarks/tune_triton_decode.py [--rows 128] [--tokens 4096] [--generate]
@@ -29,18 +31,20 @@ from seqattn import CacheDescriptor, PagedAttention, PagedKVCacheManager
 from seqattn.attention.triton_decode import TritonDecodeBackend, triton_or_none
 
 
-def timed(fn, reps: int) -> float:
-    """Median milliseconds of ``fn`` (CUDA events, after a warm-up)."""
+def timed(fn, reps: int, burst: int = 10) -> float:
+    """Median milliseconds of ``fn`` (CUDA events around ``burst`` calls back to back, so
+    the launches' host time hides behind the kernels; after a warm-up)."""
     for _ in range(3):
         fn()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(burst):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / burst)
     return statistics.median(times)
 
 
@@ -57,6 +61,11 @@ def main() -> None:
         "--generate",
         action="store_true",
         help="bench_generate's decode: 64 x 8 KV heads, d64, bf16, 640 tokens",
+    )
+    parser.add_argument(
+        "--contiguous",
+        action="store_true",
+        help="each row's pages in one run (default: rows' pages interleave)",
     )
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
@@ -75,7 +84,14 @@ def main() -> None:
     cache.kv_data.normal_(generator=torch.Generator("cuda").manual_seed(0))
     desc = CacheDescriptor(cache)
     ids = list(range(args.rows))
-    desc.allocate(ids, lens)
+    if args.contiguous:
+        desc.allocate(ids, lens)
+    else:  # a page to each growing row in turn: rows' pages interleave in the pool
+        left = dict(zip(ids, lens, strict=True))
+        while left:
+            grow = list(left)
+            desc.allocate(grow, [min(16, left[i]) for i in grow])
+            left = {i: n - 16 for i, n in left.items() if n > 16}
     step = desc.pack_for_flashinfer(ids, [1] * args.rows, device="cuda")
     q = torch.randn(args.rows, heads * args.group, dim, dtype=dtype, device="cuda")
     kv_bytes = sum(lens) * 2 * heads * dim * dtype.itemsize

@@ -10,8 +10,9 @@ sigma 1), the rows' pages interleaved in the pool as a compressed cache leaves t
 640 tokens each (the middle of 512 + 256). For every combination of
 ``PAGES_PER_BLOCK``, ``WAVES``, ``MIN_BLOCKS``, ``NUM_WARPS`` and ``NUM_STAGES``
 (:class:`~seqattn.attention.triton_decode.TritonDecodeBackend`) the kernel's run is
-timed with CUDA events (median of ``--reps`` bursts of 10 runs) and checked against
-flashinfer's output; the table lists the fastest first, with the KV read rate.
+timed as the engine runs it, in a CUDA graph of fixed buffers (both sides; CUDA events
+around a replay of 10 runs, median of ``--reps``), and checked against flashinfer's
+output; the table lists the fastest first, with the KV read rate.
 
     python benchmarks/tune_triton_decode.py [--rows 128] [--tokens 4096] [--generate]
 
@@ -28,24 +29,27 @@ import numpy as np
 import torch
 
 from seqattn import CacheDescriptor, PagedAttention, PagedKVCacheManager
+from seqattn.attention.cuda_graph import capture
 from seqattn.attention.triton_decode import TritonDecodeBackend, triton_or_none
 
 
-def timed(fn, reps: int, burst: int = 10) -> float:
-    """Median milliseconds of ``fn`` (CUDA events around ``burst`` calls back to back, so
-    the launches' host time hides behind the kernels; after a warm-up)."""
-    for _ in range(3):
-        fn()
+def timed(attention: PagedAttention, step, q: torch.Tensor, reps: int, burst: int = 10):
+    """``(output, median milliseconds)`` of one layer's decode by ``attention`` (built
+    with ``cuda_graph_batch_sizes``): ``burst`` runs captured in one CUDA graph, so no
+    launch's host time is counted, as in the engine's graphs; CUDA events per replay."""
+    attention.plan(step, cuda_graph=True)
+    out = attention.run(q, 0)
+    graph = capture(lambda: [attention.run(q, 0, out=out) for _ in range(burst)])
     times = []
-    for _ in range(reps):
+    for _ in range(reps + 3):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(burst):
-            fn()
+        graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / burst)
-    return statistics.median(times)
+    attention.close()
+    return out, statistics.median(times[3:])
 
 
 def main() -> None:
@@ -67,6 +71,8 @@ def main() -> None:
         action="store_true",
         help="each row's pages in one run (default: rows' pages interleave)",
     )
+    parser.add_argument("--layout", choices=("NHD", "HND"), default="NHD")
+    parser.add_argument("--warps", default="4,8", help="NUM_WARPS values to sweep")
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
     if args.generate:
@@ -80,7 +86,7 @@ def main() -> None:
     lens = lens.astype(np.int64).tolist()
     pages = sum(-(-n // 16) for n in lens) + 8
     dtype, dim, heads = getattr(torch, args.dtype), args.head_dim, args.kv_heads
-    cache = PagedKVCacheManager(pages, 16, heads, dim, dtype, "cuda")
+    cache = PagedKVCacheManager(pages, 16, heads, dim, dtype, "cuda", args.layout)
     cache.kv_data.normal_(generator=torch.Generator("cuda").manual_seed(0))
     desc = CacheDescriptor(cache)
     ids = list(range(args.rows))
@@ -96,33 +102,33 @@ def main() -> None:
     q = torch.randn(args.rows, heads * args.group, dim, dtype=dtype, device="cuda")
     kv_bytes = sum(lens) * 2 * heads * dim * dtype.itemsize
 
-    reference = PagedAttention(cache, heads * args.group, backend="flashinfer")
-    reference.plan(step)
-    want = reference.run(q, 0)
-    flashinfer_ms = timed(lambda: reference.run(q, 0), args.reps)
+    def graphed(backend: str) -> PagedAttention:
+        return PagedAttention(cache, heads * args.group, backend=backend,
+                              cuda_graph_batch_sizes=(args.rows,))  # fmt: skip
+
+    want, flashinfer_ms = timed(graphed("flashinfer"), step, q, args.reps)
     rows = []
-    grid = itertools.product((2, 4, 8), (8, 32), (1, 2, 4), (4, 8), (2, 3))
+    warp_counts = [int(w) for w in args.warps.split(",")]
+    grid = itertools.product((2, 4, 8), (8, 32), (1, 2, 4), warp_counts, (2, 3))
     for pages_per_block, waves, min_blocks, warps, stages in grid:
         settings = dict(PAGES_PER_BLOCK=pages_per_block, WAVES=waves, MIN_BLOCKS=min_blocks,
                         NUM_WARPS=warps, NUM_STAGES=stages)  # fmt: skip
         for name, value in settings.items():
             setattr(TritonDecodeBackend, name, value)
-        attention = PagedAttention(cache, heads * args.group, backend="triton")
-        attention.plan(step)
+        attention = graphed("triton")
+        splits = attention.graphs._buckets[args.rows].splits  # type: ignore[union-attr]
         try:
-            got = attention.run(q, 0)
-            ms = timed(lambda a=attention: a.run(q, 0), args.reps)
+            got, ms = timed(attention, step, q, args.reps)
         except Exception as error:  # a setting the compiler refuses (shared memory)
             print(f"{settings}: {type(error).__name__}: {str(error)[:120]}")
             continue
         diff = (got.float() - want.float()).abs().max().item()
-        splits = attention.impl._decode[3]  # type: ignore[union-attr]
         rows.append((ms, settings, splits, diff))
     rows.sort(key=lambda row: row[0])
     name = torch.cuda.get_device_name()
     print(f"\n{name}; {args.rows} requests x {heads} KV x {args.group} query heads, head_dim "
-          f"{dim}, {args.dtype}, page 16, {sum(lens):,} tokens ({kv_bytes / 2**30:.2f} GiB "
-          f"of KV)")  # fmt: skip
+          f"{dim}, {args.dtype}, {args.layout}, page 16, {sum(lens):,} tokens "
+          f"({kv_bytes / 2**30:.2f} GiB of KV)")  # fmt: skip
     print(f"flashinfer: {flashinfer_ms:.3f} ms, {kv_bytes / flashinfer_ms / 1e6:.0f} GB/s\n")
     print("| pages per block | waves | min blocks | warps | stages | splits | ms | GB/s "
           "| x flashinfer | max diff |")  # fmt: skip

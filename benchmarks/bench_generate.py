@@ -294,9 +294,10 @@ def main() -> None:
     parser.add_argument("--dtype", help="model dtype (default bf16 on cuda, float32 on cpu)")
     parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
     parser.add_argument(
-        "--triton",
+        "--flashinfer-graphs",
         action="store_true",
-        help="also the compiled run with seqattn's Triton decode kernel",
+        help="also the compiled run with flashinfer's decode in the graphs (by default "
+        "they decode with seqattn's Triton kernel where it serves)",
     )
     parser.add_argument("--profile", action="store_true", help="kernel time by kind per step")
     args = parser.parse_args()
@@ -316,9 +317,9 @@ def main() -> None:
     if (args.device == "cuda" or args.compile) and "compile" not in skip:
         label = "seqattn engine, compiled + CUDA graphs" if graphs else "seqattn engine, compiled"
         results[label] = run_seqattn(model, prompts, args, graphs=graphs, compile=True)
-        if args.triton:
-            results[f"{label}, Triton decode"] = run_seqattn(
-                model, prompts, args, graphs=graphs, compile=True, backend="triton"
+        if args.flashinfer_graphs and graphs:
+            results[f"{label}, flashinfer decode"] = run_seqattn(
+                model, prompts, args, graphs=graphs, compile=True, backend="flashinfer"
             )
     if graphs:
         results["seqattn engine, CUDA graphs"] = run_seqattn(model, prompts, args, graphs=True)

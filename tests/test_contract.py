@@ -450,3 +450,12 @@ def test_forward_checks_q_k_v_and_the_step_before_it_appends(desc) -> None:
     attn.plan(desc.pack_for_flashinfer([50]), qo_lens=[1])  # no append lengths: nothing to write
     with pytest.raises(SeqAttnError, match="append_lens"):
         attn.forward(q[:1], k[:1], k[:1], 0)
+
+
+def test_graphs_decode_with_flashinfer_where_triton_cannot_serve() -> None:
+    from seqattn.attention.triton_decode import graph_decode_backend
+
+    cpu_cache = make_cache()  # not CUDA: Triton's kernel cannot read it
+    assert graph_decode_backend("auto", -1, cpu_cache) == "flashinfer"
+    assert graph_decode_backend("flashinfer", -1, cpu_cache) == "flashinfer"
+    assert graph_decode_backend("auto", 127, cpu_cache) == "flashinfer"  # a window

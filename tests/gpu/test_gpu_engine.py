@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seqattn.attention.triton_decode import triton_or_none
 from seqattn.engine import Engine, SamplingParams
 from seqattn.integrations.hf import PagedCausalLM
 from tests.gpu.conftest import flashinfer_or_skip
@@ -25,15 +26,14 @@ def tiny_llama():
     return model
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("backend", ["flashinfer", "auto"])
 def test_graph_decode_logits_equal_eager_decode(backend: str):
     flashinfer_or_skip()
-    if backend == "triton":
-        pytest.importorskip("triton", reason="needs triton")
     runner = PagedCausalLM(tiny_llama(), num_pages=128, page_size=16, backend=backend)
     assert runner.enable_cuda_graphs((4, 8))
     graphs = runner._graphs.attention.graphs
-    assert all((b.wrapper is None) == (backend == "triton") for b in graphs._buckets.values())
+    triton = backend == "auto" and triton_or_none() is not None  # auto: Triton's decode
+    assert all((b.wrapper is None) == triton for b in graphs._buckets.values())
     ids, prompts = [0, 1, 2, 3, 4], [list(range(5 + 7 * i, 25 + 9 * i)) for i in range(5)]
     runner.descriptor.allocate(ids, [len(p) for p in prompts])
     runner.forward(ids, prompts)
@@ -63,11 +63,9 @@ def test_engine_with_graphs_generates_like_the_eager_engine():
     assert same >= 0.8 * 6 * 16, f"only {same} of 96 tokens agree"
 
 
-@pytest.mark.parametrize("graphs, backend", [(False, "auto"), (True, "auto"), (True, "triton")])
+@pytest.mark.parametrize("graphs, backend", [(False, "auto"), (True, "auto"), (True, "flashinfer")])
 def test_steady_decode_steps_make_no_host_sync(graphs: bool, backend: str):
     flashinfer_or_skip()
-    if backend == "triton":
-        pytest.importorskip("triton", reason="needs triton")
     runner = PagedCausalLM(tiny_llama(), num_pages=256, page_size=16, backend=backend)
     engine = Engine(runner, cuda_graphs=graphs)
     ids = [engine.add_request(list(range(3 + i, 40 + i)), SamplingParams(24)) for i in range(6)]

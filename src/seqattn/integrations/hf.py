@@ -18,6 +18,7 @@ import torch
 from .._checks import INT64_MAX, exact_bool, exact_int
 from .._flashinfer import flashinfer_or_none
 from ..attention import PagedAttention
+from ..attention.triton_decode import graph_decode_backend
 from ..descriptor import CacheDescriptor
 from ..packed_data import FlashInferPackedData
 from ..parallel import step_fingerprint
@@ -105,7 +106,7 @@ class PagedCausalLM:
         page_size: tokens per page.
         prefix_caching: share cached prompt prefixes between sequences.
         backend: attention backend, as :class:`PagedAttention`: ``"auto"`` (flashinfer on
-            CUDA), ``"flashinfer"`` or ``"torch"``.
+            CUDA, Triton's decode in CUDA graphs), ``"flashinfer"``, ``"triton"``, ``"torch"``.
         check_ranks: for a model sharded by transformers' tensor parallelism, compare a
             fingerprint of every step's page table across the ranks (one all-reduce of
             two integers per step) and raise :class:`~seqattn.errors.RankMismatchError`
@@ -352,7 +353,7 @@ class PagedCausalLM:
         window); returns whether graphs are on. Calling it again with the same buckets
         keeps the graphs captured so far; other buckets replace them. Without flashinfer
         (``backend="auto"`` on a CUDA machine where it does not import) graphs stay off.
-        With ``backend="triton"`` (and no window) the graphs decode by the Triton kernel."""
+        They decode by the Triton kernel where it serves (``graph_decode_backend``)."""
         variants = attention_variants(self.model)
         usable = self.device.type == "cuda" and self.backend != "torch"
         if not usable or len(variants) != 1 or flashinfer_or_none() is None:
@@ -366,8 +367,7 @@ class PagedCausalLM:
         window, scaling = variants.pop()
         heads = self.num_qo_heads
         workspace = next(iter(self._attention.values()), None)
-        # the Triton decode reads the buckets' page tables itself (no plan); it has no window
-        backend = "triton" if self.backend == "triton" and window < 0 else "flashinfer"
+        backend = graph_decode_backend(self.backend, window, self.cache)
         attention = PagedAttention(
             self.cache, heads, backend=backend, cuda_graph_batch_sizes=batch_sizes,
             workspace=None if workspace is None else workspace.workspace,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from seqattn import CacheDescriptor, PagedKVCacheManager, SeqAttnError
+from seqattn import CacheDescriptor, PagedKVCacheManager, SeqAttnError, migration_p2p
 from seqattn.migration import export_sequence
 from seqattn.migration_p2p import recv_sequence, send_sequence
 
@@ -25,6 +25,7 @@ LAYERS, HEADS, HEAD_DIM, PS = 2, 2, 4, 4
 LENGTHS = {1: 0, 2: 1, 3: 3, 4: 4, 5: 5, 6: 13}  # seq id -> length (page boundaries)
 SHARED = 8  # sequence 6 shares its first 8 tokens (2 pages) with rank 1's sequence 100
 PLAIN = 20  # a sequence allocated without token ids
+CHUNKED_LAYERS = 6  # a cache whose pages travel in several chunks
 DEVICE = torch.device("cpu")  # each rank's, set by run()
 
 
@@ -38,9 +39,10 @@ def make(
     layout: str = "NHD",
     head_dim: int = HEAD_DIM,
     dtype: torch.dtype = torch.float32,
+    layers: int = LAYERS,
 ) -> CacheDescriptor:
     cache = PagedKVCacheManager(
-        num_pages, PS, HEADS, head_dim, dtype, DEVICE, layout, num_layers=LAYERS
+        num_pages, PS, HEADS, head_dim, dtype, DEVICE, layout, num_layers=layers
     )
     return CacheDescriptor(cache, prefix_caching=True, check_invariants=True)
 
@@ -122,7 +124,23 @@ def sender(outdir: Path) -> dict[str, Any]:
     fill(fp8, 1, 13, seed=8)
     send_sequence(fp8, 1, 1)
     out["fp8"] = export_sequence(fp8, 1).pages.view(torch.uint8).cpu()
+    chunked = make(layers=CHUNKED_LAYERS)
+    fill(chunked, 1, 13, seed=9)
+    in_chunks(lambda: send_sequence(chunked, 1, 1))
+    out["chunked"] = export_sequence(chunked, 1).pages.cpu()
     return out
+
+
+def in_chunks(call: Callable[[], None]) -> None:
+    """``call`` with pages travelling in chunks of 2 layers of a 4-page sequence (one
+    layer first and last: 1, 2, 2, 1 layers), as a long sequence's do."""
+    kept = migration_p2p.CHUNK_BYTES
+    layer_bytes = 4 * 2 * PS * HEADS * HEAD_DIM * 4  # 4 pages of K and V, float32
+    migration_p2p.CHUNK_BYTES = 2 * layer_bytes
+    try:
+        call()
+    finally:
+        migration_p2p.CHUNK_BYTES = kept
 
 
 def receiver(outdir: Path) -> dict[str, Any]:
@@ -151,6 +169,9 @@ def receiver(outdir: Path) -> dict[str, Any]:
     fp8 = make(dtype=torch.float8_e4m3fn)
     recv_sequence(fp8, 1, 0)
     out["fp8"] = export_sequence(fp8, 1).pages.view(torch.uint8).cpu()
+    chunked = make(layout="HND", layers=CHUNKED_LAYERS)
+    in_chunks(lambda: recv_sequence(chunked, 1, 0))
+    out["chunked"] = export_sequence(chunked, 1).pages.cpu()
     return out
 
 

@@ -27,7 +27,7 @@ from seqattn import (
     migration,
     migration_p2p,
 )
-from seqattn.migration import SequenceKV, export_sequence, import_sequence
+from seqattn.migration import PageSpec, SequenceKV, export_sequence, import_sequence
 from tests import migration_ranks
 from tests.conftest import assert_raises_unchanged, read_back
 from tests.migration_ranks import fill, prefill
@@ -314,6 +314,31 @@ def test_send_recv_gives_the_same_kv_bit_for_bit(ranks) -> None:
         assert tokens is None or tokens.tolist() == theirs.tolist()
     assert torch.equal(received["again"].transpose(-3, -2)[:, 2:], sent["pages"][6][:, 2:])
     assert torch.equal(received["fp8"], sent["fp8"])
+
+
+def test_pages_in_several_chunks_arrive_bit_for_bit(ranks) -> None:
+    sent, received = ranks
+    assert sent["chunked"].shape[0] == migration_ranks.CHUNKED_LAYERS
+    assert torch.equal(received["chunked"].transpose(-3, -2), sent["chunked"])
+
+
+@pytest.mark.parametrize(
+    "layers, chunk_pages, want",
+    [
+        (32, 4, [(0, 1), *[(i, i + 4) for i in range(1, 29, 4)], (29, 31), (31, 32)]),
+        (6, 2, [(0, 1), (1, 3), (3, 5), (5, 6)]),
+        (6, 6, [(0, 6)]),  # one chunk: no split
+        (6, 1, [(i, i + 1) for i in range(6)]),
+        (2, 1, [(0, 1), (1, 2)]),
+    ],
+)
+def test_chunks_cover_every_layer_once_one_layer_first_and_last(
+    layers: int, chunk_pages: int, want: list, monkeypatch
+) -> None:
+    cache = PagedKVCacheManager(4, 4, 2, 4, torch.float32, "cpu", num_layers=layers)
+    spec = PageSpec.of_cache(cache, 4)
+    monkeypatch.setattr(migration_p2p, "CHUNK_BYTES", chunk_pages * spec.page_bytes)
+    assert migration_p2p._chunks(spec, 1) == want
 
 
 def test_recv_shares_the_receivers_prefix_cache(ranks) -> None:

@@ -315,10 +315,16 @@ def _spec_of(head: list[int]) -> PageSpec:
 
 
 def _chunks(spec: PageSpec, num_pages: int) -> list[tuple[int, int]]:
-    """Layer ranges ``(first, end)`` the pages travel in (both sides compute the same)."""
-    per_layer = max(num_pages * spec.page_bytes, 1)
-    step = max(1, CHUNK_BYTES // per_layer)
-    return [(i, min(i + step, spec.num_layers)) for i in range(0, spec.num_layers, step)]
+    """Layer ranges ``(first, end)`` the pages travel in (both sides compute the same):
+    about ``CHUNK_BYTES`` each, but when there are several, the first and the last are
+    one layer, because nothing overlaps the sender's first gather and the receiver's
+    last scatter."""
+    layers = spec.num_layers
+    step = max(1, CHUNK_BYTES // max(num_pages * spec.page_bytes, 1))
+    if step >= layers or step == 1 or layers < 3:
+        return [(i, min(i + step, layers)) for i in range(0, layers, step)]
+    inner = [(i, min(i + step, layers - 1)) for i in range(1, layers - 1, step)]
+    return [(0, 1), *inner, (layers - 1, layers)]
 
 
 def _chunk_view(buffer: torch.Tensor, spec: PageSpec, layers: int, num_pages: int) -> torch.Tensor:
@@ -333,7 +339,7 @@ def _ring(
     """The chunks ``num_pages`` pages of every layer travel in, and the (at most two)
     uint8 buffers a side cycles them through."""
     chunks = _chunks(spec, num_pages)
-    size = (chunks[0][1] - chunks[0][0]) * num_pages * spec.page_bytes
+    size = max(end - first for first, end in chunks) * num_pages * spec.page_bytes
     return chunks, [torch.empty(size, dtype=torch.uint8, device=device) for _ in chunks[:2]]
 
 

@@ -78,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
     prompts = torch.randint(0, model.config.vocab_size, (args.requests, args.prompt_len),
                             generator=gen).tolist()  # fmt: skip
     graphs = args.device == "cuda" and not args.no_graphs
-    result = run_seqattn(model, prompts, args, graphs=graphs)
+    result = run_seqattn(model, prompts, args, graphs=graphs, compile=args.compile)
     top1, gap = teacher_forced(model, prompts, result["outputs"], args.device)
     hidden, dtype = model.config.hidden_size, dtype_of(args)
     reduce_us = all_reduce_us(torch.empty(args.requests, hidden, dtype=dtype), args.device)
@@ -220,6 +220,7 @@ def launch_once(args: argparse.Namespace, model: Path, ranks: int, graphs: bool)
                f"--nproc-per-node={ranks}", __file__, "--worker", "--model", str(model),
                "--out", str(out), "--device", args.device, "--backend", args.backend,
                *sizes, *([] if graphs else ["--no-graphs"]),
+               *(["--compile"] if args.compile else []),
                *(["--profile"] if args.profile else [])]  # fmt: skip
     run = subprocess.Popen(command, env=env, start_new_session=True)
     try:
@@ -247,6 +248,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="seqattn attention: auto, torch")
     parser.add_argument("--ranks", default="1,2", help="the runs' rank counts")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly")
+    parser.add_argument("--compile", action="store_true", help="decode through torch.compile")
     parser.add_argument("--profile", action="store_true", help="kernel time by kind per step")
     parser.add_argument("--timeout", type=float, default=420, help="seconds a run may take")
     parser.add_argument("--model-dir", help="where the checkpoint goes (default: the temp dir)")
@@ -271,7 +273,7 @@ def report(args: argparse.Namespace, runs: dict[int, dict[str, Any]]) -> None:
     base = runs[min(runs)]
     print(f"\n{name} x {max(runs)}; Llama {args.size}, {dtype_of(args)}; {args.requests} "
           f"requests x {args.prompt_len} prompt tokens, {args.new_tokens} generated each, "
-          "greedy")  # fmt: skip
+          f"greedy; decode {'compiled' if args.compile else 'not compiled'}")  # fmt: skip
     for ranks, r in runs.items():
         same = sum(a == b for x, y in zip(r["outputs"], base["outputs"], strict=True)
                    for a, b in zip(x, y, strict=True))  # fmt: skip

@@ -21,13 +21,15 @@ FAMILIES = ("llama", "qwen3")
 DEVICE = os.environ.get("SEQATTN_TP_DEVICE", "cpu")
 
 
-def serve(model: Any, num_pages: int, seed: int = 0, temperature: float = 0.0) -> dict:
+def serve(
+    model: Any, num_pages: int, seed: int = 0, temperature: float = 0.0, compile: bool = False
+) -> dict:
     """Tokens, preemptions and prefix hits of the prompts on one engine."""
     from seqattn.engine import Engine, SamplingParams
     from seqattn.integrations.hf import PagedCausalLM
 
     runner = PagedCausalLM(model, num_pages=num_pages, page_size=4, backend="torch",
-                           check_ranks=True)  # fmt: skip
+                           check_ranks=True, compile=compile)  # fmt: skip
     engine = Engine(runner, max_step_tokens=8, seed=seed)
     params = SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=temperature)
     outputs = engine.generate(PROMPTS, params)
@@ -61,6 +63,8 @@ def main(models: Path) -> None:
     for family in FAMILIES:
         model = load_tensor_parallel(models / family, dtype=torch.float32)
         result[family] = [serve(model, pages) for pages in (64, 14)]
+    # decode steps through torch.compile, transformers' all-reduces inside the graph
+    result["compiled"] = serve(model, 64, compile=True)
     # sampling: each rank seeds its own generator differently; rank 0's samples rule
     result["sampled"] = serve(model, 64, seed=rank, temperature=1.0)["outputs"]
     result["pages_differ"] = refusal(lambda: PagedCausalLM(model, num_pages=64 + rank))

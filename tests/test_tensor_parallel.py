@@ -111,6 +111,17 @@ def test_two_ranks_generate_the_tokens_of_one_process(ranks, family: str) -> Non
     check_tokens(models, reports, family, "cpu")
 
 
+def check_compiled(reports: list[dict]) -> None:
+    """Both ranks' compiled decode gave the tokens of the decode not compiled."""
+    first, second = reports
+    assert first["compiled"] == second["compiled"]
+    assert first["compiled"]["outputs"] == first[FAMILIES[-1]][0]["outputs"]
+
+
+def test_a_compiled_tensor_parallel_decode_generates_the_same_tokens(ranks) -> None:
+    check_compiled(ranks[1])
+
+
 def test_ranks_sample_rank_zeros_tokens(ranks) -> None:
     _, (first, second) = ranks
     assert first["sampled"] == second["sampled"]  # their generators were seeded 0 and 1

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_tensor_parallel import FAMILIES, check_refusals, check_tokens, run_ranks
+from tests.test_tensor_parallel import (
+    FAMILIES,
+    check_compiled,
+    check_refusals,
+    check_tokens,
+    run_ranks,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -17,4 +23,5 @@ def test_two_gpus_generate_the_tokens_of_one(tmp_path) -> None:
     for family in FAMILIES:
         check_tokens(tmp_path, reports, family, "cuda")
     assert reports[0]["sampled"] == reports[1]["sampled"]
+    check_compiled(reports)
     check_refusals(reports, "gloo")  # a CPU device on an NCCL group

@@ -15,10 +15,12 @@ batch bucket as they capture the eager one. Prefill and mixed steps stay eager: 
 token counts change every step, and they are few (one per prompt chunk).
 
 Off by default (``PagedCausalLM(compile=True)`` or ``Engine(compile=True)`` turn it on):
-the compile costs seconds to minutes in the first decode step of every process, on
+the compile costs seconds to minutes in the first decode step of every process, and on
 the CPU it gains nothing measurable (a tiny model's step is host-bound, a larger one's
-matmul-bound), and on CUDA its gain over CUDA graphs of the eager forward is still to
-be measured (``benchmarks/bench_generate.py`` prints both).
+matmul-bound). On an H200 a 0.85B Llama's CUDA-graph decode step at batch 64 took 1.74
+ms compiled against 2.78 ms not (``benchmarks/bench_generate.py`` prints both). A
+model sharded by transformers' tensor parallelism compiles too: dynamo traces its
+all-reduces as functional collectives, with no graph break.
 
 Compile time is paid in the first decode step of each graph (tens of seconds for a
 billion-parameter model; see :attr:`CompiledDecode.compile_seconds`). Inductor keeps
@@ -251,9 +253,7 @@ def own_code(function: types.FunctionType) -> types.FunctionType:
 _COPIES = itertools.count()
 
 
-def checked_compile(
-    compile: object, mode: object, device: torch.device, sharded: bool
-) -> Optional[str]:
+def checked_compile(compile: object, mode: object, device: torch.device) -> Optional[str]:
     """The compile mode a runner asked for (None: eager), after checking the arguments
     and that inductor can build kernels on ``device``.
 
@@ -261,7 +261,7 @@ def checked_compile(
         ArgumentTypeError: ``compile`` not a bool, ``mode`` not a str.
         InvalidArgumentError: a mode not in :data:`COMPILE_MODES` (``"reduce-overhead"``
             and ``"max-autotune"`` make CUDA graphs of their own, which seqattn's graphs
-            already are), or compiling a tensor-parallel model (not supported).
+            already are).
         MissingDependencyError: no C++ compiler (CPU) or no triton (CUDA) for inductor.
     """
     wanted = exact_bool(compile, "compile")
@@ -274,8 +274,6 @@ def checked_compile(
         )
     if not wanted:
         return None
-    if sharded:
-        raise InvalidArgumentError("compile=True is not supported with tensor parallelism")
     check_compiler(device)
     return mode
 

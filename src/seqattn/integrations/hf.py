@@ -132,8 +132,8 @@ class PagedCausalLM:
             ``compile="yes"``).
         InvalidArgumentError: an unsupported model family, a model without a language
             model head (e.g. ``LlamaModel``), a size < 1, an unknown backend or compile
-            mode; sharded: a rank count that does not divide the heads, a process group
-            whose backend cannot run collectives on the model's device, or compile.
+            mode; sharded: a rank count that does not divide the heads, or a process group
+            whose backend cannot run collectives on the model's device.
         MissingDependencyError: ``compile=True`` without a C++ compiler (CPU) or triton
             (CUDA) for inductor.
         RankMismatchError: sharded, and the ranks were built differently (model config,
@@ -178,7 +178,7 @@ class PagedCausalLM:
         prefix_caching = bool(exact_bool(prefix_caching, "prefix_caching"))
         self.check_ranks = bool(exact_bool(check_ranks, "check_ranks"))
         check_backend(backend)
-        mode = checked_compile(compile, compile_mode, param.device, self.ranks is not None)
+        mode = checked_compile(compile, compile_mode, param.device)
         config = model.config
         size = 1 if self.ranks is None else self.ranks.size
         heads = config.num_attention_heads
@@ -221,7 +221,7 @@ class PagedCausalLM:
         """Compile decode steps from now on (as ``compile=True``); CUDA graphs captured
         so far are dropped, to be captured again with the compiled forward. Checked as
         the constructor checks ``compile_mode``; nothing changes if that raises."""
-        checked = str(checked_compile(True, mode, self.device, self.ranks is not None))
+        checked = str(checked_compile(True, mode, self.device))
         if self.compiled is None or self.compiled.mode != checked:
             if self._graphs is not None:
                 self._graphs.forget()  # they replay the other forward

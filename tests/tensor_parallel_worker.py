@@ -52,6 +52,7 @@ def main(models: Path) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from seqattn import MissingDependencyError
     from seqattn.integrations.hf import PagedCausalLM
     from seqattn.integrations.hf_parallel import load_tensor_parallel
     from seqattn.parallel import RankGroup
@@ -64,7 +65,10 @@ def main(models: Path) -> None:
         model = load_tensor_parallel(models / family, dtype=torch.float32)
         result[family] = [serve(model, pages) for pages in (64, 14)]
     # decode steps through torch.compile, transformers' all-reduces inside the graph
-    result["compiled"] = serve(model, 64, compile=True)
+    try:
+        result["compiled"] = serve(model, 64, compile=True)
+    except MissingDependencyError as error:  # inductor has no compiler here
+        result["compiled"] = {"skipped": str(error)}
     # sampling: each rank seeds its own generator differently; rank 0's samples rule
     result["sampled"] = serve(model, 64, seed=rank, temperature=1.0)["outputs"]
     result["pages_differ"] = refusal(lambda: PagedCausalLM(model, num_pages=64 + rank))

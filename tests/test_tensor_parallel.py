@@ -114,6 +114,8 @@ def test_two_ranks_generate_the_tokens_of_one_process(ranks, family: str) -> Non
 def check_compiled(reports: list[dict]) -> None:
     """Both ranks' compiled decode gave the tokens of the decode not compiled."""
     first, second = reports
+    if "skipped" in first["compiled"]:
+        pytest.skip(first["compiled"]["skipped"])
     assert first["compiled"] == second["compiled"]
     assert first["compiled"]["outputs"] == first[FAMILIES[-1]][0]["outputs"]
 

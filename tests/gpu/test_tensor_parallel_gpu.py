@@ -23,5 +23,5 @@ def test_two_gpus_generate_the_tokens_of_one(tmp_path) -> None:
     for family in FAMILIES:
         check_tokens(tmp_path, reports, family, "cuda")
     assert reports[0]["sampled"] == reports[1]["sampled"]
-    check_compiled(reports)
     check_refusals(reports, "gloo")  # a CPU device on an NCCL group
+    check_compiled(reports)  # last: it skips where inductor has no compiler

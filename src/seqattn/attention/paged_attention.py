@@ -95,20 +95,13 @@ class PagedAttention:
         exact_int(cascade_min_saved_tokens, "cascade_min_saved_tokens", low=0)
         if workspace is not None and not isinstance(workspace, torch.Tensor):
             raise ArgumentTypeError(f"workspace must be None or a tensor, got {shown(workspace)}")
-        buckets = _checked_buckets(cuda_graph_batch_sizes, max_pages, cascade_groups, cache)
-        self.cache = cache
-        self.num_qo_heads = num_qo_heads
         if backend == "auto":
             usable = cache.device.type == "cuda" and flashinfer_or_none() is not None
             backend = "flashinfer" if usable else "torch"
-        graphs_refused = backend not in ("flashinfer", "triton") or (
-            backend == "triton" and buckets is not None and buckets[2] > 0
-        )
-        if buckets is not None and graphs_refused:
-            raise InvalidArgumentError(
-                "cuda_graph_batch_sizes needs the flashinfer backend, or triton without "
-                f"cascade_groups; got backend {backend!r}, cascade_groups {buckets[2]}"
-            )
+        buckets = _checked_buckets(cuda_graph_batch_sizes, max_pages, cascade_groups, cache,
+                                   backend)  # fmt: skip
+        self.cache = cache
+        self.num_qo_heads = num_qo_heads
         if backend == "triton":
             check_triton(cache)
         self.impl: Backend
@@ -359,11 +352,22 @@ def check_queries(
 
 
 def _checked_buckets(
-    sizes: object, max_pages: object, cascade_groups: object, cache: PagedKVCacheManager
+    sizes: object,
+    max_pages: object,
+    cascade_groups: object,
+    cache: PagedKVCacheManager,
+    backend: str,
 ) -> Optional[tuple[list[int], int, int]]:
-    """``(sorted distinct bucket sizes, max_pages, cascade_groups)``, or None without graphs."""
+    """``(sorted distinct bucket sizes, max_pages, cascade_groups)``, or None without
+    graphs; graphs need the flashinfer backend, or triton without cascade groups."""
     groups = exact_int(cascade_groups, "cascade_groups", low=0)
     pages = cache.num_pages if max_pages is None else exact_int(max_pages, "max_pages", low=1)
     if sizes is None:
         return None
-    return bucket_sizes(sizes, "cuda_graph_batch_sizes"), pages, groups
+    checked = bucket_sizes(sizes, "cuda_graph_batch_sizes")
+    if backend not in ("flashinfer", "triton") or (backend == "triton" and groups > 0):
+        raise InvalidArgumentError(
+            "cuda_graph_batch_sizes needs the flashinfer backend, or triton without "
+            f"cascade_groups; got backend {backend!r}, cascade_groups {groups}"
+        )
+    return checked, pages, groups

@@ -321,8 +321,8 @@ def _chunks(spec: PageSpec, num_pages: int) -> list[tuple[int, int]]:
     last scatter."""
     layers = spec.num_layers
     step = max(1, CHUNK_BYTES // max(num_pages * spec.page_bytes, 1))
-    if step >= layers or step == 1 or layers < 3:
-        return [(i, min(i + step, layers)) for i in range(0, layers, step)]
+    if step >= layers:  # one chunk: nothing to overlap
+        return [(0, layers)]
     inner = [(i, min(i + step, layers - 1)) for i in range(1, layers - 1, step)]
     return [(0, 1), *inner, (layers - 1, layers)]
 

@@ -155,7 +155,8 @@ def move_one(rank: int, args: argparse.Namespace, device: torch.device, kind: st
 
 def probes(rank: int, args: argparse.Namespace, desc: CacheDescriptor, timer: Timer,
            peer: int) -> dict[str, list[float]]:  # fmt: skip
-    """A one-page sequence moved: what the header and the reply alone cost."""
+    """A one-page sequence moved: the fixed cost of a move (control messages, allocation,
+    the first and last copies)."""
     small = 3_000_000
     if rank == SENDER:
         desc.allocate([small], [args.page_size])

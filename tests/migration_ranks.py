@@ -4,6 +4,8 @@ tests/gpu/test_migration_gpu.py runs the same over NCCL, one GPU per rank).
 Spawned by the test (``torch.multiprocessing``); each rank runs every scenario in order
 and saves what it saw to ``<outdir>/rank<r>.pt``, which the test reads and asserts on.
 A scenario's expected errors are recorded (their class and builtin), not raised.
+Sequences prefilled from tokens move with their token ids (the receiver replies before
+the pages); those only filled move without (the pages come first, then its status).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 
-from seqattn import CacheDescriptor, PagedKVCacheManager, SeqAttnError, migration_p2p
+from seqattn import CacheDescriptor, PagedKVCacheManager, SeqAttnError, migration, migration_p2p
 from seqattn.migration import export_sequence
 from seqattn.migration_p2p import recv_sequence, send_sequence
 
@@ -26,6 +29,9 @@ LENGTHS = {1: 0, 2: 1, 3: 3, 4: 4, 5: 5, 6: 13}  # seq id -> length (page bounda
 SHARED = 8  # sequence 6 shares its first 8 tokens (2 pages) with rank 1's sequence 100
 PLAIN = 20  # a sequence allocated without token ids
 CHUNKED_LAYERS = 6  # a cache whose pages travel in several chunks
+# refusals of a move without token ids (its pages come unasked, in chunks)
+STREAMED = ("streamed_no_pages", "streamed_live", "streamed_shape", "streamed_write",
+            "streamed_index")  # fmt: skip
 DEVICE = torch.device("cpu")  # each rank's, set by run()
 
 
@@ -84,10 +90,10 @@ def refused(desc: CacheDescriptor, call: Callable[[], None]) -> dict[str, Any]:
     before = state(desc)
     try:
         call()
-    except SeqAttnError as error:
+    except (SeqAttnError, RuntimeError) as error:
         desc.check_integrity()
-        builtin = next(b for b in (TypeError, KeyError, IndexError, ValueError, RuntimeError)
-                       if isinstance(error, b))  # fmt: skip
+        builtin = next(b for b in (TypeError, KeyError, IndexError, ValueError, RuntimeError,
+                                   Exception) if isinstance(error, b))  # fmt: skip
         return dict(error=type(error).__name__, builtin=builtin.__name__,
                     message=str(error), unchanged=same(before, state(desc)))  # fmt: skip
     return dict(error=None)
@@ -125,22 +131,42 @@ def sender(outdir: Path) -> dict[str, Any]:
     send_sequence(fp8, 1, 1)
     out["fp8"] = export_sequence(fp8, 1).pages.view(torch.uint8).cpu()
     chunked = make(layers=CHUNKED_LAYERS)
-    fill(chunked, 1, 13, seed=9)
+    fill(chunked, 1, 13, seed=9)  # no token ids: its pages follow the header unasked
+    for scenario in STREAMED:  # refused after the pages went: the stream stays in step
+        out[scenario] = refused(chunked, lambda: in_chunks(lambda: send_sequence(chunked, 1, 1)))
     in_chunks(lambda: send_sequence(chunked, 1, 1))
-    out["chunked"] = export_sequence(chunked, 1).pages.cpu()
+    kv = export_sequence(chunked, 1)
+    out["chunked"], out["chunked_tokens"] = kv.pages.cpu(), kv.token_ids
     return out
 
 
 def in_chunks(call: Callable[[], None]) -> None:
     """``call`` with pages travelling in chunks of 2 layers of a 4-page sequence (one
     layer first and last: 1, 2, 2, 1 layers), as a long sequence's do."""
-    kept = migration_p2p.CHUNK_BYTES
     layer_bytes = 4 * 2 * PS * HEADS * HEAD_DIM * 4  # 4 pages of K and V, float32
-    migration_p2p.CHUNK_BYTES = 2 * layer_bytes
-    try:
+    with mock.patch.object(migration_p2p, "CHUNK_BYTES", 2 * layer_bytes):
         call()
-    finally:
-        migration_p2p.CHUNK_BYTES = kept
+
+
+def streamed_refusals(desc: CacheDescriptor) -> dict[str, Any]:
+    """The receiving side of STREAMED, in order: too few pages, a live id, another
+    head_dim, a write that fails (as on a lost device) after allocating, and a failure
+    after allocating but before the first page is written."""
+    small = make(num_pages=3, layers=CHUNKED_LAYERS)  # the sequence needs 4
+    other = make(head_dim=2 * HEAD_DIM, layers=CHUNKED_LAYERS)
+    fill(desc, 7, 1, seed=7)
+
+    def move(into: CacheDescriptor, seq_id: int) -> dict[str, Any]:
+        return refused(into, lambda: in_chunks(lambda: recv_sequence(into, seq_id, 0)))
+
+    out = {"streamed_no_pages": move(small, 1), "streamed_live": move(desc, 7)}
+    out["streamed_shape"] = move(other, 1)
+    lost = RuntimeError("device lost")
+    with mock.patch.object(migration_p2p, "write_sequence_pages", side_effect=lost):
+        out["streamed_write"] = move(desc, 1)
+    with mock.patch.object(migration, "page_index", side_effect=lost):  # before any page
+        out["streamed_index"] = move(desc, 1)
+    return out
 
 
 def receiver(outdir: Path) -> dict[str, Any]:
@@ -170,6 +196,7 @@ def receiver(outdir: Path) -> dict[str, Any]:
     recv_sequence(fp8, 1, 0)
     out["fp8"] = export_sequence(fp8, 1).pages.view(torch.uint8).cpu()
     chunked = make(layout="HND", layers=CHUNKED_LAYERS)
+    out.update(streamed_refusals(chunked))
     in_chunks(lambda: recv_sequence(chunked, 1, 0))
     out["chunked"] = export_sequence(chunked, 1).pages.cpu()
     return out

@@ -317,8 +317,11 @@ def test_send_recv_gives_the_same_kv_bit_for_bit(ranks) -> None:
 
 
 def test_pages_in_several_chunks_arrive_bit_for_bit(ranks) -> None:
+    """Without token ids, and after four refused moves whose pages the receiver took
+    and dropped: the stream stayed in step."""
     sent, received = ranks
     assert sent["chunked"].shape[0] == migration_ranks.CHUNKED_LAYERS
+    assert sent["chunked_tokens"] is None  # pages first, the receiver's status after
     assert torch.equal(received["chunked"].transpose(-3, -2), sent["chunked"])
 
 
@@ -365,6 +368,33 @@ def test_a_refusal_raises_on_both_ranks_and_changes_nothing(
         seen = side[scenario]
         assert (seen["error"], seen["builtin"]) == (error, builtin), seen
         assert message in seen["message"] and seen["unchanged"]
+
+
+@pytest.mark.parametrize(
+    "scenario, errors, builtins, message",
+    [
+        ("streamed_no_pages", ("NoPageError",) * 2, ("RuntimeError",) * 2,
+         "needs 4 free pages, the pool has 3"),
+        ("streamed_live", ("SequenceExistsError",) * 2, ("ValueError",) * 2, "sequence 7"),
+        ("streamed_shape", ("TensorSpecError",) * 2, ("ValueError",) * 2,
+         "head_dim 8, the sequence's KV has 4"),
+        # the receiver's own RuntimeError; the sender's SeqAttnError names it
+        ("streamed_write", ("SeqAttnError", "RuntimeError"), ("Exception", "RuntimeError"),
+         "device lost"),
+        ("streamed_index", ("SeqAttnError", "RuntimeError"), ("Exception", "RuntimeError"),
+         "device lost"),
+    ],
+)  # fmt: skip
+def test_a_refusal_after_the_pages_went_raises_on_both_ranks_and_changes_nothing(
+    ranks, scenario, errors, builtins, message
+) -> None:
+    """Without token ids the pages follow the header unasked: a refusal (or a failed
+    write) is answered once the receiver took them all, and changes nothing."""
+    assert scenario in migration_ranks.STREAMED
+    for side, error, builtin in zip(ranks, errors, builtins, strict=True):
+        seen = side[scenario]
+        assert (seen["error"], seen["builtin"]) == (error, builtin), seen
+        assert message in seen["message"] and seen["unchanged"], seen
 
 
 def test_bad_ranks_and_groups_are_refused_before_anything_travels(ranks) -> None:

@@ -2,11 +2,13 @@
 
 :func:`send_sequence` on one rank and :func:`recv_sequence` on the other copy a sequence
 as :func:`~seqattn.migration.export_sequence` / :func:`~seqattn.migration.import_sequence`
-do in one process: a header goes first, the receiver checks that it can take the
-sequence and allocates before it answers (a refusal reaches both sides and changes
-nothing on either), then the pages it lacks go device to device over NCCL (through host
-memory over gloo), in chunks of layers that overlap gathering, sending and scattering.
-The sender keeps its sequence: a move is a send, then ``release`` on the sender.
+do in one process: a header goes first, then the pages go device to device over NCCL
+(through host memory over gloo), in chunks of layers that overlap gathering, sending and
+scattering. Where the sender knows the token ids, the receiver answers before the pages
+travel, so that those its prefix cache holds stay home; otherwise the pages follow the
+header at once and the receiver answers after them. Either way a refusal reaches both
+sides and changes nothing on either. The sender keeps its sequence: a move is a send,
+then ``release`` on the sender.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from .storage import KV_LAYOUTS, PagedKVCacheManager
 CHUNK_BYTES = 256 * 2**20
 
 # The header of a transfer, int64 slots (scales as the bits of a float64)
-_MAGIC = 0x5345514B56010000  # "SEQKV", protocol version 1
+_MAGIC = 0x5345514B56020000  # "SEQKV", protocol version 2
 _HEADER = 16
 _ERRORS: tuple[type[SeqAttnError], ...] = (
     SeqAttnError, ArgumentTypeError, InvalidArgumentError, InvalidLengthError,
@@ -70,6 +72,10 @@ class _Peer:
         self.rank, self.group, self.device = rank, group, device
 
     def send(self, tensor: torch.Tensor) -> None:
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            # from pinned memory, queued: a pageable copy would hold the host until the
+            # device's queued work (the last scatter, before a status) is done
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         dist.send(tensor.to(self.device), self.rank, group=self.group)
 
     def recv(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -135,8 +141,8 @@ def _salt_bytes(salt: Salt) -> tuple[int, bytes]:
 
 
 def _refusal(peer: _Peer, error: BaseException, header: bool) -> None:
-    """Tell ``peer`` the transfer is off, and why: a header (sender) or reply (receiver)
-    carrying the error's code and message, then the message."""
+    """Tell ``peer`` the transfer is off, and why: a header (sender) or reply or status
+    (receiver) carrying the error's code and message bytes, then the message."""
     kind = type(error)
     code = next((i for i, cls in enumerate(_ERRORS) if kind is cls), None)
     if code is None:
@@ -154,6 +160,14 @@ def _raise_refusal(peer: _Peer, code: int, size: int, who: str, seq_id: object) 
     message = peer.recv_bytes(size).decode(errors="replace")
     cls = _ERRORS[code - 1] if 0 < code <= len(_ERRORS) else SeqAttnError
     raise cls(f"rank {peer.rank} ({who}) refused to move sequence {seq_id}: {message}")
+
+
+def _answer(peer: _Peer, seq_id: object) -> int:
+    """The receiver's reply or status: the pages it shares; raises its refusal."""
+    status, shared, size = peer.recv_ints(3)
+    if status:
+        _raise_refusal(peer, status, size, "the receiver", seq_id)
+    return shared
 
 
 def send_sequence(
@@ -175,14 +189,22 @@ def send_sequence(
        token ids (``[length]`` int64) if any and the salt (uint8) if any. A sender
        that cannot send (an unknown ``seq_id``) says so here (status = its error's
        code, then the message as uint8) and both sides raise.
-    2. ``<-`` reply: 3 int64 (status, pages its prefix cache holds already, message
-       bytes), then the message: the receiver checks everything and allocates its pages
-       before it replies, so a refusal (too few pages, a live id, another shape) leaves
-       both sides as they were, and both raise the receiver's error.
-    3. ``->`` the pages past those the receiver holds, as raw bytes (uint8, so float8
-       travels where NCCL lacks the dtype), in chunks of whole layers: ``[layers,
-       pages, *page]`` in this cache's layout, gathered on the device in a ring of two
-       buffers, so that gathering one chunk overlaps sending the last.
+    2. ``<-`` reply, only if the header has token ids: 3 int64 (status, pages its
+       prefix cache holds already, message bytes), then the message: the receiver
+       checks everything and allocates its pages before it replies, so a refusal (too
+       few pages, a live id, another shape) leaves both sides as they were, and both
+       raise the receiver's error.
+    3. ``->`` the pages past those the receiver holds (without token ids: every page,
+       right after the header), as raw bytes (uint8, so float8 travels where NCCL
+       lacks the dtype), in chunks of whole layers: ``[layers, pages, *page]`` in this
+       cache's layout, gathered on the device in a ring of two buffers, so that
+       gathering one chunk overlaps sending the last.
+    4. ``<-`` status, only if the header has no token ids: as step 2's reply (0 pages
+       shared), once the receiver has written every page. It checks and allocates
+       while the first pages travel; if it refuses (as in step 2) it still takes every
+       page into its ring and drops it, so that the two sides stay in step, then both
+       raise its error, nothing changed. A failure writing the pages is answered too,
+       once the rest have arrived, the sequence released.
 
     Args:
         descriptor: holds the sequence.
@@ -195,8 +217,9 @@ def send_sequence(
             ``dst`` or ``group``, or torch.distributed not initialized (raised here
             only: the receiver is not told).
         UnknownSequenceError: ``seq_id`` is not live (the receiver raises it too).
-        SeqAttnError: the receiver refused; the error is of the receiver's kind
-            (e.g. NoPageError) and names its reason.
+        SeqAttnError: the receiver refused (or, without token ids, failed to write the
+            pages); the error is of the receiver's kind (e.g. NoPageError) and names
+            its reason.
     """
     check_descriptor(descriptor)
     cache = descriptor.cache_manager
@@ -206,15 +229,16 @@ def send_sequence(
     except Exception as error:
         _refusal(peer, error, header=True)  # the receiver waits for a header: end that
         raise
+    index = page_index(descriptor.page_indices(seq_id), cache.device)
     peer.send_ints(head)
     if tokens is not None and tokens.size:
         peer.send(torch.from_numpy(tokens))
     peer.send_bytes(salt_data)
-    status, shared, size = peer.recv_ints(3)
-    if status:
-        _raise_refusal(peer, status, size, "the receiver", seq_id)
-    pages = descriptor.page_indices(seq_id)[shared:]
-    _send_pages(cache, page_index(pages, cache.device), spec, peer)
+    if tokens is None:  # the receiver can share no page: all of them now, then its status
+        _send_pages(cache, index, spec, peer)
+        _answer(peer, seq_id)
+    else:
+        _send_pages(cache, index[_answer(peer, seq_id) :], spec, peer)
 
 
 def _header(
@@ -246,7 +270,7 @@ def recv_sequence(
 ) -> None:
     """Start sequence ``seq_id`` here with the KV rank ``src`` sends
     (:func:`send_sequence`, whose docstring gives the protocol), as
-    :func:`import_sequence` would: checked before any page travels, on pages of this
+    :func:`import_sequence` would: checked before any page is written, on pages of this
     descriptor's own, sharing its prefix cache's pages where the sender knows the
     sequence's token ids.
 
@@ -261,7 +285,8 @@ def recv_sequence(
             ``src`` or ``group``, or torch.distributed not initialized (raised here
             only: the sender is not told).
         As :func:`import_sequence`, after refusing the sender (which raises the same
-        error): nothing has changed on either side.
+        error): nothing has changed on either side. An error writing the pages too
+        (the sequence released), told to the sender if the header has no token ids.
         SeqAttnError: the sender could not send (of the sender's kind, e.g.
             UnknownSequenceError).
     """
@@ -269,19 +294,54 @@ def recv_sequence(
     cache = descriptor.cache_manager
     peer = _peer(src, "src", group, cache)
     head, tokens, salt = _recv_header(peer, seq_id)
+    # without token ids every page follows the header unasked (then our status): the
+    # first receives go up now, so that pages travel while this rank checks and
+    # allocates (a header of unknown page size raises here, unanswered: its pages
+    # cannot be taken)
+    inbox = None if tokens is not None else _Inbox(_spec_of(head), _spec_of(head).num_pages, peer)
     try:
         spec = _spec_of(head)
         check_import(descriptor, seq_id, spec, tokens, salt)
         shared = start_import(descriptor, seq_id, spec, tokens, salt)
     except Exception as error:
+        if inbox is not None:
+            inbox.take(cache, None)  # dropped: the two sides stay in step
         _refusal(peer, error, header=False)
         raise
-    peer.send_ints([0, shared, 0])
+    if inbox is None:
+        peer.send_ints([0, shared, 0])
+    _import_pages(descriptor, seq_id, shared, spec, peer, inbox)
+
+
+def _import_pages(
+    descriptor: CacheDescriptor, seq_id: int, shared: int, spec: PageSpec, peer: _Peer,
+    inbox: Optional[_Inbox],
+) -> None:  # fmt: skip
+    """Write the pages ``peer`` sends into ``seq_id``'s own (:func:`finish_import`);
+    with an ``inbox`` (the pages sent unasked) send the sender its status after. A
+    failure is answered only once every page has arrived (until then the sender sends,
+    it reads nothing), and not at all if receiving them failed."""
+    cache, taking, arrived = descriptor.cache_manager, False, False
 
     def write(index: torch.Tensor) -> None:
-        _recv_pages(cache, index, spec, peer)
+        nonlocal taking, arrived
+        taking = True
+        pages = inbox if inbox is not None else _Inbox(spec, index.numel(), peer)
+        failed = pages.take(cache, index)
+        arrived = True
+        if failed is not None:
+            raise failed
 
-    finish_import(descriptor, seq_id, shared, write)
+    try:
+        finish_import(descriptor, seq_id, shared, write)
+    except Exception as error:
+        if inbox is not None and not taking:  # failed before the pages: take them first
+            inbox.take(cache, None)
+        if inbox is not None and (arrived or not taking):
+            _refusal(peer, error, header=False)
+        raise
+    if inbox is not None:
+        peer.send_ints([0, 0, 0])
 
 
 def _recv_header(peer: _Peer, seq_id: object) -> tuple[list[int], Optional[np.ndarray], Salt]:
@@ -369,25 +429,37 @@ def _send_pages(
         work.wait()
 
 
-def _recv_pages(
-    cache: PagedKVCacheManager, index: torch.Tensor, spec: PageSpec, peer: _Peer
-) -> None:
-    """Receive pages into ``index`` of every layer, chunk by chunk through two buffers:
-    each chunk is scattered while the next one arrives."""
-    n = index.numel()
-    if n == 0:
-        return
-    chunks, buffers = _ring(spec, n, peer.device)
+class _Inbox:
+    """Pages of every layer arriving from ``peer``, ``num_pages`` of them, chunk by
+    chunk through a ring of two buffers; the first two receives are posted at once, so
+    that the pages travel while this rank does other work (checks, allocation)."""
 
-    def post(i: int) -> dist.Work:
-        first, end = chunks[i]
-        part = buffers[i % 2][: (end - first) * n * spec.page_bytes]
-        return dist.irecv(part, peer.rank, group=peer.group)
+    def __init__(self, spec: PageSpec, num_pages: int, peer: _Peer) -> None:
+        self.spec, self.num_pages, self.peer = spec, num_pages, peer
+        self.chunks, self.buffers = _ring(spec, num_pages, peer.device) if num_pages else ([], [])
+        self.works = [self._post(i) for i in range(len(self.buffers))]
 
-    works = [post(i) for i in range(len(buffers))]
-    for i, (first, end) in enumerate(chunks):
-        works[i].wait()
-        write_sequence_pages(cache, first, index, _chunk_view(buffers[i % 2], spec, end - first, n),
-               spec.kv_layout)  # fmt: skip
-        if i + 2 < len(chunks):  # on NCCL it waits, on its stream, for the write above
-            works.append(post(i + 2))
+    def _post(self, i: int) -> dist.Work:
+        first, end = self.chunks[i]
+        part = self.buffers[i % 2][: (end - first) * self.num_pages * self.spec.page_bytes]
+        return dist.irecv(part, self.peer.rank, group=self.peer.group)
+
+    def take(
+        self, cache: PagedKVCacheManager, index: Optional[torch.Tensor]
+    ) -> Optional[Exception]:
+        """Receive every chunk, scattering each into pages ``index`` (``[num_pages]``
+        int64 on the cache's device; None: drop them) while the next one arrives.
+        Returns the error a scatter raised: it ends the scattering, not the receiving,
+        as the sender sends every chunk regardless."""
+        spec, n, failed = self.spec, self.num_pages, None
+        for i, (first, end) in enumerate(self.chunks):
+            self.works[i].wait()
+            chunk = _chunk_view(self.buffers[i % 2], spec, end - first, n)
+            try:
+                if index is not None and failed is None:
+                    write_sequence_pages(cache, first, index, chunk, spec.kv_layout)
+            except Exception as error:
+                failed = error
+            if i + 2 < len(self.chunks):  # on NCCL it waits, on its stream, for the write
+                self.works.append(self._post(i + 2))
+        return failed

@@ -66,3 +66,7 @@ def test_send_recv_over_nccl(tmp_path) -> None:
     for scenario in ("no_pages", "unknown", "live", "shape"):
         assert sent[scenario]["error"] == received[scenario]["error"] is not None
         assert sent[scenario]["unchanged"] and received[scenario]["unchanged"]
+    for scenario in migration_ranks.STREAMED:  # refused after the pages went unasked
+        assert received[scenario]["error"] is not None and sent[scenario]["error"] is not None
+        assert sent[scenario]["unchanged"] and received[scenario]["unchanged"]
+    assert torch.equal(received["chunked"].transpose(-3, -2), sent["chunked"])  # after them

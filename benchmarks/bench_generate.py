@@ -80,8 +80,12 @@ def sync(device: str) -> None:
 
 def run_seqattn(
     model: Any, prompts: list[list[int]], args: argparse.Namespace, graphs: bool,
-    compile: bool = False, backend: Optional[str] = None,
+    compile: bool = False, backend: Optional[str] = None, inspect: bool = True,
 ) -> dict:  # fmt: skip
+    """One timed run of ``prompts`` through the engine; then, if ``inspect``, its host
+    syncs and kernel profile (:func:`inspect_run`; otherwise the caller calls it after
+    every timed run: a torch.profiler session slows the eager steps of every later run
+    in the process, by about 3 ms on an H200's host)."""
     page_size = 16
     per_request = -(-(args.prompt_len + args.new_tokens) // page_size) + 1
     runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size,
@@ -111,18 +115,27 @@ def run_seqattn(
     wall = time.perf_counter() - start
     requests = [engine.requests[i] for i in ids]
     ttft = [r.first_token_time - r.arrival for r in requests]
-    syncs = count_syncs(engine, prompts, args) if args.device == "cuda" else None
-    decode_step = statistics.median(decode_steps)
-    profile = None
-    if getattr(args, "profile", False) and args.device == "cuda":
-        profile = profile_decode(engine, prompts, decode_step, graphs)
-    runner.disable_cuda_graphs()  # freed now: NCCL cannot tear down under captured graphs
     compiled = runner.compiled
     compiling = None if compiled is None else (compiled.compile_seconds, compiled.compiles)
-    return dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
-                steps=engine.stats.steps, decode_step=decode_step,
-                first_steps=first_steps, ttft_max=max(ttft), syncs=syncs,
-                profile=profile, compiling=compiling)  # fmt: skip
+    result = dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
+                  steps=engine.stats.steps, decode_step=statistics.median(decode_steps),
+                  first_steps=first_steps, ttft_max=max(ttft), compiling=compiling,
+                  engine=engine, graphs=graphs)  # fmt: skip
+    if inspect:
+        inspect_run(result, prompts, args)
+    return result
+
+
+def inspect_run(result: dict, prompts: list[list[int]], args: argparse.Namespace) -> None:
+    """Add a run's host syncs and (``--profile``) kernel profile to ``result``, then
+    free its engine's CUDA graphs (NCCL cannot tear down under captured graphs)."""
+    engine = result.pop("engine")
+    cuda = args.device == "cuda"
+    result["syncs"] = count_syncs(engine, prompts, args) if cuda else None
+    result["profile"] = None
+    if getattr(args, "profile", False) and cuda:
+        result["profile"] = profile_decode(engine, prompts, result["decode_step"], result["graphs"])
+    engine.runner.disable_cuda_graphs()
 
 
 def profile_decode(engine: Engine, prompts: list[list[int]], step_s: float, graphs: bool) -> str:
@@ -314,22 +327,24 @@ def main() -> None:
     results = {}
     skip = set(args.skip.split(","))
     graphs = args.device == "cuda" and "graphs" not in skip
+    ours = dict(inspect=False)  # syncs and profiles after every timed run (run_seqattn)
     if (args.device == "cuda" or args.compile) and "compile" not in skip:
         label = "seqattn engine, compiled + CUDA graphs" if graphs else "seqattn engine, compiled"
-        results[label] = run_seqattn(model, prompts, args, graphs=graphs, compile=True)
+        results[label] = run_seqattn(model, prompts, args, graphs=graphs, compile=True, **ours)
         if args.flashinfer_graphs and graphs:
             results[f"{label}, flashinfer decode"] = run_seqattn(
-                model, prompts, args, graphs=graphs, compile=True, backend="flashinfer"
+                model, prompts, args, graphs=graphs, compile=True, backend="flashinfer", **ours
             )
     if graphs:
-        results["seqattn engine, CUDA graphs"] = run_seqattn(model, prompts, args, graphs=True)
-    results["seqattn engine, eager"] = run_seqattn(model, prompts, args, graphs=False)
-    if args.device == "cuda":
-        torch.cuda.empty_cache()  # the engine's KV pool goes back before HF sizes its own
+        results["seqattn engine, CUDA graphs"] = run_seqattn(model, prompts, args, True, **ours)
+    results["seqattn engine, eager"] = run_seqattn(model, prompts, args, graphs=False, **ours)
     if "generate_batch" not in skip:
         results["HF generate_batch (paged|sdpa)"] = run_hf_generate_batch(model, prompts, args)
     if "generate" not in skip:
         results["HF generate (sdpa)"] = run_hf_generate(model, prompts, args)
+    for r in results.values():
+        if "engine" in r:
+            inspect_run(r, prompts, args)
     report(model, prompts, args, results, copy_bw)
 
 

@@ -42,6 +42,7 @@ from gpu_profile import format_breakdown, kernel_breakdown
 from seqattn.cli import token_agreement
 from seqattn.engine import Engine, SamplingParams
 from seqattn.integrations.hf import PagedCausalLM
+from seqattn.integrations.hf_attention import ATTENTION_NAME
 
 MODEL = dict(
     hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
@@ -130,6 +131,7 @@ def inspect_run(result: dict, prompts: list[list[int]], args: argparse.Namespace
     """Add a run's host syncs and (``--profile``) kernel profile to ``result``, then
     free its engine's CUDA graphs (NCCL cannot tear down under captured graphs)."""
     engine = result.pop("engine")
+    engine.runner.model.set_attn_implementation(ATTENTION_NAME)  # HF's rows set "sdpa"
     cuda = args.device == "cuda"
     result["syncs"] = count_syncs(engine, prompts, args) if cuda else None
     result["profile"] = None

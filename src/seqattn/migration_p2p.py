@@ -294,11 +294,13 @@ def recv_sequence(
     cache = descriptor.cache_manager
     peer = _peer(src, "src", group, cache)
     head, tokens, salt = _recv_header(peer, seq_id)
-    # without token ids every page follows the header unasked (then our status): the
-    # first receives go up now, so that pages travel while this rank checks and
-    # allocates (a header of unknown page size raises here, unanswered: its pages
-    # cannot be taken)
-    inbox = None if tokens is not None else _Inbox(_spec_of(head), _spec_of(head).num_pages, peer)
+    inbox = None
+    if tokens is None:  # every page follows the header unasked (then our status): the
+        # first receives go up now, so that pages travel while this rank checks and
+        # allocates (a header of unknown page size raises here, unanswered: its pages
+        # cannot be taken)
+        sent = _spec_of(head)
+        inbox = _Inbox(sent, sent.num_pages, peer)
     try:
         spec = _spec_of(head)
         check_import(descriptor, seq_id, spec, tokens, salt)

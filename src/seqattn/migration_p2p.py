@@ -229,11 +229,11 @@ def send_sequence(
     except Exception as error:
         _refusal(peer, error, header=True)  # the receiver waits for a header: end that
         raise
-    peer.send_ints(head)  # first: the receiver's checks overlap what follows here
+    index = page_index(descriptor.page_indices(seq_id), cache.device)
+    peer.send_ints(head)
     if tokens is not None and tokens.size:
         peer.send(torch.from_numpy(tokens))
     peer.send_bytes(salt_data)
-    index = page_index(descriptor.page_indices(seq_id), cache.device)
     if tokens is None:  # the receiver can share no page: all of them now, then its status
         _send_pages(cache, index, spec, peer)
         _answer(peer, seq_id)

@@ -317,8 +317,8 @@ def test_send_recv_gives_the_same_kv_bit_for_bit(ranks) -> None:
 
 
 def test_pages_in_several_chunks_arrive_bit_for_bit(ranks) -> None:
-    """Without token ids, and after four refused moves whose pages the receiver took
-    and dropped: the stream stayed in step."""
+    """Without token ids, and after the refused moves of STREAMED, whose pages the
+    receiver took and dropped: the stream stayed in step."""
     sent, received = ranks
     assert sent["chunked"].shape[0] == migration_ranks.CHUNKED_LAYERS
     assert sent["chunked_tokens"] is None  # pages first, the receiver's status after

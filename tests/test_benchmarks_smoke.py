@@ -104,7 +104,7 @@ def test_generate_benchmark_compiles_on_the_cpu(monkeypatch, capsys) -> None:
     for path in ("seqattn engine, compiled", "seqattn engine, eager", "HF generate (sdpa)"):
         assert f"| {path} |" in out
     assert "seqattn engine, compiled: torch.compile " in out
-    assert "graphs compiled: 1 (mode default" in out  # all 4 requests decode together
+    assert "graphs compiled: 2 (mode default" in out  # prefill; all 4 requests decode together
     compiled = "seqattn engine, compiled: tokens identical to HF generate: "
     assert f"{compiled}100.0%; earliest divergence: none" in out
 

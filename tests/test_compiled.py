@@ -1,7 +1,7 @@
-"""Decode steps through torch.compile (integrations/compiled.py): float32 greedy tokens
-equal transformers' generate and the eager seqattn engine; one compiled graph serves
-every decode batch size from 2 up (size 1 is a second), with no recompile across steps;
-prefill stays eager; the custom op's contract; bad settings are refused unchanged.
+"""Steps through torch.compile (integrations/compiled.py): float32 greedy tokens equal
+transformers' generate and the eager seqattn engine; one compiled graph serves every
+decode batch size from 2 up (size 1 is a second), another every prefill step, with no
+recompile across steps; the custom op's contract; bad settings are refused unchanged.
 
 Skipped where inductor cannot build CPU kernels (no C++ compiler)."""
 
@@ -61,38 +61,49 @@ def test_compiled_greedy_tokens_equal_hf_generate_and_the_eager_engine(
     eager = Engine(PagedCausalLM(model, num_pages=64, page_size=4)).generate(PROMPTS, params)
     assert outputs == eager
     assert outputs == [hf_greedy(model, p, 12) for p in PROMPTS]
-    assert runner.compiled is not None and runner.compiled.compiles == 1  # batch 4 only
+    assert runner.compiled is not None and runner.compiled.compiles == 2  # prefill; batch 4
     assert runner.compile_seconds > 0
     assert runner.cache.available_pages_count == runner.cache.num_pages
 
 
 def test_one_graph_for_every_batch_size_from_two_and_none_compiled_again(fresh_dynamo) -> None:
-    """Decode steps of batch 2..6, repeated, compile once; batch 1 once more; prefill
-    (any token count) never reaches the compiled forward. Each compiled step's logits
-    equal the eager forward's on the same step (the K/V appended again are the same)."""
-    runner = PagedCausalLM(tiny_model("llama"), num_pages=128, page_size=4, compile=True)
+    """Prefill steps (any token count, any sequence count from 2) compile one graph;
+    decode steps of batch 2..6, repeated, compile one more; batch 1 once more. Each
+    compiled step's logits equal an eager runner's on the same step of the same model."""
+    model = tiny_model("llama")
+    runner = PagedCausalLM(model, num_pages=128, page_size=4, compile=True)
+    eager_runner = PagedCausalLM(model, num_pages=128, page_size=4)
     compiled = runner.compiled
     assert compiled is not None
+
+    def both(call: str, ids: list[int], tokens: object) -> torch.Tensor:
+        expected = getattr(eager_runner, call)(ids, tokens)
+        got = getattr(runner, call)(ids, tokens)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        return got
+
     ids = list(range(6))
     prompts = [list(range(3 + i, 8 + 3 * i)) for i in ids]
-    runner.descriptor.allocate(ids, [len(p) for p in prompts])
-    tokens = runner.forward(ids, prompts).argmax(-1)
-    assert compiled.compiles == 0  # prefill: eager
+    for r in (runner, eager_runner):
+        r.descriptor.allocate(ids, [len(p) for p in prompts])
+    tokens = both("forward", ids, prompts).argmax(-1)
+    assert compiled.compiles == 1  # prefill: rows and sequences dynamic
     sizes = [3, 5, 2, 6, 4, 3, 1, 2, 1, 6]
     for step, n in enumerate(sizes):
         batch = ids[:n]
-        runner.descriptor.allocate_decoding(batch)
-        eager = runner.forward(batch, [[int(t)] for t in tokens[:n]])
+        for r in (runner, eager_runner):
+            r.descriptor.allocate_decoding(batch)
         may_compile = step == 0 or (n == 1 and 1 not in sizes[:step])  # a recompile raises
         with torch._dynamo.config.patch(error_on_recompile=not may_compile):
-            logits = runner.decode(batch, tokens[:n])
-        torch.testing.assert_close(logits, eager, atol=1e-5, rtol=1e-5)
+            logits = both("decode", batch, tokens[:n])
         tokens = torch.cat([logits.argmax(-1), tokens[n:]])
-    assert compiled.compiles == 2  # batch >= 2 (dynamic) and batch 1
+    assert compiled.compiles == 3  # prefill, batch >= 2 (dynamic) and batch 1
     more = [list(range(40, 40 + k)) for k in (1, 7, 2)]  # prefill of 1, 7 and 2 tokens
-    runner.descriptor.allocate([10, 11, 12], [len(p) for p in more])
-    runner.forward([10, 11, 12], more)
-    assert compiled.compiles == 2
+    for r in (runner, eager_runner):
+        r.descriptor.allocate([10, 11, 12], [len(p) for p in more])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        both("forward", [10, 11, 12], more)
+    assert compiled.compiles == 3
 
 
 def test_the_op_appends_and_attends_as_the_eager_path() -> None:
@@ -180,4 +191,5 @@ def test_runners_made_one_after_another_each_compile(fresh_dynamo) -> None:
         for family in ("llama", "qwen3"):
             runner = PagedCausalLM(tiny_model(family), num_pages=64, page_size=4, compile=True)
             Engine(runner).generate(PROMPTS[:2], params)
-            assert runner.compiled is not None and runner.compiled.compiles == 1, family
+            compiled = runner.compiled
+            assert compiled is not None and compiled.compiles == 2, family  # prefill, decode

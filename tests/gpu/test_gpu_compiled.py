@@ -1,6 +1,6 @@
-"""The compiled decode on CUDA (integrations/compiled.py), on a tiny bf16 Llama: CUDA
-graphs of the compiled forward against the eager forward, two compiled graphs for
-every bucket, no host sync in steady steps."""
+"""The compiled steps on CUDA (integrations/compiled.py), on a tiny bf16 Llama: the
+compiled prefill and CUDA graphs of the compiled decode against an eager runner, two
+compiled decode graphs for every bucket, no host sync in steady steps."""
 
 from __future__ import annotations
 
@@ -30,25 +30,34 @@ def compiled_runner(
 
 @pytest.mark.parametrize("backend", ["auto", "flashinfer"])  # auto: Triton's decode in graphs
 def test_compiled_graph_decode_logits_equal_eager_decode(backend: str):
-    runner = compiled_runner(tiny_llama(), backend=backend)
+    """The compiled prefill and the compiled decode, replayed from graphs, against an
+    eager runner of the same model fed the same steps."""
+    model = tiny_llama()
+    runner = compiled_runner(model, backend=backend)
+    eager_runner = PagedCausalLM(model, num_pages=128, page_size=16, backend=backend)
     assert runner.enable_cuda_graphs((1, 4, 8))
     ids, prompts = [0, 1, 2, 3, 4], [list(range(5 + 7 * i, 25 + 9 * i)) for i in range(5)]
-    runner.descriptor.allocate(ids, [len(p) for p in prompts])
-    runner.forward(ids, prompts)
+    for r in (runner, eager_runner):
+        r.descriptor.allocate(ids, [len(p) for p in prompts])
+    prefill = runner.forward(ids, prompts).float()
+    torch.testing.assert_close(prefill, eager_runner.forward(ids, prompts).float(),
+                               atol=3e-2, rtol=3e-2)  # fmt: skip
     tokens = [7, 8, 9, 10, 11]
     for step in range(24):  # pages fill up and new ones start; buckets 8, 1, 4
         batch = ids if step < 8 else ids[:1] if step < 16 else ids[:3]
         tokens = [*tokens, 7, 8, 9, 10, 11][: len(batch)]  # the batch may grow back
-        runner.descriptor.allocate_decoding(batch)
-        eager = runner.forward(batch, [[t] for t in tokens]).float()
+        for r in (runner, eager_runner):
+            r.descriptor.allocate_decoding(batch)
+        eager = eager_runner.forward(batch, [[t] for t in tokens]).float()
         # bucket 4 (step 16) is captured from the dynamic graph bucket 8 compiled
         with torch._dynamo.config.patch(error_on_recompile=step not in (0, 8)):
-            graph = runner.decode(batch, tokens).float()  # appends the same K/V again
-        again = runner.decode(batch, tokens).float()
+            graph = runner.decode(batch, tokens).float()
+        again = runner.decode(batch, tokens).float()  # appends the same K/V again
         assert torch.equal(graph, again), "two replays differ"
         torch.testing.assert_close(graph, eager, atol=3e-2, rtol=3e-2)
         tokens = eager.argmax(-1).tolist()
-    assert runner.compiled is not None and runner.compiled.compiles == 2  # sizes >= 2, 1
+    compiled = runner.compiled
+    assert compiled is not None and compiled.compiles == 3  # prefill; decode sizes >= 2, 1
     assert runner.compile_seconds > 0
 
 
@@ -61,7 +70,8 @@ def test_compiled_engine_generates_like_the_graph_engine():
     same = sum(
         a == b for x, y in zip(graphs, compiled, strict=True) for a, b in zip(x, y, strict=True)
     )
-    assert [o[0] for o in graphs] == [o[0] for o in compiled]  # first tokens: same prefill
+    firsts = sum(x[0] == y[0] for x, y in zip(graphs, compiled, strict=True))
+    assert firsts >= 5, f"first tokens (eager prefill, compiled prefill) agree {firsts} of 6"
     assert same >= 0.8 * 6 * 16, f"only {same} of 96 tokens agree"
 
 

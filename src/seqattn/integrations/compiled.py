@@ -1,4 +1,4 @@
-"""Decode steps through ``torch.compile``: seqattn's append + attention as one custom op.
+"""Model steps through ``torch.compile``: seqattn's append + attention as one custom op.
 
 Inductor fuses the model's many small kernels (RMSNorm's mean/pow/mul, rotary, SiLU *
 mul, residual adds, copies) into a few, but it must not trace into seqattn's Python:
@@ -8,21 +8,23 @@ and ints only; its body finds the step's planned attention through a module-leve
 "current step" that :class:`CompiledDecode` sets around each forward (one forward at a
 time per process: it is not thread-safe, nor is a CUDA-graph capture).
 
-What is compiled: decode steps only (one new token per sequence), with the batch
-dimension dynamic, so one compiled graph serves every batch size from 2 up (inductor
-specializes size 1, a second graph), and CUDA graphs capture the compiled forward per
-batch bucket as they capture the eager one. Prefill and mixed steps stay eager: their
-token counts change every step, and they are few (one per prompt chunk).
+What is compiled: two forwards. Decode steps (one new token per sequence) have the
+batch dimension dynamic, so one compiled graph serves every batch size from 2 up
+(inductor specializes size 1, a second graph), and CUDA graphs capture the compiled
+forward per batch bucket as they capture the eager one. Prefill and mixed steps (any
+rows per sequence) have the row and sequence counts dynamic: one more graph (and one
+for a single sequence), run without CUDA graphs, keeping the logits of each
+sequence's last row only.
 
 Off by default (``PagedCausalLM(compile=True)`` or ``Engine(compile=True)`` turn it on):
-the compile costs seconds to minutes in the first decode step of every process, and on
+the compile costs seconds to minutes in the first steps of every process, and on
 the CPU it gains nothing measurable (a tiny model's step is host-bound, a larger one's
 matmul-bound). On an H200 a 0.85B Llama's CUDA-graph decode step at batch 64 took 1.74
 ms compiled against 2.78 ms not (``benchmarks/bench_generate.py`` prints both). A
 model sharded by transformers' tensor parallelism compiles too: dynamo traces its
 all-reduces as functional collectives, with no graph break.
 
-Compile time is paid in the first decode step of each graph (tens of seconds for a
+Compile time is paid in the first step of each graph (tens of seconds for a
 billion-parameter model; see :attr:`CompiledDecode.compile_seconds`). Inductor keeps
 compiled kernels and graphs on disk (its FX graph and AOTAutograd caches, on by
 default, in ``TORCHINDUCTOR_CACHE_DIR``, default ``/tmp/torchinductor_<user>``): a
@@ -155,10 +157,12 @@ def compiled_attention(
 
 
 class CompiledDecode:
-    """A model's decode forward compiled by ``torch.compile`` (inductor), batch
-    dimension dynamic.
+    """A model's forward compiled by ``torch.compile`` (inductor): decode steps
+    (:meth:`decode`, batch dimension dynamic) and prefill or mixed steps
+    (:meth:`prefill`, rows and sequences dynamic).
 
-    Each instance compiles a copy of :func:`decode_forward` of its own, so that runners
+    Each instance compiles copies of :func:`decode_forward` and :func:`rows_forward` of
+    its own, so that runners
     made one after another in a process (tests, benchmarks) do not share dynamo's state:
     it stops compiling a code object after ``torch._dynamo.config.recompile_limit`` (8)
     variants, running it eagerly from then on, and it makes a size or float that
@@ -187,6 +191,7 @@ class CompiledDecode:
         self.compiles = 0
         self.compile_seconds = 0.0
         self._compiled = torch.compile(own_code(decode_forward), backend=self._inductor)
+        self._compiled_rows = torch.compile(own_code(rows_forward), backend=self._inductor)
 
     def _inductor(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         """inductor with the mode's options, counting what it compiles."""
@@ -204,15 +209,9 @@ class CompiledDecode:
                 model's device; tensors made under inference mode (torch guards on a
                 tensor's dispatch keys: a normal tensor would compile another graph).
         """
-        if input_ids.shape[1] > 1:  # size 1 is its own graph whatever is marked
-            torch._dynamo.mark_dynamic(input_ids, 1)
-            torch._dynamo.mark_dynamic(position_ids, 1)
-        compiles, start = self.compiles, time.perf_counter()
-        with current_step(context, self.kv_data):
-            logits = self._compiled(self.model, input_ids, position_ids, self.kv_data)
-        if self.compiles != compiles:
-            self.compile_seconds += time.perf_counter() - start
-        return logits  # type: ignore[no-any-return]
+        _mark_rows(input_ids, 1)
+        _mark_rows(position_ids, 1)
+        return self._run(context, self._compiled, input_ids, position_ids)
 
     def decode(
         self, context: StepContext, tokens: torch.Tensor, positions: torch.Tensor
@@ -224,6 +223,45 @@ class CompiledDecode:
             ids, where = (t.to(torch.long, copy=True)[None] for t in (tokens, positions))
         return self(context, ids, where)
 
+    def prefill(
+        self,
+        context: StepContext,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        last_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits ``[len(last_rows), vocab_size]`` of a step of any rows per sequence
+        (prompt chunks, mixed with decode rows): those of rows ``last_rows``.
+
+        Args:
+            context: the step's attention.
+            tokens, positions: ``[rows]`` integers on the model's device (copied, as in
+                :meth:`decode`); rows and sequences are both dynamic dimensions.
+            last_rows: ``[sequences]`` integers, each sequence's last new row.
+        """
+        with torch.inference_mode():
+            ids, where = (t.to(torch.long, copy=True)[None] for t in (tokens, positions))
+            keep = last_rows.to(torch.long, copy=True)
+        for tensor, dim in ((ids, 1), (where, 1), (keep, 0)):
+            _mark_rows(tensor, dim)
+        return self._run(context, self._compiled_rows, ids, where, keep)
+
+    def _run(self, context: StepContext, compiled: Any, *inputs: torch.Tensor) -> torch.Tensor:
+        """Call ``compiled(model, ids, positions, kv_cache, *rest)`` in ``context``,
+        adding the wall time of a call that compiled to :attr:`compile_seconds`."""
+        compiles, start = self.compiles, time.perf_counter()
+        with current_step(context, self.kv_data):
+            logits = compiled(self.model, *inputs[:2], self.kv_data, *inputs[2:])
+        if self.compiles != compiles:
+            self.compile_seconds += time.perf_counter() - start
+        return logits  # type: ignore[no-any-return]
+
+
+def _mark_rows(tensor: torch.Tensor, dim: int) -> None:
+    """Make ``dim`` dynamic, unless it is 1: size 1 is its own graph whatever is marked."""
+    if tensor.shape[dim] > 1:
+        torch._dynamo.mark_dynamic(tensor, dim)
+
 
 def decode_forward(
     model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, kv_cache: torch.Tensor
@@ -233,6 +271,21 @@ def decode_forward(
     return model(  # type: ignore[no-any-return]
         input_ids=input_ids, position_ids=position_ids, use_cache=False,
         logits_to_keep=0, seqattn_kv=kv_cache,
+    ).logits[0]  # fmt: skip
+
+
+def rows_forward(
+    model: Any,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    kv_cache: torch.Tensor,
+    last_rows: torch.Tensor,
+) -> torch.Tensor:
+    """What is compiled for prefill and mixed steps: the logits of rows ``last_rows``
+    (each sequence's last new token), ``[len(last_rows), vocab_size]``."""
+    return model(  # type: ignore[no-any-return]
+        input_ids=input_ids, position_ids=position_ids, use_cache=False,
+        logits_to_keep=last_rows, seqattn_kv=kv_cache,
     ).logits[0]  # fmt: skip
 
 

@@ -111,10 +111,11 @@ class PagedCausalLM:
             fingerprint of every step's page table across the ranks (one all-reduce of
             two integers per step) and raise :class:`~seqattn.errors.RankMismatchError`
             naming the first step where they differ.
-        compile: run decode steps through ``torch.compile`` (inductor), with seqattn's
-            append + attention as the custom op ``seqattn::paged_attention``; prefill
-            stays eager. The first decode step pays the compile (see
-            :attr:`compile_seconds`); CUDA graphs then capture the compiled forward.
+        compile: run steps through ``torch.compile`` (inductor), with seqattn's
+            append + attention as the custom op ``seqattn::paged_attention``: one
+            graph for decode steps, one for prefill and mixed steps. Their first steps
+            pay the compile (see :attr:`compile_seconds`); CUDA graphs then capture the
+            compiled decode forward.
             Off by default: see :mod:`seqattn.integrations.compiled`.
         compile_mode: ``"default"`` or ``"max-autotune-no-cudagraphs"`` (inductor's
             modes that make no CUDA graphs of their own).
@@ -199,7 +200,7 @@ class PagedCausalLM:
         self.backend = backend
         self._attention: dict[tuple[int, Optional[float]], PagedAttention] = {}
         self._graphs: Optional[_DecodeGraphs] = None
-        # decode steps through torch.compile (None: eager); see .compiled
+        # steps through torch.compile (None: eager); see .compiled
         self.compiled = None if mode is None else CompiledDecode(model, self.cache.kv_data, mode)
 
     @property
@@ -338,8 +339,10 @@ class PagedCausalLM:
             assert self._graphs is not None
             return self._graphs.replay(step, input_ids)  # type: ignore[arg-type]
         context = StepContext(step, self.attention_for)
-        if decode and self.compiled is not None:
+        if self.compiled is not None and decode:
             return self.compiled.decode(context, input_ids, step.append_positions)  # type: ignore[arg-type]
+        if self.compiled is not None:
+            return self.compiled.prefill(context, input_ids, step.append_positions, step.last_rows)  # type: ignore[arg-type]
         output = self.model(
             input_ids=input_ids[None], position_ids=step.append_positions[None],  # type: ignore[index]
             use_cache=False, logits_to_keep=step.last_rows, seqattn_step=context,

@@ -22,7 +22,9 @@ the CPU it gains nothing measurable (a tiny model's step is host-bound, a larger
 matmul-bound). On an H200 a 0.85B Llama's CUDA-graph decode step at batch 64 took 1.74
 ms compiled against 2.78 ms not (``benchmarks/bench_generate.py`` prints both). A
 model sharded by transformers' tensor parallelism compiles too: dynamo traces its
-all-reduces as functional collectives, with no graph break.
+all-reduces as functional collectives (with no graph break on torch 2.13 and
+transformers 5.24; on torch 2.11 and transformers 5.17 the sharded modules' backward
+hooks break the graph, see the README).
 
 Compile time is paid in the first step of each graph (tens of seconds for a
 billion-parameter model; see :attr:`CompiledDecode.compile_seconds`). Inductor keeps

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -117,3 +119,45 @@ def load_tensor_parallel(path: Any, *, dtype: torch.dtype, **kwargs: Any) -> Any
             plan = {"tp_plan": "auto"}
     load = transformers.AutoModelForCausalLM.from_pretrained
     return load(path, dtype=dtype, **plan, **kwargs).eval()
+
+
+def sharded_linears(model: Any) -> list[tuple[torch.nn.Module, str, Any]]:
+    """``(module, name, dtensor)`` for each DTensor parameter of an ``nn.Linear`` in
+    ``model`` (the layers transformers' tensor parallelism shards); empty for a model
+    loaded whole."""
+    is_dtensor = _dtensor_check()
+    return [
+        (module, name, param)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear)
+        for name, param in module._parameters.items()
+        if is_dtensor(param)
+    ]
+
+
+@contextmanager
+def linears_on_local_shards(shards: list[tuple[torch.nn.Module, str, Any]]) -> Iterator[None]:
+    """Give the linear layers of :func:`sharded_linears` their rank's shard itself (a
+    plain tensor) for the duration, as transformers does per layer around a forward
+    without gradients; the DTensors are put back after.
+
+    For dynamo, which then sees plain weights: graph passes can read and re-home them
+    (:mod:`.fused_linears`; the DTensors hold the same shard objects, so they see it
+    too), where a DTensor whose shard shares a storage cannot be traced (torch 2.13's
+    fake tensors fail on it).
+    """
+    for module, name, param in shards:
+        module._parameters[name] = param._local_tensor
+    try:
+        yield
+    finally:
+        for module, name, param in shards:
+            module._parameters[name] = param
+
+
+def _dtensor_check() -> Any:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed: nothing is sharded
+        return lambda value: False
+    return lambda value: isinstance(value, DTensor)

@@ -117,7 +117,11 @@ def run_seqattn(
     requests = [engine.requests[i] for i in ids]
     ttft = [r.first_token_time - r.arrival for r in requests]
     compiled = runner.compiled
-    compiling = None if compiled is None else (compiled.compile_seconds, compiled.compiles)
+    compiling = (
+        None
+        if compiled is None
+        else (compiled.compile_seconds, compiled.compiles, compiled.stacked_matmuls)
+    )
     result = dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
                   steps=engine.stats.steps, decode_step=statistics.median(decode_steps),
                   first_steps=first_steps, ttft_max=max(ttft), compiling=compiling,
@@ -370,9 +374,10 @@ def report(model: Any, prompts: list[list[int]], args: argparse.Namespace, resul
             print(r["profile"])
     for label, r in results.items():
         if r.get("compiling"):
-            seconds, count = r["compiling"]
-            print(f"{label}: torch.compile {seconds:.1f} s, graphs compiled: {count} (mode "
-                  f"{args.compile_mode}; inductor's cache: TORCHINDUCTOR_CACHE_DIR)")  # fmt: skip
+            seconds, count, stacked = r["compiling"]
+            print(f"{label}: torch.compile {seconds:.1f} s, graphs compiled: {count}, "
+                  f"projection groups made one matmul: {stacked} (mode {args.compile_mode}; "
+                  "inductor's cache: TORCHINDUCTOR_CACHE_DIR)")  # fmt: skip
     for label, r in results.items():
         if "decode_step" in r:
             print(

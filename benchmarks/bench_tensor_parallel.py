@@ -97,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
                        load_s=loaded, memory_gib=memory, syncs=result["syncs"],
                        outputs=result["outputs"], graphs=graphs, reduce_us=reduce_us,
                        collectives=collectives, profile=result["profile"],
-                       reduce_graph=reduce_graph)  # fmt: skip
+                       reduce_graph=reduce_graph, compiling=result["compiling"])  # fmt: skip
         Path(args.out).write_text(json.dumps(figures))
     dist.barrier()  # no rank leaves while another still works
     dist.destroy_process_group()
@@ -289,6 +289,10 @@ def report(args: argparse.Namespace, runs: dict[int, dict[str, Any]]) -> None:
                   f"decode step: {total:.2f} ms of the {step:.2f} ms step")  # fmt: skip
             for way, got in r.get("reduce_graph", {}).items():
                 print(f"TP={ranks}: all-reduce in a CUDA graph of {r['collectives']}, {way}: {got}")
+        if r.get("compiling"):
+            seconds, count, stacked = r["compiling"]
+            print(f"TP={ranks}: torch.compile {seconds:.1f} s, graphs compiled: {count}, "
+                  f"projection groups made one matmul: {stacked}")  # fmt: skip
         if r.get("profile"):
             print(f"TP={ranks} {r['profile']}")
     print("\n| run | CUDA graphs | wall s | generated tok/s | median decode step ms | "

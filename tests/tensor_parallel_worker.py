@@ -34,8 +34,15 @@ def serve(
     params = SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=temperature)
     outputs = engine.generate(PROMPTS, params)
     stats = runner.descriptor.prefix_stats
-    return dict(outputs=outputs, preemptions=engine.stats.preemptions,
-                hit_tokens=stats.hit_tokens, kv_heads=runner.cache.num_heads)  # fmt: skip
+    result = dict(outputs=outputs, preemptions=engine.stats.preemptions,
+                  hit_tokens=stats.hit_tokens, kv_heads=runner.cache.num_heads)  # fmt: skip
+    if runner.compiled is not None:
+        from torch._dynamo.utils import counters
+
+        breaks = sum(counters["graph_break"].values())
+        result.update(compiles=runner.compiled.compiles, graph_breaks=breaks,
+                      stacked=runner.compiled.stacked_matmuls)  # fmt: skip
+    return result
 
 
 def refusal(call: Callable[[], Any]) -> list[str]:

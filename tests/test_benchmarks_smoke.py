@@ -104,7 +104,8 @@ def test_generate_benchmark_compiles_on_the_cpu(monkeypatch, capsys) -> None:
     for path in ("seqattn engine, compiled", "seqattn engine, eager", "HF generate (sdpa)"):
         assert f"| {path} |" in out
     assert "seqattn engine, compiled: torch.compile " in out
-    assert "graphs compiled: 2 (mode default" in out  # prefill; all 4 requests decode together
+    # prefill; all 4 requests decode together; q/k/v and gate/up of 2 layers per graph
+    assert "graphs compiled: 2, projection groups made one matmul: 8 (mode default" in out
     compiled = "seqattn engine, compiled: tokens identical to HF generate: "
     assert f"{compiled}100.0%; earliest divergence: none" in out
 

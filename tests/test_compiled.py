@@ -7,6 +7,8 @@ Skipped where inductor cannot build CPU kernels (no C++ compiler)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -26,6 +28,7 @@ from seqattn.integrations.compiled import (  # noqa: E402
 )
 from seqattn.integrations.hf import PagedCausalLM  # noqa: E402
 from seqattn.integrations.hf_attention import StepContext  # noqa: E402
+from tests.test_fused_linears import storage_bytes  # noqa: E402
 from tests.test_hf_engine import PROMPTS, hf_greedy, tiny_model  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -193,3 +196,61 @@ def test_runners_made_one_after_another_each_compile(fresh_dynamo) -> None:
             Engine(runner).generate(PROMPTS[:2], params)
             compiled = runner.compiled
             assert compiled is not None and compiled.compiles == 2, family  # prefill, decode
+
+
+def test_projections_on_one_input_are_one_matmul_at_no_memory_cost(fresh_dynamo, tmp_path) -> None:
+    """q/k/v and gate/up are stacked in each compiled graph (two per layer per graph):
+    the model's own parameters become consecutive views of one buffer per group, with
+    the same values, and no byte more is held; the tokens equal the eager engine's
+    (the greedy test above); the model still saves and loads back equal, and a second
+    runner finds the weights stacked already."""
+    model = tiny_model("qwen2")  # q/k/v with biases
+    values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    held = storage_bytes(model)
+    runner = PagedCausalLM(model, num_pages=64, page_size=4, compile=True)
+    Engine(runner).generate(PROMPTS, SamplingParams(max_new_tokens=3))
+    layers = model.config.num_hidden_layers
+    assert runner.compiled is not None and runner.compiled.stacked_matmuls == 2 * layers * 2
+    assert storage_bytes(model) == held
+    for name, p in model.named_parameters():
+        assert torch.equal(p, values[name]), name
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        for group in ((attention.q_proj, attention.k_proj, attention.v_proj),
+                      (mlp.gate_proj, mlp.up_proj)):  # fmt: skip
+            for kind in ("weight", "bias") if group[0].bias is not None else ("weight",):
+                tensors = [getattr(m, kind) for m in group]
+                for before, after in itertools.pairwise(tensors):
+                    assert after.data_ptr() == before.data_ptr() + before.nbytes
+    saved = tmp_path / "model"
+    model.save_pretrained(saved)
+    loaded = type(model).from_pretrained(saved)
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p, values[name]), name
+    again = PagedCausalLM(model, num_pages=64, page_size=4, compile=True)
+    Engine(again).generate(PROMPTS[:2], SamplingParams(max_new_tokens=3))
+    assert again.compiled is not None and again.compiled.stacked_matmuls == 2 * layers * 2
+    assert storage_bytes(model) == held
+
+
+def test_backward_hooks_do_not_break_the_graph_and_stay(fresh_dynamo) -> None:
+    """transformers 5.17 gives tensor-parallel Qwen3's q_norm/k_norm a backward hook;
+    dynamo breaks a graph at every module that has one. The compiled runner hides them
+    while it runs: one graph for prefill, one for decode, no break, same tokens, and
+    the hooks are still there afterwards."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("qwen3")
+    hook = lambda *args: None  # noqa: E731
+    norms = [layer.self_attn.q_norm for layer in model.model.layers]
+    for norm in norms:
+        norm.register_full_backward_hook(hook)
+    counters.clear()
+    params = SamplingParams(max_new_tokens=6)
+    runner = PagedCausalLM(model, num_pages=64, page_size=4, compile=True)
+    outputs = Engine(runner).generate(PROMPTS, params)
+    assert runner.compiled is not None and runner.compiled.compiles == 2
+    assert sum(counters["graph_break"].values()) == 0
+    assert all(list(norm._backward_hooks.values()) == [hook] for norm in norms)
+    eager = PagedCausalLM(model, num_pages=64, page_size=4)
+    assert outputs == Engine(eager).generate(PROMPTS, params)

@@ -112,12 +112,18 @@ def test_two_ranks_generate_the_tokens_of_one_process(ranks, family: str) -> Non
 
 
 def check_compiled(reports: list[dict]) -> None:
-    """Both ranks' compiled decode gave the tokens of the decode not compiled."""
+    """Both ranks' compiled decode gave the tokens of the decode not compiled, with no
+    graph break, each graph with the shards of q/k/v and of gate/up stacked into one
+    matmul per layer."""
     first, second = reports
     if "skipped" in first["compiled"]:
         pytest.skip(first["compiled"]["skipped"])
     assert first["compiled"] == second["compiled"]
     assert first["compiled"]["outputs"] == first[FAMILIES[-1]][0]["outputs"]
+    compiled = first["compiled"]
+    assert compiled["graph_breaks"] == 0
+    layers, groups = 2, 2  # q/k/v and gate/up per layer, in every graph
+    assert compiled["stacked"] == layers * groups * compiled["compiles"]
 
 
 def test_a_compiled_tensor_parallel_decode_generates_the_same_tokens(ranks) -> None:

@@ -41,6 +41,7 @@ import itertools
 import sys
 import time
 import types
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Optional
@@ -49,6 +50,8 @@ import torch
 
 from .._checks import exact_bool, shown
 from ..errors import ArgumentTypeError, InvalidArgumentError, MissingDependencyError, SeqAttnError
+from .fused_linears import stack_sibling_linears
+from .hf_parallel import linears_on_local_shards, sharded_linears
 
 if TYPE_CHECKING:
     from .hf_attention import StepContext
@@ -181,6 +184,8 @@ class CompiledDecode:
         compiles: graphs inductor compiled so far (a recompile adds one).
         compile_seconds: wall time of the calls that compiled (tracing, inductor, and
             the first run of the graph).
+        stacked_matmuls: groups of projections on one input (q/k/v, gate/up) made one
+            matmul, over all graphs compiled so far.
     """
 
     def __init__(self, model: Any, kv_data: torch.Tensor, mode: str) -> None:
@@ -192,13 +197,24 @@ class CompiledDecode:
         self.options = list_mode_options(mode)
         self.compiles = 0
         self.compile_seconds = 0.0
+        self.stacked_matmuls = 0
+        self._hooked = [m for m in model.modules() if m._backward_hooks or m._backward_pre_hooks]
+        self._shards = sharded_linears(model)
         self._compiled = torch.compile(own_code(decode_forward), backend=self._inductor)
         self._compiled_rows = torch.compile(own_code(rows_forward), backend=self._inductor)
 
     def _inductor(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        """inductor with the mode's options, counting what it compiles."""
+        """inductor with the mode's options, on the graph with projections that share
+        an input stacked into one matmul (:mod:`.fused_linears`), counting what it
+        compiles and fuses."""
         self.compiles += 1
-        return torch._inductor.compile(graph, example_inputs, options=self.options)
+        stacking = stack_sibling_linears(graph, example_inputs)
+        self.stacked_matmuls += stacking.groups
+        inputs = stacking.inputs(example_inputs)
+        compiled = torch._inductor.compile(stacking.graph, inputs, options=self.options)
+        if not stacking.groups:
+            return compiled
+        return lambda *args: compiled(*stacking.inputs(args))
 
     def __call__(
         self, context: StepContext, input_ids: torch.Tensor, position_ids: torch.Tensor
@@ -252,11 +268,35 @@ class CompiledDecode:
         """Call ``compiled(model, ids, positions, kv_cache, *rest)`` in ``context``,
         adding the wall time of a call that compiled to :attr:`compile_seconds`."""
         compiles, start = self.compiles, time.perf_counter()
-        with current_step(context, self.kv_data):
+        with (
+            current_step(context, self.kv_data),
+            backward_hooks_off(self._hooked),
+            linears_on_local_shards(self._shards),
+        ):
             logits = compiled(self.model, *inputs[:2], self.kv_data, *inputs[2:])
         if self.compiles != compiles:
             self.compile_seconds += time.perf_counter() - start
         return logits  # type: ignore[no-any-return]
+
+
+@contextmanager
+def backward_hooks_off(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Hide ``modules``' backward hooks for the duration (they are put back after).
+
+    A forward under no_grad never runs a backward hook, but a module that has one wraps
+    its call in a ``BackwardHook`` all the same, and dynamo breaks the graph there
+    ("Module-level backwards hooks require compiled autograd"). transformers 5.17's
+    tensor parallelism gives Qwen3's sharded ``q_norm``/``k_norm`` such a hook (to sum
+    their gradients across ranks): every layer's forward broke into pieces.
+    """
+    saved = [(m, m._backward_hooks, m._backward_pre_hooks) for m in modules]
+    for module, _, _ in saved:
+        module._backward_hooks, module._backward_pre_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        for module, hooks, pre_hooks in saved:
+            module._backward_hooks, module._backward_pre_hooks = hooks, pre_hooks
 
 
 def _mark_rows(tensor: torch.Tensor, dim: int) -> None:

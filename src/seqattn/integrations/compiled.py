@@ -210,7 +210,8 @@ class CompiledDecode:
         self.compiles += 1
         stacking = stack_sibling_linears(graph, example_inputs)
         self.stacked_matmuls += stacking.groups
-        inputs = stacking.inputs(example_inputs)
+        inputs = [*stacking.inputs(example_inputs)[: len(stacking.kept)],
+                  *_static_fakes(stacking.added, example_inputs)]  # fmt: skip
         compiled = torch._inductor.compile(stacking.graph, inputs, options=self.options)
         if not stacking.groups:
             return compiled
@@ -277,6 +278,21 @@ class CompiledDecode:
         if self.compiles != compiles:
             self.compile_seconds += time.perf_counter() - start
         return logits  # type: ignore[no-any-return]
+
+
+def _static_fakes(tensors: list[torch.Tensor], example_inputs: list[Any]) -> list[Any]:
+    """``tensors`` as fake tensors of static shape in the mode dynamo traced in.
+
+    AOTAutograd fakes a real input that dynamo did not trace with a fresh symbol per
+    size when shapes are dynamic; such a symbol has no source in the user's frame, and
+    torch 2.11's guard building fails on it ("sources must not be empty for symbol").
+    """
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(example_inputs)
+    if mode is None:
+        return list(tensors)
+    return [mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
 @contextmanager

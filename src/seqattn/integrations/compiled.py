@@ -19,12 +19,16 @@ sequence's last row only.
 Off by default (``PagedCausalLM(compile=True)`` or ``Engine(compile=True)`` turn it on):
 the compile costs seconds to minutes in the first steps of every process, and on
 the CPU it gains nothing measurable (a tiny model's step is host-bound, a larger one's
-matmul-bound). On an H200 a 0.85B Llama's CUDA-graph decode step at batch 64 took 1.74
-ms compiled against 2.78 ms not (``benchmarks/bench_generate.py`` prints both). A
-model sharded by transformers' tensor parallelism compiles too: dynamo traces its
-all-reduces as functional collectives (with no graph break on torch 2.13 and
-transformers 5.24; on torch 2.11 and transformers 5.17 the sharded modules' backward
-hooks break the graph, see the README).
+matmul-bound). On an H200 a 0.85B Llama's CUDA-graph decode step at batch 64 took 1.56
+ms compiled against 2.76 ms not (``benchmarks/bench_generate.py`` prints both).
+
+Each graph is rewritten before inductor compiles it: the projections that read one
+input (q/k/v, gate/up) become one matmul over their weights, re-homed as consecutive
+views of one buffer (:mod:`.fused_linears`). While a compiled forward runs, the model's
+backward hooks are hidden (dynamo breaks a graph at each module that has one; no
+backward runs here) and tensor-parallel linear layers hold their rank's plain shard
+instead of the DTensor (:func:`.hf_parallel.linears_on_local_shards`), so a sharded
+model compiles whole too, its all-reduces traced as functional collectives.
 
 Compile time is paid in the first step of each graph (tens of seconds for a
 billion-parameter model; see :attr:`CompiledDecode.compile_seconds`). Inductor keeps

@@ -99,15 +99,15 @@ def stack_sibling_linears(graph: torch.fx.GraphModule, example_inputs: Sequence[
     original = graph
     graph = _copy(graph)
     tensors = _input_tensors(graph, example_inputs)
-    groups: dict[tuple[torch.fx.Node, bool], list[torch.fx.Node]] = defaultdict(list)
+    groups: dict[tuple[torch.fx.Node, bool], list[_Linear]] = defaultdict(list)
     for node in graph.graph.nodes:
-        parts = _linear_parts(node, tensors)
-        if parts is not None:
-            groups[(node.args[0], parts[1] is not None)].append(node)  # type: ignore[index]
+        linear = _linear(node, tensors)
+        if linear is not None:  # grouped by input, and by having a bias or not
+            groups[(node.args[0], linear.bias is not None)].append(linear)  # type: ignore[index]
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
     stacking = Stacking(graph, 0, list(range(len(placeholders))), [])
-    for nodes in groups.values():
-        if len(nodes) > 1 and _fuse(graph, nodes, tensors, stacking):
+    for linears in groups.values():
+        if len(linears) > 1 and _fuse(graph, linears, stacking):
             stacking.groups += 1
     if not stacking.groups:
         stacking.graph = original
@@ -121,14 +121,17 @@ def stack_sibling_linears(graph: torch.fx.GraphModule, example_inputs: Sequence[
 
 
 def _erase_unread(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
-    """Erase those of ``nodes`` that nothing reads, and then what only they read."""
+    """Erase those of ``nodes`` (weights read from outside: placeholders, ``get_attr``,
+    ``to_local()`` of a placeholder) that nothing reads, then placeholders only they read."""
+    erased: set[torch.fx.Node] = set()
     while nodes:
         node = nodes.pop()
-        if node.users or node.graph is not graph or node.op == "output":
+        if node in erased or node.users:
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)
-        nodes.extend(inputs)
+        erased.add(node)
+        nodes.extend(n for n in inputs if n.op == "placeholder")
 
 
 def _copy(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -180,11 +183,18 @@ def _attribute(root: Any, path: str) -> Any:
     return root
 
 
-def _linear_parts(
-    node: torch.fx.Node, tensors: dict[torch.fx.Node, torch.Tensor]
-) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """``(weight, bias)`` of a ``linear(x, weight, bias)`` node whose weight (and bias)
-    are plain input tensors that may be stacked; None for any other node."""
+@dataclass
+class _Linear:
+    """A ``linear(x, weight, bias)`` call whose weight (and bias) are input tensors."""
+
+    node: torch.fx.Node
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+def _linear(node: torch.fx.Node, tensors: dict[torch.fx.Node, torch.Tensor]) -> Optional[_Linear]:
+    """``node`` as a :class:`_Linear` if it is a linear call whose weight (and bias) are
+    plain input tensors that may be stacked; None for any other node."""
     if node.op != "call_function" or node.target not in LINEAR or node.kwargs:
         return None
     if len(node.args) not in (2, 3):
@@ -196,21 +206,16 @@ def _linear_parts(
         return None
     if bias_node is not None and (bias is None or bias.dim() != 1):
         return None
-    return weight, bias
+    return _Linear(node, weight, bias)
 
 
-def _fuse(
-    graph: torch.fx.GraphModule,
-    nodes: list[torch.fx.Node],
-    tensors: dict[torch.fx.Node, torch.Tensor],
-    stacking: Stacking,
-) -> bool:
-    """Replace ``nodes`` (linear calls on one input) by one call on their stacked
-    weight (and bias), new placeholders appended to ``stacking.added``, and a slice
-    each. False, graph untouched, if the group cannot be stacked."""
-    parts = [_linear_parts(n, tensors) for n in nodes]
-    weights = [p[0] for p in parts]  # type: ignore[index]
-    biases = [p[1] for p in parts if p is not None and p[1] is not None]
+def _fuse(graph: torch.fx.GraphModule, linears: list[_Linear], stacking: Stacking) -> bool:
+    """Replace ``linears`` (calls on one input) by one call on their stacked weight (and
+    bias), new placeholders appended to ``stacking.added``, and a slice each. False,
+    graph untouched, if the group cannot be stacked."""
+    nodes = [linear.node for linear in linears]
+    weights = [linear.weight for linear in linears]
+    biases = [linear.bias for linear in linears if linear.bias is not None]
     first = weights[0]
     if len({id(w) for w in weights}) < len(weights) or any(
         w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1]

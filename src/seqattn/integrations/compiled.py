@@ -242,9 +242,7 @@ class CompiledDecode:
         """As calling it, from a step's ``[rows]`` tokens and positions of any integer
         dtype and origin: they are copied into fresh int64 ``[1, rows]`` tensors (packed
         steps hand over int32 views of one shared buffer, at offsets that change)."""
-        with torch.inference_mode():
-            ids, where = (t.to(torch.long, copy=True)[None] for t in (tokens, positions))
-        return self(context, ids, where)
+        return self(context, *_int64_rows(tokens, positions))
 
     def prefill(
         self,
@@ -262,8 +260,8 @@ class CompiledDecode:
                 :meth:`decode`); rows and sequences are both dynamic dimensions.
             last_rows: ``[sequences]`` integers, each sequence's last new row.
         """
+        ids, where = _int64_rows(tokens, positions)
         with torch.inference_mode():
-            ids, where = (t.to(torch.long, copy=True)[None] for t in (tokens, positions))
             keep = last_rows.to(torch.long, copy=True)
         for tensor, dim in ((ids, 1), (where, 1), (keep, 0)):
             _mark_rows(tensor, dim)
@@ -282,6 +280,13 @@ class CompiledDecode:
         if self.compiles != compiles:
             self.compile_seconds += time.perf_counter() - start
         return logits  # type: ignore[no-any-return]
+
+
+def _int64_rows(tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Fresh int64 ``[1, rows]`` copies of a step's tokens and positions, made under
+    inference mode (as the compiled graphs' guards expect)."""
+    with torch.inference_mode():
+        return tuple(t.to(torch.long, copy=True)[None] for t in (tokens, positions))
 
 
 def _static_fakes(tensors: list[torch.Tensor], example_inputs: list[Any]) -> list[Any]:

@@ -339,9 +339,9 @@ class PagedCausalLM:
             assert self._graphs is not None
             return self._graphs.replay(step, input_ids)  # type: ignore[arg-type]
         context = StepContext(step, self.attention_for)
-        if self.compiled is not None and decode:
-            return self.compiled.decode(context, input_ids, step.append_positions)  # type: ignore[arg-type]
         if self.compiled is not None:
+            if decode:
+                return self.compiled.decode(context, input_ids, step.append_positions)  # type: ignore[arg-type]
             return self.compiled.prefill(context, input_ids, step.append_positions, step.last_rows)  # type: ignore[arg-type]
         output = self.model(
             input_ids=input_ids[None], position_ids=step.append_positions[None],  # type: ignore[index]

@@ -179,6 +179,10 @@ class CompiledDecode:
     head_dim or scale would). Graphs identical to earlier ones come from inductor's
     caches, in seconds.
 
+    Which modules have backward hooks to hide, and which linear layers are
+    tensor-parallel shards, is read from the model once, here: hooks registered later
+    would break the graph again.
+
     Args:
         model: the ``*ForCausalLM``, already on seqattn's attention.
         kv_data: the cache's storage, ``PagedKVCacheManager.kv_data``.

@@ -158,6 +158,9 @@ def linears_on_local_shards(shards: list[tuple[torch.nn.Module, str, Any]]) -> I
 def _dtensor_check() -> Any:
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed: nothing is sharded
-        return lambda value: False
+    except ImportError:
+        try:  # torch < 2.5 kept it private
+            from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+        except ImportError:  # torch built without distributed: nothing is sharded
+            return lambda value: False
     return lambda value: isinstance(value, DTensor)

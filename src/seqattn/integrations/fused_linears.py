@@ -18,9 +18,11 @@ storage as the stacked weight again. A tensor that shared its storage with a wei
 see writes to the weight; inference writes none. transformers' ``save_pretrained``
 still saves the model, and it loads back equal (tested with transformers 5.24).
 
-Groups are fused whose weights are plain tensors, or DTensor shards read through
-``to_local()`` (transformers' tensor parallelism), each 2-D and contiguous, all of one
-dtype and device, with biases on all or none.
+Groups are fused whose weights are plain tensors (no subclass: a tensor-parallel
+model's DTensors are handed to the compiled forward as their plain shards, see
+:func:`.hf_parallel.linears_on_local_shards`; torch 2.13 cannot fake DTensors whose
+shards share a storage), each 2-D and contiguous, all of one dtype and device, with
+biases on all or none.
 
 Example::
 
@@ -112,7 +114,7 @@ def stack_sibling_linears(graph: torch.fx.GraphModule, example_inputs: Sequence[
     if not stacking.groups:
         stacking.graph = original
         return stacking
-    _erase_unread(graph.graph, list(tensors))  # the old weights
+    _erase_unread(graph.graph, list(tensors))  # the old weights, now read by nothing
     alive = set(graph.graph.nodes)
     stacking.kept = [i for i, n in enumerate(placeholders) if n in alive]
     graph.graph.lint()
@@ -121,17 +123,10 @@ def stack_sibling_linears(graph: torch.fx.GraphModule, example_inputs: Sequence[
 
 
 def _erase_unread(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
-    """Erase those of ``nodes`` (weights read from outside: placeholders, ``get_attr``,
-    ``to_local()`` of a placeholder) that nothing reads, then placeholders only they read."""
-    erased: set[torch.fx.Node] = set()
-    while nodes:
-        node = nodes.pop()
-        if node in erased or node.users:
-            continue
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        erased.add(node)
-        nodes.extend(n for n in inputs if n.op == "placeholder")
+    """Erase those of ``nodes`` (placeholders and ``get_attr``) that nothing reads."""
+    for node in nodes:
+        if not node.users:
+            graph.erase_node(node)
 
 
 def _copy(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -154,26 +149,19 @@ def _copy(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def _input_tensors(
     graph: torch.fx.GraphModule, example_inputs: Sequence[Any]
 ) -> dict[torch.fx.Node, torch.Tensor]:
-    """The plain tensor behind each node that reads one from outside the graph: a
-    placeholder, a ``get_attr``, or ``to_local()`` of a DTensor placeholder (how
-    transformers' tensor parallelism hands a layer its shard)."""
+    """The plain tensor behind each placeholder or ``get_attr`` node that has one."""
     tensors: dict[torch.fx.Node, torch.Tensor] = {}
-    distributed: dict[torch.fx.Node, torch.Tensor] = {}
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):  # not inputs of this graph: read none
         placeholders = []
     for node, value in zip(placeholders, example_inputs[: len(placeholders)], strict=True):
         if type(value) in PLAIN:
             tensors[node] = value
-        elif type(getattr(value, "_local_tensor", None)) in PLAIN:  # a DTensor's shard
-            distributed[node] = value._local_tensor
     for node in graph.graph.nodes:
         if node.op == "get_attr":
             value = _attribute(graph, str(node.target))
             if type(value) in PLAIN:
                 tensors[node] = value
-        elif node.op == "call_method" and node.target == "to_local" and node.args[0] in distributed:
-            tensors[node] = distributed[node.args[0]]  # type: ignore[index]
     return tensors
 
 

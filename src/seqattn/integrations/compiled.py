@@ -218,8 +218,8 @@ class CompiledDecode:
         self.compiles += 1
         stacking = stack_sibling_linears(graph, example_inputs)
         self.stacked_matmuls += stacking.groups
-        inputs = [*stacking.inputs(example_inputs)[: len(stacking.kept)],
-                  *_static_fakes(stacking.added, example_inputs)]  # fmt: skip
+        kept = [example_inputs[i] for i in stacking.kept]
+        inputs = [*kept, *_static_fakes(stacking.added, example_inputs)]
         compiled = torch._inductor.compile(stacking.graph, inputs, options=self.options)
         if not stacking.groups:
             return compiled

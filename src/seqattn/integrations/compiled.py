@@ -202,7 +202,7 @@ class CompiledDecode:
         self.model = model
         self.kv_data = kv_data
         self.mode = mode
-        self.options = list_mode_options(mode)
+        self.options = {**list_mode_options(mode), **_combo_options(kv_data.device)}
         self.compiles = 0
         self.compile_seconds = 0.0
         self.stacked_matmuls = 0
@@ -284,6 +284,17 @@ class CompiledDecode:
         if self.compiles != compiles:
             self.compile_seconds += time.perf_counter() - start
         return logits  # type: ignore[no-any-return]
+
+
+def _combo_options(device: torch.device) -> dict[str, bool]:
+    """Inductor's combo kernels on CUDA: independent small kernels of a layer (rotary of
+    q and of k, the copies of q, k, v into the attention op's layout) become one launch.
+    On an H200 the 0.85B Llama's decode step lost 33 of 245 launches and 0.11 ms of its
+    1.42 ms of kernels. Triton-only (the CPU's C++ kernels have no such pass), and absent
+    from older inductors."""
+    if device.type != "cuda" or not hasattr(torch._inductor.config, "combo_kernels"):
+        return {}
+    return {"combo_kernels": True}
 
 
 def _int64_rows(tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:

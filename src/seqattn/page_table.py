@@ -165,6 +165,10 @@ class SequencePageTable:
             )
         return ids, slots, old_len, old_len + add
 
+    def pages_to_grow_by_one(self, slots: np.ndarray) -> int:
+        """Free pages that :meth:`grow_by_one` of ``slots`` would take (changes nothing)."""
+        return int(np.count_nonzero(self._length[slots] % self.page_size == 0))
+
     def grow_by_one(self, slots: np.ndarray) -> None:
         """One more token for each of the (distinct, live) slots, all or nothing."""
         old_len = self._length[slots]

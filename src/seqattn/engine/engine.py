@@ -39,7 +39,7 @@ from .intake import check_params, checked_compression, checked_prompt, eos_token
 from .request import Request, Status
 from .runners import Runner, check_compile, set_compile, set_cuda_graphs, store_for
 from .sampling import SamplingParams, sample
-from .scheduler import Row, Scheduler
+from .scheduler import Row, Scheduled, Scheduler
 from .stats import EngineStats
 from .store import PagedStore
 
@@ -76,7 +76,7 @@ class _Launched:
     def tokens_of(self, requests: list[Request]) -> torch.Tensor:
         """The samples of ``requests`` (each one of this step's), in their order, on the
         device: ``[len(requests)]`` int64."""
-        if [r.id for r in requests] == [r.id for r in self.requests]:
+        if requests == self.requests:  # by identity: a Request defines no __eq__
             return self.tokens  # the steady state: the same batch again
         where = {r.id: i for i, r in enumerate(self.requests)}
         index = np.array([where[r.id] for r in requests], dtype=np.int64)
@@ -306,8 +306,8 @@ class Engine:
         if self._sampled is not None and not self.scheduler.can_decode_ahead():
             self._read_sampled()
         self.scheduler.admit()
-        rows = self._schedule()
-        launched = self._launch(rows) if rows else None
+        step = self._schedule()
+        launched = self._launch(step) if step.rows else None
         if self._sampled is not None:  # decoded ahead: now read what the last step sampled
             self._read_sampled()
         if launched is not None:  # the tokens it fed from the device are known only now
@@ -316,30 +316,29 @@ class Engine:
         finished, self._finished = self._finished, []
         return finished
 
-    def _schedule(self) -> list[Row]:
+    def _schedule(self) -> Scheduled:
         """The next step's rows, their pages allocated; when they are short of pages,
         the unread samples are read first (requests that finish free theirs) before
         the scheduler preempts."""
         while True:
-            rows = self.scheduler.schedule(can_preempt=self._sampled is None)
-            if rows is not None:
-                return rows
+            step = self.scheduler.schedule(can_preempt=self._sampled is None)
+            if step is not None:
+                return step
             self._read_sampled()
 
-    def _launch(self, rows: list[Row]) -> _Launched:
-        """Run the model on ``rows`` and sample (on the device) every row that is ready.
+    def _launch(self, step: Scheduled) -> _Launched:
+        """Run the model on the step's rows and sample (on the device) every row that is
+        ready.
 
         Requests and stats change only once the forward and the sampler have run; if
         either raises, the rows' allocations are undone first.
         """
+        rows, ready = step.rows, step.ready
         requests = [r for r, _ in rows]
         fed_on_device = requests[0].unread > 0
-        # prompt tokens fed: a prefill chunk's, or a prompt's last token in a one-token row
-        prompt_tokens = sum(n if r.pending > 1 else not (r.output or r.unread) for r, n in rows)
-        ready = [i for i, (r, n) in enumerate(rows) if r.pending == n]  # all inputs in
-        ready_requests = [requests[i] for i in ready]
+        ready_requests = requests if len(ready) == len(rows) else [requests[i] for i in ready]
         try:
-            logits = self._forward(rows, fed_on_device)
+            logits = self._forward(step, fed_on_device)
             if len(ready) < len(requests):  # some rows were prefill chunks: no token yet
                 logits = logits[on_device(self.device, np.array(ready, dtype=np.int64))]
             tokens = sample(logits, [r.params for r in ready_requests], self.generator)
@@ -350,7 +349,7 @@ class Engine:
         except BaseException:
             self.scheduler.undo(rows)
             raise
-        self._count(launched, rows, prompt_tokens)
+        self._count(launched, rows, step.prompt_tokens)
         return launched
 
     def _count(self, launched: _Launched, rows: list[Row], prompt_tokens: int) -> None:
@@ -363,13 +362,13 @@ class Engine:
         self.stats.decoded_ahead += launched.fed_on_device
         self.stats.computed_prompt_tokens += prompt_tokens
 
-    def _forward(self, rows: list[Row], fed_on_device: bool) -> torch.Tensor:
-        """The model's logits for ``rows``: ``[len(rows), vocab_size]``."""
+    def _forward(self, step: Scheduled, fed_on_device: bool) -> torch.Tensor:
+        """The model's logits for the step's rows: ``[len(rows), vocab_size]``."""
         if fed_on_device:  # the inputs are the previous step's samples, still on the device
             assert self._sampled is not None
-            requests = [r for r, _ in rows]
+            requests = [r for r, _ in step.rows]
             return self.runner.decode([r.id for r in requests], self._sampled.tokens_of(requests))
-        return self.store.forward(rows)  # the runner's calls for rows on the host
+        return self.store.forward(step.rows, step.decode)  # the runner's calls, host inputs
 
     def _read_sampled(self) -> None:
         """Bring the last launched step's tokens to the host and finish requests."""

@@ -109,6 +109,9 @@ class HeadwiseStore:
     def pages_needed(self, seq_ids: list[int], lens: list[int]) -> int:
         return self.cache.pages_needed(seq_ids, lens)
 
+    def pages_to_decode(self, seq_ids: list[int]) -> int:
+        return self.pages_needed(seq_ids, [1] * len(seq_ids))
+
     def chunk_room(self, request: Request, n: int, free: int) -> int:
         # the longest chunk that fits: pages grow with the chunk, so bisect
         low, high = 0, n
@@ -140,19 +143,22 @@ class HeadwiseStore:
     def launched(self, seq_ids: list[int], fed: Optional[list[int]]) -> None:
         pass  # nothing to commit: no prefix cache
 
-    def forward(self, rows: list[Row]) -> torch.Tensor:
+    def forward(self, rows: list[Row], decode: int) -> torch.Tensor:
         """One :meth:`HeadwiseCausalLM.step` of ``rows``: a row past its request's prompt
         is a decode row, the others prompt chunks (the last one, ``ends_prompt``,
-        presses); the logits come back in the rows' order."""
-        decode = [i for i, (r, _) in enumerate(rows) if r.computed >= self._prompt_end[r.id]]
+        presses); the logits come back in the rows' order. (The scheduler's ``decode``
+        count is not used: a prompt's last token alone is a decode row to it, a prompt row
+        here.)"""
+        del decode
+        past = [i for i, (r, _) in enumerate(rows) if r.computed >= self._prompt_end[r.id]]
         prompt = [i for i, (r, _) in enumerate(rows) if r.computed < self._prompt_end[r.id]]
         ends = [rows[i][0].computed + rows[i][1] == self._prompt_end[rows[i][0].id] for i in prompt]
         logits = self.runner.step(
-            [rows[i][0].id for i in decode], [rows[i][0].last_token for i in decode],
+            [rows[i][0].id for i in past], [rows[i][0].last_token for i in past],
             [rows[i][0].id for i in prompt], [rows[i][0].next_inputs(rows[i][1]) for i in prompt],
             ends_prompt=ends,
         )  # fmt: skip
-        order = decode + prompt
+        order = past + prompt
         if order == sorted(order):
             return logits
         back = torch.as_tensor(np.argsort(order), device=logits.device)

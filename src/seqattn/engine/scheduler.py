@@ -8,12 +8,44 @@ from __future__ import annotations
 from collections import deque
 from typing import Optional
 
+from attrs import define
+
 from ..errors import NoPageError
 from .request import Request, Status
 from .stats import EngineStats, Preemption
 from .store import Row, SequenceStore
 
-__all__ = ["Row", "Scheduler"]
+__all__ = ["Row", "Scheduled", "Scheduler"]
+
+_Choice = tuple[Request, int, int]  # a row's request, the tokens it feeds, its pending
+
+
+@define(slots=True, frozen=True)
+class Scheduled:
+    """One step's rows as scheduled, and what follows from them, worked out once.
+
+    Attributes:
+        rows: ``(request, tokens fed)``: decode rows first (one token each), then
+            prefill chunks.
+        decode: how many of ``rows`` are decode rows.
+        ready: the indices of the rows whose inputs are all in after the step (every
+            decode row, and each chunk that ends its prompt): the rows sampled.
+        prompt_tokens: the prompt tokens the rows feed (a chunk's tokens, or a decode
+            row's when it is its prompt's last).
+    """
+
+    rows: list[Row]
+    decode: int
+    ready: list[int]
+    prompt_tokens: int
+
+    @classmethod
+    def of(cls, chosen: list[_Choice], decode: int) -> Scheduled:
+        rows = [(request, n) for request, n, _ in chosen]
+        chunks = chosen[decode:]
+        ready = [*range(decode), *(decode + i for i, (_, n, p) in enumerate(chunks) if n == p)]
+        fresh = sum(not (r.output or r.unread) for r, _, _ in chosen[:decode])
+        return cls(rows, decode, ready, fresh + sum(n for _, n, _ in chunks))
 
 
 class Scheduler:
@@ -125,7 +157,7 @@ class Scheduler:
         return False
 
     # ---------------------------------------------------------------------- steps
-    def schedule(self, can_preempt: bool) -> Optional[list[Row]]:
+    def schedule(self, can_preempt: bool) -> Optional[Scheduled]:
         """The next step's rows, with their pages allocated.
 
         When the running requests are short of pages: None if not ``can_preempt`` (the
@@ -137,7 +169,7 @@ class Scheduler:
                 the engine); nothing was allocated.
         """
         while True:
-            rows, need = self._rows()
+            step, need = self._rows()
             if not need:
                 break
             if not can_preempt:
@@ -149,47 +181,54 @@ class Scheduler:
                     f"{self.num_pages} are available; give the engine more pages"
                 )
             self._preempt(need)
-        self._allocate(rows)
-        return rows
+        self._allocate(step)
+        return step
 
-    def _wanted(self) -> list[Row]:
-        """Decode rows first (one token each), then prefill chunks within the budget."""
-        budget = self.max_step_tokens
-        rows = []
-        for request in sorted(self.running, key=lambda r: r.pending > 1):
+    def _wanted(self) -> list[_Choice]:
+        """Decode rows first (one token each), then prefill chunks within the budget;
+        each with its request's pending tokens (a property: read once per step)."""
+        decode: list[_Choice] = []
+        chunks: list[_Choice] = []
+        for request in self.running:
             if request.finishes_when_read:
                 continue  # its last token is sampled already
-            n = min(request.pending, budget)
+            pending = request.pending
+            (chunks if pending > 1 else decode).append((request, pending, pending))
+        budget = self.max_step_tokens
+        wanted = []
+        for request, _, pending in decode + chunks:
+            n = min(pending, budget)
             if n == 0:
                 break
-            rows.append((request, n))
+            wanted.append((request, n, pending))
             budget -= n
-        return rows
+        return wanted
 
-    def _rows(self) -> tuple[list[Row], int]:
+    def _rows(self) -> tuple[Scheduled, int]:
         """The rows that fit the pages available, and 0; or, when the decode rows do not
         fit or no row fits, the rows wanted and the pages they need."""
         wanted = self._wanted()
-        split = next((i for i, (r, _) in enumerate(wanted) if r.pending > 1), len(wanted))
+        split = next((i for i, (_, _, pending) in enumerate(wanted) if pending > 1), len(wanted))
         decode, prefill = wanted[:split], wanted[split:]
         free = self.store.available_pages_count
-        used = self._pages(decode)
+        used = self._decode_pages(decode)
         if used <= free:
-            rows = decode + self._fitting_chunks(prefill, free - used)
-            if rows or not wanted:
-                return rows, 0
-        return wanted, used + sum(self._pages([row]) for row in prefill)
+            chosen = decode + self._fitting_chunks(prefill, free - used)
+            if chosen or not wanted:
+                return Scheduled.of(chosen, split), 0
+        need = used + sum(self._pages([(r, n)]) for r, n, _ in prefill)
+        return Scheduled.of(wanted, split), need
 
-    def _fitting_chunks(self, prefill: list[Row], free: int) -> list[Row]:
+    def _fitting_chunks(self, prefill: list[_Choice], free: int) -> list[_Choice]:
         """Prefill rows cut to ``free`` pages (and the room left in their last pages)."""
-        rows = []
-        for request, n in prefill:
+        chosen = []
+        for request, n, pending in prefill:
             n = self.store.chunk_room(request, n, free)
             pages = self._pages([(request, n)]) if n else free + 1
             if pages <= free:
-                rows.append((request, n))
+                chosen.append((request, n, pending))
                 free -= pages
-        return rows
+        return chosen
 
     def _pages(self, rows: list[Row]) -> int:
         """Free pages that allocating ``rows`` would take."""
@@ -197,10 +236,17 @@ class Scheduler:
             return 0
         return self.store.pages_needed([r.id for r, _ in rows], [n for _, n in rows])
 
-    def _allocate(self, rows: list[Row]) -> None:
+    def _decode_pages(self, decode: list[_Choice]) -> int:
+        """Free pages that one more token for each of the ``decode`` rows takes."""
+        if not decode:
+            return 0
+        return self.store.pages_to_decode([r.id for r, _, _ in decode])
+
+    def _allocate(self, step: Scheduled) -> None:
         """Allocate the rows' pages; if that raises, nothing stays allocated."""
-        decode = [r for r, _ in rows if r.pending == 1]
-        prefill = [(r.id, n) for r, n in rows if r.pending > 1]
+        rows = step.rows
+        decode = [r for r, _ in rows[: step.decode]]
+        prefill = [(r.id, n) for r, n in rows[step.decode :]]
         try:
             self.store.allocate(decode, prefill)
         except BaseException:

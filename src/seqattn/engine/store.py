@@ -62,6 +62,10 @@ class SequenceStore(Protocol):
         """Free pages ``lens[b]`` more tokens of sequence ``seq_ids[b]`` take."""
         ...
 
+    def pages_to_decode(self, seq_ids: list[int]) -> int:
+        """Free pages one more token for each of ``seq_ids`` (a decode step) takes."""
+        ...
+
     def chunk_room(self, request: Request, n: int, free: int) -> int:
         """Tokens of a prompt chunk of at most ``n`` that fit ``free`` pages."""
         ...
@@ -81,8 +85,9 @@ class SequenceStore(Protocol):
         """A step of ``seq_ids`` ran (``fed``: the tokens it took from the device)."""
         ...
 
-    def forward(self, rows: list[Row]) -> torch.Tensor:
-        """The runner's logits for ``rows`` (inputs on the host): ``[len(rows), vocab]``."""
+    def forward(self, rows: list[Row], decode: int) -> torch.Tensor:
+        """The runner's logits for ``rows`` (inputs on the host), the first ``decode``
+        of them decode rows: ``[len(rows), vocab]``."""
         ...
 
 
@@ -120,6 +125,10 @@ class PagedStore:
     def pages_needed(self, seq_ids: list[int], lens: list[int]) -> int:
         return self.descriptor.pages_needed(seq_ids, lens)
 
+    def pages_to_decode(self, seq_ids: list[int]) -> int:
+        table = self.descriptor.table  # one count over the lengths; slots are memoized
+        return table.pages_to_grow_by_one(table.slots(seq_ids))
+
     def chunk_room(self, request: Request, n: int, free: int) -> int:
         # the room left in its last page, then whole pages
         return min(n, -request.computed % self.page_size + free * self.page_size)
@@ -148,8 +157,8 @@ class PagedStore:
             self.descriptor.record_decode_tokens(seq_ids, fed)
         self.descriptor.commit(seq_ids)
 
-    def forward(self, rows: list[Row]) -> torch.Tensor:
+    def forward(self, rows: list[Row], decode: int) -> torch.Tensor:
         ids = [r.id for r, _ in rows]
-        if all(r.pending == 1 for r, _ in rows):  # not a prefill chunk cut to one token
+        if decode == len(rows):
             return self.runner.decode(ids, [r.last_token for r, _ in rows])
         return self.runner.forward(ids, [r.next_inputs(n) for r, n in rows])

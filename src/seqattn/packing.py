@@ -6,10 +6,12 @@ indices and splices new pages in, never re-deriving what did not change (the tab
 ``row_layouts`` say which rows changed otherwise). No result is modified after it is
 returned (when nothing changed, the next result shares its array).
 
-Device side (CUDA), the page ids live in a device copy of the table's arena: only page
-ids the copy lacks cross the bus, in the step's one pinned, non-blocking copy with every
-other device tensor of the step, and the batch's indices are gathered on the device, so
-packing never waits on the GPU.
+Device side (CUDA), every device tensor of a step goes up in one pinned, non-blocking
+copy, so packing never waits on the GPU. A batch of up to :data:`HOST_INDICES_MAX`
+page ids sends them whole in that copy (spliced on the host as above: a few kilobytes,
+and no launch). A larger one keeps its page ids in a device copy of the table's arena:
+only the ids the copy lacks cross the bus, and the batch's indices are gathered on the
+device.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class _Snapshot:
     counts: np.ndarray
     indptr: np.ndarray
     indices: np.ndarray
+
+
+# up to this many page ids (256 KiB) a CUDA step sends its batch's ids whole in its one
+# copy, spliced on the host from the last batch's; past it only the ids the device copy
+# of the arena lacks go up, and the batch's are gathered there (a few more launches)
+HOST_INDICES_MAX = 65536
 
 
 class BatchPacker:
@@ -81,10 +89,14 @@ class BatchPacker:
             append = [*append_rows_positions(append_indptr, lens), append_indptr[1:] - 1]
             host.append(append_indptr)
         to_device = [indptr, last, *append, *inputs]
-        if device is not None and device.type != "cpu":
+        if device is not None and device.type != "cpu" and int(indptr[-1]) > HOST_INDICES_MAX:
             indices, on_device, on_host = self._device_arena(device).gather(
                 table, slots, counts, indptr, to_device, host
             )
+        elif device is not None and device.type != "cpu":  # few pages: they ride along
+            indices_of = self._host_indices(slots, counts, indptr)
+            pieces, on_host = upload(device, [indices_of, *to_device], host)
+            indices, on_device = pieces[0], pieces[1:]
         else:
             indices = torch.from_numpy(self._host_indices(slots, counts, indptr))
             on_host = [torch.from_numpy(a) for a in host]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from seqattn import CacheDescriptor, PagedKVCacheManager
+from seqattn import CacheDescriptor, PagedKVCacheManager, packing
 from tests.conftest import read_back
 from tests.gpu.conftest import flashinfer_or_skip
 
@@ -20,7 +20,10 @@ def make(num_pages=4096, page_size=16, num_heads=8, head_dim=128, num_layers=2):
     return cache, CacheDescriptor(cache)
 
 
-def test_device_pack_equals_host_pack_through_growth_moves_and_releases():
+@pytest.mark.parametrize("route", ["ids sent whole", "gathered from the device arena"])
+def test_device_pack_equals_host_pack_through_growth_moves_and_releases(route, monkeypatch):
+    if route != "ids sent whole":  # every batch past the limit: the device arena's route
+        monkeypatch.setattr(packing, "HOST_INDICES_MAX", 0)
     _, desc = make(num_pages=20000, page_size=4)
     rng = np.random.default_rng(0)
     live: list[int] = []

@@ -54,12 +54,13 @@ class _Bucket:
         device = cache.device
         self.splits = splits
         self.size = size
-        # on gpu, fixed for the bucket's lifetime (graphs record these addresses)
-        self.indptr = torch.zeros(size + 1, dtype=torch.int32, device=device)
+        # on gpu, fixed for the bucket's lifetime (graphs record these addresses);
+        # indptr, last page lengths and positions are consecutive views of one buffer,
+        # so that a step's values for them go up in one copy
+        self.table = torch.zeros(3 * size + 1, dtype=torch.int32, device=device)
+        self.indptr, self.last_page_len, self.positions = self.table.split([size + 1, size, size])
         self.indices = torch.zeros(max_pages + size, dtype=torch.int32, device=device)
-        self.last_page_len = torch.zeros(size, dtype=torch.int32, device=device)
         self.batch_indices = torch.arange(size, dtype=torch.int32, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int32, device=device)
         self.wrapper = None if splits else fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, cache.kv_layout,
             use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
@@ -181,16 +182,16 @@ class GraphBuckets:
             indices = torch.cat([indices, self._scratch.expand(pad)])
         if bucket.planned is not None:
             bucket.planned.synchronize()  # its last schedule copy must land before a new one
-        bucket.positions.copy_(host_tensor(positions, pin=True), non_blocking=True)
         heads = (self.num_qo_heads, cache.num_heads, cache.head_dim, cache.page_size)
-        host_indptr = host_tensor(indptr.astype(np.int32), pin=True)
-        host_last = host_tensor(last.astype(np.int32), pin=True)
         if bucket.wrapper is None:  # the Triton kernel reads the buffers as they are
-            bucket.indptr.copy_(host_indptr, non_blocking=True)
+            values = np.concatenate([indptr, last, positions]).astype(np.int32)
+            bucket.table.copy_(host_tensor(values, pin=True), non_blocking=True)
             bucket.indices[: indices.shape[0]].copy_(indices)
-            bucket.last_page_len.copy_(host_last, non_blocking=True)
             self._scale_log2 = batch.sm_scale * LOG2E
         else:
+            bucket.positions.copy_(host_tensor(positions, pin=True), non_blocking=True)
+            host_indptr = host_tensor(indptr.astype(np.int32), pin=True)
+            host_last = host_tensor(last.astype(np.int32), pin=True)
             bucket.wrapper.plan(host_indptr, indices, host_last, *heads, **options)
         if bucket.shared is not None:
             self._plan_shared(bucket, bucket.shared, split, heads, options)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+
+@functools.cache
+def _cuda() -> bool:
+    """Whether CUDA is there: asked once, not at every step's upload (each
+    ``torch.cuda.is_available()`` asks the driver)."""
+    return torch.cuda.is_available()
 
 
 def upload(
@@ -34,7 +42,7 @@ def upload(
     sizes = [a.size for a in arrays]
     split = sum(sizes[: len(to_device)])
     # unpinned without CUDA, so that tests run this path on a CPU
-    buffer = torch.empty(sum(sizes), dtype=dtype, pin_memory=torch.cuda.is_available())
+    buffer = torch.empty(sum(sizes), dtype=dtype, pin_memory=_cuda())
     np.concatenate(arrays, out=buffer.numpy(), casting="same_kind")
     # torch's pinned allocator keeps the buffer until this copy has landed, even if
     # the host tensors are dropped first

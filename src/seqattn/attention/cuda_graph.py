@@ -195,7 +195,8 @@ class GraphBuckets:
             bucket.wrapper.plan(host_indptr, indices, host_last, *heads, **options)
         if bucket.shared is not None:
             self._plan_shared(bucket, bucket.shared, split, heads, options)
-        bucket.planned = torch.cuda.Event()
+        if bucket.planned is None:  # one event per bucket, recorded again at every plan
+            bucket.planned = torch.cuda.Event()
         bucket.planned.record()
         self.bucket, self.cascade = bucket, split
         return bucket.size

@@ -89,11 +89,12 @@ class BatchPacker:
             append = [*append_rows_positions(append_indptr, lens), append_indptr[1:] - 1]
             host.append(append_indptr)
         to_device = [indptr, last, *append, *inputs]
-        if device is not None and device.type != "cpu" and int(indptr[-1]) > HOST_INDICES_MAX:
+        on_gpu = device is not None and device.type != "cpu"
+        if on_gpu and int(indptr[-1]) > HOST_INDICES_MAX:
             indices, on_device, on_host = self._device_arena(device).gather(
                 table, slots, counts, indptr, to_device, host
             )
-        elif device is not None and device.type != "cpu":  # few pages: they ride along
+        elif on_gpu:  # few pages: they ride along
             indices_of = self._host_indices(slots, counts, indptr)
             pieces, on_host = upload(device, [indices_of, *to_device], host)
             indices, on_device = pieces[0], pieces[1:]

@@ -338,7 +338,7 @@ class Engine:
         fed_on_device = requests[0].unread > 0
         ready_requests = requests if len(ready) == len(rows) else [requests[i] for i in ready]
         try:
-            logits = self._forward(step, fed_on_device)
+            logits = self._forward(step, requests, fed_on_device)
             if len(ready) < len(requests):  # some rows were prefill chunks: no token yet
                 logits = logits[on_device(self.device, np.array(ready, dtype=np.int64))]
             tokens = sample(logits, [r.params for r in ready_requests], self.generator)
@@ -362,11 +362,13 @@ class Engine:
         self.stats.decoded_ahead += launched.fed_on_device
         self.stats.computed_prompt_tokens += prompt_tokens
 
-    def _forward(self, step: Scheduled, fed_on_device: bool) -> torch.Tensor:
-        """The model's logits for the step's rows: ``[len(rows), vocab_size]``."""
+    def _forward(
+        self, step: Scheduled, requests: list[Request], fed_on_device: bool
+    ) -> torch.Tensor:
+        """The model's logits for the step's rows (whose requests are ``requests``):
+        ``[len(rows), vocab_size]``."""
         if fed_on_device:  # the inputs are the previous step's samples, still on the device
             assert self._sampled is not None
-            requests = [r for r, _ in step.rows]
             return self.runner.decode([r.id for r in requests], self._sampled.tokens_of(requests))
         return self.store.forward(step.rows, step.decode)  # the runner's calls, host inputs
 

@@ -41,6 +41,7 @@ class Scheduled:
 
     @classmethod
     def of(cls, chosen: list[_Choice], decode: int) -> Scheduled:
+        """The step of ``chosen`` rows, the first ``decode`` of them decode rows."""
         rows = [(request, n) for request, n, _ in chosen]
         chunks = chosen[decode:]
         ready = [*range(decode), *(decode + i for i, (_, n, p) in enumerate(chunks) if n == p)]
@@ -187,16 +188,16 @@ class Scheduler:
     def _wanted(self) -> list[_Choice]:
         """Decode rows first (one token each), then prefill chunks within the budget;
         each with its request's pending tokens (a property: read once per step)."""
-        decode: list[_Choice] = []
-        chunks: list[_Choice] = []
+        decode: list[tuple[Request, int]] = []
+        chunks: list[tuple[Request, int]] = []
         for request in self.running:
             if request.finishes_when_read:
                 continue  # its last token is sampled already
             pending = request.pending
-            (chunks if pending > 1 else decode).append((request, pending, pending))
+            (chunks if pending > 1 else decode).append((request, pending))
         budget = self.max_step_tokens
         wanted = []
-        for request, _, pending in decode + chunks:
+        for request, pending in decode + chunks:
             n = min(pending, budget)
             if n == 0:
                 break

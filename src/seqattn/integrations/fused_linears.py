@@ -108,9 +108,10 @@ def stack_sibling_linears(graph: torch.fx.GraphModule, example_inputs: Sequence[
         if linear is not None:  # grouped by input, and by having a bias or not
             groups[(node.args[0], linear.bias is not None)].append(linear)  # type: ignore[index]
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    body = next(n for n in graph.graph.nodes if n.op != "placeholder")  # new inputs go before
     stacking = Stacking(graph, 0, list(range(len(placeholders))), [])
     for linears in groups.values():
-        if len(linears) > 1 and _fuse(graph, linears, stacking):
+        if len(linears) > 1 and _fuse(graph, linears, stacking, body):
             stacking.groups += 1
     if not stacking.groups:
         stacking.graph = original
@@ -198,9 +199,12 @@ def _linear(node: torch.fx.Node, tensors: dict[torch.fx.Node, torch.Tensor]) -> 
     return _Linear(node, weight, bias)
 
 
-def _fuse(graph: torch.fx.GraphModule, linears: list[_Linear], stacking: Stacking) -> bool:
+def _fuse(
+    graph: torch.fx.GraphModule, linears: list[_Linear], stacking: Stacking, body: torch.fx.Node
+) -> bool:
     """Replace ``linears`` (calls on one input) by one call on their stacked weight (and
-    bias), new placeholders appended to ``stacking.added``, and a slice each. False,
+    bias), new placeholders (inserted before ``body``, the graph's first other node, so
+    after every placeholder) appended to ``stacking.added``, and a slice each. False,
     graph untouched, if the group cannot be stacked."""
     nodes = [linear.node for linear in linears]
     weights = [linear.weight for linear in linears]
@@ -214,8 +218,7 @@ def _fuse(graph: torch.fx.GraphModule, linears: list[_Linear], stacking: Stackin
     halves = [weights, biases] if biases else [weights]
     args = [nodes[0].args[0]]
     for half in halves:
-        last = [n for n in graph.graph.nodes if n.op == "placeholder"][-1]
-        with graph.graph.inserting_after(last):
+        with graph.graph.inserting_before(body):
             added = graph.graph.placeholder(f"seqattn_stacked_{next(_NAMES)}")
         added._dynamo_source = None  # type: ignore[attr-defined]  # none in user code, as DDP's
         args.append(added)

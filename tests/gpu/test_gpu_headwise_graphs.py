@@ -19,6 +19,7 @@ from seqattn.attention.cuda_graph import capture
 from seqattn.errors import InvalidLengthError
 from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache, SnapKVPress
 from seqattn.headwise.graph import HeadwiseGraphs
+from tests.gpu.conftest import flashinfer_or_skip
 
 pytestmark = pytest.mark.gpu
 
@@ -103,6 +104,7 @@ def test_prepare_refuses_a_prompt_step_and_changes_nothing() -> None:
 
 def test_engine_with_graphs_uses_them_and_equals_itself_without() -> None:
     pytest.importorskip("triton")
+    flashinfer_or_skip()  # the runner's prefill attention is flashinfer's
     from seqattn.engine import Engine, SamplingParams
     from seqattn.integrations.hf_headwise import HeadwiseCausalLM
     from tests.gpu.test_gpu_hf_headwise import tiny_llama

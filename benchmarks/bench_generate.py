@@ -13,8 +13,10 @@ through:
 - HF ``generate`` with sdpa (one left-padded batch).
 
 For each: wall time, generated tokens/s, time to first token, and the ratio of seqattn
-to it. The bandwidth floor is the time to read the weights and every decode step's KV
-once at the copy bandwidth measured in the same run. seqattn's tokens are compared with
+to it. For scale beside the eager step: transformers' forward of the decode batch alone
+(sdpa, one token per row, no cache), the model code that step runs too. The bandwidth
+floor is the time to read the weights and every decode step's KV once at the copy
+bandwidth measured in the same run. seqattn's tokens are compared with
 HF ``generate``'s (the fraction of identical tokens and the first divergence). With random
 bf16 weights the logits are nearly flat, so greedy paths split at near-ties (HF's own two
 paths agree on a few percent of tokens); every path's tokens are therefore also judged by
@@ -250,6 +252,24 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
     return time.perf_counter() - t0, result
 
 
+def model_forward_alone(model: Any, args: argparse.Namespace, repeats: int = 20) -> float:
+    """Seconds of one transformers forward (sdpa) over the decode batch alone: ``requests``
+    rows of one token each, no cache and so no attention over earlier tokens. The eager
+    engine's step runs this model code too: the difference is the cache's attention,
+    sampling and seqattn's bookkeeping."""
+    model.set_attn_implementation("sdpa")
+    ids = torch.zeros(args.requests, 1, dtype=torch.long, device=args.device)
+    positions = torch.full_like(ids, args.prompt_len)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, position_ids=positions, use_cache=False)
+
+    forward()  # warm-up
+    seconds, _ = timed(lambda: [forward() for _ in range(repeats)], args.device)
+    return seconds / repeats
+
+
 def floor_seconds(model: Any, args: argparse.Namespace, copy_bw: float, batch: int) -> float:
     """Reading the weights and each decode step's KV once, at the copy bandwidth."""
     config = model.config
@@ -348,14 +368,15 @@ def main() -> None:
         results["HF generate_batch (paged|sdpa)"] = run_hf_generate_batch(model, prompts, args)
     if "generate" not in skip:
         results["HF generate (sdpa)"] = run_hf_generate(model, prompts, args)
+    alone = model_forward_alone(model, args)  # before any profiler session slows the host
     for r in results.values():
         if "engine" in r:
             inspect_run(r, prompts, args)
-    report(model, prompts, args, results, copy_bw)
+    report(model, prompts, args, results, copy_bw, alone)
 
 
 def report(model: Any, prompts: list[list[int]], args: argparse.Namespace, results: dict,
-           copy_bw: float) -> None:  # fmt: skip
+           copy_bw: float, alone: float) -> None:  # fmt: skip
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     tokens = args.requests * args.new_tokens
     floor = floor_seconds(model, args, copy_bw, args.requests)
@@ -386,6 +407,8 @@ def report(model: Any, prompts: list[list[int]], args: argparse.Namespace, resul
                 f"TTFT max {r['ttft_max']:.3f} s; first steps ms: "
                 f"{', '.join(f'{t * 1e3:.1f}' for t in r['first_steps'])}"
             )
+    print(f"transformers' forward of the decode batch alone (sdpa, {args.requests} rows of "
+          f"one token, no cache): {alone * 1e3:.2f} ms")  # fmt: skip
     if "HF generate (sdpa)" in results:
         reference = results["HF generate (sdpa)"]["outputs"]
         for label, r in results.items():

@@ -17,9 +17,11 @@ for float16 / bfloat16 outputs).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -34,6 +36,7 @@ from seqattn import (
     SeqAttnError,
     TensorSpecError,
 )
+from seqattn.attention.torch_backend import decode_groups
 from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -301,6 +304,33 @@ def test_decode_steps_across_page_boundaries(ps, layout):
         h.check(packed, ids)
 
 
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_ragged_decode_batch_is_attended_in_groups(layout):
+    """Pages [16, 1, 1, 8, 1]: sequences 0, 1 and 3 padded to 16 pages (not in batch
+    order), 2 and 4 to one; every row still equals the reference."""
+    h = Harness(page_size=4, layout=layout, num_layers=2, seed=31)
+    ids = [1, 2, 3, 4, 5]
+    h.append(ids, [60, 1, 2, 30, 3])
+    packed = h.append(ids, [], decode=True)
+    h.check(packed, ids, window_left=9)
+    h.check(packed, ids)
+    groups = [pages.shape for _, pages, _ in h.attn.impl._rows]
+    assert groups == [(3, 16), (2, 1)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_decode_groups_partition_the_batch_and_at_most_double_its_pages(seed):
+    counts = np.random.default_rng(seed).integers(1, 50, size=int(seed) + 1) ** (seed % 3 + 1)
+    groups = decode_groups(counts)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(counts.size))
+    for group in groups:
+        assert (np.diff(group) > 0).all()  # ascending: batch order
+        assert group.size * counts[group].max() <= 2 * counts[group].sum()
+    for group, following in itertools.pairwise(groups):  # a group takes all it can
+        grown = np.append(group, following[np.argmax(counts[following])])
+        assert grown.size * counts[grown].max() > 2 * counts[grown].sum()
+
+
 @pytest.mark.parametrize("ps", [1, 5, 16])
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_mixed_prefill_chunks_and_decodes_in_one_step(ps, layout):
@@ -344,6 +374,8 @@ def test_masks_soft_cap_and_scale(causal, window_left, logits_soft_cap, sm_scale
         sm_scale=sm_scale,
     )  # fmt: skip
     # q scaled up so the logits reach well past the soft cap
+    h.check(packed, ids, q_magnitude=3.0, **options)
+    packed = h.append(ids, [], decode=True)  # a decode batch: attended at once, padded
     h.check(packed, ids, q_magnitude=3.0, **options)
 
 

@@ -36,7 +36,7 @@ from seqattn import (
     SeqAttnError,
     TensorSpecError,
 )
-from seqattn.attention.torch_backend import decode_groups
+from seqattn.attention.torch_backend import attention_groups
 from seqattn.headwise import HeadwiseAttention, HeadwiseKVCache
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -314,21 +314,43 @@ def test_ragged_decode_batch_is_attended_in_groups(layout):
     packed = h.append(ids, [], decode=True)
     h.check(packed, ids, window_left=9)
     h.check(packed, ids)
-    groups = [pages.shape for _, pages, _ in h.attn.impl._rows]
+    groups = [group.pages.shape for group in h.attn.impl._groups]
     assert groups == [(3, 16), (2, 1)]
 
 
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_ragged_prefill_batch_is_attended_in_padded_groups(layout, causal):
+    """Query runs [3, 9, 1, 4, 8] over [2, 3, 1, 2, 3] pages: some groups hold
+    sequences of several query lengths (padded rows, written back unpadded)."""
+    h = Harness(page_size=4, layout=layout, num_layers=2, seed=33)
+    ids = [1, 2, 3, 4, 5]
+    h.append(ids, [3, 2, 1, 1, 2])
+    packed = h.append(ids, [3, 9, 1, 4, 8])
+    h.check(packed, ids, causal=causal)
+    h.check(packed, ids, causal=causal, window_left=2)
+    groups = h.attn.impl._groups
+    assert len(groups) < 5 and any(group.real is not None for group in groups)
+
+
 @pytest.mark.parametrize("seed", range(20))
-def test_decode_groups_partition_the_batch_and_at_most_double_its_pages(seed):
-    counts = np.random.default_rng(seed).integers(1, 50, size=int(seed) + 1) ** (seed % 3 + 1)
-    groups = decode_groups(counts)
-    assert sorted(np.concatenate(groups).tolist()) == list(range(counts.size))
+def test_attention_groups_partition_the_batch_within_both_bounds(seed):
+    rng = np.random.default_rng(seed)
+    size = int(seed) + 1
+    pages = rng.integers(1, 50, size=size) ** (seed % 3 + 1)
+    queries = np.ones(size, dtype=np.int64) if seed % 2 else rng.integers(1, 30, size=size)
+    limit = 4000
+    groups = attention_groups(queries, pages, limit)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(size))
     for group in groups:
         assert (np.diff(group) > 0).all()  # ascending: batch order
-        assert group.size * counts[group].max() <= 2 * counts[group].sum()
-    for group, following in itertools.pairwise(groups):  # a group takes all it can
-        grown = np.append(group, following[np.argmax(counts[following])])
-        assert grown.size * counts[grown].max() > 2 * counts[grown].sum()
+        padded = group.size * queries[group].max() * pages[group].max()
+        assert padded <= 2 * (queries[group] * pages[group]).sum()
+        assert padded <= limit or group.size == 1
+    for group, following in itertools.pairwise(groups):  # each stopped at a bound
+        grown = np.append(group, following[np.argmax(queries[following] * pages[following])])
+        padded = grown.size * queries[grown].max() * pages[grown].max()
+        assert padded > 2 * (queries[grown] * pages[grown]).sum() or padded > limit
 
 
 @pytest.mark.parametrize("ps", [1, 5, 16])

@@ -2,9 +2,10 @@
 
 Pages are gathered into contiguous ``[keys, num_kv_heads, head_dim]`` blocks and
 attended with explicit matmuls, in float64 for float64 queries and float32 otherwise:
-exact up to float rounding. A decode batch (one query per sequence) is attended at
-once, its sequences padded to the longest, and the padding masked; other batches
-sequence by sequence (padding them would hold ``queries x keys`` logits per sequence).
+exact up to float rounding. Sequences are attended in groups, each padded to its longest
+query run and its most pages, the padding masked: a group grows while the padding at
+most doubles its logits and they stay within :data:`LOGITS_PER_GROUP`. A decode batch of
+alike lengths is one group.
 """
 
 from __future__ import annotations
@@ -14,11 +15,28 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+from attrs import define
 
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch
 
 LN2 = math.log(2.0)
+# a group's padded logits, at most (256 MiB in float32); a lone sequence may hold more
+LOGITS_PER_GROUP = 1 << 26
+
+Rows = Union[slice, torch.Tensor]
+
+
+@define(slots=True, frozen=True)
+class _Group:
+    """Sequences attended at once: their query rows padded to ``[n, width]`` (each with
+    copies of its last row), pages padded to ``[n, max_pages]`` (with its first page)."""
+
+    queries: Rows  # rows of q: a slice (in order, no padding) or ``[n, width]`` int64
+    written: Rows  # the rows the group's outputs go to: a slice or ``[rows]`` int64
+    real: Optional[torch.Tensor]  # ``[n, width]`` bool: not padding (None: all are)
+    pages: torch.Tensor  # ``[n, max_pages]`` int64
+    visible: torch.Tensor  # ``[n, width, max_pages * page_size]`` bool
 
 
 class TorchAttentionBackend:
@@ -29,37 +47,48 @@ class TorchAttentionBackend:
     def __init__(self, cache: PagedKVCacheManager, num_qo_heads: int) -> None:
         self.cache = cache
         self.num_qo_heads = num_qo_heads
-        # (query rows, pages [n, max_pages], visible [n, qo_len, max_pages * page_size]):
-        # n sequences attended at once; rows: a slice of q, or n row indices
-        self._rows: list[tuple[Union[slice, torch.Tensor], torch.Tensor, torch.Tensor]] = []
+        self._groups: list[_Group] = []
         self._batch: Optional[AttentionBatch] = None
 
     def plan(self, batch: AttentionBatch, q_dtype: torch.dtype) -> None:
         del q_dtype  # any float dtype works here
         indices = batch.packed.kv_page_indices.to(self.cache.device).long()
         kv_indptr = batch.packed.kv_page_indptr.cpu().numpy().astype(np.int64)
-        starts, counts = kv_indptr[:-1], np.diff(kv_indptr)
-        keys_per_page = self.cache.page_size
-        self._rows = []
-        if batch.decode_only:  # one query per sequence: groups of them at once
-            kv_lens = batch.kv_lens.astype(np.int64)
-            for group in decode_groups(counts):
-                pages = padded_pages(indices, starts[group], counts[group])
-                lens = torch.from_numpy(kv_lens[group]).to(indices.device)[:, None, None]
-                visible = visible_keys(lens - 1, lens, pages.shape[1] * keys_per_page, batch)
-                whole = len(group) == batch.batch_size  # then in batch order: a slice
-                rows = slice(None) if whole else torch.from_numpy(group).to(indices.device)
-                self._rows.append((rows, pages, visible))
-        else:
-            qo_indptr, kv_lens = batch.qo_indptr.tolist(), batch.kv_lens.tolist()
-            for b in range(batch.batch_size):
-                qo_len, kv_len = qo_indptr[b + 1] - qo_indptr[b], kv_lens[b]
-                pages = indices[None, starts[b] : starts[b] + counts[b]]
-                positions = torch.arange(kv_len - qo_len, kv_len, device=indices.device)
-                keys = pages.shape[1] * keys_per_page
-                visible = visible_keys(positions[None, :, None], kv_len, keys, batch)
-                self._rows.append((slice(qo_indptr[b], qo_indptr[b + 1]), pages, visible))
+        qo_lens = np.diff(batch.qo_indptr.astype(np.int64))
+        counts = np.diff(kv_indptr)
+        logits_per_pair = self.num_qo_heads * self.cache.page_size  # per query and page
+        limit = LOGITS_PER_GROUP // logits_per_pair
+        querying = np.flatnonzero(qo_lens)  # a sequence without queries attends nothing
+        self._groups = [
+            self._group(batch, indices, kv_indptr, querying[group])
+            for group in attention_groups(qo_lens[querying], counts[querying], limit)
+        ]
         self._batch = batch
+
+    def _group(
+        self, batch: AttentionBatch, indices: torch.Tensor, kv_indptr: np.ndarray,
+        group: np.ndarray,
+    ) -> _Group:  # fmt: skip
+        """The padded rows, pages and mask of the sequences ``group`` (batch indices)."""
+        device = indices.device
+        qo_start = batch.qo_indptr[group].astype(np.int64)
+        qo_lens = batch.qo_indptr[group + 1].astype(np.int64) - qo_start
+        kv_lens = batch.kv_lens[group].astype(np.int64)
+        column = np.arange(int(qo_lens.max()))
+        last = np.minimum(column, qo_lens[:, None] - 1)  # padding repeats the last query
+        rows = qo_start[:, None] + last  # [n, width]
+        pages = padded_pages(indices, kv_indptr[group], kv_indptr[group + 1] - kv_indptr[group])
+        positions = torch.from_numpy((kv_lens - qo_lens)[:, None] + last).to(device)
+        lens = torch.from_numpy(kv_lens).to(device)[:, None, None]
+        num_keys = pages.shape[1] * self.cache.page_size
+        visible = visible_keys(positions[..., None], lens, num_keys, batch)
+        real = column < qo_lens[:, None]
+        if real.all() and (np.diff(rows.ravel()) == 1).all():  # consecutive rows, in order
+            span = slice(int(rows[0, 0]), int(rows[-1, -1]) + 1)
+            return _Group(span, span, None, pages, visible)
+        written = torch.from_numpy(rows[real]).to(device)
+        return _Group(torch.from_numpy(rows).to(device), written,
+                      torch.from_numpy(real).to(device), pages, visible)  # fmt: skip
 
     def run(
         self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
@@ -70,13 +99,15 @@ class TorchAttentionBackend:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         result = torch.empty_like(q) if out is None else out
         lse = torch.empty(q.shape[:2], dtype=compute, device=q.device) if return_lse else None
-        for rows, pages, visible in self._rows:
-            k, v = self._gather(kv_cache, pages, compute)
-            queries = q[rows].to(compute).view(*visible.shape[:2], *q.shape[1:])
-            o, row_lse = attend(queries, k, v, visible, batch)
-            result[rows] = o.flatten(0, 1).to(result.dtype)
+        for group in self._groups:
+            k, v = self._gather(kv_cache, group.pages, compute)
+            shape = (*group.visible.shape[:2], *q.shape[1:])  # [n, width, heads, head_dim]
+            queries = q[group.queries].to(compute).reshape(shape)
+            o, o_lse = attend(queries, k, v, group.visible, batch, lse is not None)
+            result[group.written] = _unpadded(o, group.real).to(result.dtype)
             if lse is not None:
-                lse[rows] = row_lse.flatten(0, 1)
+                assert o_lse is not None
+                lse[group.written] = _unpadded(o_lse, group.real)
         return result, lse
 
     def merge(
@@ -101,33 +132,54 @@ class TorchAttentionBackend:
         """K and V in ``pages [n, max_pages]``, each ``[n, max_pages * page_size,
         num_kv_heads, head_dim]``, dequantized to ``dtype``."""
         cache = self.cache
-        kv = kv_cache[pages]  # [n, max_pages, 2, *inner, head_dim]
-        if cache.kv_layout == "HND":
-            kv = kv.transpose(3, 4)
-        kv = kv.transpose(1, 2).reshape(pages.shape[0], 2, -1, cache.num_heads, cache.head_dim)
-        k = kv[:, 0].to(dtype) * cache.k_scale
-        v = kv[:, 1].to(dtype) * cache.v_scale
+        k = _dequantized(cache, kv_cache[:, 0][pages], dtype, cache.k_scale)
+        v = _dequantized(cache, kv_cache[:, 1][pages], dtype, cache.v_scale)
         return k, v
 
 
-def decode_groups(counts: np.ndarray) -> list[np.ndarray]:
-    """Sequences (their page counts ``counts``) in groups whose padding to the group's
-    longest at most doubles the pages gathered: each group's indices, ascending.
+def _dequantized(
+    cache: PagedKVCacheManager, blocks: torch.Tensor, dtype: torch.dtype, scale: float
+) -> torch.Tensor:
+    """``blocks [n, max_pages, *inner, head_dim]`` of ``cache`` (inner: page slot and
+    head, in the cache's layout) as ``[n, keys, num_kv_heads, head_dim]`` of ``dtype``,
+    times ``scale``; in NHD, with no scale and no dtype to change, the blocks themselves."""
+    if cache.kv_layout == "HND":
+        blocks = blocks.transpose(2, 3)
+    keys = blocks.reshape(blocks.shape[0], -1, cache.num_heads, cache.head_dim)
+    keys = keys.to(dtype)
+    return keys * scale if scale != 1.0 else keys
 
-    Longest first, a group takes the next longest while the bound holds. It holds for a
-    prefix of the rest: a sequence with at least half the longest's pages adds more
-    pages than padding, one with fewer adds less, and all after it are shorter still.
-    One group when the lengths are alike.
+
+def attention_groups(
+    qo_lens: np.ndarray, page_counts: np.ndarray, max_query_pages: int
+) -> list[np.ndarray]:
+    """Sequences (``qo_lens`` queries over ``page_counts`` pages each) in groups to
+    attend at once, each group's batch indices ascending.
+
+    Padded to its longest query run and its most pages, a group's ``n * width *
+    max_pages`` query-page pairs are at most twice those of its sequences, and at most
+    ``max_query_pages`` unless the group is one sequence. Largest first, a group takes
+    the next largest sequences while both bounds hold: one group when the sequences
+    are alike (a decode batch of similar lengths).
     """
-    order = np.argsort(-counts, kind="stable")
+    cost = qo_lens * page_counts
+    order = np.argsort(-cost, kind="stable")
     groups, start = [], 0
     while start < order.size:
-        rest = counts[order[start:]]
-        padded = np.arange(1, rest.size + 1) * rest[0]
-        size = int((padded <= 2 * np.cumsum(rest)).sum())
-        groups.append(np.sort(order[start : start + size]))
+        rest = order[start:]
+        padded = (np.arange(1, rest.size + 1) * np.maximum.accumulate(qo_lens[rest])
+                  * np.maximum.accumulate(page_counts[rest]))  # fmt: skip
+        fits = (padded <= 2 * np.cumsum(cost[rest])) & (padded <= max_query_pages)
+        fits[0] = True
+        size = rest.size if fits.all() else int(np.argmin(fits))
+        groups.append(np.sort(rest[:size]))
         start += size
     return groups
+
+
+def _unpadded(values: torch.Tensor, real: Optional[torch.Tensor]) -> torch.Tensor:
+    """``values [n, width, ...]`` of a group's real query rows, in row order."""
+    return values.flatten(0, 1) if real is None else values[real]
 
 
 def padded_pages(indices: torch.Tensor, starts: np.ndarray, counts: np.ndarray) -> torch.Tensor:
@@ -140,12 +192,12 @@ def padded_pages(indices: torch.Tensor, starts: np.ndarray, counts: np.ndarray) 
 
 
 def visible_keys(
-    positions: torch.Tensor, kv_lens: object, num_keys: int, batch: AttentionBatch
+    positions: torch.Tensor, kv_lens: torch.Tensor, num_keys: int, batch: AttentionBatch
 ) -> torch.Tensor:
     """Which of ``num_keys`` gathered keys each query sees: its sequence's (below
     ``kv_lens``), within the causal mask and the window of its position.
 
-    ``positions``: ``[n, qo_len, 1]`` int; ``kv_lens``: an int, or ``[n, 1, 1]`` int.
+    ``positions``: ``[n, qo_len, 1]`` int; ``kv_lens``: ``[n, 1, 1]`` int.
     Returns ``[n, qo_len, num_keys]`` bool.
     """
     keys = torch.arange(num_keys, device=positions.device)
@@ -163,13 +215,15 @@ def attend(
     v: torch.Tensor,
     visible: torch.Tensor,
     batch: AttentionBatch,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_lse: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention of ``n`` sequences' queries over their keys.
 
     Args:
         q: ``[n, qo_len, num_qo_heads, head_dim]``.
         k, v: ``[n, num_keys, num_kv_heads, head_dim]``.
         visible: ``[n, qo_len, num_keys]`` bool: the keys each query sees.
+        with_lse: also return the log-sum-exp (else None).
 
     Returns:
         ``(out [n, qo_len, num_qo_heads, head_dim], lse [n, qo_len, num_qo_heads])``,
@@ -178,12 +232,14 @@ def attend(
     n, qo_len, num_qo_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = num_qo_heads // num_kv_heads
-    qg = q.view(n, qo_len, num_kv_heads, group, head_dim)
-    logits = torch.einsum("bqhgd,bkhd->bhgqk", qg, k) * batch.sm_scale
+    qg = q.view(n, qo_len, num_kv_heads, group, head_dim) * batch.sm_scale  # q is the small one
+    logits = torch.einsum("bqhgd,bkhd->bhgqk", qg, k)
     if batch.logits_soft_cap > 0:
         logits = batch.logits_soft_cap * torch.tanh(logits / batch.logits_soft_cap)
-    logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # [n, h, g, q]
-    probs = torch.exp(logits - lse[..., None])
+    logits.masked_fill_(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(n, qo_len, num_qo_heads, head_dim)
+    if not with_lse:
+        return out, None
+    lse = torch.logsumexp(logits, dim=-1)  # [n, h, g, q]
     return out, (lse / LN2).permute(0, 3, 1, 2).reshape(n, qo_len, num_qo_heads)

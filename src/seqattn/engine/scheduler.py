@@ -142,12 +142,15 @@ class Scheduler:
         if not self.store.prefix_cached:
             return False
         ps = self.page_size
-        tokens = request.tokens
+        length = len(request.prompt) + len(request.output)
+        tokens: Optional[list[int]] = None  # built only if a running request computes pages
         for other in self.running:
-            theirs = other.tokens
-            limit = min(len(tokens) - 1, len(theirs)) // ps  # pages the cache could give
+            known = len(other.prompt) + len(other.output)
+            limit = min(length - 1, known) // ps  # pages the cache could give
             if limit * ps <= other.computed:
                 continue  # nothing left to compute that could be shared
+            tokens = request.tokens if tokens is None else tokens
+            theirs = other.tokens
             shared = 0
             while shared < limit and (
                 tokens[shared * ps : (shared + 1) * ps] == theirs[shared * ps : (shared + 1) * ps]

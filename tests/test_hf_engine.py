@@ -163,6 +163,23 @@ def test_requests_are_admitted_when_their_pages_fit_and_preempted_only_when_shor
     desc.check_integrity()
 
 
+def test_requests_admitted_in_one_step_each_count_the_pages_of_those_before() -> None:
+    """20 pages, prompts of 6 pages: three start together (6 + 6 + 6 reserved), the
+    fourth would need 24 and waits; it starts once pages come back."""
+    model = tiny_model("llama")
+    engine = engine_for(model, num_pages=20, page_size=4, max_step_tokens=8)
+    prompts = [[(7 * i + j) % 100 + 1 for j in range(24)] for i in range(4)]
+    params = SamplingParams(max_new_tokens=2)
+    ids = [engine.add_request(p, params) for p in prompts]
+    engine.step()
+    assert [r.id for r in engine.running] == ids[:3]
+    assert [r.id for r in engine.waiting] == ids[3:]
+    while engine.has_work:
+        engine.step()
+    assert [engine.requests[i].output for i in ids] == [hf_greedy(model, p, 2) for p in prompts]
+    assert engine.stats.preemptions == 0
+
+
 def test_a_prompt_sharing_a_running_requests_pages_is_admitted_for_its_own_pages() -> None:
     """Admission counts the prefix-cache hit: a prompt whose first 7 pages a running
     request holds needs 1 page of its own, and starts though its 8 would not fit."""

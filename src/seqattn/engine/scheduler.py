@@ -115,25 +115,30 @@ class Scheduler:
     def admit(self) -> None:
         """Start waiting requests, in order, while their pages fit (see the class)."""
         held = []
+        reserved = None  # pages the running requests' pending tokens take: summed once
         try:
             while self.waiting and len(self.running) < self.max_batch_size:
                 request = self.waiting[0]
                 if self._prefix_in_flight(request):
                     held.append(self.waiting.popleft())
                     continue
-                if self.running and not self._fits(request):
-                    break
+                if self.running:
+                    if reserved is None:
+                        reserved = self._pages([(r, r.pending) for r in self.running])
+                    if not self._fits(request, reserved):
+                        break
                 computed = self.store.start(request)
                 self.waiting.popleft()  # only once it is started: an error leaves it queued
                 request.computed, request.status = computed, Status.RUNNING
                 self.running.append(request)
+                if reserved is not None:  # each sequence's growth is its own: add it
+                    reserved += self._pages([(request, request.pending)])
         finally:
             self.waiting.extendleft(reversed(held))
 
-    def _fits(self, request: Request) -> bool:
-        """Whether starting ``request`` leaves the running requests the pages of their
-        pending tokens."""
-        reserved = self._pages([(r, r.pending) for r in self.running])
+    def _fits(self, request: Request, reserved: int) -> bool:
+        """Whether starting ``request`` leaves the running requests the ``reserved``
+        pages of their pending tokens."""
         start = self.store.pages_to_start(request.token_ids())
         return reserved + start <= self.store.available_pages_count
 
@@ -150,7 +155,8 @@ class Scheduler:
             if limit * ps <= other.computed:
                 continue  # nothing left to compute that could be shared
             tokens = request.tokens if tokens is None else tokens
-            theirs = other.tokens
+            # the pages compared lie in their prompt, unless it is shorter: no list built
+            theirs = other.prompt if limit * ps <= len(other.prompt) else other.tokens
             shared = 0
             while shared < limit and (
                 tokens[shared * ps : (shared + 1) * ps] == theirs[shared * ps : (shared + 1) * ps]

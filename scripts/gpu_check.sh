@@ -6,7 +6,8 @@
 #   3. runs the GPU tests, then the benchmarks, and prints their tables last.
 # Usage: bash scripts/gpu_check.sh [--quick]   (logs go to $OUT, or /tmp/seqattn-gpu)
 #   BENCHES="attention prefix_cascade" picks benchmarks/bench_<name>.py (default: all);
-#   BENCHES=none skips them; TESTS=tests/gpu/test_x.py narrows the tests.
+#   BENCHES=none skips them; TESTS=tests/gpu/test_x.py narrows the tests;
+#   BENCH_ARGS="--profile --skip generate_batch" passes its words to every benchmark.
 #   Compiled kernels carried in .ficache/ are restored first (scripts/flashinfer_cache.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +36,8 @@ echo "compiled kernels for ${#nodes[@]} tests in $(( $(date +%s) - start )) s"
 
 python3 -m pytest -q -m gpu -p no:cacheprovider -rs $TESTS 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
-bench_args=()
-[ "$quick" = "--quick" ] && bench_args=(--quick)
+read -r -a bench_args <<< "${BENCH_ARGS:-}"
+[ "$quick" = "--quick" ] && bench_args+=(--quick)
 benches=${BENCHES:-$(ls benchmarks/bench_*.py | grep -v -e bookkeeping -e scale | sed 's|.*bench_||; s|\.py||')}
 [ "$benches" = none ] && benches=""
 bench_rc=0

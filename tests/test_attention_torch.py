@@ -568,6 +568,22 @@ def test_shared_prefix_after_fork_and_truncate():
     h.check(packed, ids)
 
 
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_stale_nan_past_a_sequence_end_never_reaches_the_output(layout):
+    """Pages are gathered whole: the slots past each sequence's length (and the
+    padding's) hold whatever an earlier sequence left there, NaN here, and must not
+    reach the output (as flashinfer never reads them)."""
+    h = Harness(page_size=4, layout=layout, num_layers=2, seed=40)
+    for layer in range(2):
+        h.cache.get_kv_cache(layer).fill_(math.nan)
+    ids = [1, 2, 3]
+    packed = h.append(ids, [5, 1, 10])
+    h.check(packed, ids)
+    h.check(packed, ids, causal=False)
+    packed = h.append(ids, [], decode=True)
+    h.check(packed, ids)
+
+
 # ---------------------------------------------------------------------------- errors
 @pytest.fixture
 def planned() -> Harness:

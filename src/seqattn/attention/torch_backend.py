@@ -37,6 +37,9 @@ class _Group:
     real: Optional[torch.Tensor]  # ``[n, width]`` bool: not padding (None: all are)
     pages: torch.Tensor  # ``[n, max_pages]`` int64
     visible: torch.Tensor  # ``[n, width, max_pages * page_size]`` bool
+    # ``[n, max_pages * page_size, 1, 1]`` bool: slots past each sequence's length, whose
+    # stale values (a NaN left by an earlier sequence) must not reach 0 * v
+    past_end: torch.Tensor
 
 
 class TorchAttentionBackend:
@@ -82,13 +85,14 @@ class TorchAttentionBackend:
         lens = torch.from_numpy(kv_lens).to(device)[:, None, None]
         num_keys = pages.shape[1] * self.cache.page_size
         visible = visible_keys(positions[..., None], lens, num_keys, batch)
+        past_end = (torch.arange(num_keys, device=device) >= lens[:, 0])[..., None, None]
         real = column < qo_lens[:, None]
         if real.all() and (np.diff(rows.ravel()) == 1).all():  # consecutive rows, in order
             span = slice(int(rows[0, 0]), int(rows[-1, -1]) + 1)
-            return _Group(span, span, None, pages, visible)
+            return _Group(span, span, None, pages, visible, past_end)
         written = torch.from_numpy(rows[real]).to(device)
         return _Group(torch.from_numpy(rows).to(device), written,
-                      torch.from_numpy(real).to(device), pages, visible)  # fmt: skip
+                      torch.from_numpy(real).to(device), pages, visible, past_end)  # fmt: skip
 
     def run(
         self, q: torch.Tensor, layer: int, return_lse: bool, out: Optional[torch.Tensor]
@@ -101,6 +105,7 @@ class TorchAttentionBackend:
         lse = torch.empty(q.shape[:2], dtype=compute, device=q.device) if return_lse else None
         for group in self._groups:
             k, v = self._gather(kv_cache, group.pages, compute)
+            v.masked_fill_(group.past_end, 0.0)  # k needs none: its logits are masked
             shape = (*group.visible.shape[:2], *q.shape[1:])  # [n, width, heads, head_dim]
             queries = q[group.queries].to(compute).reshape(shape)
             o, o_lse = attend(queries, k, v, group.visible, batch, lse is not None)

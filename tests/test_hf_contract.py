@@ -193,3 +193,36 @@ def test_checked_calls_give_the_unchecked_logits(runner) -> None:
     torch.testing.assert_close(from_list, from_numpy, rtol=0, atol=0)
     torch.testing.assert_close(from_list, from_tensor, rtol=0, atol=0)
     assert len(runner.calls) == 3
+
+
+BAD_FED = [
+    ([0, 1], [[7]], [6], ArgumentTypeError, TypeError, r"fed must be a tensor.*\[6\]"),
+    ([0, 1], [[7]], torch.tensor([[6]]), InvalidLengthError, ValueError,
+     r"0 < k < 2, got shape \[1, 1\]"),
+    ([0, 1], [], torch.tensor([6, 7]), InvalidLengthError, ValueError,
+     r"0 < k < 2, got shape \[2\].*decode step"),
+    ([0, 1], [[7]], meta(torch.int64), TensorSpecError, ValueError, "on cpu, got .* on meta"),
+    ([0, 1], [[7]], torch.tensor([6], dtype=torch.int32), TensorSpecError, ValueError,
+     "torch.int64.*got torch.int32"),
+    ([0, 1], [[7]], torch.tensor([VOCAB]), InvalidArgumentError, ValueError, r"fed.*\[64\]"),
+    ([0, 1], [[7], [8]], torch.tensor([6]), InvalidLengthError, ValueError,
+     r"one token row per sequence \(1\), got 2"),
+    ([2, 1], [[7]], torch.tensor([6]), InvalidLengthError, ValueError, "sequence 2 holds 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("ids", "tokens", "fed", "error", "builtin", "message"), BAD_FED)
+def test_forward_with_fed_tokens_refuses_before_the_model_runs(
+    runner, ids, tokens, fed, error, builtin, message
+):
+    refused(runner, error, builtin, lambda: runner.forward(ids, tokens, fed=fed), message)
+
+
+def test_fed_tokens_give_the_logits_of_the_same_tokens_from_the_host(runner) -> None:
+    """A mixed step: sequence 0's decode token already on the device, sequence 1's
+    chunk from the host, in one forward; the logits are those of the host tokens."""
+    runner.descriptor.allocate([1], [2])
+    from_host = runner.forward([0, 1], [[6], [7, 8]])
+    fed = runner.forward([0, 1], [[7, 8]], fed=torch.tensor([6]))
+    torch.testing.assert_close(fed, from_host, rtol=0, atol=0)
+    assert fed.shape == (2, VOCAB) and len(runner.calls) == 2

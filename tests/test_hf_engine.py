@@ -308,6 +308,58 @@ def test_decode_steps_run_ahead_and_generated_pages_are_cached() -> None:
     assert engine.descriptor.prefix_stats.hit_tokens - hits == 16
 
 
+LONG_PROMPT = list(range(3, 26))  # 23 tokens: chunks over several steps at budget 6
+
+
+def spied_forwards(engine: Engine) -> list[int]:
+    """How many rows of each ``runner.forward`` call came from the device (``fed``)."""
+    runner, calls = engine.runner, []
+    forward = runner.forward
+
+    def spy(seq_ids, tokens, *, fed=None):
+        calls.append(0 if fed is None else len(fed))
+        return forward(seq_ids, tokens, fed=fed)
+
+    runner.forward = spy
+    return calls
+
+
+def test_mixed_steps_run_ahead_and_their_decoded_pages_are_cached() -> None:
+    """While a long prompt is prefilled in chunks, the short request's decode rows run
+    in the same steps, fed its samples on the device before the host reads them."""
+    model = tiny_model("llama")
+    engine = engine_for(model, max_step_tokens=6)
+    calls = spied_forwards(engine)
+    prompts = [PROMPTS[0], LONG_PROMPT]
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+    assert outputs == [hf_greedy(model, p, 8) for p in prompts]
+    # step 1: both prompts' first tokens (nothing to feed); steps 2-6: the short
+    # request's decode row from the device beside a chunk of the long prompt
+    assert calls == [0, 1, 1, 1, 1, 1]
+    assert engine.stats.decoded_ahead == engine.stats.steps - 1
+    # the short request held 5 + 7 tokens, 3 full pages, the second filled by decode
+    # rows of mixed steps: all three are cached
+    hits = engine.descriptor.prefix_stats.hit_tokens
+    engine.generate([PROMPTS[0] + outputs[0]], SamplingParams(max_new_tokens=1))
+    assert engine.descriptor.prefix_stats.hit_tokens - hits == 12
+    engine.descriptor.check_integrity()
+
+
+def test_a_stop_token_found_late_in_a_mixed_step_drops_the_extra_row() -> None:
+    model = tiny_model("llama")
+    short, long = hf_greedy(model, PROMPTS[0], 8), hf_greedy(model, LONG_PROMPT, 8)
+    stop = short[1]
+    engine = engine_for(model, max_step_tokens=6)
+    calls = spied_forwards(engine)
+    outputs = engine.generate([PROMPTS[0], LONG_PROMPT], SamplingParams(8, stop_token_ids=[stop]))
+    expected = [r[: r.index(stop) + 1] if stop in r else r for r in (short, long)]
+    assert outputs == expected and len(outputs[0]) == 2
+    assert calls[:3] == [0, 1, 1]  # step 3 ran the short request's row past its stop token
+    assert engine.stats.generated_tokens == sum(len(o) for o in expected)
+    assert engine.runner.cache.available_pages_count == engine.runner.cache.num_pages
+    engine.descriptor.check_integrity()
+
+
 def test_a_stop_token_found_one_step_late_drops_the_extra_row() -> None:
     model = tiny_model("llama")
     runs = [hf_greedy(model, p, 10) for p in PROMPTS]

@@ -60,12 +60,12 @@ class _Launched:
         rows: list[Request],
         requests: list[Request],
         tokens: torch.Tensor,
-        fed_on_device: bool,
+        fed: int,
     ) -> None:
         self.rows = rows
         self.requests = requests  # the rows that were sampled, in ``tokens`` order
         self.tokens = tokens
-        self.fed_on_device = fed_on_device  # its inputs were the previous step's samples
+        self.fed = fed  # its first rows whose inputs were the previous step's samples
         cuda = tokens.device.type == "cuda"
         self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
         self._host.copy_(tokens, non_blocking=True)
@@ -285,11 +285,12 @@ class Engine:
         """One forward over the next batch; returns the requests that finished.
 
         The host reads a step's sampled tokens only after it has launched the next one,
-        so decode steps never wait for the GPU: while the previous step's samples are
-        still on the device, a decode step takes its inputs from there. A request whose
-        previous token turns out to be a stop token thus runs one extra row, whose token
-        is dropped. Steps that need tokens on the host (prefill, admission, preemption)
-        read them first.
+        so steps do not wait for the GPU: while the previous step's samples are still on
+        the device, the decode rows take their inputs from there (prompt chunks beside
+        them come from the host). A request whose previous token turns out to be a stop
+        token thus runs one extra row, whose token is dropped. A step short of pages
+        reads them first (finished requests free theirs before any is preempted); so
+        does, on a head-wise runner, a step with prompt chunks or an admission.
 
         If the step raises (the model's forward, the sampler, an allocation), it is undone
         before the error propagates: the pages allocated for it go back, no token is
@@ -311,7 +312,7 @@ class Engine:
         if self._sampled is not None:  # decoded ahead: now read what the last step sampled
             self._read_sampled()
         if launched is not None:  # the tokens it fed from the device are known only now
-            self.scheduler.launched(launched.rows, launched.fed_on_device)
+            self.scheduler.launched(launched.rows, launched.fed)
             self._sampled = launched
         finished, self._finished = self._finished, []
         return finished
@@ -335,17 +336,16 @@ class Engine:
         """
         rows, ready = step.rows, step.ready
         requests = [r for r, _ in rows]
-        fed_on_device = requests[0].unread > 0
         ready_requests = requests if len(ready) == len(rows) else [requests[i] for i in ready]
         try:
-            logits = self._forward(step, requests, fed_on_device)
+            logits = self._forward(step, requests)
             if len(ready) < len(requests):  # some rows were prefill chunks: no token yet
                 logits = logits[on_device(self.device, np.array(ready, dtype=np.int64))]
             tokens = sample(logits, [r.params for r in ready_requests], self.generator)
             ranks = getattr(self.runner, "ranks", None)  # a HeadwiseCausalLM has none
             if ranks is not None:  # tensor-parallel: every rank takes rank 0's
                 ranks.broadcast(tokens)
-            launched = _Launched(requests, ready_requests, tokens, fed_on_device)
+            launched = _Launched(requests, ready_requests, tokens, step.fed)
         except BaseException:
             self.scheduler.undo(rows)
             raise
@@ -359,18 +359,18 @@ class Engine:
         for request in launched.requests:
             request.unread += 1
         self.stats.steps += 1
-        self.stats.decoded_ahead += launched.fed_on_device
+        self.stats.decoded_ahead += launched.fed > 0
         self.stats.computed_prompt_tokens += prompt_tokens
 
-    def _forward(
-        self, step: Scheduled, requests: list[Request], fed_on_device: bool
-    ) -> torch.Tensor:
+    def _forward(self, step: Scheduled, requests: list[Request]) -> torch.Tensor:
         """The model's logits for the step's rows (whose requests are ``requests``):
-        ``[len(rows), vocab_size]``."""
-        if fed_on_device:  # the inputs are the previous step's samples, still on the device
+        ``[len(rows), vocab_size]``; the first ``step.fed`` rows' inputs are the previous
+        step's samples, still on the device."""
+        fed = None
+        if step.fed:
             assert self._sampled is not None
-            return self.runner.decode([r.id for r in requests], self._sampled.tokens_of(requests))
-        return self.store.forward(step.rows, step.decode)  # the runner's calls, host inputs
+            fed = self._sampled.tokens_of(requests[: step.fed])
+        return self.store.forward(step.rows, step.decode, fed)  # the runner's calls
 
     def _read_sampled(self) -> None:
         """Bring the last launched step's tokens to the host and finish requests."""

@@ -70,6 +70,7 @@ class HeadwiseStore:
 
     prefix_cached = False
     presses = True  # each request's own press settings
+    mixed_ahead = False  # the runner's step takes host tokens only
 
     def __init__(self, runner: HeadwiseCausalLM) -> None:
         self.runner = runner
@@ -140,16 +141,18 @@ class HeadwiseStore:
         for seq_id in seq_ids:
             del self._prompt_end[seq_id]
 
-    def launched(self, seq_ids: list[int], fed: Optional[list[int]]) -> None:
+    def launched(self, seq_ids: list[int], fed: list[int]) -> None:
         pass  # nothing to commit: no prefix cache
 
-    def forward(self, rows: list[Row], decode: int) -> torch.Tensor:
+    def forward(self, rows: list[Row], decode: int, fed: Optional[torch.Tensor]) -> torch.Tensor:
         """One :meth:`HeadwiseCausalLM.step` of ``rows``: a row past its request's prompt
         is a decode row, the others prompt chunks (the last one, ``ends_prompt``,
         presses); the logits come back in the rows' order. (The scheduler's ``decode``
         count is not used: a prompt's last token alone is a decode row to it, a prompt row
         here.)"""
         del decode
+        if fed is not None:  # not mixed_ahead: only whole decode steps are fed so
+            return self.runner.decode([r.id for r, _ in rows], fed)
         past = [i for i, (r, _) in enumerate(rows) if r.computed >= self._prompt_end[r.id]]
         prompt = [i for i, (r, _) in enumerate(rows) if r.computed < self._prompt_end[r.id]]
         ends = [rows[i][0].computed + rows[i][1] == self._prompt_end[rows[i][0].id] for i in prompt]

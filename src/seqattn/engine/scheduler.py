@@ -25,9 +25,11 @@ class Scheduled:
     """One step's rows as scheduled, and what follows from them, worked out once.
 
     Attributes:
-        rows: ``(request, tokens fed)``: decode rows first (one token each), then
-            prefill chunks.
+        rows: ``(request, tokens fed)``: decode rows first (one token each; those fed
+            from the device first of all), then prefill chunks.
         decode: how many of ``rows`` are decode rows.
+        fed: how many of them (the first) take the last step's sample, on the device,
+            not yet read.
         ready: the indices of the rows whose inputs are all in after the step (every
             decode row, and each chunk that ends its prompt): the rows sampled.
         prompt_tokens: the prompt tokens the rows feed (a chunk's tokens, or a decode
@@ -36,6 +38,7 @@ class Scheduled:
 
     rows: list[Row]
     decode: int
+    fed: int
     ready: list[int]
     prompt_tokens: int
 
@@ -45,8 +48,9 @@ class Scheduled:
         rows = [(request, n) for request, n, _ in chosen]
         chunks = chosen[decode:]
         ready = [*range(decode), *(decode + i for i, (_, n, p) in enumerate(chunks) if n == p)]
+        fed = sum(r.unread > 0 for r, _, _ in chosen[:decode])
         fresh = sum(not (r.output or r.unread) for r, _, _ in chosen[:decode])
-        return cls(rows, decode, ready, fresh + sum(n for _, n, _ in chunks))
+        return cls(rows, decode, fed, ready, fresh + sum(n for _, n, _ in chunks))
 
 
 class Scheduler:
@@ -106,8 +110,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def can_decode_ahead(self) -> bool:
-        """Whether the next step can run before the host knows the last samples: every
+        """Whether the next step can run before the host knows the last samples: on a
+        store that takes decode rows from the device beside prompt chunks, always (a
+        step short of pages reads them first: :meth:`schedule`); otherwise when every
         running request decodes and no waiting one could be admitted."""
+        if self.store.mixed_ahead:
+            return True
         admissible = self.waiting and len(self.running) < self.max_batch_size
         return not admissible and all(r.unread for r in self.running)
 
@@ -195,18 +203,22 @@ class Scheduler:
         return step
 
     def _wanted(self) -> list[_Choice]:
-        """Decode rows first (one token each), then prefill chunks within the budget;
-        each with its request's pending tokens (a property: read once per step)."""
+        """Decode rows first (one token each; those whose input is an unread sample
+        first of all), then prefill chunks within the budget; each with its request's
+        pending tokens (a property: read once per step)."""
+        fed: list[tuple[Request, int]] = []
         decode: list[tuple[Request, int]] = []
         chunks: list[tuple[Request, int]] = []
         for request in self.running:
             if request.finishes_when_read:
                 continue  # its last token is sampled already
             pending = request.pending
-            (chunks if pending > 1 else decode).append((request, pending))
+            (chunks if pending > 1 else fed if request.unread else decode).append(
+                (request, pending)
+            )
         budget = self.max_step_tokens
         wanted = []
-        for request, pending in decode + chunks:
+        for request, pending in fed + decode + chunks:
             n = min(pending, budget)
             if n == 0:
                 break
@@ -276,12 +288,13 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     # ------------------------------------------------------------ after a launch
-    def launched(self, requests: list[Request], fed_on_device: bool) -> None:
-        """Tell the cache about a launched step's rows: the tokens fed from the device
-        (known once read) and that every token they hold has its KV now."""
+    def launched(self, requests: list[Request], fed: int) -> None:
+        """Tell the cache about a launched step's rows: the tokens its first ``fed`` rows
+        took from the device (known once read) and that every token they hold has its
+        KV now."""
         live = [r for r in requests if r.status is Status.RUNNING]
-        ids = [r.id for r in live]
-        self.store.launched(ids, [r.output[-1] for r in live] if fed_on_device else None)
+        known = sum(r.status is Status.RUNNING for r in requests[:fed])
+        self.store.launched([r.id for r in live], [r.output[-1] for r in live[:known]])
 
     def undo(self, rows: list[Row]) -> None:
         """Give back what a failed step allocated: each row's sequence again holds the

@@ -14,7 +14,7 @@ class EngineStats:
     computed_prompt_tokens: int = 0  # prompt (and recomputed) tokens that ran the model
     generated_tokens: int = 0
     preemptions: int = 0
-    decoded_ahead: int = 0  # decode steps launched before the previous samples were read
+    decoded_ahead: int = 0  # steps launched with decode rows fed the unread last samples
 
 
 @define(frozen=True)

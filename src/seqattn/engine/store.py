@@ -31,6 +31,10 @@ class SequenceStore(Protocol):
 
     prefix_cached: bool  # whether a request may start from pages another one computed
     presses: bool  # whether requests may bring press settings (a head-wise cache)
+    # whether forward() takes decode rows fed from the device beside host rows (prompt
+    # chunks): then any step, not only a pure decode step, may run before the last
+    # samples are read
+    mixed_ahead: bool
 
     @property
     def available_pages_count(self) -> int: ...
@@ -81,13 +85,15 @@ class SequenceStore(Protocol):
 
     def release(self, seq_ids: list[int]) -> None: ...
 
-    def launched(self, seq_ids: list[int], fed: Optional[list[int]]) -> None:
-        """A step of ``seq_ids`` ran (``fed``: the tokens it took from the device)."""
+    def launched(self, seq_ids: list[int], fed: list[int]) -> None:
+        """A step of ``seq_ids`` ran; ``fed``: the tokens its first ``len(fed)`` rows
+        took from the device (known now)."""
         ...
 
-    def forward(self, rows: list[Row], decode: int) -> torch.Tensor:
-        """The runner's logits for ``rows`` (inputs on the host), the first ``decode``
-        of them decode rows: ``[len(rows), vocab]``."""
+    def forward(self, rows: list[Row], decode: int, fed: Optional[torch.Tensor]) -> torch.Tensor:
+        """The runner's logits for ``rows``, the first ``decode`` of them decode rows:
+        ``[len(rows), vocab]``. ``fed``: None, or the inputs of the first ``k`` rows
+        (decode rows), int64 ``[k]`` on the device; the other rows' are on the host."""
         ...
 
 
@@ -97,6 +103,7 @@ class PagedStore:
 
     prefix_cached = True
     presses = False  # every token kept: no press settings
+    mixed_ahead = True
 
     def __init__(self, runner: PagedCausalLM) -> None:
         self.runner = runner
@@ -134,10 +141,14 @@ class PagedStore:
         return min(n, -request.computed % self.page_size + free * self.page_size)
 
     def allocate(self, decode: list[Request], prefill: list[tuple[int, int]]) -> None:
-        if decode:
-            # a token sampled ahead is told to the prefix cache once read (see launched)
-            last = None if decode[0].unread else [r.last_token for r in decode]
-            self.descriptor.allocate_decoding([r.id for r in decode], token_ids=last)
+        # rows fed from the device come first; their tokens reach the prefix cache
+        # once read (see launched)
+        fed = next((i for i, r in enumerate(decode) if not r.unread), len(decode))
+        if fed:
+            self.descriptor.allocate_decoding([r.id for r in decode[:fed]])
+        if fed < len(decode):
+            host = decode[fed:]
+            self.descriptor.allocate_decoding([r.id for r in host], [r.last_token for r in host])
         if prefill:
             self.descriptor.allocate([i for i, _ in prefill], [n for _, n in prefill])
 
@@ -151,14 +162,17 @@ class PagedStore:
     def release(self, seq_ids: list[int]) -> None:
         self.descriptor.release(seq_ids)
 
-    def launched(self, seq_ids: list[int], fed: Optional[list[int]]) -> None:
+    def launched(self, seq_ids: list[int], fed: list[int]) -> None:
         # every token the rows hold has its KV now: full pages join the prefix cache
-        if fed is not None:
-            self.descriptor.record_decode_tokens(seq_ids, fed)
+        if fed:
+            self.descriptor.record_decode_tokens(seq_ids[: len(fed)], fed)
         self.descriptor.commit(seq_ids)
 
-    def forward(self, rows: list[Row], decode: int) -> torch.Tensor:
+    def forward(self, rows: list[Row], decode: int, fed: Optional[torch.Tensor]) -> torch.Tensor:
         ids = [r.id for r, _ in rows]
-        if decode == len(rows):
+        k = 0 if fed is None else fed.shape[0]
+        if k == len(rows):
+            return self.runner.decode(ids, fed)  # type: ignore[arg-type]
+        if decode == len(rows) and not k:
             return self.runner.decode(ids, [r.last_token for r, _ in rows])
-        return self.runner.forward(ids, [r.next_inputs(n) for r, n in rows])
+        return self.runner.forward(ids, [r.next_inputs(n) for r, n in rows[k:]], fed=fed)

@@ -27,14 +27,11 @@ from .compiled import CompiledDecode, checked_compile
 from .hf_attention import ATTENTION_NAME, StepContext, register
 from .hf_checks import (
     attention_variants,
-    batch_ids,
-    check_allocated,
     check_backend,
-    check_device_tokens,
     check_model,
-    decode_tokens,
+    checked_decode,
+    checked_forward,
     head_dim_of,
-    token_rows,
 )
 from .hf_parallel import model_ranks
 
@@ -247,7 +244,9 @@ class PagedCausalLM:
         return self._attention[key]
 
     @torch.inference_mode()
-    def forward(self, seq_ids: list[int], tokens: list[list[int]]) -> torch.Tensor:
+    def forward(
+        self, seq_ids: list[int], tokens: list[list[int]], *, fed: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Run the model on each sequence's new tokens; logits of each one's last token.
 
         The tokens must be allocated already (``descriptor.allocate`` /
@@ -259,24 +258,27 @@ class PagedCausalLM:
             tokens: one non-empty row of token ids per sequence, each ``[n_i]``
                 integers in ``[0, vocab_size)`` (lists, numpy arrays or tensors; checked
                 on the host, before the model runs).
+            fed: the first ``k`` sequences' one new token each, int64 ``[k]`` on the
+                model's device, ``0 < k < len(seq_ids)`` (a step's samples not yet read:
+                decode rows beside prompt chunks); ``tokens`` then holds the other rows.
 
         Returns:
             ``shape: [len(seq_ids), vocab_size]``, the model's dtype, on its device.
 
         Raises:
-            ArgumentTypeError: ids or tokens that are not integers, or ``tokens`` not a
-                sequence of rows.
+            ArgumentTypeError: ids or tokens that are not integers, ``tokens`` not a
+                sequence of rows, ``fed`` not a tensor.
             InvalidArgumentError: a token id outside the vocabulary.
-            InvalidLengthError: no sequence, a row count other than ``len(seq_ids)``, an
-                empty row, or a row longer than its sequence (not allocated).
+            InvalidLengthError: no sequence, a row count other than ``len(seq_ids) - k``,
+                an empty row or one longer than its sequence (not allocated), a bad ``k``.
+            TensorSpecError: ``fed`` not int64 on the model's device.
             DuplicateSequenceError: an id listed twice.
             UnknownSequenceError: an id that is not live.
         """
-        seq_ids = batch_ids(seq_ids)
-        rows = token_rows(tokens, len(seq_ids), self.vocab_size)
-        lens = np.array([row.size for row in rows], dtype=np.int64)
-        check_allocated(self.descriptor, seq_ids, lens)
-        return self._run(seq_ids, lens, np.concatenate(rows))
+        seq_ids, lens, flat = checked_forward(
+            self.descriptor, seq_ids, tokens, fed, self.vocab_size, self.device
+        )
+        return self._run(seq_ids, lens, flat, fed=fed)
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], tokens: Union[list[int], torch.Tensor]) -> torch.Tensor:
@@ -308,14 +310,9 @@ class PagedCausalLM:
                 or an empty sequence.
             DuplicateSequenceError, UnknownSequenceError: as :meth:`forward`.
         """
-        seq_ids = batch_ids(seq_ids)
-        n = len(seq_ids)
-        if isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu":
-            check_device_tokens(tokens, n, self.device)
-        else:
-            tokens = decode_tokens(tokens, n, self.vocab_size)
-        ones = np.ones(n, np.int64)
-        check_allocated(self.descriptor, seq_ids, ones)
+        seq_ids, ones, tokens = checked_decode(
+            self.descriptor, seq_ids, tokens, self.vocab_size, self.device
+        )
         return self._run(seq_ids, ones, tokens, decode=True)
 
     def _run(
@@ -324,14 +321,17 @@ class PagedCausalLM:
         lens: np.ndarray,
         tokens: Union[np.ndarray, torch.Tensor],
         decode: bool = False,
+        fed: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The forward of one flat row of new tokens (``[sum(lens)]``, on the host or the
-        device): the step is packed once, the host tokens going up with it."""
+        device; after the ``fed`` ones): the step is packed once, host tokens with it."""
         on_host = not isinstance(tokens, torch.Tensor)
         step = self.descriptor.pack_for_flashinfer(
             seq_ids, lens, device=self.device, inputs=[tokens] if on_host else ()
         )
         input_ids = step.inputs[0] if on_host else tokens
+        if fed is not None:
+            input_ids = torch.cat([fed, input_ids])  # type: ignore[list-item]
         if self.check_ranks and self.ranks is not None:
             pages = self.descriptor.table.pages_of_slots(step.stamp.slots)  # type: ignore[union-attr]
             self.ranks.check_step(step_fingerprint(seq_ids, step.kv_seq_lens.numpy(), pages))  # type: ignore[union-attr]

@@ -137,6 +137,57 @@ def check_device_tokens(tokens: torch.Tensor, n: int, device: torch.device) -> N
         )
 
 
+def checked_forward(
+    descriptor: Any,
+    seq_ids: object,
+    tokens: Any,
+    fed: Optional[torch.Tensor],
+    vocab_size: int,
+    device: torch.device,
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """A forward's arguments, checked: the ids, each sequence's new-token count (the
+    ``fed`` ones first, one token each) and the host rows' tokens flat, ``[sum]`` int64.
+
+    ``fed``: None, or the first ``k`` sequences' tokens, int64 ``[k]`` on ``device``,
+    ``0 < k < len(seq_ids)``; ``tokens`` then holds the rows of the sequences after them.
+    Their values are read (and checked) only on the CPU, where that costs no wait."""
+    seq_ids = batch_ids(seq_ids)
+    k = 0
+    if fed is not None:
+        if not isinstance(fed, torch.Tensor):
+            raise ArgumentTypeError(f"fed must be a tensor of token ids, got {shown(fed)}")
+        k = fed.shape[0] if fed.dim() == 1 else 0
+        if not 0 < k < len(seq_ids):
+            raise InvalidLengthError(
+                f"fed must hold one token for each of the first k of the {len(seq_ids)} "
+                f"sequences, 0 < k < {len(seq_ids)}, got shape {list(fed.shape)} (a batch "
+                "fed entirely from the device is a decode step)"
+            )
+        check_device_tokens(fed, k, device)
+        if fed.device.type == "cpu":
+            token_row(fed, "fed", vocab_size)
+    rows = token_rows(tokens, len(seq_ids) - k, vocab_size)
+    lens = np.array([1] * k + [row.size for row in rows], dtype=np.int64)
+    check_allocated(descriptor, seq_ids, lens)
+    return seq_ids, lens, np.concatenate(rows)
+
+
+def checked_decode(
+    descriptor: Any, seq_ids: object, tokens: Any, vocab_size: int, device: torch.device
+) -> tuple[list[int], np.ndarray, Any]:
+    """A decode step's arguments, checked: the ids, ``[n]`` ones (a token each) and the
+    tokens: a device tensor as it is (values unread), host tokens as ``[n]`` int64."""
+    seq_ids = batch_ids(seq_ids)
+    n = len(seq_ids)
+    if isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu":
+        check_device_tokens(tokens, n, device)
+    else:
+        tokens = decode_tokens(tokens, n, vocab_size)
+    ones = np.ones(n, np.int64)
+    check_allocated(descriptor, seq_ids, ones)
+    return seq_ids, ones, tokens
+
+
 def check_allocated(descriptor: Any, seq_ids: list[int], new: np.ndarray) -> None:
     """Each sequence of ``descriptor`` (a ``CacheDescriptor``) already holds its
     ``new[i]`` new tokens (allocated before the forward); else InvalidLengthError."""

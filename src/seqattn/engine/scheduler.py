@@ -124,12 +124,18 @@ class Scheduler:
         """Start waiting requests, in order, while their pages fit (see the class)."""
         held = []
         reserved = None  # pages the running requests' pending tokens take: summed once
+        computing = None  # running requests with full pages to compute, by first page
         try:
             while self.waiting and len(self.running) < self.max_batch_size:
                 request = self.waiting[0]
-                if self._prefix_in_flight(request):
-                    held.append(self.waiting.popleft())
-                    continue
+                if self.store.prefix_cached:
+                    if computing is None:
+                        computing = {}
+                        for other in self.running:
+                            self._index_computing(computing, other)
+                    if self._prefix_in_flight(request, computing):
+                        held.append(self.waiting.popleft())
+                        continue
                 if self.running:
                     if reserved is None:
                         reserved = self._pages([(r, r.pending) for r in self.running])
@@ -141,6 +147,8 @@ class Scheduler:
                 self.running.append(request)
                 if reserved is not None:  # each sequence's growth is its own: add it
                     reserved += self._pages([(request, request.pending)])
+                if computing is not None:
+                    self._index_computing(computing, request)
         finally:
             self.waiting.extendleft(reversed(held))
 
@@ -150,14 +158,30 @@ class Scheduler:
         start = self.store.pages_to_start(request.token_ids())
         return reserved + start <= self.store.available_pages_count
 
-    def _prefix_in_flight(self, request: Request) -> bool:
-        """Whether a running request is computing full pages that ``request`` could share."""
-        if not self.store.prefix_cached:
-            return False
+    def _first_page(self, request: Request) -> tuple[int, ...]:
+        """The tokens of the request's first page (fewer if it holds fewer)."""
+        ps = self.page_size
+        return tuple(request.prompt[:ps] if len(request.prompt) >= ps else request.tokens[:ps])
+
+    def _index_computing(self, index: dict[tuple[int, ...], list[Request]], other: Request) -> None:
+        """Add running ``other`` to ``index`` (by its first page) if it has a full page of
+        known tokens left to compute: only such a request can hold pages in flight."""
+        known = len(other.prompt) + len(other.output)
+        if known // self.page_size * self.page_size > other.computed:
+            index.setdefault(self._first_page(other), []).append(other)
+
+    def _prefix_in_flight(
+        self, request: Request, computing: dict[tuple[int, ...], list[Request]]
+    ) -> bool:
+        """Whether a running request is computing full pages that ``request`` could share
+        (``computing``: :meth:`_index_computing`'s index; a request can share pages only
+        with one whose first page is its own)."""
         ps = self.page_size
         length = len(request.prompt) + len(request.output)
+        if length - 1 < ps:
+            return False  # its last token is always computed: no full page to share
         tokens: Optional[list[int]] = None  # built only if a running request computes pages
-        for other in self.running:
+        for other in computing.get(self._first_page(request), ()):
             known = len(other.prompt) + len(other.output)
             limit = min(length - 1, known) // ps  # pages the cache could give
             if limit * ps <= other.computed:

@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 from seqattn.engine import Engine, SamplingParams  # noqa: E402
 from seqattn.integrations.hf import PagedCausalLM  # noqa: E402
 from tests.conftest import examples  # noqa: E402
+from tests.test_hf_engine import hf_greedy as hf_greedy_of  # noqa: E402
+from tests.test_hf_engine import tiny_model  # noqa: E402
 
 PAGE = 4
 VOCAB = 128
@@ -27,28 +29,13 @@ TIE = 1e-4  # logits this close to the top one are a float tie: either token is 
 
 @functools.cache
 def model() -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(config).eval()
-    llama.generation_config.eos_token_id = None
-    llama.generation_config.pad_token_id = 0
-    return llama
+    return tiny_model("llama")  # vocabulary of VOCAB, no end-of-sequence token
 
 
 @functools.cache
 def hf_greedy(prompt: tuple[int, ...], n: int) -> tuple[int, ...]:
-    """transformers' own generate, eager attention, one prompt alone."""
-    llama = model()
-    previous = llama.config._attn_implementation
-    llama.set_attn_implementation("eager")
-    try:
-        out = llama.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
-    finally:
-        llama.set_attn_implementation(previous)
-    return tuple(out[0, len(prompt) :].tolist())
+    """transformers' own generate, eager attention, one prompt alone (memoized)."""
+    return tuple(hf_greedy_of(model(), list(prompt), n))
 
 
 def matches_hf(prompt: list[int], out: list[int], n: int, stop: tuple[int, ...]) -> bool:

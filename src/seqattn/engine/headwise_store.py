@@ -124,7 +124,7 @@ class HeadwiseStore:
                 high = mid - 1
         return low
 
-    def allocate(self, decode: list[Request], prefill: list[tuple[int, int]]) -> None:
+    def allocate(self, decode: list[Request], prefill: list[tuple[int, int]], fed: int) -> None:
         pass  # the step takes its pages (see the class)
 
     def undo(self, request: Request) -> bool:

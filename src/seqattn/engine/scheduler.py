@@ -294,7 +294,7 @@ class Scheduler:
         decode = [r for r, _ in rows[: step.decode]]
         prefill = [(r.id, n) for r, n in rows[step.decode :]]
         try:
-            self.store.allocate(decode, prefill)
+            self.store.allocate(decode, prefill, step.fed)
         except BaseException:
             self.undo(rows)
             raise

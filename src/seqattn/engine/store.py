@@ -74,8 +74,9 @@ class SequenceStore(Protocol):
         """Tokens of a prompt chunk of at most ``n`` that fit ``free`` pages."""
         ...
 
-    def allocate(self, decode: list[Request], prefill: list[tuple[int, int]]) -> None:
-        """Take the pages of a step's decode rows and ``(id, tokens)`` prefill rows."""
+    def allocate(self, decode: list[Request], prefill: list[tuple[int, int]], fed: int) -> None:
+        """Take the pages of a step's decode rows and ``(id, tokens)`` prefill rows; the
+        first ``fed`` decode rows' tokens are on the device, not yet known here."""
         ...
 
     def undo(self, request: Request) -> bool:
@@ -140,10 +141,9 @@ class PagedStore:
         # the room left in its last page, then whole pages
         return min(n, -request.computed % self.page_size + free * self.page_size)
 
-    def allocate(self, decode: list[Request], prefill: list[tuple[int, int]]) -> None:
-        # rows fed from the device come first; their tokens reach the prefix cache
-        # once read (see launched)
-        fed = next((i for i, r in enumerate(decode) if not r.unread), len(decode))
+    def allocate(self, decode: list[Request], prefill: list[tuple[int, int]], fed: int) -> None:
+        # the tokens of the rows fed from the device reach the prefix cache once read
+        # (see launched)
         if fed:
             self.descriptor.allocate_decoding([r.id for r in decode[:fed]])
         if fed < len(decode):

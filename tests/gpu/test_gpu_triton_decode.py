@@ -19,15 +19,22 @@ def triton_or_skip() -> None:
 
 
 @pytest.mark.parametrize(
-    "dtype, layout, kv_heads, group, head_dim, lens",
+    "dtype, layout, kv_heads, group, head_dim, lens, one_launch",
     [
-        (torch.float16, "NHD", 8, 4, 128, [1, 15, 16, 17, 700, 3000]),
-        (torch.bfloat16, "HND", 2, 8, 64, [33, 4096]),
-        (torch.float16, "NHD", 4, 1, 256, [5, 64, 65]),
-        (torch.bfloat16, "NHD", 1, 2, 128, [1] * 40 + [5000]),
+        (torch.float16, "NHD", 8, 4, 128, [1, 15, 16, 17, 700, 3000], False),
+        (torch.bfloat16, "HND", 2, 8, 64, [33, 4096], False),
+        (torch.float16, "NHD", 4, 1, 256, [5, 64, 65], False),
+        (torch.bfloat16, "NHD", 1, 2, 128, [1] * 40 + [5000], False),
+        # (request, KV head) pairs past an H200's 132 multiprocessors: one launch; each
+        # row of the balanced batch in one split, written directly
+        (torch.bfloat16, "NHD", 8, 4, 64, [640] * 40, True),
+        # one launch, the long row split and merged by its last split to finish
+        (torch.float16, "HND", 8, 2, 128, [7000] + [100] * 39 + [1] * 8, True),
     ],
 )
-def test_decode_equals_the_torch_backend(dtype, layout, kv_heads, group, head_dim, lens) -> None:
+def test_decode_equals_the_torch_backend(
+    dtype, layout, kv_heads, group, head_dim, lens, one_launch
+) -> None:
     triton_or_skip()
     pages = sum(-(-n // 16) for n in lens) + 4
     cache = PagedKVCacheManager(pages, 16, kv_heads, head_dim, dtype, "cuda", layout,
@@ -43,6 +50,11 @@ def test_decode_equals_the_torch_backend(dtype, layout, kv_heads, group, head_di
         attention = PagedAttention(cache, kv_heads * group, backend=backend)
         attention.plan(step, sm_scale=0.07)
         results[backend] = attention.run(q, layer=1, return_lse=True)
+        if backend == "triton":
+            assert attention.impl._decode.one_launch == one_launch
+            # again: a launch leaves its merge counters as it found them
+            again = attention.run(q, layer=1, return_lse=True)
+            assert all(torch.equal(a, b) for a, b in zip(results[backend], again, strict=True))
     (out, lse), (ref, ref_lse) = results["triton"], results["torch"]
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse.float(), atol=2e-3, rtol=2e-3)

@@ -61,6 +61,9 @@ class _Bucket:
         self.indptr, self.last_page_len, self.positions = self.table.split([size + 1, size, size])
         self.indices = torch.zeros(max_pages + size, dtype=torch.int32, device=device)
         self.batch_indices = torch.arange(size, dtype=torch.int32, device=device)
+        # the Triton decode's per-(request, KV head) counters: zeros between launches
+        self.counters = torch.zeros(size * cache.num_heads if splits else 0,
+                                    dtype=torch.int32, device=device)  # fmt: skip
         self.wrapper = None if splits else fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, cache.kv_layout,
             use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
@@ -249,7 +252,7 @@ class GraphBuckets:
         bucket = self.planned(q.shape[0], "q")
         if bucket.wrapper is None:
             tables = DecodeTables(bucket.indptr, bucket.indices, bucket.last_page_len,
-                                  bucket.splits, self._scale_log2)  # fmt: skip
+                                  bucket.splits, self._scale_log2, bucket.counters)  # fmt: skip
             return decode(self.cache, layer, q, tables, out=out)[0]
         kv = self.cache.kv_pairs[layer]
         level = bucket.shared

@@ -693,6 +693,39 @@ def test_triton_backend_on_a_cpu_cache_is_refused_with_what_it_needs():
         HeadwiseAttention(headwise, 4, backend="triton")
 
 
+def test_a_direct_launch_keys_on_what_triton_specializes() -> None:
+    """Triton compiles a variant per tensor dtype and 16-byte alignment and per integer
+    value (1 and multiples of 16 are special), never per runtime float: a launch reuses
+    a compiled kernel only where all of these match."""
+    from seqattn.attention.triton_launch import _key
+
+    flat = torch.zeros(65, dtype=torch.float16)
+    aligned, misaligned = flat[:64], flat[1:]
+    base = _key((aligned, 16, 0.5), (4, True), 4, 2, 0)
+    assert _key((flat[:32], 16, 0.25), (4, True), 4, 2, 0) == base  # another float, same
+    others = [
+        _key((misaligned, 16, 0.5), (4, True), 4, 2, 0),
+        _key((aligned.float(), 16, 0.5), (4, True), 4, 2, 0),
+        _key((aligned, 17, 0.5), (4, True), 4, 2, 0),
+        _key((aligned, 16, 0.5), (4, False), 4, 2, 0),
+        _key((aligned, 16, 0.5), (4, True), 8, 2, 0),
+        _key((aligned, 16, 0.5), (4, True), 4, 3, 0),
+        _key((aligned, 16, 0.5), (4, True), 4, 2, 1),
+    ]
+    assert all(key != base for key in others)
+    assert len(set(others)) == len(others)
+
+
+def test_a_step_appends_in_the_decode_launch_only_with_one_token_per_sequence() -> None:
+    from seqattn.attention.paged_attention import newest_token_each
+
+    desc = CacheDescriptor(PagedKVCacheManager(16, 4, 2, 8, torch.float32, "cpu"))
+    desc.allocate([0, 1], [5, 3])
+    assert not newest_token_each(desc.pack_for_flashinfer([0, 1], [2, 0]))  # 2 tokens: one each
+    assert not newest_token_each(desc.pack_for_flashinfer([0, 1]))  # no append lengths
+    assert newest_token_each(desc.pack_for_flashinfer([0, 1], [1, 1]))
+
+
 def test_backend_selection_and_head_checks():
     cache = PagedKVCacheManager(8, 4, 2, 64, torch.float32, "cpu")
     assert PagedAttention(cache, 4).backend == "torch"  # auto on a CPU cache

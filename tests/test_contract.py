@@ -452,10 +452,10 @@ def test_forward_checks_q_k_v_and_the_step_before_it_appends(desc) -> None:
         attn.forward(q[:1], k[:1], k[:1], 0)
 
 
-def test_graphs_decode_with_flashinfer_where_triton_cannot_serve() -> None:
-    from seqattn.attention.triton_decode import graph_decode_backend
+def test_runners_decode_with_flashinfer_where_triton_cannot_serve() -> None:
+    from seqattn.attention.triton_decode import decode_backend
 
     cpu_cache = make_cache()  # not CUDA: Triton's kernel cannot read it
-    assert graph_decode_backend("auto", -1, cpu_cache) == "flashinfer"
-    assert graph_decode_backend("flashinfer", -1, cpu_cache) == "flashinfer"
-    assert graph_decode_backend("auto", 127, cpu_cache) == "flashinfer"  # a window
+    assert decode_backend("auto", -1, cpu_cache) == "flashinfer"
+    assert decode_backend("flashinfer", -1, cpu_cache) == "flashinfer"
+    assert decode_backend("auto", 127, cpu_cache) == "flashinfer"  # a window

@@ -60,6 +60,69 @@ def test_decode_equals_the_torch_backend(
     torch.testing.assert_close(lse, ref_lse.float(), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize(
+    "dtype, layout, kv_heads, group, head_dim, lens",
+    [
+        (torch.float16, "NHD", 4, 4, 128, [1, 15, 16, 17, 300, 2000]),  # two launches
+        (torch.bfloat16, "HND", 8, 4, 64, [640] * 40 + [15, 16]),  # one launch
+    ],
+)
+def test_decode_forward_appends_in_its_launch_like_the_torch_backend(
+    dtype, layout, kv_heads, group, head_dim, lens
+) -> None:
+    """PagedAttention.forward on a Triton decode step writes the new K/V in the kernel's
+    launch: the cache afterwards is bit-equal to what the cache's own append writes, and
+    the output close to the torch backend's, over steps that cross page boundaries."""
+    triton_or_skip()
+    pages = sum(-(-n // 16) + 1 for n in lens) + 4
+    cache = PagedKVCacheManager(pages, 16, kv_heads, head_dim, dtype, "cuda", layout,
+                                num_layers=2)  # fmt: skip
+    gen = torch.Generator("cuda").manual_seed(2)
+    cache.kv_data.normal_(generator=gen)
+    desc = CacheDescriptor(cache)
+    ids = list(range(len(lens)))
+    desc.allocate(ids, lens)
+    attention = {b: PagedAttention(cache, kv_heads * group, backend=b) for b in ("triton", "torch")}
+    heads = (len(ids), kv_heads, head_dim)
+    for _ in range(18):  # rows of 15 and 16 tokens start a page on the way
+        desc.allocate_decoding(ids)
+        step = desc.pack_for_flashinfer(ids, [1] * len(ids), device="cuda")
+        q = torch.randn(len(ids), kv_heads * group, head_dim, generator=gen, device="cuda")
+        k, v = torch.randn(2, *heads, generator=gen, device="cuda").to(dtype)
+        before = cache.kv_data.clone()
+        attention["triton"].plan(step)
+        assert attention["triton"]._append_in_kernel
+        out = attention["triton"].forward(q.to(dtype), k, v, layer=1)
+        written = cache.kv_data.clone()
+        cache.kv_data.copy_(before)
+        attention["torch"].plan(step)
+        ref = attention["torch"].forward(q.to(dtype), k, v, layer=1)
+        assert torch.equal(cache.kv_data, written), "the kernel wrote other K/V than the append"
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_decode_of_a_misaligned_query_after_aligned_ones() -> None:
+    """A query view 2 bytes off 16-byte alignment compiles its own kernel variant; it is
+    not launched with the aligned one's (DirectLaunch keys on alignment)."""
+    triton_or_skip()
+    lens = [100, 37, 900]
+    cache = PagedKVCacheManager(80, 16, 2, 64, torch.float16, "cuda", num_layers=1)
+    cache.kv_data.normal_(generator=torch.Generator("cuda").manual_seed(3))
+    desc = CacheDescriptor(cache)
+    desc.allocate([0, 1, 2], lens)
+    step = desc.pack_for_flashinfer([0, 1, 2], [1, 1, 1], device="cuda")
+    flat = torch.randn(3 * 8 * 64 + 1, dtype=torch.float16, device="cuda")
+    aligned, misaligned = flat[:-1].view(3, 8, 64), flat[1:].view(3, 8, 64)  # same strides
+    assert misaligned.data_ptr() % 16 != 0
+    triton = PagedAttention(cache, 8, backend="triton")
+    reference = PagedAttention(cache, 8, backend="torch")
+    for attention in (triton, reference):
+        attention.plan(step)
+    for q in (aligned, aligned, misaligned, misaligned, aligned):
+        want = reference.run(q.contiguous(), 0)
+        torch.testing.assert_close(triton.run(q, 0).float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
 def test_prefill_steps_fall_back_to_flashinfer() -> None:
     triton_or_skip()
     cache = PagedKVCacheManager(32, 16, 2, 64, torch.float16, "cuda", num_layers=1)

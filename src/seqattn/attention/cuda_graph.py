@@ -41,7 +41,7 @@ from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch, host_tensor
 from .cascade import CascadeSplit, pad_shared_level, split_for_cascade
 from .flashinfer_backend import flashinfer_for, kv_scales
-from .triton_decode import LOG2E, DecodeTables, decode, split_count
+from .triton_decode import LOG2E, DecodeTables, decode, multiprocessors, split_count
 
 
 class _Bucket:
@@ -131,7 +131,7 @@ class GraphBuckets:
         self._fi = fi
         self._scales = kv_scales(cache)
         self.batch_sizes = batch_sizes
-        sm_count = torch.cuda.get_device_properties(cache.device).multi_processor_count
+        sm_count = multiprocessors(cache.device)
         self._buckets = {
             b: _Bucket(fi, b, max_pages, workspace, cache, use_tensor_cores,
                        split_count(b * cache.num_heads, 64, sm_count) if triton else 0)
@@ -238,22 +238,35 @@ class GraphBuckets:
             causal=False, **shared,
         )  # fmt: skip
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, layer: int) -> None:
-        """Write the step's new K/V (``[bucket, num_kv_heads, head_dim]``) of one layer."""
+    def forward(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: int,
+        out: Optional[torch.Tensor],
+    ) -> torch.Tensor:  # fmt: skip
+        """Write the step's new K/V (``[bucket, num_kv_heads, head_dim]``) of one layer
+        and attend (``q [bucket, num_qo_heads, head_dim]`` -> same shape): the Triton
+        decode writes them in its own launch."""
         bucket = self.planned(keys.shape[0], "keys")
         self.cache.check_kv(keys, values)
+        if bucket.wrapper is None and keys.stride(2) == 1 and values.stride(2) == 1:
+            self.planned(q.shape[0], "q")
+            return decode(self.cache, layer, q, self._tables(bucket), out=out,
+                          new_kv=(keys, values))[0]  # fmt: skip
         self.cache.write_pages(
             layer, keys, values, bucket.batch_indices, bucket.positions, bucket.indices,
             bucket.indptr, bucket.last_page_len,
         )  # fmt: skip
+        return self.run(q, layer, out)
+
+    def _tables(self, bucket: _Bucket) -> DecodeTables:
+        """The Triton decode's view of a bucket's page-table buffers."""
+        return DecodeTables(bucket.indptr, bucket.indices, bucket.last_page_len, bucket.splits,
+                            self._scale_log2, bucket.counters)  # fmt: skip
 
     def run(self, q: torch.Tensor, layer: int, out: Optional[torch.Tensor]) -> torch.Tensor:
         """Decode attention of one layer: ``q [bucket, num_qo_heads, head_dim]`` -> same shape."""
         bucket = self.planned(q.shape[0], "q")
         if bucket.wrapper is None:
-            tables = DecodeTables(bucket.indptr, bucket.indices, bucket.last_page_len,
-                                  bucket.splits, self._scale_log2, bucket.counters)  # fmt: skip
-            return decode(self.cache, layer, q, tables, out=out)[0]
+            return decode(self.cache, layer, q, self._tables(bucket), out=out)[0]
         kv = self.cache.kv_pairs[layer]
         level = bucket.shared
         if level is None:

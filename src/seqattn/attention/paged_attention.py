@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from .._checks import exact_bool, exact_int, one_of, shown
@@ -127,6 +128,7 @@ class PagedAttention:
         self.cascade: Optional[CascadeSplit] = None
         self._graph_step = False
         self._append: Optional[tuple[torch.Tensor, ...]] = None  # write_pages' metadata
+        self._append_in_kernel = False
         self._q_dtype: Optional[torch.dtype] = None
         self._q_shape = torch.Size()
 
@@ -206,6 +208,11 @@ class PagedAttention:
         nnz = -1 if packed.append_positions is None else packed.append_positions.shape[0]
         self._append = None if nnz < 0 or cuda_graph else cache.append_metadata(packed, None, nnz)
         self._graph_step = cuda_graph
+        # a Triton decode of each row's newest token writes it in the launch that attends
+        self._append_in_kernel = (
+            isinstance(self.impl, TritonDecodeBackend) and self.impl.decodes and not cuda_graph
+            and newest_token_each(packed)
+        )  # fmt: skip
         self._q_shape = torch.Size((rows, self.num_qo_heads, cache.head_dim))
         return rows
 
@@ -230,20 +237,22 @@ class PagedAttention:
         check_queries(q, out, self._q_shape, self._q_dtype, cache.device)  # before any write
         if self._graph_step:
             assert self.graphs is not None
-            self.graphs.append(k, v, layer)
-        elif self._append is None:
+            return self.graphs.forward(q, k, v, layer, out)
+        if self._append is None:
             raise SeqAttnError(
                 "forward() appends the step's new tokens: plan a step packed with "
                 "append_lens (or call append_kv, then run)"
             )
-        else:  # the step's append metadata, resolved at plan
-            cache.check_kv(k, v)
-            if k.shape[0] != self._append[0].shape[0]:
-                raise TensorSpecError(
-                    f"k and v must hold the step's {self._append[0].shape[0]} new tokens, "
-                    f"got {k.shape[0]}"
-                )
-            cache.write_pages(layer, k, v, *self._append)
+        cache.check_kv(k, v)  # then the step's append metadata, resolved at plan
+        if k.shape[0] != self._append[0].shape[0]:
+            raise TensorSpecError(
+                f"k and v must hold the step's {self._append[0].shape[0]} new tokens, "
+                f"got {k.shape[0]}"
+            )
+        if self._append_in_kernel and k.stride(2) == 1 and v.stride(2) == 1:
+            assert isinstance(self.impl, TritonDecodeBackend)
+            return self.impl.forward(q, k, v, layer, out)
+        cache.write_pages(layer, k, v, *self._append)
         result = self._attend(q, layer, False, out)
         assert isinstance(result, torch.Tensor)
         return result
@@ -371,3 +380,11 @@ def _checked_buckets(
             f"cascade_groups; got backend {backend!r}, cascade_groups {groups}"
         )
     return checked, pages, groups
+
+
+def newest_token_each(packed: FlashInferPackedData) -> bool:
+    """Whether ``packed`` appends one token to each of its sequences (so at its end)."""
+    indptr = packed.append_indptr
+    if indptr is None or indptr.shape[0] != packed.kv_page_indptr.shape[0]:
+        return False
+    return bool(np.array_equal(indptr.numpy(), np.arange(indptr.shape[0])))

@@ -28,9 +28,10 @@ from attrs import define
 from ..errors import InvalidArgumentError
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch
+from .triton_launch import DirectLaunch
 
 LOG2E = 1.4426950408889634
-_kernels: Optional[tuple[Any, Any, Any]] = None
+_kernels: Optional[tuple[DirectLaunch, DirectLaunch, Any]] = None
 _sm_counts: dict[int, int] = {}
 
 
@@ -62,11 +63,13 @@ def check_triton(cache: PagedKVCacheManager) -> None:
         )
 
 
-def graph_decode_backend(backend: str, window_left: int, cache: PagedKVCacheManager) -> str:
-    """The decode kernel CUDA graphs of ``cache`` replay under a runner's ``backend``:
-    ``"triton"`` (no host plan; faster than flashinfer's in graphs on an H200, see
-    :class:`TritonDecodeBackend`) where it serves the cache and there is no window, unless
-    ``backend`` is ``"flashinfer"``; ``"flashinfer"`` otherwise."""
+def decode_backend(backend: str, window_left: int, cache: PagedKVCacheManager) -> str:
+    """The backend a runner's attention over ``cache`` takes under the runner's flashinfer
+    ``backend`` (``"auto"`` or ``"flashinfer"``, flashinfer importable), eager steps and
+    CUDA graphs alike: ``"triton"`` (decode steps by the Triton kernel: no host plan, it
+    appends the step's tokens in its own launch, faster than flashinfer's on an H200, see
+    :class:`TritonDecodeBackend`; other steps by flashinfer) where it serves the cache and
+    there is no window, unless ``backend`` is ``"flashinfer"``; ``"flashinfer"`` otherwise."""
     if backend == "flashinfer" or window_left >= 0:
         return "flashinfer"
     try:
@@ -76,13 +79,15 @@ def graph_decode_backend(backend: str, window_left: int, cache: PagedKVCacheMana
     return "triton"
 
 
-def kernels() -> tuple[Any, Any, Any]:
-    """The compiled kernels ``(partial, merge, append)``, built on first use."""
+def kernels() -> tuple[DirectLaunch, DirectLaunch, Any]:
+    """The kernels ``(partial, merge, append)``, the first two behind their
+    :class:`~.triton_launch.DirectLaunch`; imported on first use."""
     global _kernels
     if _kernels is None:
         from . import triton_kernels
 
-        _kernels = (triton_kernels.partial, triton_kernels.merge, triton_kernels.append)
+        _kernels = (DirectLaunch(triton_kernels.partial), DirectLaunch(triton_kernels.merge),
+                    triton_kernels.append)  # fmt: skip
     return _kernels
 
 
@@ -148,6 +153,12 @@ class TritonDecodeBackend:
         self.sm_count = multiprocessors(cache.device)
         self._decode: Optional[DecodeTables] = None
         self._counters = torch.zeros(0, dtype=torch.int32, device=cache.device)
+        self._scratch = split_scratch(0, cache.head_dim, cache.device)
+
+    @property
+    def decodes(self) -> bool:
+        """Whether the planned step runs on the Triton kernel (else on ``fallback``)."""
+        return self._decode is not None
 
     def plan(self, batch: AttentionBatch, q_dtype: torch.dtype) -> None:
         if not batch.decode_only or batch.window_left >= 0 or batch.logits_soft_cap:
@@ -166,10 +177,12 @@ class TritonDecodeBackend:
         rows = batch.batch_size * self.cache.num_heads
         if self._counters.numel() < rows:  # zeros, left zero by every launch
             self._counters = torch.zeros(rows, dtype=torch.int32, device=device)
-        self._decode = DecodeTables(
-            indptr, indices, last, self._splits(batch.batch_size, longest),
-            batch.sm_scale * LOG2E, self._counters,
-        )  # fmt: skip
+        splits = self._splits(batch.batch_size, longest)
+        if self._scratch[1].numel() < batch.batch_size * self.num_qo_heads * splits:
+            self._scratch = split_scratch(batch.batch_size * self.num_qo_heads * splits,
+                                          self.cache.head_dim, device)  # fmt: skip
+        self._decode = DecodeTables(indptr, indices, last, splits, batch.sm_scale * LOG2E,
+                                    self._counters, self._scratch)  # fmt: skip
 
     def _splits(self, batch_size: int, longest: int) -> int:
         blocks = -(-longest // (self.PAGES_PER_BLOCK * self.cache.page_size))
@@ -181,6 +194,16 @@ class TritonDecodeBackend:
         if self._decode is None:
             return self.fallback.run(q, layer, return_lse, out)  # type: ignore[no-any-return]
         return decode(self.cache, layer, q, self._decode, out=out, return_lse=return_lse)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+        out: Optional[torch.Tensor],
+    ) -> torch.Tensor:  # fmt: skip
+        """Append each request's one new token (``k``, ``v``: ``[requests, num_kv_heads,
+        head_dim]``, unit stride in ``head_dim``) and attend, in the same launch; for a
+        planned decode step (:attr:`decodes`) whose tokens are the requests' newest."""
+        assert self._decode is not None, "plan a decode step first"
+        return decode(self.cache, layer, q, self._decode, out=out, new_kv=(k, v))[0]
 
 
 @define(slots=True, frozen=True)
@@ -198,6 +221,9 @@ class DecodeTables:
             launch uses at the same time: with them a batch of few splits runs in one
             launch (see ``TritonDecodeBackend.FUSED_MAX_SPLITS``); without, a second
             launch merges the splits. The kernel leaves them zero.
+        scratch: where the splits' results go (:func:`split_scratch` of at least
+            requests x query heads x ``splits`` rows), reused by every layer; None: each
+            call allocates its own.
     """
 
     indptr: torch.Tensor
@@ -206,6 +232,7 @@ class DecodeTables:
     splits: int
     scale_log2: float
     counters: Optional[torch.Tensor] = None
+    scratch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def one_launch(self) -> bool:
@@ -221,9 +248,10 @@ def decode(
     *,
     out: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    new_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Decode attention of one query per request over ``layer``'s pages: two launches,
-    no host work beyond them (so it may be captured in a CUDA graph).
+    """Decode attention of one query per request over ``layer``'s pages: one or two
+    launches, no host work beyond them (so it may be captured in a CUDA graph).
 
     Args:
         cache: the paged cache (as :func:`check_triton` accepts).
@@ -234,46 +262,63 @@ def decode(
         out: optional ``q``-shaped output (``q``'s dtype; any row and head strides).
         return_lse: also return the log-sum-exp (base 2), ``[requests, num_qo_heads]``
             float32.
+        new_kv: the step's new keys and values, ``[requests, num_kv_heads, head_dim]``
+            each, the cache's dtype, unit stride in ``head_dim``: the launch writes each
+            request's at its last position (its newest token, already counted in
+            ``tables``) before it reads that page. None: the pages hold them already.
 
     Returns:
         ``(out, lse or None)``.
     """
     partial, merge, _ = kernels()
     n, qo_heads, d = q.shape
-    heads, splits = cache.num_heads, tables.splits
+    heads, splits, fused = cache.num_heads, tables.splits, tables.one_launch
     group = qo_heads // heads
     pages = TritonDecodeBackend.PAGES_PER_BLOCK
     min_share = pages * TritonDecodeBackend.MIN_BLOCKS
-    k, v = cache.kv_pairs[layer]  # [pages, page_size, heads, D] (NHD) or its HND view
-    if cache.kv_layout == "HND":  # index by (page, token, head) either way
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-    parts = torch.empty(n * qo_heads * splits, d, dtype=torch.float32, device=q.device)
-    lse_parts = torch.empty(n * qo_heads * splits, dtype=torch.float32, device=q.device)
-    result = torch.empty_like(q) if out is None else out
-    lse = torch.empty(n, qo_heads, dtype=torch.float32, device=q.device) if return_lse else parts
     counters = tables.counters
-    fused = tables.one_launch
     if counters is not None and counters.numel() < n * heads:
         raise InvalidArgumentError(
             f"the decode tables' counters hold {counters.numel()} entries; "
             f"{n} requests x {heads} KV heads need {n * heads}"
         )
-    partial[(n, heads, splits)](
-        q, k, v, tables.indptr, tables.indices, tables.last, parts, lse_parts,
-        counters if fused else lse_parts, result, lse, tables.scale_log2,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), result.stride(0), result.stride(1),
-        GROUP=group, G_PAD=max(16, 1 << (group - 1).bit_length()), D=d, PS=cache.page_size,
-        PAGES=pages, SPLITS=splits, MIN_SHARE=min_share, FUSED=fused, WITH_LSE=return_lse,
-        PROGRAMS=TritonDecodeBackend.FUSED_WAVES * multiprocessors(q.device),
-        num_warps=TritonDecodeBackend.NUM_WARPS, num_stages=TritonDecodeBackend.NUM_STAGES,
+    k, v = cache.kv_pairs[layer]
+    parts, lse_parts = tables.scratch or split_scratch(n * qo_heads * splits, d, q.device)
+    result = torch.empty_like(q) if out is None else out
+    lse = torch.empty(n, qo_heads, dtype=torch.float32, device=q.device) if return_lse else parts
+    new_k, new_v = (q, q) if new_kv is None else new_kv  # q: a placeholder APPEND never reads
+    args = (
+        q, k, v, new_k, new_v, tables.indptr, tables.indices, tables.last, parts, lse_parts,
+        counters if fused else lse_parts, result, lse, tables.scale_log2, *q.stride()[:2],
+        *token_strides(cache, k), *token_strides(cache, v), *result.stride()[:2],
+        *new_k.stride()[:2], *new_v.stride()[:2],
     )  # fmt: skip
+    programs = TritonDecodeBackend.FUSED_WAVES * multiprocessors(q.device)
+    constants = (group, max(16, 1 << (group - 1).bit_length()), d, cache.page_size, pages,
+                 splits, min_share, fused, programs, return_lse, new_kv is not None)  # fmt: skip
+    partial((n, heads, splits), args, constants, num_warps=TritonDecodeBackend.NUM_WARPS,
+            num_stages=TritonDecodeBackend.NUM_STAGES)  # fmt: skip
     if not fused:
-        merge[(n, qo_heads)](
-            parts, lse_parts, result, lse, tables.indptr, result.stride(0), result.stride(1),
-            D=d, PAGES=pages, SPLITS=splits, MIN_SHARE=min_share, WITH_LSE=return_lse,
+        merge(
+            (n, qo_heads, 1),
+            (parts, lse_parts, result, lse, tables.indptr, *result.stride()[:2]),
+            (d, pages, splits, min_share, return_lse), num_warps=4, num_stages=3,
         )  # fmt: skip
     return result, (lse if return_lse else None)
+
+
+def split_scratch(rows: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Room for ``rows`` split results: ``([rows, head_dim], [rows])``, float32."""
+    return (
+        torch.empty(rows, head_dim, dtype=torch.float32, device=device),
+        torch.empty(rows, dtype=torch.float32, device=device),
+    )
+
+
+def token_strides(cache: PagedKVCacheManager, kv: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of one layer's keys or values by (page, token, head) in either layout."""
+    page, second, third, _ = kv.stride()
+    return (page, second, third) if cache.kv_layout == "NHD" else (page, third, second)
 
 
 def multiprocessors(device: torch.device) -> int:

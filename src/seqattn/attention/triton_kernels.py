@@ -8,13 +8,13 @@ import triton.language as tl
 
 
 @triton.jit
-def partial(q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, last_ptr, o_ptr, lse_ptr,
-            count_ptr, out_ptr, lse_out_ptr, scale_log2, sq_b, sq_h, sk_p, sk_t, sk_h,
-            sv_p, sv_t, sv_h, so_b, so_h,
+def partial(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, indptr_ptr, indices_ptr, last_ptr,
+            o_ptr, lse_ptr, count_ptr, out_ptr, lse_out_ptr, scale_log2, sq_b, sq_h,
+            sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, so_b, so_h, snk_b, snk_h, snv_b, snv_h,
             GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
             PS: tl.constexpr, PAGES: tl.constexpr, SPLITS: tl.constexpr,
             MIN_SHARE: tl.constexpr, FUSED: tl.constexpr, PROGRAMS: tl.constexpr,
-            WITH_LSE: tl.constexpr):  # fmt: skip
+            WITH_LSE: tl.constexpr, APPEND: tl.constexpr):  # fmt: skip
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = tl.num_programs(1) * GROUP
     p0 = tl.load(indptr_ptr + b)
@@ -22,7 +22,18 @@ def partial(q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, last_ptr, o_ptr, lse_p
     share = split_share(indptr_ptr, n_pages, PAGES, SPLITS, MIN_SHARE, FUSED, PROGRAMS)
     first = s * share
     if first < n_pages:  # splits past the row's pages do nothing at all
-        kv_len = (n_pages - 1) * PS + tl.load(last_ptr + b)
+        last = tl.load(last_ptr + b)
+        kv_len = (n_pages - 1) * PS + last
+        # the split that reads the row's last page writes the step's token there (APPEND
+        # apart: a constant, so no code where it is off)
+        if APPEND:  # noqa: SIM102
+            if first + share >= n_pages:
+                page = tl.load(indices_ptr + p0 + n_pages - 1).to(tl.int64)
+                write_token(k_ptr + h * sk_h + page * sk_p + (last - 1) * sk_t,
+                            new_k_ptr + b * snk_b + h * snk_h, D)  # fmt: skip
+                write_token(v_ptr + h * sv_h + page * sv_p + (last - 1) * sv_t,
+                            new_v_ptr + b * snv_b + h * snv_h, D)  # fmt: skip
+                tl.debug_barrier()  # every thread's store before any thread reads the page
         out, lse = attend(q_ptr + b * sq_b, k_ptr + h * sk_h, v_ptr + h * sv_h,
                           indices_ptr + p0, first, tl.minimum(first + share, n_pages),
                           kv_len, scale_log2, h, sq_h, sk_p, sk_t, sv_p, sv_t,
@@ -150,7 +161,7 @@ def merge(o_ptr, lse_ptr, out_ptr, lse_out_ptr, indptr_ptr, so_b, so_h,
     b, h = tl.program_id(0), tl.program_id(1)
     row = b * tl.num_programs(1) + h
     n_pages = tl.load(indptr_ptr + b + 1) - tl.load(indptr_ptr + b)
-    share = tl.maximum(tl.cdiv(tl.cdiv(n_pages, SPLITS), PAGES) * PAGES, MIN_SHARE)
+    share = split_share(indptr_ptr, n_pages, PAGES, SPLITS, MIN_SHARE, False, 1)
     used = tl.cdiv(n_pages, share)  # the splits partial wrote
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, D)
@@ -164,6 +175,13 @@ def merge(o_ptr, lse_ptr, out_ptr, lse_out_ptr, indptr_ptr, so_b, so_h,
     tl.store(out_ptr + b * so_b + h * so_h + d, out.to(out_ptr.dtype.element_ty))
     if WITH_LSE:
         tl.store(lse_out_ptr + row, top + tl.log2(total))
+
+
+@triton.jit
+def write_token(to_ptr, from_ptr, D: tl.constexpr):
+    """Copy one head's ``D`` values (unit stride on both sides), cast to the target's dtype."""
+    d = tl.arange(0, D)
+    tl.store(to_ptr + d, tl.load(from_ptr + d).to(to_ptr.dtype.element_ty))
 
 
 @triton.jit

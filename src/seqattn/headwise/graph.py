@@ -39,6 +39,7 @@ from ..attention.triton_decode import (
     append_rows,
     check_triton,
     decode,
+    multiprocessors,
     split_count,
 )
 from ..errors import ArgumentTypeError, InvalidLengthError, SeqAttnError, TensorSpecError
@@ -144,7 +145,7 @@ class HeadwiseGraphs:
         scale = cache.head_dim**-0.5 if sm_scale is None else float(sm_scale)
         self.scale_log2 = scale * LOG2E
         device = cache.device
-        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        sm_count = multiprocessors(device)
         padding = cache.num_layers * self.batch_sizes[-1] * cache.num_kv_heads
         indices = torch.zeros(cache.storage.num_pages + padding, dtype=torch.int32, device=device)
         self._buckets = {}

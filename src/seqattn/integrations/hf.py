@@ -18,7 +18,7 @@ import torch
 from .._checks import INT64_MAX, exact_bool, exact_int
 from .._flashinfer import flashinfer_or_none
 from ..attention import PagedAttention
-from ..attention.triton_decode import graph_decode_backend
+from ..attention.triton_decode import decode_backend
 from ..descriptor import CacheDescriptor
 from ..packed_data import FlashInferPackedData
 from ..parallel import step_fingerprint
@@ -239,9 +239,17 @@ class PagedCausalLM:
             first = next(iter(self._attention.values()), None)  # layers run one at a time:
             workspace = None if first is None else first.workspace  # one workspace serves all
             self._attention[key] = PagedAttention(
-                self.cache, heads, backend=self.backend, workspace=workspace
+                self.cache, heads, backend=self._backend_for(window), workspace=workspace
             )
         return self._attention[key]
+
+    def _backend_for(self, window: int) -> str:
+        """The attention backend of one window: where flashinfer serves the runner,
+        decode steps run on the Triton kernel if it serves them (:func:`decode_backend`)."""
+        usable = self.device.type == "cuda" and flashinfer_or_none() is not None
+        if usable and self.backend != "torch":
+            return decode_backend(self.backend, window, self.cache)
+        return self.backend
 
     @torch.inference_mode()
     def forward(
@@ -356,7 +364,7 @@ class PagedCausalLM:
         window); returns whether graphs are on. Calling it again with the same buckets
         keeps the graphs captured so far; other buckets replace them. Without flashinfer
         (``backend="auto"`` on a CUDA machine where it does not import) graphs stay off.
-        They decode by the Triton kernel where it serves (``graph_decode_backend``)."""
+        They decode by the Triton kernel where it serves (:func:`decode_backend`)."""
         variants = attention_variants(self.model)
         usable = self.device.type == "cuda" and self.backend != "torch"
         if not usable or len(variants) != 1 or flashinfer_or_none() is None:
@@ -370,7 +378,7 @@ class PagedCausalLM:
         window, scaling = variants.pop()
         heads = self.num_qo_heads
         workspace = next(iter(self._attention.values()), None)
-        backend = graph_decode_backend(self.backend, window, self.cache)
+        backend = self._backend_for(window)
         attention = PagedAttention(
             self.cache, heads, backend=backend, cuda_graph_batch_sizes=batch_sizes,
             workspace=None if workspace is None else workspace.workspace,

@@ -24,8 +24,8 @@ def partial(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, indptr_ptr, indices_ptr, 
     if first < n_pages:  # splits past the row's pages do nothing at all
         last = tl.load(last_ptr + b)
         kv_len = (n_pages - 1) * PS + last
-        # the split that reads the row's last page writes the step's token there (APPEND
-        # apart: a constant, so no code where it is off)
+        # the split that reads the row's last page writes the step's token there first
+        # (two ifs: APPEND is a constant, so a kernel without it has no such code)
         if APPEND:  # noqa: SIM102
             if first + share >= n_pages:
                 page = tl.load(indices_ptr + p0 + n_pages - 1).to(tl.int64)

@@ -2,10 +2,11 @@
 
 A CUDA graph replays recorded kernels on recorded addresses, so everything a captured
 decode step reads must live in buffers that never move and never change size.
-:class:`GraphBuckets` keeps, per bucket of batch sizes, the page-table buffers
-flashinfer's decode and append kernels read; ``PagedAttention.plan(step,
-cuda_graph=True)`` fills them for a step (padding the batch to its bucket with rows
-that point at a scratch page), with the very options an eager plan uses.
+:class:`GraphBuckets` keeps, per bucket of batch sizes, the page-table buffers the
+decode and append kernels read (flashinfer's, or the Triton decode's, which appends in
+its own launch); ``PagedAttention.plan(step, cuda_graph=True)`` fills them for a step
+(padding the batch to its bucket with rows that point at a scratch page), with the very
+options an eager plan uses.
 
 Inside a captured region you may:
     - call ``PagedAttention.forward`` (or ``run``) for the bucket that was planned, on

@@ -103,18 +103,8 @@ class PagedAttention:
                                    backend)  # fmt: skip
         self.cache = cache
         self.num_qo_heads = num_qo_heads
-        if backend == "triton":
-            check_triton(cache)
-        self.impl: Backend
-        if backend in ("flashinfer", "triton"):
-            self.impl = FlashInferAttentionBackend(
-                cache, num_qo_heads, workspace_bytes=workspace_bytes,
-                decode_use_tensor_cores=decode_use_tensor_cores, workspace=workspace,
-            )  # fmt: skip
-            if backend == "triton":  # decode steps by Triton, the rest by flashinfer
-                self.impl = TritonDecodeBackend(cache, num_qo_heads, self.impl)
-        else:
-            self.impl = TorchAttentionBackend(cache, num_qo_heads)
+        self.impl = made_backend(backend, cache, num_qo_heads, workspace_bytes,
+                                 decode_use_tensor_cores, workspace)  # fmt: skip
         self.graphs: Optional[GraphBuckets] = None
         if buckets is not None:
             cores = decode_tensor_cores(num_qo_heads, cache.num_heads, decode_use_tensor_cores)
@@ -128,7 +118,7 @@ class PagedAttention:
         self.cascade: Optional[CascadeSplit] = None
         self._graph_step = False
         self._append: Optional[tuple[torch.Tensor, ...]] = None  # write_pages' metadata
-        self._append_in_kernel = False
+        self._appending: Optional[TritonDecodeBackend] = None  # appends as it decodes
         self._q_dtype: Optional[torch.dtype] = None
         self._q_shape = torch.Size()
 
@@ -208,11 +198,7 @@ class PagedAttention:
         nnz = -1 if packed.append_positions is None else packed.append_positions.shape[0]
         self._append = None if nnz < 0 or cuda_graph else cache.append_metadata(packed, None, nnz)
         self._graph_step = cuda_graph
-        # a Triton decode of each row's newest token writes it in the launch that attends
-        self._append_in_kernel = (
-            isinstance(self.impl, TritonDecodeBackend) and self.impl.decodes and not cuda_graph
-            and newest_token_each(packed)
-        )  # fmt: skip
+        self._appending = None if cuda_graph else appending_decoder(self.impl, packed)
         self._q_shape = torch.Size((rows, self.num_qo_heads, cache.head_dim))
         return rows
 
@@ -249,9 +235,8 @@ class PagedAttention:
                 f"k and v must hold the step's {self._append[0].shape[0]} new tokens, "
                 f"got {k.shape[0]}"
             )
-        if self._append_in_kernel and k.stride(2) == 1 and v.stride(2) == 1:
-            assert isinstance(self.impl, TritonDecodeBackend)
-            return self.impl.forward(q, k, v, layer, out)
+        if self._appending is not None and k.stride(2) == 1 and v.stride(2) == 1:
+            return self._appending.forward(q, k, v, layer, out)
         cache.write_pages(layer, k, v, *self._append)
         result = self._attend(q, layer, False, out)
         assert isinstance(result, torch.Tensor)
@@ -380,6 +365,35 @@ def _checked_buckets(
             f"cascade_groups; got backend {backend!r}, cascade_groups {groups}"
         )
     return checked, pages, groups
+
+
+def made_backend(
+    backend: str,
+    cache: PagedKVCacheManager,
+    num_qo_heads: int,
+    workspace_bytes: int,
+    decode_use_tensor_cores: Optional[bool],
+    workspace: Optional[torch.Tensor],
+) -> Backend:
+    """The backend object of a resolved ``backend`` name ("auto" decided already)."""
+    if backend == "torch":
+        return TorchAttentionBackend(cache, num_qo_heads)
+    if backend == "triton":
+        check_triton(cache)
+    impl = FlashInferAttentionBackend(
+        cache, num_qo_heads, workspace_bytes=workspace_bytes,
+        decode_use_tensor_cores=decode_use_tensor_cores, workspace=workspace,
+    )  # fmt: skip
+    # triton: decode steps by Triton, the rest by flashinfer
+    return TritonDecodeBackend(cache, num_qo_heads, impl) if backend == "triton" else impl
+
+
+def appending_decoder(impl: Backend, packed: FlashInferPackedData) -> Optional[TritonDecodeBackend]:
+    """``impl`` where its planned step is a Triton decode of each sequence's one new token,
+    which the kernel writes in the launch that attends; else None."""
+    if isinstance(impl, TritonDecodeBackend) and impl.decodes and newest_token_each(packed):
+        return impl
+    return None
 
 
 def newest_token_each(packed: FlashInferPackedData) -> bool:

@@ -13,8 +13,11 @@ per query head. A split reads at least ``MIN_BLOCKS`` loop iterations of pages, 
 short request uses fewer splits than the grid has, and only those are written and
 merged. Where splits are few, one launch does it all (a row of one split writes its
 answer, the last split of a row to finish merges it); otherwise ``merge`` is a second
-launch (``TritonDecodeBackend.FUSED_MAX_SPLITS``). Decode only (one query per request);
-other batches go to flashinfer (:class:`TritonDecodeBackend`).
+launch (``TritonDecodeBackend.FUSED_MAX_SPLITS``). Given the step's new keys and values,
+the program that reads a request's last page writes its token there first: the append
+and the attention of a layer are one launch. Launches go through
+:class:`~.triton_launch.DirectLaunch`. Decode only (one query per request); other
+batches go to flashinfer (:class:`TritonDecodeBackend`).
 """
 
 from __future__ import annotations

@@ -235,21 +235,13 @@ class PagedCausalLM:
         """The attention object of one (window, scale) variant, made once."""
         key = (window, scaling)
         if key not in self._attention:
-            heads = self.num_qo_heads
             first = next(iter(self._attention.values()), None)  # layers run one at a time:
             workspace = None if first is None else first.workspace  # one workspace serves all
+            backend = runner_backend(self.backend, window, self.cache)
             self._attention[key] = PagedAttention(
-                self.cache, heads, backend=self._backend_for(window), workspace=workspace
+                self.cache, self.num_qo_heads, backend=backend, workspace=workspace
             )
         return self._attention[key]
-
-    def _backend_for(self, window: int) -> str:
-        """The attention backend of one window: where flashinfer serves the runner,
-        decode steps run on the Triton kernel if it serves them (:func:`decode_backend`)."""
-        usable = self.device.type == "cuda" and flashinfer_or_none() is not None
-        if usable and self.backend != "torch":
-            return decode_backend(self.backend, window, self.cache)
-        return self.backend
 
     @torch.inference_mode()
     def forward(
@@ -364,7 +356,7 @@ class PagedCausalLM:
         window); returns whether graphs are on. Calling it again with the same buckets
         keeps the graphs captured so far; other buckets replace them. Without flashinfer
         (``backend="auto"`` on a CUDA machine where it does not import) graphs stay off.
-        They decode by the Triton kernel where it serves (:func:`decode_backend`)."""
+        They decode by the Triton kernel where it serves (:func:`runner_backend`)."""
         variants = attention_variants(self.model)
         usable = self.device.type == "cuda" and self.backend != "torch"
         if not usable or len(variants) != 1 or flashinfer_or_none() is None:
@@ -378,7 +370,7 @@ class PagedCausalLM:
         window, scaling = variants.pop()
         heads = self.num_qo_heads
         workspace = next(iter(self._attention.values()), None)
-        backend = self._backend_for(window)
+        backend = runner_backend(self.backend, window, self.cache)
         attention = PagedAttention(
             self.cache, heads, backend=backend, cuda_graph_batch_sizes=batch_sizes,
             workspace=None if workspace is None else workspace.workspace,
@@ -401,6 +393,15 @@ class PagedCausalLM:
         """The largest decode batch a graph takes (0: graphs off)."""
         graphs = None if self._graphs is None else self._graphs.attention.graphs
         return 0 if graphs is None else graphs.batch_sizes[-1]
+
+
+def runner_backend(backend: str, window: int, cache: PagedKVCacheManager) -> str:
+    """The attention backend of a runner's ``backend`` for one window: where flashinfer
+    serves the cache, decode steps run on the Triton kernel if it serves them
+    (:func:`~seqattn.attention.triton_decode.decode_backend`)."""
+    if backend != "torch" and cache.device.type == "cuda" and flashinfer_or_none() is not None:
+        return decode_backend(backend, window, cache)
+    return backend
 
 
 def rank_settings(model: Any, **settings: Any) -> dict[str, str]:

@@ -67,10 +67,10 @@ def check_triton(cache: PagedKVCacheManager) -> None:
 
 
 def decode_backend(backend: str, window_left: int, cache: PagedKVCacheManager) -> str:
-    """The backend a runner's attention over ``cache`` takes under the runner's flashinfer
-    ``backend`` (``"auto"`` or ``"flashinfer"``, flashinfer importable), eager steps and
-    CUDA graphs alike: ``"triton"`` (decode steps by the Triton kernel: no host plan, it
-    appends the step's tokens in its own launch, faster than flashinfer's on an H200, see
+    """The backend a runner's attention over ``cache`` takes, eager steps and CUDA graphs
+    alike, under a runner ``backend`` other than ``"torch"`` where flashinfer imports:
+    ``"triton"`` (decode steps by the Triton kernel: no host plan, it appends the step's
+    tokens in its own launch, faster than flashinfer's on an H200, see
     :class:`TritonDecodeBackend`; other steps by flashinfer) where it serves the cache and
     there is no window, unless ``backend`` is ``"flashinfer"``; ``"flashinfer"`` otherwise."""
     if backend == "flashinfer" or window_left >= 0:

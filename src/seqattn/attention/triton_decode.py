@@ -181,9 +181,9 @@ class TritonDecodeBackend:
         if self._counters.numel() < rows:  # zeros, left zero by every launch
             self._counters = torch.zeros(rows, dtype=torch.int32, device=device)
         splits = self._splits(batch.batch_size, longest)
-        if self._scratch[1].numel() < batch.batch_size * self.num_qo_heads * splits:
-            self._scratch = split_scratch(batch.batch_size * self.num_qo_heads * splits,
-                                          self.cache.head_dim, device)  # fmt: skip
+        parts = batch.batch_size * self.num_qo_heads * splits
+        if self._scratch[1].numel() < parts:  # reused by every layer and later steps
+            self._scratch = split_scratch(parts, self.cache.head_dim, device)
         self._decode = DecodeTables(indptr, indices, last, splits, batch.sm_scale * LOG2E,
                                     self._counters, self._scratch)  # fmt: skip
 

@@ -187,8 +187,7 @@ def write_token(to_ptr, from_ptr, D: tl.constexpr):
 @triton.jit
 def append(rows_ptr, key_rows_ptr, value_rows_ptr, k_ptr, v_ptr, D: tl.constexpr):
     r = tl.program_id(0)
-    d = tl.arange(0, D)
     key_row = tl.load(key_rows_ptr + r).to(tl.int64)
     value_row = tl.load(value_rows_ptr + r).to(tl.int64)
-    tl.store(rows_ptr + key_row * D + d, tl.load(k_ptr + r * D + d))
-    tl.store(rows_ptr + value_row * D + d, tl.load(v_ptr + r * D + d))
+    write_token(rows_ptr + key_row * D, k_ptr + r * D, D)
+    write_token(rows_ptr + value_row * D, v_ptr + r * D, D)

@@ -701,16 +701,21 @@ def test_a_direct_launch_keys_on_what_triton_specializes() -> None:
 
     flat = torch.zeros(65, dtype=torch.float16)
     aligned, misaligned = flat[:64], flat[1:]
-    base = _key((aligned, 16, 0.5), (4, True), 4, 2, 0)
-    assert _key((flat[:32], 16, 0.25), (4, True), 4, 2, 0) == base  # another float, same
+
+    def options(warps=4, stages=2, fusion=True):
+        return dict(num_warps=warps, num_stages=stages, enable_fp_fusion=fusion)
+
+    base = _key((aligned, 16, 0.5), (4, True), options(), 0)
+    assert _key((flat[:32], 16, 0.25), (4, True), options(), 0) == base  # another float, same
     others = [
-        _key((misaligned, 16, 0.5), (4, True), 4, 2, 0),
-        _key((aligned.float(), 16, 0.5), (4, True), 4, 2, 0),
-        _key((aligned, 17, 0.5), (4, True), 4, 2, 0),
-        _key((aligned, 16, 0.5), (4, False), 4, 2, 0),
-        _key((aligned, 16, 0.5), (4, True), 8, 2, 0),
-        _key((aligned, 16, 0.5), (4, True), 4, 3, 0),
-        _key((aligned, 16, 0.5), (4, True), 4, 2, 1),
+        _key((misaligned, 16, 0.5), (4, True), options(), 0),
+        _key((aligned.float(), 16, 0.5), (4, True), options(), 0),
+        _key((aligned, 17, 0.5), (4, True), options(), 0),
+        _key((aligned, 16, 0.5), (4, False), options(), 0),
+        _key((aligned, 16, 0.5), (4, True), options(warps=8), 0),
+        _key((aligned, 16, 0.5), (4, True), options(stages=3), 0),
+        _key((aligned, 16, 0.5), (4, True), options(fusion=False), 0),
+        _key((aligned, 16, 0.5), (4, True), options(), 1),
     ]
     assert all(key != base for key in others)
     assert len(set(others)) == len(others)

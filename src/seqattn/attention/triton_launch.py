@@ -49,20 +49,22 @@ class DirectLaunch:
         *,
         num_warps: int,
         num_stages: int,
+        fp_fusion: bool = True,
     ) -> None:
         """Launch on ``grid``: ``args`` are the kernel's runtime arguments (tensors,
         integers, floats) and ``constants`` its ``tl.constexpr`` ones after them, all in
-        the order of its signature."""
+        the order of its signature. ``fp_fusion=False`` compiles without fusing a
+        multiply and an add into one rounding (Triton's ``enable_fp_fusion``)."""
+        options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fp_fusion)
         triton = self._triton
         if triton is None or _hooked(triton):
-            self.kernel[grid](*args, *constants, num_warps=num_warps, num_stages=num_stages)
+            self.kernel[grid](*args, *constants, **options)
             return
         device = triton.runtime.driver.active.get_current_device()
-        key = _key(args, constants, num_warps, num_stages, device)
+        key = _key(args, constants, options, device)
         compiled = self._compiled.get(key)
         if compiled is None:  # Triton binds, compiles or finds it, and launches it
-            compiled = self.kernel[grid](*args, *constants, num_warps=num_warps,
-                                         num_stages=num_stages)  # fmt: skip
+            compiled = self.kernel[grid](*args, *constants, **options)
             self._compiled[key] = compiled
             return
         stream = triton.runtime.driver.active.get_current_stream(device)
@@ -71,11 +73,12 @@ class DirectLaunch:
 
 
 def _key(
-    args: tuple[Any, ...], constants: tuple[Any, ...], num_warps: int, num_stages: int, device: int
+    args: tuple[Any, ...], constants: tuple[Any, ...], options: dict[str, Any], device: int
 ) -> tuple[Any, ...]:
     """What Triton specializes a launch on: tensors by dtype and 16-byte alignment,
-    integers and booleans by value (it specializes 1 and multiples of 16), floats not."""
-    parts: list[Any] = [num_warps, num_stages, device, constants]
+    integers and booleans by value (it specializes 1 and multiples of 16), floats not;
+    the launch options (warps, stages, fp fusion) and the device."""
+    parts: list[Any] = [*options.values(), device, constants]
     for arg in args:
         if isinstance(arg, torch.Tensor):
             parts.append(arg.dtype)

@@ -222,7 +222,7 @@ def _fuse(
             added = graph.graph.placeholder(f"seqattn_stacked_{next(_NAMES)}")
         added._dynamo_source = None  # type: ignore[attr-defined]  # none in user code, as DDP's
         args.append(added)
-        stacking.added.append(_stacked(half))
+        stacking.added.append(stacked_views(half))
     with graph.graph.inserting_before(nodes[0]):
         whole = graph.graph.call_function(nodes[0].target, tuple(args))  # type: ignore[arg-type]
     start = 0
@@ -238,7 +238,7 @@ def _fuse(
 _NAMES = itertools.count()
 
 
-def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+def stacked_views(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One tensor over ``tensors`` stacked along dim 0, sharing their memory: read from
     their storage if they already lie back to back in one, otherwise made by copying
     them into a new buffer and re-homing each as a view of it. The old storage is
@@ -258,7 +258,7 @@ def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _back_to_back(tensors: list[torch.Tensor]) -> Optional[torch.Tensor]:
     """The stacked tensor over ``tensors`` if they are consecutive views of one storage
-    (as :func:`_stacked` leaves them), else None."""
+    (as :func:`stacked_views` leaves them), else None."""
     first = tensors[0]
     storage, offset = first.untyped_storage(), first.storage_offset()
     for tensor in tensors:

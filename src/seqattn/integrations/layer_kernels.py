@@ -1,0 +1,77 @@
+"""The Triton kernels of :mod:`.layer_ops` (imported only where triton is: the CPU needs
+none). Each rounds where transformers' module code rounds, so a bf16 or fp16 result is
+the one its chain of torch ops gives (see :mod:`.layer_ops` for where they may differ)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n, eps, sx, sr, so, ss,
+             RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One row: ``out = w * (s * rsqrt(mean(s**2) + eps)).to(dtype)`` with ``s = x``, or,
+    with ``RESIDUAL``, ``s = res + x`` (rounded to the dtype, stored to ``sum``)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0)
+    if RESIDUAL:
+        r = tl.load(res_ptr + row * sr + cols, mask=mask, other=0.0)
+        x = (r.to(tl.float32) + x.to(tl.float32)).to(dtype)
+        tl.store(sum_ptr + row * ss + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    variance = tl.sum(xf * xf, axis=0) / n
+    normed = (xf * libdevice.rsqrt(variance + eps)).to(dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * so + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype),
+             mask=mask)  # fmt: skip
+
+
+@triton.jit
+def rotary_split(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, sqkv, scos, ssin,
+                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr):  # fmt: skip
+    """One head of one row of the stacked projections ``[q heads | k heads | v heads]``:
+    a query or key head rotated (``x * cos + rotate_half(x) * sin``, each product and
+    the sum rounded to the dtype), a value head copied; each to its own contiguous
+    ``[rows, heads, D]`` output."""
+    row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    mask = d < D
+    dtype = q_ptr.dtype.element_ty
+    src = qkv_ptr + row * sqkv + head * D
+    x = tl.load(src + d, mask=mask, other=0.0)
+    if head < HQ + HKV:
+        half = D // 2
+        partner = tl.load(src + tl.where(d < half, d + half, d - half), mask=mask, other=0.0)
+        rotated = tl.where(d < half, -partner, partner)
+        cos = tl.load(cos_ptr + row * scos + d, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + row * ssin + d, mask=mask, other=0.0).to(tl.float32)
+        a = (x.to(tl.float32) * cos).to(dtype)
+        b = (rotated.to(tl.float32) * sin).to(dtype)
+        x = (a.to(tl.float32) + b.to(tl.float32)).to(dtype)
+    if head < HQ:
+        tl.store(q_ptr + (row * HQ + head) * D + d, x, mask=mask)
+    elif head < HQ + HKV:
+        tl.store(k_ptr + (row * HKV + head - HQ) * D + d, x, mask=mask)
+    else:
+        tl.store(v_ptr + (row * HKV + head - HQ - HKV) * D + d, x, mask=mask)
+
+
+@triton.jit
+def silu_mul(x_ptr, out_ptr, n, sx, so, BLOCK: tl.constexpr):
+    """``silu(gate) * up`` of one row's block, ``gate = x[:n]``, ``up = x[n:2n]``: silu as
+    torch's (``g / (1 + exp(-g))`` in float32, rounded), then the product rounded."""
+    row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    dtype = out_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * sx + n + cols, mask=mask, other=0.0)
+    act = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(dtype)
+    tl.store(out_ptr + row * so + cols, (act.to(tl.float32) * up.to(tl.float32)).to(dtype),
+             mask=mask)  # fmt: skip

@@ -1,0 +1,168 @@
+"""A Llama decoder layer's small operations, each one launch on CUDA.
+
+transformers' module code runs RMSNorm as seven torch ops, the rotary embedding of the
+queries and keys as about ten and the MLP's ``silu(gate) * up`` as two: in an eager
+decode step each is a kernel launch, and the host, not the GPU, sets the pace. These
+functions do the same arithmetic in one Triton launch each (through
+:class:`~seqattn.attention.triton_launch.DirectLaunch`) on CUDA tensors, and by the same
+chain of torch ops elsewhere (the CPU, or without triton), so both paths can be tested
+against transformers' modules.
+
+They round where the modules round: every product and sum of the rotary embedding in
+the tensors' dtype, RMSNorm's normalized rows to the dtype before the weight
+multiplies them, silu before the product; the kernels fuse no multiply and add into one
+rounding. The rotary embedding and ``silu(gate) * up`` are then bit for bit the
+modules' (checked on an H200 in bf16, fp16 and fp32). RMSNorm sums its squares in
+another order than torch's mean: in bf16 its output was the modules' at a 2,048 width,
+in fp16 and fp32 a value may land a rounding step off.
+
+Example::
+
+    >>> import torch
+    >>> x = torch.randn(3, 8)
+    >>> normed, summed = rms_norm(x, torch.ones(8), 1e-6)
+    >>> torch.allclose(normed, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    True
+    >>> silu_mul(torch.cat([x, x], dim=1)).shape
+    torch.Size([3, 8])
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..attention.triton_decode import triton_or_none
+from ..attention.triton_launch import DirectLaunch
+
+_kernels: Optional[tuple[DirectLaunch, DirectLaunch, DirectLaunch]] = None
+#: the widest row RMSNorm's kernel takes in one program
+MAX_NORM_WIDTH = 16384
+SILU_BLOCK = 1024
+
+
+def on_triton(x: torch.Tensor) -> bool:
+    """Whether ``x``'s operations here run as Triton kernels: a CUDA tensor of a float
+    dtype Triton computes, where triton is installed."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and triton_or_none() is not None
+    )
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' Llama RMSNorm of ``residual + x`` (or of ``x``).
+
+    Args:
+        x: ``[rows, hidden]``, unit stride in ``hidden``.
+        weight: ``[hidden]``, ``x``'s dtype.
+        eps: added to the mean square.
+        residual: optional ``[rows, hidden]``, ``x``'s dtype: the decoder's residual
+            stream, which ``x`` (a block's output) is added to first.
+
+    Returns:
+        ``(normed, summed)``, both ``[rows, hidden]`` in ``x``'s dtype: the norm's output
+        and its input (``residual + x``, or ``x`` itself).
+    """
+    rows, width = x.shape
+    if not on_triton(x) or width > MAX_NORM_WIDTH or x.stride(1) != 1:
+        summed = x if residual is None else residual + x
+        h = summed.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(summed.dtype), summed
+    normed = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    summed = x if residual is None else torch.empty_like(normed)
+    res = x if residual is None else residual
+    block = next_power_of_2(width)
+    kernels()[0](
+        (rows, 1, 1),
+        (x, res, weight, normed, summed, width, float(eps), x.stride(0), res.stride(0),
+         normed.stride(0), summed.stride(0)),
+        (residual is not None, block),
+        num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16, num_stages=1,
+        fp_fusion=False,
+    )  # fmt: skip
+    return normed, summed
+
+
+def rotary_split(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries and keys of stacked projections rotated as transformers'
+    ``apply_rotary_pos_emb`` (``rotate_half`` convention), and the values.
+
+    Args:
+        qkv: ``[rows, (num_heads + 2 * num_kv_heads) * head_dim]``: each row's query,
+            key and value heads side by side, unit stride in the last dim.
+        cos, sin: ``[rows, head_dim]``, ``qkv``'s dtype (transformers' rotary module's
+            output for the rows' positions), unit stride in the last dim.
+        num_heads, num_kv_heads, head_dim: the attention's shape (``head_dim`` even).
+
+    Returns:
+        ``(q, k, v)``: ``[rows, num_heads, head_dim]`` and ``[rows, num_kv_heads,
+        head_dim]`` twice, contiguous, ``qkv``'s dtype.
+    """
+    rows = qkv.shape[0]
+    q_end, k_end = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
+    if not on_triton(qkv) or qkv.stride(1) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1:
+        cos, sin = cos[:, None], sin[:, None]
+        q = qkv[:, :q_end].view(rows, num_heads, head_dim)
+        k = qkv[:, q_end:k_end].view(rows, num_kv_heads, head_dim)
+        v = qkv[:, k_end:].view(rows, num_kv_heads, head_dim)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v.contiguous()
+    q = torch.empty(rows, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(rows, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    v = torch.empty_like(k)
+    kernels()[1](
+        (rows, num_heads + 2 * num_kv_heads, 1),
+        (qkv, cos, sin, q, k, v, qkv.stride(0), cos.stride(0), sin.stride(0)),
+        (num_heads, num_kv_heads, head_dim, next_power_of_2(head_dim)),
+        num_warps=1, num_stages=1, fp_fusion=False,
+    )  # fmt: skip
+    return q, k, v
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[-x2, x1]`` of ``x``'s last dim halves ``[x1, x2]``, as transformers' Llama."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of stacked projections ``gate_up = [gate | up]``
+    (``[rows, 2 * n]``, unit stride in the last dim) -> ``[rows, n]``, its dtype."""
+    rows, n = gate_up.shape[0], gate_up.shape[1] // 2
+    if not on_triton(gate_up) or gate_up.stride(1) != 1:
+        return torch.nn.functional.silu(gate_up[:, :n]) * gate_up[:, n:]
+    out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
+    kernels()[2](
+        (rows, -(-n // SILU_BLOCK), 1), (gate_up, out, n, gate_up.stride(0), out.stride(0)),
+        (SILU_BLOCK,), num_warps=4, num_stages=1, fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (Triton's blocks are powers of two)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def kernels() -> tuple[DirectLaunch, DirectLaunch, DirectLaunch]:
+    """``(rms_norm, rotary_split, silu_mul)`` behind their launchers; imported on first
+    use."""
+    global _kernels
+    if _kernels is None:
+        from . import layer_kernels as k
+
+        _kernels = (DirectLaunch(k.rms_norm), DirectLaunch(k.rotary_split),
+                    DirectLaunch(k.silu_mul))  # fmt: skip
+    return _kernels

@@ -6,6 +6,13 @@ A step's batch is flattened into one row: ``input_ids`` and ``position_ids`` of 
 ``[1, num_new_tokens]``, rows grouped by sequence; ``use_cache=False`` (the paged cache
 is the cache) and no attention mask (each sequence's own pages are its context). Sliding
 windows (Mistral, Qwen2/3 ``layer_types``) become flashinfer's ``window_left``.
+
+Tensor parallelism: a model loaded with transformers' ``tp_plan`` (e.g. by
+:func:`~seqattn.integrations.hf_parallel.load_tensor_parallel` under ``torchrun``) runs
+as it is: this rank's cache holds its share of the KV heads
+(``ranks.shard(num_key_value_heads)``), and every rank must make the same calls in the
+same order, as :class:`~seqattn.engine.Engine` does (it broadcasts rank 0's samples).
+Every rank is checked to be built alike before any page is allocated.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from .hf_checks import (
     checked_forward,
     head_dim_of,
 )
+from .hf_fused import FusedLlama, fused_wanted
 from .hf_parallel import model_ranks
 
 
@@ -69,11 +77,15 @@ class _DecodeGraphs:
         context = StepContext(None, planned=self.attention)
         outputs: list[torch.Tensor] = []
         compiled = runner.compiled  # the graph replays whichever forward it captured
+        fused = runner.fused
 
         def forward() -> None:
             with torch.inference_mode():
                 if compiled is not None:
                     outputs.append(compiled(context, input_ids, position_ids))
+                    return
+                if fused is not None and fused.usable():
+                    outputs.append(fused.forward(input_ids[0], position_ids[0], context, rows))
                     return
                 outputs.append(runner.model(
                     input_ids=input_ids, position_ids=position_ids, use_cache=False,
@@ -102,27 +114,22 @@ class PagedCausalLM:
         num_pages: pages in the KV pool.
         page_size: tokens per page.
         prefix_caching: share cached prompt prefixes between sequences.
-        backend: attention backend, as :class:`PagedAttention`: ``"auto"`` (flashinfer on
-            CUDA, Triton's decode in CUDA graphs), ``"flashinfer"``, ``"triton"``, ``"torch"``.
+        backend: as :class:`PagedAttention`: ``"auto"`` (on CUDA Triton's decode where it
+            serves, flashinfer otherwise), ``"flashinfer"``, ``"triton"``, ``"torch"``.
         check_ranks: for a model sharded by transformers' tensor parallelism, compare a
             fingerprint of every step's page table across the ranks (one all-reduce of
             two integers per step) and raise :class:`~seqattn.errors.RankMismatchError`
             naming the first step where they differ.
-        compile: run steps through ``torch.compile`` (inductor), with seqattn's
-            append + attention as the custom op ``seqattn::paged_attention``: one
-            graph for decode steps, one for prefill and mixed steps. Their first steps
-            pay the compile (see :attr:`compile_seconds`); CUDA graphs then capture the
-            compiled decode forward.
-            Off by default: see :mod:`seqattn.integrations.compiled`.
-        compile_mode: ``"default"`` or ``"max-autotune-no-cudagraphs"`` (inductor's
-            modes that make no CUDA graphs of their own).
-
-    Tensor parallelism: a model loaded with transformers' ``tp_plan`` (e.g. by
-    :func:`~seqattn.integrations.hf_parallel.load_tensor_parallel` under ``torchrun``)
-    runs as it is: this rank's cache holds its share of the KV heads
-    (``ranks.shard(num_key_value_heads)``), and every rank must make the same calls in
-    the same order, as :class:`~seqattn.engine.Engine` does (it broadcasts rank 0's
-    samples). Every rank is checked to be built alike before any page is allocated.
+        compile: run steps through ``torch.compile`` (inductor; off by default, see
+            :mod:`.compiled`), seqattn's append + attention as the custom op
+            ``seqattn::paged_attention``: a graph for decode steps, one for prefill and
+            mixed steps, compiled at their first steps (:attr:`compile_seconds`).
+        compile_mode: ``"default"`` or ``"max-autotune-no-cudagraphs"``.
+        fused_layers: run steps that are not compiled (eager, or captured in CUDA graphs)
+            by :class:`~.hf_fused.FusedLlama`, nine launches a decoder layer against
+            transformers' forty: None where it serves the model on Triton kernels (an
+            unsharded transformers Llama on CUDA), True wherever it serves the model (on
+            the CPU by torch ops), False never. Steps while a module has a hook do not.
 
     Raises:
         ArgumentTypeError: ``model`` is not a torch module with a config, or an argument
@@ -162,6 +169,7 @@ class PagedCausalLM:
         check_ranks: bool = False,
         compile: bool = False,
         compile_mode: str = "default",
+        fused_layers: Optional[bool] = None,
     ) -> None:
         check_model(model)
         param = next(model.parameters())
@@ -169,7 +177,8 @@ class PagedCausalLM:
         if self.ranks is not None:  # a collective: before anything one rank could refuse
             settings = dict(num_pages=num_pages, page_size=page_size, backend=backend,
                             prefix_caching=prefix_caching, check_ranks=check_ranks,
-                            compile=compile, compile_mode=compile_mode)  # fmt: skip
+                            compile=compile, compile_mode=compile_mode,
+                            fused_layers=fused_layers)  # fmt: skip
             self.ranks.check_same(rank_settings(model, **settings))
         num_pages = exact_int(num_pages, "num_pages", low=1, high=INT64_MAX)
         page_size = exact_int(page_size, "page_size", low=1, high=INT64_MAX)
@@ -177,6 +186,7 @@ class PagedCausalLM:
         self.check_ranks = bool(exact_bool(check_ranks, "check_ranks"))
         check_backend(backend)
         mode = checked_compile(compile, compile_mode, param.device)
+        fused = fused_wanted(fused_layers, model, self.ranks is not None, param.device)
         config = model.config
         size = 1 if self.ranks is None else self.ranks.size
         heads = config.num_attention_heads
@@ -199,6 +209,8 @@ class PagedCausalLM:
         self._graphs: Optional[_DecodeGraphs] = None
         # steps through torch.compile (None: eager); see .compiled
         self.compiled = None if mode is None else CompiledDecode(model, self.cache.kv_data, mode)
+        # steps not compiled run by fused operations where they serve (None: transformers')
+        self.fused = FusedLlama(model) if fused else None
 
     @property
     def device(self) -> torch.device:
@@ -343,6 +355,8 @@ class PagedCausalLM:
             if decode:
                 return self.compiled.decode(context, input_ids, step.append_positions)  # type: ignore[arg-type]
             return self.compiled.prefill(context, input_ids, step.append_positions, step.last_rows)  # type: ignore[arg-type]
+        if self.fused is not None and self.fused.usable():
+            return self.fused.forward(input_ids, step.append_positions, context, step.last_rows)  # type: ignore[arg-type]
         output = self.model(
             input_ids=input_ids[None], position_ids=step.append_positions[None],  # type: ignore[index]
             use_cache=False, logits_to_keep=step.last_rows, seqattn_step=context,
@@ -368,12 +382,10 @@ class PagedCausalLM:
         # graphs captured on the old buckets' buffers must never replay with new plans
         self.disable_cuda_graphs()
         window, scaling = variants.pop()
-        heads = self.num_qo_heads
         workspace = next(iter(self._attention.values()), None)
-        backend = runner_backend(self.backend, window, self.cache)
         attention = PagedAttention(
-            self.cache, heads, backend=backend, cuda_graph_batch_sizes=batch_sizes,
-            workspace=None if workspace is None else workspace.workspace,
+            self.cache, self.num_qo_heads, backend=runner_backend(self.backend, window, self.cache),
+            cuda_graph_batch_sizes=batch_sizes, workspace=workspace and workspace.workspace,
         )  # fmt: skip
         self._attention[(window, scaling)] = attention  # eager steps plan the same object
         self._graphs = _DecodeGraphs(self, attention, dict(window_left=window, sm_scale=scaling))

@@ -1,0 +1,105 @@
+"""The fused Llama forward on a GPU: its Triton kernels against transformers' modules on
+the same device, and a runner on it against one on transformers' layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqattn.attention.triton_decode import triton_or_none
+from seqattn.engine import Engine, SamplingParams
+from seqattn.integrations.hf import PagedCausalLM
+from seqattn.integrations.layer_ops import on_triton, rms_norm, rotary_split, silu_mul
+from tests.gpu.conftest import flashinfer_or_skip
+
+pytestmark = pytest.mark.gpu
+transformers = pytest.importorskip("transformers")
+llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+
+
+def mostly_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    """RMSNorm sums its squares in another order than torch's mean: in float32 and
+    float16 a value may land a rounding step off (bf16: about none at these widths)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    exact = (got == want).float().mean().item()
+    assert exact > 0.75, f"only {exact:.4f} of the values equal"
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("rows", "hidden", "heads", "kv_heads", "head_dim"),
+                         [(1, 2048, 32, 8, 64), (64, 576, 9, 3, 64), (3000, 640, 4, 1, 80),
+                          (37, 4096, 32, 8, 128)])  # fmt: skip
+def test_the_kernels_equal_transformers_modules(dtype, rows, hidden, heads, kv_heads, head_dim):
+    if triton_or_none() is None:
+        pytest.skip("needs triton")
+    torch.manual_seed(rows)
+    with torch.device("cuda"):
+        norm = llama.LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
+        norm.weight.data.normal_()
+        x, residual = (torch.randn(rows, hidden).to(dtype) for _ in range(2))
+        qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim).to(dtype)
+        cos, sin = (torch.randn(rows, head_dim).to(dtype) for _ in range(2))
+        gate_up = torch.randn(rows, 2 * hidden).to(dtype)
+    assert on_triton(x)
+    normed, summed = rms_norm(x, norm.weight, 1e-5)
+    mostly_equal(normed, norm(x))
+    normed, summed = rms_norm(x, norm.weight, 1e-5, residual)
+    assert torch.equal(summed, residual + x)
+    mostly_equal(normed, norm(residual + x))
+
+    q, k, v = rotary_split(qkv, cos, sin, heads, kv_heads, head_dim)
+    as_hf = qkv.view(1, rows, -1, head_dim).transpose(1, 2)
+    hq, hk = llama.apply_rotary_pos_emb(as_hf[:, :heads], as_hf[:, heads : heads + kv_heads],
+                                        cos[None], sin[None])  # fmt: skip
+    assert torch.equal(q, hq[0].transpose(0, 1)) and torch.equal(k, hk[0].transpose(0, 1))
+    assert torch.equal(v, as_hf[0, heads + kv_heads :].transpose(0, 1))
+
+    act = transformers.activations.ACT2FN["silu"]
+    assert torch.equal(silu_mul(gate_up), act(gate_up[:, :hidden]) * gate_up[:, hidden:])
+
+
+def bf16_llama(seed: int = 0):
+    config = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def test_a_fused_runner_follows_one_on_transformers_layers():
+    """Eager prompt chunks and decode steps (Triton's decode, flashinfer's prefill) on the
+    fused forward, against the same model on transformers' layers fed the same tokens."""
+    flashinfer_or_skip()
+    fused, plain = bf16_llama(), bf16_llama()
+    runners = [PagedCausalLM(m, num_pages=128, page_size=16, fused_layers=f)
+               for m, f in ((fused, None), (plain, False))]  # fmt: skip
+    assert runners[0].fused is not None and runners[1].fused is None
+    ids, prompts = [0, 1, 2], [list(range(5 + 7 * i, 40 + 9 * i)) for i in range(3)]
+    for runner in runners:
+        runner.descriptor.allocate(ids, [len(p) for p in prompts])
+    logits = [r.forward(ids, prompts).float() for r in runners]
+    for _ in range(24):
+        cosine = torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1)
+        assert cosine.min() > 0.999, cosine
+        tokens = logits[1].argmax(-1).tolist()
+        for runner in runners:
+            runner.descriptor.allocate_decoding(ids)
+        logits = [r.decode(ids, tokens).float() for r in runners]
+
+
+def test_engine_on_fused_layers_with_graphs_generates_like_without():
+    flashinfer_or_skip()
+    model = bf16_llama(1)
+    prompts = [list(range(3 + i, 30 + 5 * i)) for i in range(6)]
+    runs = []
+    for graphs in (False, True):
+        engine = Engine(PagedCausalLM(model, num_pages=256, page_size=16), cuda_graphs=graphs)
+        assert engine.runner.fused is not None
+        runs.append(engine.generate(prompts, SamplingParams(max_new_tokens=16)))
+    same = sum(a == b for x, y in zip(*runs, strict=True) for a, b in zip(x, y, strict=True))
+    assert same >= 0.9 * 6 * 16, runs

@@ -6,9 +6,11 @@ Workload (issue 8): a random-weight Llama (16 layers, hidden 2048, intermediate 
 through:
 
 - seqattn: ``Engine`` over ``PagedCausalLM`` (flashinfer attention on the paged cache),
-  three ways on CUDA: decode steps compiled by ``torch.compile`` and replayed from CUDA
-  graphs, CUDA graphs of the eager forward, and eager (``--compile`` adds the compiled
-  row on the CPU; ``--skip compile`` drops it on CUDA; the compile time is printed);
+  four ways on CUDA: decode steps compiled by ``torch.compile`` and replayed from CUDA
+  graphs, CUDA graphs of the eager forward, eager, all three on its fused Llama layers
+  (``fused_layers``, :mod:`seqattn.integrations.hf_fused`) where not compiled, and eager
+  on transformers' own layers (``--compile`` adds the compiled row on the CPU; ``--skip
+  compile`` drops it on CUDA, ``--skip layers`` the last; the compile time is printed);
 - HF ``generate_batch`` (continuous batching, ``attn_implementation="paged|sdpa"``);
 - HF ``generate`` with sdpa (one left-padded batch).
 
@@ -84,6 +86,7 @@ def sync(device: str) -> None:
 def run_seqattn(
     model: Any, prompts: list[list[int]], args: argparse.Namespace, graphs: bool,
     compile: bool = False, backend: Optional[str] = None, inspect: bool = True,
+    fused: Optional[bool] = None,
 ) -> dict:  # fmt: skip
     """One timed run of ``prompts`` through the engine; then, if ``inspect``, its host
     syncs and kernel profile (:func:`inspect_run`; otherwise the caller calls it after
@@ -93,7 +96,8 @@ def run_seqattn(
     per_request = -(-(args.prompt_len + args.new_tokens) // page_size) + 1
     runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size,
                            backend=backend or args.backend, compile=compile,
-                           compile_mode=getattr(args, "compile_mode", "default"))  # fmt: skip
+                           compile_mode=getattr(args, "compile_mode", "default"),
+                           fused_layers=fused)  # fmt: skip
     engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens,
                     cuda_graphs=graphs)  # fmt: skip
     params = SamplingParams(max_new_tokens=args.new_tokens)
@@ -158,8 +162,11 @@ def profile_decode(engine: Engine, prompts: list[list[int]], step_s: float, grap
     finally:
         while engine.has_work:
             engine.step()
-    compiled = " compiled" if engine.runner.compiled is not None else ""
-    title = f"decode step profile ({'CUDA graphs' if graphs else 'eager'}{compiled})"
+    runner = engine.runner
+    how = " compiled" if runner.compiled is not None else (
+        " fused layers" if runner.fused is not None else " transformers' layers"
+    )  # fmt: skip
+    title = f"decode step profile ({'CUDA graphs' if graphs else 'eager'}{how})"
     return format_breakdown(title, found, step_s * 1e3)
 
 
@@ -321,7 +328,7 @@ def main() -> None:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated: compile,graphs,generate_batch,generate",
+        help="comma-separated: compile,graphs,layers,generate_batch,generate",
     )
     parser.add_argument(
         "--compile",
@@ -364,6 +371,10 @@ def main() -> None:
     if graphs:
         results["seqattn engine, CUDA graphs"] = run_seqattn(model, prompts, args, True, **ours)
     results["seqattn engine, eager"] = run_seqattn(model, prompts, args, graphs=False, **ours)
+    if args.device == "cuda" and "layers" not in skip:  # eager by transformers' module code
+        results["seqattn engine, eager, transformers' layers"] = run_seqattn(
+            model, prompts, args, graphs=False, fused=False, **ours
+        )
     if "generate_batch" not in skip:
         results["HF generate_batch (paged|sdpa)"] = run_hf_generate_batch(model, prompts, args)
     if "generate" not in skip:

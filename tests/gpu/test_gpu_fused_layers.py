@@ -19,11 +19,13 @@ llama = pytest.importorskip("transformers.models.llama.modeling_llama")
 
 def mostly_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     """RMSNorm sums its squares in another order than torch's mean: in float32 and
-    float16 a value may land a rounding step off (bf16: about none at these widths)."""
+    float16 a normalized value may land a rounding step off, which the weight then
+    scales (bf16: about none at these widths)."""
     assert got.shape == want.shape and got.dtype == want.dtype
     exact = (got == want).float().mean().item()
     assert exact > 0.75, f"only {exact:.4f} of the values equal"
-    torch.testing.assert_close(got, want)
+    step = torch.finfo(got.dtype).eps
+    torch.testing.assert_close(got, want, rtol=4 * step, atol=4 * step)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -20,7 +20,9 @@ Off by default (``PagedCausalLM(compile=True)`` or ``Engine(compile=True)`` turn
 the compile costs seconds to minutes in the first steps of every process, and on
 the CPU it gains nothing measurable (a tiny model's step is host-bound, a larger one's
 matmul-bound). On an H200 a 0.85B Llama's CUDA-graph decode step at batch 64 took 1.34
-ms compiled against 2.64 ms not (``benchmarks/bench_generate.py`` prints both).
+ms compiled against 2.64 ms for graphs of transformers' layers and 1.37 ms for graphs of
+seqattn's fused Llama layers (:mod:`.hf_fused`, the default where not compiled;
+``benchmarks/bench_generate.py`` prints them).
 
 Each graph is rewritten before inductor compiles it: the projections that read one
 input (q/k/v, gate/up) become one matmul over their weights, re-homed as consecutive

@@ -1,6 +1,8 @@
 """HuggingFace transformers decoder models on seqattn's paged cache and attention:
 :class:`PagedCausalLM` runs a model's forward over one step (the attention function it
-registers lives in :mod:`.hf_attention`). No model code is forked.
+registers lives in :mod:`.hf_attention`). No model code is forked; a transformers Llama's
+steps that are not compiled run :class:`.hf_fused.FusedLlama` by default on CUDA (the
+same arithmetic from the same parameters, in fewer launches; ``fused_layers``).
 
 A step's batch is flattened into one row: ``input_ids`` and ``position_ids`` of shape
 ``[1, num_new_tokens]``, rows grouped by sequence; ``use_cache=False`` (the paged cache
@@ -133,12 +135,12 @@ class PagedCausalLM:
 
     Raises:
         ArgumentTypeError: ``model`` is not a torch module with a config, or an argument
-            of the wrong type (``num_pages=2.5``, ``prefix_caching=1``, ``backend=None``,
-            ``compile="yes"``).
+            of the wrong type (``num_pages=2.5``, ``backend=None``, ``fused_layers=1``).
         InvalidArgumentError: an unsupported model family, a model without a language
             model head (e.g. ``LlamaModel``), a size < 1, an unknown backend or compile
-            mode; sharded: a rank count that does not divide the heads, or a process group
-            whose backend cannot run collectives on the model's device.
+            mode, ``fused_layers=True`` for a model it does not serve; sharded: a rank
+            count that does not divide the heads, or a process group whose backend
+            cannot run collectives on the model's device.
         MissingDependencyError: ``compile=True`` without a C++ compiler (CPU) or triton
             (CUDA) for inductor.
         RankMismatchError: sharded, and the ranks were built differently (model config,

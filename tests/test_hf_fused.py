@@ -46,9 +46,12 @@ def test_the_operations_equal_transformers_modules_bit_for_bit(dtype: torch.dtyp
     assert torch.equal(silu_mul(gate_up), act(gate_up[:, :hidden]) * gate_up[:, hidden:])
 
 
-def runner_pair(**options) -> tuple[PagedCausalLM, PagedCausalLM]:
-    """The same tiny Llama twice: on the fused forward and on transformers'."""
-    fused, plain = tiny_model("llama"), tiny_model("llama")
+FUSED_FAMILIES = ["llama", "mistral", "qwen2"]  # qwen2: q/k/v biases; both: windows
+
+
+def runner_pair(family: str = "llama", **options) -> tuple[PagedCausalLM, PagedCausalLM]:
+    """The same tiny model twice: on the fused forward and on transformers'."""
+    fused, plain = tiny_model(family), tiny_model(family)
     return tuple(
         PagedCausalLM(model, num_pages=64, page_size=4, fused_layers=on, **options)
         for model, on in ((fused, True), (plain, False))
@@ -59,8 +62,11 @@ def same_steps(runners, call) -> list[torch.Tensor]:
     return [call(runner) for runner in runners]
 
 
-def test_a_fused_runner_gives_transformers_logits_through_prefill_decode_and_mixed_steps():
-    runners = runner_pair()
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_a_fused_runner_gives_transformers_logits_through_prefill_decode_and_mixed_steps(
+    family: str,
+) -> None:
+    runners = runner_pair(family)
     assert runners[0].fused is not None and runners[1].fused is None
     for runner in runners:
         runner.descriptor.allocate([0, 1, 2], [5, 3, 4])
@@ -80,8 +86,9 @@ def test_a_fused_runner_gives_transformers_logits_through_prefill_decode_and_mix
                                rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
-def test_an_engine_on_fused_layers_generates_transformers_greedy_tokens() -> None:
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_an_engine_on_fused_layers_generates_transformers_greedy_tokens(family: str) -> None:
+    model = tiny_model(family)
     runner = PagedCausalLM(model, num_pages=64, page_size=4, fused_layers=True)
     engine = Engine(runner, max_step_tokens=6)  # chunked prompts beside decode rows
     system = list(range(40, 57))
@@ -120,9 +127,8 @@ class OwnMLP(llama.LlamaMLP):
     ("make", "options", "error", "message"),
     [
         (lambda: tiny_model("qwen3"), {"fused_layers": True}, InvalidArgumentError,
-         "fused_layers=True needs a transformers LlamaForCausalLM .got Qwen3ForCausalLM"),
-        (lambda: tiny_model("mistral"), {"fused_layers": True}, InvalidArgumentError,
-         "LlamaForCausalLM .got MistralForCausalLM"),
+         "fused_layers=True needs a transformers Llama, Mistral or Qwen2 causal LM "
+         ".got Qwen3ForCausalLM"),
         (lambda: own_mlp(), {"fused_layers": True}, InvalidArgumentError,
          "transformers' LlamaMLP .got OwnMLP"),
         (lambda: tiny_model("llama"), {"fused_layers": 1}, ArgumentTypeError,

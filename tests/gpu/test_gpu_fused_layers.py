@@ -61,23 +61,33 @@ def test_the_kernels_equal_transformers_modules(dtype, rows, hidden, heads, kv_h
     assert torch.equal(silu_mul(gate_up), act(gate_up[:, :hidden]) * gate_up[:, hidden:])
 
 
-def bf16_llama(seed: int = 0):
-    config = transformers.LlamaConfig(
+FAMILIES = {
+    "llama": ("Llama", {}),
+    "mistral": ("Mistral", {"sliding_window": 24}),
+    "qwen2": ("Qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}),
+}
+
+
+def bf16_llama(seed: int = 0, family: str = "llama"):
+    name, extra = FAMILIES[family]
+    config = getattr(transformers, f"{name}Config")(
         hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512,
+        num_key_value_heads=2, vocab_size=512, **extra,
     )  # fmt: skip
     torch.manual_seed(seed)
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        model = getattr(transformers, f"{name}ForCausalLM")(config).to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = None
     return model
 
 
-def test_a_fused_runner_follows_one_on_transformers_layers():
-    """Eager prompt chunks and decode steps (Triton's decode, flashinfer's prefill) on the
-    fused forward, against the same model on transformers' layers fed the same tokens."""
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_fused_runner_follows_one_on_transformers_layers(family: str):
+    """Eager prompt chunks and decode steps (Triton's decode, flashinfer's prefill and,
+    in windowed layers, decode) on the fused forward, against the same model on
+    transformers' layers fed the same tokens."""
     flashinfer_or_skip()
-    fused, plain = bf16_llama(), bf16_llama()
+    fused, plain = bf16_llama(0, family), bf16_llama(0, family)
     runners = [PagedCausalLM(m, num_pages=128, page_size=16, fused_layers=f)
                for m, f in ((fused, None), (plain, False))]  # fmt: skip
     assert runners[0].fused is not None and runners[1].fused is None

@@ -73,13 +73,18 @@ def check_backend(backend: object) -> None:
 def attention_variants(model: Any) -> set[tuple[int, Optional[float]]]:
     """The (window_left, scale) pairs the model's attention layers use (window_left -1:
     no sliding window)."""
-    config = model.config
     variants: set[tuple[int, Optional[float]]] = set()
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "scaling"):
-            window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
+            window = sliding_window(module, model.config)
             variants.add((-1 if window is None else int(window) - 1, float(module.scaling)))
     return variants
+
+
+def sliding_window(attention: Any, config: Any) -> Optional[int]:
+    """The ``sliding_window`` an attention module passes to its attention function: its
+    own (Qwen2/3's ``layer_types``), else the config's (Mistral), else None."""
+    return getattr(attention, "sliding_window", getattr(config, "sliding_window", None))  # type: ignore[no-any-return]
 
 
 def batch_ids(seq_ids: object) -> list[int]:

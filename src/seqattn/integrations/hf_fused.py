@@ -1,4 +1,4 @@
-"""A Llama forward by fused operations, for steps that are not compiled.
+"""A Llama-family forward by fused operations, for steps that are not compiled.
 
 transformers' Llama decoder layer is about forty torch ops: in an eager decode step each
 is a kernel launch that costs the host more than the GPU spends on it, so the step runs
@@ -14,9 +14,11 @@ projection, RMSNorm again, gate and up projections stacked, ``silu(gate) * up``
 rotary module (so every rope scaling it knows), the final norm and ``lm_head`` on the
 kept rows frame them.
 
-It serves a ``LlamaForCausalLM`` made of transformers' own classes (not subclasses) with
-plain ``nn.Linear`` projections of plain tensors, all of one dtype and device, and
-``silu``; :meth:`FusedLlama.usable` hands a step back to transformers' forward while
+It serves transformers' ``LlamaForCausalLM`` and the families built the same way,
+``MistralForCausalLM`` and ``Qwen2ForCausalLM`` (biases on q/k/v; each layer's sliding
+window passed to the attention as transformers' module passes it), made of their own
+classes (not subclasses) with plain ``nn.Linear`` projections of plain tensors, all of
+one dtype and device, and ``silu``; :meth:`FusedLlama.usable` hands a step back to transformers' forward while
 the model is in training mode or any module has a hook (a forward or pre-forward hook,
 accelerate's) or a forward of its own, so hooks always run.
 
@@ -31,7 +33,7 @@ Example::
     >>> FusedLlama.refusal(model) is None
     True
     >>> FusedLlama.refusal(torch.nn.Linear(2, 2))
-    'a transformers LlamaForCausalLM (got Linear)'
+    'a transformers Llama, Mistral or Qwen2 causal LM (got Linear)'
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ..attention.triton_decode import triton_or_none
 from ..errors import InvalidArgumentError, SeqAttnError
 from .fused_linears import stacked_views
 from .hf_attention import StepContext
+from .hf_checks import sliding_window
 from .layer_ops import rms_norm, rotary_split, silu_mul
 
 LINEAR = torch.nn.functional.linear
@@ -63,6 +66,7 @@ class _Layer:
     gate_up: tuple[torch.Tensor, Optional[torch.Tensor]]
     down: tuple[torch.Tensor, Optional[torch.Tensor]]
     scaling: float
+    window: Optional[int]  # the sliding_window transformers' module passes (None: none)
     stacked_from: tuple[tuple[torch.Tensor, int], ...]  # stacked parameters, their addresses
 
 
@@ -83,24 +87,24 @@ class FusedLlama:
         self.num_kv_heads = config.num_key_value_heads
         self.eps = float(model.model.norm.variance_epsilon)
         inner = model.model
-        self.layers = [_layer(layer) for layer in inner.layers[: config.num_hidden_layers]]
+        self.layers = [_layer(layer, config) for layer in inner.layers[: config.num_hidden_layers]]
         self.head_dim = inner.layers[0].self_attn.head_dim
         self._modules = list(model.modules())
 
     @staticmethod
     def refusal(model: Any) -> Optional[str]:
         """None if :class:`FusedLlama` serves ``model``, else what it would need."""
-        from transformers.models.llama import modeling_llama as llama
-
-        if type(model) is not llama.LlamaForCausalLM:
-            return f"a transformers LlamaForCausalLM (got {type(model).__name__})"
+        family = families().get(type(model))
+        if family is None:
+            return f"a transformers Llama, Mistral or Qwen2 causal LM (got {type(model).__name__})"
+        model_kind, layer_kind, attention_kind, mlp_kind, norm_kind = family
         config, inner = model.config, model.model
         layers = inner.layers[: config.num_hidden_layers]
-        kinds = [(inner, llama.LlamaModel), (inner.norm, llama.LlamaRMSNorm)]
+        kinds = [(inner, model_kind), (inner.norm, norm_kind)]
         for layer in layers:
-            kinds += [(layer, llama.LlamaDecoderLayer), (layer.self_attn, llama.LlamaAttention),
-                      (layer.mlp, llama.LlamaMLP), (layer.input_layernorm, llama.LlamaRMSNorm),
-                      (layer.post_attention_layernorm, llama.LlamaRMSNorm)]  # fmt: skip
+            kinds += [(layer, layer_kind), (layer.self_attn, attention_kind),
+                      (layer.mlp, mlp_kind), (layer.input_layernorm, norm_kind),
+                      (layer.post_attention_layernorm, norm_kind)]  # fmt: skip
         for module, kind in kinds:
             if type(module) is not kind:
                 return f"transformers' {kind.__name__} (got {type(module).__name__})"
@@ -163,7 +167,7 @@ class FusedLlama:
         for i, layer in enumerate(layers):
             q, k, v = rotary_split(LINEAR(normed, *layer.qkv), cos, sin, self.num_heads,
                                    self.num_kv_heads, self.head_dim)  # fmt: skip
-            attended = step.attend_rows(layer.index, q, k, v, layer.scaling, None)
+            attended = step.attend_rows(layer.index, q, k, v, layer.scaling, layer.window)
             out = LINEAR(attended.reshape(rows, -1), *layer.o)
             normed, residual = rms_norm(out, layer.post_norm, self.eps, residual)
             out = LINEAR(silu_mul(LINEAR(normed, *layer.gate_up)), *layer.down)
@@ -183,7 +187,7 @@ def _check_stacked(layer: _Layer) -> None:
             )
 
 
-def _layer(layer: Any) -> _Layer:
+def _layer(layer: Any, config: Any) -> _Layer:
     """A decoder layer's parameters, its sibling projections stacked."""
     attn, mlp = layer.self_attn, layer.mlp
     siblings = ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj))
@@ -197,8 +201,25 @@ def _layer(layer: Any) -> _Layer:
         qkv=stacked[0], o=(attn.o_proj.weight, attn.o_proj.bias),
         post_norm=layer.post_attention_layernorm.weight, gate_up=stacked[1],
         down=(mlp.down_proj.weight, mlp.down_proj.bias), scaling=float(attn.scaling),
+        window=sliding_window(attn, config),
         stacked_from=tuple((m.weight, m.weight.data_ptr()) for g in siblings for m in g),
     )  # fmt: skip
+
+
+def families() -> dict[type, tuple[type, ...]]:
+    """The causal LM classes served, each with its model, decoder layer, attention, MLP
+    and RMSNorm classes (transformers' Llama and the families built the same way)."""
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.mistral import modeling_mistral as mistral
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+    return {
+        getattr(module, f"{name}ForCausalLM"): tuple(
+            getattr(module, f"{name}{part}")
+            for part in ("Model", "DecoderLayer", "Attention", "MLP", "RMSNorm")
+        )
+        for module, name in ((llama, "Llama"), (mistral, "Mistral"), (qwen2, "Qwen2"))
+    }
 
 
 def _global_hooks() -> bool:

@@ -1,7 +1,7 @@
 """HuggingFace transformers decoder models on seqattn's paged cache and attention:
 :class:`PagedCausalLM` runs a model's forward over one step (the attention function it
 registers lives in :mod:`.hf_attention`). No model code is forked; a transformers Llama's
-steps that are not compiled run :class:`.hf_fused.FusedLlama` by default on CUDA (the
+(Mistral's, Qwen2's) steps that are not compiled run :class:`.hf_fused.FusedLlama` by default on CUDA (the
 same arithmetic from the same parameters, in fewer launches; ``fused_layers``).
 
 A step's batch is flattened into one row: ``input_ids`` and ``position_ids`` of shape
@@ -130,8 +130,8 @@ class PagedCausalLM:
         fused_layers: run steps that are not compiled (eager, or captured in CUDA graphs)
             by :class:`~.hf_fused.FusedLlama`, nine launches a decoder layer against
             transformers' forty: None where it serves the model on Triton kernels (an
-            unsharded transformers Llama on CUDA), True wherever it serves the model (on
-            the CPU by torch ops), False never. Steps while a module has a hook do not.
+            unsharded Llama, Mistral or Qwen2 on CUDA), True wherever it serves the model
+            (on the CPU by torch ops), False never. Steps while a module has a hook do not.
 
     Raises:
         ArgumentTypeError: ``model`` is not a torch module with a config, or an argument

@@ -1,8 +1,9 @@
 """HuggingFace transformers decoder models on seqattn's paged cache and attention:
 :class:`PagedCausalLM` runs a model's forward over one step (the attention function it
-registers lives in :mod:`.hf_attention`). No model code is forked; a transformers Llama's
-(Mistral's, Qwen2's) steps that are not compiled run :class:`.hf_fused.FusedLlama` by default on CUDA (the
-same arithmetic from the same parameters, in fewer launches; ``fused_layers``).
+registers lives in :mod:`.hf_attention`). No model code is forked; the steps that are not
+compiled of a transformers Llama, Mistral or Qwen2 run :class:`.hf_fused.FusedLlama` by
+default on CUDA (the same arithmetic from the same parameters in fewer launches;
+``fused_layers``).
 
 A step's batch is flattened into one row: ``input_ids`` and ``position_ids`` of shape
 ``[1, num_new_tokens]``, rows grouped by sequence; ``use_cache=False`` (the paged cache

@@ -18,9 +18,9 @@ It serves transformers' ``LlamaForCausalLM`` and the families built the same way
 ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` (biases on q/k/v; each layer's sliding
 window passed to the attention as transformers' module passes it), made of their own
 classes (not subclasses) with plain ``nn.Linear`` projections of plain tensors, all of
-one dtype and device, and ``silu``; :meth:`FusedLlama.usable` hands a step back to transformers' forward while
-the model is in training mode or any module has a hook (a forward or pre-forward hook,
-accelerate's) or a forward of its own, so hooks always run.
+one dtype and device, and ``silu``. :meth:`FusedLlama.usable` hands a step back to
+transformers' forward while the model is in training mode or any module has a hook (a
+forward or pre-forward hook, accelerate's) or a forward of its own, so hooks always run.
 
 Example::
 

@@ -164,11 +164,13 @@ def test_by_default_the_cpu_runs_transformers_forward_and_other_families_too() -
     assert FusedLlama.refusal(tiny_model("llama")) is None
 
 
-def test_weights_moved_after_the_runner_was_built_raise_before_the_cache_changes() -> None:
-    runner = runner_pair()[0]
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_weights_moved_after_the_runner_was_built_raise_before_the_cache_changes(which):
+    runner = runner_pair("qwen2")[0]  # q/k/v biases: stacked too
     runner.descriptor.allocate([0], [3])
     proj = runner.model.model.layers[1].self_attn.k_proj
-    proj.weight.data = proj.weight.data.clone()  # no longer a view of the stacked weight
+    moved = getattr(proj, which)
+    moved.data = moved.data.clone()  # no longer a view of the stacked tensor
     kv = runner.cache.kv_data.clone()
     with pytest.raises(SeqAttnError, match="weights moved since its runner was built"):
         runner.forward([0], [[1, 2, 3]])

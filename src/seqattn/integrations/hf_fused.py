@@ -74,7 +74,8 @@ class FusedLlama:
     """A supported model's forward in fused launches (see the module's description).
 
     Args:
-        model: a ``LlamaForCausalLM`` that :meth:`refusal` accepts.
+        model: a causal LM that :meth:`refusal` accepts (its sibling projections'
+            weights are re-homed as views of stacked buffers: same values).
     """
 
     def __init__(self, model: Any) -> None:
@@ -202,7 +203,13 @@ def _layer(layer: Any, config: Any) -> _Layer:
         post_norm=layer.post_attention_layernorm.weight, gate_up=stacked[1],
         down=(mlp.down_proj.weight, mlp.down_proj.bias), scaling=float(attn.scaling),
         window=sliding_window(attn, config),
-        stacked_from=tuple((m.weight, m.weight.data_ptr()) for g in siblings for m in g),
+        stacked_from=tuple(
+            (param, param.data_ptr())
+            for group in siblings
+            for m in group
+            for param in (m.weight, m.bias)
+            if param is not None
+        ),
     )  # fmt: skip
 
 

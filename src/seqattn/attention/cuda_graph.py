@@ -42,7 +42,14 @@ from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch, host_tensor
 from .cascade import CascadeSplit, pad_shared_level, split_for_cascade
 from .flashinfer_backend import flashinfer_for, kv_scales
-from .triton_decode import LOG2E, DecodeTables, decode, multiprocessors, split_count
+from .triton_decode import (
+    LOG2E,
+    DecodeTables,
+    appendable,
+    decode,
+    multiprocessors,
+    split_count,
+)
 
 
 class _Bucket:
@@ -248,7 +255,7 @@ class GraphBuckets:
         decode writes them in its own launch."""
         bucket = self.planned(keys.shape[0], "keys")
         self.cache.check_kv(keys, values)
-        if bucket.wrapper is None and keys.stride(2) == 1 and values.stride(2) == 1:
+        if bucket.wrapper is None and appendable(keys, values):
             self.planned(q.shape[0], "q")
             return decode(self.cache, layer, q, self._tables(bucket), out=out,
                           new_kv=(keys, values))[0]  # fmt: skip

@@ -19,7 +19,7 @@ from .cascade import CascadeSplit, choose_split, run_cascade
 from .cuda_graph import GraphBuckets, bucket_sizes, capture
 from .flashinfer_backend import FlashInferAttentionBackend, decode_tensor_cores, plan_options
 from .torch_backend import TorchAttentionBackend
-from .triton_decode import TritonDecodeBackend, check_triton
+from .triton_decode import TritonDecodeBackend, appendable, check_triton
 
 BACKENDS = ("auto", "flashinfer", "torch", "triton")
 Backend = Union[FlashInferAttentionBackend, TorchAttentionBackend, TritonDecodeBackend]
@@ -235,7 +235,7 @@ class PagedAttention:
                 f"k and v must hold the step's {self._append[0].shape[0]} new tokens, "
                 f"got {k.shape[0]}"
             )
-        if self._appending is not None and k.stride(2) == 1 and v.stride(2) == 1:
+        if self._appending is not None and appendable(k, v):
             return self._appending.forward(q, k, v, layer, out)
         cache.write_pages(layer, k, v, *self._append)
         result = self._attend(q, layer, False, out)

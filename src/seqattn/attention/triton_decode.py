@@ -35,16 +35,21 @@ from .triton_launch import DirectLaunch
 
 LOG2E = 1.4426950408889634
 _kernels: Optional[tuple[DirectLaunch, DirectLaunch, Any]] = None
+_triton: Any = ...  # the triton module or None, once triton_or_none looked
 _sm_counts: dict[int, int] = {}
 
 
 def triton_or_none() -> Any:
-    """The ``triton`` module, or None where it is not installed."""
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton
+    """The ``triton`` module, or None where it is not installed (looked up once: the
+    fused layers ask per operation)."""
+    global _triton
+    if _triton is ...:
+        try:
+            import triton
+        except ImportError:
+            triton = None
+        _triton = triton
+    return _triton
 
 
 def check_triton(cache: PagedKVCacheManager) -> None:
@@ -308,6 +313,12 @@ def decode(
             (d, pages, splits, min_share, return_lse), num_warps=4, num_stages=3,
         )  # fmt: skip
     return result, (lse if return_lse else None)
+
+
+def appendable(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`decode` can write ``k`` and ``v`` in its launch (``new_kv``): unit
+    stride in head_dim; any row and head strides."""
+    return k.stride(2) == 1 and v.stride(2) == 1
 
 
 def split_scratch(rows: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -43,7 +43,7 @@ from .hf_checks import (
     checked_forward,
     head_dim_of,
 )
-from .hf_fused import FusedLlama, fused_wanted
+from .hf_fused import FusedLlama, fused_wanted, uncompiled_logits
 from .hf_parallel import model_ranks
 
 
@@ -80,20 +80,14 @@ class _DecodeGraphs:
         context = StepContext(None, planned=self.attention)
         outputs: list[torch.Tensor] = []
         compiled = runner.compiled  # the graph replays whichever forward it captured
-        fused = runner.fused
 
         def forward() -> None:
             with torch.inference_mode():
                 if compiled is not None:
                     outputs.append(compiled(context, input_ids, position_ids))
                     return
-                if fused is not None and fused.usable():
-                    outputs.append(fused.forward(input_ids[0], position_ids[0], context, rows))
-                    return
-                outputs.append(runner.model(
-                    input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                    logits_to_keep=rows, seqattn_step=context,
-                ).logits[0])  # fmt: skip
+                outputs.append(uncompiled_logits(runner.model, runner.fused, input_ids[0],
+                                                 position_ids[0], context, rows))  # fmt: skip
 
         graph = self.attention.capture(forward)
         return graph, input_ids, position_ids, rows, outputs[-1]  # replays write the last
@@ -250,9 +244,8 @@ class PagedCausalLM:
         """The attention object of one (window, scale) variant, made once."""
         key = (window, scaling)
         if key not in self._attention:
-            first = next(iter(self._attention.values()), None)  # layers run one at a time:
-            workspace = None if first is None else first.workspace  # one workspace serves all
             backend = runner_backend(self.backend, window, self.cache)
+            workspace = first_workspace(self._attention)
             self._attention[key] = PagedAttention(
                 self.cache, self.num_qo_heads, backend=backend, workspace=workspace
             )
@@ -358,13 +351,8 @@ class PagedCausalLM:
             if decode:
                 return self.compiled.decode(context, input_ids, step.append_positions)  # type: ignore[arg-type]
             return self.compiled.prefill(context, input_ids, step.append_positions, step.last_rows)  # type: ignore[arg-type]
-        if self.fused is not None and self.fused.usable():
-            return self.fused.forward(input_ids, step.append_positions, context, step.last_rows)  # type: ignore[arg-type]
-        output = self.model(
-            input_ids=input_ids[None], position_ids=step.append_positions[None],  # type: ignore[index]
-            use_cache=False, logits_to_keep=step.last_rows, seqattn_step=context,
-        )  # fmt: skip
-        return output.logits[0]
+        return uncompiled_logits(self.model, self.fused, input_ids, step.append_positions,  # type: ignore[arg-type]
+                                 context, step.last_rows)  # fmt: skip
 
     # --------------------------------------------------------------- CUDA graphs
     def enable_cuda_graphs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> bool:
@@ -385,10 +373,9 @@ class PagedCausalLM:
         # graphs captured on the old buckets' buffers must never replay with new plans
         self.disable_cuda_graphs()
         window, scaling = variants.pop()
-        workspace = next(iter(self._attention.values()), None)
         attention = PagedAttention(
             self.cache, self.num_qo_heads, backend=runner_backend(self.backend, window, self.cache),
-            cuda_graph_batch_sizes=batch_sizes, workspace=workspace and workspace.workspace,
+            cuda_graph_batch_sizes=batch_sizes, workspace=first_workspace(self._attention),
         )  # fmt: skip
         self._attention[(window, scaling)] = attention  # eager steps plan the same object
         self._graphs = _DecodeGraphs(self, attention, dict(window_left=window, sm_scale=scaling))
@@ -408,6 +395,13 @@ class PagedCausalLM:
         """The largest decode batch a graph takes (0: graphs off)."""
         graphs = None if self._graphs is None else self._graphs.attention.graphs
         return 0 if graphs is None else graphs.batch_sizes[-1]
+
+
+def first_workspace(attentions: dict[Any, PagedAttention]) -> Optional[torch.Tensor]:
+    """flashinfer's workspace of a runner's first attention object (layers run one at a
+    time: one workspace serves all), or None before the first."""
+    first = next(iter(attentions.values()), None)
+    return None if first is None else first.workspace
 
 
 def runner_backend(backend: str, window: int, cache: PagedKVCacheManager) -> str:

@@ -177,6 +177,25 @@ class FusedLlama:
         return self.model.lm_head(normed[kept_rows])
 
 
+def uncompiled_logits(
+    model: Any,
+    fused: Optional[FusedLlama],
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    step: StepContext,
+    kept_rows: torch.Tensor,
+) -> torch.Tensor:
+    """The logits of a step's ``kept_rows`` when it is not compiled (eager, or captured in
+    a CUDA graph): by ``fused`` where it may run now, else by transformers' forward of
+    ``model``. Arguments as :meth:`FusedLlama.forward`."""
+    if fused is not None and fused.usable():
+        return fused.forward(input_ids, positions, step, kept_rows)
+    return model(  # type: ignore[no-any-return]
+        input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
+        logits_to_keep=kept_rows, seqattn_step=step,
+    ).logits[0]  # fmt: skip
+
+
 def _check_stacked(layer: _Layer) -> None:
     """Raise if a stacked weight no longer lies over its parameters (the model was
     moved or converted after this was built)."""

@@ -87,9 +87,12 @@ def test_chunked_prefill_and_mixed_batch_fp16_match_torch_and_single_prefill():
     fi = flashinfer_or_skip()
     m = Model()
     ids = [0, 1, 2]
-    m.step(ids, [100, 16, 33])
+    m.compare(m.step(ids, [100, 16, 33]))
+    backend = m.flashinfer.impl
+    assert backend._active in backend._prefill.wrappers  # flashinfer's default kernels
     packed = m.step(ids, [37, 1, 64])  # a chunk over a prefix, a decode row, a chunk
     q, out = m.compare(packed)
+    assert backend._active in backend._mixed.wrappers and backend._active._backend == "fa2"
     host = m.desc.pack_for_flashinfer(ids)
     k, v = read_back(m.cache, host, 2, layer=1)
     rows = slice(38, 102)

@@ -34,32 +34,30 @@ def rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n, eps, sx, sr, so, ss,
 @triton.jit
 def rotary_split(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, sqkv, scos, ssin,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                 BLOCK_D: tl.constexpr):  # fmt: skip
-    """One head of one row of the stacked projections ``[q heads | k heads | v heads]``:
-    a query or key head rotated (``x * cos + rotate_half(x) * sin``, each product and
-    the sum rounded to the dtype), a value head copied; each to its own contiguous
-    ``[rows, heads, D]`` output."""
-    row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
-    mask = d < D
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """``BLOCK_H`` heads of one row of the stacked projections ``[q heads | k heads | v
+    heads]``: query and key heads rotated (``x * cos + rotate_half(x) * sin``, each
+    product and the sum rounded to the dtype), value heads copied; each to its own
+    contiguous ``[rows, heads, D]`` output."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    half = D // 2
+    mask = (head < HQ + 2 * HKV) & (d < D)
     dtype = q_ptr.dtype.element_ty
     src = qkv_ptr + row * sqkv + head * D
     x = tl.load(src + d, mask=mask, other=0.0)
-    if head < HQ + HKV:
-        half = D // 2
-        partner = tl.load(src + tl.where(d < half, d + half, d - half), mask=mask, other=0.0)
-        rotated = tl.where(d < half, -partner, partner)
-        cos = tl.load(cos_ptr + row * scos + d, mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + row * ssin + d, mask=mask, other=0.0).to(tl.float32)
-        a = (x.to(tl.float32) * cos).to(dtype)
-        b = (rotated.to(tl.float32) * sin).to(dtype)
-        x = (a.to(tl.float32) + b.to(tl.float32)).to(dtype)
-    if head < HQ:
-        tl.store(q_ptr + (row * HQ + head) * D + d, x, mask=mask)
-    elif head < HQ + HKV:
-        tl.store(k_ptr + (row * HKV + head - HQ) * D + d, x, mask=mask)
-    else:
-        tl.store(v_ptr + (row * HKV + head - HQ - HKV) * D + d, x, mask=mask)
+    partner = tl.load(src + tl.where(d < half, d + half, d - half), mask=mask, other=0.0)
+    rotated = tl.where(d < half, -partner, partner)
+    cos = tl.load(cos_ptr + row * scos + d, mask=d < D, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + row * ssin + d, mask=d < D, other=0.0).to(tl.float32)
+    a = (x.to(tl.float32) * cos).to(dtype)
+    b = (rotated.to(tl.float32) * sin).to(dtype)
+    x = tl.where(head < HQ + HKV, (a.to(tl.float32) + b.to(tl.float32)).to(dtype), x)
+    tl.store(q_ptr + (row * HQ + head) * D + d, x, mask=mask & (head < HQ))
+    is_k = (head >= HQ) & (head < HQ + HKV)
+    tl.store(k_ptr + (row * HKV + head - HQ) * D + d, x, mask=mask & is_k)
+    tl.store(v_ptr + (row * HKV + head - HQ - HKV) * D + d, x, mask=mask & (head >= HQ + HKV))
 
 
 @triton.jit

@@ -40,6 +40,9 @@ _kernels: Optional[tuple[DirectLaunch, DirectLaunch, DirectLaunch]] = None
 #: the widest row RMSNorm's kernel takes in one program
 MAX_NORM_WIDTH = 16384
 SILU_BLOCK = 1024
+# values of one row a rotary program takes (its heads x head_dim): one program per (row,
+# head) of one warp took 192 us for 8,192 rows of 48 x 64 on an H200, 3x inductor's
+ROTARY_BLOCK = 1024
 
 
 def on_triton(x: torch.Tensor) -> bool:
@@ -122,11 +125,13 @@ def rotary_split(
     q = torch.empty(rows, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(rows, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     v = torch.empty_like(k)
+    heads, block_d = num_heads + 2 * num_kv_heads, next_power_of_2(head_dim)
+    block_h = min(next_power_of_2(heads), max(1, ROTARY_BLOCK // block_d))
     kernels()[1](
-        (rows, num_heads + 2 * num_kv_heads, 1),
+        (rows, -(-heads // block_h), 1),
         (qkv, cos, sin, q, k, v, qkv.stride(0), cos.stride(0), sin.stride(0)),
-        (num_heads, num_kv_heads, head_dim, next_power_of_2(head_dim)),
-        num_warps=1, num_stages=1, fp_fusion=False,
+        (num_heads, num_kv_heads, head_dim, block_h, block_d),
+        num_warps=4, num_stages=1, fp_fusion=False,
     )  # fmt: skip
     return q, k, v
 

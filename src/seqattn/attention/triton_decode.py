@@ -321,7 +321,9 @@ def appendable(k: torch.Tensor, v: torch.Tensor) -> bool:
     return k.stride(2) == 1 and v.stride(2) == 1
 
 
-def split_scratch(rows: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def split_scratch(
+    rows: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Room for ``rows`` split results: ``([rows, head_dim], [rows])``, float32."""
     return (
         torch.empty(rows, head_dim, dtype=torch.float32, device=device),

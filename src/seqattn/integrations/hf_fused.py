@@ -197,8 +197,8 @@ def uncompiled_logits(
 
 
 def _check_stacked(layer: _Layer) -> None:
-    """Raise if a stacked weight no longer lies over its parameters (the model was
-    moved or converted after this was built)."""
+    """Raise if a stacked weight or bias no longer lies over its parameters (the model
+    was moved or converted after this was built)."""
     for param, address in layer.stacked_from:
         if param.data_ptr() != address:
             raise SeqAttnError(

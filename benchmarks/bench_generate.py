@@ -109,6 +109,7 @@ def run_seqattn(
     sync(args.device)
     start = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
+    admitted = time.perf_counter() - start
     decode_steps = []  # host wall time of steps that computed no prompt token
     first_steps = []  # the first steps' host wall times (prefill)
     while engine.has_work:
@@ -131,6 +132,8 @@ def run_seqattn(
     result = dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
                   steps=engine.stats.steps, decode_step=statistics.median(decode_steps),
                   first_steps=first_steps, ttft_max=max(ttft), compiling=compiling,
+                  admitted=admitted, decode_total=sum(decode_steps),
+                  decode_count=len(decode_steps),
                   engine=engine, graphs=graphs)  # fmt: skip
     if inspect:
         inspect_run(result, prompts, args)
@@ -417,6 +420,13 @@ def report(model: Any, prompts: list[list[int]], args: argparse.Namespace, resul
                 f"{per_step * 1e3:.2f} ms); host syncs: {r['syncs'] or 'not checked'}; "
                 f"TTFT max {r['ttft_max']:.3f} s; first steps ms: "
                 f"{', '.join(f'{t * 1e3:.1f}' for t in r['first_steps'])}"
+            )
+            print(
+                f"{label}: wall {r['wall'] * 1e3:.1f} ms = admission {r['admitted'] * 1e3:.1f}"
+                f" + {r['decode_count']} decode steps {r['decode_total'] * 1e3:.1f} (mean "
+                f"{r['decode_total'] / max(r['decode_count'], 1) * 1e3:.3f}) + the rest "
+                f"{(r['wall'] - r['admitted'] - r['decode_total']) * 1e3:.1f} (steps with "
+                "prompt tokens, the final sync)"
             )
     print(f"transformers' forward of the decode batch alone (sdpa, {args.requests} rows of "
           f"one token, no cache): {alone * 1e3:.2f} ms")  # fmt: skip

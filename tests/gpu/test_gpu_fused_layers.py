@@ -7,9 +7,17 @@ import pytest
 import torch
 
 from seqattn.attention.triton_decode import triton_or_none
+from seqattn.attention.triton_launch import programmatic
 from seqattn.engine import Engine, SamplingParams
 from seqattn.integrations.hf import PagedCausalLM
-from seqattn.integrations.layer_ops import on_triton, rms_norm, rotary_split, silu_mul
+from seqattn.integrations.layer_ops import (
+    LINEAR_MAX_ROWS,
+    linear,
+    on_triton,
+    rms_norm,
+    rotary_split,
+    silu_mul,
+)
 from tests.gpu.conftest import flashinfer_or_skip
 
 pytestmark = pytest.mark.gpu
@@ -59,6 +67,77 @@ def test_the_kernels_equal_transformers_modules(dtype, rows, hidden, heads, kv_h
 
     act = transformers.activations.ACT2FN["silu"]
     assert torch.equal(silu_mul(gate_up), act(gate_up[:, :hidden]) * gate_up[:, hidden:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k"), [(3072, 2048), (2048, 5632), (11264, 2048), (100, 72)])
+def test_linear_equals_a_float64_product_to_rounding(dtype, n, k):
+    """The decode-size GEMM against the float64 product: no further from it than cuBLAS
+    (plus one rounding step of the output), with and without a bias, for rows that fill
+    its block or not; more rows than it takes go to cuBLAS itself."""
+    if triton_or_none() is None or not programmatic(torch.device("cuda")):
+        pytest.skip("needs triton and a GPU of compute capability 9.0 or later")
+    torch.manual_seed(n + k)
+    with torch.device("cuda"):
+        weight = (torch.randn(n, k) / k**0.5).to(dtype)
+        bias = torch.randn(n).to(dtype)
+        for rows in (1, 5, 33, LINEAR_MAX_ROWS):
+            x = torch.randn(rows, k).to(dtype)
+            for b in (None, bias):
+                want = x.double() @ weight.double().t() + (0 if b is None else b.double())
+                got = linear(x, weight, b)
+                assert got.shape == (rows, n) and got.dtype == dtype
+                cublas = torch.nn.functional.linear(x, weight, b)
+                slack = (cublas.double() - want).abs().max().item()
+                step = torch.finfo(dtype).eps * want.abs().max().item()
+                assert (got.double() - want).abs().max().item() <= slack + step
+        x = torch.randn(LINEAR_MAX_ROWS + 1, k).to(dtype)
+        assert torch.equal(linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+
+
+def test_a_chain_of_dependent_launches_replays_as_it_ran():
+    """Sixteen layers of the fused kernels, each launched while the one before still
+    runs (programmatic dependent launches, each waiting for the one before), captured
+    in a CUDA graph: every replay gives the eager chain's values bit for bit."""
+    if triton_or_none() is None or not programmatic(torch.device("cuda")):
+        pytest.skip("needs triton and a GPU of compute capability 9.0 or later")
+    torch.manual_seed(0)
+    hidden, inner, heads, kv_heads, head_dim = 512, 1408, 8, 2, 64
+    with torch.device("cuda"):
+        qkv_w = torch.randn((heads + 2 * kv_heads) * head_dim, hidden) / hidden**0.5
+        o_w, norm_w = torch.randn(hidden, heads * head_dim) / hidden**0.5, torch.rand(hidden)
+        gate_up_w = torch.randn(2 * inner, hidden) / hidden**0.5
+        down_w = torch.randn(hidden, inner) / inner**0.5
+        weights = [w.to(torch.bfloat16) for w in (qkv_w, o_w, norm_w, gate_up_w, down_w)]
+        x = torch.randn(48, hidden).to(torch.bfloat16)
+        cos, sin = (torch.randn(48, head_dim).to(torch.bfloat16) for _ in range(2))
+
+    def chain() -> torch.Tensor:
+        qkv_w, o_w, norm_w, gate_up_w, down_w = weights
+        normed, residual = rms_norm(x, norm_w, 1e-5)
+        for _ in range(16):
+            q, k, v = rotary_split(linear(normed, qkv_w, None), cos, sin, heads, kv_heads,
+                                   head_dim)  # fmt: skip
+            mixed = q.reshape(48, -1) + torch.repeat_interleave(k + v, heads // kv_heads, 1)
+            normed, residual = rms_norm(linear(mixed.reshape(48, -1), o_w, None), norm_w,
+                                        1e-5, residual)  # fmt: skip
+            out = linear(silu_mul(linear(normed, gate_up_w, None)), down_w, None)
+            normed, residual = rms_norm(out, norm_w, 1e-5, residual)
+        return normed
+
+    want = chain()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain()
+    for _ in range(5):
+        got.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
 
 
 FAMILIES = {

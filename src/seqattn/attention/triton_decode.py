@@ -31,7 +31,7 @@ from attrs import define
 from ..errors import InvalidArgumentError
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch
-from .triton_launch import DirectLaunch
+from .triton_launch import DirectLaunch, programmatic
 
 LOG2E = 1.4426950408889634
 _kernels: Optional[tuple[DirectLaunch, DirectLaunch, Any]] = None
@@ -302,15 +302,17 @@ def decode(
         *new_k.stride()[:2], *new_v.stride()[:2],
     )  # fmt: skip
     programs = TritonDecodeBackend.FUSED_WAVES * multiprocessors(q.device)
+    pdl = programmatic(q.device)
     constants = (group, max(16, 1 << (group - 1).bit_length()), d, cache.page_size, pages,
-                 splits, min_share, fused, programs, return_lse, new_kv is not None)  # fmt: skip
+                 splits, min_share, fused, programs, return_lse, new_kv is not None,
+                 pdl)  # fmt: skip
     partial((n, heads, splits), args, constants, num_warps=TritonDecodeBackend.NUM_WARPS,
-            num_stages=TritonDecodeBackend.NUM_STAGES)  # fmt: skip
+            num_stages=TritonDecodeBackend.NUM_STAGES, pdl=pdl)  # fmt: skip
     if not fused:
         merge(
             (n, qo_heads, 1),
             (parts, lse_parts, result, lse, tables.indptr, *result.stride()[:2]),
-            (d, pages, splits, min_share, return_lse), num_warps=4, num_stages=3,
+            (d, pages, splits, min_share, return_lse, pdl), num_warps=4, num_stages=3, pdl=pdl,
         )  # fmt: skip
     return result, (lse if return_lse else None)
 

@@ -8,13 +8,24 @@ import triton.language as tl
 
 
 @triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """A kernel's first step when launched as a programmatic dependent launch
+    (:mod:`.triton_launch`): let the next kernel launch now (it waits for this one in
+    turn), then wait for the kernel before, before any load or store."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def partial(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, indptr_ptr, indices_ptr, last_ptr,
             o_ptr, lse_ptr, count_ptr, out_ptr, lse_out_ptr, scale_log2, sq_b, sq_h,
             sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, so_b, so_h, snk_b, snk_h, snv_b, snv_h,
             GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
             PS: tl.constexpr, PAGES: tl.constexpr, SPLITS: tl.constexpr,
             MIN_SHARE: tl.constexpr, FUSED: tl.constexpr, PROGRAMS: tl.constexpr,
-            WITH_LSE: tl.constexpr, APPEND: tl.constexpr):  # fmt: skip
+            WITH_LSE: tl.constexpr, APPEND: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    pdl_start(PDL)
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = tl.num_programs(1) * GROUP
     p0 = tl.load(indptr_ptr + b)
@@ -157,7 +168,8 @@ def merge_group(o_ptr, lse_ptr, out_ptr, lse_out_ptr, b, h, heads, used, so_b, s
 @triton.jit
 def merge(o_ptr, lse_ptr, out_ptr, lse_out_ptr, indptr_ptr, so_b, so_h,
           D: tl.constexpr, PAGES: tl.constexpr, SPLITS: tl.constexpr,
-          MIN_SHARE: tl.constexpr, WITH_LSE: tl.constexpr):  # fmt: skip
+          MIN_SHARE: tl.constexpr, WITH_LSE: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    pdl_start(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     row = b * tl.num_programs(1) + h
     n_pages = tl.load(indptr_ptr + b + 1) - tl.load(indptr_ptr + b)

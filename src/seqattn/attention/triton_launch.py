@@ -12,16 +12,28 @@ finds) and launches the kernel and hands back the compiled one.
 The direct call is the one ``JITFunction.run`` makes in Triton 3.4 to 3.6 (every bound
 argument, constants included, after the launch metadata and hooks). Elsewhere, or while
 a launch hook is set (a profiler's), every launch goes through ``kernel[grid]``.
+
+Programmatic dependent launch (Hopper and later, Triton 3.4 and later): a kernel launched
+with ``pdl=True`` may start while the kernel before it in the stream still runs, and must
+wait for it (``tl.extra.cuda.gdc_wait()``, :func:`.triton_kernels.pdl_start`) before it
+touches memory that kernel may write or read. A chain of such kernels hides each
+launch's latency behind the one before: on an H200, 16 layers of four decode-size GEMMs
+(64 rows), each after a small pointwise kernel, took 0.707 ms in CUDA graphs against
+0.798 ms launched plainly and 0.801 ms with cuBLAS's GEMMs.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 #: Triton versions whose launcher takes the call :meth:`DirectLaunch.__call__` makes
 DIRECT_VERSIONS = ((3, 4), (3, 5), (3, 6))
+#: set to "0" to launch every kernel plainly (no programmatic dependent launches)
+PDL_VARIABLE = "SEQATTN_PDL"
+_programmatic: dict[int, bool] = {}
 
 
 class DirectLaunch:
@@ -50,12 +62,19 @@ class DirectLaunch:
         num_warps: int,
         num_stages: int,
         fp_fusion: bool = True,
+        pdl: bool = False,
     ) -> None:
         """Launch on ``grid``: ``args`` are the kernel's runtime arguments (tensors,
         integers, floats) and ``constants`` its ``tl.constexpr`` ones after them, all in
         the order of its signature. ``fp_fusion=False`` compiles without fusing a
-        multiply and an add into one rounding (Triton's ``enable_fp_fusion``)."""
-        options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fp_fusion)
+        multiply and an add into one rounding (Triton's ``enable_fp_fusion``);
+        ``pdl=True`` launches it as a programmatic dependent launch (only where
+        :func:`programmatic` said so, and only a kernel that waits first)."""
+        options: dict[str, Any] = dict(
+            num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fp_fusion
+        )
+        if pdl:
+            options["launch_pdl"] = True
         triton = self._triton
         if triton is None or _hooked(triton):
             self.kernel[grid](*args, *constants, **options)
@@ -70,6 +89,20 @@ class DirectLaunch:
         stream = triton.runtime.driver.active.get_current_stream(device)
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
                      compiled.packed_metadata, None, None, None, *args, *constants)  # fmt: skip
+
+
+def programmatic(device: torch.device) -> bool:
+    """Whether kernels on the CUDA ``device`` launch as programmatic dependent launches:
+    compute capability 9.0 or later, a Triton whose launcher does them (3.4 to 3.6), and
+    ``SEQATTN_PDL`` not "0" (asked once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _programmatic:
+        _programmatic[index] = (
+            os.environ.get(PDL_VARIABLE, "1") != "0"
+            and _direct_triton() is not None
+            and torch.cuda.get_device_capability(index)[0] >= 9
+        )
+    return _programmatic[index]
 
 
 def _key(

@@ -49,9 +49,7 @@ from ..errors import InvalidArgumentError, SeqAttnError
 from .fused_linears import stacked_views
 from .hf_attention import StepContext
 from .hf_checks import sliding_window
-from .layer_ops import rms_norm, rotary_split, silu_mul
-
-LINEAR = torch.nn.functional.linear
+from .layer_ops import linear, rms_norm, rotary_split, silu_mul
 
 
 @define(slots=True, frozen=True)
@@ -166,12 +164,12 @@ class FusedLlama:
         rows, layers = hidden.shape[0], self.layers
         normed, residual = rms_norm(hidden, layers[0].input_norm, self.eps)
         for i, layer in enumerate(layers):
-            q, k, v = rotary_split(LINEAR(normed, *layer.qkv), cos, sin, self.num_heads,
+            q, k, v = rotary_split(linear(normed, *layer.qkv), cos, sin, self.num_heads,
                                    self.num_kv_heads, self.head_dim)  # fmt: skip
             attended = step.attend_rows(layer.index, q, k, v, layer.scaling, layer.window)
-            out = LINEAR(attended.reshape(rows, -1), *layer.o)
+            out = linear(attended.reshape(rows, -1), *layer.o)
             normed, residual = rms_norm(out, layer.post_norm, self.eps, residual)
-            out = LINEAR(silu_mul(LINEAR(normed, *layer.gate_up)), *layer.down)
+            out = linear(silu_mul(linear(normed, *layer.gate_up)), *layer.down)
             following = layers[i + 1].input_norm if i + 1 < len(layers) else inner.norm.weight
             normed, residual = rms_norm(out, following, self.eps, residual)
         return self.model.lm_head(normed[kept_rows])

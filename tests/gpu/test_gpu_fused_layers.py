@@ -118,7 +118,7 @@ def test_a_chain_of_dependent_launches_replays_as_it_ran():
         for _ in range(16):
             q, k, v = rotary_split(linear(normed, qkv_w, None), cos, sin, heads, kv_heads,
                                    head_dim)  # fmt: skip
-            mixed = q.reshape(48, -1) + torch.repeat_interleave(k + v, heads // kv_heads, 1)
+            mixed = q + torch.repeat_interleave(k + v, heads // kv_heads, 1)
             normed, residual = rms_norm(linear(mixed.reshape(48, -1), o_w, None), norm_w,
                                         1e-5, residual)  # fmt: skip
             out = linear(silu_mul(linear(normed, gate_up_w, None)), down_w, None)

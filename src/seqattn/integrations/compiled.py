@@ -19,10 +19,12 @@ sequence's last row only.
 Off by default (``PagedCausalLM(compile=True)`` or ``Engine(compile=True)`` turn it on):
 the compile costs seconds to minutes in the first steps of every process, and on
 the CPU it gains nothing measurable (a tiny model's step is host-bound, a larger one's
-matmul-bound). On an H200 a 0.85B Llama's CUDA-graph decode step at batch 64 took 1.34
-ms compiled against 2.64 ms for graphs of transformers' layers and 1.37 ms for graphs of
-seqattn's fused Llama layers (:mod:`.hf_fused`, the default where not compiled;
-``benchmarks/bench_generate.py`` prints them).
+matmul-bound), and on an H200 the default is faster: a 0.85B Llama's CUDA graph of a
+64-row decode step, replayed back to back, took 1.15-1.17 ms for seqattn's fused Llama
+layers (:mod:`.hf_fused`, the default where not compiled: its GEMMs and other kernels
+chained by programmatic dependent launches) against 1.24 ms compiled, in one process
+(2.64 ms for graphs of transformers' layers, an earlier run;
+``benchmarks/bench_generate.py`` prints them side by side).
 
 Each graph is rewritten before inductor compiles it: the projections that read one
 input (q/k/v, gate/up) become one matmul over their weights, re-homed as consecutive

@@ -12,7 +12,11 @@ them, see :mod:`.fused_linears`), the rotary embedding and the head split in one
 projection, RMSNorm again, gate and up projections stacked, ``silu(gate) * up``
 (:func:`.layer_ops.silu_mul`) and the down projection. The embedding, transformers' own
 rotary module (so every rope scaling it knows), the final norm and ``lm_head`` on the
-kept rows frame them.
+kept rows frame them. The projections of a decode step's few rows run as a Triton GEMM
+(:func:`.layer_ops.linear`) and, on Hopper GPUs, every launch of a layer is a
+programmatic dependent launch: each kernel starts while the one before it still runs
+and waits for it first, which hides the launches' latency (a 64-row step's CUDA graph
+took 1.15-1.17 ms on an H200 against 1.26 ms with cuBLAS and plain launches).
 
 It serves transformers' ``LlamaForCausalLM`` and the families built the same way,
 ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` (biases on q/k/v; each layer's sliding

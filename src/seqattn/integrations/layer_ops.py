@@ -6,7 +6,11 @@ decode step each is a kernel launch, and the host, not the GPU, sets the pace. T
 functions do the same arithmetic in one Triton launch each (through
 :class:`~seqattn.attention.triton_launch.DirectLaunch`) on CUDA tensors, and by the same
 chain of torch ops elsewhere (the CPU, or without triton), so both paths can be tested
-against transformers' modules.
+against transformers' modules. :func:`linear` runs a decode step's projections (at most
+64 rows) as a Triton GEMM on GPUs that chain launches (compute capability 9.0 and
+later, see :mod:`seqattn.attention.triton_launch`): these kernels and seqattn's decode
+attention then each start while the one before still runs, which cuBLAS's GEMMs
+between them would not allow.
 
 They round where the modules round: every product and sum of the rotary embedding in
 the tensors' dtype, RMSNorm's normalized rows to the dtype before the weight

@@ -166,10 +166,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``torch.nn.functional.linear(x, weight, bias)``; a decode step's few rows (at most
-    :data:`LINEAR_MAX_ROWS`, fp16 or bf16, on a GPU where :func:`.programmatic` holds) by
-    a Triton GEMM launched in the chain of the layer's other kernels, so its launch hides
-    behind the kernel before it. It sums each output in float32 in another order than
-    cuBLAS: equal to rounding.
+    :data:`LINEAR_MAX_ROWS`, fp16 or bf16, where
+    :func:`~seqattn.attention.triton_launch.programmatic` holds) by a Triton GEMM
+    launched in the chain of the layer's other kernels, so its launch hides behind the
+    kernel before it. It sums each output in float32 in another order than cuBLAS:
+    equal to rounding.
 
     Args:
         x: ``[rows, in_features]``.

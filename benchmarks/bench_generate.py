@@ -15,7 +15,10 @@ through:
 - HF ``generate`` with sdpa (one left-padded batch).
 
 For each: wall time, generated tokens/s, time to first token, and the ratio of seqattn
-to it. For scale beside the eager step: transformers' forward of the decode batch alone
+to it. Each seqattn row times ``--repeats`` generations (3 by default) on one engine
+after its warm-up and reports the one of the median wall, every wall beside it: the
+host's speed varies within a process, and the CUDA-graph steps wait for a slow host.
+For scale beside the eager step: transformers' forward of the decode batch alone
 (sdpa, one token per row, no cache), the model code that step runs too. The bandwidth
 floor is the time to read the weights and every decode step's KV once at the copy
 bandwidth measured in the same run. seqattn's tokens are compared with
@@ -88,10 +91,11 @@ def run_seqattn(
     compile: bool = False, backend: Optional[str] = None, inspect: bool = True,
     fused: Optional[bool] = None,
 ) -> dict:  # fmt: skip
-    """One timed run of ``prompts`` through the engine; then, if ``inspect``, its host
-    syncs and kernel profile (:func:`inspect_run`; otherwise the caller calls it after
-    every timed run: a torch.profiler session slows the eager steps of every later run
-    in the process, by about 3 ms on an H200's host)."""
+    """``args.repeats`` timed runs of ``prompts`` through one engine (after a warm-up);
+    the result is the run of the median wall, with every run's wall beside it. Then, if
+    ``inspect``, its host syncs and kernel profile (:func:`inspect_run`; otherwise the
+    caller calls it after every timed run: a torch.profiler session slows the eager
+    steps of every later run in the process, by about 3 ms on an H200's host)."""
     page_size = 16
     per_request = -(-(args.prompt_len + args.new_tokens) // page_size) + 1
     runner = PagedCausalLM(model, num_pages=len(prompts) * per_request + 64, page_size=page_size,
@@ -100,13 +104,36 @@ def run_seqattn(
                            fused_layers=fused)  # fmt: skip
     engine = Engine(runner, max_batch_size=len(prompts), max_step_tokens=args.step_tokens,
                     cuda_graphs=graphs)  # fmt: skip
-    params = SamplingParams(max_new_tokens=args.new_tokens)
     # warm-up at the run's shapes: kernels, GEMM plans, allocator caches, the compiled
     # decode and the CUDA graph of the full batch (enough new tokens that all requests
     # decode together)
     engine.generate(prompts, SamplingParams(max_new_tokens=8))
-    runner.descriptor.prefix_cache.clear()
+    runs = []
+    for _ in range(getattr(args, "repeats", 1)):
+        runner.descriptor.prefix_cache.clear()  # every run prefills its prompts
+        runs.append(timed_run(engine, prompts, args))
+    walls = [run["wall"] for run in runs]
+    result = sorted(runs, key=lambda run: run["wall"])[(len(runs) - 1) // 2]
+    compiled = runner.compiled
+    compiling = (
+        None
+        if compiled is None
+        else (compiled.compile_seconds, compiled.compiles, compiled.stacked_matmuls)
+    )
+    same = all(run["outputs"] == runs[0]["outputs"] for run in runs)
+    result.update(walls=walls, compiling=compiling, engine=engine, graphs=graphs,
+                  same_outputs=same)  # fmt: skip
+    if inspect:
+        inspect_run(result, prompts, args)
+    return result
+
+
+def timed_run(engine: Engine, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+    """One generation of ``prompts`` (``args.new_tokens`` each), timed on the host:
+    its wall, the admission's share, each decode step's and the first steps' times."""
+    params = SamplingParams(max_new_tokens=args.new_tokens)
     sync(args.device)
+    steps_before = engine.stats.steps
     start = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
     admitted = time.perf_counter() - start
@@ -123,21 +150,11 @@ def run_seqattn(
     wall = time.perf_counter() - start
     requests = [engine.requests[i] for i in ids]
     ttft = [r.first_token_time - r.arrival for r in requests]
-    compiled = runner.compiled
-    compiling = (
-        None
-        if compiled is None
-        else (compiled.compile_seconds, compiled.compiles, compiled.stacked_matmuls)
-    )
-    result = dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
-                  steps=engine.stats.steps, decode_step=statistics.median(decode_steps),
-                  first_steps=first_steps, ttft_max=max(ttft), compiling=compiling,
-                  admitted=admitted, decode_total=sum(decode_steps),
-                  decode_count=len(decode_steps),
-                  engine=engine, graphs=graphs)  # fmt: skip
-    if inspect:
-        inspect_run(result, prompts, args)
-    return result
+    return dict(wall=wall, ttft=statistics.mean(ttft), outputs=[r.output for r in requests],
+                steps=engine.stats.steps - steps_before,
+                decode_step=statistics.median(decode_steps), first_steps=first_steps,
+                ttft_max=max(ttft), admitted=admitted, decode_total=sum(decode_steps),
+                decode_count=len(decode_steps))  # fmt: skip
 
 
 def inspect_run(result: dict, prompts: list[list[int]], args: argparse.Namespace) -> None:
@@ -349,6 +366,9 @@ def main() -> None:
         "they decode with seqattn's Triton kernel where it serves)",
     )
     parser.add_argument("--profile", action="store_true", help="kernel time by kind per step")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per seqattn row (the table: the median)"
+    )
     args = parser.parse_args()
     # --quick picks smaller sizes; sizes given explicitly win (they were once overridden)
     defaults = (8, 64, 32) if args.quick else (64, 512, 256)
@@ -430,6 +450,9 @@ def report(model: Any, prompts: list[list[int]], args: argparse.Namespace, resul
                 f"{(r['wall'] - r['admitted'] - r['decode_total']) * 1e3:.1f} (steps with "
                 "prompt tokens, the final sync)"
             )
+            print(f"{label}: walls of {len(r['walls'])} runs (the table: the median): "
+                  f"{', '.join(f'{w:.3f}' for w in r['walls'])} s; their tokens "
+                  f"{'identical' if r['same_outputs'] else 'DIFFER'}")  # fmt: skip
     print(f"transformers' forward of the decode batch alone (sdpa, {args.requests} rows of "
           f"one token, no cache): {alone * 1e3:.2f} ms")  # fmt: skip
     if "HF generate (sdpa)" in results:

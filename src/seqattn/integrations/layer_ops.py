@@ -87,14 +87,14 @@ def rms_norm(
     normed = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     summed = x if residual is None else torch.empty_like(normed)
     res = x if residual is None else residual
-    block = next_power_of_2(width)
+    block, pdl = next_power_of_2(width), programmatic(x.device)
     kernels()[0](
         (rows, 1, 1),
         (x, res, weight, normed, summed, width, float(eps), x.stride(0), res.stride(0),
          normed.stride(0), summed.stride(0)),
-        (residual is not None, block, programmatic(x.device)),
+        (residual is not None, block, pdl),
         num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16, num_stages=1,
-        fp_fusion=False, pdl=programmatic(x.device),
+        fp_fusion=False, pdl=pdl,
     )  # fmt: skip
     return normed, summed
 
@@ -134,11 +134,12 @@ def rotary_split(
     v = torch.empty_like(k)
     heads, block_d = num_heads + 2 * num_kv_heads, next_power_of_2(head_dim)
     block_h = min(next_power_of_2(heads), max(1, ROTARY_BLOCK // block_d))
+    pdl = programmatic(qkv.device)
     kernels()[1](
         (rows, -(-heads // block_h), 1),
         (qkv, cos, sin, q, k, v, qkv.stride(0), cos.stride(0), sin.stride(0)),
-        (num_heads, num_kv_heads, head_dim, block_h, block_d, programmatic(qkv.device)),
-        num_warps=4, num_stages=1, fp_fusion=False, pdl=programmatic(qkv.device),
+        (num_heads, num_kv_heads, head_dim, block_h, block_d, pdl),
+        num_warps=4, num_stages=1, fp_fusion=False, pdl=pdl,
     )  # fmt: skip
     return q, k, v
 
@@ -156,10 +157,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if not on_triton(gate_up) or gate_up.stride(1) != 1:
         return torch.nn.functional.silu(gate_up[:, :n]) * gate_up[:, n:]
     out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
+    pdl = programmatic(gate_up.device)
     kernels()[2](
         (rows, -(-n // SILU_BLOCK), 1), (gate_up, out, n, gate_up.stride(0), out.stride(0)),
-        (SILU_BLOCK, programmatic(gate_up.device)), num_warps=4, num_stages=1,
-        fp_fusion=False, pdl=programmatic(gate_up.device),
+        (SILU_BLOCK, pdl), num_warps=4, num_stages=1, fp_fusion=False, pdl=pdl,
     )  # fmt: skip
     return out
 

@@ -130,8 +130,9 @@ def test_group_size_without_cuda_core_kernel_uses_tensor_cores():
     assert m.flashinfer.impl._active.use_tensor_cores
 
 
+@pytest.mark.parametrize("packed_on", ["cuda", None])  # None: the host (the runner's way)
 @pytest.mark.parametrize("backend", ["flashinfer", "triton"])
-def test_cuda_graph_replay_equals_eager(backend):
+def test_cuda_graph_replay_equals_eager(backend, packed_on):
     flashinfer_or_skip()
     if backend == "triton":
         pytest.importorskip("triton", reason="needs triton")
@@ -151,8 +152,10 @@ def test_cuda_graph_replay_equals_eager(backend):
     graph = None
     for _ in range(20):  # 20 steps: several sequences cross a page boundary
         m.desc.allocate_decoding(ids)
-        packed = m.desc.pack_for_flashinfer(ids, append_lens=[1] * 6, device="cuda")
+        packed = m.desc.pack_for_flashinfer(ids, append_lens=[1] * 6, device=packed_on)
         assert graph_attn.plan(packed, cuda_graph=True) == 8
+        positions = packed.kv_seq_lens.tolist()
+        assert graph_attn.graph_positions().tolist() == [n - 1 for n in positions] + [0, 0]
         static_q.copy_(m.randn(8, HQ, D))
         static_kv.copy_(m.randn(2, 8, HKV, D))
         if graph is None:
@@ -165,7 +168,7 @@ def test_cuda_graph_replay_equals_eager(backend):
         diff = (replayed - static_out[:, :6]).abs().amax(dim=(0, 2, 3)).tolist()
         assert torch.equal(replayed, again), "two replays differ"
         assert torch.equal(replayed, static_out[:, :6]), f"replay - eager per row: {diff}"
-        m.torch.plan(packed)
+        m.torch.plan(m.desc.pack_for_flashinfer(ids, append_lens=[1] * 6, device="cuda"))
         for layer in range(layers):
             ref = m.torch.run(static_q[:6], layer)
             torch.testing.assert_close(replayed[layer], ref, atol=2e-3, rtol=2e-2)
@@ -203,6 +206,39 @@ def test_full_decode_step_with_attention_makes_no_host_sync():
     torch.cuda.synchronize()
     m.torch.plan(packed)
     torch.testing.assert_close(m.flashinfer.run(q, 1), m.torch.run(q, 1), atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+def test_a_graph_step_packed_on_the_host_plans_without_a_host_sync(backend):
+    """The engine's way: the step packed on the host, its tables and page ids sent up
+    by the plan in one pinned copy; nothing waits for the GPU."""
+    flashinfer_or_skip()
+    if backend == "triton":
+        pytest.importorskip("triton", reason="needs triton")
+    m = Model()
+    ids = list(range(5))
+    m.step(ids, [40 + 9 * i for i in ids])
+    graph_attn = PagedAttention(m.cache, HQ, backend=backend, cuda_graph_batch_sizes=(8,))
+    q, kv = m.randn(8, HQ, D), m.randn(8, HKV, D)
+    outs = []
+
+    def step():
+        m.desc.allocate_decoding(ids)
+        graph_attn.plan(m.desc.pack_for_flashinfer(ids, append_lens=[1] * 5), cuda_graph=True)
+        outs.append(graph_attn.forward(q, kv, kv, 1)[:5])
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    packed = m.desc.pack_for_flashinfer(ids, append_lens=[1] * 5, device="cuda")
+    m.torch.plan(packed)
+    torch.testing.assert_close(outs[-1], m.torch.run(q[:5], 1), atol=2e-3, rtol=2e-2)
+    graph_attn.close()
 
 
 def test_stale_and_foreign_batches_are_refused_before_any_kernel():

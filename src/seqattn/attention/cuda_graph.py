@@ -51,6 +51,9 @@ from .triton_decode import (
     split_count,
 )
 
+# a bucket's table: indptr (one more), last page lengths, append positions, query positions
+TABLE_ROWS = 4
+
 
 class _Bucket:
     """The fixed buffers and decode of one padded batch size: flashinfer's wrapper, or
@@ -62,12 +65,15 @@ class _Bucket:
         device = cache.device
         self.splits = splits
         self.size = size
-        # on gpu, fixed for the bucket's lifetime (graphs record these addresses);
-        # indptr, last page lengths and positions are consecutive views of one buffer,
-        # so that a step's values for them go up in one copy
-        self.table = torch.zeros(3 * size + 1, dtype=torch.int32, device=device)
-        self.indptr, self.last_page_len, self.positions = self.table.split([size + 1, size, size])
-        self.indices = torch.zeros(max_pages + size, dtype=torch.int32, device=device)
+        # on gpu, fixed for the bucket's lifetime (graphs record these addresses): one
+        # buffer whose consecutive views are indptr, last page lengths, append positions,
+        # query positions and page ids, so that a step's values go up in one copy
+        self.storage = torch.zeros(TABLE_ROWS * size + 1 + max_pages + size, dtype=torch.int32,
+                                   device=device)  # fmt: skip
+        self.table, self.indices = self.storage.split([TABLE_ROWS * size + 1, max_pages + size])
+        self.indptr, self.last_page_len, self.positions, self.query_positions = self.table.split(
+            [size + 1, size, size, size]
+        )
         self.batch_indices = torch.arange(size, dtype=torch.int32, device=device)
         # the Triton decode's per-(request, KV head) counters: zeros between launches
         self.counters = torch.zeros(size * cache.num_heads if splits else 0,
@@ -178,39 +184,68 @@ class GraphBuckets:
             )
         split = self._split(batch)
         table = batch if split is None else split.suffix  # the pages the decode kernel reads
-        pad = bucket.size - real
-        kv_indptr = table.packed.kv_page_indptr.cpu().numpy()
-        if int(kv_indptr[-1]) + pad > bucket.indices.shape[0]:
+        pages = table.packed.kv_page_indices
+        if pages.shape[0] + bucket.size - real > bucket.indices.shape[0]:
             raise InvalidLengthError(
-                f"the batch holds {int(kv_indptr[-1])} pages, more than max_pages allows"
+                f"the batch holds {pages.shape[0]} pages, more than max_pages allows"
             )
-        # padded rows: one token, on the scratch page
-        indptr = np.concatenate([kv_indptr, kv_indptr[-1] + np.arange(1, pad + 1)])
-        last = np.concatenate([table.packed.kv_last_page_len.cpu().numpy(), np.ones(pad)])
-        positions = np.concatenate([table.kv_lens - 1, np.zeros(pad)]).astype(np.int32)
-        indices = table.packed.kv_page_indices.to(cache.device, non_blocking=True)
-        if pad:
-            indices = torch.cat([indices, self._scratch.expand(pad)])
         if bucket.planned is not None:
-            bucket.planned.synchronize()  # its last schedule copy must land before a new one
+            bucket.planned.synchronize()  # flashinfer's pinned plan buffer is free again
+        staged = self._staged(bucket, batch, table)
+        # one copy: the table, and the page ids when the step was packed on the host
+        bucket.storage[: staged.shape[0]].copy_(staged, non_blocking=True)
+        if pages.device.type != "cpu":  # packed for the device: its page ids are there
+            bucket.indices[: pages.shape[0]].copy_(pages)
+            if bucket.size > real:
+                bucket.indices[pages.shape[0] : pages.shape[0] + bucket.size - real].fill_(
+                    self.scratch_page
+                )
         heads = (self.num_qo_heads, cache.num_heads, cache.head_dim, cache.page_size)
         if bucket.wrapper is None:  # the Triton kernel reads the buffers as they are
-            values = np.concatenate([indptr, last, positions]).astype(np.int32)
-            bucket.table.copy_(host_tensor(values, pin=True), non_blocking=True)
-            bucket.indices[: indices.shape[0]].copy_(indices)
             self._scale_log2 = batch.sm_scale * LOG2E
         else:
-            bucket.positions.copy_(host_tensor(positions, pin=True), non_blocking=True)
-            host_indptr = host_tensor(indptr.astype(np.int32), pin=True)
-            host_last = host_tensor(last.astype(np.int32), pin=True)
-            bucket.wrapper.plan(host_indptr, indices, host_last, *heads, **options)
+            indptr, last = staged[: bucket.size + 1], staged[bucket.size + 1 : 2 * bucket.size + 1]
+            # the page ids are in its buffer already: torch skips a copy onto itself
+            indices = bucket.indices[: int(indptr[-1])]
+            bucket.wrapper.plan(indptr, indices, last, *heads, **options)
         if bucket.shared is not None:
             self._plan_shared(bucket, bucket.shared, split, heads, options)
-        if bucket.planned is None:  # one event per bucket, recorded again at every plan
-            bucket.planned = torch.cuda.Event()
-        bucket.planned.record()
+        if bucket.wrapper is not None:  # one event per bucket, recorded again at every plan
+            if bucket.planned is None:
+                bucket.planned = torch.cuda.Event()
+            bucket.planned.record()
         self.bucket, self.cascade = bucket, split
         return bucket.size
+
+    def _staged(
+        self, bucket: _Bucket, batch: AttentionBatch, table: AttentionBatch
+    ) -> torch.Tensor:
+        """A step's bucket contents in pinned memory, padded rows pointing at the scratch
+        page: ``[TABLE_ROWS * size + 1]`` int32 (indptr, last page lengths, append
+        positions in ``table``'s pages, query positions in the sequences), then the page
+        ids when they are on the host (``table.packed.kv_page_indices`` on the CPU)."""
+        size, real = bucket.size, batch.batch_size
+        packed = table.packed
+        on_host = packed.kv_page_indices.device.type == "cpu"
+        pages = packed.kv_page_indices.shape[0]
+        head = TABLE_ROWS * size + 1
+        staged = torch.empty(head + (pages + size - real if on_host else 0), dtype=torch.int32,
+                             pin_memory=True)  # fmt: skip
+        values = staged.numpy()
+        indptr, last = values[: size + 1], values[size + 1 : 2 * size + 1]
+        positions = values[2 * size + 1 : 3 * size + 1]
+        query_positions = values[3 * size + 1 : head]
+        indptr[: real + 1] = packed.kv_page_indptr.cpu().numpy()
+        indptr[real + 1 :] = pages + np.arange(1, size - real + 1)  # a page each
+        last[:real] = packed.kv_last_page_len.cpu().numpy()
+        last[real:] = 1
+        np.subtract(table.kv_lens, 1, out=positions[:real])
+        np.subtract(batch.kv_lens, 1, out=query_positions[:real])
+        positions[real:] = query_positions[real:] = 0
+        if on_host:
+            values[head : head + pages] = packed.kv_page_indices.numpy()
+            values[head + pages :] = self.scratch_page
+        return staged
 
     def _split(self, batch: AttentionBatch) -> Optional[CascadeSplit]:
         if not self.cascade_groups:

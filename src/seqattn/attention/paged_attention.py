@@ -297,6 +297,17 @@ class PagedAttention:
         if stamp is None or stamp.checked_at != stamp.table.clock:
             packed.check_current(self.cache.allocator, self.cache.num_pages, "run")
 
+    def graph_positions(self) -> torch.Tensor:
+        """The planned CUDA-graph step's query positions: ``[bucket]`` int32 on the
+        cache's device, each real row's new token's position in its sequence, 0 on
+        padding rows. Every ``plan(..., cuda_graph=True)`` rewrites its bucket's buffer in
+        place, so a graph captured after planning may read it (e.g. as the model's
+        position ids) instead of taking a copy per step."""
+        if not self._graph_step:
+            raise SeqAttnError("graph_positions() follows plan(..., cuda_graph=True)")
+        assert self.graphs is not None and self.graphs.bucket is not None
+        return self.graphs.bucket.query_positions
+
     def capture(self, step: Callable[[], Any], *, warmup: int = 2) -> torch.cuda.CUDAGraph:
         """Capture ``step`` (this object's :meth:`forward` calls on static tensors, and
         any model code around them) for the planned CUDA-graph bucket; see

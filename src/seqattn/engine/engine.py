@@ -51,9 +51,21 @@ def on_device(device: torch.device, index: np.ndarray) -> torch.Tensor:
     return upload(device, [index], dtype=torch.long)[0][0]
 
 
+class _Landing:
+    """Where a step's samples land on the host: a buffer (pinned on CUDA) of ``[size]``
+    int64 and the event of their copy. The engine keeps two and takes turns: at most
+    two steps' samples are unread at once (the step just launched and the one before),
+    and a buffer and event made once cost no allocation per step."""
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        cuda = device.type == "cuda"
+        self.buffer = torch.empty(size, dtype=torch.long, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+
+
 class _Launched:
     """A launched step: its rows, and the tokens sampled for its ready rows, on the
-    device and on their way to the host."""
+    device and on their way to the host (into ``landing``)."""
 
     def __init__(
         self,
@@ -61,17 +73,17 @@ class _Launched:
         requests: list[Request],
         tokens: torch.Tensor,
         fed: int,
+        landing: _Landing,
     ) -> None:
         self.rows = rows
         self.requests = requests  # the rows that were sampled, in ``tokens`` order
         self.tokens = tokens
         self.fed = fed  # its first rows whose inputs were the previous step's samples
-        cuda = tokens.device.type == "cuda"
-        self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
+        self.landing = landing
+        self._host = landing.buffer[: tokens.shape[0]]
         self._host.copy_(tokens, non_blocking=True)
-        self._copied = torch.cuda.Event() if cuda else None
-        if self._copied is not None:
-            self._copied.record()
+        if landing.event is not None:
+            landing.event.record()
 
     def tokens_of(self, requests: list[Request]) -> torch.Tensor:
         """The samples of ``requests`` (each one of this step's), in their order, on the
@@ -84,8 +96,8 @@ class _Launched:
 
     def host_tokens(self) -> list[int]:
         """The sampled tokens (waits for their copy, and so for the step, to finish)."""
-        if self._copied is not None:
-            self._copied.synchronize()
+        if self.landing.event is not None:
+            self.landing.event.synchronize()
         return self._host.tolist()
 
 
@@ -181,6 +193,7 @@ class Engine:
                                    max_step_tokens=max_step_tokens)  # fmt: skip
         self._next_id = 0
         self._sampled: Optional[_Launched] = None  # the last step, its samples unread
+        self._landings: list[Optional[_Landing]] = [None, None]  # taken in turn
         self._finished: list[Request] = []  # finished since step() last returned
         self.cuda_graphs = set_cuda_graphs(runner, cuda_graphs, max_batch_size, store.num_pages)
 
@@ -345,12 +358,22 @@ class Engine:
             ranks = getattr(self.runner, "ranks", None)  # a HeadwiseCausalLM has none
             if ranks is not None:  # tensor-parallel: every rank takes rank 0's
                 ranks.broadcast(tokens)
-            launched = _Launched(requests, ready_requests, tokens, step.fed)
+            launched = _Launched(requests, ready_requests, tokens, step.fed,
+                                 self._landing(tokens.shape[0]))  # fmt: skip
         except BaseException:
             self.scheduler.undo(rows)
             raise
         self._count(launched, rows, step.prompt_tokens)
         return launched
+
+    def _landing(self, size: int) -> _Landing:
+        """A landing for ``size`` samples that no unread step holds."""
+        held = None if self._sampled is None else self._sampled.landing
+        free = 1 if held is not None and held is self._landings[0] else 0
+        landing = self._landings[free]
+        if landing is None or landing.buffer.shape[0] < size:
+            landing = self._landings[free] = _Landing(self.device, max(size, self.max_batch_size))
+        return landing
 
     def _count(self, launched: _Launched, rows: list[Row], prompt_tokens: int) -> None:
         """Advance the requests and the stats by a launched step."""

@@ -27,6 +27,7 @@ import torch
 
 from .._checks import INT64_MAX, exact_bool, exact_int
 from .._flashinfer import flashinfer_or_none
+from .._transfer import upload
 from ..attention import PagedAttention
 from ..attention.triton_decode import decode_backend
 from ..descriptor import CacheDescriptor
@@ -55,27 +56,27 @@ class _DecodeGraphs:
         self.runner = runner
         self.attention = attention
         self.plan_options = plan  # window_left, sm_scale of the model's one variant
-        # per bucket: graph, static input ids, position ids, kept rows, logits
+        # per bucket: graph, static input ids, logits
         self.captured: dict[int, tuple[Any, ...]] = {}
 
     def replay(self, step: FlashInferPackedData, tokens: torch.Tensor) -> torch.Tensor:
-        """The logits of a decode ``step`` whose ``[n]`` input tokens are on the device."""
+        """The logits of a decode ``step`` whose ``[n]`` input tokens are on the device
+        (``step`` packed on the host: its tables go up in the plan's one copy)."""
         runner, n = self.runner, step.batch_size
         bucket = self.attention.plan(step, cuda_graph=True, q_dtype=runner.cache.dtype,
                                      **self.plan_options)  # fmt: skip
         if bucket not in self.captured:
             self.captured[bucket] = self._capture(bucket)
-        graph, input_ids, position_ids, _, logits = self.captured[bucket]
-        # padding rows keep whatever valid token and position their row last held
-        input_ids[0, :n].copy_(tokens)
-        position_ids[0, :n].copy_(step.append_positions)
+        graph, input_ids, logits = self.captured[bucket]
+        input_ids[0, :n].copy_(tokens)  # padding rows keep whatever valid token they held
         graph.replay()
         return logits[:n]
 
     def _capture(self, bucket: int) -> tuple[Any, ...]:
         runner, device = self.runner, self.runner.device
         input_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
-        position_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
+        # the bucket's positions, which every plan rewrites in place: read in the graph
+        positions = self.attention.graph_positions()
         rows = torch.arange(bucket, device=device)  # the graph reads these by address
         context = StepContext(None, planned=self.attention)
         outputs: list[torch.Tensor] = []
@@ -83,6 +84,7 @@ class _DecodeGraphs:
 
         def forward() -> None:
             with torch.inference_mode():
+                position_ids = positions.long()[None]
                 if compiled is not None:
                     outputs.append(compiled(context, input_ids, position_ids))
                     return
@@ -90,7 +92,7 @@ class _DecodeGraphs:
                                                  position_ids[0], context, rows))  # fmt: skip
 
         graph = self.attention.capture(forward)
-        return graph, input_ids, position_ids, rows, outputs[-1]  # replays write the last
+        return graph, input_ids, outputs[-1]  # replays write the last
 
     def forget(self) -> None:
         """Drop the captured graphs (the buckets' buffers stay)."""
@@ -334,18 +336,21 @@ class PagedCausalLM:
         """The forward of one flat row of new tokens (``[sum(lens)]``, on the host or the
         device; after the ``fed`` ones): the step is packed once, host tokens with it."""
         on_host = not isinstance(tokens, torch.Tensor)
+        if decode and len(seq_ids) <= self.graph_batch_limit():
+            # packed on the host: the graph's plan sends its tables up in one copy
+            step = self.descriptor.pack_for_flashinfer(seq_ids, lens)
+            self._check_ranks(seq_ids, step)
+            assert self._graphs is not None
+            if on_host:
+                tokens = upload(self.device, [tokens])[0][0]  # type: ignore[list-item]
+            return self._graphs.replay(step, tokens)  # type: ignore[arg-type]
         step = self.descriptor.pack_for_flashinfer(
             seq_ids, lens, device=self.device, inputs=[tokens] if on_host else ()
         )
         input_ids = step.inputs[0] if on_host else tokens
         if fed is not None:
             input_ids = torch.cat([fed, input_ids])  # type: ignore[list-item]
-        if self.check_ranks and self.ranks is not None:
-            pages = self.descriptor.table.pages_of_slots(step.stamp.slots)  # type: ignore[union-attr]
-            self.ranks.check_step(step_fingerprint(seq_ids, step.kv_seq_lens.numpy(), pages))  # type: ignore[union-attr]
-        if decode and len(seq_ids) <= self.graph_batch_limit():
-            assert self._graphs is not None
-            return self._graphs.replay(step, input_ids)  # type: ignore[arg-type]
+        self._check_ranks(seq_ids, step)
         context = StepContext(step, self.attention_for)
         if self.compiled is not None:
             if decode:
@@ -353,6 +358,12 @@ class PagedCausalLM:
             return self.compiled.prefill(context, input_ids, step.append_positions, step.last_rows)  # type: ignore[arg-type]
         return uncompiled_logits(self.model, self.fused, input_ids, step.append_positions,  # type: ignore[arg-type]
                                  context, step.last_rows)  # fmt: skip
+
+    def _check_ranks(self, seq_ids: list[int], step: FlashInferPackedData) -> None:
+        """Tensor-parallel, when asked: every rank runs the same step (ids, lengths, pages)."""
+        if self.check_ranks and self.ranks is not None:
+            pages = self.descriptor.table.pages_of_slots(step.stamp.slots)  # type: ignore[union-attr]
+            self.ranks.check_step(step_fingerprint(seq_ids, step.kv_seq_lens.numpy(), pages))  # type: ignore[union-attr]
 
     # --------------------------------------------------------------- CUDA graphs
     def enable_cuda_graphs(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> bool:

@@ -56,7 +56,8 @@ class _DecodeGraphs:
         self.runner = runner
         self.attention = attention
         self.plan_options = plan  # window_left, sm_scale of the model's one variant
-        # per bucket: graph, static input ids, logits
+        # per bucket: graph, static input ids, kept rows, logits (the graph reads the
+        # tensors by address: they must live as long as it does)
         self.captured: dict[int, tuple[Any, ...]] = {}
 
     def replay(self, step: FlashInferPackedData, tokens: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ class _DecodeGraphs:
                                      **self.plan_options)  # fmt: skip
         if bucket not in self.captured:
             self.captured[bucket] = self._capture(bucket)
-        graph, input_ids, logits = self.captured[bucket]
+        graph, input_ids, _, logits = self.captured[bucket]
         input_ids[0, :n].copy_(tokens)  # padding rows keep whatever valid token they held
         graph.replay()
         return logits[:n]
@@ -92,7 +93,7 @@ class _DecodeGraphs:
                                                  position_ids[0], context, rows))  # fmt: skip
 
         graph = self.attention.capture(forward)
-        return graph, input_ids, outputs[-1]  # replays write the last
+        return graph, input_ids, rows, outputs[-1]  # replays write the last
 
     def forget(self) -> None:
         """Drop the captured graphs (the buckets' buffers stay)."""

@@ -142,7 +142,7 @@ def test_requests_are_admitted_when_their_pages_fit_and_preempted_only_when_shor
     preempt, short = scheduler._preempt, []
 
     def checked_preempt(need: int) -> None:  # what the running requests lack, seen here
-        rows = [r.id for r in engine.running if r.pending == 1 and not r.finishes_when_read]
+        rows = [r.id for r in engine.running if r.to_run == 1]
         short.append(desc.pages_needed(rows, [1] * len(rows)) > pool.available_pages_count)
         preempt(need)
 

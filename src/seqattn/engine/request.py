@@ -90,9 +90,13 @@ class Request:
         return len(self.prompt) + len(self.output) + self.unread - self.computed
 
     @property
-    def finishes_when_read(self) -> bool:
-        """Its unread tokens reach ``max_new_tokens``: nothing left to run."""
-        return self.unread > 0 and len(self.output) + self.unread >= self.params.max_new_tokens
+    def to_run(self) -> int:
+        """Its pending tokens, or 0 when its unread tokens reach ``max_new_tokens``: its
+        last token is sampled, nothing is left to run (one read per step and request)."""
+        unread = self.unread
+        if unread and len(self.output) + unread >= self.params.max_new_tokens:
+            return 0
+        return self.pending
 
     def finish_if_done(self) -> bool:
         """Mark finished after a stop or end-of-sequence token, or ``max_new_tokens``."""

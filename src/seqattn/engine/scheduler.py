@@ -48,8 +48,12 @@ class Scheduled:
         rows = [(request, n) for request, n, _ in chosen]
         chunks = chosen[decode:]
         ready = [*range(decode), *(decode + i for i, (_, n, p) in enumerate(chunks) if n == p)]
-        fed = sum(r.unread > 0 for r, _, _ in chosen[:decode])
-        fresh = sum(not (r.output or r.unread) for r, _, _ in chosen[:decode])
+        fed = fresh = 0  # decode rows fed from the device; those feeding a prompt's last
+        for request, _, _ in chosen[:decode]:
+            if request.unread:
+                fed += 1
+            elif not request.output:
+                fresh += 1
         return cls(rows, decode, fed, ready, fresh + sum(n for _, n, _ in chunks))
 
 
@@ -234,9 +238,9 @@ class Scheduler:
         decode: list[tuple[Request, int]] = []
         chunks: list[tuple[Request, int]] = []
         for request in self.running:
-            if request.finishes_when_read:
+            pending = request.to_run
+            if not pending:
                 continue  # its last token is sampled already
-            pending = request.pending
             (chunks if pending > 1 else fed if request.unread else decode).append(
                 (request, pending)
             )
@@ -316,9 +320,13 @@ class Scheduler:
         """Tell the cache about a launched step's rows: the tokens its first ``fed`` rows
         took from the device (known once read) and that every token they hold has its
         KV now."""
-        live = [r for r in requests if r.status is Status.RUNNING]
-        known = sum(r.status is Status.RUNNING for r in requests[:fed])
-        self.store.launched([r.id for r in live], [r.output[-1] for r in live[:known]])
+        ids, tokens = [], []  # the live rows; the tokens of those fed from the device
+        for i, request in enumerate(requests):
+            if request.status is Status.RUNNING:
+                ids.append(request.id)
+                if i < fed:
+                    tokens.append(request.output[-1])
+        self.store.launched(ids, tokens)
 
     def undo(self, rows: list[Row]) -> None:
         """Give back what a failed step allocated: each row's sequence again holds the

@@ -6,7 +6,9 @@ decode step reads must live in buffers that never move and never change size.
 decode and append kernels read (flashinfer's, or the Triton decode's, which appends in
 its own launch); ``PagedAttention.plan(step, cuda_graph=True)`` fills them for a step
 (padding the batch to its bucket with rows that point at a scratch page), with the very
-options an eager plan uses.
+options an eager plan uses. A step packed on the host (``pack_for_flashinfer`` without a
+device) goes up whole in one pinned copy: table, page ids and the rows' query positions,
+which a captured model may read as its position ids (``PagedAttention.graph_positions``).
 
 Inside a captured region you may:
     - call ``PagedAttention.forward`` (or ``run``) for the bucket that was planned, on

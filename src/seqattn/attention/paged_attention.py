@@ -298,14 +298,10 @@ class PagedAttention:
             packed.check_current(self.cache.allocator, self.cache.num_pages, "run")
 
     def graph_positions(self) -> torch.Tensor:
-        """The planned CUDA-graph step's query positions: ``[bucket]`` int32 on the
-        cache's device, each real row's new token's position in its sequence, 0 on
-        padding rows. Every ``plan(..., cuda_graph=True)`` rewrites its bucket's buffer in
-        place, so a graph captured after planning may read it (e.g. as the model's
-        position ids) instead of taking a copy per step."""
-        if not self._graph_step:
+        """The planned CUDA-graph bucket's ``[bucket]`` int32 query positions (0 on padding
+        rows), rewritten in place by each plan: a graph may read them as position ids."""
+        if not self._graph_step or self.graphs is None or self.graphs.bucket is None:
             raise SeqAttnError("graph_positions() follows plan(..., cuda_graph=True)")
-        assert self.graphs is not None and self.graphs.bucket is not None
         return self.graphs.bucket.query_positions
 
     def capture(self, step: Callable[[], Any], *, warmup: int = 2) -> torch.cuda.CUDAGraph:

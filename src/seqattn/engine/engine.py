@@ -53,14 +53,29 @@ def on_device(device: torch.device, index: np.ndarray) -> torch.Tensor:
 
 class _Landing:
     """Where a step's samples land on the host: a buffer (pinned on CUDA) of ``[size]``
-    int64 and the event of their copy. The engine keeps two and takes turns: at most
-    two steps' samples are unread at once (the step just launched and the one before),
-    and a buffer and event made once cost no allocation per step."""
+    int64 and the event of their copy, made once and reused."""
 
     def __init__(self, device: torch.device, size: int) -> None:
         cuda = device.type == "cuda"
         self.buffer = torch.empty(size, dtype=torch.long, pin_memory=cuda)
         self.event = torch.cuda.Event() if cuda else None
+
+
+class _Landings:
+    """Two landings taken in turn: at most two steps' samples are unread at once (the
+    step just launched and the one before), and no step allocates a buffer or an event."""
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        self.device, self.size = device, size
+        self._pair: list[Optional[_Landing]] = [None, None]
+
+    def take(self, size: int, unread: Optional[_Launched]) -> _Landing:
+        """A landing for ``size`` samples other than the ``unread`` step's."""
+        free = 1 if unread is not None and unread.landing is self._pair[0] else 0
+        landing = self._pair[free]
+        if landing is None or landing.buffer.shape[0] < size:
+            landing = self._pair[free] = _Landing(self.device, max(size, self.size))
+        return landing
 
 
 class _Launched:
@@ -93,6 +108,17 @@ class _Launched:
         where = {r.id: i for i, r in enumerate(self.requests)}
         index = np.array([where[r.id] for r in requests], dtype=np.int64)
         return self.tokens[on_device(self.tokens.device, index)]
+
+    def advance(self, rows: list[Row], prompt_tokens: int, stats: EngineStats) -> None:
+        """Advance the step's requests (``rows``: each with the tokens it fed) and the
+        engine's ``stats`` by this launch."""
+        for request, n in rows:
+            request.computed += n
+        for request in self.requests:
+            request.unread += 1
+        stats.steps += 1
+        stats.decoded_ahead += self.fed > 0
+        stats.computed_prompt_tokens += prompt_tokens
 
     def host_tokens(self) -> list[int]:
         """The sampled tokens (waits for their copy, and so for the step, to finish)."""
@@ -193,7 +219,7 @@ class Engine:
                                    max_step_tokens=max_step_tokens)  # fmt: skip
         self._next_id = 0
         self._sampled: Optional[_Launched] = None  # the last step, its samples unread
-        self._landings: list[Optional[_Landing]] = [None, None]  # taken in turn
+        self._landings = _Landings(self.device, max_batch_size)  # the samples' on the host
         self._finished: list[Request] = []  # finished since step() last returned
         self.cuda_graphs = set_cuda_graphs(runner, cuda_graphs, max_batch_size, store.num_pages)
 
@@ -358,32 +384,13 @@ class Engine:
             ranks = getattr(self.runner, "ranks", None)  # a HeadwiseCausalLM has none
             if ranks is not None:  # tensor-parallel: every rank takes rank 0's
                 ranks.broadcast(tokens)
-            launched = _Launched(requests, ready_requests, tokens, step.fed,
-                                 self._landing(tokens.shape[0]))  # fmt: skip
+            landing = self._landings.take(tokens.shape[0], self._sampled)
+            launched = _Launched(requests, ready_requests, tokens, step.fed, landing)
         except BaseException:
             self.scheduler.undo(rows)
             raise
-        self._count(launched, rows, step.prompt_tokens)
+        launched.advance(rows, step.prompt_tokens, self.stats)
         return launched
-
-    def _landing(self, size: int) -> _Landing:
-        """A landing for ``size`` samples that no unread step holds."""
-        held = None if self._sampled is None else self._sampled.landing
-        free = 1 if held is not None and held is self._landings[0] else 0
-        landing = self._landings[free]
-        if landing is None or landing.buffer.shape[0] < size:
-            landing = self._landings[free] = _Landing(self.device, max(size, self.max_batch_size))
-        return landing
-
-    def _count(self, launched: _Launched, rows: list[Row], prompt_tokens: int) -> None:
-        """Advance the requests and the stats by a launched step."""
-        for request, n in rows:
-            request.computed += n
-        for request in launched.requests:
-            request.unread += 1
-        self.stats.steps += 1
-        self.stats.decoded_ahead += launched.fed > 0
-        self.stats.computed_prompt_tokens += prompt_tokens
 
     def _forward(self, step: Scheduled, requests: list[Request]) -> torch.Tensor:
         """The model's logits for the step's rows (whose requests are ``requests``):

@@ -130,16 +130,21 @@ def test_group_size_without_cuda_core_kernel_uses_tensor_cores():
     assert m.flashinfer.impl._active.use_tensor_cores
 
 
-@pytest.mark.parametrize("packed_on", ["cuda", None])  # None: the host (the runner's way)
-@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
-def test_cuda_graph_replay_equals_eager(backend, packed_on):
+def graph_setup(backend: str, lens: list[int], buckets: tuple[int, ...]):
+    """A Model whose sequences 0.. hold ``lens`` tokens, and a CUDA-graph attention."""
     flashinfer_or_skip()
     if backend == "triton":
         pytest.importorskip("triton", reason="needs triton")
     m = Model()
-    ids = list(range(6))
-    m.step(ids, [5 + 31 * i for i in ids])
-    graph_attn = PagedAttention(m.cache, HQ, backend=backend, cuda_graph_batch_sizes=(4, 8))
+    ids = list(range(len(lens)))
+    m.step(ids, lens)
+    return m, ids, PagedAttention(m.cache, HQ, backend=backend, cuda_graph_batch_sizes=buckets)
+
+
+@pytest.mark.parametrize("packed_on", ["cuda", None])  # None: the host (the runner's way)
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+def test_cuda_graph_replay_equals_eager(backend, packed_on):
+    m, ids, graph_attn = graph_setup(backend, [5 + 31 * i for i in range(6)], (4, 8))
     layers = m.cache.num_layers
     static_q = torch.zeros(8, HQ, D, dtype=torch.float16, device="cuda")
     static_kv = torch.zeros(2, 8, HKV, D, dtype=torch.float16, device="cuda")
@@ -212,13 +217,7 @@ def test_full_decode_step_with_attention_makes_no_host_sync():
 def test_a_graph_step_packed_on_the_host_plans_without_a_host_sync(backend):
     """The engine's way: the step packed on the host, its tables and page ids sent up
     by the plan in one pinned copy; nothing waits for the GPU."""
-    flashinfer_or_skip()
-    if backend == "triton":
-        pytest.importorskip("triton", reason="needs triton")
-    m = Model()
-    ids = list(range(5))
-    m.step(ids, [40 + 9 * i for i in ids])
-    graph_attn = PagedAttention(m.cache, HQ, backend=backend, cuda_graph_batch_sizes=(8,))
+    m, ids, graph_attn = graph_setup(backend, [40 + 9 * i for i in range(5)], (8,))
     q, kv = m.randn(8, HQ, D), m.randn(8, HKV, D)
     outs = []
 

@@ -207,7 +207,8 @@ class GraphBuckets:
             self._scale_log2 = batch.sm_scale * LOG2E
         else:
             indptr, last = staged[: bucket.size + 1], staged[bucket.size + 1 : 2 * bucket.size + 1]
-            # the page ids are in its buffer already: torch skips a copy onto itself
+            # the page ids are in its buffer already (its copy of them onto themselves
+            # changes nothing)
             indices = bucket.indices[: int(indptr[-1])]
             bucket.wrapper.plan(indptr, indices, last, *heads, **options)
         if bucket.shared is not None:

@@ -31,7 +31,7 @@ from attrs import define
 from ..errors import InvalidArgumentError
 from ..storage import PagedKVCacheManager
 from .batch import AttentionBatch
-from .triton_launch import DirectLaunch, programmatic
+from .triton_launch import DirectLaunch, next_power_of_2, programmatic
 
 LOG2E = 1.4426950408889634
 _kernels: Optional[tuple[DirectLaunch, DirectLaunch, Any]] = None
@@ -303,7 +303,7 @@ def decode(
     )  # fmt: skip
     programs = TritonDecodeBackend.FUSED_WAVES * multiprocessors(q.device)
     pdl = programmatic(q.device)
-    constants = (group, max(16, 1 << (group - 1).bit_length()), d, cache.page_size, pages,
+    constants = (group, max(16, next_power_of_2(group)), d, cache.page_size, pages,
                  splits, min_share, fused, programs, return_lse, new_kv is not None,
                  pdl)  # fmt: skip
     partial((n, heads, splits), args, constants, num_warps=TritonDecodeBackend.NUM_WARPS,

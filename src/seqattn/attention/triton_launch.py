@@ -105,6 +105,11 @@ def programmatic(device: torch.device) -> bool:
     return _programmatic[index]
 
 
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (Triton's blocks are powers of two)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def _key(
     args: tuple[Any, ...], constants: tuple[Any, ...], options: dict[str, Any], device: int
 ) -> tuple[Any, ...]:

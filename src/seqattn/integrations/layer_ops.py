@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from ..attention.triton_decode import multiprocessors, triton_or_none
-from ..attention.triton_launch import DirectLaunch, programmatic
+from ..attention.triton_launch import DirectLaunch, next_power_of_2, programmatic
 
 _kernels: Optional[tuple[DirectLaunch, DirectLaunch, DirectLaunch, DirectLaunch]] = None
 #: the widest row RMSNorm's kernel takes in one program
@@ -215,11 +215,6 @@ def linear_blocks(n: int, sm_count: int) -> tuple[int, int, int]:
     while block_n > 16 and -(-n // block_n) * 3 < sm_count * 2:
         block_n //= 2
     return block_n, 256 if block_n == 16 else 128, 6 if block_n == 32 else 4
-
-
-def next_power_of_2(n: int) -> int:
-    """The least power of two >= ``n`` (Triton's blocks are powers of two)."""
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def kernels() -> tuple[DirectLaunch, DirectLaunch, DirectLaunch, DirectLaunch]:

@@ -22,6 +22,7 @@ batches go to flashinfer (:class:`TritonDecodeBackend`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -35,21 +36,18 @@ from .triton_launch import DirectLaunch, next_power_of_2, programmatic
 
 LOG2E = 1.4426950408889634
 _kernels: Optional[tuple[DirectLaunch, DirectLaunch, Any]] = None
-_triton: Any = ...  # the triton module or None, once triton_or_none looked
 _sm_counts: dict[int, int] = {}
 
 
+@functools.cache
 def triton_or_none() -> Any:
     """The ``triton`` module, or None where it is not installed (looked up once: the
     fused layers ask per operation)."""
-    global _triton
-    if _triton is ...:
-        try:
-            import triton
-        except ImportError:
-            triton = None
-        _triton = triton
-    return _triton
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton
 
 
 def check_triton(cache: PagedKVCacheManager) -> None:
